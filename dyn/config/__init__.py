@@ -1,0 +1,1 @@
+"""Topology and recipe schemas, loading and validation errors."""

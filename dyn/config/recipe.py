@@ -1,0 +1,149 @@
+"""Recipe: what the operator wants deployed, as frozen data.
+
+Loaded and validated once from `recipes/*.yaml` (see dyn.config.loader).
+Defaults here are the defaults of the file format; the README documents them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+EngineKind = Literal["torch", "trtllm", "mock"]
+Mode = Literal["aggregated", "disaggregated"]
+Role = Literal["prefill", "decode", "both"]
+RouterPolicy = Literal["kv", "round-robin", "least-loaded", "random"]
+Transport = Literal["auto", "cuda_ipc", "shm", "tcp", "nixl"]
+
+
+@dataclass(frozen=True)
+class MockTiming:
+    """Timing model of the mock engine (seconds). Also its planner profile.
+
+    prefill step time = prefill_base_s + prefill_s_per_token * batch_tokens
+    decode step time  = decode_base_s + decode_s_per_seq * batch_size
+                        + decode_s_per_ctx_token * total_context_tokens
+    """
+
+    prefill_base_s: float = 0.002
+    prefill_s_per_token: float = 0.00002
+    decode_base_s: float = 0.005
+    decode_s_per_seq: float = 0.0001
+    decode_s_per_ctx_token: float = 0.0
+    num_kv_blocks: int = 4096
+    """KV pool size in blocks (the mock holds no tensors)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    path: str
+    """Hugging Face style checkpoint directory (config.json, safetensors, tokenizer.json)."""
+    engine: EngineKind = "torch"
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    block_size: int = 16
+    """Tokens per KV block; also the granularity of block hashes and routing."""
+    max_context: int = 4096
+    name: str | None = None
+    """Served model name (OpenAI `model` field); default: the directory name."""
+    mock: MockTiming = field(default_factory=MockTiming)
+
+    @property
+    def served_name(self) -> str:
+        return self.name or self.path.rstrip("/").rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class WorkerGroup:
+    """A set of identical workers of one role."""
+
+    role: Role
+    replicas: int = 1
+    tp: int = 1
+    """Tensor-parallel size: GPUs per worker."""
+    max_batch_size: int = 64
+    max_num_batched_tokens: int = 2048
+    """Per-step token budget (chunked prefill + decodes)."""
+    kv_memory_gib: float | None = None
+    """KV pool budget per worker; None: engine picks from free memory."""
+    max_queue: int = 256
+    """Waiting requests beyond which the frontend pushes back (429/503)."""
+    cpu_threads: int | None = None
+    """torch threads per worker on CPU nodes (None: cores / workers on the node)."""
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    policy: RouterPolicy = "kv"
+    prefill_weight: float = 1.0
+    """Cost weight of uncached prefill blocks against active decode blocks."""
+    host_hit_credit: float = 0.75
+    disk_hit_credit: float = 0.25
+    temperature: float = 0.0
+    """0: lowest cost wins; >0: softmax sampling to spread ties."""
+    disagg_threshold_tokens: int = 256
+    """Uncached prompt tokens above which a prefill worker is used."""
+    session_affinity_slack: float = 0.2
+
+
+@dataclass(frozen=True)
+class PlannerSpec:
+    enabled: bool = False
+    ttft_ms: float = 1000.0
+    itl_ms: float = 100.0
+    min_prefill: int = 0
+    max_prefill: int = 8
+    min_decode: int = 1
+    max_decode: int = 8
+    interval_s: float = 10.0
+    cooldown_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class FrontendSpec:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_prompt_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class KvTiersSpec:
+    host_memory_gib: float = 0.0
+    disk_gib: float = 0.0
+    ttl_s: float | None = None
+
+
+@dataclass(frozen=True)
+class AuthSpec:
+    curve: bool = True
+    """CURVE-authenticate and encrypt every ZMQ plane."""
+    api_keys_file: str | None = None
+    """Bearer tokens for the HTTP API (hashed at rest); None: open API."""
+    share_cache_across_tenants: bool = False
+
+
+@dataclass(frozen=True)
+class ShuttleSpec:
+    transport: Transport = "auto"
+    max_inflight_mib: int = 512
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    model: ModelSpec
+    mode: Mode = "aggregated"
+    workers: tuple[WorkerGroup, ...] = ()
+    router: RouterSpec = field(default_factory=RouterSpec)
+    planner: PlannerSpec = field(default_factory=PlannerSpec)
+    frontend: FrontendSpec = field(default_factory=FrontendSpec)
+    kv_tiers: KvTiersSpec = field(default_factory=KvTiersSpec)
+    auth: AuthSpec = field(default_factory=AuthSpec)
+    shuttle: ShuttleSpec = field(default_factory=ShuttleSpec)
+    source: str | None = None
+
+    def group(self, role: Role) -> WorkerGroup | None:
+        for group in self.workers:
+            if group.role == role:
+                return group
+        return None

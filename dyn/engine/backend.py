@@ -1,0 +1,198 @@
+"""The backend interface every engine implements (torch, mock, trtllm).
+
+Workers call it from one synchronous step loop: `add_request`, then `step()`
+repeatedly while `has_work()`. Nothing here is async or thread-safe.
+
+Disaggregation contract (block hashes from dyn.kv.hashing name KV content):
+
+    prefill engine                              decode engine
+    --------------                              -------------
+    add_request(req with prefill_only=True)
+    step() ... -> TokenOutput(finished, first token)
+    export_kv(rid) -> KvExport                  begin_import(req, export.block_hashes)
+      .block_hashes, .block_views  ==shuttle==>   -> KvImport.missing_idx, dest views
+                                                 (shuttle writes payloads into dest views)
+    release_export(rid)                         commit_import(rid, first_token)
+                                                step() ... continues decoding
+
+A block view is a 1-D uint8 tensor over one pool block: K and V of every layer
+in one contiguous region, so a block moves with one copy.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, Literal, NamedTuple
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0
+    """0 means greedy."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 means no top-k cut."""
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    """Besides the model's EOS ids (unless ignore_eos)."""
+    stop: tuple[str, ...] = ()
+    """Stop strings; checked by the engine's detokenizer when it has one."""
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+
+@dataclass(slots=True)
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    priority: int = 0
+    """Higher runs first; preempted last."""
+    salt: int = 0
+    """Tenant (and adapter) salt of the block hashes."""
+    prefill_only: bool = False
+    """Stop after the first token and keep the KV blocks for export_kv."""
+
+
+@dataclass(slots=True)
+class TokenOutput:
+    """New tokens of one request from one step."""
+
+    request_id: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    logprobs: list[float] | None = None
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache (set on the first output)."""
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    num_kv_blocks_total: int = 0
+    num_kv_blocks_used: int = 0
+    num_kv_blocks_free: int = 0
+    prefix_hit_blocks: int = 0
+    """Cumulative: prompt blocks found in the cache."""
+    prefix_lookup_blocks: int = 0
+    """Cumulative: prompt blocks looked up."""
+    num_computed_tokens: int = 0
+    """Cumulative: tokens run through the model (prefill + decode)."""
+    num_generated_tokens: int = 0
+    num_preemptions: int = 0
+    num_waiting_prefill_tokens: int = 0
+    """Prompt tokens not yet computed, over waiting and running requests."""
+
+
+@dataclass(slots=True)
+class KvExport:
+    request_id: str
+    block_hashes: list[int]
+    """Hashes of the request's full prompt blocks, in order."""
+    block_views: list[object]
+    """One uint8 tensor view per block over the pool (no copy); valid until release_export."""
+    first_token: int
+    num_prompt_tokens: int
+
+
+class KvImport(NamedTuple):
+    missing_idx: list[int]
+    """Indices into the offered hashes whose payload must be written."""
+    dest_views: list[object]
+    """Writable uint8 tensor views, one per missing index."""
+
+
+@dataclass(slots=True)
+class KvEvent:
+    """A change in what the engine's pool holds, for KV events and tiers."""
+
+    kind: Literal["stored", "removed"]
+    block_hashes: list[int]
+    parent_hash: int | None = None
+    tier: Literal["device", "host", "disk"] = "device"
+
+
+KvEventListener = Callable[[KvEvent], None]
+
+
+class Backend(ABC):
+    """An inference engine driven by a synchronous step loop."""
+
+    block_size: int
+    block_bytes: int
+    """Bytes of one KV block payload (all layers, K and V)."""
+
+    @abstractmethod
+    def add_request(self, request: EngineRequest) -> None:
+        """Queue a request. Raises RequestError for bad input; other requests are unaffected."""
+
+    @abstractmethod
+    def step(self) -> list[TokenOutput]:
+        """Run one scheduling step; return the new tokens of every request that made progress."""
+
+    @abstractmethod
+    def abort(self, request_id: str) -> None:
+        """Drop a request (unknown ids are ignored); its blocks return to the pool."""
+
+    @abstractmethod
+    def has_work(self) -> bool:
+        """True while any request is waiting or running."""
+
+    @abstractmethod
+    def stats(self) -> EngineStats:
+        """A snapshot of counters and gauges."""
+
+    @abstractmethod
+    def export_kv(self, request_id: str) -> KvExport:
+        """KV of a finished prefill_only request; its blocks stay pinned until release_export."""
+
+    @abstractmethod
+    def release_export(self, request_id: str) -> None:
+        """Unpin an exported request's blocks (they stay in the prefix cache)."""
+
+    @abstractmethod
+    def begin_import(self, request: EngineRequest, block_hashes: list[int]) -> KvImport:
+        """Reserve blocks for a request whose prompt KV arrives from elsewhere.
+
+        Blocks already cached locally are reused and not asked for. Raises
+        RequestError when the pool cannot hold the request right now.
+        """
+
+    @abstractmethod
+    def commit_import(self, request_id: str, first_token: int) -> None:
+        """Payloads are written: the request continues decoding after first_token."""
+
+    @abstractmethod
+    def cancel_import(self, request_id: str) -> None:
+        """The transfer failed: free the reserved blocks (the caller may prefill locally)."""
+
+    def set_kv_event_listener(self, listener: KvEventListener | None) -> None:
+        """Receive KvEvents as blocks are stored in or removed from the pool."""
+        self._kv_event_listener = listener
+
+    def set_lower_tier(self, tier: "LowerTier | None") -> None:
+        """Offload evicted blocks to `tier` and bring prefix hits back from it."""
+        self._lower_tier = tier
+
+
+class LowerTier(ABC):
+    """Host-memory / disk tiers below the engine pool (implemented in dyn.kv)."""
+
+    @abstractmethod
+    def offload(self, block_hash: int, parent_hash: int | None, view: object) -> None:
+        """Copy an evicted block's payload out of the pool (called before its slot is reused)."""
+
+    @abstractmethod
+    def fetch(self, block_hash: int, dest_view: object) -> bool:
+        """Copy a block's payload into `dest_view`; False when absent or corrupt."""
+
+    @abstractmethod
+    def contains(self, block_hash: int) -> bool:
+        """Whether fetch would likely succeed (cheap, no I/O)."""
