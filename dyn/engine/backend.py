@@ -15,8 +15,10 @@ Disaggregation contract (block hashes from dyn.kv.hashing name KV content):
     release_export(rid)                         commit_import(rid, first_token)
                                                 step() ... continues decoding
 
-A block view is a 1-D uint8 tensor over one pool block: K and V of every layer
-in one contiguous region, so a block moves with one copy.
+A block view is a writable 1-D uint8 view over one pool block, with no copy:
+a `memoryview` for host memory (torch CPU pool, the mock's bytearray pool), a
+uint8 torch tensor for CUDA pools. K and V of every layer of a block sit in one
+contiguous region, so a block moves with one copy.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ class KvExport:
     block_hashes: list[int]
     """Hashes of the request's full prompt blocks, in order."""
     block_views: list[object]
-    """One uint8 tensor view per block over the pool (no copy); valid until release_export."""
+    """One block view per block (see module doc); valid until release_export."""
     first_token: int
     num_prompt_tokens: int
 
@@ -106,7 +108,7 @@ class KvImport(NamedTuple):
     missing_idx: list[int]
     """Indices into the offered hashes whose payload must be written."""
     dest_views: list[object]
-    """Writable uint8 tensor views, one per missing index."""
+    """Writable block views, one per missing index."""
 
 
 @dataclass(slots=True)
