@@ -1,0 +1,71 @@
+"""Request-plane messages: frontend (DEALER) <-> worker (ROUTER).
+
+One GenerateRequest yields a stream of TokenChunk and ends with exactly one
+Finish or RequestFailed. Cancel may be sent at any time; the worker then
+ends the stream with Finish(reason="abort").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from dyn.control.codec import Codec, Message
+
+
+@dataclass(slots=True)
+class GenerateRequest(Message):
+    TYPE: ClassVar[str] = "generate"
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: dict[str, Any] = field(default_factory=dict)
+    """Fields of dyn.engine.backend.SamplingParams."""
+    priority: int = 0
+    salt: int = 0
+    prefill_only: bool = False
+    """Disaggregated prefill: stop after the first token, offer the KV for pickup."""
+    kv_source: dict[str, Any] | None = None
+    """Disaggregated decode: where to pull the prompt's KV from (a shuttle offer)."""
+    first_token: int | None = None
+    """With kv_source: the token the prefill worker sampled."""
+
+
+@dataclass(slots=True)
+class TokenChunk(Message):
+    TYPE: ClassVar[str] = "token_chunk"
+    request_id: str
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class Finish(Message):
+    TYPE: ClassVar[str] = "finish"
+    request_id: str
+    reason: str
+    """stop | length | abort"""
+    num_prompt_tokens: int = 0
+    num_completion_tokens: int = 0
+    kv_offer: dict[str, Any] | None = None
+    """prefill_only requests: the shuttle offer the decode worker pulls from."""
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class RequestFailed(Message):
+    TYPE: ClassVar[str] = "request_failed"
+    request_id: str
+    code: str
+    """bad_request | overloaded | internal | kv_transfer"""
+    message: str
+    retryable: bool = False
+
+
+@dataclass(slots=True)
+class Cancel(Message):
+    TYPE: ClassVar[str] = "cancel"
+    request_id: str
+
+
+REQUEST_CODEC = Codec([GenerateRequest, TokenChunk, Finish, RequestFailed, Cancel])

@@ -1,0 +1,132 @@
+"""ZMQ socket helpers: every plane opens its sockets here, so CURVE auth,
+size limits and bad-message accounting live in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
+
+from dyn.control.codec import MAX_MESSAGE_BYTES, Codec, Message
+from dyn.control.keys import ProcessKeys
+from dyn.errors import ProtocolError
+
+log = logging.getLogger(__name__)
+
+
+class Authorizer:
+    """The set of client public keys a process's servers admit (ZAP callback)."""
+
+    def __init__(self, public_keys: tuple[str, ...] | list[str] = ()) -> None:
+        self._allowed: set[bytes] = {k.encode() for k in public_keys}
+        self.num_denied = 0
+
+    def add(self, public_keys: list[str] | tuple[str, ...]) -> None:
+        self._allowed.update(k.encode() for k in public_keys)
+
+    def callback(self, domain: str, client_key: bytes) -> bool:
+        allowed = client_key in self._allowed
+        if not allowed:
+            self.num_denied += 1
+        return allowed
+
+
+@dataclass
+class Security:
+    """CURVE settings of one process; keys=None disables CURVE (recipe auth.curve: false)."""
+
+    keys: ProcessKeys | None = None
+    authorizer: Authorizer = field(default_factory=Authorizer)
+    _auth: AsyncioAuthenticator | None = None
+
+    @classmethod
+    def from_keys(cls, keys: ProcessKeys | None) -> "Security":
+        return cls(keys=keys, authorizer=Authorizer(keys.authorized if keys else ()))
+
+    def start(self, ctx: zmq.asyncio.Context) -> None:
+        """Start the ZAP handler (needs a running event loop); idempotent."""
+        if self.keys is None or self._auth is not None:
+            return
+        self._auth = AsyncioAuthenticator(ctx)
+        self._auth.start()
+        self._auth.configure_curve_callback(domain="dyn", credentials_provider=self.authorizer)
+
+    def stop(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+
+
+def server_socket(ctx: zmq.asyncio.Context, kind: int, address: str, security: Security,
+                  *, max_message_bytes: int = MAX_MESSAGE_BYTES, hwm: int = 10000) -> zmq.asyncio.Socket:
+    """Bind a ROUTER/PUB/PULL socket; with keys, only authorized clients get through."""
+    sock = ctx.socket(kind)
+    _common(sock, max_message_bytes, hwm)
+    if security.keys is not None:
+        security.start(ctx)
+        sock.curve_server = True
+        sock.curve_secretkey = security.keys.server_secret.encode()
+        sock.curve_publickey = security.keys.server_public.encode()
+        sock.zap_domain = b"dyn"
+    sock.bind(address)
+    return sock
+
+
+def client_socket(ctx: zmq.asyncio.Context, kind: int, address: str, security: Security,
+                  *, identity: bytes | None = None, max_message_bytes: int = MAX_MESSAGE_BYTES,
+                  hwm: int = 10000) -> zmq.asyncio.Socket:
+    """Connect a DEALER/SUB/PUSH socket with this process's client key."""
+    sock = ctx.socket(kind)
+    _common(sock, max_message_bytes, hwm)
+    if identity is not None:
+        sock.identity = identity
+    if security.keys is not None:
+        sock.curve_serverkey = security.keys.server_public.encode()
+        sock.curve_publickey = security.keys.public.encode()
+        sock.curve_secretkey = security.keys.secret.encode()
+    sock.connect(address)
+    return sock
+
+
+class BadMessages:
+    """Counts dropped messages per kind and logs the first of each kind once."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.counts: Counter[str] = Counter()
+
+    def record(self, error: ProtocolError | str) -> None:
+        kind = str(error).split(":", 1)[0][:80]
+        self.counts[kind] += 1
+        if self.counts[kind] == 1:
+            log.warning("%s: dropped bad message (%s); further ones of this kind are only counted",
+                        self.where, error)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def decode_or_record(codec: Codec, data: bytes | memoryview, bad: BadMessages) -> Message | None:
+    """Decode a frame, or count it as bad and return None (never raises)."""
+    try:
+        return codec.decode(data)
+    except ProtocolError as exc:
+        bad.record(exc)
+        return None
+
+
+def tcp_address(host: str, port: int) -> str:
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def _common(sock: zmq.Socket, max_message_bytes: int, hwm: int) -> None:
+    sock.linger = 0
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    sock.sndhwm = hwm
+    sock.rcvhwm = hwm
