@@ -29,5 +29,10 @@ def _root(
     """dyn: disaggregated LLM serving on bare-metal racks, without Kubernetes."""
 
 
+from dyn.cli import worker as _worker_cmd  # noqa: E402
+
+_worker_cmd.register(app)
+
+
 def main() -> None:
     app()

@@ -1,0 +1,102 @@
+"""The process side of the control plane: register, heartbeat, obey commands.
+
+Used by workers and the frontend. The daemon answers every Heartbeat with a
+RegisterAck; ok=False means it does not know us (it restarted), so we
+register again — that is how a restarted daemon adopts running processes.
+Silence from the daemon for longer than the grace period means it is gone
+for good: `daemon_lost` is set and the process exits on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Awaitable, Callable
+
+import zmq
+import zmq.asyncio
+
+from dyn import __version__
+from dyn.control.messages import CONTROL_CODEC, Command, Heartbeat, Register, RegisterAck
+from dyn.control.sockets import BadMessages, Security, client_socket, decode_or_record
+
+log = logging.getLogger(__name__)
+
+CommandHandler = Callable[[Command], Awaitable[None]]
+MetricsSource = Callable[[], Awaitable[tuple[dict[str, float], dict]]]
+
+
+class ControlClient:
+    def __init__(self, ctx: zmq.asyncio.Context, *, daemon_address: str, security: Security,
+                 process_id: str, role: str, node: str, gpus: tuple[int, ...] = (),
+                 heartbeat_interval_s: float = 1.0, daemon_grace_s: float = 30.0) -> None:
+        self.process_id = process_id
+        self.state = "starting"
+        self.addresses: dict[str, str] = {}
+        self.daemon_lost = asyncio.Event()
+        self.bad = BadMessages(f"{process_id} control")
+        self._register = Register(process_id=process_id, role=role, node=node, pid=os.getpid(),
+                                  version=__version__, gpus=list(gpus))
+        self._interval_s = heartbeat_interval_s
+        self._grace_s = daemon_grace_s
+        self._sock = client_socket(ctx, zmq.DEALER, daemon_address, security,
+                                   identity=process_id.encode())
+        self._last_heard = time.monotonic()
+        self._registered = False
+        self._wake = asyncio.Event()
+
+    async def run(self, on_command: CommandHandler, metrics: MetricsSource) -> None:
+        """Register, then heartbeat until cancelled or the daemon is lost."""
+        receiver = asyncio.create_task(self._receive(on_command))
+        try:
+            while not self.daemon_lost.is_set():
+                if not self._registered:
+                    self._register.addresses = dict(self.addresses)
+                    await self._sock.send(CONTROL_CODEC.encode(self._register))
+                else:
+                    values, info = await metrics()
+                    await self._sock.send(CONTROL_CODEC.encode(
+                        Heartbeat(process_id=self.process_id, state=self.state, metrics=values, info=info)))
+                if time.monotonic() - self._last_heard > self._grace_s:
+                    log.error("no word from the daemon for %.0f s; giving up", self._grace_s)
+                    self.daemon_lost.set()
+                    break
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self._interval_s)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            receiver.cancel()
+
+    def set_state(self, state: str) -> None:
+        """Change state and send a heartbeat right away."""
+        self.state = state
+        self._wake.set()
+
+    def close(self) -> None:
+        self._sock.close(linger=200)
+
+    async def _receive(self, on_command: CommandHandler) -> None:
+        while True:
+            data = await self._sock.recv()
+            message = decode_or_record(CONTROL_CODEC, data, self.bad)
+            if message is None:
+                continue
+            self._last_heard = time.monotonic()
+            if isinstance(message, RegisterAck):
+                was = self._registered
+                self._registered = message.ok
+                self._interval_s = message.heartbeat_interval_s or self._interval_s
+                if not message.ok and was:
+                    log.warning("daemon does not know us (%s); registering again", message.reason)
+                    self._wake.set()
+            elif isinstance(message, Command):
+                try:
+                    await on_command(message)
+                except Exception:
+                    log.exception("command %s failed", message.action)
+            else:
+                self.bad.record(f"unexpected {type(message).__name__}")

@@ -1,0 +1,94 @@
+"""The engine's synchronous step loop on its own thread, fed through a queue.
+
+Every call into the engine (add, abort, stats, export, import) runs on this
+thread between two steps, so the engine needs no locks and the asyncio side
+never blocks. When the engine has nothing to do the thread sleeps on the
+queue; a cancel therefore takes effect before the next step.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Any, Callable
+
+from dyn.engine.backend import Backend, TokenOutput
+
+log = logging.getLogger(__name__)
+
+OutputSink = Callable[[list[TokenOutput]], None]
+
+
+class EngineLoop:
+    def __init__(self, engine: Backend, on_outputs: OutputSink, *, name: str = "engine") -> None:
+        self.engine = engine
+        self._on_outputs = on_outputs
+        self._inbox: queue.SimpleQueue[tuple[Callable[[Backend], Any], Future] | None] = queue.SimpleQueue()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.num_steps = 0
+        self.fatal_error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, fn: Callable[[Backend], Any]) -> Future:
+        """Run fn(engine) on the engine thread before its next step."""
+        future: Future = Future()
+        if self._stopped.is_set():
+            future.set_exception(RuntimeError("engine loop stopped"))
+            return future
+        self._inbox.put((fn, future))
+        return future
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stopped.set()
+        self._inbox.put(None)
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped.is_set():
+                self._drain_inbox(block=not self.engine.has_work())
+                if self._stopped.is_set():
+                    break
+                if self.engine.has_work():
+                    outputs = self.engine.step()
+                    self.num_steps += 1
+                    if outputs:
+                        self._on_outputs(outputs)
+        except BaseException as exc:  # the worker reports this and exits; never die silently
+            self.fatal_error = exc
+            log.exception("engine loop crashed")
+            self._stopped.set()
+        finally:
+            self._fail_pending()
+
+    def _drain_inbox(self, *, block: bool) -> None:
+        item = self._inbox.get() if block else _get_nowait(self._inbox)
+        while item is not None:
+            fn, future = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(self.engine))
+                except Exception as exc:  # delivered to the caller, not raised here
+                    future.set_exception(exc)
+            item = _get_nowait(self._inbox)
+
+    def _fail_pending(self) -> None:
+        while (item := _get_nowait(self._inbox)) is not None:
+            item[1].set_exception(RuntimeError("engine loop stopped"))
+
+
+def _get_nowait(q: queue.SimpleQueue):
+    try:
+        return q.get_nowait()
+    except queue.Empty:
+        return None

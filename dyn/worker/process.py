@@ -1,0 +1,187 @@
+"""`dyn worker`: one engine on one GPU set (or the CPU), wired to the planes.
+
+Startup: bind the request plane, register with the daemon (state "loading"),
+load the engine off the event loop, then report "ready". Main loop: serve
+requests and heartbeat. Shutdown (SIGTERM, stop command, daemon lost):
+stop accepting, give in-flight requests a grace period, fail the rest
+explicitly, then exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+
+import zmq
+import zmq.asyncio
+
+from dyn.config.process import ProcessConfig
+from dyn.control.keys import load_process_keys
+from dyn.control.messages import Command
+from dyn.control.sockets import Security
+from dyn.engine.backend import Backend
+from dyn.worker.control_client import ControlClient
+from dyn.worker.engine_loop import EngineLoop
+from dyn.worker.request_server import RequestServer
+from dyn.worker.telemetry import CpuMeter, process_telemetry
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_S = 10.0
+
+
+class WorkerProcess:
+    def __init__(self, config: ProcessConfig) -> None:
+        self.config = config
+        self._stop = asyncio.Event()
+        self._started_at = time.monotonic()
+        self.engine: Backend | None = None
+        self.loop: EngineLoop | None = None
+        self.server: RequestServer | None = None
+        self.control: ControlClient | None = None
+        self.load_error = ""
+        self._cpu = CpuMeter()
+
+    async def run(self) -> int:
+        cfg = self.config
+        recipe, topology = _load_files(cfg)
+        group = recipe.group(cfg.role) or recipe.workers[0]
+        ctx = zmq.asyncio.Context()
+        security = Security.from_keys(load_process_keys(cfg.keys_path) if cfg.keys_path else None)
+        aio = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            aio.add_signal_handler(sig, self._stop.set)
+
+        self.security = security
+        self.server = RequestServer(ctx, cfg.bind_host, security, None, max_waiting=group.max_queue,
+                                    process_id=cfg.process_id)
+        tasks = [asyncio.create_task(self.server.serve())]
+        if cfg.daemon_address:
+            self.control = ControlClient(ctx, daemon_address=cfg.daemon_address, security=security,
+                                         process_id=cfg.process_id, role=cfg.role, node=cfg.node,
+                                         gpus=cfg.gpus, heartbeat_interval_s=cfg.heartbeat_interval_s,
+                                         daemon_grace_s=cfg.daemon_grace_s)
+            self.control.addresses = {"request": self.server.address}
+            self.control.state = "loading"
+            tasks.append(asyncio.create_task(self.control.run(self._on_command, self._metrics)))
+            tasks.append(asyncio.create_task(_set_on(self.control.daemon_lost, self._stop)))
+        try:
+            try:
+                self.engine = await asyncio.to_thread(_create_engine, recipe, group, cfg)
+            except Exception as exc:  # report why, then exit non-zero
+                log.error("engine failed to load: %s", exc)
+                self.load_error = str(exc)
+                if self.control:
+                    self.control.set_state("failed")
+                    await asyncio.sleep(min(1.0, cfg.heartbeat_interval_s))
+                return 1
+            self.loop = EngineLoop(self.engine, self.server.on_outputs)
+            self.server.attach(self.loop)
+            self.loop.start()
+            if self.control:
+                self.control.set_state("ready")
+            log.info("worker %s ready: request plane %s", cfg.process_id, self.server.address)
+            await self._wait_stop()
+        finally:
+            await self._shutdown(tasks, security, ctx)
+        return 1 if self.loop.fatal_error else 0
+
+    async def _wait_stop(self) -> None:
+        while not self._stop.is_set():
+            if not self.loop.is_alive:
+                log.error("engine loop died: %r", self.loop.fatal_error)
+                return
+            try:
+                await asyncio.wait_for(self._stop.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _shutdown(self, tasks: list[asyncio.Task], security: Security, ctx) -> None:
+        self.server.accepting = False
+        if self.control:
+            self.control.set_state("stopping")
+            await asyncio.sleep(0)
+        alive = self.loop is not None and self.loop.is_alive
+        if not await self.server.wait_drained(SHUTDOWN_GRACE_S if alive else 0):
+            await self.server.fail_all("worker shut down before the request finished")
+        await self.server.flush()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.loop is not None:
+            self.loop.stop()
+        self.server.close()
+        if self.control:
+            self.control.close()
+        security.stop()
+        ctx.term()
+
+    async def _on_command(self, command: Command) -> None:
+        if command.action == "drain":
+            self.server.accepting = False
+            self.control.set_state("draining")
+        elif command.action == "stop":
+            self._stop.set()
+        elif command.action == "authorize":
+            public_keys = command.args.get("public_keys", [])
+            if isinstance(public_keys, list) and all(isinstance(k, str) for k in public_keys):
+                self.security.authorizer.add(public_keys)
+        elif command.action == "set_role":
+            role = command.args.get("role")
+            if role in ("prefill", "decode", "both"):
+                self.config = _replace_role(self.config, role)
+
+    async def _metrics(self) -> tuple[dict[str, float], dict]:
+        if self.loop is None:
+            return process_telemetry(self._cpu), {"role": self.config.role, "error": self.load_error}
+        stats = await asyncio.wrap_future(self.loop.submit(lambda e: e.stats()))
+        total = max(stats.num_kv_blocks_total, 1)
+        values = {
+            "num_running": stats.num_running, "num_waiting": stats.num_waiting,
+            "kv_blocks_used": stats.num_kv_blocks_used, "kv_blocks_total": stats.num_kv_blocks_total,
+            "kv_usage": stats.num_kv_blocks_used / total,
+            "prefix_hit_blocks": stats.prefix_hit_blocks, "prefix_lookup_blocks": stats.prefix_lookup_blocks,
+            "num_computed_tokens": stats.num_computed_tokens,
+            "num_generated_tokens": stats.num_generated_tokens,
+            "waiting_prefill_tokens": stats.num_waiting_prefill_tokens,
+            "num_preemptions": stats.num_preemptions,
+            "requests_total": self.server.requests_total, "cancels_total": self.server.cancels_total,
+            "in_flight": self.server.num_in_flight, "bad_messages": self.server.bad.total,
+            "uptime_s": time.monotonic() - self._started_at,
+        }
+        values.update(process_telemetry(self._cpu))
+        return values, {"role": self.config.role}
+
+
+def _load_files(cfg: ProcessConfig):
+    from dyn.config.loader import parse_recipe, parse_topology
+
+    return (parse_recipe(cfg.recipe_text, cfg.recipe_source),
+            parse_topology(cfg.topology_text, cfg.topology_source))
+
+
+def _create_engine(recipe, group, cfg: ProcessConfig) -> Backend:
+    from dyn.engine.factory import create_engine
+
+    device = recipe.model.device
+    if device == "auto":
+        device = "cuda" if cfg.gpus else "cpu"
+    if device == "cuda" and cfg.gpus:
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", ",".join(map(str, cfg.gpus)))
+    kv_bytes = int(group.kv_memory_gib * 2**30) if group.kv_memory_gib else None
+    return create_engine(recipe.model, group, device=device, kv_memory_bytes=kv_bytes,
+                         cpu_threads=cfg.cpu_threads)
+
+
+def _replace_role(cfg: ProcessConfig, role: str) -> ProcessConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, role=role)
+
+
+async def _set_on(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()

@@ -1,0 +1,201 @@
+"""The worker's side of the request plane: a ROUTER that feeds the engine loop.
+
+Streams are keyed by request id; each remembers the frontend connection it
+came from. Every accepted request ends with exactly one Finish or
+RequestFailed, including when the worker drains or shuts down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import zmq
+import zmq.asyncio
+
+from dyn.control.requests import (REQUEST_CODEC, Cancel, Finish, GenerateRequest, RequestFailed,
+                                  TokenChunk)
+from dyn.control.sockets import BadMessages, Security, decode_or_record, server_socket
+from dyn.engine.backend import Backend, EngineRequest, SamplingParams, TokenOutput
+from dyn.errors import DynError, RequestError
+from dyn.worker.engine_loop import EngineLoop
+
+log = logging.getLogger(__name__)
+
+_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+
+KvHook = Callable[["Stream", GenerateRequest], Awaitable[None]]
+"""Disaggregation hooks (the shuttle): import before decoding / export after prefill."""
+
+
+@dataclass(slots=True)
+class Stream:
+    request_id: str
+    client: bytes
+    num_prompt_tokens: int
+    prefill_only: bool = False
+    num_completion_tokens: int = 0
+    kv_offer: dict | None = None
+
+
+class RequestServer:
+    def __init__(self, ctx: zmq.asyncio.Context, bind_host: str, security: Security, loop: EngineLoop | None,
+                 *, max_waiting: int = 256, process_id: str = "worker") -> None:
+        self._sock = server_socket(ctx, zmq.ROUTER, f"tcp://{bind_host}:*", security)
+        self.address = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._loop = loop
+        self._max_waiting = max_waiting
+        self._streams: dict[str, Stream] = {}
+        self.bad = BadMessages(f"{process_id} requests")
+        self.accepting = True
+        self.requests_total = 0
+        self.cancels_total = 0
+        self.import_kv: KvHook | None = None
+        self.export_kv: KvHook | None = None
+        self._aio = asyncio.get_running_loop()
+        self._outbox: asyncio.Queue[list[bytes]] = asyncio.Queue()
+
+    def attach(self, loop: EngineLoop) -> None:
+        """Start feeding an engine loop (requests before this are refused as overloaded)."""
+        self._loop = loop
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    def on_outputs(self, outputs: list[TokenOutput]) -> None:
+        """Called on the engine thread: hand the outputs to the event loop."""
+        self._aio.call_soon_threadsafe(self._deliver, outputs)
+
+    async def serve(self) -> None:
+        sender = asyncio.create_task(self._send_loop())
+        try:
+            while True:
+                frames = await self._sock.recv_multipart(copy=False)
+                if len(frames) != 2:
+                    self.bad.record("wrong frame count")
+                    continue
+                client, data = frames[0].bytes, frames[1].buffer
+                message = decode_or_record(REQUEST_CODEC, data, self.bad)
+                if isinstance(message, GenerateRequest):
+                    await self._start(client, message)
+                elif isinstance(message, Cancel) and self._loop is not None:
+                    self.cancels_total += 1
+                    self._loop.submit(lambda e, rid=message.request_id: e.abort(rid))
+                elif message is not None:
+                    self.bad.record(f"unexpected {type(message).__name__}")
+        finally:
+            sender.cancel()
+
+    async def fail_all(self, message: str, *, code: str = "internal", retryable: bool = True) -> None:
+        """End every open stream explicitly (shutdown), aborting it in the engine."""
+        for stream in list(self._streams.values()):
+            self._loop.submit(lambda e, rid=stream.request_id: e.abort(rid))
+            self._fail(stream.client, stream.request_id, code, message, retryable)
+        self._streams.clear()
+
+    async def wait_drained(self, timeout_s: float) -> bool:
+        deadline = self._aio.time() + timeout_s
+        while self._streams and self._aio.time() < deadline:
+            await asyncio.sleep(0.05)
+        return not self._streams
+
+    async def flush(self) -> None:
+        while not self._outbox.empty():
+            await asyncio.sleep(0.01)
+
+    def close(self) -> None:
+        self._sock.close(linger=500)
+
+    async def _start(self, client: bytes, msg: GenerateRequest) -> None:
+        rid = msg.request_id
+        if not self.accepting or self._loop is None:
+            reason = "worker is draining" if self._loop else "worker is still loading"
+            self._fail(client, rid, "overloaded", reason, True)
+            return
+        if rid in self._streams:
+            self._fail(client, rid, "bad_request", f"request id {rid!r} is already running", False)
+            return
+        try:
+            request = _engine_request(msg)
+        except RequestError as exc:
+            self._fail(client, rid, "bad_request", str(exc), False)
+            return
+        stats = await asyncio.wrap_future(self._loop.submit(lambda e: e.stats()))
+        if stats.num_waiting >= self._max_waiting:
+            self._fail(client, rid, "overloaded", f"{stats.num_waiting} requests waiting", True)
+            return
+        stream = Stream(rid, client, len(msg.prompt_token_ids), prefill_only=msg.prefill_only)
+        self._streams[rid] = stream
+        self.requests_total += 1
+        try:
+            if msg.kv_source is not None and self.import_kv is not None:
+                await self.import_kv(stream, msg)  # adds the request itself
+            else:
+                await asyncio.wrap_future(self._loop.submit(lambda e: e.add_request(request)))
+        except DynError as exc:
+            self._streams.pop(rid, None)
+            code = "bad_request" if isinstance(exc, RequestError) else "internal"
+            self._fail(client, rid, code, str(exc), code != "bad_request")
+
+    def _deliver(self, outputs: list[TokenOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if out.token_ids:
+                stream.num_completion_tokens += len(out.token_ids)
+                self._send(stream.client, TokenChunk(out.request_id, list(out.token_ids), out.logprobs,
+                                                     out.num_cached_tokens))
+            if out.finished:
+                self._streams.pop(out.request_id, None)
+                if out.error:
+                    self._fail(stream.client, out.request_id, "internal", out.error, True)
+                elif stream.prefill_only and self.export_kv is not None and out.finish_reason != "abort":
+                    asyncio.ensure_future(self._finish_prefill(stream, out))
+                else:
+                    self._send(stream.client, Finish(out.request_id, out.finish_reason or "stop",
+                                                     stream.num_prompt_tokens, stream.num_completion_tokens))
+
+    async def _finish_prefill(self, stream: Stream, out: TokenOutput) -> None:
+        try:
+            await self.export_kv(stream, None)  # type: ignore[arg-type]
+        except DynError as exc:
+            self._fail(stream.client, stream.request_id, "kv_transfer", str(exc), True)
+            return
+        self._send(stream.client, Finish(stream.request_id, out.finish_reason or "length",
+                                         stream.num_prompt_tokens, stream.num_completion_tokens,
+                                         kv_offer=stream.kv_offer))
+
+    def _fail(self, client: bytes, rid: str, code: str, message: str, retryable: bool) -> None:
+        self._send(client, RequestFailed(rid, code, message, retryable))
+
+    def _send(self, client: bytes, message) -> None:
+        self._outbox.put_nowait([client, REQUEST_CODEC.encode(message)])
+
+    async def _send_loop(self) -> None:
+        while True:
+            frames = await self._outbox.get()
+            await self._sock.send_multipart(frames)
+
+
+def _engine_request(msg: GenerateRequest) -> EngineRequest:
+    unknown = set(msg.sampling) - _SAMPLING_FIELDS
+    if unknown:
+        raise RequestError(f"unknown sampling fields {sorted(unknown)}", field="sampling")
+    sampling = dict(msg.sampling)
+    for key in ("stop_token_ids", "stop"):
+        if key in sampling:
+            if not isinstance(sampling[key], (list, tuple)):
+                raise RequestError(f"sampling.{key} must be a list", field=key)
+            sampling[key] = tuple(sampling[key])
+    try:
+        params = SamplingParams(**sampling)
+    except TypeError as exc:
+        raise RequestError(f"bad sampling parameters: {exc}", field="sampling") from None
+    return EngineRequest(request_id=msg.request_id, prompt_token_ids=list(msg.prompt_token_ids),
+                         sampling=params, priority=msg.priority, salt=msg.salt,
+                         prefill_only=msg.prefill_only)
