@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs on a fresh Debian machine, then run it.
+# Usage: bash scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+[ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
+command -v ssh-keygen >/dev/null || need_apt+=(openssh-client)
+command -v tmux >/dev/null || need_apt+=(tmux)
+command -v ip >/dev/null || need_apt+=(iproute2)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+mkdir -p /run/sshd
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+# torch==2.13.0 is the CPU build; a bare `torch` would pull a several-GB CUDA build.
+.venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 -e '.[dev]'
+exec .venv/bin/python -m pytest -q "$@"
