@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from dyn.control.codec import Codec, Message
+from dyn.control.kv_events import KvSnapshot, KvSnapshotRequest
 
 
 @dataclass(slots=True)
@@ -68,4 +69,6 @@ class Cancel(Message):
     request_id: str
 
 
-REQUEST_CODEC = Codec([GenerateRequest, TokenChunk, Finish, RequestFailed, Cancel])
+# KV snapshots ride the request plane: the subscriber already holds a connection to each worker.
+REQUEST_CODEC = Codec([GenerateRequest, TokenChunk, Finish, RequestFailed, Cancel, KvSnapshotRequest,
+                       KvSnapshot])

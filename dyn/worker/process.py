@@ -25,6 +25,7 @@ from dyn.control.sockets import Security
 from dyn.engine.backend import Backend
 from dyn.worker.control_client import ControlClient
 from dyn.worker.engine_loop import EngineLoop
+from dyn.worker.kv_publisher import KvEventPublisher
 from dyn.worker.request_server import RequestServer
 from dyn.worker.telemetry import CpuMeter, process_telemetry
 
@@ -58,13 +59,15 @@ class WorkerProcess:
         self.security = security
         self.server = RequestServer(ctx, cfg.bind_host, security, None, max_waiting=group.max_queue,
                                     process_id=cfg.process_id)
-        tasks = [asyncio.create_task(self.server.serve())]
+        self.kv_events = KvEventPublisher(ctx, cfg.bind_host, security, cfg.process_id)
+        self.server.kv_snapshot = self.kv_events.snapshot
+        tasks = [asyncio.create_task(self.server.serve()), asyncio.create_task(self.kv_events.run())]
         if cfg.daemon_address:
             self.control = ControlClient(ctx, daemon_address=cfg.daemon_address, security=security,
                                          process_id=cfg.process_id, role=cfg.role, node=cfg.node,
                                          gpus=cfg.gpus, heartbeat_interval_s=cfg.heartbeat_interval_s,
                                          daemon_grace_s=cfg.daemon_grace_s)
-            self.control.addresses = {"request": self.server.address}
+            self.control.addresses = {"request": self.server.address, "kv_events": self.kv_events.address}
             self.control.state = "loading"
             tasks.append(asyncio.create_task(self.control.run(self._on_command, self._metrics)))
             tasks.append(asyncio.create_task(_set_on(self.control.daemon_lost, self._stop)))
@@ -78,6 +81,7 @@ class WorkerProcess:
                     self.control.set_state("failed")
                     await asyncio.sleep(min(1.0, cfg.heartbeat_interval_s))
                 return 1
+            self.engine.set_kv_event_listener(self.kv_events.listener)
             self.loop = EngineLoop(self.engine, self.server.on_outputs)
             self.server.attach(self.loop)
             self.loop.start()
@@ -114,6 +118,7 @@ class WorkerProcess:
         if self.loop is not None:
             self.loop.stop()
         self.server.close()
+        self.kv_events.close()
         if self.control:
             self.control.close()
         security.stop()

@@ -16,6 +16,7 @@ from typing import Awaitable, Callable
 import zmq
 import zmq.asyncio
 
+from dyn.control.kv_events import KvSnapshot, KvSnapshotRequest
 from dyn.control.requests import (REQUEST_CODEC, Cancel, Finish, GenerateRequest, RequestFailed,
                                   TokenChunk)
 from dyn.control.sockets import BadMessages, Security, decode_or_record, server_socket
@@ -55,6 +56,7 @@ class RequestServer:
         self.cancels_total = 0
         self.import_kv: KvHook | None = None
         self.export_kv: KvHook | None = None
+        self.kv_snapshot: Callable[[], KvSnapshot] | None = None
         self._aio = asyncio.get_running_loop()
         self._outbox: asyncio.Queue[list[bytes]] = asyncio.Queue()
 
@@ -85,6 +87,8 @@ class RequestServer:
                 elif isinstance(message, Cancel) and self._loop is not None:
                     self.cancels_total += 1
                     self._loop.submit(lambda e, rid=message.request_id: e.abort(rid))
+                elif isinstance(message, KvSnapshotRequest) and self.kv_snapshot is not None:
+                    self._send(client, self.kv_snapshot())
                 elif message is not None:
                     self.bad.record(f"unexpected {type(message).__name__}")
         finally:

@@ -1,0 +1,87 @@
+"""Publishes the worker's KV events in batches and answers snapshot requests.
+
+The engine calls `listener` on its own thread; events are queued and sent by
+an asyncio task every `flush_interval_s` (or sooner when a batch is full).
+A mirror of what each tier holds, kept from the same events, answers
+snapshots without asking the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+
+import zmq
+import zmq.asyncio
+
+from dyn.control.kv_events import KV_EVENT_CODEC, TIER_CODES, KvEventBatch, KvSnapshot
+from dyn.control.sockets import Security, server_socket
+from dyn.engine.backend import KvEvent
+
+MAX_BATCH_RUNS = 256
+
+
+class KvEventPublisher:
+    def __init__(self, ctx: zmq.asyncio.Context, bind_host: str, security: Security, worker_id: str,
+                 *, flush_interval_s: float = 0.01) -> None:
+        self.worker_id = worker_id
+        self.epoch = random.getrandbits(48)
+        self.seq = 0
+        self._sock = server_socket(ctx, zmq.PUB, f"tcp://{bind_host}:*", security)
+        self.address = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._pending: list[KvEvent] = []
+        self._lock = threading.Lock()
+        self._held: dict[str, set[int]] = {tier: set() for tier in TIER_CODES}
+        self._flush_interval_s = flush_interval_s
+        self._wake = asyncio.Event()
+        self._aio = asyncio.get_running_loop()
+        self.events_published = 0
+
+    def listener(self, event: KvEvent) -> None:
+        """Engine-thread callback (KvEventListener)."""
+        with self._lock:
+            self._pending.append(event)
+            full = len(self._pending) >= MAX_BATCH_RUNS
+        if full:
+            self._aio.call_soon_threadsafe(self._wake.set)
+
+    def snapshot(self) -> KvSnapshot:
+        """What every tier holds as of the last published batch."""
+        return KvSnapshot(worker_id=self.worker_id, epoch=self.epoch, seq=self.seq,
+                          blocks={tier: sorted(held) for tier, held in self._held.items()})
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._flush_interval_s)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        with self._lock:
+            events, self._pending = self._pending, []
+        for start in range(0, len(events), MAX_BATCH_RUNS):
+            batch = self._batch(events[start:start + MAX_BATCH_RUNS])
+            await self._sock.send(KV_EVENT_CODEC.encode(batch))
+            self.events_published += len(batch.stored) + len(batch.removed)
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+    def _batch(self, events: list[KvEvent]) -> KvEventBatch:
+        self.seq += 1
+        batch = KvEventBatch(worker_id=self.worker_id, epoch=self.epoch, seq=self.seq)
+        for event in events:
+            code = TIER_CODES[event.tier]
+            held = self._held[event.tier]
+            if event.kind == "stored":
+                parent = -1 if event.parent_hash is None else event.parent_hash
+                batch.stored.append([code, parent, *event.block_hashes])
+                held.update(event.block_hashes)
+            else:
+                batch.removed.append([code, *event.block_hashes])
+                held.difference_update(event.block_hashes)
+        return batch
