@@ -1,0 +1,160 @@
+"""The paged KV pool's bookkeeping: block ids, reference counts, prefix cache.
+
+The manager never touches KV memory; it hands out block ids and tells its
+owner (through callbacks) when a cached block is evicted or stored.
+
+    block states
+      free, empty    -> in `_free_empty` (FIFO), no hash
+      free, cached   -> in `_free_cached` (LRU, front evicted first), hash kept,
+                        still found by match_prefix; ref 0
+      used           -> ref >= 1 (one per sequence holding it); maybe cached
+
+Allocation takes empty blocks first and evicts cached ones only when no empty
+block is left. A sequence frees its blocks last-first, so the tail of a
+prefix is evicted before its head (a child without its parent is useless).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+
+from dyn.engine.backend import KvEvent
+
+EvictHook = Callable[[int, int, "int | None"], None]
+"""(block_id, block_hash, parent_hash): called before an evicted block's slot is reused."""
+EventHook = Callable[[KvEvent], None]
+
+
+class BlockManager:
+    """Fixed pool of `num_blocks` blocks with reference counts and a prefix cache."""
+
+    def __init__(self, num_blocks: int, block_size: int, *, on_evict: EvictHook | None = None,
+                 on_event: EventHook | None = None) -> None:
+        assert num_blocks >= 1 and block_size >= 1
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.on_evict = on_evict
+        self.on_event = on_event
+        self._ref = [0] * num_blocks
+        self._hash: list[int | None] = [None] * num_blocks
+        self._parent: list[int | None] = [None] * num_blocks
+        self._free_empty: deque[int] = deque(range(num_blocks))
+        self._free_cached: OrderedDict[int, None] = OrderedDict()
+        self._cache: dict[int, int] = {}
+        self.num_evicted = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks an allocation can take now (empty plus evictable cached)."""
+        return len(self._free_empty) + len(self._free_cached)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cache)
+
+    def can_allocate(self, num: int) -> bool:
+        return num <= self.num_free_blocks
+
+    def lookup(self, block_hash: int) -> int | None:
+        return self._cache.get(block_hash)
+
+    def block_hash(self, block_id: int) -> int | None:
+        return self._hash[block_id]
+
+    def ref_count(self, block_id: int) -> int:
+        return self._ref[block_id]
+
+    def match_prefix(self, block_hashes: Sequence[int]) -> list[int]:
+        """Block ids of the longest leading run of `block_hashes` held in the cache."""
+        block_ids: list[int] = []
+        for block_hash in block_hashes:
+            block_id = self._cache.get(block_hash)
+            if block_id is None:
+                break
+            block_ids.append(block_id)
+        return block_ids
+
+    def lock(self, block_ids: Sequence[int]) -> None:
+        """Take a reference on cached blocks (prefix hits); they leave the LRU."""
+        for block_id in block_ids:
+            if self._ref[block_id] == 0:
+                assert self._hash[block_id] is not None, f"block {block_id} is free and uncached"
+                del self._free_cached[block_id]
+            self._ref[block_id] += 1
+
+    def allocate(self, num: int) -> list[int]:
+        """Take `num` fresh blocks (ref 1), evicting least recently used cached blocks."""
+        assert num <= self.num_free_blocks, f"allocate({num}) with {self.num_free_blocks} free"
+        block_ids: list[int] = []
+        evicted: list[int] = []
+        for _ in range(num):
+            if self._free_empty:
+                block_id = self._free_empty.popleft()
+            else:
+                block_id, _ = self._free_cached.popitem(last=False)
+                evicted.append(self._evict(block_id))
+            self._ref[block_id] = 1
+            block_ids.append(block_id)
+        if evicted and self.on_event is not None:
+            self.on_event(KvEvent("removed", evicted))
+        return block_ids
+
+    def free(self, block_ids: Sequence[int]) -> None:
+        """Drop one reference on each block; last-first, so tails are evicted first."""
+        for block_id in reversed(block_ids):
+            assert self._ref[block_id] > 0, f"double free of block {block_id}"
+            self._ref[block_id] -= 1
+            if self._ref[block_id] == 0:
+                if self._hash[block_id] is None:
+                    self._free_empty.append(block_id)
+                else:
+                    self._free_cached[block_id] = None
+
+    def cache_blocks(self, block_ids: Sequence[int], block_hashes: Sequence[int],
+                     parent_hash: int | None) -> int:
+        """Register computed full blocks under their chained hashes; emit `stored` events.
+
+        A hash already cached in another block (two sequences computed the
+        same block at once) is skipped: that block stays uncached. Returns
+        the number of blocks registered.
+        """
+        run: list[int] = []
+        run_parent: int | None = None
+        prev = parent_hash
+        num = 0
+        for block_id, block_hash in zip(block_ids, block_hashes, strict=True):
+            if self._hash[block_id] is None and block_hash not in self._cache:
+                if not run:
+                    run_parent = prev
+                self._hash[block_id] = block_hash
+                self._parent[block_id] = prev
+                self._cache[block_hash] = block_id
+                run.append(block_hash)
+                num += 1
+            else:
+                assert self._hash[block_id] in (None, block_hash), f"block {block_id} rehashed"
+                self._emit_stored(run, run_parent)
+                run = []
+            prev = block_hash
+        self._emit_stored(run, run_parent)
+        return num
+
+    def _evict(self, block_id: int) -> int:
+        block_hash = self._hash[block_id]
+        assert block_hash is not None
+        if self.on_evict is not None:
+            self.on_evict(block_id, block_hash, self._parent[block_id])
+        del self._cache[block_hash]
+        self._hash[block_id] = None
+        self._parent[block_id] = None
+        self.num_evicted += 1
+        return block_hash
+
+    def _emit_stored(self, block_hashes: list[int], parent_hash: int | None) -> None:
+        if block_hashes and self.on_event is not None:
+            self.on_event(KvEvent("stored", block_hashes, parent_hash))

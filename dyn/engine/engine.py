@@ -1,0 +1,346 @@
+"""The generic engine: a Backend over any ModelRunner (torch, mock, ...).
+
+Per step: the scheduler picks chunks and allocates blocks, the runner
+computes them and samples, then the engine appends tokens, caches newly full
+blocks, checks stop conditions and reports TokenOutputs. Disaggregation
+(export/import of prompt KV), KV events and the lower-tier hooks live here
+too; none of it imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence as Seq
+
+from dyn.engine.backend import (Backend, EngineRequest, EngineStats, FinishReason, KvEvent,
+                                KvExport, KvImport, TokenOutput)
+from dyn.engine.block_manager import BlockManager
+from dyn.engine.runner import ModelRunner, SeqWork
+from dyn.engine.scheduler import Scheduler
+from dyn.engine.sequence import Sequence, SequenceStatus
+from dyn.errors import EngineError, RequestError
+
+Detokenize = Callable[[list[int]], str]
+
+
+class Engine(Backend):
+    """Continuous-batching engine with a paged, prefix-cached KV pool."""
+
+    def __init__(self, runner: ModelRunner, *, max_batch_size: int = 64,
+                 max_num_batched_tokens: int = 2048, detokenize: Detokenize | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if max_batch_size < 1 or max_num_batched_tokens < 1:
+            raise EngineError(f"max_batch_size ({max_batch_size}) and max_num_batched_tokens "
+                              f"({max_num_batched_tokens}) must be >= 1")
+        self.runner = runner
+        self.block_size = runner.block_size
+        self.block_bytes = runner.block_bytes
+        self.detokenize = detokenize
+        self.clock = clock
+        self._kv_event_listener = None
+        self._lower_tier = None
+        self.blocks = BlockManager(runner.num_blocks, runner.block_size,
+                                   on_evict=self._on_evict, on_event=self._on_event)
+        self.scheduler = Scheduler(self.blocks, max_batch_size=max_batch_size,
+                                   max_num_batched_tokens=max_num_batched_tokens,
+                                   tier_probe=self._tier_probe, tier_fetch=self._tier_fetch)
+        self._seqs: dict[str, Sequence] = {}
+        self._pending: list[TokenOutput] = []
+        self._num_arrivals = 0
+        self.num_computed_tokens = 0
+        self.num_generated_tokens = 0
+        self.last_step_duration_s = 0.0
+        """Runner-reported time of the last step (modelled for the mock)."""
+
+    @property
+    def num_tier_hit_blocks(self) -> int:
+        """Cumulative: prefix blocks fetched back from the lower tier instead of recomputed."""
+        return self.scheduler.num_tier_hit_blocks
+
+    # -- requests ---------------------------------------------------------------
+
+    def add_request(self, request: EngineRequest) -> None:
+        seq = self._new_sequence(request)
+        self._seqs[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return
+        if seq.status in (SequenceStatus.IMPORTING, SequenceStatus.EXPORTED):
+            self.scheduler.release_blocks(seq)
+        else:
+            self.scheduler.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        self._pending = [o for o in self._pending if o.request_id != request_id]
+
+    def has_work(self) -> bool:
+        return bool(self._pending) or self.scheduler.has_work()
+
+    def step(self) -> list[TokenOutput]:
+        outputs, self._pending = self._pending, []
+        batch = self.scheduler.schedule()
+        if not batch:
+            self.last_step_duration_s = 0.0
+            return outputs
+        work = [SeqWork(request_id=s.request_id,
+                        token_ids=s.all_token_ids[s.num_computed:s.num_computed + num],
+                        start_pos=s.num_computed, block_ids=s.block_ids, sample=sample,
+                        sampling=s.sampling, num_generated=s.num_generated,
+                        all_token_ids=s.all_token_ids)
+                for s, num, sample in batch]
+        result = self.runner.execute(work)
+        self.last_step_duration_s = result.duration_s
+        for seq, num, sample in batch:
+            self.scheduler.advance(seq, num)
+            self.num_computed_tokens += num
+            if not sample:
+                continue
+            token = result.sampled.get(seq.request_id)
+            if token is None:
+                raise EngineError(f"runner returned no token for request {seq.request_id!r}")
+            seq.append_token(token, self.block_size)
+            self.num_generated_tokens += 1
+            reason = self._finish_reason(seq, token)
+            logprob = result.logprobs.get(seq.request_id) if result.logprobs else None
+            outputs.append(TokenOutput(
+                seq.request_id, [token], finished=reason is not None, finish_reason=reason,
+                logprobs=[logprob] if seq.sampling.logprobs and logprob is not None else None,
+                num_cached_tokens=seq.num_cached_tokens if seq.is_first_output else 0))
+            seq.is_first_output = False
+            if reason is not None:
+                self._finish(seq, reason)
+        return outputs
+
+    def stats(self) -> EngineStats:
+        sched = self.scheduler
+        return EngineStats(
+            num_running=len(sched.running), num_waiting=len(sched.waiting),
+            num_kv_blocks_total=self.blocks.num_blocks,
+            num_kv_blocks_used=self.blocks.num_used_blocks,
+            num_kv_blocks_free=self.blocks.num_free_blocks,
+            prefix_hit_blocks=sched.prefix_hit_blocks,
+            prefix_lookup_blocks=sched.prefix_lookup_blocks,
+            num_computed_tokens=self.num_computed_tokens,
+            num_generated_tokens=self.num_generated_tokens,
+            num_preemptions=sched.num_preemptions,
+            num_waiting_prefill_tokens=sum(
+                max(0, s.num_prompt_tokens - s.num_computed)
+                for s in (*sched.running, *sched.waiting)))
+
+    # -- disaggregation -----------------------------------------------------------
+
+    def export_kv(self, request_id: str) -> KvExport:
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.status is not SequenceStatus.EXPORTED:
+            state = "unknown" if seq is None else seq.status.value
+            raise RequestError(f"request {request_id!r} has no KV to export (state: {state}); "
+                               "only finished prefill_only requests export", field="request_id")
+        num_full = seq.num_prompt_tokens // self.block_size
+        return KvExport(request_id=request_id, block_hashes=seq.block_hashes[:num_full],
+                        block_views=[self.runner.block_view(b) for b in seq.block_ids[:num_full]],
+                        first_token=seq.all_token_ids[seq.num_prompt_tokens],
+                        num_prompt_tokens=seq.num_prompt_tokens)
+
+    def release_export(self, request_id: str) -> None:
+        seq = self._seqs.get(request_id)
+        if seq is not None and seq.status is SequenceStatus.EXPORTED:
+            del self._seqs[request_id]
+            self.scheduler.release_blocks(seq)
+            seq.status = SequenceStatus.FINISHED
+
+    def release_stale_exports(self, max_age_s: float) -> list[str]:
+        """Release exports older than `max_age_s` (their consumer vanished); returns their ids."""
+        now = self.clock()
+        stale = [rid for rid, s in self._seqs.items() if s.status is SequenceStatus.EXPORTED
+                 and now - s.exported_at_s > max_age_s]
+        for rid in stale:
+            self.release_export(rid)
+        return stale
+
+    def begin_import(self, request: EngineRequest, block_hashes: list[int]) -> KvImport:
+        seq = self._new_sequence(request)
+        expected = seq.block_hashes[:seq.num_prompt_tokens // self.block_size]
+        if len(block_hashes) > len(expected):
+            raise RequestError(f"{len(block_hashes)} block hashes offered for a prompt of "
+                               f"{seq.num_prompt_tokens} tokens, which has {len(expected)} full "
+                               f"blocks of {self.block_size}", field="block_hashes")
+        for idx, (got, want) in enumerate(zip(block_hashes, expected)):
+            if got != want:
+                raise RequestError(f"block hash {idx} is {got}, this engine computes {want} for "
+                                   "the same tokens: block_size or salt differ between engines",
+                                   field="block_hashes")
+        local = [self.blocks.lookup(h) for h in block_hashes]
+        missing_idx = [i for i, b in enumerate(local) if b is None]
+        hit_ids = [b for b in local if b is not None]
+        needed = len(missing_idx) + sum(1 for b in hit_ids if self.blocks.ref_count(b) == 0)
+        if not self.blocks.can_allocate(needed):
+            raise RequestError(f"KV pool full: import of {request.request_id!r} needs {needed} "
+                               f"blocks, {self.blocks.num_free_blocks} free; retry later or "
+                               "prefill locally", field="request_id")
+        self.blocks.lock(hit_ids)
+        new_ids = iter(self.blocks.allocate(len(missing_idx)))
+        seq.block_ids = [b if b is not None else next(new_ids) for b in local]
+        seq.num_computed = len(block_hashes) * self.block_size
+        seq.status = SequenceStatus.IMPORTING
+        self._seqs[seq.request_id] = seq
+        return KvImport(missing_idx, [self.runner.block_view(seq.block_ids[i])
+                                      for i in missing_idx])
+
+    def commit_import(self, request_id: str, first_token: int) -> None:
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.status is not SequenceStatus.IMPORTING:
+            raise RequestError(f"request {request_id!r} has no import in progress",
+                               field="request_id")
+        if not isinstance(first_token, int) or not 0 <= first_token < self.runner.vocab_size:
+            raise RequestError(f"first_token {first_token!r} is outside the vocabulary "
+                               f"[0, {self.runner.vocab_size})", field="first_token")
+        self.scheduler.register_computed(seq)
+        seq.num_cached_tokens = seq.num_computed
+        seq.append_token(first_token, self.block_size)
+        reason = self._finish_reason(seq, first_token)
+        if reason is None:
+            self.scheduler.add(seq)
+            return
+        self._pending.append(TokenOutput(request_id, [], finished=True, finish_reason=reason,
+                                         num_cached_tokens=seq.num_cached_tokens))
+        self._finish(seq, reason)
+
+    def cancel_import(self, request_id: str) -> None:
+        seq = self._seqs.get(request_id)
+        if seq is not None and seq.status is SequenceStatus.IMPORTING:
+            self.abort(request_id)
+
+    # -- internals -----------------------------------------------------------------
+
+    def _new_sequence(self, request: EngineRequest) -> Sequence:
+        _check_request(request, self.runner, self._seqs)
+        self._num_arrivals += 1
+        return Sequence.from_request(request, self._num_arrivals, self.block_size)
+
+    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        sampling = seq.sampling
+        if not sampling.ignore_eos and token in self.runner.eos_token_ids:
+            return "stop"
+        if token in sampling.stop_token_ids:
+            return "stop"
+        if sampling.stop and self.detokenize is not None and self._hit_stop_string(seq):
+            return "stop"
+        if seq.num_generated >= sampling.max_tokens or seq.request.prefill_only:
+            return "length"
+        if seq.num_tokens >= self.runner.max_context:
+            return "length"
+        return None
+
+    def _hit_stop_string(self, seq: Sequence) -> bool:
+        # A stop string ending at the new token lies within its last few tokens
+        # (each token is at least one character), so only the tail is decoded.
+        assert self.detokenize is not None
+        window = 2 * max(len(s) for s in seq.sampling.stop) + 4
+        text = self.detokenize(seq.output_token_ids[-window:])
+        return any(s in text for s in seq.sampling.stop)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.finish_reason = reason
+        if seq.request.prefill_only:
+            self.scheduler.remove(seq, keep_blocks=True)
+            seq.status = SequenceStatus.EXPORTED
+            seq.exported_at_s = self.clock()
+            return
+        self.scheduler.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        del self._seqs[seq.request_id]
+
+    def _on_event(self, event: KvEvent) -> None:
+        if self._kv_event_listener is not None:
+            self._kv_event_listener(event)
+
+    def _on_evict(self, block_id: int, block_hash: int, parent_hash: int | None) -> None:
+        if self._lower_tier is not None:
+            self._lower_tier.offload(block_hash, parent_hash, self.runner.block_view(block_id))
+
+    def _tier_probe(self, block_hashes: Seq[int]) -> int:
+        if self._lower_tier is None:
+            return 0
+        num = 0
+        for block_hash in block_hashes:
+            if not self._lower_tier.contains(block_hash):
+                break
+            num += 1
+        return num
+
+    def _tier_fetch(self, block_hashes: Seq[int], block_ids: Seq[int]) -> int:
+        if self._lower_tier is None:
+            return 0
+        num = 0
+        for block_hash, block_id in zip(block_hashes, block_ids):
+            if not self._lower_tier.fetch(block_hash, self.runner.block_view(block_id)):
+                break
+            num += 1
+        return num
+
+
+def _check_request(request: EngineRequest, runner: ModelRunner,
+                   live: dict[str, Sequence]) -> None:
+    """Raise RequestError naming the first bad field of `request`."""
+    if not isinstance(request, EngineRequest):
+        raise RequestError(f"expected an EngineRequest, got {type(request).__name__}")
+    rid = request.request_id
+    if not isinstance(rid, str) or not rid:
+        raise RequestError(f"request_id must be a non-empty string, got {rid!r}",
+                           field="request_id")
+    if rid in live:
+        raise RequestError(f"duplicate request_id {rid!r}: a request with this id is "
+                           f"already {live[rid].status.value}", field="request_id")
+    prompt = request.prompt_token_ids
+    if not isinstance(prompt, list) or not prompt:
+        raise RequestError(f"request {rid!r}: prompt_token_ids must be a non-empty list of ints",
+                           field="prompt_token_ids")
+    vocab = runner.vocab_size
+    for idx, tok in enumerate(prompt):
+        if type(tok) is not int or not 0 <= tok < vocab:
+            raise RequestError(f"request {rid!r}: prompt_token_ids[{idx}] = {tok!r} is not a "
+                               f"token id in [0, {vocab})", field="prompt_token_ids")
+    if len(prompt) >= runner.max_context:
+        raise RequestError(f"request {rid!r}: prompt has {len(prompt)} tokens; the model's "
+                           f"context is {runner.max_context} including at least one generated "
+                           "token", field="prompt_token_ids")
+    _check_sampling(request, vocab)
+    if type(request.priority) is not int:
+        raise RequestError(f"request {rid!r}: priority must be an int, got {request.priority!r}",
+                           field="priority")
+    if type(request.salt) is not int or not 0 <= request.salt < 2**64:
+        raise RequestError(f"request {rid!r}: salt must be an int in [0, 2**64), got "
+                           f"{request.salt!r}", field="salt")
+    longest = min(len(prompt) + request.sampling.max_tokens, runner.max_context)
+    num_blocks = -(-longest // runner.block_size)
+    if num_blocks > runner.num_blocks:
+        raise RequestError(f"request {rid!r}: {longest} tokens need {num_blocks} KV blocks but "
+                           f"the pool has {runner.num_blocks}; lower max_tokens or the prompt",
+                           field="max_tokens")
+
+
+def _check_sampling(request: EngineRequest, vocab: int) -> None:
+    sp, rid = request.sampling, request.request_id
+
+    def bad(field: str, why: str) -> RequestError:
+        return RequestError(f"request {rid!r}: {field} {why}, got {getattr(sp, field)!r}",
+                            field=field)
+
+    if type(sp.max_tokens) is not int or sp.max_tokens < 1:
+        raise bad("max_tokens", "must be an int >= 1")
+    if not isinstance(sp.temperature, (int, float)) or not (math.isfinite(sp.temperature)
+                                                            and sp.temperature >= 0):
+        raise bad("temperature", "must be a finite number >= 0")
+    if not isinstance(sp.top_p, (int, float)) or not 0 < sp.top_p <= 1:
+        raise bad("top_p", "must be in (0, 1]")
+    if type(sp.top_k) is not int or sp.top_k < 0:
+        raise bad("top_k", "must be an int >= 0 (0: no cut)")
+    if sp.seed is not None and type(sp.seed) is not int:
+        raise bad("seed", "must be an int or None")
+    if any(type(t) is not int or not 0 <= t < vocab for t in sp.stop_token_ids):
+        raise bad("stop_token_ids", f"must be token ids in [0, {vocab})")
+    if any(not isinstance(s, str) or not s for s in sp.stop):
+        raise bad("stop", "must be non-empty strings")

@@ -1,0 +1,161 @@
+"""The mock engine: the real Engine over a runner that models time, not math.
+
+Blocks, hashes, prefix hits, preemption and events are exactly those of the
+torch engine, since only the runner differs. The MockRunner
+
+* writes each block a small payload derived from the block's index and
+  tokens (as real KV depends on them), so transfers can be checked byte for
+  byte;
+* picks each next token from the payloads of every block of the context,
+  so a wrong block id, a lost prefix or a corrupted import changes the
+  output exactly as with a real model, while equal KV gives equal tokens;
+  tokens are within the vocabulary and never EOS (requests end by length);
+* reports a step time from `MockTiming` (dyn.config.recipe).
+
+MockEngine runs on a live clock (step sleeps the modelled time, so a worker
+behaves like a GPU) or a virtual one (no sleep; `virtual_time_s` advances,
+for the simulator). No torch here.
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+from collections.abc import Callable
+from hashlib import blake2b
+from typing import Literal
+
+import numpy as np
+
+from dyn.config.recipe import MockTiming
+from dyn.engine.backend import TokenOutput
+from dyn.engine.engine import Detokenize, Engine
+from dyn.engine.runner import ModelRunner, SeqWork, StepResult
+from dyn.errors import EngineError
+
+ClockMode = Literal["live", "virtual"]
+_M64 = (1 << 64) - 1
+
+
+class MockRunner(ModelRunner):
+    """A ModelRunner over a bytearray pool of `payload_bytes` per block."""
+
+    def __init__(self, timing: MockTiming | None = None, *, block_size: int = 16,
+                 vocab_size: int = 32000, eos_token_ids: tuple[int, ...] = (2,),
+                 max_context: int = 4096, num_blocks: int | None = None,
+                 payload_bytes: int = 64) -> None:
+        self.timing = timing or MockTiming()
+        num_blocks = self.timing.num_kv_blocks if num_blocks is None else num_blocks
+        if block_size < 1 or num_blocks < 1 or max_context < 2:
+            raise EngineError(f"mock engine needs block_size >= 1 (got {block_size}), "
+                              f"num_blocks >= 1 (got {num_blocks}), max_context >= 2 "
+                              f"(got {max_context})")
+        if payload_bytes < 8 or payload_bytes % 8:
+            raise EngineError(f"mock payload_bytes must be a positive multiple of 8, "
+                              f"got {payload_bytes}")
+        if vocab_size <= len(set(eos_token_ids)):
+            raise EngineError(f"mock vocab_size {vocab_size} leaves no non-EOS token")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.block_bytes = payload_bytes
+        self.vocab_size = vocab_size
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.max_context = max_context
+        self._pool = bytearray(num_blocks * payload_bytes)
+        self._view = memoryview(self._pool)
+        self._words = np.frombuffer(self._pool, dtype="<u8").reshape(num_blocks, -1)
+        self._weights = np.arange(1, 2 * (max_context // block_size + 2), 2, dtype=np.uint64)
+
+    def block_view(self, block_id: int) -> memoryview:
+        start = block_id * self.block_bytes
+        return self._view[start:start + self.block_bytes]
+
+    def execute(self, work: list[SeqWork]) -> StepResult:
+        sampled: dict[str, int] = {}
+        for item in work:
+            tokens = item.all_token_ids
+            if tokens is None:
+                raise EngineError("MockRunner needs SeqWork.all_token_ids")
+            end = item.start_pos + len(item.token_ids)
+            bs = self.block_size
+            for idx in range(item.start_pos // bs, -(-end // bs)):
+                chunk = tokens[idx * bs:min(end, (idx + 1) * bs)]
+                self._write_payload(item.block_ids[idx], idx, chunk)
+            if item.sample:
+                sampled[item.request_id] = self._pick_token(item, end)
+        return StepResult(sampled=sampled, duration_s=self.step_time_s(work))
+
+    def step_time_s(self, work: list[SeqWork]) -> float:
+        """Modelled time of one step (see MockTiming); a mixed batch pays both parts."""
+        t = self.timing
+        decodes = [w for w in work if len(w.token_ids) == 1 and w.num_generated > 0]
+        num_prefill = sum(len(w.token_ids) for w in work) - len(decodes)
+        duration = 0.0
+        if num_prefill:
+            duration += t.prefill_base_s + t.prefill_s_per_token * num_prefill
+        if decodes:
+            context = sum(w.start_pos + 1 for w in decodes)
+            duration += (t.decode_base_s + t.decode_s_per_seq * len(decodes)
+                         + t.decode_s_per_ctx_token * context)
+        return duration
+
+    def _write_payload(self, block_id: int, block_idx: int, tokens: list[int]) -> None:
+        digest = blake2b(array("I", tokens).tobytes(), digest_size=64, person=b"dyn-mock",
+                         salt=block_idx.to_bytes(8, "little")).digest()
+        size = self.block_bytes
+        payload = (digest * (size // 64 + 1))[:size]
+        start = block_id * size
+        self._pool[start:start + size] = payload
+
+    def _pick_token(self, item: SeqWork, end: int) -> int:
+        num_blocks = -(-end // self.block_size)
+        words = self._words[item.block_ids[:num_blocks], 0]
+        mix = int(np.sum(words * self._weights[:num_blocks], dtype=np.uint64))
+        mix ^= end * 0x9E3779B97F4A7C15
+        if item.sampling.temperature > 0 and item.sampling.seed is not None:
+            mix ^= (item.sampling.seed + 1) * 0xD1B54A32D192ED03
+        token = _splitmix64(mix & _M64) % self.vocab_size
+        while token in self.eos_token_ids:
+            token = (token + 1) % self.vocab_size
+        return token
+
+
+class MockEngine(Engine):
+    """Engine(MockRunner) with a live or virtual clock."""
+
+    def __init__(self, timing: MockTiming | None = None, *, block_size: int = 16,
+                 vocab_size: int = 32000, eos_token_ids: tuple[int, ...] = (2,),
+                 max_context: int = 4096, num_blocks: int | None = None,
+                 max_batch_size: int = 64, max_num_batched_tokens: int = 2048,
+                 clock: ClockMode = "live", detokenize: Detokenize | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if clock not in ("live", "virtual"):
+            raise EngineError(f"mock clock must be 'live' or 'virtual', got {clock!r}")
+        runner = MockRunner(timing, block_size=block_size, vocab_size=vocab_size,
+                            eos_token_ids=eos_token_ids, max_context=max_context,
+                            num_blocks=num_blocks)
+        self.clock_mode: ClockMode = clock
+        self.virtual_time_s = 0.0
+        """Sum of modelled step times (both clocks)."""
+        self._sleep = sleep
+        now = time.monotonic if clock == "live" else (lambda: self.virtual_time_s)
+        super().__init__(runner, max_batch_size=max_batch_size,
+                         max_num_batched_tokens=max_num_batched_tokens,
+                         detokenize=detokenize, clock=now)
+
+    def step(self) -> list[TokenOutput]:
+        started = time.perf_counter()
+        outputs = super().step()
+        self.virtual_time_s += self.last_step_duration_s
+        if self.clock_mode == "live":
+            left = self.last_step_duration_s - (time.perf_counter() - started)
+            if left > 0:
+                self._sleep(left)
+        return outputs
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)

@@ -1,0 +1,115 @@
+"""A request as the engine core sees it: tokens, progress and its blocks.
+
+    all_token_ids:  [ prompt ............ | generated ... ]
+                    [0 ........ num_computed)  not yet run through the model
+    block_ids:      one pool block per block_size tokens of [0, num_computed + chunk)
+    block_hashes:   chained hashes of every FULL block of all_token_ids
+
+One rule covers prefill, chunked prefill, decode, recompute after preemption
+and the tail of an imported prompt: each step runs some of
+`all_token_ids[num_computed:]`; when a chunk reaches the end, the runner
+samples the next token.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from dyn.engine.backend import EngineRequest, FinishReason, SamplingParams
+from dyn.kv.hashing import hash_block
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    IMPORTING = "importing"
+    """Blocks reserved, payloads arriving from another engine (begin_import)."""
+    EXPORTED = "exported"
+    """A finished prefill_only request whose blocks stay pinned for export_kv."""
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    request: EngineRequest
+    arrival_idx: int
+    """Admission order; earlier runs first within one priority."""
+    all_token_ids: list[int] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    num_computed: int = 0
+    """Tokens whose KV is in block_ids (computed, cached, fetched or imported)."""
+    num_registered_blocks: int = 0
+    """Leading full blocks already in (or looked up against) the prefix cache."""
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the cache on first admission (reported once)."""
+    is_first_output: bool = True
+    finish_reason: FinishReason | None = None
+    exported_at_s: float = 0.0
+
+    @classmethod
+    def from_request(cls, request: EngineRequest, arrival_idx: int, block_size: int) -> "Sequence":
+        seq = cls(request=request, arrival_idx=arrival_idx,
+                  all_token_ids=list(request.prompt_token_ids),
+                  num_prompt_tokens=len(request.prompt_token_ids))
+        seq.extend_hashes(block_size)
+        return seq
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.request.sampling
+
+    @property
+    def priority(self) -> int:
+        return self.request.priority
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.all_token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.all_token_ids) - self.num_computed
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.num_computed < self.num_prompt_tokens
+
+    def sort_key(self) -> tuple[int, int]:
+        """Scheduling order: higher priority first, then earlier arrival."""
+        return (-self.request.priority, self.arrival_idx)
+
+    def append_token(self, token_id: int, block_size: int) -> None:
+        self.all_token_ids.append(token_id)
+        if len(self.all_token_ids) % block_size == 0:
+            self.extend_hashes(block_size)
+
+    def extend_hashes(self, block_size: int) -> None:
+        """Hash every newly full block (incremental: one hash per new block)."""
+        salt = self.request.salt
+        for idx in range(len(self.block_hashes), len(self.all_token_ids) // block_size):
+            parent = self.block_hashes[-1] if self.block_hashes else None
+            tokens = self.all_token_ids[idx * block_size:(idx + 1) * block_size]
+            self.block_hashes.append(hash_block(parent, tokens, salt))
+
+    def reset_for_recompute(self) -> None:
+        """Preempted: drop all KV progress; the tokens themselves are kept."""
+        self.num_computed = 0
+        self.num_registered_blocks = 0
+        self.block_ids = []
+        self.status = SequenceStatus.WAITING

@@ -1,0 +1,161 @@
+"""Scheduling decisions on pure data: chunking, budgets, batch size, priority, preemption."""
+
+from dyn.engine.backend import EngineRequest, SamplingParams
+from dyn.engine.block_manager import BlockManager
+from dyn.engine.scheduler import Scheduler
+from dyn.engine.sequence import Sequence, SequenceStatus
+
+BS = 4
+
+
+def make(num_blocks=16, batch=8, budget=64, **kw):
+    return Scheduler(BlockManager(num_blocks, BS), max_batch_size=batch,
+                     max_num_batched_tokens=budget, **kw)
+
+
+_arrivals = iter(range(1, 10**6))
+
+
+def seq(rid, n_prompt, priority=0, start=0):
+    req = EngineRequest(rid, list(range(start + 1, start + n_prompt + 1)),
+                        SamplingParams(max_tokens=100), priority=priority)
+    return Sequence.from_request(req, next(_arrivals), BS)
+
+
+def run(sched, batch, token=7):
+    """Pretend the runner ran `batch`: advance and append a token where sampled."""
+    for s, num, sample in batch:
+        sched.advance(s, num)
+        if sample:
+            s.append_token(token, BS)
+
+
+def plan(batch):
+    return [(s.request_id, num, sample) for s, num, sample in batch]
+
+
+def test_chunked_prefill_under_token_budget():
+    sched = make(budget=8)
+    a = seq("a", 20)
+    sched.add(a)
+    chunks = []
+    while not chunks or not chunks[-1][2]:
+        batch = sched.schedule()
+        chunks.append(plan(batch)[0])
+        run(sched, batch)
+    assert chunks == [("a", 8, False), ("a", 8, False), ("a", 4, True)]
+    assert a.block_ids == [0, 1, 2, 3, 4] and a.num_computed == 20
+
+
+def test_decodes_keep_their_token_while_a_prefill_is_chunked():
+    sched = make(budget=8)
+    c = seq("c", 3)
+    sched.add(c)
+    run(sched, sched.schedule())  # c is now decoding
+    sched.add(seq("b", 30, priority=1, start=100))  # b goes first, but leaves c its token
+    assert plan(sched.schedule()) == [("b", 7, False), ("c", 1, True)]
+
+
+def test_max_batch_size_limits_running():
+    sched = make(batch=2)
+    for rid in "abc":
+        sched.add(seq(rid, 3, start=ord(rid) * 10))
+    batch = sched.schedule()
+    assert [s.request_id for s, _, _ in batch] == ["a", "b"]
+    assert [s.request_id for s in sched.waiting] == ["c"]
+
+
+def test_priority_orders_admission():
+    sched = make(batch=1)
+    sched.add(seq("low", 3))
+    sched.add(seq("high", 3, priority=5, start=50))
+    assert plan(sched.schedule()) == [("high", 3, True)]
+
+
+def test_prefix_hit_skips_cached_blocks():
+    sched = make()
+    a = seq("a", 10)
+    sched.add(a)
+    run(sched, sched.schedule())
+    sched.remove(a)
+    b = seq("b", 12)  # same first 10 tokens, then two more
+    sched.add(b)
+    batch = sched.schedule()
+    # blocks of [1..4], [5..8] are cached; b computes tokens 8..11 only
+    assert plan(batch) == [("b", 4, True)]
+    assert b.block_ids[:2] == [0, 1] and b.num_cached_tokens == 8
+    assert (sched.prefix_hit_blocks, sched.prefix_lookup_blocks) == (2, 2 + 2)
+
+
+def test_full_hit_still_computes_the_last_token():
+    sched = make()
+    a = seq("a", 8)
+    sched.add(a)
+    run(sched, sched.schedule())
+    sched.remove(a)
+    b = seq("b", 8)
+    sched.add(b)
+    # only (8 - 1) // 4 = 1 block may hit: the last block is recomputed to sample
+    assert plan(sched.schedule()) == [("b", 4, True)]
+    assert b.num_cached_tokens == 4
+
+
+def test_pool_pressure_preempts_the_latest_lowest_priority_running():
+    sched = make(num_blocks=4, budget=64)
+    a, b = seq("a", 7), seq("b", 7, start=100)  # 2 blocks each: pool full
+    sched.add(a)
+    sched.add(b)
+    run(sched, sched.schedule())
+    assert sched.blocks.num_free_blocks == 0
+    batch = sched.schedule()  # a's 8th token needs no new block; b's neither
+    run(sched, batch)
+    batch = sched.schedule()  # both cross into a third block: b (later) is preempted
+    assert plan(batch) == [("a", 1, True)]
+    assert b.status is SequenceStatus.WAITING and b.num_computed == 0 and b.block_ids == []
+    assert sched.num_preemptions == 1
+
+
+def test_higher_priority_waiting_preempts_lower_running():
+    sched = make(num_blocks=2)
+    low = seq("low", 7)
+    sched.add(low)
+    run(sched, sched.schedule())
+    sched.add(seq("high", 5, priority=1, start=100))
+    batch = sched.schedule()
+    assert [r for r, _, _ in plan(batch)] == ["high"]
+    assert low.status is SequenceStatus.WAITING and sched.num_preemptions == 1
+
+
+def test_equal_priority_waiting_does_not_preempt():
+    sched = make(num_blocks=2)
+    first = seq("first", 7)
+    sched.add(first)
+    run(sched, sched.schedule())
+    sched.add(seq("second", 5, start=100))
+    assert plan(sched.schedule()) == [("first", 1, True)]
+    assert sched.num_preemptions == 0
+
+
+def test_lower_tier_blocks_are_fetched_not_recomputed():
+    fetched = []
+    tier: set[int] = set()
+
+    def probe(hashes):
+        n = 0
+        for h in hashes:
+            if h not in tier:
+                break
+            n += 1
+        return n
+
+    def fetch(hashes, ids):
+        fetched.extend(zip(hashes, ids))
+        return len(hashes)
+
+    sched = make(tier_probe=probe, tier_fetch=fetch)
+    s = seq("a", 13)
+    tier.update(s.block_hashes[:2])
+    sched.add(s)
+    assert plan(sched.schedule()) == [("a", 5, True)]
+    assert fetched == list(zip(s.block_hashes[:2], [0, 1]))
+    assert sched.num_tier_hit_blocks == 2 and sched.blocks.match_prefix(s.block_hashes) == [0, 1]
