@@ -141,9 +141,20 @@ class Recipe:
     auth: AuthSpec = field(default_factory=AuthSpec)
     shuttle: ShuttleSpec = field(default_factory=ShuttleSpec)
     source: str | None = None
+    lines: tuple[tuple[str, int], ...] = field(default=(), compare=False, repr=False)
+    """(key path, 1-based line) from the file, so later checks (placement) can name a line."""
 
     def group(self, role: Role) -> WorkerGroup | None:
         for group in self.workers:
             if group.role == role:
                 return group
+        return None
+
+    def line_of(self, path: str) -> int | None:
+        """Line of a key path such as "workers.decode.tp" (or of its parent), if known."""
+        known = dict(self.lines)
+        while path:
+            if path in known:
+                return known[path]
+            path = path.rsplit(".", 1)[0] if "." in path else ""
         return None

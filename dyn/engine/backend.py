@@ -91,6 +91,8 @@ class EngineStats:
     num_preemptions: int = 0
     num_waiting_prefill_tokens: int = 0
     """Prompt tokens not yet computed, over waiting and running requests."""
+    num_tier_hit_blocks: int = 0
+    """Cumulative: prefix blocks brought back from a lower tier instead of recomputed."""
 
 
 @dataclass(slots=True)
@@ -158,6 +160,10 @@ class Backend(ABC):
     @abstractmethod
     def release_export(self, request_id: str) -> None:
         """Unpin an exported request's blocks (they stay in the prefix cache)."""
+
+    def release_stale_exports(self, max_age_s: float) -> list[str]:
+        """Release exports nobody picked up within max_age_s; returns their request ids."""
+        return []
 
     @abstractmethod
     def begin_import(self, request: EngineRequest, block_hashes: list[int]) -> KvImport:

@@ -126,6 +126,7 @@ class Engine(Backend):
             num_computed_tokens=self.num_computed_tokens,
             num_generated_tokens=self.num_generated_tokens,
             num_preemptions=sched.num_preemptions,
+            num_tier_hit_blocks=sched.num_tier_hit_blocks,
             num_waiting_prefill_tokens=sum(
                 max(0, s.num_prompt_tokens - s.num_computed)
                 for s in (*sched.running, *sched.waiting)))
