@@ -1,0 +1,66 @@
+"""LocalRunner: a node with `address: local`, driven through subprocesses.
+
+It runs the same argv and shell snippets as the SSH runner, so a laptop
+deployment exercises the launcher code paths a rack does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Sequence
+
+from dyn.config.topology import Node
+from dyn.errors import LaunchError
+from dyn.launch.runner import CommandResult
+from dyn.launch.shell import ShellRunner
+
+_NOT_FOUND_STATUS = 127
+
+
+class LocalRunner(ShellRunner):
+    """Runs commands on this machine; nothing to connect or close."""
+
+    def __init__(self, node: Node) -> None:
+        super().__init__(node)
+
+    async def run(self, argv: Sequence[str], *, timeout_s: float = 30,
+                  input: str | None = None) -> CommandResult:
+        if not argv:
+            raise LaunchError("empty command", node=self.node.name)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,  # so a timeout can kill the whole tree
+            )
+        except FileNotFoundError:
+            # Mirror what a shell on an SSH node answers for a missing command.
+            return CommandResult(_NOT_FOUND_STATUS, "", f"{argv[0]}: command not found\n")
+        except PermissionError:
+            return CommandResult(126, "", f"{argv[0]}: permission denied\n")
+        data = input.encode() if input is not None else None
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(data), timeout_s)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            _kill_group(proc.pid)
+            await proc.wait()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise LaunchError(f"command timed out after {timeout_s:g}s: {' '.join(argv)[:200]}",
+                              node=self.node.name) from None
+        code = proc.returncode if proc.returncode is not None else -1
+        status = 128 - code if code < 0 else code
+        return CommandResult(status, out.decode(errors="replace"), err.decode(errors="replace"))
+
+    async def close(self) -> None:
+        return None
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
