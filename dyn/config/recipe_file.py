@@ -1,0 +1,160 @@
+"""Recipe files: YAML -> `Recipe`, with every error located.
+
+Types and unknown keys are checked by the schema walker over the recipe
+dataclasses; this module adds what types cannot say: ranges, the mode/role
+contract, and cross-field limits. Fit against a topology is placement's job.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from dyn.config.recipe import (AuthSpec, FrontendSpec, KvTiersSpec, ModelSpec, PlannerSpec,
+                               Recipe, RouterSpec, ShuttleSpec, WorkerGroup)
+from dyn.config.schema import build, check_keys, join
+from dyn.config.yamlmap import LocatedDoc, type_name
+
+ROLES = ("prefill", "decode", "both")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_SECTIONS = {"router": RouterSpec, "planner": PlannerSpec, "frontend": FrontendSpec,
+             "kv_tiers": KvTiersSpec, "auth": AuthSpec, "shuttle": ShuttleSpec}
+
+
+def recipe_from_doc(doc: LocatedDoc) -> Recipe:
+    data = doc.data
+    check_keys(data, ("name", "model", "mode", "workers", *_SECTIONS), "", doc)
+    if not isinstance(data.get("name"), str) or not NAME_RE.match(data["name"]):
+        raise doc.error("name" if "name" in data else "",
+                        "recipe needs `name:` made of letters, digits, '.', '_' or '-'")
+    if "model" not in data:
+        raise doc.error("", "missing required key 'model'", hint="add a model: section with path and engine")
+    model = _model(doc, data["model"])
+    sections = {key: build(cls, data[key], key, doc) for key, cls in _SECTIONS.items() if key in data}
+    mode = data.get("mode", "aggregated")
+    if mode not in ("aggregated", "disaggregated"):
+        raise doc.error("mode", f"must be aggregated or disaggregated; got {mode!r}")
+    workers = _workers(doc, data.get("workers"), mode)
+    recipe = Recipe(name=data["name"], model=model, mode=mode, workers=workers, source=doc.source,
+                    lines=tuple(sorted(doc.lines.items())), **sections)
+    _check_sections(doc, recipe)
+    if recipe.auth.api_keys_file:
+        recipe = _replace_auth(recipe)
+    return recipe
+
+
+def _model(doc: LocatedDoc, raw: Any) -> ModelSpec:
+    if not isinstance(raw, dict):
+        raise doc.error("model", f"expected a mapping with path and engine, got {type_name(raw)}")
+    engine = raw.get("engine", "torch")
+    path = raw.get("path")
+    if path is None:
+        if engine != "mock":
+            raise doc.error("model", "missing required key 'path'",
+                            hint="point it at a Hugging Face checkpoint directory; only engine: mock may omit it")
+        path = raw.get("name") if isinstance(raw.get("name"), str) else "mock"
+    elif not isinstance(path, str) or not path.strip():
+        raise doc.error("model.path", f"expected a directory path, got {type_name(path)} {path!r}")
+    model = build(ModelSpec, raw, "model", doc, extra={"path": os.path.expanduser(path)})
+    _positive(doc, "model.block_size", model.block_size)
+    _positive(doc, "model.max_context", model.max_context)
+    if model.block_size > model.max_context:
+        raise doc.error("model.block_size", f"block_size {model.block_size} exceeds max_context {model.max_context}")
+    if model.engine == "trtllm" and model.device == "cpu":
+        raise doc.error("model.device", "engine trtllm runs on GPUs only; device cpu is impossible",
+                        hint="use engine: torch for CPU, or device: cuda")
+    timing = model.mock
+    for key in ("prefill_base_s", "prefill_s_per_token", "decode_base_s", "decode_s_per_seq",
+                "decode_s_per_ctx_token"):
+        _at_least(doc, f"model.mock.{key}", getattr(timing, key), 0.0)
+    _positive(doc, "model.mock.num_kv_blocks", timing.num_kv_blocks)
+    if model.name is not None and not model.name.strip():
+        raise doc.error("model.name", "served model name must not be blank")
+    return model
+
+
+def _workers(doc: LocatedDoc, raw: Any, mode: str) -> tuple[WorkerGroup, ...]:
+    if not isinstance(raw, dict) or not raw:
+        raise doc.error("workers" if raw is not None else "",
+                        "`workers:` must map roles to groups, e.g. {prefill: {replicas: 1}, decode: {replicas: 1}}")
+    check_keys(raw, ROLES, "workers", doc)
+    wanted = ("prefill", "decode") if mode == "disaggregated" else ("both",)
+    for role in raw:
+        if role not in wanted:
+            raise doc.error(f"workers.{role}", f"role '{role}' does not belong in mode {mode}",
+                            hint=f"mode {mode} uses {' and '.join(wanted)} workers")
+    required = "decode" if mode == "disaggregated" else "both"
+    if required not in raw:
+        raise doc.error("workers", f"mode {mode} needs a `{required}` group")
+    groups = []
+    for role in ROLES:
+        if role not in raw:
+            continue
+        path = f"workers.{role}"
+        body = raw[role] if raw[role] is not None else {}
+        group = build(WorkerGroup, body, path, doc, skip=frozenset({"role"}), extra={"role": role})
+        _at_least(doc, join(path, "replicas"), group.replicas, 0 if role == "prefill" else 1)
+        for key in ("tp", "max_batch_size", "max_num_batched_tokens", "max_queue"):
+            _positive(doc, join(path, key), getattr(group, key))
+        if group.kv_memory_gib is not None and group.kv_memory_gib <= 0:
+            raise doc.error(join(path, "kv_memory_gib"), "must be > 0 (or omit it to size from free memory)")
+        if group.cpu_threads is not None:
+            _positive(doc, join(path, "cpu_threads"), group.cpu_threads)
+        groups.append(group)
+    return tuple(groups)
+
+
+def _check_sections(doc: LocatedDoc, r: Recipe) -> None:
+    router, planner, front, tiers = r.router, r.planner, r.frontend, r.kv_tiers
+    _at_least(doc, "router.prefill_weight", router.prefill_weight, 0.0)
+    for key in ("host_hit_credit", "disk_hit_credit"):
+        value = getattr(router, key)
+        if not 0.0 <= value <= 1.0:
+            raise doc.error(f"router.{key}", f"must be between 0 and 1, got {value:g}")
+    _at_least(doc, "router.temperature", router.temperature, 0.0)
+    _at_least(doc, "router.disagg_threshold_tokens", router.disagg_threshold_tokens, 0)
+    _at_least(doc, "router.session_affinity_slack", router.session_affinity_slack, 0.0)
+    for key in ("ttft_ms", "itl_ms", "interval_s"):
+        if getattr(planner, key) <= 0:
+            raise doc.error(f"planner.{key}", f"must be > 0, got {getattr(planner, key):g}")
+    _at_least(doc, "planner.cooldown_s", planner.cooldown_s, 0.0)
+    for role in ("prefill", "decode"):
+        low, high = getattr(planner, f"min_{role}"), getattr(planner, f"max_{role}")
+        _at_least(doc, f"planner.min_{role}", low, 0)
+        if low > high:
+            raise doc.error(f"planner.max_{role}", f"max_{role} {high} is below min_{role} {low}")
+        group = r.group(role)
+        if planner.enabled and group and not low <= group.replicas <= high:
+            raise doc.error(f"workers.{role}.replicas",
+                            f"{group.replicas} replicas is outside the planner's range {low}..{high}",
+                            hint=f"start inside planner.min_{role}..max_{role}")
+    if not 0 <= front.port <= 65535:
+        raise doc.error("frontend.port", f"port must be 0-65535 (0: any free port), got {front.port}")
+    if not front.host.strip():
+        raise doc.error("frontend.host", "must be an address such as 127.0.0.1")
+    if front.max_prompt_tokens is not None and not 1 <= front.max_prompt_tokens <= r.model.max_context:
+        raise doc.error("frontend.max_prompt_tokens",
+                        f"must be 1..{r.model.max_context} (model.max_context), got {front.max_prompt_tokens}")
+    _at_least(doc, "kv_tiers.host_memory_gib", tiers.host_memory_gib, 0.0)
+    _at_least(doc, "kv_tiers.disk_gib", tiers.disk_gib, 0.0)
+    if tiers.ttl_s is not None and tiers.ttl_s <= 0:
+        raise doc.error("kv_tiers.ttl_s", "must be > 0 seconds (or omit it: no expiry)")
+    _positive(doc, "shuttle.max_inflight_mib", r.shuttle.max_inflight_mib)
+
+
+def _replace_auth(recipe: Recipe) -> Recipe:
+    from dataclasses import replace
+
+    auth = replace(recipe.auth, api_keys_file=os.path.expanduser(recipe.auth.api_keys_file))
+    return replace(recipe, auth=auth)
+
+
+def _positive(doc: LocatedDoc, path: str, value: int) -> None:
+    if value < 1:
+        raise doc.error(path, f"must be at least 1, got {value}")
+
+
+def _at_least(doc: LocatedDoc, path: str, value: float, minimum: float) -> None:
+    if value < minimum:
+        raise doc.error(path, f"must be at least {minimum:g}, got {value:g}")

@@ -1,0 +1,56 @@
+"""Recipe format details: defaults, modes, mock models, line lookups."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from dyn.config.loader import parse_recipe
+from dyn.config.recipe import PlannerSpec, RouterSpec
+from dyn.errors import ConfigError
+
+
+def test_minimal_aggregated_recipe_takes_format_defaults() -> None:
+    recipe = parse_recipe("name: m\nmodel: {path: ~/ckpt}\nworkers: {both: {replicas: 2}}\n", "m.yaml")
+    assert recipe.mode == "aggregated" and recipe.model.path == os.path.expanduser("~/ckpt")
+    assert [(g.role, g.replicas, g.tp) for g in recipe.workers] == [("both", 2, 1)]
+    assert recipe.router == RouterSpec() and recipe.planner == PlannerSpec()
+    assert recipe.source == "m.yaml"
+
+
+def test_empty_group_means_one_replica() -> None:
+    recipe = parse_recipe("name: m\nmodel: {path: /m}\nmode: disaggregated\nworkers:\n  decode:\n", "m.yaml")
+    assert recipe.group("decode").replicas == 1 and recipe.group("prefill") is None
+
+
+def test_mock_model_path_is_optional_and_named() -> None:
+    recipe = parse_recipe("name: m\nmodel: {engine: mock, mock: {num_kv_blocks: 64}}\n"
+                          "workers: {both: {}}\n", "m.yaml")
+    assert recipe.model.path == "mock" and recipe.model.mock.num_kv_blocks == 64
+
+
+def test_line_of_finds_keys_and_parents() -> None:
+    recipe = parse_recipe("name: m\nmodel:\n  path: /m\nworkers:\n  both:\n    replicas: 2\n", "m.yaml")
+    assert recipe.line_of("workers.both.replicas") == 6
+    assert recipe.line_of("workers.both.tp") == 5
+
+
+def test_planner_range_must_hold_the_starting_replicas() -> None:
+    text = ("name: m\nmodel: {path: /m}\nmode: disaggregated\nworkers:\n  decode: {replicas: 9}\n"
+            "planner: {enabled: true, max_decode: 4}\n")
+    with pytest.raises(ConfigError, match="outside the planner's range 1..4") as info:
+        parse_recipe(text, "m.yaml")
+    assert info.value.line == 5
+
+
+def test_trtllm_cannot_run_on_cpu() -> None:
+    with pytest.raises(ConfigError, match="GPUs only"):
+        parse_recipe("name: m\nmodel: {path: /m, engine: trtllm, device: cpu}\nworkers: {both: {}}\n", "m.yaml")
+
+
+def test_nested_unknown_key_names_full_path() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_recipe("name: m\nmodel:\n  path: /m\n  mock: {prefil_base_s: 1}\nworkers: {both: {}}\n", "m.yaml")
+    assert info.value.field == "model.mock.prefil_base_s" and info.value.line == 4
+    assert "did you mean 'prefill_base_s'" in str(info.value)
