@@ -64,10 +64,7 @@ class ControlClient:
                     self.daemon_lost.set()
                     break
                 self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), self._interval_s)
-                except asyncio.TimeoutError:
-                    pass
+                await wait_event(self._wake, self._interval_s)
         finally:
             receiver.cancel()
 
@@ -100,3 +97,13 @@ class ControlClient:
                     log.exception("command %s failed", message.action)
             else:
                 self.bad.record(f"unexpected {type(message).__name__}")
+
+
+async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
+    """Wait for an event at most timeout_s; unlike wait_for, never swallows a cancel."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+        return True
+    except TimeoutError:
+        return False

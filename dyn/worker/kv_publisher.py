@@ -18,6 +18,7 @@ import zmq.asyncio
 from dyn.control.kv_events import KV_EVENT_CODEC, TIER_CODES, KvEventBatch, KvSnapshot
 from dyn.control.sockets import Security, server_socket
 from dyn.engine.backend import KvEvent
+from dyn.worker.control_client import wait_event
 
 MAX_BATCH_RUNS = 256
 
@@ -53,10 +54,7 @@ class KvEventPublisher:
 
     async def run(self) -> None:
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self._flush_interval_s)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._wake, self._flush_interval_s)
             self._wake.clear()
             await self.flush()
 

@@ -23,7 +23,7 @@ from dyn.control.keys import load_process_keys
 from dyn.control.messages import Command
 from dyn.control.sockets import Security
 from dyn.engine.backend import Backend
-from dyn.worker.control_client import ControlClient
+from dyn.worker.control_client import ControlClient, wait_event
 from dyn.worker.engine_loop import EngineLoop
 from dyn.worker.kv_publisher import KvEventPublisher
 from dyn.worker.request_server import RequestServer
@@ -98,10 +98,7 @@ class WorkerProcess:
             if not self.loop.is_alive:
                 log.error("engine loop died: %r", self.loop.fatal_error)
                 return
-            try:
-                await asyncio.wait_for(self._stop.wait(), 1.0)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._stop, 1.0)
 
     async def _shutdown(self, tasks: list[asyncio.Task], security: Security, ctx) -> None:
         self.server.accepting = False
@@ -125,6 +122,7 @@ class WorkerProcess:
         ctx.term()
 
     async def _on_command(self, command: Command) -> None:
+        log.info("command %s", command.action)
         if command.action == "drain":
             self.server.accepting = False
             self.control.set_state("draining")

@@ -85,8 +85,7 @@ class RequestServer:
                 if isinstance(message, GenerateRequest):
                     await self._start(client, message)
                 elif isinstance(message, Cancel) and self._loop is not None:
-                    self.cancels_total += 1
-                    self._loop.submit(lambda e, rid=message.request_id: e.abort(rid))
+                    await self._cancel(message.request_id)
                 elif isinstance(message, KvSnapshotRequest) and self.kv_snapshot is not None:
                     self._send(client, self.kv_snapshot())
                 elif message is not None:
@@ -144,6 +143,15 @@ class RequestServer:
             self._streams.pop(rid, None)
             code = "bad_request" if isinstance(exc, RequestError) else "internal"
             self._fail(client, rid, code, str(exc), code != "bad_request")
+
+    async def _cancel(self, rid: str) -> None:
+        """Abort in the engine (before its next step), then end the stream with reason abort."""
+        self.cancels_total += 1
+        await asyncio.wrap_future(self._loop.submit(lambda e: e.abort(rid)))
+        stream = self._streams.pop(rid, None)
+        if stream is not None:
+            self._send(stream.client, Finish(rid, "abort", stream.num_prompt_tokens,
+                                             stream.num_completion_tokens))
 
     def _deliver(self, outputs: list[TokenOutput]) -> None:
         for out in outputs:

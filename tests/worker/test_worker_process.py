@@ -1,0 +1,189 @@
+"""The worker process end to end: a real `dyn worker` subprocess with the mock engine."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from dyn.config.process import ProcessConfig
+from dyn.control.keys import DeploymentKeys, write_private
+from dyn.control.messages import CONTROL_CODEC, Command, Heartbeat, Register, RegisterAck
+from dyn.control.requests import REQUEST_CODEC, Cancel, Finish, GenerateRequest, RequestFailed, TokenChunk
+from dyn.control.sockets import Security, client_socket, server_socket
+
+ROOT = Path(__file__).resolve().parents[2]
+
+RECIPE = """
+name: worker-test
+model:
+  engine: mock
+  name: mock
+  block_size: 16
+  max_context: 4096
+  mock: {prefill_base_s: 0.0, prefill_s_per_token: 0.0, decode_base_s: 0.002, decode_s_per_seq: 0.0,
+         num_kv_blocks: 512}
+mode: aggregated
+workers:
+  both: {replicas: 1}
+auth: {curve: true}
+"""
+
+
+def _start_worker(tmp_path: Path, daemon_address: str = "", keys: DeploymentKeys | None = None):
+    keys_path = None
+    if keys is not None:
+        keys_path = tmp_path / "worker.keys"
+        write_private(keys_path, keys.for_process("worker-0").to_json())
+    topology = (ROOT / "topologies" / "local.yaml").read_text()
+    cfg = ProcessConfig(deployment="t", process_id="worker-0", role="both", node="local",
+                        daemon_address=daemon_address, recipe_text=RECIPE, topology_text=topology,
+                        keys_path=str(keys_path) if keys_path else None, heartbeat_interval_s=0.2,
+                        daemon_grace_s=3.0)
+    cfg_path = tmp_path / "worker.json"
+    cfg_path.write_text(cfg.to_json())
+    log = open(tmp_path / "worker.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "dyn", "worker", "--config", str(cfg_path)],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
+async def _register(daemon: zmq.asyncio.Socket) -> tuple[bytes, Register]:
+    while True:
+        ident, data = await asyncio.wait_for(daemon.recv_multipart(), 20)
+        msg = CONTROL_CODEC.decode(data)
+        if isinstance(msg, Register):
+            await daemon.send_multipart([ident, CONTROL_CODEC.encode(RegisterAck(ok=True, heartbeat_interval_s=0.2))])
+            return ident, msg
+
+
+async def _until_ready(daemon: zmq.asyncio.Socket) -> Heartbeat:
+    while True:
+        ident, data = await asyncio.wait_for(daemon.recv_multipart(), 20)
+        msg = CONTROL_CODEC.decode(data)
+        await daemon.send_multipart([ident, CONTROL_CODEC.encode(RegisterAck(ok=True, heartbeat_interval_s=0.2))])
+        if isinstance(msg, Heartbeat) and msg.state == "ready":
+            return msg
+
+
+async def _ack_forever(daemon: zmq.asyncio.Socket) -> None:
+    """Play the daemon: acknowledge every heartbeat so the worker stays up."""
+    while True:
+        ident, _ = await daemon.recv_multipart()
+        await daemon.send_multipart([ident, CONTROL_CODEC.encode(RegisterAck(ok=True, heartbeat_interval_s=0.2))])
+
+
+async def _collect(sock, request_id: str) -> tuple[list[int], object]:
+    tokens: list[int] = []
+    while True:
+        msg = REQUEST_CODEC.decode(await asyncio.wait_for(sock.recv(), 20))
+        assert msg.request_id == request_id
+        if isinstance(msg, TokenChunk):
+            tokens.extend(msg.token_ids)
+        else:
+            return tokens, msg
+
+
+def test_worker_registers_serves_cancels_and_stops(tmp_path):
+    keys = DeploymentKeys.generate(["daemon", "worker-0", "frontend"])
+
+    async def scenario():
+        ctx = zmq.asyncio.Context()
+        sec = Security.from_keys(keys.for_process("daemon"))
+        daemon = server_socket(ctx, zmq.ROUTER, "tcp://127.0.0.1:*", sec)
+        proc = _start_worker(tmp_path, daemon.getsockopt_string(zmq.LAST_ENDPOINT), keys)
+        try:
+            _, reg = await _register(daemon)
+            assert reg.process_id == "worker-0" and reg.role == "both" and reg.pid == proc.pid
+            assert reg.addresses["request"].startswith("tcp://127.0.0.1:")
+            hb = await _until_ready(daemon)
+            assert hb.metrics["kv_blocks_total"] == 512
+            acker = asyncio.create_task(_ack_forever(daemon))
+
+            frontend = client_socket(ctx, zmq.DEALER, reg.addresses["request"],
+                                     Security.from_keys(keys.for_process("frontend")))
+            prompt = list(range(1, 40))
+            await frontend.send(REQUEST_CODEC.encode(GenerateRequest("r1", prompt, {"max_tokens": 5})))
+            tokens, end = await _collect(frontend, "r1")
+            assert len(tokens) == 5 and isinstance(end, Finish)
+            assert (end.reason, end.num_prompt_tokens, end.num_completion_tokens) == ("length", 39, 5)
+
+            # a bad request is refused with a reason; the worker keeps serving
+            await frontend.send(REQUEST_CODEC.encode(GenerateRequest("bad", prompt, {"max_tokens": 0})))
+            _, end = await _collect(frontend, "bad")
+            assert isinstance(end, RequestFailed) and end.code == "bad_request" and "max_tokens" in end.message
+
+            # cancel mid-stream ends the stream with reason abort
+            await frontend.send(REQUEST_CODEC.encode(GenerateRequest("long", prompt, {"max_tokens": 2000})))
+            first = REQUEST_CODEC.decode(await asyncio.wait_for(frontend.recv(), 20))
+            assert isinstance(first, TokenChunk)
+            await frontend.send(REQUEST_CODEC.encode(Cancel("long")))
+            tokens, end = await _collect(frontend, "long")
+            assert isinstance(end, Finish) and end.reason == "abort" and end.num_completion_tokens < 2000
+
+            # a stop command makes it exit cleanly
+            ident = b"worker-0"
+            await daemon.send_multipart([ident, CONTROL_CODEC.encode(Command(action="stop"))])
+            assert await asyncio.to_thread(proc.wait, 20) == 0
+            acker.cancel()
+        finally:
+            _stop(proc)
+            sec.stop()
+            ctx.destroy(linger=0)
+
+    asyncio.run(scenario())
+
+
+def test_worker_exits_when_daemon_is_gone(tmp_path):
+    async def scenario():
+        ctx = zmq.asyncio.Context()
+        daemon = server_socket(ctx, zmq.ROUTER, "tcp://127.0.0.1:*", Security())
+        proc = _start_worker(tmp_path, daemon.getsockopt_string(zmq.LAST_ENDPOINT))
+        try:
+            await _register(daemon)
+            daemon.close()  # the daemon vanishes; grace is 3 s
+            started = time.monotonic()
+            code = await asyncio.to_thread(proc.wait, 30)
+            assert code == 0 and time.monotonic() - started < 25
+        finally:
+            _stop(proc)
+            ctx.destroy(linger=0)
+
+    asyncio.run(scenario())
+
+
+def test_sigterm_fails_in_flight_requests_explicitly(tmp_path):
+    async def scenario():
+        ctx = zmq.asyncio.Context()
+        daemon = server_socket(ctx, zmq.ROUTER, "tcp://127.0.0.1:*", Security())
+        proc = _start_worker(tmp_path, daemon.getsockopt_string(zmq.LAST_ENDPOINT))
+        try:
+            _, reg = await _register(daemon)
+            await _until_ready(daemon)
+            acker = asyncio.create_task(_ack_forever(daemon))
+            frontend = client_socket(ctx, zmq.DEALER, reg.addresses["request"], Security())
+            await frontend.send(REQUEST_CODEC.encode(GenerateRequest("r", [1, 2, 3], {"max_tokens": 100000,
+                                                                                     "ignore_eos": True})))
+            assert isinstance(REQUEST_CODEC.decode(await asyncio.wait_for(frontend.recv(), 20)), TokenChunk)
+            os.kill(proc.pid, signal.SIGTERM)
+            _, end = await _collect(frontend, "r")
+            assert isinstance(end, RequestFailed) and end.retryable
+            assert await asyncio.to_thread(proc.wait, 30) == 0
+            acker.cancel()
+        finally:
+            _stop(proc)
+            ctx.destroy(linger=0)
+
+    asyncio.run(scenario())
