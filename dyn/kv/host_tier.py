@@ -58,6 +58,10 @@ class HostTier(LowerTier):
     def used_bytes(self) -> int:
         return len(self) * self.block_bytes
 
+    @property
+    def below(self) -> LowerTier | None:
+        return self._below
+
     def set_listener(self, listener: KvEventListener | None) -> None:
         self._listener = listener
 

@@ -22,7 +22,9 @@ from dyn.config.process import ProcessConfig
 from dyn.control.keys import load_process_keys
 from dyn.control.messages import Command
 from dyn.control.sockets import Security
-from dyn.engine.backend import Backend
+from dyn.engine.backend import Backend, KvEventListener
+from dyn.kv.disk_tier import DiskTier
+from dyn.kv.host_tier import HostTier
 from dyn.worker.control_client import ControlClient, wait_event
 from dyn.worker.engine_loop import EngineLoop
 from dyn.worker.kv_publisher import KvEventPublisher
@@ -43,6 +45,7 @@ class WorkerProcess:
         self.loop: EngineLoop | None = None
         self.server: RequestServer | None = None
         self.control: ControlClient | None = None
+        self.tiers: HostTier | None = None
         self.load_error = ""
         self._cpu = CpuMeter()
 
@@ -82,6 +85,9 @@ class WorkerProcess:
                     await asyncio.sleep(min(1.0, cfg.heartbeat_interval_s))
                 return 1
             self.engine.set_kv_event_listener(self.kv_events.listener)
+            self.tiers = _build_tiers(recipe, topology, cfg, self.engine.block_bytes, self.kv_events.listener)
+            if self.tiers is not None:
+                self.engine.set_lower_tier(self.tiers)
             self.loop = EngineLoop(self.engine, self.server.on_outputs)
             self.server.attach(self.loop)
             self.loop.start()
@@ -116,6 +122,8 @@ class WorkerProcess:
             self.loop.stop()
         self.server.close()
         self.kv_events.close()
+        if self.tiers is not None and isinstance(self.tiers.below, DiskTier):
+            self.tiers.below.close()
         if self.control:
             self.control.close()
         security.stop()
@@ -177,6 +185,22 @@ def _create_engine(recipe, group, cfg: ProcessConfig) -> Backend:
     kv_bytes = int(group.kv_memory_gib * 2**30) if group.kv_memory_gib else None
     return create_engine(recipe.model, group, device=device, kv_memory_bytes=kv_bytes,
                          cpu_threads=cfg.cpu_threads)
+
+
+def _build_tiers(recipe, topology, cfg: ProcessConfig, block_bytes: int,
+                 listener: KvEventListener) -> HostTier | None:
+    """Host-memory tier over an optional disk tier, sized by the recipe (None: no tiers)."""
+    spec = recipe.kv_tiers
+    if block_bytes <= 0 or (spec.host_memory_gib <= 0 and spec.disk_gib <= 0):
+        return None
+    disk = None
+    if spec.disk_gib > 0:
+        node = topology.node(cfg.node)
+        directory = os.path.join(node.kv_disk_path or os.path.join(cfg.run_dir, "kv"), cfg.deployment)
+        disk = DiskTier(directory, block_bytes, int(spec.disk_gib * 2**30), name=cfg.process_id,
+                        ttl_s=spec.ttl_s, listener=listener)
+    return HostTier(block_bytes, int(spec.host_memory_gib * 2**30), below=disk, ttl_s=spec.ttl_s,
+                    listener=listener)
 
 
 def _replace_role(cfg: ProcessConfig, role: str) -> ProcessConfig:
