@@ -1,7 +1,7 @@
 """KV-event messages: workers PUBlish what their KV cache holds, per tier.
 
-Each worker numbers its batches (`seq`, from 1) within an `epoch` that is new
-at every start. A subscriber that sees a new epoch or a gap in seq asks the
+Each worker numbers its batches (`seq`, from 0) within an `epoch` that grows
+at every start (its start time in ns). A subscriber that sees a new epoch or a gap in seq asks the
 worker for a snapshot (over the request plane) and replaces that worker's
 view; events are then applied from the snapshot's seq onwards.
 """
@@ -22,10 +22,8 @@ class KvEventBatch(Message):
     worker_id: str
     epoch: int
     seq: int
-    stored: list[list[int]] = field(default_factory=list)
-    """Per stored run: [tier_code, parent_hash or -1, hash, hash, ...] (hashes in prompt order)."""
-    removed: list[list[int]] = field(default_factory=list)
-    """Per removed run: [tier_code, hash, hash, ...]."""
+    runs: list[list[int]] = field(default_factory=list)
+    """In order: [op (0 stored, 1 removed), tier code, parent hash or -1, hash, hash, ...]."""
 
 
 @dataclass(slots=True)
@@ -40,11 +38,12 @@ class KvSnapshot(Message):
     worker_id: str
     epoch: int
     seq: int
-    """Events with seq > this apply on top of the snapshot."""
+    """Last batch included (-1: none); batches with a greater seq apply on top."""
     blocks: dict[str, list[int]] = field(default_factory=dict)
     """tier -> block hashes held in that tier."""
 
 
+OP_STORED, OP_REMOVED = 0, 1
 TIER_CODES: dict[str, int] = {"device": 0, "host": 1, "disk": 2}
 TIER_NAMES: tuple[str, ...] = ("device", "host", "disk")
 

@@ -9,13 +9,14 @@ snapshots without asking the engine thread.
 from __future__ import annotations
 
 import asyncio
-import random
+import time
 import threading
 
 import zmq
 import zmq.asyncio
 
-from dyn.control.kv_events import KV_EVENT_CODEC, TIER_CODES, KvEventBatch, KvSnapshot
+from dyn.control.kv_events import (KV_EVENT_CODEC, OP_REMOVED, OP_STORED, TIER_CODES, KvEventBatch,
+                                   KvSnapshot)
 from dyn.control.sockets import Security, server_socket
 from dyn.engine.backend import KvEvent
 from dyn.worker.control_client import wait_event
@@ -27,8 +28,10 @@ class KvEventPublisher:
     def __init__(self, ctx: zmq.asyncio.Context, bind_host: str, security: Security, worker_id: str,
                  *, flush_interval_s: float = 0.01) -> None:
         self.worker_id = worker_id
-        self.epoch = random.getrandbits(48)
-        self.seq = 0
+        self.epoch = time.time_ns()
+        """Grows with every start, so subscribers see a restart as a new epoch."""
+        self.seq = -1
+        """Seq of the last published batch (-1: none yet); batches count from 0."""
         self._sock = server_socket(ctx, zmq.PUB, f"tcp://{bind_host}:*", security)
         self.address = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._pending: list[KvEvent] = []
@@ -64,7 +67,7 @@ class KvEventPublisher:
         for start in range(0, len(events), MAX_BATCH_RUNS):
             batch = self._batch(events[start:start + MAX_BATCH_RUNS])
             await self._sock.send(KV_EVENT_CODEC.encode(batch))
-            self.events_published += len(batch.stored) + len(batch.removed)
+            self.events_published += len(batch.runs)
 
     def close(self) -> None:
         self._sock.close(linger=0)
@@ -75,11 +78,11 @@ class KvEventPublisher:
         for event in events:
             code = TIER_CODES[event.tier]
             held = self._held[event.tier]
+            parent = -1 if event.parent_hash is None else event.parent_hash
             if event.kind == "stored":
-                parent = -1 if event.parent_hash is None else event.parent_hash
-                batch.stored.append([code, parent, *event.block_hashes])
+                batch.runs.append([OP_STORED, code, parent, *event.block_hashes])
                 held.update(event.block_hashes)
             else:
-                batch.removed.append([code, *event.block_hashes])
+                batch.runs.append([OP_REMOVED, code, parent, *event.block_hashes])
                 held.difference_update(event.block_hashes)
         return batch
