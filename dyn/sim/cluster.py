@@ -1,0 +1,373 @@
+"""The discrete-event simulation: arrivals, worker steps, KV handoffs and planner ticks.
+
+Virtual time jumps from event to event (a heap). The router is the live
+frontend's `dyn.router.Router`, fed the workers' real KV events; the planner
+is `dyn.planner.policy.SloPlanner`; new workers are placed with
+`dyn.topology.placement.place_one`. Only the engines are models (SimWorker).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from dyn.config.recipe import Recipe
+from dyn.config.topology import Topology
+from dyn.planner.policy import Counts, Decision, LoadWindow, SloPlanner
+from dyn.planner.profile import EngineProfile
+from dyn.router.errors import NoWorkerError
+from dyn.router.events import KvEventBatch
+from dyn.router.router import Router
+from dyn.router.types import RouteHints, RouteRequest
+from dyn.sim.errors import SimError
+from dyn.sim.worker import SimWorker
+from dyn.sim.workload import SimRequest
+from dyn.topology.placement import Placement, WorkerPlacement, place, place_one
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    router_policy: str | None = None
+    """None: the recipe's router policy; else any name in dyn.router.POLICY_NAMES."""
+    planner: bool | None = None
+    """None: the recipe's planner.enabled."""
+    num_prefill: int | None = None
+    """Fixed split override (starting counts; with the planner off, the counts)."""
+    num_decode: int | None = None
+    startup_s: float = 30.0
+    """Weight load time of a newly launched worker (it holds its GPUs meanwhile)."""
+    nvlink_gbps: float = 900.0
+    """KV handoff bandwidth inside an NVLink domain, GB/s."""
+    network_gbps: float = 50.0
+    """Between domains (400G NIC), GB/s."""
+    retry_s: float = 0.25
+    max_wait_s: float = 120.0
+    """A request no worker can take for this long fails as overloaded."""
+    seed: int = 0
+
+
+@dataclass(slots=True)
+class Tick:
+    time_s: float
+    counts: dict[str, int]
+    gpus: int
+    window: dict[str, float] = field(default_factory=dict)
+
+
+class Simulation:
+    def __init__(self, topology: Topology, recipe: Recipe, profile: EngineProfile, requests: list[SimRequest],
+                 config: SimConfig = SimConfig()) -> None:
+        self.topology, self.profile, self.config = topology, profile, config
+        self.recipe = _with_counts(recipe, config.num_prefill, config.num_decode)
+        self.requests = requests
+        self.disagg = self.recipe.mode == "disaggregated"
+        self.block_size = self.recipe.model.block_size
+        self.router = make_router(self.recipe, config.router_policy, config.seed)
+        enabled = self.recipe.planner.enabled if config.planner is None else config.planner
+        spec = replace(self.recipe.planner, enabled=enabled)
+        gpus = {g.role: g.tp for g in self.recipe.workers}
+        # CPU topologies have no GPUs to run out of: workers are bounded by the recipe alone.
+        budget = topology.num_gpus or (spec.max_prefill + spec.max_decode) * max(gpus.values(), default=1)
+        self.planner = SloPlanner(spec, profile, gpus_per_worker=gpus, gpu_budget=budget)
+        self.workers: dict[str, SimWorker] = {}
+        self.placements: dict[str, WorkerPlacement] = {}
+        self.ticks: list[Tick] = []
+        self.decisions: list[Decision] = []
+        self.itl_steps: list[tuple[float, int]] = []
+        """(decode step duration, sequences in it): the token-level ITL distribution."""
+        self.now = 0.0
+        self._heap: list[tuple[float, int, str, Any]] = []
+        self._order = itertools.count()
+        self._window = _Window()
+        self._left = len(requests)
+        for wp in place(topology, self.recipe).workers:
+            self._add_worker(wp, ready_s=0.0)
+
+    # ---- running -----------------------------------------------------------------------------
+
+    def run(self) -> float:
+        """Run to the last request; returns the virtual end time."""
+        for req in self.requests:
+            self._push(req.arrival_s, "arrive", req)
+        interval = self.recipe.planner.interval_s
+        self._push(interval, "tick", None)
+        handlers = {"arrive": self._route, "step": self._step_done, "ready": self._ready,
+                    "import": self._import, "tick": self._tick}
+        while self._heap and self._left:
+            self.now, _, kind, data = heapq.heappop(self._heap)
+            handlers[kind](data)
+        for w in self.workers.values():
+            if w.stopped_s is None:
+                w.stopped_s = self.now
+        return self.now
+
+    def gpu_seconds(self) -> float:
+        return sum(((w.stopped_s if w.stopped_s is not None else self.now) - w.launched_s) * w.num_gpus
+                   for w in self.workers.values())
+
+    # ---- events ------------------------------------------------------------------------------
+
+    def _route(self, req: SimRequest) -> None:
+        if req.notes.get("first_try") is None:
+            req.notes["first_try"] = self.now
+            self._window.arrive(req)
+        decode = [w.load() for w in self.workers.values() if w.is_accepting and w.role in ("decode", "both")]
+        prefill = [w.load() for w in self.workers.values() if w.is_accepting and w.role == "prefill"]
+        request = RouteRequest(req.block_hashes, req.input_tokens, RouteHints())
+        try:
+            if self.disagg:
+                choice = self.router.choose_disagg(request, prefill, decode, self.now)
+                dec, pre = choice.decode.worker_id, choice.prefill.worker_id if choice.prefill else None
+            else:
+                dec, pre = self.router.choose(request, decode, self.now).worker_id, None
+        except NoWorkerError:
+            if self.now - req.notes["first_try"] >= self.config.max_wait_s:
+                self._fail(req, "overloaded: no worker could take the request")
+            else:
+                req.retries += 1
+                self._push(self.now + self.config.retry_s, "arrive", req)
+            return
+        target = self.workers[pre or dec]
+        if not (target.fits(req) and self.workers[dec].fits(req)):
+            self._fail(req, "prompt + output exceed a worker's KV pool")
+            return
+        req.prefill_worker, req.decode_worker = pre or dec, dec
+        if pre:
+            self.workers[dec].incoming += 1
+        target.submit(req, prefill=True, decode_here=pre is None)
+        self._kick(target)
+
+    def _step_done(self, worker: SimWorker) -> None:
+        worker.busy = False
+        if worker.step_decodes:
+            self.itl_steps.append((worker.step_s, worker.step_decodes))
+        outcome = worker.finish_step()
+        for job in outcome.first_tokens:
+            job.req.first_token_s = self.now
+            self._window.first_token(job.req)
+        for job in outcome.handoffs:
+            self._handoff(worker, job.req)
+        for job in outcome.finished:
+            self._finish(job.req)
+        self._flush_events(worker)
+        self._kick(worker)
+        self._maybe_retire(worker)
+
+    def _handoff(self, source: SimWorker, req: SimRequest) -> None:
+        dest = self.workers[req.decode_worker or ""]
+        if req.output_tokens <= 1:
+            dest.incoming -= 1
+            self._finish(req)
+            self._maybe_retire(dest)
+            return
+        missing = len(req.block_hashes) - dest.cache.lookup(req.block_hashes)
+        tokens = missing * self.block_size + req.input_tokens % self.block_size
+        same = source.domain is not None and source.domain == dest.domain
+        gbps = self.config.nvlink_gbps if same else self.config.network_gbps
+        self._push(self.now + tokens * self.profile.kv_bytes_per_token / (gbps * 1e9), "import", req)
+
+    def _import(self, req: SimRequest) -> None:
+        dest = self.workers[req.decode_worker or ""]
+        dest.incoming -= 1
+        dest.submit(req, prefill=False, decode_here=True)
+        self._kick(dest)
+
+    def _ready(self, worker: SimWorker) -> None:
+        if worker.state == "starting":
+            worker.state = "ready"
+
+    def _tick(self, _: Any) -> None:
+        queued = sum(j.todo_tokens for w in self.workers.values() if w.role == "prefill"
+                     for j in (*w.waiting, *w.prefilling))
+        window = self._window.close(self.now, self._num_waiting(), queued)
+        current = self._counts()
+        step = self.planner.plan(window, current, self.now)
+        self.decisions.extend(step.decisions)
+        flips = [d for d in step.decisions if d.action == "flip"]
+        for d in flips:
+            self._flip(d)
+        self._reconcile(step.target)
+        self.ticks.append(Tick(self.now, self._ready_counts(), self._gpus_held(), self._window.last))
+        self._push(self.now + self.recipe.planner.interval_s, "tick", None)
+
+    # ---- actions -----------------------------------------------------------------------------
+
+    def _reconcile(self, target: Counts) -> None:
+        if not self.disagg:
+            target = Counts(0, target.decode)
+        for role in ("prefill", "decode"):
+            have = self._counts().get(role)
+            for _ in range(target.get(role) - have):
+                self._launch(role)
+            for _ in range(have - target.get(role)):
+                victim = self._least_loaded(role)
+                if victim is None:
+                    break
+                victim.state = "draining"
+                self._maybe_retire(victim)
+
+    def _flip(self, decision: Decision) -> None:
+        loser = "decode" if decision.role == "prefill" else "prefill"
+        for _ in range(decision.num_workers):
+            worker = self._least_loaded(loser)
+            if worker is None:
+                return
+            worker.state, worker.flip_to = "flipping", decision.role
+            self._maybe_retire(worker)
+
+    def _launch(self, role: str) -> None:
+        used = Placement(tuple(self.placements[w.id] for w in self.workers.values() if w.state != "stopped"),
+                         self.topology.head)
+        if role == "decode" and self.recipe.group("decode") is None:
+            role = "both"
+        wp = place_one(self.topology, self.recipe, role, used)
+        self._add_worker(wp, ready_s=self.now + self.config.startup_s)
+
+    def _maybe_retire(self, worker: SimWorker) -> None:
+        if worker.state not in ("draining", "flipping") or not worker.is_idle:
+            return
+        if worker.state == "flipping":
+            worker.role, worker.flip_to, worker.state = worker.flip_to or worker.role, None, "ready"
+            worker.profile = self.profile.role(worker.role)
+            return
+        worker.state, worker.stopped_s = "stopped", self.now
+        worker.cache.clear()
+        self.router.remove_worker(worker.id)
+
+    def _kick(self, worker: SimWorker) -> None:
+        if worker.busy or worker.state in ("starting", "stopped"):
+            return
+        duration = worker.start_step()
+        if duration is None:
+            return
+        worker.busy = True
+        self._push(self.now + duration, "step", worker)
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    def _add_worker(self, wp: WorkerPlacement, ready_s: float) -> None:
+        group = self.recipe.group(wp.role)  # type: ignore[arg-type]
+        if wp.id in self.workers:
+            raise SimError(f"worker id {wp.id} placed twice", field="workers")
+        worker = SimWorker(wp.id, wp.role, max(wp.num_gpus, 1), wp.nvlink_domain, self.profile.role(wp.role),
+                           self.block_size, launched_s=self.now, ready_s=ready_s,
+                           max_queue=group.max_queue if group else 256)
+        self.workers[wp.id], self.placements[wp.id] = worker, wp
+        if ready_s <= self.now:
+            worker.state = "ready"
+        else:
+            self._push(ready_s, "ready", worker)
+
+    def _flush_events(self, worker: SimWorker) -> None:
+        events = worker.cache.take_events()
+        if events:
+            self.router.apply_events(KvEventBatch(worker.id, worker.event_seq, events))
+            worker.event_seq += 1
+
+    def _finish(self, req: SimRequest) -> None:
+        req.finish_s = self.now
+        self._window.finish(req)
+        self._left -= 1
+
+    def _fail(self, req: SimRequest, why: str) -> None:
+        req.error = why
+        self._left -= 1
+
+    def _counts(self) -> Counts:
+        """Workers per role that count toward the target: starting, ready, or flipping into it."""
+        n = {"prefill": 0, "decode": 0}
+        for w in self.workers.values():
+            role = w.flip_to if w.state == "flipping" else w.role if w.state in ("starting", "ready") else None
+            if role is not None:
+                n["decode" if role == "both" else role] += 1
+        return Counts(n["prefill"], n["decode"])
+
+    def _ready_counts(self) -> dict[str, int]:
+        out = {"prefill": 0, "decode": 0, "starting": 0, "draining": 0}
+        for w in self.workers.values():
+            if w.state == "ready":
+                out["decode" if w.role == "both" else w.role] += 1
+            elif w.state in ("starting", "draining", "flipping"):
+                out["starting" if w.state == "starting" else "draining"] += 1
+        return out
+
+    def _gpus_held(self) -> int:
+        return sum(w.num_gpus for w in self.workers.values() if w.state != "stopped")
+
+    def _num_waiting(self) -> int:
+        return sum(len(w.waiting) for w in self.workers.values())
+
+    def _least_loaded(self, role: str) -> SimWorker | None:
+        pool = [w for w in self.workers.values() if w.state in ("ready", "starting")
+                and (w.role == role or (role == "decode" and w.role == "both"))]
+        return min(pool, key=lambda w: (w.state == "ready", w.num_jobs + w.incoming, w.id), default=None)
+
+    def _push(self, when: float, kind: str, data: Any) -> None:
+        heapq.heappush(self._heap, (when, next(self._order), kind, data))
+
+
+def make_router(recipe: Recipe, policy: str | None = None, seed: int | None = None) -> Router:
+    """The router exactly as the live frontend builds it (dyn.frontend.routing.Routing)."""
+    return Router(recipe.router, recipe.model.block_size, policy=policy, seed=seed)
+
+
+def _with_counts(recipe: Recipe, num_prefill: int | None, num_decode: int | None) -> Recipe:
+    groups = []
+    for g in recipe.workers:
+        want = num_prefill if g.role == "prefill" else num_decode if g.role in ("decode", "both") else None
+        if want is not None and want < 0:
+            raise SimError(f"must be >= 0, got {want}", field=f"{g.role} count")
+        groups.append(replace(g, replicas=want) if want is not None else g)
+    return replace(recipe, workers=tuple(groups))
+
+
+@dataclass(slots=True)
+class _Window:
+    """Observations between two planner ticks."""
+
+    start_s: float = 0.0
+    num: int = 0
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    out_tokens: int = 0
+    num_finished: int = 0
+    mean_output: float = 0.0
+    last: dict[str, float] = field(default_factory=dict)
+
+    def arrive(self, req: SimRequest) -> None:
+        self.num += 1
+        self.input_tokens += req.input_tokens
+
+    def first_token(self, req: SimRequest) -> None:
+        self.ttft.append(req.first_token_s - req.arrival_s)  # type: ignore[operator]
+        self.cached_tokens += req.cached_tokens
+
+    def finish(self, req: SimRequest) -> None:
+        self.num_finished += 1
+        self.out_tokens += req.output_tokens
+        if req.output_tokens > 1 and req.first_token_s is not None:
+            self.itl.append((req.finish_s - req.first_token_s) / (req.output_tokens - 1))  # type: ignore[operator]
+
+    def close(self, now: float, num_waiting: int, queued_tokens: int) -> LoadWindow:
+        if self.num_finished:
+            self.mean_output = self.out_tokens / self.num_finished
+        window = LoadWindow(now - self.start_s, self.num, self.input_tokens,
+                            round(self.mean_output * self.num), self.cached_tokens,
+                            tuple(self.ttft), tuple(self.itl), num_waiting, queued_tokens)
+        self.last = {"rate": window.request_rate,
+                     "ttft_p90_s": _pct(self.ttft, 0.9), "itl_p90_s": _pct(self.itl, 0.9),
+                     "hit_rate": self.cached_tokens / self.input_tokens if self.input_tokens else 0.0}
+        self.start_s, self.num, self.input_tokens, self.cached_tokens = now, 0, 0, 0
+        self.ttft, self.itl, self.out_tokens, self.num_finished = [], [], 0, 0
+        return window
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

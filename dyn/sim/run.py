@@ -1,0 +1,54 @@
+"""One call from files to a report: what `dyn sim` and scripts/bench_sim.py run."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dyn.bench.trace import Trace, load_trace
+from dyn.config.loader import load_recipe, load_topology
+from dyn.config.recipe import Recipe
+from dyn.config.topology import Topology
+from dyn.planner.profile import EngineProfile, load_profile, mock_profile, profile_path
+from dyn.sim.cluster import SimConfig, Simulation
+from dyn.sim.report import sim_report
+from dyn.sim.workload import build_requests
+
+
+@dataclass(frozen=True)
+class SimInputs:
+    topology: Topology
+    recipe: Recipe
+    profile: EngineProfile
+    trace: Trace
+
+
+def load_inputs(topology: str | Path, recipe: str | Path, trace: str | Path, *,
+                profile: str | Path | None = None, use_mock: bool = False,
+                max_requests: int | None = None) -> SimInputs:
+    """Read the files. Profile: `profile` if given, else the recipe's NAME.profile.json if it
+    exists (and not `use_mock`), else the mock engine's timing model from the recipe."""
+    topo, rec = load_topology(topology), load_recipe(recipe)
+    if profile is not None:
+        prof = load_profile(profile, rec)
+    elif not use_mock and profile_path(recipe).exists():
+        prof = load_profile(profile_path(recipe), rec)
+    else:
+        prof = mock_profile(rec, topo)
+    return SimInputs(topo, rec, prof, load_trace(trace, max_requests))
+
+
+def simulate(inputs: SimInputs, config: SimConfig = SimConfig(), *, time_scale: float = 1.0,
+             max_requests: int | None = None) -> dict[str, Any]:
+    """Run the trace through the simulated deployment; the report dict (see dyn.sim.report)."""
+    started = time.perf_counter()
+    requests = build_requests(inputs.trace, inputs.recipe.model.block_size, max_requests=max_requests,
+                              seed=config.seed, time_scale=time_scale)
+    sim = Simulation(inputs.topology, inputs.recipe, inputs.profile, requests, config)
+    end_s = sim.run()
+    first = requests[0].arrival_s if requests else 0.0
+    return sim_report(sim, max(end_s - first, 1e-9), inputs.trace.block_tokens,
+                      {"trace": inputs.trace.source, "time_scale": time_scale,
+                       "wall_s": round(time.perf_counter() - started, 2)})
