@@ -1,0 +1,264 @@
+"""ShuttleReceiver: lives in a decode worker and pulls offered KV into its pool.
+
+    kv = backend.begin_import(req, offer.block_hashes)
+    try:
+        stats = await receiver.pull(offer, kv.missing_idx, kv.dest_views, timeout_s=10)
+    except ShuttleError:
+        backend.cancel_import(req.request_id)     # prefill locally instead
+    else:
+        backend.commit_import(req.request_id, first_token)
+
+Every block is checked before and after it lands: its index must be the next
+one asked for, its hash the one the offer promised, its payload checksum
+(computed on the destination after the copy) the one the sender computed.
+Any mismatch, a Reject, a stall or the deadline ends the pull with a
+TransferError; the destination views are then partly written and must be
+released with cancel_import. Each pull has its own socket, so a broken
+transfer never touches another request's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import zmq
+import zmq.asyncio
+
+from dyn.config.recipe import ShuttleSpec
+from dyn.control.sockets import Security, client_socket
+from dyn.errors import ProtocolError
+from dyn.shuttle.blocks import CHECKSUM, check_views, is_cuda
+from dyn.shuttle.errors import TransferError
+from dyn.shuttle.hosts import local_host_id
+from dyn.shuttle.transports import make_receiver
+from dyn.shuttle.transports.base import RecvTransport
+from dyn.shuttle.wire import CODEC, MAX_CONTROL_BYTES, Blocks, Credit, Done, End, OfferDescriptor, Pull, Reject
+
+
+DEFAULT_CONCURRENT_PULLS = 8
+
+
+class TransferStats(NamedTuple):
+    num_bytes: int
+    seconds: float
+    transport: str
+    num_blocks: int
+
+    @property
+    def gbps(self) -> float:
+        """GB/s (1e9 bytes per second) of payload."""
+        return self.num_bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiverConfig:
+    credit_bytes: int = 32 << 20
+    """Payload bytes one pull lets the sender have in flight (tcp: buffered here)."""
+    stall_timeout_s: float = 5.0
+    """A pull that hears nothing from the sender for this long fails."""
+    max_concurrent_pulls: int = DEFAULT_CONCURRENT_PULLS
+    """With credit_bytes, bounds this side's receive memory."""
+
+    @classmethod
+    def from_spec(cls, spec: ShuttleSpec) -> "ReceiverConfig":
+        """Recipe `shuttle.max_inflight_mib` is split over the concurrent pulls."""
+        pulls = DEFAULT_CONCURRENT_PULLS
+        return cls(credit_bytes=max(1 << 20, (spec.max_inflight_mib << 20) // pulls), max_concurrent_pulls=pulls)
+
+
+class ShuttleReceiver:
+    """Pulls offers; one socket per pull. Use as `async with ShuttleReceiver() as rx`."""
+
+    def __init__(self, *, config: ReceiverConfig = ReceiverConfig(), security: Security | None = None,
+                 ctx: zmq.asyncio.Context | None = None, host_id: str | None = None) -> None:
+        self.config = config
+        self.host_id = host_id or local_host_id()
+        self._security = security or Security()
+        self._own_ctx = ctx is None
+        self._ctx = ctx or zmq.asyncio.Context()
+        self._slots = asyncio.Semaphore(config.max_concurrent_pulls)
+        self._transports: dict[str, RecvTransport] = {}
+
+    async def __aenter__(self) -> "ShuttleReceiver":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for transport in self._transports.values():
+            transport.close()
+        self._transports.clear()
+        if self._own_ctx:
+            self._ctx.term()
+
+    def prepare(self, transports: Iterable[str]) -> None:
+        """Set transports up ahead of the first pull (a NIXL agent takes ~0.5 s to start)."""
+        for name in transports:
+            self._transport(name).prepare()
+
+    def pick_transport(self, offer: OfferDescriptor, dest_views: Sequence[object] = ()) -> str:
+        """The fastest transport this offer allows from here (the topology's choice may override)."""
+        same_host = offer.host_id == self.host_id
+        if same_host and "cuda_ipc" in offer.transports and dest_views and is_cuda(dest_views[0]):
+            return "cuda_ipc"
+        if same_host and "shm" in offer.transports:
+            return "shm"
+        if "nixl" in offer.transports:
+            return "nixl"
+        return "tcp"
+
+    async def pull(self, offer: OfferDescriptor, missing_idx: Sequence[int], dest_views: Sequence[object],
+                   timeout_s: float, *, transport: str | None = None,
+                   expected_hashes: Sequence[int] | None = None) -> TransferStats:
+        """Write the payloads of offer blocks `missing_idx` into `dest_views`, verified.
+
+        `expected_hashes`, when given, are the hashes this worker computed
+        from the prompt itself; an offer that disagrees is refused up front.
+        Raises TransferError (a ShuttleError) on any failure.
+        """
+        rid = offer.request_id
+        missing_idx = list(missing_idx)
+        self._check_request(offer, missing_idx, dest_views, expected_hashes)
+        name = transport or self.pick_transport(offer, dest_views)
+        if name not in offer.transports:
+            raise TransferError(f"transport {name!r} not offered (sender serves {offer.transports})",
+                                reason="rejected", request_id=rid, peer=offer.address)
+        deadline = time.monotonic() + timeout_s
+        async with self._slots:
+            started = time.perf_counter()
+            await self._run(offer, missing_idx, dest_views, name, deadline)
+            seconds = time.perf_counter() - started
+        return TransferStats(len(missing_idx) * offer.block_bytes, seconds, name, len(missing_idx))
+
+    async def _run(self, offer: OfferDescriptor, missing_idx: list[int], dest_views: Sequence[object],
+                   name: str, deadline: float) -> None:
+        rid = offer.request_id
+        mover = self._transport(name)
+        block_bytes = offer.block_bytes
+        credit = max(self.config.credit_bytes, block_bytes)
+        transfer_id = secrets.token_hex(8)
+        sock = client_socket(self._ctx, zmq.DEALER, offer.address, self._security,
+                             max_message_bytes=max(MAX_CONTROL_BYTES, block_bytes + 1024))
+        ok = False
+        reason = "aborted"
+        try:
+            await sock.send(CODEC.encode(Pull(offer_id=offer.offer_id, transfer_id=transfer_id,
+                                              missing_idx=missing_idx, transport=name,
+                                              credit_bytes=credit, host_id=self.host_id)))
+            pos = 0
+            seq = 0
+            while True:
+                frames = await self._recv(sock, deadline, offer)
+                try:
+                    msg = CODEC.decode(frames[0].buffer)
+                except ProtocolError as exc:
+                    raise TransferError(f"bad message from sender: {exc}", reason="protocol",
+                                        request_id=rid, peer=offer.address) from None
+                if getattr(msg, "transfer_id", None) != transfer_id:
+                    raise TransferError("message for another transfer", reason="protocol",
+                                        request_id=rid, peer=offer.address)
+                if isinstance(msg, Reject):
+                    raise TransferError(f"sender refused: {msg.reason}", reason="rejected",
+                                        request_id=rid, peer=offer.address)
+                if isinstance(msg, End):
+                    if msg.num_blocks != len(missing_idx) or pos != len(missing_idx):
+                        raise TransferError(f"stream ended after {pos} of {len(missing_idx)} blocks",
+                                            reason="partial", request_id=rid, peer=offer.address)
+                    ok = True
+                    return
+                if not isinstance(msg, Blocks):
+                    raise TransferError(f"unexpected {type(msg).__name__}", reason="protocol",
+                                        request_id=rid, peer=offer.address)
+                n = _check_chunk(msg, seq, pos, missing_idx, offer)
+                await mover.deliver(msg, frames[1:], dest_views[pos:pos + n], block_bytes, rid)
+                pos += n
+                seq += 1
+                await sock.send(CODEC.encode(Credit(transfer_id=transfer_id, num_bytes=n * block_bytes,
+                                                    slot=msg.slot)))
+        except TransferError as exc:
+            reason = exc.reason
+            raise
+        except (ValueError, TypeError, OSError, zmq.ZMQError) as exc:
+            reason = "internal"
+            raise TransferError(f"{type(exc).__name__}: {exc}", reason="internal", request_id=rid,
+                                peer=offer.address) from exc
+        finally:
+            try:
+                sock.send(CODEC.encode(Done(transfer_id=transfer_id, ok=ok, reason="" if ok else reason)),
+                          zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # the sender's stall timeout releases the offer instead
+            sock.close(linger=500)
+            mover.finish(transfer_id)
+
+    def _transport(self, name: str) -> RecvTransport:
+        if name not in self._transports:
+            self._transports[name] = make_receiver(name)
+        return self._transports[name]
+
+    async def _recv(self, sock: zmq.asyncio.Socket, deadline: float, offer: OfferDescriptor) -> list[zmq.Frame]:
+        remaining = deadline - time.monotonic()
+        wait_s = min(remaining, self.config.stall_timeout_s)
+        if wait_s <= 0:
+            raise TransferError("deadline passed", reason="timeout", request_id=offer.request_id,
+                                peer=offer.address)
+        try:
+            async with asyncio.timeout(wait_s):
+                return await sock.recv_multipart(copy=False)
+        except TimeoutError:
+            what = "deadline passed" if wait_s == remaining else f"sender silent for {wait_s:.1f}s"
+            raise TransferError(what, reason="timeout", request_id=offer.request_id,
+                                peer=offer.address) from None
+
+    def _check_request(self, offer: OfferDescriptor, missing_idx: list[int], dest_views: Sequence[object],
+                       expected_hashes: Sequence[int] | None) -> None:
+        rid = offer.request_id
+        if offer.checksum != CHECKSUM:
+            raise TransferError(f"offer uses checksum {offer.checksum!r}; this worker speaks {CHECKSUM!r}",
+                                reason="rejected", request_id=rid, peer=offer.address)
+        if len(missing_idx) != len(dest_views):
+            raise TransferError(f"{len(missing_idx)} missing indices but {len(dest_views)} destination views",
+                                reason="bad_view", request_id=rid)
+        num = len(offer.block_hashes)
+        bad = [i for i in missing_idx if not isinstance(i, int) or not 0 <= i < num]
+        if bad:
+            raise TransferError(f"missing_idx {bad[:5]} out of range for {num} offered blocks",
+                                reason="bad_view", request_id=rid)
+        if len(set(missing_idx)) != len(missing_idx):
+            raise TransferError("missing_idx has duplicates", reason="bad_view", request_id=rid)
+        check_views(dest_views, offer.block_bytes, "dest_views", request_id=rid)
+        if expected_hashes is not None:
+            for i, (want, got) in enumerate(zip(expected_hashes, offer.block_hashes)):
+                if want != got:
+                    raise TransferError(f"offer hash {got:#x} differs from this prompt's {want:#x}",
+                                        reason="hash_mismatch", request_id=rid, block_idx=i)
+            if len(expected_hashes) != num:
+                raise TransferError(f"offer has {num} blocks, this prompt {len(expected_hashes)}",
+                                    reason="hash_mismatch", request_id=rid)
+
+
+def _check_chunk(msg: Blocks, seq: int, pos: int, missing_idx: list[int], offer: OfferDescriptor) -> int:
+    """Validate a chunk's header against what was asked for; return its block count."""
+    rid = offer.request_id
+    n = len(msg.block_idx)
+    if msg.seq != seq or n == 0 or len(msg.block_hashes) != n or len(msg.checksums) != n:
+        raise TransferError(f"malformed chunk (seq {msg.seq}, expected {seq})", reason="protocol",
+                            request_id=rid, peer=offer.address)
+    if pos + n > len(missing_idx):
+        raise TransferError(f"sender sent more than the {len(missing_idx)} blocks asked for",
+                            reason="protocol", request_id=rid, peer=offer.address)
+    for k, (idx, block_hash) in enumerate(zip(msg.block_idx, msg.block_hashes)):
+        if idx != missing_idx[pos + k]:
+            raise TransferError(f"got block {idx} where block {missing_idx[pos + k]} was due",
+                                reason="protocol", request_id=rid, peer=offer.address, block_idx=idx)
+        if block_hash != offer.block_hashes[idx]:
+            raise TransferError(f"hash {block_hash:#x} != promised {offer.block_hashes[idx]:#x}",
+                                reason="hash_mismatch", request_id=rid, peer=offer.address,
+                                block_idx=idx)
+    return n

@@ -1,0 +1,103 @@
+"""shm: same host, through the sender's pre-faulted ring (dyn.shuttle.ring).
+
+One copy each side: source view -> ring slot (sender), ring slot ->
+destination view (receiver). The receiver's Credit names the slot it has
+finished with, which frees it; the ring's size bounds the sender's memory
+and a full ring is the backpressure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from dyn.shuttle.blocks import checksum, read_block, write_verified
+from dyn.shuttle.errors import TransferError
+from dyn.shuttle.ring import ShmAttachments, ShmRing
+from dyn.shuttle.transports.base import RecvTransport, SendJob, SendTransport
+from dyn.shuttle.wire import Blocks
+
+
+class ShmSender(SendTransport):
+    name = "shm"
+
+    def __init__(self, block_bytes: int, ring_bytes: int, slot_bytes: int) -> None:
+        blocks_per_slot = max(1, slot_bytes // block_bytes)
+        self.slot_bytes = blocks_per_slot * block_bytes
+        self._num_slots = max(2, ring_bytes // self.slot_bytes)
+        self._ring: ShmRing | None = None
+
+    @property
+    def ring(self) -> ShmRing:
+        """Created on first use, so a sender that only serves tcp maps nothing."""
+        if self._ring is None:
+            self._ring = ShmRing(self.slot_bytes, self._num_slots)
+        return self._ring
+
+    def prepare(self) -> None:
+        _ = self.ring
+
+    async def send(self, job: SendJob) -> None:
+        ring = self.ring
+        job.chunk_bytes = min(job.chunk_bytes, self.slot_bytes)
+        for seq, chunk in enumerate(job.chunks()):
+            num_bytes = len(chunk) * job.block_bytes
+            await job.spend(num_bytes)
+            try:
+                slot = await ring.allocate(job.stall_timeout_s)
+            except TimeoutError:
+                raise TransferError(f"no free shm ring slot for {job.stall_timeout_s:.1f}s "
+                                    f"({ring.num_slots} slots of {ring.slot_bytes >> 10} KiB all held)",
+                                    reason="timeout", request_id=job.request_id) from None
+            job.held_slots.add(slot)
+            dest = ring.slot_array(slot)
+            sums = []
+            for k, i in enumerate(chunk):
+                region = dest[k * job.block_bytes:(k + 1) * job.block_bytes]
+                np.copyto(region, read_block(job.block_views[i]), casting="no")
+                sums.append(checksum(region))
+            msg = Blocks(transfer_id=job.transfer_id, seq=seq, block_idx=chunk,
+                         block_hashes=[job.block_hashes[i] for i in chunk], checksums=sums,
+                         segment=ring.name, slot=slot, offset=slot * ring.slot_bytes)
+            await job.send([msg])
+
+    def on_credit(self, job: SendJob, slot: int) -> None:
+        if slot in job.held_slots:
+            job.held_slots.discard(slot)
+            self.ring.free(slot)
+
+    def release(self, job: SendJob) -> None:
+        for slot in job.held_slots:
+            self.ring.free(slot)
+        job.held_slots.clear()
+
+    def close(self) -> None:
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+
+
+class ShmReceiver(RecvTransport):
+    name = "shm"
+
+    def __init__(self) -> None:
+        self._maps = ShmAttachments()
+
+    async def deliver(self, msg: Blocks, frames: Sequence[Any], dest_views: Sequence[object],
+                block_bytes: int, request_id: str) -> None:
+        if frames or msg.slot < 0:
+            raise TransferError(f"shm chunk {msg.seq} without a ring slot", reason="protocol",
+                                request_id=request_id)
+        try:
+            region = self._maps.region(msg.segment, msg.offset, len(msg.block_idx) * block_bytes)
+        except (OSError, ValueError) as exc:
+            raise TransferError(f"cannot read shm ring {msg.segment!r}: {exc}", reason="protocol",
+                                request_id=request_id) from None
+        for k, (view, idx, expected) in enumerate(zip(dest_views, msg.block_idx, msg.checksums)):
+            payload = region[k * block_bytes:(k + 1) * block_bytes]
+            write_verified(view, payload, expected, block_idx=idx, request_id=request_id)
+
+    def close(self) -> None:
+        self._maps.close()

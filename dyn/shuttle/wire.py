@@ -1,0 +1,136 @@
+"""Shuttle wire messages (msgpack via dyn.control.codec; no pickle).
+
+One transfer on one DEALER(receiver) <-> ROUTER(sender) connection:
+
+    receiver                                  sender
+    Pull(offer_id, missing_idx, transport,
+         credit_bytes)                 --->
+                                       <---   Blocks(seq, idx, hashes, checksums, ...)
+                                              [+ payload frames on tcp; a ring slot on shm]
+    Credit(bytes, slot)                --->   (frees in-flight budget / the ring slot)
+                                       <---   End(num_blocks)      or Reject(reason)
+    Done(ok, reason)                   --->   (the offer is unpinned either way)
+
+The OfferDescriptor travels separately, inside the request plane's
+GenerateRequest.kv_source, as a plain dict (to_dict / from_dict).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+from dyn import PROTOCOL_VERSION
+from dyn.control.codec import Codec, Message
+from dyn.errors import ProtocolError
+
+MAX_CONTROL_BYTES = 16 * 1024 * 1024
+"""A control frame lists at most a few hundred thousand blocks; payloads are separate frames."""
+
+
+@dataclass(frozen=True, slots=True)
+class OfferDescriptor(Message):
+    """What a decode worker needs to pull one request's KV from a prefill worker."""
+
+    TYPE: ClassVar[str] = "shuttle.offer"
+    request_id: str
+    offer_id: str
+    """Unique per offer (a request id can be offered again after a retry)."""
+    block_hashes: list[int]
+    block_bytes: int
+    address: str
+    """ZMQ endpoint of the sender, e.g. tcp://10.0.0.5:7100."""
+    host_id: str
+    """Identifies the sender's host: shm and cuda_ipc need the receiver on the same one."""
+    transports: list[str] = field(default_factory=list)
+    """Transports this sender can serve."""
+    checksum: str = "xxh3_64"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "OfferDescriptor":
+        """Validate an untrusted dict (e.g. GenerateRequest.kv_source); raises ProtocolError."""
+        if not isinstance(data, dict):
+            raise ProtocolError(f"kv_source: expected a map, got {type(data).__name__}")
+        frame = msgpack.packb([PROTOCOL_VERSION, cls.TYPE, data], use_bin_type=True)
+        desc = CODEC.decode_as(frame, cls)
+        if desc.block_bytes <= 0:
+            raise ProtocolError(f"{cls.TYPE}.block_bytes: must be positive, got {desc.block_bytes}")
+        if not desc.address.startswith(("tcp://", "ipc://")):
+            raise ProtocolError(f"{cls.TYPE}.address: {desc.address!r} is not a tcp:// or ipc:// endpoint")
+        bad = [h for h in desc.block_hashes if not 0 <= h < 1 << 64]
+        if bad:
+            raise ProtocolError(f"{cls.TYPE}.block_hashes: {bad[0]} is not a 64-bit block hash")
+        return desc
+
+
+@dataclass(slots=True)
+class Pull(Message):
+    TYPE: ClassVar[str] = "shuttle.pull"
+    offer_id: str
+    transfer_id: str
+    missing_idx: list[int]
+    transport: str
+    credit_bytes: int
+    """Payload bytes the sender may have in flight before the next Credit."""
+    host_id: str
+
+
+@dataclass(slots=True)
+class Blocks(Message):
+    """A chunk of blocks. Payloads follow as frames (tcp) or sit in a ring slot (shm)."""
+
+    TYPE: ClassVar[str] = "shuttle.blocks"
+    transfer_id: str
+    seq: int
+    block_idx: list[int]
+    block_hashes: list[int]
+    checksums: list[int]
+    segment: str = ""
+    """shm: the ring's /dev/shm name."""
+    slot: int = -1
+    """shm: ring slot holding the payloads back to back; -1 on tcp."""
+    offset: int = 0
+    """shm: byte offset of the slot in the segment."""
+    handles: list[Any] = field(default_factory=list)
+    """cuda_ipc / nixl: transport-specific source locations, one per block."""
+    metadata: bytes = b""
+    """cuda_ipc / nixl: what the receiver needs once per transfer (IPC handles, agent metadata)."""
+
+
+@dataclass(slots=True)
+class Credit(Message):
+    TYPE: ClassVar[str] = "shuttle.credit"
+    transfer_id: str
+    num_bytes: int
+    slot: int = -1
+
+
+@dataclass(slots=True)
+class End(Message):
+    TYPE: ClassVar[str] = "shuttle.end"
+    transfer_id: str
+    num_blocks: int
+
+
+@dataclass(slots=True)
+class Reject(Message):
+    TYPE: ClassVar[str] = "shuttle.reject"
+    transfer_id: str
+    reason: str
+
+
+@dataclass(slots=True)
+class Done(Message):
+    TYPE: ClassVar[str] = "shuttle.done"
+    transfer_id: str
+    ok: bool
+    reason: str = ""
+
+
+CODEC = Codec([OfferDescriptor, Pull, Blocks, Credit, End, Reject, Done],
+              max_message_bytes=MAX_CONTROL_BYTES)

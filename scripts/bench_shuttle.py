@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Shuttle bandwidth per transport against a single-process memcpy of the same size.
+
+The sender runs in a child process (a real prefill worker's position) and
+offers a pre-faulted pool; this process pulls into a pre-faulted destination
+pool, as a decode worker would. Each cell is the median of --repeats pulls.
+
+    .venv/bin/python scripts/bench_shuttle.py [--sizes-mib 1 16 64 256] [--block-kib 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from dyn.shuttle import OfferDescriptor, ReceiverConfig, SenderConfig, ShuttleReceiver, ShuttleSender
+from dyn.shuttle.ring import sweep_stale_segments
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes-mib", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--block-kib", type=int, default=512, help="KV block payload size")
+    parser.add_argument("--transports", nargs="+", default=None, help="default: every usable one")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    block_bytes = args.block_kib << 10
+    transports = args.transports or _usable_transports()
+    if args.serve:
+        asyncio.run(_serve(block_bytes, max(args.sizes_mib), transports))
+        return
+    rows = asyncio.run(_measure(block_bytes, args.sizes_mib, transports, args.repeats))
+    _print_table(rows, transports, args)
+
+
+def _usable_transports() -> list[str]:
+    from dyn.shuttle.transports import nixl
+
+    names = ["shm", "tcp"] + (["nixl"] if nixl.is_available() else [])
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            names.insert(0, "cuda_ipc")
+    except ImportError:
+        pass
+    return names
+
+
+async def _serve(block_bytes: int, max_mib: int, transports: list[str]) -> None:
+    """Child: offer the first N blocks of one pool whenever the parent asks on stdin."""
+    num_blocks = (max_mib << 20) // block_bytes
+    pool = np.random.default_rng(0).integers(0, 256, (num_blocks, block_bytes), dtype=np.uint8)
+    views = [memoryview(b) for b in pool]
+    hashes = list(range(1, num_blocks + 1))
+    config = SenderConfig(pin_timeout_s=60.0, transports=tuple(transports))
+    loop = asyncio.get_running_loop()
+    async with ShuttleSender(block_bytes, config=config) as tx:
+        while line := await loop.run_in_executor(None, sys.stdin.readline):
+            n = int(line)
+            offer = tx.offer(f"bench-{time.monotonic_ns()}", hashes[:n], views[:n])
+            print(json.dumps(offer.descriptor.to_dict()), flush=True)
+
+
+async def _measure(block_bytes: int, sizes_mib: list[int], transports: list[str],
+                   repeats: int) -> list[dict[str, float]]:
+    child = subprocess.Popen([sys.executable, __file__, "--serve", "--block-kib", str(block_bytes >> 10),
+                              "--sizes-mib", str(max(sizes_mib)), "--transports", *transports],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        dest = np.ones(((max(sizes_mib) << 20) // block_bytes, block_bytes), dtype=np.uint8)
+        rows = [{"mib": mib, "memcpy": _memcpy_gbps(mib << 20, repeats)} for mib in sizes_mib]
+        async with ShuttleReceiver(config=ReceiverConfig(credit_bytes=32 << 20)) as rx:
+            # Transport by transport, nixl last: its progress threads poll and would slow the others.
+            for transport in sorted(transports, key=lambda t: t == "nixl"):
+                rx.prepare([transport])
+                for row in rows:
+                    num_blocks = (row["mib"] << 20) // block_bytes
+                    samples, cpu_samples = [], []
+                    for _ in range(repeats + 1):  # the first pull warms sockets and mappings
+                        assert child.stdin is not None and child.stdout is not None
+                        child.stdin.write(f"{num_blocks}\n")
+                        child.stdin.flush()
+                        desc = OfferDescriptor.from_dict(json.loads(child.stdout.readline()))
+                        views = [memoryview(d) for d in dest[:num_blocks]]
+                        cpu_start = time.process_time()
+                        stats = await rx.pull(desc, list(range(num_blocks)), views, 60, transport=transport)
+                        cpu_s = time.process_time() - cpu_start
+                        samples.append(stats.gbps)
+                        cpu_samples.append(stats.num_bytes / cpu_s / 1e9 if cpu_s > 0 else float("inf"))
+                    row[transport] = statistics.median(samples[1:])
+                    row[f"{transport}/cpu"] = statistics.median(cpu_samples[1:])
+        return rows
+    finally:
+        try:
+            child.communicate(timeout=10)  # EOF on stdin: the sender closes and unlinks its ring
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait(timeout=10)
+            sweep_stale_segments()
+
+
+def _memcpy_gbps(num_bytes: int, repeats: int) -> float:
+    src = np.random.default_rng(1).integers(0, 256, num_bytes, dtype=np.uint8)
+    dst = np.ones(num_bytes, dtype=np.uint8)
+    samples = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        samples.append(num_bytes / (time.perf_counter() - start) / 1e9)
+    return statistics.median(samples[1:])
+
+
+def _print_table(rows: list[dict[str, float]], transports: list[str], args: argparse.Namespace) -> None:
+    print(f"shuttle bandwidth, GB/s (1e9 B/s), median of {args.repeats}; block {args.block_kib} KiB; "
+          f"sender in a child process")
+    header = f"{'size':>8} {'memcpy':>8}" + "".join(f" {t:>9} {'%memcpy':>8}" for t in transports)
+    print(header)
+    for row in rows:
+        line = f"{row['mib']:>5} MiB {row['memcpy']:>8.2f}"
+        for t in transports:
+            line += f" {row[t]:>9.2f} {100 * row[t] / row['memcpy']:>7.0f}%"
+        print(line)
+    print("receiver process alone: payload bytes / its CPU seconds, all threads (the cost of one side "
+          "when it is not starved of cores; nixl includes its polling progress thread)")
+    print(f"{'size':>8}" + "".join(f" {t:>9}" for t in transports))
+    for row in rows:
+        print(f"{row['mib']:>5} MiB" + "".join(f" {row[t + '/cpu']:>9.2f}" for t in transports))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Integrity: a wrong hash or a corrupted payload fails that one hand-off, cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from dyn.shuttle import ReceiverConfig, ShuttleReceiver, ShuttleSender, TransferError
+from dyn.shuttle.wire import Blocks
+
+BLOCK_BYTES = 4096
+NUM_BLOCKS = 24
+
+
+def _blocks(seed: int) -> tuple[list[int], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return ([int(h) for h in rng.integers(0, 2**63, NUM_BLOCKS, dtype=np.int64)],
+            rng.integers(0, 256, (NUM_BLOCKS, BLOCK_BYTES), dtype=np.uint8))
+
+
+def _tamper(tx: ShuttleSender, victim: str, edit: Callable[[ShuttleSender, list[object]], None]) -> None:
+    """Run `edit` on the third chunk sent for request `victim`, as it leaves the sender."""
+    real_send = tx._send
+    seen = 0
+
+    async def send(identity: bytes, parts: list[object]) -> None:
+        nonlocal seen
+        msg = parts[0]
+        if isinstance(msg, Blocks) and tx._jobs[msg.transfer_id].offer.request_id == victim:
+            seen += 1
+            if seen == 3:
+                edit(tx, parts)
+        await real_send(identity, parts)
+
+    tx._send = send  # type: ignore[method-assign]
+
+
+def _wrong_hash(tx: ShuttleSender, parts: list[object]) -> None:
+    parts[0].block_hashes[0] ^= 1  # type: ignore[attr-defined]
+
+
+def _flip_payload(tx: ShuttleSender, parts: list[object]) -> None:
+    msg = parts[0]
+    assert isinstance(msg, Blocks)
+    if msg.slot >= 0:
+        tx._transports["shm"].ring.slot_array(msg.slot)[BLOCK_BYTES + 17] ^= 0x40  # type: ignore[attr-defined]
+    else:
+        bad = np.array(parts[2], copy=True)
+        bad[17] ^= 0x40
+        parts[2] = bad
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+@pytest.mark.parametrize("edit,reason,bad_block", [(_wrong_hash, "hash_mismatch", 8),
+                                                   (_flip_payload, "checksum_mismatch", 9)])
+def test_corruption_fails_only_the_victim(transport: str, edit, reason: str, bad_block: int) -> None:
+    victim_hashes, victim_data = _blocks(1)
+    other_hashes, other_data = _blocks(2)
+    released: dict[str, bool] = {}
+
+    async def run():
+        # credit of 4 blocks -> 4 blocks per chunk: the third victim chunk carries blocks 8..11.
+        rx_config = ReceiverConfig(credit_bytes=4 * BLOCK_BYTES)
+        async with ShuttleSender(BLOCK_BYTES, on_release=released.__setitem__) as tx, \
+                ShuttleReceiver(config=rx_config) as rx:
+            _tamper(tx, "victim", edit)
+            victim = tx.offer("victim", victim_hashes, list(map(memoryview, victim_data)))
+            other = tx.offer("other", other_hashes, list(map(memoryview, other_data)))
+            idx = list(range(NUM_BLOCKS))
+            dest_v = np.zeros_like(victim_data)
+            dest_o = np.zeros_like(other_data)
+            results = await asyncio.gather(
+                rx.pull(victim.descriptor, idx, list(map(memoryview, dest_v)), 10, transport=transport),
+                rx.pull(other.descriptor, idx, list(map(memoryview, dest_o)), 10, transport=transport),
+                return_exceptions=True)
+            delivered = await asyncio.gather(victim.delivered, other.delivered)
+            return results, delivered, dest_o, tx.num_pinned
+
+    (err, stats), delivered, dest_o, num_pinned = asyncio.run(run())
+    assert isinstance(err, TransferError), err
+    assert err.reason == reason and err.block_idx == bad_block and err.request_id == "victim"
+    assert stats.num_blocks == NUM_BLOCKS and np.array_equal(dest_o, other_data)
+    assert delivered == [False, True]
+    assert released == {"victim": False, "other": True} and num_pinned == 0
+
+
+def test_offer_whose_hashes_differ_from_the_prompt_is_refused_before_any_copy() -> None:
+    hashes, data = _blocks(3)
+
+    async def run():
+        async with ShuttleSender(BLOCK_BYTES) as tx, ShuttleReceiver() as rx:
+            offer = tx.offer("r", hashes, list(map(memoryview, data)))
+            dest = np.zeros_like(data)
+            mine = list(hashes)
+            mine[5] += 1
+            with pytest.raises(TransferError) as info:
+                await rx.pull(offer.descriptor, [0, 5], [memoryview(dest[0]), memoryview(dest[5])], 5,
+                              expected_hashes=mine)
+            return info.value, dest
+
+    err, dest = asyncio.run(run())
+    assert err.reason == "hash_mismatch" and err.block_idx == 5
+    assert not dest.any()
+
+
+def test_a_stream_that_ends_early_is_partial_not_success(monkeypatch) -> None:
+    from dyn.shuttle.transports.tcp import TcpSender
+
+    hashes, data = _blocks(4)
+    real_chunks = TcpSender.send
+
+    async def short(self, job):
+        job.block_idx = job.block_idx[:-1]  # "forgets" the last block, then reports End honestly
+        await real_chunks(self, job)
+
+    monkeypatch.setattr(TcpSender, "send", short)
+
+    async def run():
+        async with ShuttleSender(BLOCK_BYTES) as tx, ShuttleReceiver() as rx:
+            offer = tx.offer("r", hashes, list(map(memoryview, data)))
+            dest = np.zeros_like(data)
+            with pytest.raises(TransferError) as info:
+                await rx.pull(offer.descriptor, list(range(NUM_BLOCKS)), list(map(memoryview, dest)), 5,
+                              transport="tcp")
+            return info.value, await offer.delivered
+
+    err, delivered = asyncio.run(run())
+    assert err.reason == "partial" and f"of {NUM_BLOCKS} blocks" in str(err) and delivered is False
+
+
+def test_an_unreachable_sender_times_out_quickly() -> None:
+    from dyn.shuttle import OfferDescriptor
+
+    desc = OfferDescriptor(request_id="r", offer_id="x", block_hashes=[1], block_bytes=BLOCK_BYTES,
+                           address="tcp://127.0.0.1:9", host_id="elsewhere", transports=["tcp"])
+
+    async def run():
+        async with ShuttleReceiver(config=ReceiverConfig(stall_timeout_s=0.2)) as rx:
+            with pytest.raises(TransferError) as info:
+                await rx.pull(desc, [0], [memoryview(bytearray(BLOCK_BYTES))], 5)
+            return info.value
+
+    err = asyncio.run(run())
+    assert err.reason == "timeout" and "silent for 0.2s" in str(err) and err.peer == "tcp://127.0.0.1:9"

@@ -1,0 +1,79 @@
+"""Path choice from the topology: fastest feasible transport, with the reason."""
+
+from __future__ import annotations
+
+import pytest
+
+from dyn.config.topology import Gpu, Node, NvlinkDomain, Rack, SshTarget, Topology
+from dyn.shuttle import Endpoint, PathError, choose_path, plan_paths
+
+
+def _node(name: str, num_gpus: int) -> Node:
+    return Node(name=name, rack="r0", ssh=SshTarget("local"),
+                gpus=tuple(Gpu(i, "H100-80GB", 80.0) for i in range(num_gpus)))
+
+
+def _topology() -> Topology:
+    """hgx-a, hgx-b: 8-GPU HGX nodes (one domain each); tray-0, tray-1: one NVL72-style domain; cpu."""
+    nodes = (_node("hgx-a", 8), _node("hgx-b", 8), _node("tray-0", 4), _node("tray-1", 4), _node("cpu", 0))
+    domains = (NvlinkDomain("hgx-a", tuple(("hgx-a", i) for i in range(8))),
+               NvlinkDomain("hgx-b", tuple(("hgx-b", i) for i in range(8))),
+               NvlinkDomain("nvl72", tuple((t, i) for t in ("tray-0", "tray-1") for i in range(4))))
+    return Topology(name="test", racks=(Rack("r0", tuple(n.name for n in nodes)),), nodes=nodes,
+                    nvlink_domains=domains, head="cpu", source="topologies/test.yaml")
+
+
+TOPO = _topology()
+
+
+@pytest.mark.parametrize("src,dst,cuda,nixl,fabric,transport,words", [
+    (Endpoint("hgx-a", (0, 1)), Endpoint("hgx-a", (2, 3)), True, False, False, "cuda_ipc", "NVLink domain 'hgx-a'"),
+    (Endpoint("hgx-a", (0,)), Endpoint("hgx-a", (1,)), False, True, False, "shm", "CUDA is not available"),
+    (Endpoint("cpu"), Endpoint("cpu"), False, True, False, "shm", "same host 'cpu'"),
+    (Endpoint("hgx-a", (0,)), Endpoint("hgx-b", (0,)), True, True, False, "nixl", "NIXL is installed"),
+    (Endpoint("hgx-a", (0,)), Endpoint("hgx-b", (0,)), True, False, False, "tcp", "NIXL is not installed"),
+    (Endpoint("tray-0", (0,)), Endpoint("tray-1", (3,)), True, False, True, "cuda_ipc", "fabric handles"),
+    (Endpoint("tray-0", (0,)), Endpoint("tray-1", (3,)), True, False, False, "tcp", "no fabric handles"),
+    (Endpoint("tray-0", (0,)), Endpoint("cpu"), True, False, True, "tcp", "'tray-0' -> 'cpu'"),
+])
+def test_auto_picks_the_fastest_path_and_says_why(src, dst, cuda, nixl, fabric, transport, words) -> None:
+    choice = choose_path(TOPO, src, dst, cuda_available=cuda, nixl_available=nixl, fabric_available=fabric)
+    assert choice.transport == transport
+    assert words in choice.reason
+
+
+def test_recipe_can_force_a_feasible_transport() -> None:
+    choice = choose_path(TOPO, Endpoint("hgx-a", (0,)), Endpoint("hgx-a", (1,)), "tcp",
+                         cuda_available=True, nixl_available=False)
+    assert choice == ("tcp", "forced by recipe shuttle.transport='tcp'")
+
+
+@pytest.mark.parametrize("forced,src,dst,cuda,nixl,words", [
+    ("shm", Endpoint("hgx-a", (0,)), Endpoint("hgx-b", (0,)), True, False, "needs both workers on one host"),
+    ("cuda_ipc", Endpoint("hgx-a", (0,)), Endpoint("hgx-a", (1,)), False, False, "CUDA is not available"),
+    ("cuda_ipc", Endpoint("cpu"), Endpoint("cpu"), True, False, "a worker has no GPU"),
+    ("cuda_ipc", Endpoint("hgx-a", (0,)), Endpoint("hgx-b", (0,)), True, False, "different hosts"),
+    ("nixl", Endpoint("hgx-a", (0,)), Endpoint("hgx-b", (0,)), True, False, "not importable"),
+    ("rdma", Endpoint("cpu"), Endpoint("cpu"), False, False, "unknown transport"),
+])
+def test_infeasible_forced_transport_is_an_error(forced, src, dst, cuda, nixl, words) -> None:
+    with pytest.raises(PathError) as info:
+        choose_path(TOPO, src, dst, forced, cuda_available=cuda, nixl_available=nixl)
+    assert words in str(info.value)
+    assert info.value.transport == forced and info.value.src == src.node and info.value.dst == dst.node
+
+
+def test_unknown_node_or_gpu_is_named() -> None:
+    with pytest.raises(PathError, match=r"destination node 'nope' is not in topology 'test' in "
+                                        r"topologies/test.yaml \(nodes: hgx-a, "):
+        choose_path(TOPO, Endpoint("cpu"), Endpoint("nope"), cuda_available=False, nixl_available=False)
+    with pytest.raises(PathError, match=r"source node 'tray-0' has no GPU \[7\]"):
+        choose_path(TOPO, Endpoint("tray-0", (7,)), Endpoint("cpu"), cuda_available=True, nixl_available=False)
+
+
+def test_plan_paths_reports_every_prefill_decode_pair() -> None:
+    plan = plan_paths(TOPO, {"p0": Endpoint("hgx-a", (0,))},
+                      {"d0": Endpoint("hgx-a", (1,)), "d1": Endpoint("hgx-b", (0,))},
+                      cuda_available=True, nixl_available=False)
+    assert {pair: choice.transport for pair, choice in plan.items()} == {("p0", "d0"): "cuda_ipc",
+                                                                         ("p0", "d1"): "tcp"}
