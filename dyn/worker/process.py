@@ -27,9 +27,12 @@ from dyn.kv.disk_tier import DiskTier
 from dyn.kv.host_tier import HostTier
 from dyn.worker.control_client import ControlClient, wait_event
 from dyn.worker.engine_loop import EngineLoop
+from dyn.worker.handoff import KvHandoff
 from dyn.worker.kv_publisher import KvEventPublisher
 from dyn.worker.request_server import RequestServer
-from dyn.worker.telemetry import CpuMeter, process_telemetry
+from dyn.metrics.server import MetricsServer
+from dyn.metrics.worker import worker_registry
+from dyn.worker.telemetry import CpuMeter, GpuTelemetry, RateMeter, engine_rates, process_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +49,13 @@ class WorkerProcess:
         self.server: RequestServer | None = None
         self.control: ControlClient | None = None
         self.tiers: HostTier | None = None
+        self.handoff: KvHandoff | None = None
         self.load_error = ""
         self._cpu = CpuMeter()
+        # issue 8: GPU telemetry and recent rates for heartbeats; the scrape-time snapshot.
+        self._gpu = GpuTelemetry(tuple(config.gpus))
+        self._rates = RateMeter()
+        self._scraped: dict[str, float] = {}
 
     async def run(self) -> int:
         cfg = self.config
@@ -65,12 +73,17 @@ class WorkerProcess:
         self.kv_events = KvEventPublisher(ctx, cfg.bind_host, security, cfg.process_id)
         self.server.kv_snapshot = self.kv_events.snapshot
         tasks = [asyncio.create_task(self.server.serve()), asyncio.create_task(self.kv_events.run())]
+        self.metrics_server = MetricsServer(
+            worker_registry(lambda: self._scraped, lambda: {"process": cfg.process_id, "role": self.config.role}),
+            cfg.bind_host, refresh=self._refresh_scrape)
+        await self.metrics_server.start()
         if cfg.daemon_address:
             self.control = ControlClient(ctx, daemon_address=cfg.daemon_address, security=security,
                                          process_id=cfg.process_id, role=cfg.role, node=cfg.node,
                                          gpus=cfg.gpus, heartbeat_interval_s=cfg.heartbeat_interval_s,
                                          daemon_grace_s=cfg.daemon_grace_s)
-            self.control.addresses = {"request": self.server.address, "kv_events": self.kv_events.address}
+            self.control.addresses = {"request": self.server.address, "kv_events": self.kv_events.address,
+                                      "metrics": self.metrics_server.url}
             self.control.state = "loading"
             tasks.append(asyncio.create_task(self.control.run(self._on_command, self._metrics)))
             tasks.append(asyncio.create_task(_set_on(self.control.daemon_lost, self._stop)))
@@ -88,7 +101,10 @@ class WorkerProcess:
             self.tiers = _build_tiers(recipe, topology, cfg, self.engine.block_bytes, self.kv_events.listener)
             if self.tiers is not None:
                 self.engine.set_lower_tier(self.tiers)
-            self.loop = EngineLoop(self.engine, self.server.on_outputs)
+            self.loop = EngineLoop(self.engine, _log_finished(self.server.on_outputs))
+            self.handoff = await _start_handoff(ctx, security, recipe, cfg, self.engine, self.loop)
+            self.server.import_kv = self.handoff.import_and_decode
+            self.server.export_kv = self.handoff.export
             self.server.attach(self.loop)
             self.loop.start()
             if self.control:
@@ -118,10 +134,14 @@ class WorkerProcess:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.handoff is not None:
+            await self.handoff.close()
         if self.loop is not None:
             self.loop.stop()
         self.server.close()
         self.kv_events.close()
+        await self.metrics_server.close()
+        self._gpu.close()
         if self.tiers is not None and isinstance(self.tiers.below, DiskTier):
             self.tiers.below.close()
         if self.control:
@@ -146,8 +166,33 @@ class WorkerProcess:
                 self.config = _replace_role(self.config, role)
 
     async def _metrics(self) -> tuple[dict[str, float], dict]:
-        if self.loop is None:
-            return process_telemetry(self._cpu), {"role": self.config.role, "error": self.load_error}
+        """Heartbeat: cumulative engine figures, recent rates, process and GPU telemetry."""
+        values = await self._engine_values()
+        values.update(engine_rates(self._rates, values))
+        if self.handoff is not None:
+            h = self.handoff.stats
+            values.update({"kv_offers": h.offers, "kv_pulls": h.pulls, "kv_pull_failures": h.pull_failures,
+                           "kv_local_fallbacks": h.local_fallbacks, "kv_bytes_pulled": h.bytes_pulled,
+                           "kv_pull_seconds": h.seconds_pulling})
+            values.update({f"kv_bytes_{t}": float(b) for t, b in h.bytes_by_transport.items()})
+        values.update(process_telemetry(self._cpu))
+        values.update(self._gpu.sample())
+        info = {"role": self.config.role}
+        if self.load_error:
+            info["error"] = self.load_error
+        elif not self._gpu.is_available and self.config.gpus:
+            info["gpu_telemetry"] = self._gpu.reason
+        return values, info
+
+    async def _refresh_scrape(self) -> None:
+        values = await self._engine_values()
+        values.update(self._gpu.sample())
+        self._scraped = values
+
+    async def _engine_values(self) -> dict[str, float]:
+        """Engine and request-plane figures; cumulative ones only grow (counters for Prometheus)."""
+        if self.loop is None or not self.loop.is_alive:
+            return {}
         stats = await asyncio.wrap_future(self.loop.submit(lambda e: e.stats()))
         total = max(stats.num_kv_blocks_total, 1)
         values = {
@@ -158,13 +203,17 @@ class WorkerProcess:
             "num_computed_tokens": stats.num_computed_tokens,
             "num_generated_tokens": stats.num_generated_tokens,
             "waiting_prefill_tokens": stats.num_waiting_prefill_tokens,
-            "num_preemptions": stats.num_preemptions,
+            "num_preemptions": stats.num_preemptions, "tier_hit_blocks": stats.num_tier_hit_blocks,
             "requests_total": self.server.requests_total, "cancels_total": self.server.cancels_total,
             "in_flight": self.server.num_in_flight, "bad_messages": self.server.bad.total,
             "uptime_s": time.monotonic() - self._started_at,
         }
-        values.update(process_telemetry(self._cpu))
-        return values, {"role": self.config.role}
+        if self.tiers is not None:
+            values["kv_tier_blocks.host"] = len(self.tiers)
+            below = self.tiers.below
+            if below is not None and hasattr(below, "__len__"):
+                values["kv_tier_blocks.disk"] = len(below)
+        return {k: float(v) for k, v in values.items()}
 
 
 def _load_files(cfg: ProcessConfig):
@@ -187,6 +236,29 @@ def _create_engine(recipe, group, cfg: ProcessConfig) -> Backend:
                          cpu_threads=cfg.cpu_threads)
 
 
+async def _start_handoff(ctx, security: Security, recipe, cfg: ProcessConfig, engine: Backend,
+                         loop: EngineLoop) -> KvHandoff:
+    """Sender and receiver for every prefill/decode worker, so a role flip needs no restart."""
+    from dyn.shuttle import ReceiverConfig, SenderConfig, ShuttleReceiver, ShuttleSender
+    from dyn.shuttle.ring import sweep_stale_segments
+    from dyn.shuttle.transports.nixl import is_available as nixl_available
+
+    if recipe.mode != "disaggregated" or engine.block_bytes <= 0:
+        return KvHandoff(loop, sender=None, receiver=None)
+    sweep_stale_segments()
+    handoff = KvHandoff(loop, sender=None, receiver=None)
+    sender_config = SenderConfig.from_spec(recipe.shuttle, address=f"tcp://{cfg.bind_host}:0",
+                                           cuda_available=recipe.model.device == "cuda",
+                                           nixl_available=nixl_available())
+    sender = ShuttleSender(engine.block_bytes, config=sender_config, security=security, ctx=ctx,
+                           on_release=handoff.on_release)
+    await sender.start()
+    handoff.sender = sender
+    handoff.receiver = ShuttleReceiver(config=ReceiverConfig.from_spec(recipe.shuttle), security=security,
+                                       ctx=ctx)
+    return handoff
+
+
 def _build_tiers(recipe, topology, cfg: ProcessConfig, block_bytes: int,
                  listener: KvEventListener) -> HostTier | None:
     """Host-memory tier over an optional disk tier, sized by the recipe (None: no tiers)."""
@@ -201,6 +273,17 @@ def _build_tiers(recipe, topology, cfg: ProcessConfig, block_bytes: int,
                         ttl_s=spec.ttl_s, listener=listener)
     return HostTier(block_bytes, int(spec.host_memory_gib * 2**30), below=disk, ttl_s=spec.ttl_s,
                     listener=listener)
+
+
+def _log_finished(sink):
+    """issue 8: one JSON log line per finished request, tagged with its id (`dyn logs --request`)."""
+    def on_outputs(outputs) -> None:
+        for out in outputs:
+            if out.finished:
+                log.info("request finished: %s", out.error or out.finish_reason,
+                         extra={"request_id": out.request_id})
+        sink(outputs)
+    return on_outputs
 
 
 def _replace_role(cfg: ProcessConfig, role: str) -> ProcessConfig:

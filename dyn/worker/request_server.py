@@ -123,7 +123,7 @@ class RequestServer:
             self._fail(client, rid, "bad_request", f"request id {rid!r} is already running", False)
             return
         try:
-            request = _engine_request(msg)
+            request = engine_request(msg)
         except RequestError as exc:
             self._fail(client, rid, "bad_request", str(exc), False)
             return
@@ -194,7 +194,8 @@ class RequestServer:
             await self._sock.send_multipart(frames)
 
 
-def _engine_request(msg: GenerateRequest) -> EngineRequest:
+def engine_request(msg: GenerateRequest) -> EngineRequest:
+    """The engine's view of a wire request; RequestError names a bad sampling field."""
     unknown = set(msg.sampling) - _SAMPLING_FIELDS
     if unknown:
         raise RequestError(f"unknown sampling fields {sorted(unknown)}", field="sampling")

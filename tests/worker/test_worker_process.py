@@ -36,19 +36,20 @@ auth: {curve: true}
 """
 
 
-def _start_worker(tmp_path: Path, daemon_address: str = "", keys: DeploymentKeys | None = None):
+def _start_worker(tmp_path: Path, daemon_address: str = "", keys: DeploymentKeys | None = None, *,
+                  process_id: str = "worker-0", role: str = "both", recipe: str = RECIPE):
     keys_path = None
     if keys is not None:
-        keys_path = tmp_path / "worker.keys"
-        write_private(keys_path, keys.for_process("worker-0").to_json())
+        keys_path = tmp_path / f"{process_id}.keys"
+        write_private(keys_path, keys.for_process(process_id).to_json())
     topology = (ROOT / "topologies" / "local.yaml").read_text()
-    cfg = ProcessConfig(deployment="t", process_id="worker-0", role="both", node="local",
-                        daemon_address=daemon_address, recipe_text=RECIPE, topology_text=topology,
+    cfg = ProcessConfig(deployment="t", process_id=process_id, role=role, node="local",
+                        daemon_address=daemon_address, recipe_text=recipe, topology_text=topology,
                         keys_path=str(keys_path) if keys_path else None, heartbeat_interval_s=0.2,
                         daemon_grace_s=3.0)
-    cfg_path = tmp_path / "worker.json"
+    cfg_path = tmp_path / f"{process_id}.json"
     cfg_path.write_text(cfg.to_json())
-    log = open(tmp_path / "worker.log", "wb")
+    log = open(tmp_path / f"{process_id}.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "dyn", "worker", "--config", str(cfg_path)],
                             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     return proc
