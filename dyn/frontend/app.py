@@ -1,0 +1,284 @@
+"""The OpenAI-compatible HTTP API (aiohttp on uvloop).
+
+aiohttp was chosen because it is one mature dependency (server and client),
+its per-request overhead is low when handlers build plain dicts, and its
+StreamResponse writes SSE chunks as they come with no framework in between.
+Handlers are cancelled when the client disconnects (handler_cancellation),
+which unwinds the generation and sends Cancel to the worker at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from dyn.errors import RequestError
+from dyn.frontend.auth import is_authorized
+from dyn.frontend.generate import Dispatcher, Usage
+from dyn.frontend.metrics import CONTENT_TYPE, FrontendMetrics
+from dyn.frontend.protocol import ApiError, GenerationRequest, parse_chat, parse_completion
+from dyn.frontend.responses import (DONE, StreamFormatter, chat_logprobs, completion_logprobs,
+                                    error_event, full_response)
+from dyn.frontend.text import TextTokenizer
+from dyn.frontend.workers import DECODE_ROLES, WorkerPool
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 32 * 1024 * 1024
+OFF_LOOP_CHARS = 16_384
+"""Prompts longer than this (characters) are tokenized on a worker thread."""
+_JSON = "application/json"
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no"}
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    served_model: str
+    max_context: int
+    max_prompt_tokens: int | None = None
+
+
+class Frontend:
+    """What the HTTP handlers share: settings, tokenizer, dispatcher, pool and metrics."""
+
+    def __init__(self, settings: ApiSettings, tokenizer: TextTokenizer, dispatcher: Dispatcher,
+                 pool: WorkerPool, metrics: FrontendMetrics, *, api_key_digests: frozenset[str] | None = None) -> None:
+        self.api_key_digests = api_key_digests
+        """None: open API; else SHA-256 digests of the accepted bearer tokens."""
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.dispatcher = dispatcher
+        self.pool = pool
+        self.metrics = metrics
+        self.created = int(time.time())
+        self.accepting = True
+        """False while draining: new generation requests get 503."""
+
+    def is_ready(self) -> bool:
+        """Ready for traffic: not draining, and a decode-capable worker is ready."""
+        return self.accepting and any(w.role in DECODE_ROLES and w.is_ready for w in self.pool.workers.values())
+
+
+def build_app(frontend: Frontend) -> web.Application:
+    middlewares = [_errors(frontend.metrics)]
+    if frontend.api_key_digests is not None:
+        middlewares.append(_auth(frontend.api_key_digests))
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
+    handlers = _Handlers(frontend)
+    app.router.add_post("/v1/chat/completions", handlers.chat)
+    app.router.add_post("/v1/completions", handlers.completions)
+    app.router.add_get("/v1/models", handlers.models)
+    app.router.add_get("/health", handlers.health)
+    app.router.add_get("/metrics", handlers.metrics)
+    return app
+
+
+async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve `app` on host:port (0: any free port); returns the runner and the bound port."""
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+    await site.start()
+    bound = runner.addresses[0][1]
+    return runner, bound
+
+
+class _Handlers:
+    def __init__(self, fe: Frontend) -> None:
+        self.fe = fe
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, parse_chat(await _json_body(request)))
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, parse_completion(await _json_body(request)))
+
+    async def models(self, request: web.Request) -> web.Response:
+        s = self.fe.settings
+        return web.json_response({"object": "list", "data": [
+            {"id": s.served_model, "object": "model", "created": self.fe.created, "owned_by": "dyn",
+             "max_model_len": s.max_context}]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        workers = {w.id: {"role": w.role, "state": w.state, "in_flight": w.in_flight}
+                   for w in self.fe.pool.workers.values()}
+        ready = self.fe.is_ready()
+        return web.json_response({"status": "ready" if ready else "not ready", "workers": workers},
+                                 status=200 if ready else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.fe.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def _generate(self, request: web.Request, req: GenerationRequest) -> web.StreamResponse:
+        fe = self.fe
+        if not fe.accepting:
+            raise ApiError("this frontend is draining; retry on another", status=503, code="draining",
+                           type="service_unavailable", retry_after_s=1.0)
+        if req.model != fe.settings.served_model:
+            raise ApiError(f"model {req.model!r} does not exist; this server serves "
+                           f"{fe.settings.served_model!r}", status=404, param="model", code="model_not_found")
+        prompt_ids = await self._prompt_ids(req)
+        usage = Usage()
+        rid = fe.dispatcher.new_request_id()
+        public_id = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + rid
+        fe.metrics.in_flight.inc()
+        start = time.perf_counter()
+        try:
+            async with aclosing(fe.dispatcher.generate(req, prompt_ids, rid, usage)) as pieces:
+                if req.stream:
+                    response = await self._stream(request, req, public_id, pieces, usage)
+                else:
+                    response = await self._collect(req, public_id, pieces, usage)
+        finally:
+            fe.metrics.in_flight.dec()
+            usage.num_completion_tokens = len(usage.token_ids)
+            fe.metrics.prompt_tokens.inc(usage.num_prompt_tokens)
+            fe.metrics.completion_tokens.inc(usage.num_completion_tokens)
+            fe.metrics.cached_tokens.inc(usage.num_cached_tokens)
+        fe.metrics.e2e.observe(time.perf_counter() - start)
+        return response
+
+    async def _prompt_ids(self, req: GenerationRequest) -> list[int]:
+        s, tok = self.fe.settings, self.fe.tokenizer
+        if req.kind == "chat":
+            param = "messages"
+            size = sum(len(m["content"]) for m in req.messages)
+            ids = await _off_loop(size, tok.chat_prompt, req.messages)
+        elif req.prompt_token_ids is not None:
+            ids, param = list(req.prompt_token_ids), "prompt"
+        else:
+            param = "prompt"
+            ids = await _off_loop(len(req.prompt_text or ""), tok.encode, req.prompt_text or "")
+        if not ids:
+            raise ApiError("the prompt encodes to zero tokens", param=param)
+        limit = min(s.max_prompt_tokens or s.max_context, s.max_context - 1)
+        if len(ids) > limit:
+            raise ApiError(f"the prompt has {len(ids)} tokens; the limit is {limit}", param=param,
+                           code="context_length_exceeded")
+        if req.max_tokens is not None and len(ids) + req.max_tokens > s.max_context:
+            raise ApiError(f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the "
+                           f"model's context of {s.max_context} tokens", param="max_tokens",
+                           code="context_length_exceeded")
+        return ids
+
+    async def _collect(self, req: GenerationRequest, public_id: str, pieces, usage: Usage) -> web.Response:
+        texts: list[str] = []
+        token_ids: list[int] = []
+        logprobs: list[float] = []
+        reason = "stop"
+        async for piece in pieces:
+            texts.append(piece.text)
+            if piece.logprobs is not None:
+                token_ids.extend(piece.token_ids)
+                logprobs.extend(piece.logprobs)
+            if piece.finish_reason:
+                reason = piece.finish_reason
+                break
+        usage.num_completion_tokens = len(usage.token_ids)
+        lp = None
+        if req.logprobs and logprobs:
+            tok = self.fe.tokenizer
+            lp = ({"content": chat_logprobs(tok, token_ids, logprobs)} if req.kind == "chat"
+                  else completion_logprobs(tok, token_ids, logprobs))
+        body = full_response(req.kind, public_id, req.model, "".join(texts), reason, usage, lp)
+        return web.Response(body=body, content_type=_JSON)
+
+    async def _stream(self, request: web.Request, req: GenerationRequest, public_id: str, pieces,
+                      usage: Usage) -> web.StreamResponse:
+        fmt = StreamFormatter(req.kind, public_id, req.model, self.fe.tokenizer,
+                              include_usage=req.include_usage)
+        # Wait for the first piece before the headers: routing and worker refusals
+        # (503 + Retry-After, 400) still get a proper HTTP status.
+        first = await anext(pieces, None)
+        response = web.StreamResponse(headers=_SSE_HEADERS)
+        await response.prepare(request)
+        try:
+            out = fmt.first()
+            if first is not None:
+                out += fmt.piece(first)
+                if not first.finish_reason:
+                    await response.write(out)
+                    out = b""
+                    async for piece in pieces:
+                        await response.write(fmt.piece(piece))
+                        if piece.finish_reason:
+                            break
+            usage.num_completion_tokens = len(usage.token_ids)
+            await response.write(out + fmt.usage(usage) + DONE)
+        except ApiError as exc:  # the worker failed mid-stream: tell the client in-band
+            await response.write(error_event(exc.body()) + DONE)
+        except ConnectionResetError:  # the client left; leaving here cancels on the worker
+            log.info("client went away during %s", public_id)
+        return response
+
+
+async def _off_loop(num_chars: int, fn, arg):
+    """Tokenize long texts on a thread so one big prompt does not stall every stream."""
+    if num_chars < OFF_LOOP_CHARS:
+        return fn(arg)
+    return await asyncio.to_thread(fn, arg)
+
+
+async def _json_body(request: web.Request):
+    raw = await request.read()
+    if not raw:
+        raise ApiError("the request body is empty; send a JSON object")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError("the request body nests JSON too deeply") from None
+
+
+def _errors(metrics: FrontendMetrics):
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        endpoint = request.match_info.route.resource.canonical if request.match_info.route.resource else "other"
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            response = _error_response(exc)
+        except RequestError as exc:  # e.g. the chat template refused the messages
+            response = _error_response(ApiError(str(exc), param=exc.field))
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status)
+            response = _error_response(ApiError(exc.reason if exc.status != 413 else
+                                                f"the request body exceeds {MAX_BODY_BYTES} bytes",
+                                                status=exc.status, code=code))
+        except Exception:
+            log.exception("internal error on %s", request.path)
+            response = _error_response(ApiError("internal server error; see the frontend log", status=500,
+                                                type="server_error", code="internal"))
+        metrics.count_request(endpoint, response.status)
+        return response
+
+    return middleware
+
+
+def _auth(digests: frozenset[str]):
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        if request.path.startswith("/v1/") and not is_authorized(request.headers.get("Authorization"), digests):
+            raise ApiError("missing or invalid API key; send 'Authorization: Bearer <key>'", status=401,
+                           code="invalid_api_key")
+        return await handler(request)
+
+    return middleware
+
+
+def _error_response(exc: ApiError) -> web.Response:
+    headers = {}
+    if exc.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    return web.Response(body=json.dumps(exc.body()).encode(), status=exc.status, content_type=_JSON,
+                        headers=headers)

@@ -1,0 +1,113 @@
+"""Prometheus metrics of one frontend: its own registry, never the global one.
+
+Request counters and latency histograms are updated on the request path;
+per-worker gauges (queue depth, prefix-cache hit rate, shuttle traffic) are
+read from the worker pool at scrape time, so they cost nothing per request.
+Shuttle figures come from worker heartbeat metrics named
+`shuttle_bytes.<path>` (cumulative) and `shuttle_gbps.<path>` (recent rate).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from dyn.frontend.workers import WorkerPool
+from dyn.router.router import Router
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_TTFT_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
+_ITL_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5)
+_E2E_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class FrontendMetrics:
+    def __init__(self, pool: WorkerPool | None = None, router: Router | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("dyn_frontend_requests", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.in_flight = Gauge("dyn_frontend_requests_in_flight", "Generation requests being served",
+                               registry=r)
+        self.ttft = Histogram("dyn_frontend_ttft_seconds", "Time to first token",
+                              buckets=_TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("dyn_frontend_itl_seconds", "Time between streamed tokens",
+                             buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("dyn_frontend_request_duration_seconds", "Request latency, end to end",
+                             buckets=_E2E_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("dyn_frontend_prompt_tokens", "Prompt tokens in", registry=r)
+        self.completion_tokens = Counter("dyn_frontend_completion_tokens", "Tokens generated",
+                                         registry=r)
+        self.cached_tokens = Counter("dyn_frontend_cached_prompt_tokens",
+                                     "Prompt tokens served from a worker's prefix cache", registry=r)
+        self.prefill_paths = Counter("dyn_frontend_prefill", "Where prompts were prefilled",
+                                     ["path"], registry=r)
+        self.rejected = Counter("dyn_frontend_rejected", "Requests refused by backpressure",
+                                registry=r)
+        self.cancelled = Counter("dyn_frontend_cancelled", "Requests cancelled on a worker "
+                                 "(client disconnect or stop string)", ["reason"], registry=r)
+        if pool is not None:
+            r.register(_PoolCollector(pool, router))
+        self.num_requests = 0
+        self.num_rejected = 0
+
+    def count_request(self, endpoint: str, status: int) -> None:
+        self.num_requests += 1
+        if status in (429, 503):
+            self.num_rejected += 1
+            self.rejected.inc()
+        self.requests.labels(endpoint, str(status)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _PoolCollector(Collector):
+    """Per-worker gauges, read from the pool's latest heartbeat metrics when scraped."""
+
+    def __init__(self, pool: WorkerPool, router: Router | None) -> None:
+        self._pool = pool
+        self._router = router
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        queue = GaugeMetricFamily("dyn_worker_queue_depth", "Requests waiting for a batch slot",
+                                  labels=["worker", "role"])
+        in_flight = GaugeMetricFamily("dyn_worker_in_flight", "Requests this frontend has open",
+                                      labels=["worker", "role"])
+        hit_rate = GaugeMetricFamily("dyn_worker_prefix_cache_hit_rate",
+                                     "Prompt blocks found in the prefix cache / looked up",
+                                     labels=["worker"])
+        shuttle_bytes = GaugeMetricFamily("dyn_shuttle_bytes", "KV bytes moved by the shuttle",
+                                          labels=["worker", "path"])
+        shuttle_rate = GaugeMetricFamily("dyn_shuttle_gbps", "Recent shuttle throughput (GB/s)",
+                                         labels=["worker", "path"])
+        total_hits = total_lookups = 0.0
+        indexed = GaugeMetricFamily("dyn_router_indexed_blocks", "KV blocks the router's index holds",
+                                    labels=["worker", "tier"])
+        router = self._router
+        for w in self._pool.workers.values():
+            if router is not None:
+                for tier, count in router.index.num_blocks(w.id).items():
+                    indexed.add_metric([w.id, tier], count)
+            queue.add_metric([w.id, w.role], w.queue_depth)
+            in_flight.add_metric([w.id, w.role], w.in_flight)
+            lookups = w.metrics.get("prefix_lookup_blocks", 0.0)
+            hits = w.metrics.get("prefix_hit_blocks", 0.0)
+            if lookups > 0:
+                hit_rate.add_metric([w.id], hits / lookups)
+                total_hits, total_lookups = total_hits + hits, total_lookups + lookups
+            for key, value in w.metrics.items():
+                if key.startswith("shuttle_bytes."):
+                    shuttle_bytes.add_metric([w.id, key[14:]], value)
+                elif key.startswith("shuttle_gbps."):
+                    shuttle_rate.add_metric([w.id, key[13:]], value)
+        overall = GaugeMetricFamily("dyn_prefix_cache_hit_rate",
+                                    "Prefix-cache hit rate over all workers (blocks)")
+        overall.add_metric([], total_hits / total_lookups if total_lookups else 0.0)
+        yield from (queue, in_flight, hit_rate, overall, shuttle_bytes, shuttle_rate, indexed)

@@ -1,0 +1,171 @@
+"""`dyn frontend`: the HTTP API process, wired to the daemon and the workers.
+
+Startup: serve HTTP, register with the daemon (role "frontend", addresses
+http + metrics), then apply every `update_workers` push to the worker pool.
+Shutdown (SIGTERM, stop command, daemon lost): stop taking requests, let
+in-flight ones finish for a grace period, then close every socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import zmq
+import zmq.asyncio
+
+from dyn.config.process import ProcessConfig
+from dyn.config.recipe import Recipe
+from dyn.control.keys import load_process_keys
+from dyn.control.messages import Command
+from dyn.control.sockets import Security
+from dyn.errors import ConfigError
+from dyn.frontend.auth import load_api_keys
+from dyn.frontend.app import ApiSettings, Frontend, build_app, start_site
+from dyn.frontend.generate import Dispatcher
+from dyn.frontend.kv_subscriber import KvEventSubscriber
+from dyn.frontend.metrics import FrontendMetrics
+from dyn.frontend.routing import Routing
+from dyn.frontend.text import TextTokenizer, load_tokenizer
+from dyn.frontend.workers import WorkerLimits, WorkerPool
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_S = 10.0
+
+
+def build_frontend(recipe: Recipe, pool: WorkerPool, *, tokenizer: TextTokenizer | None = None,
+                   policy: str | None = None, seed: int | None = None,
+                   stall_timeout_s: float = 120.0) -> Frontend:
+    """Assemble the HTTP frontend of a recipe over an existing worker pool."""
+    tokenizer = tokenizer or load_tokenizer(recipe.model)
+    routing = Routing(recipe, pool, policy=policy, seed=seed)
+    metrics = FrontendMetrics(pool, routing.router)
+    dispatcher = Dispatcher(pool, routing, tokenizer, metrics, max_context=recipe.model.max_context,
+                            stall_timeout_s=stall_timeout_s)
+    settings = ApiSettings(recipe.model.served_name, recipe.model.max_context,
+                           recipe.frontend.max_prompt_tokens)
+    digests = load_api_keys(recipe.auth.api_keys_file) if recipe.auth.api_keys_file else None
+    return Frontend(settings, tokenizer, dispatcher, pool, metrics, api_key_digests=digests)
+
+
+def worker_limits(recipe: Recipe) -> dict[str, WorkerLimits]:
+    return {g.role: WorkerLimits(g.max_batch_size, g.max_queue) for g in recipe.workers}
+
+
+async def run_frontend(config: ProcessConfig) -> int:
+    """Run until stopped; returns the exit code."""
+    from dyn.config.loader import parse_recipe
+    from dyn.worker.control_client import ControlClient
+
+    recipe = parse_recipe(config.recipe_text, config.recipe_source)
+    host = config.extra.get("http_host", recipe.frontend.host)
+    try:
+        port = int(config.extra.get("http_port", recipe.frontend.port))
+    except ValueError:
+        raise ConfigError(f"extra.http_port must be an integer, got {config.extra['http_port']!r}",
+                          path=config.process_id) from None
+    ctx = zmq.asyncio.Context()
+    security = Security.from_keys(load_process_keys(config.keys_path) if config.keys_path else None)
+    pool = WorkerPool(ctx, security, worker_limits(recipe))
+    frontend = build_frontend(recipe, pool, policy=config.extra.get("router_policy"))
+    stop = asyncio.Event()
+    aio = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        aio.add_signal_handler(sig, stop.set)
+
+    runner, bound = await start_site(build_app(frontend), host, port)
+    url = f"http://{host}:{bound}"
+    log.info("frontend serving %s on %s", recipe.model.served_name, url)
+    # The router's KV index follows the workers' KV events; snapshots ride the request plane.
+    kv_events = KvEventSubscriber(ctx, security, frontend.dispatcher.routing.router, pool.request_snapshot)
+    pool.on_snapshot = kv_events.on_snapshot
+    tasks: list[asyncio.Task] = [asyncio.create_task(kv_events.run())]
+    control = None
+    if config.daemon_address:
+        control = ControlClient(ctx, daemon_address=config.daemon_address, security=security,
+                                process_id=config.process_id, role="frontend", node=config.node,
+                                heartbeat_interval_s=config.heartbeat_interval_s,
+                                daemon_grace_s=config.daemon_grace_s)
+        control.addresses = {"http": url, "metrics": url + "/metrics"}
+        control.state = "ready"
+
+        async def on_command(command: Command) -> None:
+            await _apply_command(command, frontend, kv_events, stop, security)
+
+        async def metrics() -> tuple[dict[str, float], dict]:
+            return _heartbeat_metrics(frontend), {"role": "frontend", "url": url}
+
+        tasks.append(asyncio.create_task(control.run(on_command, metrics)))
+        tasks.append(asyncio.create_task(_set_on(control.daemon_lost, stop)))
+    try:
+        await stop.wait()
+    finally:
+        frontend.accepting = False
+        if control is not None:
+            control.set_state("stopping")
+        log.info("frontend stopping; %d requests in flight", frontend.pool.num_open_streams)
+        await _wait_idle(frontend, SHUTDOWN_GRACE_S)
+        await runner.shutdown()
+        await runner.cleanup()
+        log.info("frontend stopped")
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            # Bounded: on Python 3.11 a wait_for inside a task can swallow its cancellation.
+            await asyncio.wait(tasks, timeout=1.0)
+        kv_events.close()
+        pool.close()
+        if control is not None:
+            control.close()
+        security.stop()
+        ctx.term()
+    return 0
+
+
+async def _apply_command(command: Command, frontend: Frontend, kv_events: KvEventSubscriber,
+                         stop: asyncio.Event, security: Security) -> None:
+    if command.action == "update_workers":
+        workers = command.args.get("workers")
+        if not isinstance(workers, list):
+            log.warning("update_workers without a workers list; ignored")
+            return
+        pool = frontend.pool
+        before = set(pool.workers)
+        pool.update(workers)
+        for gone in before - set(pool.workers):
+            frontend.dispatcher.routing.forget(gone)
+        for wid in kv_events.worker_ids - set(pool.workers):
+            kv_events.disconnect(wid)
+        for wid, handle in pool.workers.items():
+            if handle.kv_events_address is not None and handle.is_ready:
+                await kv_events.connect(wid, handle.kv_events_address)
+    elif command.action == "drain":
+        frontend.accepting = False
+    elif command.action == "stop":
+        stop.set()
+    elif command.action == "authorize":
+        keys = command.args.get("public_keys", [])
+        if isinstance(keys, list) and all(isinstance(k, str) for k in keys):
+            security.authorizer.add(keys)
+
+
+def _heartbeat_metrics(frontend: Frontend) -> dict[str, float]:
+    m = frontend.metrics
+    return {"in_flight": float(frontend.pool.num_open_streams),
+            "num_workers": float(len(frontend.pool.workers)),
+            "requests_total": float(m.num_requests), "rejected_total": float(m.num_rejected),
+            "bad_messages": float(frontend.pool.bad.total)}
+
+
+async def _wait_idle(frontend: Frontend, timeout_s: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while frontend.pool.num_open_streams and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+
+
+async def _set_on(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()

@@ -1,0 +1,302 @@
+"""OpenAI request bodies -> frozen dataclasses, with errors that name the field.
+
+Validation is hand-written instead of pydantic: the hot path parses one small
+dict per request, and every failure must carry the OpenAI `param` name. Unknown
+fields are ignored, as OpenAI-compatible servers do; known fields we cannot
+honour (n > 1, tools, penalties, non-text content) are refused, never ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from dyn.errors import DynError
+
+MAX_STOP_STRINGS = 16
+LEGACY_DEFAULT_MAX_TOKENS = 16
+"""/v1/completions without max_tokens generates this many, as OpenAI's API does."""
+MAX_STOP_CHARS = 256
+MAX_TOKEN_ID = 2**31 - 1
+"""Token ids and top_k travel as msgpack ints; no vocabulary comes near this."""
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
+class ApiError(DynError):
+    """An HTTP-level failure rendered as OpenAI's error object."""
+
+    def __init__(self, message: str, *, status: int = 400, param: str | None = None,
+                 code: str | None = None, type: str = "invalid_request_error",
+                 retry_after_s: float | None = None) -> None:
+        self.message = message
+        self.status = status
+        self.param = param
+        self.code = code
+        self.type = type
+        self.retry_after_s = retry_after_s
+        super().__init__(f"{param}: {message}" if param else message)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+@dataclass(frozen=True, slots=True)
+class Hints:
+    """Routing hints from the `dyn` extension object (and top-level `ignore_eos`)."""
+
+    priority: int = 0
+    latency_sensitive: bool = False
+    expected_output_tokens: int | None = None
+    session_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One validated /v1/chat/completions or /v1/completions request."""
+
+    kind: Literal["chat", "completion"]
+    model: str
+    messages: tuple[dict[str, str], ...] = ()
+    """chat: (role, content) dicts with content flattened to text."""
+    prompt_text: str | None = None
+    prompt_token_ids: tuple[int, ...] | None = None
+    max_tokens: int | None = None
+    """None: up to the model's context."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False
+    ignore_eos: bool = False
+    hints: Hints = Hints()
+
+
+def parse_chat(body: Any) -> GenerationRequest:
+    """Validate a chat completion body (already JSON-decoded)."""
+    body = _require_object(body)
+    raw = body.get("messages")
+    if not isinstance(raw, list):
+        raise ApiError("'messages' must be a list of message objects", param="messages")
+    if not raw:
+        raise ApiError("'messages' must contain at least one message", param="messages")
+    messages = tuple(_message(m, f"messages[{i}]") for i, m in enumerate(raw))
+    logprobs = _opt_bool(body, "logprobs") or False
+    top_logprobs = _opt_int(body, "top_logprobs", 0, 20)
+    if top_logprobs:
+        raise ApiError("only the sampled token's logprob is available; top_logprobs must be 0",
+                       param="top_logprobs")
+    max_tokens = _opt_int(body, "max_completion_tokens", 1, None)
+    if max_tokens is None:
+        max_tokens = _opt_int(body, "max_tokens", 1, None)
+    for name in ("tools", "functions"):
+        if body.get(name):
+            raise ApiError(f"'{name}' (tool calling) is not supported by this server", param=name)
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise ApiError("only response_format {'type': 'text'} is supported", param="response_format")
+    return _common(body, "chat", messages=messages, max_tokens=max_tokens, logprobs=logprobs)
+
+
+def parse_completion(body: Any) -> GenerationRequest:
+    """Validate a legacy completion body; `prompt` is text or token ids."""
+    body = _require_object(body)
+    prompt = body.get("prompt")
+    text: str | None = None
+    ids: tuple[int, ...] | None = None
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        text = prompt
+    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        if any(t < 0 or t > MAX_TOKEN_ID for t in prompt):
+            raise ApiError(f"token ids must be between 0 and {MAX_TOKEN_ID}", param="prompt")
+        ids = tuple(prompt)
+    elif isinstance(prompt, list) and len(prompt) > 1:
+        raise ApiError("batched prompts are not supported; send one prompt per request", param="prompt")
+    else:
+        raise ApiError("'prompt' must be a string or a non-empty list of token ids", param="prompt")
+    if text is not None and not text:
+        raise ApiError("'prompt' must not be empty", param="prompt")
+    if text is not None:
+        _require_utf8(text, "prompt")
+    logprobs = _opt_int(body, "logprobs", 0, 20)
+    if logprobs is not None and logprobs > 1:
+        raise ApiError("only the sampled token's logprob is available; logprobs must be 0 or 1",
+                       param="logprobs")
+    if _opt_bool(body, "echo"):
+        raise ApiError("echo is not supported", param="echo")
+    if body.get("suffix"):
+        raise ApiError("suffix is not supported", param="suffix")
+    max_tokens = _opt_int(body, "max_tokens", 1, None)
+    if "max_tokens" not in body:
+        max_tokens = LEGACY_DEFAULT_MAX_TOKENS  # OpenAI's default; an explicit null means "to the context end"
+    return _common(body, "completion", prompt_text=text, prompt_token_ids=ids, max_tokens=max_tokens,
+                   logprobs=logprobs is not None)
+
+
+def _common(body: dict, kind: str, **fields: Any) -> GenerationRequest:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError("'model' must be a non-empty string", param="model")
+    n = _opt_int(body, "n", 1, None)
+    if n is not None and n != 1:
+        raise ApiError("only n=1 is supported", param="n")
+    if _opt_int(body, "best_of", 1, None) not in (None, 1):
+        raise ApiError("only best_of=1 is supported", param="best_of")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = _opt_float(body, name, -2.0, 2.0)
+        if value:
+            raise ApiError(f"{name} is not supported; omit it or send 0", param=name)
+    if body.get("logit_bias"):
+        raise ApiError("logit_bias is not supported", param="logit_bias")
+    temperature = _opt_float(body, "temperature", 0.0, 2.0)
+    top_p = _opt_float(body, "top_p", 0.0, 1.0)
+    if top_p is not None and top_p <= 0.0:
+        raise ApiError("top_p must be in (0, 1]", param="top_p")
+    stream = _opt_bool(body, "stream") or False
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict):
+            raise ApiError("'stream_options' must be an object", param="stream_options")
+        if not stream:
+            raise ApiError("stream_options is only allowed with stream=true", param="stream_options")
+        include_usage = _opt_bool(options, "include_usage", "stream_options.include_usage") or False
+    ext = body.get("dyn")
+    if ext is not None and not isinstance(ext, dict):
+        raise ApiError("'dyn' must be an object of routing hints", param="dyn")
+    ext = ext or {}
+    ignore_eos = _opt_bool(ext, "ignore_eos", "dyn.ignore_eos")
+    if ignore_eos is None:
+        ignore_eos = _opt_bool(body, "ignore_eos")
+    hints = Hints(
+        priority=_opt_int(ext, "priority", -1000, 1000, "dyn.priority") or 0,
+        latency_sensitive=_opt_bool(ext, "latency_sensitive", "dyn.latency_sensitive") or False,
+        expected_output_tokens=_opt_int(ext, "expected_output_tokens", 0, None, "dyn.expected_output_tokens"),
+        session_id=_opt_str(ext, "session_id", "dyn.session_id"),
+    )
+    return GenerationRequest(
+        kind=kind, model=model,  # type: ignore[arg-type]
+        temperature=1.0 if temperature is None else temperature,
+        top_p=1.0 if top_p is None else top_p,
+        top_k=_opt_int(body, "top_k", -1, MAX_TOKEN_ID) or 0,
+        seed=_opt_int(body, "seed", -(2**63), 2**63 - 1),
+        stop=_stop(body.get("stop")),
+        stop_token_ids=_int_list(body, "stop_token_ids"),
+        stream=stream, include_usage=include_usage, ignore_eos=bool(ignore_eos), hints=hints, **fields)
+
+
+def _require_object(body: Any) -> dict:
+    if not isinstance(body, dict):
+        raise ApiError("the request body must be a JSON object")
+    return body
+
+
+def _message(raw: Any, where: str) -> dict[str, str]:
+    if not isinstance(raw, dict):
+        raise ApiError("each message must be an object with 'role' and 'content'", param=where)
+    role = raw.get("role")
+    if role not in _ROLES:
+        raise ApiError(f"'role' must be one of {sorted(_ROLES)}, got {role!r}", param=f"{where}.role")
+    content = raw.get("content")
+    if content is None and role == "assistant":
+        content = ""
+    if isinstance(content, list):
+        parts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError("only text content parts ({'type': 'text', 'text': ...}) are supported",
+                               param=f"{where}.content[{i}]")
+            parts.append(part["text"])
+        content = "".join(parts)
+    if not isinstance(content, str):
+        raise ApiError("'content' must be a string or a list of text parts", param=f"{where}.content")
+    _require_utf8(content, f"{where}.content")
+    return {"role": role, "content": content}
+
+
+def _stop(raw: Any) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    stops = [raw] if isinstance(raw, str) else raw
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise ApiError("'stop' must be a string or a list of strings", param="stop")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise ApiError(f"at most {MAX_STOP_STRINGS} stop strings are allowed", param="stop")
+    if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+        raise ApiError(f"stop strings must have 1 to {MAX_STOP_CHARS} characters", param="stop")
+    for s in stops:
+        _require_utf8(s, "stop")
+    return tuple(stops)
+
+
+def _require_utf8(text: str, param: str) -> None:
+    """JSON can carry lone surrogates (\\ud800) that no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(f"text contains an invalid character at position {exc.start} "
+                       f"(a lone UTF-16 surrogate)", param=param) from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _opt_int(body: dict, key: str, lo: int | None, hi: int | None, param: str | None = None) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    param = param or key
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not _is_int(value):
+        raise ApiError(f"'{key}' must be an integer, got {type(value).__name__}", param=param)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise ApiError(f"'{key}' must be {bounds}, got {value}", param=param)
+    return value
+
+
+def _opt_float(body: dict, key: str, lo: float, hi: float) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ApiError(f"'{key}' must be a number, got {type(value).__name__}", param=key)
+    if not lo <= value <= hi:
+        raise ApiError(f"'{key}' must be between {lo} and {hi}, got {value}", param=key)
+    return float(value)
+
+
+def _opt_bool(body: dict, key: str, param: str | None = None) -> bool | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, bool):
+        raise ApiError(f"'{key}' must be a boolean, got {type(value).__name__}", param=param or key)
+    return value
+
+
+def _opt_str(body: dict, key: str, param: str) -> str | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 256:
+        raise ApiError(f"'{key}' must be a string of at most 256 characters", param=param)
+    return value
+
+
+def _int_list(body: dict, key: str) -> tuple[int, ...]:
+    value = body.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(_is_int(v) and 0 <= v <= MAX_TOKEN_ID for v in value):
+        raise ApiError(f"'{key}' must be a list of token ids between 0 and {MAX_TOKEN_ID}", param=key)
+    return tuple(value)

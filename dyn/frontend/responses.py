@@ -1,0 +1,114 @@
+"""OpenAI response objects: full responses, SSE chunks, usage, logprobs.
+
+Each stream builds its skeleton dict once and only swaps the changing fields
+per chunk, so a chunk costs one json.dumps and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Sequence
+
+from dyn.frontend.generate import Piece, Usage
+from dyn.frontend.text import TextTokenizer
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def usage_dict(usage: Usage) -> dict:
+    return {"prompt_tokens": usage.num_prompt_tokens, "completion_tokens": usage.num_completion_tokens,
+            "total_tokens": usage.num_prompt_tokens + usage.num_completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.num_cached_tokens}}
+
+
+class StreamFormatter:
+    """Turns pieces of one request into SSE `data:` lines (bytes)."""
+
+    def __init__(self, kind: str, request_id: str, model: str, tokenizer: TextTokenizer,
+                 *, include_usage: bool) -> None:
+        self.kind = kind
+        self._tok = tokenizer
+        self._include_usage = include_usage
+        self._offset = 0
+        self._choice: dict = {"index": 0, "logprobs": None, "finish_reason": None}
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        self._chunk = {"id": request_id, "object": obj, "created": int(time.time()), "model": model,
+                       "choices": [self._choice]}
+        if include_usage:
+            self._chunk["usage"] = None
+        if kind == "chat":
+            self._choice["delta"] = {"role": "assistant", "content": ""}
+
+    def first(self) -> bytes:
+        """The chat stream's opening chunk (role only); empty for completions."""
+        if self.kind != "chat":
+            return b""
+        return _event(self._chunk)
+
+    def piece(self, piece: Piece) -> bytes:
+        choice = self._choice
+        if self.kind == "chat":
+            choice["delta"] = {"content": piece.text} if piece.text or not piece.finish_reason else {}
+        else:
+            choice["text"] = piece.text
+        choice["logprobs"] = self._logprobs(piece) if piece.logprobs is not None else None
+        choice["finish_reason"] = piece.finish_reason
+        return _event(self._chunk)
+
+    def usage(self, usage: Usage) -> bytes:
+        if not self._include_usage:
+            return b""
+        chunk = dict(self._chunk, choices=[], usage=usage_dict(usage))
+        return _event(chunk)
+
+    def _logprobs(self, piece: Piece) -> dict:
+        if self.kind == "chat":
+            return {"content": chat_logprobs(self._tok, piece.token_ids, piece.logprobs)}
+        out = completion_logprobs(self._tok, piece.token_ids, piece.logprobs, self._offset)
+        self._offset += len(piece.text)
+        return out
+
+
+def full_response(kind: str, request_id: str, model: str, text: str, finish_reason: str,
+                  usage: Usage, logprobs: dict | None) -> bytes:
+    if kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                  "finish_reason": finish_reason}
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        obj = "text_completion"
+    return _dumps({"id": request_id, "object": obj, "created": int(time.time()), "model": model,
+                   "choices": [choice], "usage": usage_dict(usage)}).encode()
+
+
+def chat_logprobs(tok: TextTokenizer, token_ids: Sequence[int], logprobs: Sequence[float]) -> list[dict]:
+    out = []
+    for tid, lp in zip(token_ids, logprobs):
+        text = tok.decode([tid])
+        out.append({"token": text, "logprob": lp, "bytes": list(text.encode()), "top_logprobs": []})
+    return out
+
+
+def completion_logprobs(tok: TextTokenizer, token_ids: Sequence[int], logprobs: Sequence[float],
+                        offset: int = 0) -> dict:
+    tokens, offsets = [], []
+    for tid in token_ids:
+        text = tok.decode([tid])
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": list(logprobs),
+            "top_logprobs": [{t: lp} for t, lp in zip(tokens, logprobs)], "text_offset": offsets}
+
+
+def error_event(body: dict) -> bytes:
+    return _event(body)
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def _event(obj: dict) -> bytes:
+    return b"data: " + _dumps(obj).encode() + b"\n\n"

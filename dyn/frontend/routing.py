@@ -1,0 +1,88 @@
+"""The routing seam: which worker prefills and which decodes a prompt.
+
+Loads come from the WorkerPool (the frontend's own in-flight counts merged
+with the workers' heartbeat metrics); the decision itself is dyn.router's
+Router (KV-aware cost, sessions, recipe policy). When the KV-event feed is
+not wired, the router predicts each worker's cache from its own decisions.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple, Sequence
+
+from dyn.config.recipe import Recipe
+from dyn.frontend.protocol import ApiError, Hints
+from dyn.frontend.workers import DECODE_ROLES, PREFILL_ROLES, WorkerHandle, WorkerPool
+from dyn.kv.hashing import hash_blocks
+from dyn.router.errors import NoWorkerError
+from dyn.router.router import Router
+from dyn.router.types import RouteHints, RouteRequest, WorkerLoad
+
+RETRY_AFTER_S = 1.0
+
+
+class RouteChoice(NamedTuple):
+    prefill: str | None
+    """Prefill worker id; None: the decode worker prefills itself."""
+    decode: str
+    overlap_blocks: int
+    """Prompt blocks the decode worker is believed to hold."""
+
+
+class Routing:
+    def __init__(self, recipe: Recipe, pool: WorkerPool, *, policy: str | None = None,
+                 seed: int | None = None) -> None:
+        self.mode = recipe.mode
+        self.block_size = recipe.model.block_size
+        self.pool = pool
+        self.router = Router(recipe.router, self.block_size, policy=policy, seed=seed)
+
+    def choose_workers(self, prompt_token_ids: Sequence[int], hints: Hints, *,
+                       exclude: frozenset[str] = frozenset()) -> RouteChoice:
+        """Pick (prefill or None, decode). Raises ApiError 503/429 when no worker can serve."""
+        decode = self._loads(DECODE_ROLES, exclude)
+        if not decode:
+            raise ApiError("no decode worker is ready; retry later", status=503, code="no_workers",
+                           type="service_unavailable", retry_after_s=RETRY_AFTER_S * 5)
+        request = RouteRequest(hash_blocks(prompt_token_ids, self.block_size), len(prompt_token_ids),
+                               _route_hints(hints))
+        now = time.monotonic()
+        try:
+            if self.mode == "disaggregated":
+                prefill = self._loads(PREFILL_ROLES - {"both"}, exclude)
+                decision = self.router.choose_disagg(request, prefill, decode, now)
+                pre = decision.prefill.worker_id if decision.prefill else None
+                return RouteChoice(pre, decision.decode.worker_id, decision.decode.overlap_blocks)
+            chosen = self.router.choose(request, decode, now)
+            return RouteChoice(None, chosen.worker_id, chosen.overlap_blocks)
+        except NoWorkerError as err:
+            raise ApiError(f"every worker is at its queue limit; retry later ({err})", status=503,
+                           code="overloaded", type="service_unavailable",
+                           retry_after_s=RETRY_AFTER_S) from None
+
+    def forget(self, worker_id: str) -> None:
+        self.router.remove_worker(worker_id)
+
+    def _loads(self, roles: frozenset[str], exclude: frozenset[str]) -> list[WorkerLoad]:
+        return [_load(h, self.block_size) for h in self.pool.workers.values()
+                if h.role in roles and h.is_ready and h.id not in exclude]
+
+
+def _load(handle: WorkerHandle, block_size: int) -> WorkerLoad:
+    m = handle.metrics
+    # Our own in-flight count is fresher than the heartbeat; take whichever says busier.
+    running = max(int(m.get("num_running", 0)), min(handle.in_flight, handle.limits.max_batch_size))
+    return WorkerLoad(
+        worker_id=handle.id, role=handle.role if handle.role in ("prefill", "decode") else "both",
+        waiting_prefill_tokens=max(int(m.get("waiting_prefill_tokens", 0)), 0),
+        active_decode_blocks=max(int(m.get("kv_blocks_used", 0)), handle.in_flight_tokens // block_size, 0),
+        num_running=running, num_waiting=handle.queue_depth,
+        kv_usage=min(max(m.get("kv_usage", 0.0), 0.0), 1.0),
+        max_queue=handle.limits.max_queue, healthy=True,
+        num_kv_blocks=max(int(m.get("kv_blocks_total", 0)), 0))
+
+
+def _route_hints(hints: Hints) -> RouteHints:
+    return RouteHints(priority=hints.priority, latency_sensitive=hints.latency_sensitive,
+                      expected_output_tokens=hints.expected_output_tokens, session_id=hints.session_id)

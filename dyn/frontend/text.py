@@ -1,0 +1,163 @@
+"""Tokenizers as the frontend sees them, and streaming detokenization with stop strings.
+
+The frontend owns stop strings (not the engine) so every engine behaves the
+same: text is decoded incrementally, a stop string ends the stream with the
+text before it, and text that might be the start of a stop string is held
+back until it is known not to be.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, Sequence
+
+from dyn.config.recipe import ModelSpec
+from dyn.errors import EngineError
+
+_REPLACEMENT = "\ufffd"
+
+
+class TextTokenizer(Protocol):
+    eos_token_ids: Sequence[int]
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of the chat template applied to `messages`, ready for the assistant turn."""
+        ...
+
+
+class ByteTokenizer:
+    """Ids 0-255 are UTF-8 bytes: mock deployments serve text with no checkpoint.
+
+    The mock engine samples from a 32k vocabulary; ids >= 256 decode to one
+    printable ASCII character each, so its output reads as text.
+    """
+
+    eos_token_ids: tuple[int, ...] = ()
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return bytes(t if t < 256 else 33 + t % 94 for t in token_ids).decode("utf-8", "replace")
+
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        text = "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages) + "<|assistant|>"
+        return self.encode(text)
+
+
+class ModelTokenizer:
+    """Adapter over dyn.engine.tokenizer.Tokenizer (the checkpoint's tokenizer and chat template)."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+        self.eos_token_ids = tuple(getattr(inner, "eos_token_ids", ()) or ())
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._inner.encode(text))
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self._inner.decode(list(token_ids))
+
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        out = self._inner.apply_chat_template(list(messages), add_generation_prompt=True)
+        if not isinstance(out, str):
+            return list(out)
+        # The template already writes BOS and friends: add no special tokens twice.
+        return list(self._inner.encode(out, add_special_tokens=False))
+
+
+def load_tokenizer(model: ModelSpec) -> TextTokenizer:
+    """The checkpoint's tokenizer, or ByteTokenizer for `engine: mock` without tokenizer files."""
+    has_files = (Path(model.path) / "tokenizer.json").is_file()
+    if model.engine == "mock" and not has_files:
+        return ByteTokenizer()
+    try:
+        from dyn.engine.tokenizer import Tokenizer
+    except ImportError as exc:
+        raise EngineError(f"cannot load the tokenizer of {model.path}: {exc}") from None
+    return ModelTokenizer(Tokenizer.from_dir(model.path))
+
+
+class TextStream:
+    """Incremental detokenizer for one request, applying stop strings.
+
+    `add(token_ids)` returns the text that may be sent now; `stopped` turns
+    True when a stop string matched (the matched text and anything after it
+    are dropped); `flush()` returns the held-back tail at the end.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer, stop: Sequence[str] = (), *, prefix_ids: Sequence[int] = (),
+                 lazy: bool = False) -> None:
+        """`lazy`: nobody reads text before the end (no streaming, no stop strings): decode once in flush."""
+        self._tok = tokenizer
+        self._lazy = lazy and not stop
+        self._stop = tuple(stop)
+        self._max_stop = max((len(s) for s in self._stop), default=0)
+        # Decode a window that starts a few tokens back so merges across token
+        # boundaries (leading spaces, multi-byte characters) come out right.
+        self._ids: list[int] = list(prefix_ids[-4:])
+        self._prefix = len(self._ids)
+        self._read = len(self._ids)
+        self.text = ""
+        self._sent = 0
+        self.stopped = False
+
+    def add(self, token_ids: Sequence[int]) -> str:
+        if self.stopped:
+            return ""
+        self._ids.extend(token_ids)
+        if self._lazy:
+            return ""
+        before = self._tok.decode(self._ids[self._prefix:self._read])
+        now = self._tok.decode(self._ids[self._prefix:])
+        if now.endswith(_REPLACEMENT) or len(now) <= len(before):
+            return ""  # an incomplete character: wait for the next token
+        start = len(self.text)
+        self.text += now[len(before):]
+        self._prefix, self._read = self._read, len(self._ids)
+        if self._stop:
+            return self._check_stop(start)
+        return self._take(len(self.text))
+
+    def flush(self) -> str:
+        if self.stopped:
+            return ""
+        if self._lazy:
+            self._lazy = False
+            # Decode with the prompt's tail in front, as the streaming path does, so
+            # token merges at the boundary (leading spaces) come out the same.
+            head = self._tok.decode(self._ids[:self._prefix])
+            full = self._tok.decode(self._ids)
+            self.text = full[len(head):] if full.startswith(head) else self._tok.decode(self._ids[self._prefix:])
+            self._read = len(self._ids)
+        return self._take(len(self.text))
+
+    def _check_stop(self, new_from: int) -> str:
+        search_from = max(0, new_from - self._max_stop + 1)
+        first = -1
+        for stop in self._stop:
+            idx = self.text.find(stop, search_from)
+            if idx != -1 and (first == -1 or idx < first):
+                first = idx
+        if first != -1:
+            self.stopped = True
+            out = self.text[self._sent:first]
+            self.text = self.text[:first]
+            self._sent = first
+            return out
+        hold = 0
+        for k in range(min(self._max_stop - 1, len(self.text) - self._sent), 0, -1):
+            tail = self.text[-k:]
+            if any(s.startswith(tail) for s in self._stop):
+                hold = k
+                break
+        return self._take(len(self.text) - hold)
+
+    def _take(self, end: int) -> str:
+        out = self.text[self._sent:end]
+        self._sent = max(self._sent, end)
+        return out

@@ -1,0 +1,263 @@
+"""The frontend's side of the request plane: one DEALER per worker, streams by request id.
+
+The daemon pushes the list of workers (`update_workers`); the pool connects
+to each worker's request ROUTER once and multiplexes every request over that
+socket. A reader task per worker decodes replies and hands each to the
+asyncio queue of its request, so a request costs no socket and no task of
+its own. A worker that leaves or fails ends its open streams explicitly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+from dyn import PROTOCOL_VERSION
+from dyn.control.kv_events import KvSnapshot, KvSnapshotRequest
+from dyn.control.requests import REQUEST_CODEC, Cancel, GenerateRequest, RequestFailed, TokenChunk
+from dyn.control.sockets import BadMessages, Security, client_socket, decode_or_record
+from dyn.errors import ProtocolError
+
+log = logging.getLogger(__name__)
+
+DECODE_ROLES = frozenset({"decode", "both"})
+PREFILL_ROLES = frozenset({"prefill", "both"})
+
+
+@dataclass(slots=True)
+class WorkerLimits:
+    """What the frontend may queue on one worker before pushing back."""
+
+    max_batch_size: int = 64
+    max_queue: int = 256
+
+
+@dataclass(slots=True)
+class WorkerHandle:
+    id: str
+    role: str
+    node: str
+    address: str
+    limits: WorkerLimits
+    state: str = "ready"
+    gpus: tuple[int, ...] = ()
+    metrics: dict[str, float] = field(default_factory=dict)
+    kv_events_address: str | None = None
+    """The worker's KV-event PUB socket (None: it publishes none; the router predicts)."""
+    in_flight: int = 0
+    """Requests this frontend has open on the worker (fresher than heartbeat metrics)."""
+    in_flight_tokens: int = 0
+    """Prompt tokens of those requests: the router's local estimate of the KV they hold."""
+    sock: Any = None
+    reader: asyncio.Task | None = None
+
+    @property
+    def is_ready(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a batch slot: our own excess, or the worker's report if larger."""
+        local = self.in_flight - self.limits.max_batch_size
+        return max(local, int(self.metrics.get("num_waiting", 0)), 0)
+
+    @property
+    def is_overloaded(self) -> bool:
+        return self.queue_depth >= self.limits.max_queue
+
+
+class WorkerPool:
+    """Connections to every known worker; open/send/cancel requests on them."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, security: Security,
+                 limits: dict[str, WorkerLimits] | None = None) -> None:
+        self._ctx = ctx
+        self._security = security
+        self._limits = limits or {}
+        self.workers: dict[str, WorkerHandle] = {}
+        self._streams: dict[str, tuple[str, asyncio.Queue, int]] = {}
+        self.bad = BadMessages("frontend request plane")
+        self.num_bad_updates = 0
+        self.num_cancels_sent = 0
+        self.on_snapshot: Callable[[KvSnapshot], None] | None = None
+        """Receives KvSnapshot answers (they ride the request plane)."""
+
+    def update(self, entries: Iterable[Any]) -> None:
+        """Apply the daemon's worker list: connect new workers, drop gone ones, refresh state."""
+        seen: set[str] = set()
+        for entry in entries:
+            parsed = _parse_entry(entry)
+            if parsed is None:
+                self.num_bad_updates += 1
+                continue
+            wid, role, node, state, address, kv_address, metrics, gpus = parsed
+            seen.add(wid)
+            handle = self.workers.get(wid)
+            if handle is not None and handle.address != address:
+                self._remove(wid, "worker moved to a new address")
+                handle = None
+            if handle is None:
+                handle = self.add(wid, role, address, node=node, state=state, gpus=gpus)
+            handle.role, handle.state, handle.metrics, handle.gpus = role, state, metrics, gpus
+            handle.kv_events_address = kv_address
+            if state == "failed":
+                self._fail_streams(wid, "worker failed")
+        for wid in [w for w in self.workers if w not in seen]:
+            self._remove(wid, "worker left the deployment")
+
+    def add(self, worker_id: str, role: str, address: str, *, node: str = "", state: str = "ready",
+            gpus: tuple[int, ...] = ()) -> WorkerHandle:
+        """Connect to one worker (the daemon's update path, and tests without a daemon)."""
+        sock = client_socket(self._ctx, zmq.DEALER, address, self._security)
+        handle = WorkerHandle(worker_id, role, node, address, self._limits.get(role, WorkerLimits()),
+                              state=state, gpus=gpus, sock=sock)
+        handle.reader = asyncio.create_task(self._read(handle), name=f"read-{worker_id}")
+        self.workers[worker_id] = handle
+        return handle
+
+    async def open(self, worker_id: str, request: GenerateRequest) -> asyncio.Queue:
+        """Send a request; its TokenChunk/Finish/RequestFailed messages arrive on the queue."""
+        handle = self.workers[worker_id]
+        queue: asyncio.Queue = asyncio.Queue()
+        num_tokens = len(request.prompt_token_ids)
+        self._streams[request.request_id] = (worker_id, queue, num_tokens)
+        handle.in_flight += 1
+        handle.in_flight_tokens += num_tokens
+        try:
+            await handle.sock.send(REQUEST_CODEC.encode(request), copy=False)
+        except zmq.ZMQError as exc:
+            self.close_stream(request.request_id)
+            queue.put_nowait(RequestFailed(request.request_id, "internal", f"send failed: {exc}", True))
+        return queue
+
+    async def request_snapshot(self, worker_id: str) -> None:
+        """Ask a worker for its KV snapshot; the answer goes to `on_snapshot`."""
+        handle = self.workers.get(worker_id)
+        if handle is None:
+            raise ProtocolError(f"no connection to worker {worker_id!r} for a KV snapshot")
+        await handle.sock.send(REQUEST_CODEC.encode(KvSnapshotRequest(worker_id)))
+
+    def close_stream(self, request_id: str, *, cancel: bool = False) -> None:
+        """Forget a stream (after its last message, or early with cancel=True to stop the worker)."""
+        entry = self._streams.pop(request_id, None)
+        if entry is None:
+            return
+        handle = self.workers.get(entry[0])
+        if handle is None:
+            return
+        handle.in_flight -= 1
+        handle.in_flight_tokens -= entry[2]
+        if cancel:
+            sent = handle.sock.send(REQUEST_CODEC.encode(Cancel(request_id)))
+            sent.add_done_callback(lambda f, rid=request_id, wid=handle.id: _log_send_error(f, rid, wid))
+            self.num_cancels_sent += 1
+
+    @property
+    def num_open_streams(self) -> int:
+        return len(self._streams)
+
+    def close(self) -> None:
+        for wid in list(self.workers):
+            self._remove(wid, "frontend shutting down")
+
+    def _remove(self, worker_id: str, reason: str) -> None:
+        handle = self.workers.pop(worker_id, None)
+        if handle is None:
+            return
+        self._fail_streams(worker_id, reason)
+        if handle.reader is not None:
+            handle.reader.cancel()
+        handle.sock.close(linger=0)
+
+    def _fail_streams(self, worker_id: str, reason: str) -> None:
+        for rid, (wid, queue, _) in list(self._streams.items()):
+            if wid == worker_id:
+                queue.put_nowait(RequestFailed(rid, "worker_lost", f"worker {worker_id}: {reason}", True))
+
+    async def _read(self, handle: WorkerHandle) -> None:
+        sock, streams, bad, wid = handle.sock, self._streams, self.bad, handle.id
+        # A plain socket over the same ZMQ socket drains what has already arrived
+        # without one asyncio future per message (a stream is one message per token).
+        raw = zmq.Socket.shadow(sock.underlying)
+        while True:
+            frame = await sock.recv(copy=False)
+            for _ in range(_MAX_DRAIN):
+                message = _decode(frame.buffer, bad)
+                rid = getattr(message, "request_id", None)
+                if rid is not None:
+                    entry = streams.get(rid)
+                    if entry is not None and entry[0] == wid:
+                        entry[1].put_nowait(message)
+                elif isinstance(message, KvSnapshot) and message.worker_id == wid:
+                    if self.on_snapshot is not None:
+                        self.on_snapshot(message)
+                elif message is not None:
+                    bad.record(f"unexpected {type(message).__name__} from {wid}")
+                try:
+                    frame = raw.recv(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+
+
+_MAX_DRAIN = 512
+_CHUNK_FIELDS = frozenset({"request_id", "token_ids", "logprobs", "num_cached_tokens"})
+
+
+def _decode(data: memoryview, bad: BadMessages):
+    """REQUEST_CODEC.decode with a fast path for TokenChunk, the message sent once per token.
+
+    The fast path checks exactly what the codec checks for this type (version,
+    tag, field names and types); anything else takes the codec's general path.
+    """
+    try:
+        frame = msgpack.unpackb(data, raw=False)
+    except Exception:  # msgpack raises several unrelated types; the codec records why
+        frame = None
+    if type(frame) is list and len(frame) == 3 and frame[1] == "token_chunk" and frame[0] == PROTOCOL_VERSION:
+        fields = frame[2]
+        if type(fields) is dict and fields.keys() <= _CHUNK_FIELDS:
+            rid, ids = fields.get("request_id"), fields.get("token_ids")
+            logprobs, cached = fields.get("logprobs"), fields.get("num_cached_tokens", 0)
+            if (type(rid) is str and type(ids) is list and all(type(t) is int for t in ids)
+                    and type(cached) is int
+                    and (logprobs is None or (type(logprobs) is list
+                                              and all(type(x) in (float, int) for x in logprobs)))):
+                if logprobs is not None:
+                    logprobs = [float(x) for x in logprobs]
+                return TokenChunk(rid, ids, logprobs, cached)
+    return decode_or_record(REQUEST_CODEC, data, bad)
+
+
+def _log_send_error(future: asyncio.Future, request_id: str, worker_id: str) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        # The worker is gone or saturated: it aborts the request itself when it notices.
+        log.warning("cancel of %s to %s not sent: %s", request_id, worker_id, future.exception())
+
+
+def _parse_entry(entry: Any):
+    """Validate one update_workers entry; None when malformed (counted, skipped)."""
+    if not isinstance(entry, dict):
+        return None
+    wid, role, state = entry.get("id"), entry.get("role"), entry.get("state", "ready")
+    addresses = entry.get("addresses") or {}
+    address = addresses.get("request") if isinstance(addresses, dict) else None
+    if not (isinstance(wid, str) and isinstance(role, str) and isinstance(state, str)
+            and isinstance(address, str) and address.startswith("tcp://")):
+        return None
+    metrics = entry.get("metrics") or {}
+    if not isinstance(metrics, dict):
+        metrics = {}
+    metrics = {k: float(v) for k, v in metrics.items()
+               if isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    gpus = entry.get("gpus") or ()
+    gpus = tuple(g for g in gpus if isinstance(g, int)) if isinstance(gpus, (list, tuple)) else ()
+    node = entry.get("node") if isinstance(entry.get("node"), str) else ""
+    kv_address = addresses.get("kv_events")
+    kv_address = kv_address if isinstance(kv_address, str) and kv_address.startswith("tcp://") else None
+    return wid, role, node, state, address, kv_address, metrics, gpus

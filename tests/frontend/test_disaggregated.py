@@ -1,0 +1,71 @@
+"""Disaggregated flow: remote prefill + KV offer + decode, local prefill for short prompts, fallback."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from frontend_fakes import greedy
+from frontend_harness import MODEL, Harness, make_recipe
+
+from dyn.frontend.text import ByteTokenizer
+
+LONG = "a prompt that is clearly longer than sixteen tokens"
+SHORT = "short"
+
+
+def _complete(h: Harness, prompt: str, n: int, stream: bool) -> tuple[str, str]:
+    with openai.OpenAI(base_url=h.base_url, api_key="x", max_retries=0, timeout=10) as c:
+        if stream:
+            chunks = list(c.completions.create(model=MODEL, prompt=prompt, max_tokens=n, stream=True))
+            return "".join(ch.choices[0].text for ch in chunks), chunks[-1].choices[0].finish_reason
+        out = c.completions.create(model=MODEL, prompt=prompt, max_tokens=n)
+        return out.choices[0].text, out.choices[0].finish_reason
+
+
+def _expected(prompt: str, n: int) -> str:
+    return ByteTokenizer().decode(greedy(list(prompt.encode()), n))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_long_prompt_prefills_remotely_and_matches_aggregated(stream):
+    with Harness(make_recipe("disaggregated", threshold=16), [("p0", "prefill"), ("d0", "decode")]) as h:
+        text, reason = _complete(h, LONG, 12, stream)
+        prefill, decode = h.workers["p0"], h.workers["d0"]
+        assert [r.prefill_only for r in prefill.requests] == [True]
+        assert len(decode.requests) == 1
+        handoff = decode.requests[0]
+        assert handoff.kv_source == {"worker": "p0", "request_id": prefill.requests[0].request_id,
+                                     "num_tokens": len(LONG)}
+        assert handoff.first_token == ord(text[0])
+        assert handoff.prompt_token_ids == list(LONG.encode())
+    with Harness(make_recipe("aggregated"), [("w0", "both")]) as agg:
+        agg_text, agg_reason = _complete(agg, LONG, 12, stream)
+    assert text == agg_text == _expected(LONG, 12)
+    assert reason == agg_reason == "length"
+
+
+def test_short_prompt_prefills_on_the_decode_worker():
+    with Harness(make_recipe("disaggregated", threshold=16), [("p0", "prefill"), ("d0", "decode")]) as h:
+        text, _ = _complete(h, SHORT, 5, False)
+        assert text == _expected(SHORT, 5)
+        assert h.workers["p0"].requests == []
+        assert h.workers["d0"].requests[0].kv_source is None
+
+
+def test_failed_prefill_falls_back_to_the_decode_worker():
+    with Harness(make_recipe("disaggregated", threshold=16), [("p0", "prefill"), ("d0", "decode")],
+                 fail_prefill=True) as h:
+        text, _ = _complete(h, LONG, 9, True)
+        assert text == _expected(LONG, 9)
+        assert len(h.workers["p0"].requests) == 1
+        plain = h.workers["d0"].requests[0]
+        assert plain.kv_source is None and plain.prompt_token_ids == list(LONG.encode())
+        metrics = h.frontend.metrics.render().decode()
+        assert 'dyn_frontend_prefill_total{path="fallback"} 1.0' in metrics
+
+
+def test_one_token_request_needs_no_decode_worker():
+    with Harness(make_recipe("disaggregated", threshold=16), [("p0", "prefill"), ("d0", "decode")]) as h:
+        text, reason = _complete(h, LONG, 1, False)
+        assert text == _expected(LONG, 1) and reason == "length"
+        assert h.workers["d0"].requests == []

@@ -1,0 +1,111 @@
+"""Malformed requests: the right status, an OpenAI error body naming the field, and the server keeps serving."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+import asyncio
+import pytest
+from frontend_harness import MODEL, Harness, make_recipe
+
+CHAT = "/v1/chat/completions"
+COMP = "/v1/completions"
+MSGS = [{"role": "user", "content": "hi"}]
+
+CASES = [
+    # (path, raw body or dict, status, param)
+    (CHAT, b"{not json", 400, None),
+    (CHAT, b"", 400, None),
+    (CHAT, b"[1, 2]", 400, None),
+    (CHAT, {"model": MODEL}, 400, "messages"),
+    (CHAT, {"model": MODEL, "messages": []}, 400, "messages"),
+    (CHAT, {"model": MODEL, "messages": "hi"}, 400, "messages"),
+    (CHAT, {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
+    (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages[0].content[0]"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "max_tokens": -1}, 400, "max_tokens"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "max_tokens": "ten"}, 400, "max_tokens"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "max_tokens": True}, 400, "max_tokens"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
+    (CHAT, {"model": "gpt-9", "messages": MSGS}, 404, "model"),
+    (CHAT, {"messages": MSGS}, 400, "model"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "n": 2}, 400, "n"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "temperature": 2.5}, 400, "temperature"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "temperature": "hot"}, 400, "temperature"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "top_p": 0}, 400, "top_p"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "top_p": 1.5}, 400, "top_p"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "stream": "yes"}, 400, "stream"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "stop": [1, 2]}, 400, "stop"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "stop": [""]}, 400, "stop"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "seed": 1.5}, 400, "seed"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "logprobs": "yes"}, 400, "logprobs"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "top_logprobs": 3}, 400, "top_logprobs"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "tools": [{"type": "function"}]}, 400, "tools"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "presence_penalty": 1.0}, 400, "presence_penalty"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "dyn": []}, 400, "dyn"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "dyn": {"priority": "high"}}, 400, "dyn.priority"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "dyn": {"expected_output_tokens": -5}}, 400,
+     "dyn.expected_output_tokens"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "ignore_eos": 1}, 400, "ignore_eos"),
+    (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x" * 600}]}, 400, "messages"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "max_tokens": 500}, 400, "max_tokens"),
+    (COMP, {"model": MODEL}, 400, "prompt"),
+    (COMP, {"model": MODEL, "prompt": ""}, 400, "prompt"),
+    (COMP, {"model": MODEL, "prompt": [1, -2]}, 400, "prompt"),
+    (COMP, {"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt"),
+    (COMP, {"model": MODEL, "prompt": {"text": "a"}}, 400, "prompt"),
+    (COMP, {"model": MODEL, "prompt": "a", "logprobs": 5}, 400, "logprobs"),
+    (COMP, {"model": MODEL, "prompt": "a", "echo": True}, 400, "echo"),
+    (COMP, {"model": MODEL, "prompt": [7] * 600}, 400, "prompt"),
+    (COMP, {"model": MODEL, "prompt": "y" * 20000}, 400, "prompt"),  # tokenized off the event loop
+]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with Harness(make_recipe(max_context=512), [("w0", "both")]) as h:
+        yield h
+
+
+async def _post(url: str, body, *, method: str = "POST") -> tuple[int, dict, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with aiohttp.ClientSession() as s:
+        async with s.request(method, url, data=data, headers={"Content-Type": "application/json"}) as r:
+            return r.status, await r.json(content_type=None), dict(r.headers)
+
+
+@pytest.mark.parametrize("path,body,status,param", CASES)
+def test_malformed_request(server, path, body, status, param):
+    url = f"http://127.0.0.1:{server.port}{path}"
+    got, payload, _ = asyncio.run(_post(url, body))
+    assert got == status, payload
+    err = payload["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error"
+    assert err["param"] == param
+    assert err["message"]
+
+
+def test_still_serving_after_errors(server):
+    url = f"http://127.0.0.1:{server.port}{COMP}"
+    status, payload, _ = asyncio.run(_post(url, {"model": MODEL, "prompt": "ok", "max_tokens": 3}))
+    assert status == 200 and payload["usage"]["completion_tokens"] == 3
+
+
+def test_unknown_fields_are_ignored(server):
+    url = f"http://127.0.0.1:{server.port}{CHAT}"
+    body = {"model": MODEL, "messages": MSGS, "max_tokens": 2, "user": "u1", "frobnicate": {"a": 1},
+            "metadata": {}, "dyn": {"priority": 3, "session_id": "s", "latency_sensitive": True},
+            "ignore_eos": True}
+    status, payload, _ = asyncio.run(_post(url, body))
+    assert status == 200 and payload["usage"]["completion_tokens"] == 2
+
+
+def test_unknown_route_and_method(server):
+    status, payload, _ = asyncio.run(_post(f"http://127.0.0.1:{server.port}/v1/embeddings", {}))
+    assert status == 404 and payload["error"]["code"] == "not_found"
+    status, payload, _ = asyncio.run(_post(f"http://127.0.0.1:{server.port}{CHAT}", b"", method="GET"))
+    assert status == 405 and payload["error"]["message"]

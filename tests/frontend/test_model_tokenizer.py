@@ -1,0 +1,67 @@
+"""The checkpoint's own tokenizer and chat template (a tiny byte-level BPE written by dyn.engine.tiny)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import openai
+import pytest
+from frontend_harness import Harness, make_recipe
+
+from dyn.config.recipe import ModelSpec
+from dyn.engine.tokenizer import Tokenizer
+from dyn.frontend.text import ModelTokenizer, TextStream, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    import torch
+
+    from dyn.engine.tiny import write_tiny_checkpoint
+
+    torch.set_num_threads(1)
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), num_layers=1, hidden_size=32)
+
+
+def test_load_tokenizer_uses_the_checkpoint(checkpoint):
+    tok = load_tokenizer(ModelSpec(path=str(checkpoint), engine="torch"))
+    assert isinstance(tok, ModelTokenizer)
+    inner = Tokenizer.from_dir(checkpoint)
+    messages = [{"role": "user", "content": "Hello there"}]
+    ids = tok.chat_prompt(messages)
+    rendered = inner.apply_chat_template(messages, add_generation_prompt=True)
+    assert ids == inner.encode(rendered, add_special_tokens=False)
+    assert ids.count(inner.token_to_id("<|begin_of_text|>")) == 1  # BOS once, from the template
+    assert tok.eos_token_ids == inner.eos_token_ids
+
+
+def test_streamed_text_equals_one_shot_decode(checkpoint):
+    tok = load_tokenizer(ModelSpec(path=str(checkpoint), engine="torch"))
+    prompt = tok.encode("Prefill workers read")
+    text = " the prompt; décodé — workers write the answer, one token at a time! 123"
+    ids = tok.encode(text)
+    stream = TextStream(tok, prefix_ids=prompt)
+    pieces = [stream.add([t]) for t in ids] + [stream.flush()]
+    expected = tok.decode(prompt + ids)[len(tok.decode(prompt)):]
+    assert "".join(pieces) == expected
+    lazy = TextStream(tok, prefix_ids=prompt, lazy=True)
+    for t in ids:
+        lazy.add([t])
+    assert lazy.flush() == expected
+
+
+def test_chat_request_uses_the_template(checkpoint):
+    recipe = make_recipe()
+    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, path=str(checkpoint),
+                                                                   engine="torch", name="tiny"))
+    with Harness(recipe, [("w0", "both")]) as h:
+        with openai.OpenAI(base_url=h.base_url, api_key="x", max_retries=0, timeout=10) as c:
+            out = c.chat.completions.create(model="tiny", max_tokens=4,
+                                            messages=[{"role": "user", "content": "How are you today?"}])
+            expected = ModelTokenizer(Tokenizer.from_dir(checkpoint)).chat_prompt(
+                [{"role": "user", "content": "How are you today?"}])
+            assert out.usage.prompt_tokens == len(expected)
+            assert h.workers["w0"].requests[0].prompt_token_ids == expected
+            with pytest.raises(openai.BadRequestError) as err:
+                c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}] * 3000)
+            assert err.value.body["param"] == "messages"

@@ -1,0 +1,124 @@
+"""The official openai client (sync and async, streaming and not) against the frontend."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import openai
+import pytest
+from frontend_fakes import greedy
+from frontend_harness import MODEL, Harness, make_recipe
+
+from dyn.frontend.text import ByteTokenizer
+
+
+@pytest.fixture(scope="module")
+def server():
+    with Harness(make_recipe(), [("w0", "both"), ("w1", "both")]) as h:
+        yield h
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=10) as c:
+        yield c
+
+
+def _expected(prompt: str, n: int) -> str:
+    return ByteTokenizer().decode(greedy(list(prompt.encode()), n))
+
+
+def test_completion_text_and_usage(client):
+    out = client.completions.create(model=MODEL, prompt="hello world", max_tokens=7, temperature=0)
+    assert out.choices[0].text == _expected("hello world", 7)
+    assert out.choices[0].finish_reason == "length"
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (11, 7, 18)
+    assert out.id.startswith("cmpl-")
+
+
+def test_completion_token_ids_prompt(client):
+    ids = [104, 105, 33]
+    out = client.completions.create(model=MODEL, prompt=ids, max_tokens=5)
+    assert out.choices[0].text == ByteTokenizer().decode(greedy(ids, 5))
+    assert out.usage.prompt_tokens == 3
+
+
+def test_chat_non_streaming(client):
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                         max_completion_tokens=6)
+    prompt = ByteTokenizer().chat_prompt([{"role": "user", "content": "hi"}])
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == ByteTokenizer().decode(greedy(prompt, 6))
+    assert out.usage.prompt_tokens == len(prompt)
+    assert out.usage.completion_tokens == 6
+
+
+def test_chat_streaming_with_usage(client):
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hey"}],
+                                            max_tokens=9, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    prompt = ByteTokenizer().chat_prompt([{"role": "user", "content": "hey"}])
+    assert text == ByteTokenizer().decode(greedy(prompt, 9))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 9
+    assert chunks[-1].usage.prompt_tokens == len(prompt)
+
+
+def test_stop_string_trims_and_cancels(server, client):
+    full = _expected("abc", 40)
+    stop = full[10:13]
+    cut = full.index(stop)
+    out = client.completions.create(model=MODEL, prompt="abc", max_tokens=40, stop=[stop])
+    assert out.choices[0].text == full[:cut]
+    assert out.choices[0].finish_reason == "stop"
+    assert out.usage.completion_tokens == cut + len(stop)
+    rid = out.id.removeprefix("cmpl-")
+    worker = next(w for w in server.workers.values() if any(r.request_id == rid for r in w.requests))
+    deadline = time.monotonic() + 3
+    while rid not in worker.cancels and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rid in worker.cancels  # the frontend told the worker to stop generating
+
+
+def test_stop_string_streaming(client):
+    full = _expected("xyz", 30)
+    stop = full[5:8]
+    cut = full.index(stop)
+    stream = client.completions.create(model=MODEL, prompt="xyz", max_tokens=30, stop=stop, stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == full[:cut]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_async_client_concurrent_streams():
+    async def main(url: str) -> list[str]:
+        async with openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0) as c:
+            async def one(i: int) -> str:
+                stream = await c.completions.create(model=MODEL, prompt=f"p{i}", max_tokens=8, stream=True)
+                return "".join([ch.choices[0].text async for ch in stream])
+            return await asyncio.gather(*(one(i) for i in range(16)))
+
+    with Harness(make_recipe(), [("w0", "both"), ("w1", "both")]) as h:
+        texts = asyncio.run(main(h.base_url))
+        assert texts == [_expected(f"p{i}", 8) for i in range(16)]
+        used = {wid for wid, w in h.workers.items() if w.requests}
+        assert used == {"w0", "w1"}
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    import urllib.request
+    with urllib.request.urlopen(server.base_url.replace("/v1", "/health")) as r:
+        assert r.status == 200
+
+
+def test_logprobs(client):
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "q"}],
+                                         max_tokens=3, logprobs=True)
+    content = out.choices[0].logprobs.content
+    assert [c.logprob for c in content] == [-0.25] * 3
+    assert "".join(c.token for c in content) == out.choices[0].message.content

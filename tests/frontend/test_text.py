@@ -1,0 +1,68 @@
+"""Streaming detokenization and stop strings (TextStream), with the byte tokenizer."""
+
+from __future__ import annotations
+
+from dyn.frontend.text import ByteTokenizer, TextStream
+
+TOK = ByteTokenizer()
+
+
+def _feed(stream: TextStream, text: str, step: int = 1) -> list[str]:
+    data = text.encode()
+    return [stream.add(list(data[i:i + step])) for i in range(0, len(data), step)]
+
+
+def test_plain_text_streams_token_by_token():
+    s = TextStream(TOK)
+    assert _feed(s, "abc") == ["a", "b", "c"]
+    assert s.flush() == "" and s.text == "abc"
+
+
+def test_multibyte_characters_wait_for_their_last_byte():
+    s = TextStream(TOK)
+    out = _feed(s, "é€")  # 2 + 3 bytes
+    assert out == ["", "é", "", "", "€"]
+
+
+def test_stop_string_across_tokens_is_trimmed():
+    s = TextStream(TOK, stop=["END"])
+    out = _feed(s, "hello ENDworld")
+    assert "".join(out) == "hello "
+    assert s.stopped and s.text == "hello "
+    assert s.add([65]) == "" and s.flush() == ""
+
+
+def test_possible_stop_prefix_is_held_then_released():
+    s = TextStream(TOK, stop=["STOP"])
+    out = _feed(s, "aST")
+    assert out == ["a", "", ""]  # "S", "ST" might start "STOP"
+    assert s.add(list(b"x")) == "STx"  # it did not
+    assert s.flush() == "" and not s.stopped
+
+
+def test_earliest_of_several_stop_strings_wins():
+    s = TextStream(TOK, stop=["zz", "b"])
+    assert "".join(_feed(s, "aazzb", step=5)) == "aa"
+
+
+def test_held_text_is_flushed_at_the_end():
+    s = TextStream(TOK, stop=["xyz"])
+    assert "".join(_feed(s, "abxy")) == "ab"
+    assert s.flush() == "xy"
+
+
+def test_lazy_stream_decodes_once_at_the_end():
+    s = TextStream(TOK, prefix_ids=list(b"prompt"), lazy=True)
+    assert _feed(s, "héllo", step=2) == ["", "", ""]
+    assert s.flush() == "héllo"
+
+
+def test_lazy_is_ignored_with_stop_strings():
+    s = TextStream(TOK, stop=["l"], lazy=True)
+    assert "".join(_feed(s, "hello")) == "he" and s.stopped
+
+
+def test_byte_tokenizer_maps_large_ids_to_printable_text():
+    text = TOK.decode([256, 1000, 31999])
+    assert len(text) == 3 and text.isprintable()
+    assert TOK.chat_prompt([{"role": "user", "content": "hi"}]) == list(b"<|user|>hi\n<|assistant|>")

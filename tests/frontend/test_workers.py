@@ -1,0 +1,103 @@
+"""WorkerPool: the daemon's worker list, and the request-plane decode fast path."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgpack
+import zmq.asyncio
+
+from dyn import PROTOCOL_VERSION
+from dyn.control.requests import REQUEST_CODEC, Finish, TokenChunk
+from dyn.control.sockets import BadMessages, Security
+from dyn.frontend.workers import WorkerLimits, WorkerPool, _decode
+
+
+def _entry(wid: str, role: str = "decode", port: int = 5555, **extra) -> dict:
+    return {"id": wid, "role": role, "node": "n1", "gpus": [0], "state": "ready",
+            "addresses": {"request": f"tcp://127.0.0.1:{port}"}, "metrics": {"num_waiting": 3}, **extra}
+
+
+def test_update_adds_refreshes_and_removes_workers():
+    async def go():
+        ctx = zmq.asyncio.Context()
+        pool = WorkerPool(ctx, Security(), {"decode": WorkerLimits(max_batch_size=2, max_queue=4)})
+        pool.update([_entry("d0"), _entry("d1", port=5556), "garbage", {"id": 5}])
+        assert sorted(pool.workers) == ["d0", "d1"] and pool.num_bad_updates == 2
+        d0 = pool.workers["d0"]
+        assert d0.gpus == (0,) and d0.node == "n1" and d0.queue_depth == 3 and not d0.is_overloaded
+        pool.update([_entry("d0", state="draining", metrics={"num_waiting": 9, "bad": "x"})])
+        assert list(pool.workers) == ["d0"] and pool.workers["d0"] is d0
+        assert d0.state == "draining" and not d0.is_ready and d0.is_overloaded
+        pool.update([_entry("d0", port=6000)])  # moved: a new connection
+        assert pool.workers["d0"] is not d0 and pool.workers["d0"].address.endswith(":6000")
+        pool.close()
+        await asyncio.sleep(0)
+        ctx.term()
+    asyncio.run(go())
+
+
+def test_in_flight_counts_drive_queue_depth():
+    async def go():
+        ctx = zmq.asyncio.Context()
+        pool = WorkerPool(ctx, Security(), {"both": WorkerLimits(max_batch_size=1, max_queue=2)})
+        handle = pool.add("w", "both", "tcp://127.0.0.1:5999")
+        handle.in_flight = 3
+        assert handle.queue_depth == 2 and handle.is_overloaded
+        pool.close()
+        await asyncio.sleep(0)
+        ctx.term()
+    asyncio.run(go())
+
+
+def test_fast_decode_matches_the_codec():
+    bad = BadMessages("t")
+    chunk = TokenChunk("r1", [1, 2, 3], [-0.5, -1.0, 0.0], 16)
+    assert _decode(memoryview(REQUEST_CODEC.encode(chunk)), bad) == chunk
+    finish = Finish("r1", "stop", 3, 4, kv_offer={"a": 1})
+    assert _decode(memoryview(REQUEST_CODEC.encode(finish)), bad) == finish
+    assert bad.total == 0
+
+
+def test_fast_decode_rejects_what_the_codec_rejects():
+    bad = BadMessages("t")
+    frames = [
+        [PROTOCOL_VERSION, "token_chunk", {"request_id": "r", "token_ids": [True]}],
+        [PROTOCOL_VERSION, "token_chunk", {"request_id": "r", "token_ids": [1], "extra": 1}],
+        [PROTOCOL_VERSION, "token_chunk", {"request_id": 7, "token_ids": [1]}],
+        [PROTOCOL_VERSION + 1, "token_chunk", {"request_id": "r", "token_ids": [1]}],
+        [PROTOCOL_VERSION, "token_chunk", {"request_id": "r", "token_ids": [1], "logprobs": ["x"]}],
+    ]
+    for frame in frames:
+        assert _decode(memoryview(msgpack.packb(frame)), bad) is None
+    assert _decode(memoryview(b"\xc1garbage"), bad) is None
+    assert bad.total == len(frames) + 1
+
+
+def test_kv_snapshots_ride_the_request_plane():
+    from dyn.control.kv_events import KvSnapshot, KvSnapshotRequest
+    from dyn.control.sockets import server_socket
+
+    async def go():
+        ctx = zmq.asyncio.Context()
+        server = server_socket(ctx, zmq.ROUTER, "tcp://127.0.0.1:*", Security())
+        pool = WorkerPool(ctx, Security())
+        pool.add("w", "decode", server.getsockopt_string(zmq.LAST_ENDPOINT))
+        got: list[KvSnapshot] = []
+        pool.on_snapshot = got.append
+        await pool.request_snapshot("w")
+        client, data = await asyncio.wait_for(server.recv_multipart(), 5)
+        assert REQUEST_CODEC.decode(data) == KvSnapshotRequest("w")
+        for snap in (KvSnapshot("someone-else", 1, 1), KvSnapshot("w", 7, 3, {"device": [11, 12]})):
+            await server.send_multipart([client, REQUEST_CODEC.encode(snap)])
+        for _ in range(100):
+            if got:
+                break
+            await asyncio.sleep(0.01)
+        assert got == [KvSnapshot("w", 7, 3, {"device": [11, 12]})]
+        assert pool.bad.total == 1  # a worker may only speak for itself
+        pool.close()
+        server.close(linger=0)
+        await asyncio.sleep(0)
+        ctx.term()
+    asyncio.run(go())
