@@ -57,7 +57,7 @@ def worker_limits(recipe: Recipe) -> dict[str, WorkerLimits]:
 async def run_frontend(config: ProcessConfig) -> int:
     """Run until stopped; returns the exit code."""
     from dyn.config.loader import parse_recipe
-    from dyn.worker.control_client import ControlClient
+    from dyn.control.client import ControlClient
 
     recipe = parse_recipe(config.recipe_text, config.recipe_source)
     host = config.extra.get("http_host", recipe.frontend.host)

@@ -37,6 +37,7 @@ class HandoffStats:
     bytes_pulled: int = 0
     seconds_pulling: float = 0.0
     bytes_by_transport: dict[str, int] = dataclasses.field(default_factory=dict)
+    seconds_by_transport: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class KvHandoff:
@@ -95,6 +96,8 @@ class KvHandoff:
                 self.stats.seconds_pulling += transfer.seconds
                 by = self.stats.bytes_by_transport
                 by[transfer.transport] = by.get(transfer.transport, 0) + transfer.num_bytes
+                secs = self.stats.seconds_by_transport
+                secs[transfer.transport] = secs.get(transfer.transport, 0.0) + transfer.seconds
         except (ShuttleError, asyncio.TimeoutError) as exc:
             self.stats.pull_failures += 1
             log.warning("KV pull failed, prefilling locally: %s", exc, extra={"request_id": rid})

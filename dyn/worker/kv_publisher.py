@@ -19,7 +19,7 @@ from dyn.control.kv_events import (KV_EVENT_CODEC, OP_REMOVED, OP_STORED, TIER_C
                                    KvSnapshot)
 from dyn.control.sockets import Security, server_socket
 from dyn.engine.backend import KvEvent
-from dyn.worker.control_client import wait_event
+from dyn.control.client import wait_event
 
 MAX_BATCH_RUNS = 256
 

@@ -25,7 +25,7 @@ from dyn.control.sockets import Security
 from dyn.engine.backend import Backend, KvEventListener
 from dyn.kv.disk_tier import DiskTier
 from dyn.kv.host_tier import HostTier
-from dyn.worker.control_client import ControlClient, wait_event
+from dyn.control.client import ControlClient, wait_event
 from dyn.worker.engine_loop import EngineLoop
 from dyn.worker.handoff import KvHandoff
 from dyn.worker.kv_publisher import KvEventPublisher
@@ -174,7 +174,10 @@ class WorkerProcess:
             values.update({"kv_offers": h.offers, "kv_pulls": h.pulls, "kv_pull_failures": h.pull_failures,
                            "kv_local_fallbacks": h.local_fallbacks, "kv_bytes_pulled": h.bytes_pulled,
                            "kv_pull_seconds": h.seconds_pulling})
-            values.update({f"kv_bytes_{t}": float(b) for t, b in h.bytes_by_transport.items()})
+            for path, num_bytes in h.bytes_by_transport.items():
+                values[f"shuttle_bytes.{path}"] = float(num_bytes)
+                seconds = h.seconds_by_transport.get(path, 0.0)
+                values[f"shuttle_gbps.{path}"] = num_bytes / seconds / 1e9 if seconds > 0 else 0.0
         values.update(process_telemetry(self._cpu))
         values.update(self._gpu.sample())
         info = {"role": self.config.role}

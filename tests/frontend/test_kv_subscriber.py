@@ -53,16 +53,17 @@ def test_events_and_snapshots_track_a_live_worker(tmp_path):
             subscriber = KvEventSubscriber(ctx, Security(), router, ask)
             runner = asyncio.create_task(subscriber.run())
             await subscriber.connect("worker-0", reg.addresses["kv_events"])
-            await asyncio.sleep(0.3)  # slow joiner: let SUB connect before new events
             assert snapshots and len(snapshots[0].blocks["device"]) >= 4
             assert router.find(hash_blocks(early, 16), now=0).blocks.get("worker-0") == 4
 
-            late = [7] * (16 * 3 + 1)
-            await generate("late", late)
-            for _ in range(50):
+            # PUB/SUB drops what is sent before the SUB has joined: keep caching new prompts
+            # until one shows up in the index (bounded), then the stream is live.
+            for attempt in range(40):
+                late = [7 + attempt] * (16 * 3 + 1)
+                await generate(f"late{attempt}", late)
+                await asyncio.sleep(0.1)
                 if router.find(hash_blocks(late, 16), now=0).blocks.get("worker-0") == 3:
                     break
-                await asyncio.sleep(0.05)
             assert router.find(hash_blocks(late, 16), now=0).blocks.get("worker-0") == 3
             assert subscriber.batches_applied >= 1 and subscriber.bad.total == 0
 

@@ -169,7 +169,8 @@ def test_sigterm_fails_in_flight_requests_explicitly(tmp_path):
     async def scenario():
         ctx = zmq.asyncio.Context()
         daemon = server_socket(ctx, zmq.ROUTER, "tcp://127.0.0.1:*", Security())
-        proc = _start_worker(tmp_path, daemon.getsockopt_string(zmq.LAST_ENDPOINT))
+        slow = RECIPE.replace("decode_base_s: 0.002", "decode_base_s: 0.02")  # 4k tokens outlast the grace
+        proc = _start_worker(tmp_path, daemon.getsockopt_string(zmq.LAST_ENDPOINT), recipe=slow)
         try:
             _, reg = await _register(daemon)
             await _until_ready(daemon)
