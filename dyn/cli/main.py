@@ -43,6 +43,8 @@ from dyn.cli import up as _up_cmd, down as _down_cmd, status as _status_cmd, log
 for _cmd in (_up_cmd, _down_cmd, _status_cmd, _logs_cmd, _ls_cmd, _internal_cmd): _cmd.register(app)  # noqa: E701
 from dyn.cli import sim as _sim_cmd, profile as _profile_cmd  # noqa: E402
 _sim_cmd.register(app); _profile_cmd.register(app)  # noqa: E702
+from dyn.cli import top as _top_cmd; _top_cmd.register(app)  # noqa: E402,E702
+from dyn.cli import bench as _bench_cmd; _bench_cmd.register(app)  # noqa: E402,E702
 
 def main() -> None:
     app()

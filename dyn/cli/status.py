@@ -1,0 +1,91 @@
+"""`dyn status`: the deployment and each of its processes; also the rich tables `dyn up` shows."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+import typer
+
+from dyn.errors import DynError
+
+_STATE_STYLE = {"ready": "green", "loading": "yellow", "starting": "yellow", "launching": "cyan",
+                "failed": "red", "gave_up": "red", "stopping": "magenta", "draining": "magenta"}
+
+
+def status(
+    name: Optional[str] = typer.Option(None, "--name", help="Deployment (default: the only one)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Show a deployment's state, frontend URL and every process.
+
+    Example: dyn status --json
+    """
+    from rich.console import Console
+    from rich.markup import escape
+
+    from dyn.planner.inspect import resolve_name, status as get_status
+
+    try:
+        payload = get_status(resolve_name(name))
+    except DynError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    if as_json:
+        typer.echo(json.dumps(payload, indent=1))
+        return
+    console = Console()
+    console.print(f"[bold]{escape(payload['name'])}[/]: {payload['state']}  "
+                  f"uptime {payload.get('uptime_s', 0):.0f} s  frontend {payload.get('frontend_url', '')}",
+                  highlight=False)
+    if payload.get("error"):
+        console.print(f"[red]{escape(payload['error'])}[/]", highlight=False)
+    console.print(progress_table(payload, detailed=True))
+    for event in payload.get("events", [])[-5:]:
+        console.print(f"  {event}", highlight=False, markup=False)
+
+
+def progress_table(payload: dict[str, Any], *, detailed: bool = False, max_rows: int | None = None):
+    """One row per process: what `dyn up` redraws while waiting and what `dyn status` prints.
+
+    With max_rows (the `dyn up` view of a 72-worker rack) ready processes are
+    folded into a count and only the others get a row.
+    """
+    from collections import Counter
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    workers = payload.get("workers", [])
+    caption = None
+    if max_rows is not None and len(workers) > max_rows:
+        counts = Counter(str(w.get("state")) for w in workers)
+        caption = "  ".join(f"{state}: {n}" for state, n in sorted(counts.items()))
+        workers = [w for w in workers if w.get("state") != "ready"][:max_rows]
+    table = Table(box=None, pad_edge=False, caption=caption, caption_justify="left")
+    columns = ["process", "role", "node", "pid", "state"]
+    if detailed:
+        columns += ["heartbeat", "running", "waiting", "kv", "restarts"]
+    for column in columns:
+        table.add_column(column, no_wrap=True)
+    for w in workers:
+        style = _STATE_STYLE.get(str(w.get("state")), "")
+        state = escape(str(w.get("state")))
+        row = [escape(w["id"]), w.get("role", ""), escape(w.get("node", "")), str(w.get("pid") or "-"),
+               f"[{style}]{state}[/]" if style else state]
+        if detailed:
+            age = w.get("heartbeat_age_s")
+            kv = w.get("kv_usage")
+            row += ["-" if age is None else f"{age:.1f}s", _int(w.get("num_running")),
+                    _int(w.get("num_waiting")), "-" if kv is None else f"{100 * kv:.0f}%",
+                    str(w.get("restarts", 0))]
+        table.add_row(*row)
+    return table
+
+
+def _int(value) -> str:
+    return "-" if value is None else str(int(value))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("status")(status)

@@ -1,0 +1,89 @@
+"""`dyn up`: bring a deployment up and show each process coming ready."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from typing import Optional
+
+import typer
+
+from dyn.errors import DynError
+
+
+def up(
+    topology: Optional[str] = typer.Option(None, "-t", "--topology",
+                                           help="Topology file or shipped name (default: local)."),
+    recipe: Optional[str] = typer.Option(None, "-r", "--recipe",
+                                         help="Recipe file or shipped name (default: tiny-local)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Deployment name (default: the recipe's name)."),
+    accept_new_host_keys: bool = typer.Option(False, "--accept-new-host-keys",
+                                              help="Trust and record unknown SSH host keys."),
+    dyn_command: Optional[str] = typer.Option(None, "--dyn-command",
+                                              help="How to run dyn on the nodes (default: this dyn "
+                                                   "locally, `dyn` on remote nodes)."),
+    router: Optional[str] = typer.Option(None, "--router", help="Router policy override (kv, round-robin, "
+                                                                "least-loaded, random)."),
+    keep_partial: bool = typer.Option(False, "--keep-partial",
+                                      help="On failure, leave what started for inspection."),
+    yes: bool = typer.Option(False, "-y", "--yes", help="Replace a running deployment whose files changed."),
+    node_state_dir: Optional[str] = typer.Option(None, "--node-state-dir", envvar="DYN_NODE_STATE_DIR",
+                                                 help="Run-dir root on every node (default: "
+                                                      "~/.local/state/dyn there)."),
+    timeouts: Optional[str] = typer.Option(None, "--timeouts", envvar="DYN_TIMEOUTS", hidden=True,
+                                           help="Daemon deadline overrides, e.g. heartbeat_s=3,load_s=60."),
+) -> None:
+    """Start a deployment and wait until every process is ready.
+
+    Example: dyn up -t topologies/local.yaml -r recipes/tiny-local.yaml
+    """
+    from rich.console import Console
+    from rich.live import Live
+    from rich.markup import escape
+
+    from dyn.cli.status import progress_table
+    from dyn.planner.bringup import UpOptions, up as run_up
+
+    console = Console(stderr=True)
+    options = UpOptions(topology_path=topology, recipe_path=recipe, name=name,
+                        accept_new_host_keys=accept_new_host_keys,
+                        dyn_command=tuple(shlex.split(dyn_command)) if dyn_command else None,
+                        router_policy=router, keep_partial=keep_partial, assume_yes=yes,
+                        node_state_root=node_state_dir, timeouts=_timeouts(timeouts))
+    live = Live(console=console, transient=False, auto_refresh=False)
+    try:
+        with live:
+            result = run_up(options, on_progress=lambda s: live.update(progress_table(s, max_rows=16), refresh=True),
+                            confirm=lambda q: _ask(live, q))
+    except DynError as exc:
+        console.print("[red]error:[/]", escape(str(exc)), highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+    if result.already_running:
+        typer.echo(f"deployment {result.name!r} is already running with these files; nothing changed. "
+                   f"Frontend: {result.frontend_url}")
+        return
+    typer.echo(f"deployment {result.name!r} ready in {result.elapsed_s:.1f} s. Frontend: {result.frontend_url}")
+
+
+def _timeouts(text: str | None) -> dict[str, float]:
+    overrides: dict[str, float] = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        try:
+            overrides[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise typer.BadParameter(f"expected key=seconds, got {item!r}", param_hint="--timeouts")
+    return overrides
+
+
+def _ask(live, question: str) -> bool:
+    if not sys.stdin.isatty():  # scripts get a clear refusal, not a prompt that reads EOF
+        return False
+    live.stop()
+    return typer.confirm(question, default=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("up")(up)

@@ -1,0 +1,64 @@
+"""The CLI's line to the daemon: one CliRequest, one CliReply, with a deadline.
+
+The CLI connects a DEALER to the address the daemon published in the
+snapshot, authenticated with the deployment's "cli" key (0600 in the state
+dir). A daemon that does not answer in time is reported as unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from dyn.control.keys import load_process_keys
+from dyn.control.messages import CONTROL_CODEC, CliReply, CliRequest
+from dyn.control.sockets import Security, client_socket
+from dyn.errors import DeploymentError, ProtocolError
+from dyn.planner.state import StateStore
+
+
+class DaemonUnreachable(DeploymentError):
+    """The daemon did not answer (dead, or its node unreachable)."""
+
+    def __init__(self, name: str, address: str, reason: str) -> None:
+        self.name = name
+        self.address = address
+        super().__init__(f"deployment {name!r}: daemon at {address or '(unknown address)'} {reason}")
+
+
+async def request(store: StateStore, action: str, args: dict[str, Any] | None = None, *,
+                  timeout_s: float = 5.0) -> dict[str, Any]:
+    """Send one CLI request to the deployment's daemon and return the reply payload."""
+    snapshot = store.load_snapshot()
+    if snapshot is None or snapshot.daemon is None:
+        raise DaemonUnreachable(store.name, "", "has not published its address yet")
+    address = snapshot.daemon.address
+    keys = load_process_keys(store.cli_keys_path) if store.cli_keys_path.exists() else None
+    ctx = zmq.asyncio.Context()
+    sock = client_socket(ctx, zmq.DEALER, address, Security.from_keys(keys),
+                         identity=f"cli-{os.getpid()}-{os.urandom(3).hex()}".encode())
+    try:
+        await sock.send(CONTROL_CODEC.encode(CliRequest(action=action, args=args or {})))
+        try:
+            data = await asyncio.wait_for(sock.recv(), timeout_s)
+        except asyncio.TimeoutError:
+            raise DaemonUnreachable(store.name, address, f"did not answer {action!r} within {timeout_s:g} s") from None
+        try:
+            reply = CONTROL_CODEC.decode_as(data, CliReply)
+        except ProtocolError as exc:
+            raise DeploymentError(f"deployment {store.name!r}: bad reply from the daemon ({exc})") from None
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+    if not reply.ok:
+        raise DeploymentError(f"deployment {store.name!r}: daemon refused {action!r}: {reply.error}")
+    return reply.payload
+
+
+def request_sync(store: StateStore, action: str, args: dict[str, Any] | None = None, *,
+                 timeout_s: float = 5.0) -> dict[str, Any]:
+    return asyncio.run(request(store, action, args, timeout_s=timeout_s))

@@ -1,0 +1,178 @@
+"""The real daemon, in this process, supervising real `dyn worker` processes (mock engine, local node).
+
+Covers what the sshd end-to-end tests do not: the heartbeat deadline (a
+SIGSTOPped worker), the restart budget, adoption by a restarted daemon, and
+refusals on the control plane. Every pid seen is killed in `finally`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from dyn.control.keys import DeploymentKeys, write_private
+from dyn.control.messages import CONTROL_CODEC, Heartbeat, Register, RegisterAck
+from dyn.control.sockets import Security, client_socket
+from dyn.errors import DeploymentError
+from dyn.planner.client import request
+from dyn.planner.daemon import PlannerDaemon
+from dyn.planner.state import Deployment, StateStore
+
+DYN = str(Path(sys.executable).with_name("dyn"))
+TOPOLOGY = """name: t
+head: local
+racks:
+  - name: r
+    nodes:
+      - name: local
+        address: local
+"""
+RECIPE = """name: d
+model: {engine: mock}
+mode: aggregated
+workers:
+  both: {replicas: 2}
+frontend: {port: 1}
+shuttle: {max_inflight_mib: 4}
+"""
+
+
+def _store(tmp_path: Path, **timeouts: float) -> StateStore:
+    store = StateStore("d", root=tmp_path / "state")
+    keys = DeploymentKeys.generate(["daemon", "cli", "frontend", "worker-0", "worker-1"])
+    store.dir.mkdir(parents=True)
+    keys.save(store.keys_path)
+    write_private(store.cli_keys_path, keys.for_process("cli").to_json())
+    store.save_deployment(Deployment(
+        name="d", topology_text=TOPOLOGY, recipe_text=RECIPE, topology_source="t.yaml", recipe_source="r.yaml",
+        config_hash="x", head="local", dyn_command=(DYN,), remote_dyn_command=(DYN,),
+        frontend_url="http://127.0.0.1:1", created_at=time.time(), node_state_root=str(tmp_path / "nodes"),
+        timeouts={"heartbeat_s": 3.0, "register_s": 30.0, "restart_backoff_s": 0.2, **timeouts}))
+    return store
+
+
+class _WorkersOnly(PlannerDaemon):
+    """The frontend is another engineer's process; these tests supervise workers only."""
+
+    async def _launch_pending(self) -> None:
+        self.fleet.slots.pop("frontend", None)
+        await super()._launch_pending()
+
+
+async def _until(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s} s: {what}")
+
+
+def _kill(pids: set[int]) -> None:
+    for pid in pids:
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def test_heartbeat_deadline_relaunch_budget_and_adoption(tmp_path):
+    store = _store(tmp_path, max_restarts=1)
+    pids: set[int] = set()
+
+    async def scenario():
+        daemon = _WorkersOnly(store)
+        task = asyncio.create_task(daemon.run())
+        try:
+            await _until(lambda: daemon.phase != "starting", 40, "both workers ready")
+            assert daemon.phase == "running", (daemon.error, daemon.fleet.events)
+            slots = daemon.fleet.slots
+            pids.update(s.pid for s in slots.values())
+            victim = slots["worker-0"]
+            old_pid = victim.pid
+            os.kill(old_pid, signal.SIGSTOP)  # alive to `kill -0`, silent on the control plane
+            await _until(lambda: victim.num_restarts == 1 and victim.state == "ready", 30, "relaunch after silence")
+            assert "missed heartbeats" in victim.last_failure and victim.pid != old_pid
+            pids.add(victim.pid)
+            assert not _alive(old_pid)  # the hung one was killed, not left holding its GPUs
+
+            os.kill(victim.pid, signal.SIGKILL)  # budget is 1: now it stays down
+            await _until(lambda: victim.state == "gave_up", 20, "restart budget spent")
+            await _until(lambda: daemon.phase == "degraded", 5, "deployment degraded")
+            assert slots["worker-1"].state == "ready"
+
+            # a restarted daemon adopts the survivor without relaunching it
+            survivor = slots["worker-1"].pid
+            daemon._stop.set()  # SIGTERM path: daemon exits, processes stay
+            await asyncio.wait_for(task, 20)
+            assert _alive(survivor)
+            daemon2 = _WorkersOnly(store)
+            task = asyncio.create_task(daemon2.run())
+            await _until(lambda: getattr(daemon2, "fleet", None) is not None
+                         and daemon2.fleet.slots["worker-1"].state == "ready", 20, "adoption")
+            assert daemon2.fleet.slots["worker-1"].pid == survivor
+            assert "adopting pid" in " ".join(daemon2.fleet.events)
+
+            status = await request(store, "status")
+            assert {w["id"]: w["state"] for w in status["workers"]}["worker-1"] == "ready"
+            with pytest.raises(DeploymentError, match="unknown action 'explode'"):
+                await request(store, "explode")
+            await _refusals(daemon2, store)
+
+            pids.update(s.pid for s in daemon2.fleet.slots.values() if s.pid)  # worker-0 got a fresh start
+            await request(store, "down")
+            await asyncio.wait_for(task, 30)
+            assert daemon2.phase == "stopped"
+            assert not any(_alive(p) for p in pids)
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        _kill(pids)
+
+
+async def _refusals(daemon: PlannerDaemon, store: StateStore) -> None:
+    """Unknown ids, identity spoofing and unregistered heartbeats get RegisterAck(ok=False)."""
+    keys = DeploymentKeys.load(store.keys_path)
+    ctx = zmq.asyncio.Context()
+    address = daemon.daemon_record.address
+    try:
+        async def ask(identity: bytes, message) -> RegisterAck:
+            sock = client_socket(ctx, zmq.DEALER, address, Security.from_keys(keys.for_process("cli")),
+                                 identity=identity)
+            try:
+                await sock.send(CONTROL_CODEC.encode(message))
+                return CONTROL_CODEC.decode_as(await asyncio.wait_for(sock.recv(), 5), RegisterAck)
+            finally:
+                sock.close(linger=0)
+
+        ack = await ask(b"ghost", Register("ghost", "decode", "local", 1, "0.1.0"))
+        assert not ack.ok and "unknown process id 'ghost'" in ack.reason
+        ack = await ask(b"impostor", Register("worker-1", "both", "local", 1, "0.1.0"))
+        assert not ack.ok and "identity" in ack.reason
+        ack = await ask(b"impostor-2", Heartbeat("worker-1", "ready"))  # a registered id, from elsewhere
+        assert not ack.ok and "not registered" in ack.reason
+    finally:
+        ctx.term()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
