@@ -6,6 +6,7 @@ returns the checked value or raises a ConfigError on that line.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable
@@ -71,7 +72,8 @@ def number(doc: LocatedDoc, v: dict[str, Any], key: str, where: Where, default: 
     value = v.get(key, default)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or not minimum <= value <= 2**63):
         raise doc.error(where(key), f"expected a number >= {minimum:g}, got {value!r}")
     return float(value)
 

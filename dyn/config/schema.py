@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, Union
@@ -93,6 +94,10 @@ def join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+MAX_INT = 2**63 - 1
+"""Numbers travel in msgpack and JSON to other processes; larger ones are typos."""
+
+
 def _scalar(hint: Any, value: Any, path: str, doc: LocatedDoc) -> Any:
     if hint is bool:
         if not isinstance(value, bool):
@@ -101,10 +106,14 @@ def _scalar(hint: Any, value: Any, path: str, doc: LocatedDoc) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise doc.error(path, f"expected an integer, got {type_name(value)} {value!r}")
+        if abs(value) > MAX_INT:
+            raise doc.error(path, f"{value} is out of range (at most {MAX_INT} in magnitude)")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise doc.error(path, f"expected a number, got {type_name(value)} {value!r}")
+        if not math.isfinite(value) or abs(value) > MAX_INT:
+            raise doc.error(path, f"expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

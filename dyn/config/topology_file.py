@@ -129,16 +129,21 @@ def _node(doc: LocatedDoc, v: dict[str, Any], entry: dict[str, Any], path: str, 
                 bind_address=bind)
 
 
+MAX_GPUS_PER_NODE = 1024
+
+
 def _gpus(doc: LocatedDoc, v: dict[str, Any], where) -> tuple[Gpu, ...]:
     raw = v.get("gpus", 0)
-    if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
+    if isinstance(raw, int) and not isinstance(raw, bool) and 0 <= raw <= MAX_GPUS_PER_NODE:
         indices = list(range(raw))
-    elif isinstance(raw, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in raw):
+    elif isinstance(raw, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                       and 0 <= i < MAX_GPUS_PER_NODE for i in raw):
         indices = list(raw)
         if len(set(indices)) != len(indices):
             raise doc.error(where("gpus"), f"GPU index listed twice in {raw}")
     else:
-        raise doc.error(where("gpus"), f"gpus must be a count (e.g. 8) or a list of indices, got {raw!r}")
+        raise doc.error(where("gpus"), f"gpus must be a count (e.g. 8) or a list of indices, each at most "
+                                       f"{MAX_GPUS_PER_NODE}, got {raw!r}")
     if not indices:
         return ()
     model = v.get("gpu_model")

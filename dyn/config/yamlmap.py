@@ -37,14 +37,20 @@ class LocatedDoc:
 
 def parse_yaml(text: str, source: str) -> LocatedDoc:
     """Parse one YAML document whose top level must be a mapping."""
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # the reader refuses NUL and control characters here
         root = loader.get_single_node()
         if root is None:
             raise ConfigError("the file is empty", path=source, line=1,
                               hint="start from one of the shipped examples")
         lines: dict[str, int] = {}
-        data = _walk(loader, root, "", lines, source)
+        data = _walk(loader, root, "", lines, source, [MAX_VALUES])
+    except RecursionError:
+        # PyYAML composes recursively; the reader's position is where the nesting got too deep.
+        line = loader.get_mark().line + 1 if loader is not None else None
+        raise ConfigError("YAML nesting is too deep", path=source, line=line,
+                          hint=f"nest at most {MAX_DEPTH} levels") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         # An error found at end of file points past the last line; name the last line instead.
@@ -55,9 +61,12 @@ def parse_yaml(text: str, source: str) -> LocatedDoc:
         raise ConfigError(f"YAML syntax error: {problem}", path=source, line=line,
                           hint="check indentation, colons and quoting on this line") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"YAML error: {exc}", path=source) from None
+        position = getattr(exc, "position", None)  # ReaderError: a character YAML forbids
+        line = text.count("\n", 0, position) + 1 if isinstance(position, int) else 1
+        raise ConfigError(f"YAML error: {exc}", path=source, line=line) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if not isinstance(data, dict):
         raise ConfigError(f"the top level must be a mapping of keys, got {type_name(data)}",
                           path=source, line=1)
@@ -72,12 +81,24 @@ def type_name(value: Any) -> str:
             list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
 
 
-def _walk(loader: yaml.SafeLoader, node: yaml.Node, path: str, lines: dict[str, int], source: str) -> Any:
+MAX_DEPTH = 64
+MAX_VALUES = 200_000
+"""Caps on one document: aliases can make a short file expand exponentially (a "YAML bomb")."""
+
+
+def _walk(loader: yaml.SafeLoader, node: yaml.Node, path: str, lines: dict[str, int], source: str,
+          budget: list[int], depth: int = 0) -> Any:
     lines.setdefault(path, node.start_mark.line + 1)
+    budget[0] -= 1
+    if budget[0] < 0 or depth > MAX_DEPTH:
+        what = f"more than {MAX_VALUES} values" if budget[0] < 0 else f"nesting deeper than {MAX_DEPTH} levels"
+        raise ConfigError(f"the document expands to {what}", path=source, line=node.start_mark.line + 1,
+                          field=path or None, hint="check aliases (*name) and nesting here")
     if isinstance(node, yaml.ScalarNode):
         return loader.construct_object(node, deep=True)
     if isinstance(node, yaml.SequenceNode):
-        return [_walk(loader, item, f"{path}[{i}]", lines, source) for i, item in enumerate(node.value)]
+        return [_walk(loader, item, f"{path}[{i}]", lines, source, budget, depth + 1)
+                for i, item in enumerate(node.value)]
     assert isinstance(node, yaml.MappingNode)
     loader.flatten_mapping(node)  # resolve `<<: *anchor` merge keys
     out: dict[str, Any] = {}
@@ -92,7 +113,7 @@ def _walk(loader: yaml.SafeLoader, node: yaml.Node, path: str, lines: dict[str, 
             raise ConfigError(f"duplicate key '{key}' (first at line {lines[child]})", path=source,
                               line=line, field=child, hint="YAML keeps only the last one; remove one")
         lines[child] = line
-        out[key] = _walk(loader, value_node, child, lines, source)
+        out[key] = _walk(loader, value_node, child, lines, source, budget, depth + 1)
         lines[child] = line  # the key's line, not its value's, names the field
     return out
 

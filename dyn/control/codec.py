@@ -62,7 +62,7 @@ class Codec:
         if not isinstance(frame, list) or len(frame) != 3:
             raise ProtocolError("frame is not [version, type, fields]")
         version, tag, fields = frame
-        if version != PROTOCOL_VERSION:
+        if type(version) is not int or version != PROTOCOL_VERSION:  # True == 1.0 == 1 in Python
             raise ProtocolError(f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
         cls = self._types.get(tag) if isinstance(tag, str) else None
         if cls is None:

@@ -37,7 +37,8 @@ class ShmSender(SendTransport):
         return self._ring
 
     def prepare(self) -> None:
-        _ = self.ring
+        """Nothing up front: a worker that never sends over shm (a decode worker that may
+        later flip to prefill) should not hold `max_inflight_mib` of /dev/shm."""
 
     async def send(self, job: SendJob) -> None:
         ring = self.ring
