@@ -29,22 +29,14 @@ def _root(
     """dyn: disaggregated LLM serving on bare-metal racks, without Kubernetes."""
 
 
-from dyn.cli import worker as _worker_cmd  # noqa: E402
+# Commands register themselves in help order: operator commands first, internal ones hidden.
+from dyn.cli import (bench, down, frontend, internal, logs, ls, model, plan, profile, sim,  # noqa: E402
+                     status, top, topo, up, worker)
 
-_worker_cmd.register(app)
-from dyn.cli import topo as _topo_cmd, plan as _plan_cmd  # noqa: E402
-_topo_cmd.register(app); _plan_cmd.register(app)  # noqa: E702
-from dyn.cli import frontend as _frontend_cmd  # noqa: E402
-_frontend_cmd.register(app)
-from dyn.cli import model as _model_cmd  # noqa: E402
-app.add_typer(_model_cmd.app, name="model")
+for _command in (up, status, top, logs, down, ls, bench, sim, profile, topo, plan, worker, frontend, internal):
+    _command.register(app)
+app.add_typer(model.app, name="model")
 
-from dyn.cli import up as _up_cmd, down as _down_cmd, status as _status_cmd, logs as _logs_cmd, ls as _ls_cmd, internal as _internal_cmd  # noqa: E402,E501
-for _cmd in (_up_cmd, _down_cmd, _status_cmd, _logs_cmd, _ls_cmd, _internal_cmd): _cmd.register(app)  # noqa: E701
-from dyn.cli import sim as _sim_cmd, profile as _profile_cmd  # noqa: E402
-_sim_cmd.register(app); _profile_cmd.register(app)  # noqa: E702
-from dyn.cli import top as _top_cmd; _top_cmd.register(app)  # noqa: E402,E702
-from dyn.cli import bench as _bench_cmd; _bench_cmd.register(app)  # noqa: E402,E702
 
 def main() -> None:
     app()
