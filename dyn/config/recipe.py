@@ -84,6 +84,15 @@ class RouterSpec:
     disagg_threshold_tokens: int = 256
     """Uncached prompt tokens above which a prefill worker is used."""
     session_affinity_slack: float = 0.2
+    max_migrations: int = 3
+    """Times one request may move to another worker after its worker dies or stalls mid-stream;
+    past it the client gets an error (0: never migrate)."""
+    stall_timeout_s: float = 5.0
+    """Seconds of silence past the expected prefill/decode step time after which a worker is
+    presumed stalled and its requests migrate."""
+    admission: bool = True
+    """Refuse (429 + Retry-After) requests whose estimated TTFT exceeds planner.ttft_ms,
+    using the engine profile; no profile: no admission control."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,8 @@ class FrontendSpec:
     host: str = "127.0.0.1"
     port: int = 8000
     max_prompt_tokens: int | None = None
+    log_prompts: bool = False
+    """Log prompt and output text per request (off: they may hold tenants' private data)."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +131,8 @@ class AuthSpec:
     api_keys_file: str | None = None
     """Bearer tokens for the HTTP API (hashed at rest); None: open API."""
     share_cache_across_tenants: bool = False
+    """False: each API-key tenant's KV blocks are salted with its name, so tenants never
+    share cache hits; True: one salt for everyone."""
 
 
 @dataclass(frozen=True)

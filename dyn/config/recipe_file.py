@@ -115,6 +115,9 @@ def _check_sections(doc: LocatedDoc, r: Recipe) -> None:
     _at_least(doc, "router.temperature", router.temperature, 0.0)
     _at_least(doc, "router.disagg_threshold_tokens", router.disagg_threshold_tokens, 0)
     _at_least(doc, "router.session_affinity_slack", router.session_affinity_slack, 0.0)
+    _at_least(doc, "router.max_migrations", router.max_migrations, 0)
+    if router.stall_timeout_s <= 0:
+        raise doc.error("router.stall_timeout_s", f"must be > 0 seconds, got {router.stall_timeout_s:g}")
     for key in ("ttft_ms", "itl_ms", "interval_s"):
         if getattr(planner, key) <= 0:
             raise doc.error(f"planner.{key}", f"must be > 0, got {getattr(planner, key):g}")

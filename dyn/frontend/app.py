@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -19,10 +20,11 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from dyn.errors import RequestError
-from dyn.frontend.auth import is_authorized
+from dyn.frontend.auth import DEFAULT_TENANT, ApiKeys, Tenant, tenant_salt
 from dyn.frontend.generate import Dispatcher, Usage
 from dyn.frontend.metrics import CONTENT_TYPE, FrontendMetrics
 from dyn.frontend.protocol import ApiError, GenerationRequest, parse_chat, parse_completion
+from dyn.frontend.ratelimit import RateLimiter
 from dyn.frontend.responses import (DONE, StreamFormatter, chat_logprobs, completion_logprobs,
                                     error_event, full_response)
 from dyn.frontend.text import TextTokenizer
@@ -36,6 +38,11 @@ OFF_LOOP_CHARS = 16_384
 _JSON = "application/json"
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no"}
+REQUEST_ID_HEADER = "X-Request-Id"
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_OPEN_TENANT = Tenant(DEFAULT_TENANT)
+_TENANT_KEY = web.RequestKey("tenant", Tenant)
+_RID_KEY = web.RequestKey("request_id", str)
 
 
 @dataclass(frozen=True)
@@ -43,15 +50,22 @@ class ApiSettings:
     served_model: str
     max_context: int
     max_prompt_tokens: int | None = None
+    share_cache_across_tenants: bool = False
+    log_prompts: bool = False
+    """Put prompt and output text into the log (off by default: they are the tenants' data)."""
 
 
 class Frontend:
     """What the HTTP handlers share: settings, tokenizer, dispatcher, pool and metrics."""
 
     def __init__(self, settings: ApiSettings, tokenizer: TextTokenizer, dispatcher: Dispatcher,
-                 pool: WorkerPool, metrics: FrontendMetrics, *, api_key_digests: frozenset[str] | None = None) -> None:
-        self.api_key_digests = api_key_digests
-        """None: open API; else SHA-256 digests of the accepted bearer tokens."""
+                 pool: WorkerPool, metrics: FrontendMetrics, *, api_keys: ApiKeys | None = None,
+                 rate_limiter: RateLimiter | None = None) -> None:
+        self.api_keys = api_keys
+        """None: open API; else the accepted bearer tokens (hashed) and their tenants."""
+        self.rate_limiter = rate_limiter or RateLimiter()
+        self.active_ids: set[str] = set()
+        """Request ids being served (a client's X-Request-Id must not collide with one)."""
         self.settings = settings
         self.tokenizer = tokenizer
         self.dispatcher = dispatcher
@@ -68,8 +82,8 @@ class Frontend:
 
 def build_app(frontend: Frontend) -> web.Application:
     middlewares = [_errors(frontend.metrics)]
-    if frontend.api_key_digests is not None:
-        middlewares.append(_auth(frontend.api_key_digests))
+    if frontend.api_keys is not None:
+        middlewares.append(_auth(frontend.api_keys))
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
     handlers = _Handlers(frontend)
     app.router.add_post("/v1/chat/completions", handlers.chat)
@@ -124,26 +138,57 @@ class _Handlers:
         if req.model != fe.settings.served_model:
             raise ApiError(f"model {req.model!r} does not exist; this server serves "
                            f"{fe.settings.served_model!r}", status=404, param="model", code="model_not_found")
+        tenant: Tenant = request.get(_TENANT_KEY, _OPEN_TENANT)
+        fe.rate_limiter.check(tenant)
+        rid = request[_RID_KEY] = self._request_id(request)
         prompt_ids = await self._prompt_ids(req)
+        s, extra = fe.settings, {"request_id": rid}
+        salt = 0 if fe.api_keys is None or s.share_cache_across_tenants else tenant_salt(tenant.name)
+        log.info("request received: %s, %d prompt tokens, max_tokens %s, tenant %s, priority %d%s",
+                 req.kind, len(prompt_ids), req.max_tokens, tenant.name, req.hints.priority,
+                 f", prompt {_prompt_text(req)!r}" if s.log_prompts else "", extra=extra)
         usage = Usage()
-        rid = fe.dispatcher.new_request_id()
         public_id = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + rid
         fe.metrics.in_flight.inc()
+        fe.active_ids.add(rid)
         start = time.perf_counter()
         try:
-            async with aclosing(fe.dispatcher.generate(req, prompt_ids, rid, usage)) as pieces:
+            async with aclosing(fe.dispatcher.generate(req, prompt_ids, rid, usage, salt=salt)) as pieces:
                 if req.stream:
                     response = await self._stream(request, req, public_id, pieces, usage)
                 else:
                     response = await self._collect(req, public_id, pieces, usage)
+        except ApiError as exc:
+            log.info("request refused: %d %s: %s", exc.status, exc.code, exc.message, extra=extra)
+            raise
         finally:
+            fe.active_ids.discard(rid)
             fe.metrics.in_flight.dec()
             usage.num_completion_tokens = len(usage.token_ids)
             fe.metrics.prompt_tokens.inc(usage.num_prompt_tokens)
             fe.metrics.completion_tokens.inc(usage.num_completion_tokens)
             fe.metrics.cached_tokens.inc(usage.num_cached_tokens)
-        fe.metrics.e2e.observe(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        fe.metrics.e2e.observe(elapsed)
+        output = f", output {fe.tokenizer.decode(usage.token_ids)!r}" if s.log_prompts else ""
+        log.info("request finished: %s, %d tokens in %.1f ms, %d migrations, workers %s/%s%s",
+                 usage.finish_reason, len(usage.token_ids), elapsed * 1000, usage.num_migrations,
+                 usage.prefill_worker or "-", usage.decode_worker, output, extra=extra)
         return response
+
+    def _request_id(self, request: web.Request) -> str:
+        """The client's X-Request-Id when valid and not already in flight here, else a fresh id."""
+        client = request.headers.get(REQUEST_ID_HEADER)
+        if client is None:
+            return self.fe.dispatcher.new_request_id()
+        if not _CLIENT_ID.fullmatch(client):
+            raise ApiError(f"header {REQUEST_ID_HEADER} must be 1-128 characters of A-Z a-z 0-9 . _ : -, "
+                           f"got {client[:140]!r}", param=REQUEST_ID_HEADER, code="invalid_request_id")
+        if client in self.fe.active_ids:
+            raise ApiError(f"request id {client!r} (header {REQUEST_ID_HEADER}) is already in flight on "
+                           "this frontend; send a unique id per request", status=409, param=REQUEST_ID_HEADER,
+                           code="duplicate_request_id")
+        return client
 
     async def _prompt_ids(self, req: GenerationRequest) -> list[int]:
         s, tok = self.fe.settings, self.fe.tokenizer
@@ -181,6 +226,7 @@ class _Handlers:
             if piece.finish_reason:
                 reason = piece.finish_reason
                 break
+        usage.finish_reason = reason
         usage.num_completion_tokens = len(usage.token_ids)
         lp = None
         if req.logprobs and logprobs:
@@ -188,7 +234,8 @@ class _Handlers:
             lp = ({"content": chat_logprobs(tok, token_ids, logprobs)} if req.kind == "chat"
                   else completion_logprobs(tok, token_ids, logprobs))
         body = full_response(req.kind, public_id, req.model, "".join(texts), reason, usage, lp)
-        return web.Response(body=body, content_type=_JSON)
+        return web.Response(body=body, content_type=_JSON,
+                            headers={REQUEST_ID_HEADER: _rid_of(public_id)})
 
     async def _stream(self, request: web.Request, req: GenerationRequest, public_id: str, pieces,
                       usage: Usage) -> web.StreamResponse:
@@ -197,26 +244,42 @@ class _Handlers:
         # Wait for the first piece before the headers: routing and worker refusals
         # (503 + Retry-After, 400) still get a proper HTTP status.
         first = await anext(pieces, None)
-        response = web.StreamResponse(headers=_SSE_HEADERS)
+        response = web.StreamResponse(headers={**_SSE_HEADERS, REQUEST_ID_HEADER: _rid_of(public_id)})
         await response.prepare(request)
         try:
             out = fmt.first()
             if first is not None:
-                out += fmt.piece(first)
+                usage.finish_reason = first.finish_reason
+                out += fmt.piece(first, usage.num_migrations)
                 if not first.finish_reason:
                     await response.write(out)
                     out = b""
                     async for piece in pieces:
-                        await response.write(fmt.piece(piece))
+                        await response.write(fmt.piece(piece, usage.num_migrations))
                         if piece.finish_reason:
+                            usage.finish_reason = piece.finish_reason
                             break
             usage.num_completion_tokens = len(usage.token_ids)
             await response.write(out + fmt.usage(usage) + DONE)
         except ApiError as exc:  # the worker failed mid-stream: tell the client in-band
+            usage.finish_reason = f"error {exc.code}"
+            log.warning("request failed mid-stream: %s", exc.message, extra={"request_id": _rid_of(public_id)})
             await response.write(error_event(exc.body()) + DONE)
         except ConnectionResetError:  # the client left; leaving here cancels on the worker
             log.info("client went away during %s", public_id)
         return response
+
+
+
+def _rid_of(public_id: str) -> str:
+    """"chatcmpl-<rid>" -> rid (the id in logs and the X-Request-Id header)."""
+    return public_id.split("-", 1)[1]
+
+
+def _prompt_text(req: GenerationRequest) -> str:
+    if req.kind == "chat":
+        return "\n".join(f"{m['role']}: {m['content']}" for m in req.messages)
+    return req.prompt_text if req.prompt_text is not None else str(list(req.prompt_token_ids or ()))
 
 
 async def _off_loop(num_chars: int, fn, arg):
@@ -259,18 +322,24 @@ def _errors(metrics: FrontendMetrics):
             log.exception("internal error on %s", request.path)
             response = _error_response(ApiError("internal server error; see the frontend log", status=500,
                                                 type="server_error", code="internal"))
+        rid = request.get(_RID_KEY)
+        if rid is not None and not response.prepared:
+            response.headers[REQUEST_ID_HEADER] = rid
         metrics.count_request(endpoint, response.status)
         return response
 
     return middleware
 
 
-def _auth(digests: frozenset[str]):
+def _auth(keys: ApiKeys):
     @web.middleware
     async def middleware(request: web.Request, handler):
-        if request.path.startswith("/v1/") and not is_authorized(request.headers.get("Authorization"), digests):
-            raise ApiError("missing or invalid API key; send 'Authorization: Bearer <key>'", status=401,
-                           code="invalid_api_key")
+        if request.path.startswith("/v1/"):
+            tenant = keys.authenticate(request.headers.get("Authorization"))
+            if tenant is None:
+                raise ApiError("missing or invalid API key; send 'Authorization: Bearer <key>'", status=401,
+                               code="invalid_api_key", type="authentication_error")
+            request[_TENANT_KEY] = tenant
         return await handler(request)
 
     return middleware

@@ -1,21 +1,29 @@
 """One request's trip through the workers: route, (remote prefill,) decode, stream back.
 
     client <- pieces <- Dispatcher.generate
-                          | choose_workers -> (prefill | None, decode)
+                          | choose_workers -> (prefill | None, decode)      (admission: 429 here)
                           | prefill worker: GenerateRequest(prefill_only) -> TokenChunk(first), Finish(kv_offer)
                           | decode worker:  GenerateRequest(kv_source=offer, first_token) -> TokenChunks, Finish
-                          '-> on a failed prefill / lost worker: plain request on a decode worker,
-                              resuming after the tokens already sent (greedy output is unchanged)
+                          '-> failed prefill / failed KV pull: plain request on the decode worker
+                          '-> worker lost or stalled: re-route, re-send prompt + tokens already
+                              streamed (a migration; greedy output is unchanged), up to
+                              router.max_migrations; before the first token it is a retry with backoff
 
 The frontend owns the output limits: stop strings (TextStream) and max_tokens
 are enforced here, so a worker that overshoots is cancelled, and leaving the
 generator early (client gone, stop string) always sends Cancel to the worker.
+
+A worker is lost when the daemon reports it dead (its streams fail at once,
+see WorkerPool.update) or when it stays silent past the stall deadline:
+router.stall_timeout_s beyond the expected time of the next message (the
+profile's prefill estimate for a first token, a decode step after that).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import time
 from contextlib import aclosing
@@ -27,11 +35,24 @@ from dyn.frontend.metrics import FrontendMetrics
 from dyn.frontend.protocol import ApiError, GenerationRequest
 from dyn.frontend.routing import RETRY_AFTER_S, Routing
 from dyn.frontend.text import TextStream, TextTokenizer
-from dyn.frontend.workers import WorkerPool
+from dyn.frontend.workers import WORKER_GONE, WorkerPool
+from dyn.planner.profile import EngineProfile
 
-MAX_ATTEMPTS = 3
-"""Workers tried per request when one is full or lost before finishing it."""
-_RETRYABLE = frozenset({"overloaded", "worker_lost", "internal", "kv_transfer"})
+log = logging.getLogger(__name__)
+
+MAX_RETRIES = 3
+"""Re-sends of a request that failed before its first token (overloaded or lost worker)."""
+RETRY_BACKOFF_S = 0.05
+"""First retry's delay; doubles per retry, capped at 1 s."""
+FALLBACK_PREFILL_TOKENS_PER_S = 500.0
+"""Without a profile, the stall deadline of a first token allows this slow a prefill."""
+_RETRYABLE = frozenset({"overloaded", "worker_lost", WORKER_GONE, "internal", "kv_transfer"})
+_LOST = frozenset({"worker_lost", WORKER_GONE})
+_MAX_EXTENSIONS = 3
+"""Times a first-token deadline is extended while the worker keeps streaming other requests."""
+_UNHEALTHY = frozenset({"worker_lost", "internal"})
+"""Failures that count against a worker's circuit breaker (not overload, not bad input, not a
+death the daemon already reported: the breaker is for workers that look ready but fail)."""
 
 
 @dataclass(slots=True)
@@ -52,6 +73,9 @@ class Usage:
     prefill_worker: str | None = None
     decode_worker: str | None = None
     token_ids: list[int] = field(default_factory=list)
+    num_migrations: int = 0
+    num_retries: int = 0
+    finish_reason: str | None = None
 
 
 class _WorkerFailed(Exception):
@@ -64,13 +88,18 @@ class Dispatcher:
     """Runs generation requests over the worker pool; shared by every HTTP request."""
 
     def __init__(self, pool: WorkerPool, routing: Routing, tokenizer: TextTokenizer,
-                 metrics: FrontendMetrics, *, max_context: int, stall_timeout_s: float = 120.0) -> None:
+                 metrics: FrontendMetrics, *, max_context: int, stall_timeout_s: float = 5.0,
+                 max_migrations: int = 3, profile: EngineProfile | None = None,
+                 log_prompts: bool = False) -> None:
         self.pool = pool
         self.routing = routing
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.max_context = max_context
         self.stall_timeout_s = stall_timeout_s
+        self.max_migrations = max_migrations
+        self.profile = profile
+        self.log_prompts = log_prompts
         self._ids = itertools.count()
         self._prefix = os.urandom(4).hex()
 
@@ -78,19 +107,38 @@ class Dispatcher:
         return f"{self._prefix}-{next(self._ids)}"
 
     def generate(self, req: GenerationRequest, prompt_ids: list[int], request_id: str,
-                 usage: Usage) -> AsyncIterator[Piece]:
-        """Stream pieces; the last one has finish_reason. Raises ApiError (503 when full)."""
-        return _Run(self, req, prompt_ids, request_id, usage).run()
+                 usage: Usage, *, salt: int = 0) -> AsyncIterator[Piece]:
+        """Stream pieces; the last one has finish_reason. Raises ApiError (503 full, 429 admission,
+        502 when the workers failed it past the retry/migration limits)."""
+        return _Run(self, req, prompt_ids, request_id, usage, salt).run()
+
+    def expected_wait_s(self, worker_id: str, num_tokens: int, *, first: bool) -> float:
+        """How long the next message of a stream may take on `worker_id` before it is a stall."""
+        handle = self.pool.workers.get(worker_id)
+        if first:
+            waiting = num_tokens
+            if handle is not None:
+                waiting += max(int(handle.metrics.get("waiting_prefill_tokens", 0)),
+                               handle.pending_prefill_tokens - num_tokens, 0)
+            if self.profile is None:
+                return self.stall_timeout_s + waiting / FALLBACK_PREFILL_TOKENS_PER_S
+            role = self.profile.role(handle.role if handle else "decode")
+            return self.stall_timeout_s + role.prompt_prefill_s(waiting)
+        if self.profile is None or handle is None:
+            return self.stall_timeout_s
+        role = self.profile.role(handle.role)
+        return self.stall_timeout_s + role.decode_step_s(role.max_batch_size, 0)
 
 
 class _Run:
     def __init__(self, d: Dispatcher, req: GenerationRequest, prompt_ids: list[int], rid: str,
-                 usage: Usage) -> None:
+                 usage: Usage, salt: int) -> None:
         self.d = d
         self.req = req
         self.prompt = prompt_ids
         self.rid = rid
         self.usage = usage
+        self.salt = salt
         usage.num_prompt_tokens = len(prompt_ids)
         self.max_tokens = req.max_tokens or max(d.max_context - len(prompt_ids), 1)
         self.text = TextStream(d.tokenizer, req.stop, prefix_ids=prompt_ids, lazy=not req.stream)
@@ -98,10 +146,17 @@ class _Run:
         self.finish_reason: str | None = None
         self.start = time.perf_counter()
         self.last = 0.0
+        self.tried: set[str] = set()
+        self._offer: dict | None = None
 
     async def run(self) -> AsyncIterator[Piece]:
-        choice = self.d.routing.choose_workers(self.prompt, self.req.hints)
+        d, extra = self.d, {"request_id": self.rid}
+        choice = await self._first_route()
+        log.info("request routed: prefill=%s decode=%s cached_blocks=%d", choice.prefill or "local",
+                 choice.decode, choice.overlap_blocks, extra=extra)
         self.usage.decode_worker = choice.decode
+        worker: str | None = choice.decode
+        lost: RequestFailed | None = None
         if choice.prefill is not None:
             self.usage.prefill_worker = choice.prefill
             offer = None
@@ -112,29 +167,49 @@ class _Run:
                         if self.finish_reason:
                             return
                 offer = self._offer
-            except _WorkerFailed:
-                offer = None
+            except _WorkerFailed as exc:
+                self._note_failure(choice.prefill, exc.failure)
+                log.warning("remote prefill on %s failed (%s); prefilling on %s", choice.prefill,
+                            exc.failure.message, choice.decode, extra=extra)
             if offer is not None:
-                self.d.metrics.prefill_paths.labels("remote").inc()
+                d.metrics.prefill_paths.labels("remote").inc()
                 try:
                     async with aclosing(self._decode(choice.decode, offer)) as pieces:
                         async for piece in pieces:
                             yield piece
                     return
                 except _WorkerFailed as exc:
-                    if exc.failure.code not in _RETRYABLE:
-                        raise _api_error(exc.failure) from None
-            self.d.metrics.prefill_paths.labels("fallback").inc()
+                    failure = exc.failure
+                    if failure.code not in _RETRYABLE:
+                        raise _api_error(failure) from None
+                    if failure.code != "kv_transfer":  # the decode worker itself is in trouble
+                        await self._after_failure(choice.decode, failure)
+                        worker, lost = None, failure
+            d.metrics.prefill_paths.labels("fallback").inc()
         else:
-            self.d.metrics.prefill_paths.labels("local").inc()
-        async with aclosing(self._plain(choice.decode)) as pieces:
+            d.metrics.prefill_paths.labels("local").inc()
+        async with aclosing(self._plain(worker, lost)) as pieces:
             async for piece in pieces:
                 yield piece
+
+    async def _first_route(self):
+        """Route a new request; with no decode worker up (all relaunching), wait up to the stall
+        timeout for one before answering 503."""
+        d = self.d
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + d.stall_timeout_s
+        while True:
+            try:
+                return d.routing.choose_workers(self.prompt, self.req.hints, salt=self.salt, admit=True)
+            except ApiError as exc:
+                if exc.code != "no_workers" or loop.time() >= deadline:
+                    raise
+            await asyncio.sleep(0.1)
 
     async def _remote_prefill(self, worker_id: str) -> AsyncIterator[Piece]:
         self._offer = None
         request = GenerateRequest(self.rid, self.prompt, self._sampling(), priority=self.req.hints.priority,
-                                  prefill_only=True)
+                                  salt=self.salt, prefill_only=True)
         async with aclosing(self._messages(worker_id, request)) as messages:
             async for message in messages:
                 if isinstance(message, TokenChunk):
@@ -151,34 +226,95 @@ class _Run:
 
     async def _decode(self, worker_id: str, offer: dict) -> AsyncIterator[Piece]:
         request = GenerateRequest(self.rid, self.prompt, self._sampling(), priority=self.req.hints.priority,
-                                  kv_source=offer, first_token=self.emitted[0])
+                                  salt=self.salt, kv_source=offer, first_token=self.emitted[0])
         async with aclosing(self._follow(worker_id, request)) as pieces:
             async for piece in pieces:
                 yield piece
 
-    async def _plain(self, worker_id: str) -> AsyncIterator[Piece]:
-        tried: set[str] = set()
-        for attempt in range(MAX_ATTEMPTS):
+    async def _plain(self, worker_id: str | None, failure: RequestFailed | None = None) -> AsyncIterator[Piece]:
+        """Prefill + decode on one worker; on a lost worker, continue on another."""
+        while True:
+            if worker_id is None:
+                worker_id = await self._reroute(failure)
+                if not self.emitted:  # a retry: back off, the failure may be load or a restart
+                    self.d.metrics.retries.inc()
+                    await asyncio.sleep(min(RETRY_BACKOFF_S * 2 ** (self.usage.num_retries - 1), 1.0))
             # Resume after what the client already has: same tokens under greedy decoding.
             request = GenerateRequest(self.rid, self.prompt + self.emitted,
                                       self._sampling(self.max_tokens - len(self.emitted)),
-                                      priority=self.req.hints.priority)
+                                      priority=self.req.hints.priority, salt=self.salt)
             try:
                 async with aclosing(self._follow(worker_id, request)) as pieces:
                     async for piece in pieces:
                         yield piece
                 return
             except _WorkerFailed as exc:
-                failure = exc.failure
-                if failure.code not in _RETRYABLE or not failure.retryable or attempt == MAX_ATTEMPTS - 1:
-                    raise _api_error(failure) from None
-                tried.add(worker_id)
+                await self._after_failure(worker_id, exc.failure)
+                worker_id, failure = None, exc.failure
+
+    async def _after_failure(self, worker_id: str, failure: RequestFailed) -> None:
+        """Count a failure against the retry/migration limits, raising ApiError past them."""
+        d, usage, extra = self.d, self.usage, {"request_id": self.rid}
+        self._note_failure(worker_id, failure)
+        if failure.code not in _RETRYABLE or not failure.retryable:
+            raise _api_error(failure)
+        self.tried.add(worker_id)
+        if self.emitted:
+            usage.num_migrations += 1
+            if usage.num_migrations > d.max_migrations:
+                d.metrics.migration_failures.inc()
+                raise ApiError(f"the request failed on {usage.num_migrations} workers after "
+                               f"{len(self.emitted)} tokens and may migrate at most {d.max_migrations} "
+                               f"times (router.max_migrations); last failure on {worker_id}: "
+                               f"{failure.message}", status=502, code="migration_limit",
+                               type="server_error")
+            d.metrics.migrations.inc()
+            log.warning("request migrating after %d tokens: %s", len(self.emitted), failure.message,
+                        extra=extra)
+            return
+        usage.num_retries += 1
+        if usage.num_retries > MAX_RETRIES:
+            raise _api_error(failure)
+        log.info("request retrying (%d/%d): %s", usage.num_retries, MAX_RETRIES, failure.message,
+                 extra=extra)
+
+    async def _reroute(self, failure: RequestFailed | None) -> str:
+        """A worker to continue on. Before the first token: an untried one, else the last
+        failure goes to the client. Mid-stream: an untried one first, then any ready one
+        (a relaunched worker may reuse its id), waiting up to the stall timeout for one to
+        appear; then a clear error."""
+        d = self.d
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + d.stall_timeout_s
+        context = self.prompt + self.emitted
+        # A worker the daemon reported dead comes back (often under the same id): wait for it.
+        # A silent one before the first token does not get a second try.
+        lost = self.emitted or (failure is not None and failure.code == WORKER_GONE)
+        passes = (frozenset(self.tried), frozenset()) if lost else (frozenset(self.tried),)
+        while True:
+            error: ApiError | None = None
+            for exclude in passes:
                 try:
-                    worker_id = self.d.routing.choose_workers(self.prompt + self.emitted, self.req.hints,
-                                                              exclude=frozenset(tried)).decode
-                except ApiError:
-                    raise _api_error(failure) from None  # no other worker: report the last refusal
-                self.usage.decode_worker = worker_id
+                    worker = d.routing.choose_workers(context, self.req.hints, exclude=exclude,
+                                                      salt=self.salt).decode
+                except ApiError as exc:
+                    error = exc
+                    continue
+                self.usage.decode_worker = worker
+                log.info("request re-routed to %s", worker, extra={"request_id": self.rid})
+                return worker
+            if not lost and failure is not None:
+                raise _api_error(failure)  # no other worker: report the last refusal
+            if loop.time() >= deadline:
+                raise ApiError(f"no worker left to continue the request on after a failure "
+                               f"(tried {sorted(self.tried)}; {error.message if error else ''})",
+                               status=503, code="no_workers", type="service_unavailable",
+                               retry_after_s=RETRY_AFTER_S)
+            await asyncio.sleep(0.1)
+
+    def _note_failure(self, worker_id: str, failure: RequestFailed) -> None:
+        if failure.code in _UNHEALTHY:
+            self.d.routing.breakers.on_failure(worker_id)
 
     async def _follow(self, worker_id: str, request: GenerateRequest) -> AsyncIterator[Piece]:
         async with aclosing(self._messages(worker_id, request)) as messages:
@@ -198,7 +334,7 @@ class _Run:
 
     async def _messages(self, worker_id: str, request: GenerateRequest):
         """Messages of one request on one worker; cancels it there unless it ended by itself."""
-        pool = self.d.pool
+        d, pool = self.d, self.d.pool
         queue = await pool.open(worker_id, request)
         ended = False
         # Without streaming nobody sees chunk boundaries: merge the chunks already
@@ -206,28 +342,39 @@ class _Run:
         coalesce = not self.req.stream
         pending = None
         stalled = False
+        first = True
+        extensions = 0
+        num_tokens = len(request.prompt_token_ids)
         try:
             while True:
-                try:
-                    if pending is not None:
-                        message, pending = pending, None
-                    elif queue.empty():
-                        async with asyncio.timeout(self.d.stall_timeout_s):
+                if pending is not None:
+                    message, pending = pending, None
+                elif queue.empty():
+                    wait_s = d.expected_wait_s(worker_id, num_tokens, first=first)
+                    try:
+                        async with asyncio.timeout(wait_s):
                             message = await queue.get()
-                    else:
-                        message = queue.get_nowait()
-                    if coalesce and type(message) is TokenChunk and not queue.empty():
-                        message, pending = _merge(message, queue)
-                except TimeoutError:
-                    stalled = True
-                    raise _WorkerFailed(RequestFailed(self.rid, "worker_lost",
-                                                      f"worker {worker_id} sent nothing for "
-                                                      f"{self.d.stall_timeout_s:.0f} s", True)) from None
+                    except TimeoutError:
+                        if first and extensions < _MAX_EXTENSIONS and self._worker_alive(worker_id):
+                            extensions += 1  # queued behind others on a worker that is still talking
+                            continue
+                        stalled = True
+                        raise _WorkerFailed(RequestFailed(
+                            self.rid, "worker_lost", f"worker {worker_id} sent nothing for this "
+                            f"request in {wait_s:.1f} s (router.stall_timeout_s "
+                            f"{d.stall_timeout_s:g} s past the expected step time)", True)) from None
+                else:
+                    message = queue.get_nowait()
+                if coalesce and type(message) is TokenChunk and not queue.empty():
+                    message, pending = _merge(message, queue)
+                first = False
                 if isinstance(message, RequestFailed):
                     ended = True
                     raise _WorkerFailed(message)
                 if isinstance(message, Finish):
                     ended = True
+                    if message.reason != "abort":
+                        d.routing.breakers.on_success(worker_id)
                 yield message
                 if ended:
                     return
@@ -237,8 +384,13 @@ class _Run:
             cancel = not ended and (self.finish_reason != "length" or request.prefill_only)
             if cancel:
                 reason = "stop" if self.finish_reason else "stall" if stalled else "disconnect"
-                self.d.metrics.cancelled.labels(reason).inc()
+                d.metrics.cancelled.labels(reason).inc()
             pool.close_stream(self.rid, cancel=cancel)
+
+    def _worker_alive(self, worker_id: str) -> bool:
+        handle = self.d.pool.workers.get(worker_id)
+        return (handle is not None and handle.is_ready
+                and time.monotonic() - handle.last_heard < self.d.stall_timeout_s)
 
     def _piece(self, chunk: TokenChunk) -> Piece | None:
         now = time.perf_counter()
@@ -246,6 +398,8 @@ class _Run:
         if not self.emitted:
             metrics.ttft.observe(now - self.start)
             self.usage.num_cached_tokens = chunk.num_cached_tokens
+            log.info("first token after %.1f ms (%d prompt tokens cached)", (now - self.start) * 1000,
+                     chunk.num_cached_tokens, extra={"request_id": self.rid})
         elif self.req.stream:  # inter-token latency is what a streaming client sees
             metrics.itl.observe(now - self.last)
         self.last = now
@@ -304,6 +458,9 @@ def _merge(first: TokenChunk, queue: asyncio.Queue) -> tuple[TokenChunk, object 
 def _api_error(failure: RequestFailed) -> ApiError:
     if failure.code == "bad_request":
         return ApiError(failure.message, status=400, code="bad_request")
+    if failure.code in _LOST:
+        return ApiError(f"the worker was lost: {failure.message}", status=502, code="worker_lost",
+                        type="server_error")
     if failure.code == "overloaded":
         return ApiError(f"workers are overloaded ({failure.message}); retry later", status=503,
                         code="overloaded", type="service_unavailable", retry_after_s=RETRY_AFTER_S)

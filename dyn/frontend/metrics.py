@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from dyn.frontend.breaker import STATE_VALUES, BreakerBoard
 from dyn.frontend.workers import WorkerPool
 from dyn.router.router import Router
 
@@ -25,7 +26,8 @@ _E2E_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 3
 
 
 class FrontendMetrics:
-    def __init__(self, pool: WorkerPool | None = None, router: Router | None = None) -> None:
+    def __init__(self, pool: WorkerPool | None = None, router: Router | None = None,
+                 breakers: BreakerBoard | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("dyn_frontend_requests", "HTTP requests by endpoint and status",
@@ -49,8 +51,14 @@ class FrontendMetrics:
                                 registry=r)
         self.cancelled = Counter("dyn_frontend_cancelled", "Requests cancelled on a worker "
                                  "(client disconnect or stop string)", ["reason"], registry=r)
+        self.migrations = Counter("dyn_requests_migrated", "Requests moved to another worker "
+                                  "mid-stream after their worker died or stalled", registry=r)
+        self.migration_failures = Counter("dyn_frontend_migration_limit", "Requests failed after "
+                                          "router.max_migrations migrations", registry=r)
+        self.retries = Counter("dyn_frontend_retries", "Re-sends of requests that failed before "
+                               "their first token", registry=r)
         if pool is not None:
-            r.register(_PoolCollector(pool, router))
+            r.register(_PoolCollector(pool, router, breakers))
         self.num_requests = 0
         self.num_rejected = 0
 
@@ -68,9 +76,10 @@ class FrontendMetrics:
 class _PoolCollector(Collector):
     """Per-worker gauges, read from the pool's latest heartbeat metrics when scraped."""
 
-    def __init__(self, pool: WorkerPool, router: Router | None) -> None:
+    def __init__(self, pool: WorkerPool, router: Router | None, breakers: BreakerBoard | None) -> None:
         self._pool = pool
         self._router = router
+        self._breakers = breakers
 
     def describe(self) -> list:
         return []
@@ -110,4 +119,9 @@ class _PoolCollector(Collector):
         overall = GaugeMetricFamily("dyn_prefix_cache_hit_rate",
                                     "Prefix-cache hit rate over all workers (blocks)")
         overall.add_metric([], total_hits / total_lookups if total_lookups else 0.0)
-        yield from (queue, in_flight, hit_rate, overall, shuttle_bytes, shuttle_rate, indexed)
+        circuit = GaugeMetricFamily("dyn_worker_circuit_state", "Circuit breaker per worker: "
+                                    "0 closed, 1 half-open, 2 open", labels=["worker"])
+        states = self._breakers.states() if self._breakers is not None else {}
+        for wid in self._pool.workers:
+            circuit.add_metric([wid], STATE_VALUES[states.get(wid, "closed")])
+        yield from (queue, in_flight, hit_rate, overall, shuttle_bytes, shuttle_rate, indexed, circuit)

@@ -21,14 +21,17 @@ from dyn.control.keys import load_process_keys
 from dyn.control.messages import Command
 from dyn.control.sockets import Security
 from dyn.errors import ConfigError
-from dyn.frontend.auth import load_api_keys
+from dyn.frontend.admission import Admission
 from dyn.frontend.app import ApiSettings, Frontend, build_app, start_site
+from dyn.frontend.auth import load_api_keys
+from dyn.frontend.breaker import BreakerBoard
 from dyn.frontend.generate import Dispatcher
 from dyn.frontend.kv_subscriber import KvEventSubscriber
 from dyn.frontend.metrics import FrontendMetrics
 from dyn.frontend.routing import Routing
 from dyn.frontend.text import TextTokenizer, load_tokenizer
 from dyn.frontend.workers import WorkerLimits, WorkerPool
+from dyn.planner.profile import EngineProfile, ProfileError, load_profile, mock_profile, profile_path
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +40,46 @@ SHUTDOWN_GRACE_S = 10.0
 
 def build_frontend(recipe: Recipe, pool: WorkerPool, *, tokenizer: TextTokenizer | None = None,
                    policy: str | None = None, seed: int | None = None,
-                   stall_timeout_s: float = 120.0) -> Frontend:
-    """Assemble the HTTP frontend of a recipe over an existing worker pool."""
+                   stall_timeout_s: float | None = None, profile: EngineProfile | None = None,
+                   breakers: BreakerBoard | None = None) -> Frontend:
+    """Assemble the HTTP frontend of a recipe over an existing worker pool.
+
+    `profile` (default: `find_profile(recipe)`) drives admission control and the
+    stall deadlines; `stall_timeout_s` overrides router.stall_timeout_s.
+    """
     tokenizer = tokenizer or load_tokenizer(recipe.model)
-    routing = Routing(recipe, pool, policy=policy, seed=seed)
-    metrics = FrontendMetrics(pool, routing.router)
+    profile = profile or find_profile(recipe)
+    admission = (Admission(profile, recipe.planner.ttft_ms / 1000.0)
+                 if profile is not None and recipe.router.admission else None)
+    routing = Routing(recipe, pool, policy=policy, seed=seed, breakers=breakers, admission=admission)
+    metrics = FrontendMetrics(pool, routing.router, routing.breakers)
     dispatcher = Dispatcher(pool, routing, tokenizer, metrics, max_context=recipe.model.max_context,
-                            stall_timeout_s=stall_timeout_s)
+                            stall_timeout_s=stall_timeout_s or recipe.router.stall_timeout_s,
+                            max_migrations=recipe.router.max_migrations, profile=profile,
+                            log_prompts=recipe.frontend.log_prompts)
     settings = ApiSettings(recipe.model.served_name, recipe.model.max_context,
-                           recipe.frontend.max_prompt_tokens)
-    digests = load_api_keys(recipe.auth.api_keys_file) if recipe.auth.api_keys_file else None
-    return Frontend(settings, tokenizer, dispatcher, pool, metrics, api_key_digests=digests)
+                           recipe.frontend.max_prompt_tokens, recipe.auth.share_cache_across_tenants,
+                           recipe.frontend.log_prompts)
+    keys = load_api_keys(recipe.auth.api_keys_file) if recipe.auth.api_keys_file else None
+    return Frontend(settings, tokenizer, dispatcher, pool, metrics, api_keys=keys)
+
+
+def find_profile(recipe: Recipe) -> EngineProfile | None:
+    """The engine profile next to the recipe file (`dyn profile` writes it), the mock engine's own
+    timing model, or None (then no admission control, and stall deadlines assume a slow prefill)."""
+    if recipe.model.engine == "mock":
+        return mock_profile(recipe)
+    if not recipe.source or recipe.source.startswith("<"):
+        return None
+    path = profile_path(recipe.source)
+    if not path.exists():
+        log.info("no engine profile at %s: admission control is off (run `dyn profile`)", path)
+        return None
+    try:
+        return load_profile(path, recipe)
+    except ProfileError as exc:
+        log.warning("engine profile ignored, admission control is off: %s", exc)
+        return None
 
 
 def worker_limits(recipe: Recipe) -> dict[str, WorkerLimits]:
@@ -95,7 +127,7 @@ async def run_frontend(config: ProcessConfig) -> int:
             await _apply_command(command, frontend, kv_events, stop, security)
 
         async def metrics() -> tuple[dict[str, float], dict]:
-            return _heartbeat_metrics(frontend), {"role": "frontend", "url": url}
+            return _heartbeat_metrics(frontend), heartbeat_info(frontend, url)
 
         tasks.append(asyncio.create_task(control.run(on_command, metrics)))
         tasks.append(asyncio.create_task(_set_on(control.daemon_lost, stop)))
@@ -132,10 +164,12 @@ async def _apply_command(command: Command, frontend: Frontend, kv_events: KvEven
             log.warning("update_workers without a workers list; ignored")
             return
         pool = frontend.pool
-        before = set(pool.workers)
+        before = {wid: h.address for wid, h in pool.workers.items()}
         pool.update(workers)
-        for gone in before - set(pool.workers):
-            frontend.dispatcher.routing.forget(gone)
+        for wid, address in before.items():
+            handle = pool.workers.get(wid)
+            if handle is None or handle.address != address:  # gone, or relaunched: fresh cache and breaker
+                frontend.dispatcher.routing.forget(wid)
         for wid in kv_events.worker_ids - set(pool.workers):
             kv_events.disconnect(wid)
         for wid, handle in pool.workers.items():
@@ -151,12 +185,20 @@ async def _apply_command(command: Command, frontend: Frontend, kv_events: KvEven
             security.authorizer.add(keys)
 
 
+def heartbeat_info(frontend: Frontend, url: str) -> dict:
+    """Heartbeat.info: the daemon shows `breakers` ({worker_id: closed|half_open|open}) in dyn status."""
+    return {"role": "frontend", "url": url, "breakers": frontend.dispatcher.routing.breakers.states()}
+
+
 def _heartbeat_metrics(frontend: Frontend) -> dict[str, float]:
     m = frontend.metrics
     return {"in_flight": float(frontend.pool.num_open_streams),
             "num_workers": float(len(frontend.pool.workers)),
             "requests_total": float(m.num_requests), "rejected_total": float(m.num_rejected),
-            "bad_messages": float(frontend.pool.bad.total)}
+            "bad_messages": float(frontend.pool.bad.total),
+            "migrations_total": frontend.metrics.migrations._value.get(),
+            "open_breakers": float(sum(s != "closed" for s in
+                                       frontend.dispatcher.routing.breakers.states().values()))}
 
 
 async def _wait_idle(frontend: Frontend, timeout_s: float) -> None:

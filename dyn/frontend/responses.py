@@ -46,7 +46,8 @@ class StreamFormatter:
             return b""
         return _event(self._chunk)
 
-    def piece(self, piece: Piece) -> bytes:
+    def piece(self, piece: Piece, num_migrations: int = 0) -> bytes:
+        """One chunk; the last one carries `dyn.migrations` when the request changed workers."""
         choice = self._choice
         if self.kind == "chat":
             choice["delta"] = {"content": piece.text} if piece.text or not piece.finish_reason else {}
@@ -54,6 +55,8 @@ class StreamFormatter:
             choice["text"] = piece.text
         choice["logprobs"] = self._logprobs(piece) if piece.logprobs is not None else None
         choice["finish_reason"] = piece.finish_reason
+        if piece.finish_reason and num_migrations:
+            return _event(dict(self._chunk, dyn={"migrations": num_migrations}))
         return _event(self._chunk)
 
     def usage(self, usage: Usage) -> bytes:
@@ -79,8 +82,11 @@ def full_response(kind: str, request_id: str, model: str, text: str, finish_reas
     else:
         choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "text_completion"
-    return _dumps({"id": request_id, "object": obj, "created": int(time.time()), "model": model,
-                   "choices": [choice], "usage": usage_dict(usage)}).encode()
+    body = {"id": request_id, "object": obj, "created": int(time.time()), "model": model,
+            "choices": [choice], "usage": usage_dict(usage)}
+    if usage.num_migrations:
+        body["dyn"] = {"migrations": usage.num_migrations}
+    return _dumps(body).encode()
 
 
 def chat_logprobs(tok: TextTokenizer, token_ids: Sequence[int], logprobs: Sequence[float]) -> list[dict]:

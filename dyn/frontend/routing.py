@@ -12,6 +12,8 @@ import time
 from typing import NamedTuple, Sequence
 
 from dyn.config.recipe import Recipe
+from dyn.frontend.admission import Admission
+from dyn.frontend.breaker import BreakerBoard
 from dyn.frontend.protocol import ApiError, Hints
 from dyn.frontend.workers import DECODE_ROLES, PREFILL_ROLES, WorkerHandle, WorkerPool
 from dyn.kv.hashing import hash_blocks
@@ -31,21 +33,34 @@ class RouteChoice(NamedTuple):
 
 
 class Routing:
+    """Chooses workers for a prompt; skips workers whose circuit breaker is open.
+
+    `admission` (None: off) refuses new requests whose estimated TTFT on the
+    chosen worker misses the target; re-sends of a started request skip it.
+    """
+
     def __init__(self, recipe: Recipe, pool: WorkerPool, *, policy: str | None = None,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, breakers: BreakerBoard | None = None,
+                 admission: Admission | None = None) -> None:
         self.mode = recipe.mode
         self.block_size = recipe.model.block_size
         self.pool = pool
         self.router = Router(recipe.router, self.block_size, policy=policy, seed=seed)
+        self.breakers = breakers or BreakerBoard()
+        self.admission = admission
 
     def choose_workers(self, prompt_token_ids: Sequence[int], hints: Hints, *,
-                       exclude: frozenset[str] = frozenset()) -> RouteChoice:
-        """Pick (prefill or None, decode). Raises ApiError 503/429 when no worker can serve."""
+                       exclude: frozenset[str] = frozenset(), salt: int = 0,
+                       admit: bool = False) -> RouteChoice:
+        """Pick (prefill or None, decode). Raises ApiError 503 when no worker can serve,
+        429 when `admit` and the TTFT estimate misses the target."""
+        exclude = exclude | self.breakers.blocked(self.pool.workers)
         decode = self._loads(DECODE_ROLES, exclude)
         if not decode:
-            raise ApiError("no decode worker is ready; retry later", status=503, code="no_workers",
+            raise ApiError("no decode worker is ready (or every one has its circuit breaker open after "
+                           "repeated failures); retry later", status=503, code="no_workers",
                            type="service_unavailable", retry_after_s=RETRY_AFTER_S * 5)
-        request = RouteRequest(hash_blocks(prompt_token_ids, self.block_size), len(prompt_token_ids),
+        request = RouteRequest(hash_blocks(prompt_token_ids, self.block_size, salt), len(prompt_token_ids),
                                _route_hints(hints))
         now = time.monotonic()
         try:
@@ -53,16 +68,30 @@ class Routing:
                 prefill = self._loads(PREFILL_ROLES - {"both"}, exclude)
                 decision = self.router.choose_disagg(request, prefill, decode, now)
                 pre = decision.prefill.worker_id if decision.prefill else None
-                return RouteChoice(pre, decision.decode.worker_id, decision.decode.overlap_blocks)
-            chosen = self.router.choose(request, decode, now)
-            return RouteChoice(None, chosen.worker_id, chosen.overlap_blocks)
+                choice = RouteChoice(pre, decision.decode.worker_id, decision.decode.overlap_blocks)
+            else:
+                chosen = self.router.choose(request, decode, now)
+                choice = RouteChoice(None, chosen.worker_id, chosen.overlap_blocks)
         except NoWorkerError as err:
             raise ApiError(f"every worker is at its queue limit; retry later ({err})", status=503,
                            code="overloaded", type="service_unavailable",
                            retry_after_s=RETRY_AFTER_S) from None
+        if admit and self.admission is not None:
+            self._admit(choice, len(prompt_token_ids), hints.priority)
+        for wid in (choice.prefill, choice.decode):
+            if wid is not None:
+                self.breakers.on_sent(wid)
+        return choice
 
     def forget(self, worker_id: str) -> None:
         self.router.remove_worker(worker_id)
+        self.breakers.forget(worker_id)
+
+    def _admit(self, choice: RouteChoice, num_tokens: int, priority: int) -> None:
+        handle = self.pool.workers[choice.prefill or choice.decode]
+        uncached = num_tokens if choice.prefill else num_tokens - choice.overlap_blocks * self.block_size
+        waiting = max(int(handle.metrics.get("waiting_prefill_tokens", 0)), handle.pending_prefill_tokens)
+        self.admission.check(handle.id, handle.role, waiting, uncached, priority)  # type: ignore[union-attr]
 
     def _loads(self, roles: frozenset[str], exclude: frozenset[str]) -> list[WorkerLoad]:
         return [_load(h, self.block_size) for h in self.pool.workers.values()

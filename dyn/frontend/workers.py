@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -28,6 +29,11 @@ log = logging.getLogger(__name__)
 
 DECODE_ROLES = frozenset({"decode", "both"})
 PREFILL_ROLES = frozenset({"prefill", "both"})
+WORKER_GONE = "worker_gone"
+"""Failure code of streams ended because the daemon reported their worker dead or gone."""
+DEAD_STATES = frozenset({"failed", "exited", "gave_up", "lost", "starting", "loading"})
+"""States in which a worker cannot be serving our streams: they end (and migrate) at once.
+(starting/loading: the daemon relaunched it, so the process that held them is gone.)"""
 
 
 @dataclass(slots=True)
@@ -54,6 +60,10 @@ class WorkerHandle:
     """Requests this frontend has open on the worker (fresher than heartbeat metrics)."""
     in_flight_tokens: int = 0
     """Prompt tokens of those requests: the router's local estimate of the KV they hold."""
+    pending_prefill_tokens: int = 0
+    """Prompt tokens of those requests with no token back yet (admission's queue estimate)."""
+    last_heard: float = 0.0
+    """time.monotonic() of the last message from the worker (stall detection)."""
     sock: Any = None
     reader: asyncio.Task | None = None
 
@@ -81,7 +91,7 @@ class WorkerPool:
         self._security = security
         self._limits = limits or {}
         self.workers: dict[str, WorkerHandle] = {}
-        self._streams: dict[str, tuple[str, asyncio.Queue, int]] = {}
+        self._streams: dict[str, _Stream] = {}
         self.bad = BadMessages("frontend request plane")
         self.num_bad_updates = 0
         self.num_cancels_sent = 0
@@ -106,8 +116,8 @@ class WorkerPool:
                 handle = self.add(wid, role, address, node=node, state=state, gpus=gpus)
             handle.role, handle.state, handle.metrics, handle.gpus = role, state, metrics, gpus
             handle.kv_events_address = kv_address
-            if state == "failed":
-                self._fail_streams(wid, "worker failed")
+            if state in DEAD_STATES:
+                self._fail_streams(wid, f"the daemon reports the worker {state}")
         for wid in [w for w in self.workers if w not in seen]:
             self._remove(wid, "worker left the deployment")
 
@@ -126,9 +136,10 @@ class WorkerPool:
         handle = self.workers[worker_id]
         queue: asyncio.Queue = asyncio.Queue()
         num_tokens = len(request.prompt_token_ids)
-        self._streams[request.request_id] = (worker_id, queue, num_tokens)
+        self._streams[request.request_id] = _Stream(worker_id, queue, num_tokens)
         handle.in_flight += 1
         handle.in_flight_tokens += num_tokens
+        handle.pending_prefill_tokens += num_tokens
         try:
             await handle.sock.send(REQUEST_CODEC.encode(request), copy=False)
         except zmq.ZMQError as exc:
@@ -148,11 +159,13 @@ class WorkerPool:
         entry = self._streams.pop(request_id, None)
         if entry is None:
             return
-        handle = self.workers.get(entry[0])
+        handle = self.workers.get(entry.worker_id)
         if handle is None:
             return
         handle.in_flight -= 1
-        handle.in_flight_tokens -= entry[2]
+        handle.in_flight_tokens -= entry.num_tokens
+        if entry.awaiting_first:
+            handle.pending_prefill_tokens -= entry.num_tokens
         if cancel:
             sent = handle.sock.send(REQUEST_CODEC.encode(Cancel(request_id)))
             sent.add_done_callback(lambda f, rid=request_id, wid=handle.id: _log_send_error(f, rid, wid))
@@ -176,9 +189,9 @@ class WorkerPool:
         handle.sock.close(linger=0)
 
     def _fail_streams(self, worker_id: str, reason: str) -> None:
-        for rid, (wid, queue, _) in list(self._streams.items()):
-            if wid == worker_id:
-                queue.put_nowait(RequestFailed(rid, "worker_lost", f"worker {worker_id}: {reason}", True))
+        for rid, entry in list(self._streams.items()):
+            if entry.worker_id == worker_id:
+                entry.queue.put_nowait(RequestFailed(rid, WORKER_GONE, f"worker {worker_id}: {reason}", True))
 
     async def _read(self, handle: WorkerHandle) -> None:
         sock, streams, bad, wid = handle.sock, self._streams, self.bad, handle.id
@@ -187,13 +200,17 @@ class WorkerPool:
         raw = zmq.Socket.shadow(sock.underlying)
         while True:
             frame = await sock.recv(copy=False)
+            handle.last_heard = time.monotonic()
             for _ in range(_MAX_DRAIN):
                 message = _decode(frame.buffer, bad)
                 rid = getattr(message, "request_id", None)
                 if rid is not None:
                     entry = streams.get(rid)
-                    if entry is not None and entry[0] == wid:
-                        entry[1].put_nowait(message)
+                    if entry is not None and entry.worker_id == wid:
+                        if entry.awaiting_first:
+                            entry.awaiting_first = False
+                            handle.pending_prefill_tokens -= entry.num_tokens
+                        entry.queue.put_nowait(message)
                 elif isinstance(message, KvSnapshot) and message.worker_id == wid:
                     if self.on_snapshot is not None:
                         self.on_snapshot(message)
@@ -203,6 +220,15 @@ class WorkerPool:
                     frame = raw.recv(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
+
+
+@dataclass(slots=True)
+class _Stream:
+    worker_id: str
+    queue: asyncio.Queue
+    num_tokens: int
+    awaiting_first: bool = True
+    """No message back yet: its prompt still counts as queued prefill on the worker."""
 
 
 _MAX_DRAIN = 512

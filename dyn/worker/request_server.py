@@ -134,8 +134,13 @@ class RequestServer:
         stream = Stream(rid, client, len(msg.prompt_token_ids), prefill_only=msg.prefill_only)
         self._streams[rid] = stream
         self.requests_total += 1
+        log.info("request started: %d prompt tokens%s%s", len(msg.prompt_token_ids),
+                 ", prefill only" if msg.prefill_only else "",
+                 ", salted" if msg.salt else "", extra={"request_id": rid})
         try:
             if msg.kv_source is not None and self.import_kv is not None:
+                source = msg.kv_source.get("address") if isinstance(msg.kv_source, dict) else None
+                log.info("KV pull from %s", source, extra={"request_id": rid})
                 await self.import_kv(stream, msg)  # adds the request itself
             else:
                 await asyncio.wrap_future(self._loop.submit(lambda e: e.add_request(request)))
@@ -178,6 +183,8 @@ class RequestServer:
         except DynError as exc:
             self._fail(stream.client, stream.request_id, "kv_transfer", str(exc), True)
             return
+        log.info("KV offer of %d prompt tokens", stream.num_prompt_tokens,
+                 extra={"request_id": stream.request_id})
         self._send(stream.client, Finish(stream.request_id, out.finish_reason or "length",
                                          stream.num_prompt_tokens, stream.num_completion_tokens,
                                          kv_offer=stream.kv_offer))

@@ -181,8 +181,6 @@ def test_logs_follow_a_response_id_to_the_workers(deployment):
     assert missing.returncode == 1 and "no line with request_id 'no-such-request'" in missing.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="needs the frontend to take X-Request-Id as its request id and log "
-                   "request lines with it (dyn/frontend, not owned here); strict: remove once it does")
 def test_logs_follow_a_client_request_id_across_processes(deployment):
     payload = deployment.status()
     _chat(payload["frontend_url"], 1, request_id="client-trace-7")

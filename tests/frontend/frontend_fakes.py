@@ -43,6 +43,10 @@ class FakeWorker:
     kv_store: dict = field(default_factory=dict)
     fail_prefill: bool = False
     overloaded: bool = False
+    stall_after: int | None = None
+    """Stop answering (without failing) after this many generated tokens: a wedged worker."""
+    stall: bool = False
+    """Set while streaming: every running request stops answering at its next token."""
     requests: list[GenerateRequest] = field(default_factory=list)
     cancels: list[str] = field(default_factory=list)
     finished: dict[str, str] = field(default_factory=dict)
@@ -112,6 +116,8 @@ class FakeWorker:
             while done < max_tokens:
                 if self.step_s:
                     await asyncio.sleep(self.step_s)
+                if self.stall or (self.stall_after is not None and done >= self.stall_after):
+                    await asyncio.Event().wait()  # until cancelled
                 tok = self._token(context, done)
                 if tok is None:
                     reason = "stop"
