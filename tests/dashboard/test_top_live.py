@@ -175,8 +175,11 @@ def test_logs_follow_a_response_id_to_the_workers(deployment):
     result = deployment.dyn("logs", "--name", NAME, "--request", response.id)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    assert lines and all("request finished" in ln for ln in lines), result.stdout
-    assert {ln.split()[1] for ln in lines} <= {"prefill-0", "decode-0", "decode-1"}
+    processes = {ln.split()[1] for ln in lines}
+    assert processes <= {"frontend", "prefill-0", "decode-0", "decode-1"}, result.stdout
+    assert "frontend" in processes and processes & {"decode-0", "decode-1"}, result.stdout
+    finished = [ln for ln in lines if "request finished" in ln]
+    assert any(ln.split()[1] == "frontend" for ln in finished), result.stdout
     missing = deployment.dyn("logs", "--name", NAME, "--request", "no-such-request")
     assert missing.returncode == 1 and "no line with request_id 'no-such-request'" in missing.stderr
 
