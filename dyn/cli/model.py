@@ -1,0 +1,30 @@
+"""`dyn model ...`: model utilities (a tiny random checkpoint for demos and tests)."""
+
+from __future__ import annotations
+
+import typer
+
+from dyn.errors import DynError
+
+app = typer.Typer(help="Model utilities.", no_args_is_help=True)
+
+
+@app.command("init")
+def init(kind: str = typer.Argument(..., help="What to create; only 'tiny' for now."),
+         directory: str = typer.Argument(..., help="Output directory (created if absent)."),
+         seed: int = typer.Option(0, "--seed", help="Weight seed; the same seed gives identical files.")) -> None:
+    """Write a random-weight Llama checkpoint in Hugging Face format.
+
+    Example: dyn model init tiny ./models/tiny --seed 1
+    """
+    if kind != "tiny":
+        typer.echo(f"error: unknown model kind {kind!r}; only 'tiny' is available", err=True)
+        raise typer.Exit(2)
+    from dyn.engine.tiny import write_tiny_checkpoint
+
+    try:
+        out = write_tiny_checkpoint(directory, seed)
+    except (DynError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"wrote tiny Llama checkpoint (seed {seed}) to {out}")

@@ -1,0 +1,1 @@
+"""Torch building blocks of Llama-family decoders: norm, rotary embedding, paged attention."""

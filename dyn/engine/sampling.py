@@ -1,0 +1,80 @@
+"""Per-request token sampling: greedy, temperature, top-k, top-p, seeded streams.
+
+A seeded request draws token i from a generator seeded by (seed, i), not from
+a generator carried across steps. The stream is then a function of the request
+alone: the same tokens come out whatever else shares the batch, after
+preemption and recompute, and after a prefill/decode handoff to another worker.
+Draws happen on the host, so CPU and CUDA runners agree for the same probs.
+Parameter ranges are checked where requests enter (dyn.engine.engine).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+
+from dyn.engine.backend import SamplingParams
+
+_MASK63 = (1 << 63) - 1
+
+
+class Sampled(NamedTuple):
+    token_ids: list[int]
+    logprobs: list[float | None]
+    """Log-probability of each chosen token under the unmodified model distribution (None unless asked)."""
+
+
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams], num_generated: Sequence[int],
+           generator: torch.Generator | None = None) -> Sampled:
+    """Pick one token per row of float32 `logits` [n, vocab].
+
+    `generator` (a host generator) serves unseeded random requests; seeded
+    ones use their own stream.
+    """
+    n = logits.shape[0]
+    tokens: list[int] = [0] * n
+    greedy_rows = [i for i, p in enumerate(params) if p.temperature == 0.0 or p.top_k == 1]
+    if greedy_rows:
+        picked = logits[greedy_rows].argmax(dim=-1).tolist() if len(greedy_rows) < n else \
+            logits.argmax(dim=-1).tolist()
+        for row, tok in zip(greedy_rows, picked):
+            tokens[row] = tok
+    greedy = set(greedy_rows)
+    for i, p in enumerate(params):
+        if i in greedy:
+            continue
+        probs = _filtered_probs(logits[i], p).cpu()
+        gen = generator
+        if p.seed is not None:
+            gen = torch.Generator().manual_seed(_stream_seed(p.seed, num_generated[i]))
+        tokens[i] = int(torch.multinomial(probs, 1, generator=gen).item())
+    logprobs: list[float | None] = [None] * n
+    want = [i for i, p in enumerate(params) if p.logprobs]
+    if want:
+        lp = torch.log_softmax(logits[want], dim=-1)
+        chosen = lp.gather(1, torch.tensor([tokens[i] for i in want], device=lp.device).unsqueeze(1))
+        for row, value in zip(want, chosen.squeeze(1).tolist()):
+            logprobs[row] = value
+    return Sampled(tokens, logprobs)
+
+
+def _filtered_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    scaled = row / p.temperature
+    if 0 < p.top_k < scaled.shape[0]:
+        kth = torch.topk(scaled, p.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, descending=True)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p (the top one always stays)
+        drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= p.top_p
+        scaled = scaled.scatter(0, order[drop], float("-inf"))
+    return torch.softmax(scaled, dim=-1)
+
+
+def _stream_seed(seed: int, index: int) -> int:
+    # splitmix-style mix so (seed, i) and (seed, i + 1) give unrelated streams
+    z = (seed * 0x9E3779B97F4A7C15 + (index + 1) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    z ^= z >> 31
+    return z & _MASK63

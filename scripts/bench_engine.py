@@ -1,0 +1,169 @@
+"""Throughput of the torch engine against transformers' batched `generate`, same weights, CPU.
+
+    .venv/bin/python scripts/bench_engine.py                 # the full run (64 requests)
+    .venv/bin/python scripts/bench_engine.py --requests 8 --output 16 --layers 2   # a quick look
+
+Writes one random Llama checkpoint (about 50M parameters by default), then runs
+each side in its own child process so that peak memory (max RSS) is per side.
+Times cover serving only (weights already loaded on both sides).
+Prompts are random token ids with lengths spread evenly over
+[min-prompt, max-prompt]; every request generates exactly `output` tokens
+(EOS ignored), greedy. transformers gets left padding, and by default prompts
+sorted by length into batches (less padding than one big batch); pick the
+batch with --hf-batch-size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def main() -> int:
+    args = _parse()
+    if args.phase:
+        result = _run_phase(args)
+        print(json.dumps(result))
+        return 0
+    with tempfile.TemporaryDirectory(prefix="dyn-bench-") as tmp:
+        from dyn.engine.tiny import write_tiny_checkpoint
+
+        model_dir = write_tiny_checkpoint(Path(tmp) / "model", seed=0, num_layers=args.layers,
+                                          hidden_size=args.hidden, num_heads=args.heads,
+                                          num_kv_heads=args.kv_heads, intermediate_size=args.intermediate,
+                                          vocab_size=args.vocab)
+        results = {}
+        for phase in ("dyn", "hf"):
+            cmd = [sys.executable, __file__, "--phase", phase, "--model-dir", str(model_dir), *sys.argv[1:]]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s)
+            if proc.returncode != 0:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                return 1
+            results[phase] = json.loads(proc.stdout.strip().splitlines()[-1])
+    _report(args, results)
+    return 0
+
+
+def _run_phase(args: argparse.Namespace) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    prompts = _prompts(args)
+    run = _run_dyn if args.phase == "dyn" else _run_hf
+    cpu0 = time.process_time()
+    outputs, params, elapsed = run(args, prompts)
+    return {"elapsed_s": elapsed, "cpu_s": time.process_time() - cpu0, "num_output_tokens": sum(len(o) for o in outputs),
+            "num_prompt_tokens": sum(len(p) for p in prompts), "params": params,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "outputs": outputs}
+
+
+def _run_dyn(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[list[list[int]], int, float]:
+    from dyn.engine.backend import EngineRequest, SamplingParams
+    from dyn.engine.engine import Engine
+    from dyn.engine.torch_runner import TorchModelRunner
+
+    longest = max(len(p) for p in prompts) + args.output
+    block_size = 16
+    blocks_per_seq = -(-longest // block_size)
+    runner = TorchModelRunner.from_pretrained(args.model_dir, dtype="float32", device="cpu",
+                                              block_size=block_size, num_blocks=blocks_per_seq * len(prompts),
+                                              max_context=longest + block_size)
+    engine = Engine(runner, max_batch_size=len(prompts), max_num_batched_tokens=args.max_batched_tokens)
+    t0 = time.perf_counter()  # weights loaded, pool allocated: time serving only
+    for i, p in enumerate(prompts):
+        engine.add_request(EngineRequest(f"r{i}", p, SamplingParams(max_tokens=args.output, ignore_eos=True)))
+    out: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    while engine.has_work():
+        for o in engine.step():
+            out[o.request_id].extend(o.token_ids)
+    elapsed = time.perf_counter() - t0
+    return [out[f"r{i}"] for i in range(len(prompts))], runner.model.num_parameters(), elapsed
+
+
+def _run_hf(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[list[list[int]], int, float]:
+    import torch
+    import transformers
+
+    model = transformers.LlamaForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    pad = model.config.pad_token_id
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    size = args.hf_batch_size or len(prompts)
+    out: dict[int, list[int]] = {}
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for start in range(0, len(order), size):
+            idx = order[start:start + size]
+            width = max(len(prompts[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):  # left padding: generated tokens line up on the right
+                ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]):] = 1
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.output,
+                                 min_new_tokens=args.output, do_sample=False, pad_token_id=pad)
+            for row, i in enumerate(idx):
+                out[i] = gen[row, width:].tolist()
+    elapsed = time.perf_counter() - t0
+    return [out[i] for i in range(len(prompts))], sum(p.numel() for p in model.parameters()), elapsed
+
+
+def _prompts(args: argparse.Namespace) -> list[list[int]]:
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    n = args.requests
+    lengths = [args.min_prompt + (args.max_prompt - args.min_prompt) * i // max(n - 1, 1) for i in range(n)]
+    perm = torch.randperm(n, generator=gen).tolist()  # arrival order unrelated to length
+    return [torch.randint(0, args.vocab - 16, (lengths[j],), generator=gen).tolist() for j in perm]
+
+
+def _report(args: argparse.Namespace, results: dict) -> None:
+    dyn, hf = results["dyn"], results["hf"]
+    print(f"model: {dyn['params'] / 1e6:.1f}M parameters (float32), {args.layers} layers, hidden {args.hidden}; "
+          f"{args.requests} requests, prompts {args.min_prompt}..{args.max_prompt} "
+          f"({dyn['num_prompt_tokens']} prompt tokens), {args.output} output tokens each, "
+          f"{args.threads} threads")
+    for name, r in (("dyn torch engine", dyn), (f"transformers generate (batch {args.hf_batch_size or 'all'})", hf)):
+        print(f"  {name:40s} {r['elapsed_s']:7.1f} s  {r['num_output_tokens'] / r['elapsed_s']:8.1f} output tok/s  "
+              f"{(r['num_output_tokens'] + r['num_prompt_tokens']) / r['elapsed_s']:8.1f} total tok/s  "
+              f"peak RSS {r['peak_rss_mib']:.0f} MiB  (CPU time {r['cpu_s']:.0f} s incl. loading)")
+    same = sum(a == b for a, b in zip(dyn["outputs"], hf["outputs"]))
+    print(f"  machine load average at the end: {os.getloadavg()[0]:.1f} (other jobs share these cores)")
+    print(f"  throughput ratio dyn / transformers: {hf['elapsed_s'] / dyn['elapsed_s']:.2f}x; "
+          f"greedy outputs identical for {same}/{args.requests} requests")
+
+
+def _parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--min-prompt", type=int, default=128)
+    p.add_argument("--max-prompt", type=int, default=1024)
+    p.add_argument("--output", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--max-batched-tokens", type=int, default=2048)
+    p.add_argument("--hf-batch-size", type=int, default=16, help="0: all requests in one batch")
+    p.add_argument("--timeout-s", type=int, default=1800)
+    p.add_argument("--phase", choices=["dyn", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

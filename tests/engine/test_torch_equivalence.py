@@ -1,0 +1,182 @@
+"""The torch engine's logits and greedy tokens match transformers on the same weights.
+
+Every request's logits are captured at every position the engine computes
+(prefill chunks and decode steps) and compared with one teacher-forced
+transformers forward over prompt + generated tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from dyn.engine.backend import EngineRequest, SamplingParams  # noqa: E402
+from dyn.engine.engine import Engine  # noqa: E402
+from dyn.engine.torch_runner import TorchModelRunner  # noqa: E402
+
+VARIANTS = ["llama", "llama3-rope-tied", "llama-sharded", "qwen2", "qwen3"]  # built in conftest.py
+VOCAB = 320
+
+BLOCK = 8
+DECODE_STEPS = 20
+ATOL = 2e-4
+
+
+def _runner(path: Path, num_blocks: int = 128) -> TorchModelRunner:
+    runner = TorchModelRunner.from_pretrained(path, dtype="float32", device="cpu", block_size=BLOCK,
+                                              num_blocks=num_blocks, max_context=256)
+    runner.capture_logits = True
+    return runner
+
+
+def _prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in lengths]
+
+
+def _greedy(prompt: list[int], rid: str, **kw) -> EngineRequest:
+    return EngineRequest(rid, prompt, SamplingParams(max_tokens=DECODE_STEPS + 1, ignore_eos=True), **kw)
+
+
+def _drain(engine: Engine) -> dict[str, list[int]]:
+    tokens: dict[str, list[int]] = {}
+    for _ in range(10_000):
+        if not engine.has_work():
+            return tokens
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+    raise AssertionError("engine did not finish")
+
+
+def _check_against_hf(hf, runner: TorchModelRunner, rid: str, prompt: list[int], generated: list[int]) -> None:
+    ours = torch.cat(runner.captured_logits[rid])
+    full = torch.tensor([prompt + generated[:-1]])
+    with torch.no_grad():
+        ref = hf(full).logits[0].float()
+    # positions served from the prefix cache were not computed: compare the tail
+    ref = ref[-ours.shape[0]:]
+    assert ours.shape == ref.shape
+    err = (ours - ref).abs().max().item()
+    assert err < ATOL, f"{rid}: max |logit diff| {err:.2e} over {ours.shape[0]} positions"
+    hf_greedy = ref[-len(generated):].argmax(-1).tolist()
+    assert generated == hf_greedy, f"{rid}: greedy tokens differ from transformers"
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_batch_with_chunked_prefill_matches_transformers(variant, hf_checkpoint, hf_model):
+    path = hf_checkpoint(variant)
+    runner = _runner(path)
+    # 32 tokens per step against 103 prompt tokens: prompts are split into chunks and
+    # later prompts prefill while earlier ones decode.
+    engine = Engine(runner, max_batch_size=8, max_num_batched_tokens=32)
+    prompts = _prompts([5, 17, 33, 48])
+    for i, p in enumerate(prompts):
+        engine.add_request(_greedy(p, f"r{i}"))
+    tokens = _drain(engine)
+    assert sum(len(chunks) for chunks in runner.captured_logits.values()) > len(prompts) * (DECODE_STEPS + 1)
+    assert max(len(c) for c in runner.captured_logits["r3"][:3]) <= 32
+    for i, p in enumerate(prompts):
+        assert len(tokens[f"r{i}"]) == DECODE_STEPS + 1
+        _check_against_hf(hf_model(path), runner, f"r{i}", p, tokens[f"r{i}"])
+
+
+def test_many_sequences_across_decode_groups_match_transformers(hf_checkpoint, hf_model):
+    from dyn.engine.layers.attention import DECODE_GROUP
+
+    path = hf_checkpoint("llama")
+    runner = _runner(path, num_blocks=256)
+    engine = Engine(runner, max_batch_size=64, max_num_batched_tokens=256)
+    lengths = [3 + 5 * i for i in range(DECODE_GROUP + 5)]  # two padded decode batches of mixed lengths
+    prompts = _prompts(lengths, seed=5)
+    for i, p in enumerate(prompts):
+        engine.add_request(EngineRequest(f"r{i}", p, SamplingParams(max_tokens=4, ignore_eos=True)))
+    tokens = _drain(engine)
+    hf = hf_model(path)
+    for i, p in enumerate(prompts):
+        ours = torch.cat(runner.captured_logits[f"r{i}"])
+        with torch.no_grad():
+            ref = hf(torch.tensor([p + tokens[f"r{i}"][:-1]])).logits[0]
+        assert (ours - ref).abs().max().item() < ATOL
+        assert ref[-4:].argmax(-1).tolist() == tokens[f"r{i}"]
+
+
+def test_prefix_cache_hit_matches_transformers(hf_checkpoint, hf_model):
+    path = hf_checkpoint("llama")
+    runner = _runner(path)
+    engine = Engine(runner, max_batch_size=8, max_num_batched_tokens=64)
+    base = _prompts([45], seed=1)[0]
+    engine.add_request(_greedy(base, "first"))
+    _drain(engine)
+    follow = base[:35] + _prompts([9], seed=2)[0]
+    engine.add_request(_greedy(follow, "second"))
+    first_out = engine.step()[0]
+    assert first_out.num_cached_tokens == 32  # four full blocks of 8 shared
+    tokens = {"second": first_out.token_ids + _drain(engine)["second"]}
+    assert engine.stats().prefix_hit_blocks >= 4
+    assert sum(c.shape[0] for c in runner.captured_logits["second"]) == len(follow) - 32 + DECODE_STEPS
+    _check_against_hf(hf_model(path), runner, "second", follow, tokens["second"])
+
+
+def test_export_import_between_engines_matches_transformers(hf_checkpoint, hf_model):
+    path = hf_checkpoint("qwen3")
+    prompt = _prompts([29], seed=3)[0]
+    prefill = Engine(_runner(path), max_num_batched_tokens=16)
+    prefill.add_request(EngineRequest("x", prompt, SamplingParams(max_tokens=DECODE_STEPS + 1, ignore_eos=True),
+                                      prefill_only=True))
+    first = _drain(prefill)["x"]
+    export = prefill.export_kv("x")
+    assert len(export.block_hashes) == 29 // BLOCK
+
+    decode_runner = _runner(path)
+    decode = Engine(decode_runner)
+    request = _greedy(prompt, "x")
+    imp = decode.begin_import(request, export.block_hashes)
+    assert imp.missing_idx == list(range(len(export.block_hashes)))
+    for idx, dest in zip(imp.missing_idx, imp.dest_views):
+        dest[:] = export.block_views[idx]
+    prefill.release_export("x")
+    decode.commit_import("x", export.first_token)
+    tokens = first + _drain(decode)["x"]
+    assert len(tokens) == DECODE_STEPS + 1
+    # the decode engine computed only the partial last block's tokens and the decode steps
+    computed = sum(c.shape[0] for c in decode_runner.captured_logits["x"])
+    assert computed == (29 - 24) + DECODE_STEPS
+    _check_against_hf(hf_model(path), decode_runner, "x", prompt, tokens)
+
+    alone = Engine(_runner(path))
+    alone.add_request(_greedy(prompt, "x"))
+    assert _drain(alone)["x"] == tokens
+
+
+def test_seeded_sampling_is_independent_of_batch_and_chunking(hf_checkpoint):
+    path = hf_checkpoint("llama")
+    prompts = _prompts([12, 30, 7], seed=4)
+    sp = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, top_k=50, seed=77, ignore_eos=True)
+    together = Engine(_runner(path), max_num_batched_tokens=16)
+    for i, p in enumerate(prompts):
+        together.add_request(EngineRequest(f"r{i}", p, sp))
+    batched = _drain(together)
+    alone = Engine(_runner(path), max_num_batched_tokens=256)
+    alone.add_request(EngineRequest("r1", prompts[1], sp))
+    assert _drain(alone)["r1"] == batched["r1"]
+    other_seed = Engine(_runner(path))
+    other_seed.add_request(EngineRequest("r1", prompts[1], SamplingParams(
+        max_tokens=12, temperature=0.9, top_p=0.95, top_k=50, seed=78, ignore_eos=True)))
+    assert _drain(other_seed)["r1"] != batched["r1"]
+
+
+def test_block_view_is_the_pool_block(hf_checkpoint):
+    runner = _runner(hf_checkpoint("llama"), num_blocks=4)
+    view = runner.block_view(2)
+    assert isinstance(view, memoryview) and view.nbytes == runner.block_bytes
+    c = runner.model.config
+    assert runner.block_bytes == 2 * c.num_layers * BLOCK * c.num_kv_heads * c.head_dim * 4
+    view[:] = bytes(range(256)) * (runner.block_bytes // 256)
+    assert runner.pool[2].view(-1).view(torch.uint8)[:256].tolist() == list(range(256))
+    assert runner.pool[1].abs().sum() == 0
+    runner.copy_block(2, 3)
+    assert bytes(runner.block_view(3)) == bytes(view)

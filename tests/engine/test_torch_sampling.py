@@ -1,0 +1,72 @@
+"""Sampling: greedy, temperature, top-k, top-p, seeded streams, logprobs."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from dyn.engine.backend import SamplingParams  # noqa: E402
+from dyn.engine.sampling import sample  # noqa: E402
+
+
+def _logits(rows: int = 3, vocab: int = 50, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_greedy_and_top_k_1_take_the_argmax():
+    logits = _logits()
+    params = [SamplingParams(), SamplingParams(temperature=1.5, top_k=1), SamplingParams(temperature=0.0)]
+    out = sample(logits, params, [0, 0, 0])
+    assert out.token_ids == logits.argmax(-1).tolist()
+    assert out.logprobs == [None, None, None]
+
+
+def test_seeded_stream_depends_only_on_seed_and_index():
+    logits = _logits(1) / 3
+    p = SamplingParams(temperature=1.0, seed=123)
+    draws = [sample(logits, [p], [i]).token_ids[0] for i in range(40)]
+    again = [sample(logits, [p], [i]).token_ids[0] for i in range(40)]
+    assert draws == again
+    assert len(set(draws)) > 5  # a real distribution, not a constant
+    # the same request in another row of a bigger batch draws the same token
+    batch = torch.cat([_logits(2, seed=9), logits])
+    others = [SamplingParams(temperature=0.7, seed=5), SamplingParams()]
+    assert sample(batch, [*others, p], [3, 0, 7]).token_ids[2] == draws[7]
+    other_seed = [sample(logits, [SamplingParams(temperature=1.0, seed=124)], [i]).token_ids[0]
+                  for i in range(40)]
+    assert other_seed != draws
+
+
+def test_top_k_limits_the_support():
+    logits = _logits(1, vocab=100)
+    allowed = set(torch.topk(logits[0], 5).indices.tolist())
+    p = SamplingParams(temperature=5.0, top_k=5, seed=1)
+    drawn = {sample(logits, [p], [i]).token_ids[0] for i in range(200)}
+    assert drawn <= allowed and len(drawn) >= 3
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    p = SamplingParams(temperature=1.0, top_p=0.75, seed=2)
+    drawn = {sample(logits, [p], [i]).token_ids[0] for i in range(300)}
+    assert drawn == {0, 1}  # 0.5 < 0.75 needs the second token; 0.8 >= 0.75 stops there
+    tiny = SamplingParams(temperature=1.0, top_p=0.01, seed=2)
+    assert {sample(logits, [tiny], [i]).token_ids[0] for i in range(50)} == {0}
+
+
+def test_temperature_sharpens_and_flattens():
+    logits = torch.log(torch.tensor([[0.6, 0.4]]))
+    cold = [sample(logits, [SamplingParams(temperature=0.05, seed=3)], [i]).token_ids[0] for i in range(100)]
+    hot = [sample(logits, [SamplingParams(temperature=1.0, seed=3)], [i]).token_ids[0] for i in range(400)]
+    assert cold.count(0) == 100
+    assert 0.5 < hot.count(0) / 400 < 0.7
+
+
+def test_logprobs_are_those_of_the_model_distribution():
+    logits = _logits(2)
+    params = [SamplingParams(logprobs=True), SamplingParams(temperature=1.0, seed=4, logprobs=True)]
+    out = sample(logits, params, [0, 0])
+    expected = torch.log_softmax(logits, -1)
+    for row in range(2):
+        assert out.logprobs[row] == pytest.approx(expected[row, out.token_ids[row]].item(), abs=1e-6)
