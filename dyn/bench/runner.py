@@ -28,6 +28,10 @@ from dyn.bench.trace import Trace, TraceRequest
 from dyn.errors import DynError
 
 
+HEARTBEAT_LAG_S = 1.5
+"""Workers report cache counters once a second: wait that out before the final scrape."""
+
+
 class BenchError(DynError):
     """The benchmark cannot run (bad option, endpoint unreachable); `field` names the option."""
 
@@ -153,6 +157,7 @@ async def run_bench(trace: Trace, config: BenchConfig,
                 if idx not in done:
                     run.results.append(RequestResult(idx=idx, ok=False, error="cancelled: run deadline"))
         duration_s = time.monotonic() - run.started
+        await asyncio.sleep(HEARTBEAT_LAG_S)  # worker counters reach the frontend with heartbeats
         after = await _scrape(session, metrics_url, names)
     counters = {name: after[name] - before[name] for name in names
                 if name in after and name in before}

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from dyn.frontend.breaker import STATE_VALUES, BreakerBoard
@@ -116,6 +116,12 @@ class _PoolCollector(Collector):
                     shuttle_bytes.add_metric([w.id, key[14:]], value)
                 elif key.startswith("shuttle_gbps."):
                     shuttle_rate.add_metric([w.id, key[13:]], value)
+        hit_blocks = CounterMetricFamily("dyn_prefix_cache_hit_blocks",
+                                         "Prompt blocks served from a worker's cache (sum over workers)")
+        hit_blocks.add_metric([], total_hits)
+        lookup_blocks = CounterMetricFamily("dyn_prefix_cache_lookup_blocks",
+                                            "Prompt blocks looked up in workers' caches (sum over workers)")
+        lookup_blocks.add_metric([], total_lookups)
         overall = GaugeMetricFamily("dyn_prefix_cache_hit_rate",
                                     "Prefix-cache hit rate over all workers (blocks)")
         overall.add_metric([], total_hits / total_lookups if total_lookups else 0.0)
@@ -124,4 +130,4 @@ class _PoolCollector(Collector):
         states = self._breakers.states() if self._breakers is not None else {}
         for wid in self._pool.workers:
             circuit.add_metric([wid], STATE_VALUES[states.get(wid, "closed")])
-        yield from (queue, in_flight, hit_rate, overall, shuttle_bytes, shuttle_rate, indexed, circuit)
+        yield from (queue, in_flight, hit_rate, hit_blocks, lookup_blocks, overall, shuttle_bytes, shuttle_rate, indexed, circuit)
