@@ -10,7 +10,8 @@ import typer
 from dyn.errors import DynError
 
 _STATE_STYLE = {"ready": "green", "loading": "yellow", "starting": "yellow", "launching": "cyan",
-                "failed": "red", "gave_up": "red", "stopping": "magenta", "draining": "magenta"}
+                "failed": "red", "gave_up": "red", "stopping": "magenta", "draining": "magenta",
+                "retiring": "magenta"}
 
 
 def status(
@@ -41,8 +42,49 @@ def status(
     if payload.get("error"):
         console.print(f"[red]{escape(payload['error'])}[/]", highlight=False)
     console.print(progress_table(payload, detailed=True))
+    for line in planner_lines(payload):
+        console.print(line, highlight=False, markup=False)
     for event in payload.get("events", [])[-5:]:
         console.print(f"  {event}", highlight=False, markup=False)
+
+
+def planner_lines(payload: dict[str, Any], num_decisions: int = 5) -> list[str]:
+    """The planner (policy, last decisions with their inputs), open breakers and shuttle paths."""
+    out: list[str] = []
+    planner = payload.get("planner") or {}
+    if planner:
+        out.append(f"planner: {planner.get('policy', '')}")
+        window = planner.get("window")
+        if window:
+            out.append(f"  last window: {window.get('request_rate', 0):.2f} req/s, "
+                       f"{window.get('input_tokens', 0)} prompt / {window.get('output_tokens', 0)} output tokens, "
+                       f"{window.get('num_waiting', 0)} waiting")
+        decisions = [d for d in payload.get("decisions", []) if d.get("action") != "hold"][-num_decisions:]
+        if decisions:
+            out.append("  decisions:")
+        for d in decisions:
+            inputs = d.get("inputs") or {}
+            before, after = d.get("before") or {}, d.get("after") or {}
+            out.append(f"    {_clock(d.get('wall_time'))} {d.get('action')} {d.get('role')} x{d.get('num_workers')}: "
+                       f"P{before.get('prefill')}/D{before.get('decode')} -> P{after.get('prefill')}/D{after.get('decode')}"
+                       f" ({d.get('reason')}; rate {inputs.get('rate', '-')}/s, forecast "
+                       f"{inputs.get('forecast_rate', '-')}/s)")
+    breakers = {k: v for k, v in (payload.get("breakers") or {}).items() if v != "closed"}
+    if breakers:
+        out.append("breakers: " + ", ".join(f"{k} {v}" for k, v in sorted(breakers.items())))
+    paths = payload.get("shuttle_paths") or {}
+    if paths.get("by_transport"):
+        counts = ", ".join(f"{t}: {n}" for t, n in paths["by_transport"].items())
+        out.append(f"shuttle paths ({paths.get('num_pairs', 0)} prefill->decode pairs): {counts}")
+        for pair in paths.get("pairs", [])[:4]:
+            out.append(f"  {pair['prefill']} -> {pair['decode']}: {pair['transport']} ({pair['reason']})")
+    return out
+
+
+def _clock(wall_time) -> str:
+    import time
+
+    return time.strftime("%H:%M:%S", time.localtime(wall_time)) if isinstance(wall_time, (int, float)) else "--:--:--"
 
 
 def progress_table(payload: dict[str, Any], *, detailed: bool = False, max_rows: int | None = None):

@@ -6,9 +6,14 @@ processes reconnect and are adopted), publish its address in the snapshot,
 launch what is not running. Main loop: answer every message (Register ->
 RegisterAck, Heartbeat -> RegisterAck as keepalive, CliRequest ->
 CliReply), check deadlines and pids, relaunch within the restart budget,
-push the worker list to frontends, consult the ScalingPolicy, persist.
+push the worker list to frontends, consult the ScalingPolicy (the SLO
+planner when the recipe enables it: `dyn.planner.slo_policy`) and carry out
+its actions (`dyn.planner.scaling`), persist. Failed processes are killed for
+sure, then relaunched (`dyn.planner.repair`).
 Shutdown: on `down`, drain and stop every process, then kill what is left;
-on SIGTERM/SIGINT, exit and leave the processes running for adoption.
+on SIGTERM/SIGINT (or SIGKILL), the processes keep running; the next daemon
+(`dyn up`, or a supervisor: scripts/dyn-planner.service) adopts them, same
+pids, from processes.json and their re-registrations (`dyn.planner.adoption`).
 Signal handlers only set flags.
 """
 
@@ -32,12 +37,19 @@ from dyn.errors import DynError
 from dyn.control.sockets import BadMessages, Security, decode_or_record, server_socket, tcp_address
 from dyn.metrics.daemon import daemon_registry
 from dyn.metrics.server import MetricsServer
+from dyn.errors import DeploymentError
+from dyn.planner.adoption import live_daemon, worker_slots
+from dyn.planner.daemon_proc import pid_path
+from dyn.planner.decisions import DecisionLog, PlannerCollector
 from dyn.planner.fleet import Fleet
 from dyn.planner.health import Deadlines, ProcessSlot
 from dyn.planner.nodes import LaunchNodes, Nodes
 from dyn.planner.policy import ScalingPolicy, StaticPolicy, WorkerView
-from dyn.planner.report import status_payload, worker_list
-from dyn.planner.state import DaemonRecord, Snapshot, StateStore
+from dyn.planner.repair import mark_failed, repair
+from dyn.planner.report import planner_status, status_payload, worker_list
+from dyn.planner.scaling import Scaler
+from dyn.planner.slo_policy import choose_policy
+from dyn.planner.state import DaemonRecord, Snapshot, StateStore, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +63,10 @@ class PlannerDaemon:
         self.store = store
         self.deployment = store.load_deployment()
         self.deadlines = Deadlines.from_overrides(self.deployment.timeouts)
-        self.policy = policy or StaticPolicy()
+        self.policy: ScalingPolicy = policy or StaticPolicy()
+        self._policy_given = policy is not None
+        self.policy_note = "given by the caller" if policy is not None else ""
+        self.decision_log = DecisionLog()
         self._nodes = nodes
         self.phase = "starting"
         self.error = ""
@@ -62,6 +77,7 @@ class PlannerDaemon:
         self._stop_mode = "detach"
         self._tasks: set[asyncio.Task] = set()
         self._last_saved: tuple | None = None
+        self._sweep: asyncio.Task | None = None
         self._saving = False
         self._max_lag_s = 0.0
         self._cpu = _CpuMeter()
@@ -78,6 +94,12 @@ class PlannerDaemon:
         placement = place(topology, recipe)
         keys = DeploymentKeys.load(self.store.keys_path) if recipe.auth.curve else None
         previous = self.store.load_snapshot()
+        adopting = previous is not None and previous.phase in ("starting", "running", "degraded")
+        other = live_daemon(previous, topology.head, d.name) if adopting else None
+        if other is not None:
+            raise DeploymentError(f"deployment {d.name!r} already has a running daemon (pid {other}); "
+                                  "not starting a second one")
+        atomic_write(pid_path(self.store), str(os.getpid()))
 
         ctx = zmq.asyncio.Context()
         security = Security.from_keys(keys.for_process("daemon") if keys else None)
@@ -89,17 +111,27 @@ class PlannerDaemon:
                            daemon_grace_s=self.deadlines.daemon_grace_s)
         budget = {"max_restarts": int(self.deadlines.max_restarts), "window_s": self.deadlines.restart_window_s}
         self.fleet.add(ProcessSlot("frontend", "frontend", topology.head, ()), **budget)
-        for w in placement.workers:
-            self.fleet.add(ProcessSlot(w.id, w.role, w.node, tuple(w.gpus), cpu_threads=w.cpu_threads), **budget)
+        for slot in worker_slots(placement, previous if adopting else None):
+            self.fleet.add(slot, **budget)
+        if not self._policy_given:
+            self.policy, self.policy_note = choose_policy(recipe, topology, d.recipe_source)
+        self.scaler = Scaler(self.fleet, topology, recipe, keys, self.store, security, self.deadlines,
+                             self.decision_log, send=self._send, push_workers=self._push_workers,
+                             budget=budget)
+        self._recipe = recipe
         self.daemon_record = DaemonRecord(node=topology.head, pid=os.getpid(), address=address,
                                           started_at=self.started_at)
         # issue 8 (dyn top, metrics): SLO targets and NVLink domains for the detailed status,
         # and the daemon's own Prometheus endpoint on the head node's bind address.
         self._slo = {"ttft_ms": recipe.planner.ttft_ms, "itl_ms": recipe.planner.itl_ms}
         self._topology = topology
-        self.metrics_server = MetricsServer(daemon_registry(self.status), topology.head_node.bind_address)
+        registry = daemon_registry(self.status)
+        registry.register(PlannerCollector(d.name, lambda: self.decision_log,
+                                           lambda: not isinstance(self.policy, StaticPolicy)))
+        self.metrics_server = MetricsServer(registry, topology.head_node.bind_address)
         await self.metrics_server.start()
-        if previous is not None and previous.phase in ("starting", "running", "degraded"):
+        self.fleet.note(f"scaling: {self.policy_note}")
+        if adopting:
             for record in previous.processes:
                 self.fleet.adopt(record)
             self.phase = "running" if previous.phase != "starting" else "starting"
@@ -144,10 +176,12 @@ class PlannerDaemon:
                     log.error("%s is gone: the deployment was removed; stopping it", self.store.deployment_path)
                     self._stop_mode = "down"
                     break
-                for slot_id, reason in (await self.fleet.sweep()).items():
-                    slot = self.fleet.slots[slot_id]
-                    if slot.is_active:
-                        self._fail(slot, reason)
+                if self._sweep is None or self._sweep.done():
+                    # Off the loop: a probe of an unreachable node waits out its SSH timeout, and
+                    # heartbeat deadlines and worker-list pushes must not wait with it.
+                    self._sweep = asyncio.create_task(self._sweep_once())
+                    self._tasks.add(self._sweep)
+                    self._sweep.add_done_callback(self._tasks.discard)
             self._update_phase()
             if now >= next_push:
                 next_push = now + self.deadlines.heartbeat_interval_s
@@ -160,6 +194,13 @@ class PlannerDaemon:
                 await asyncio.wait_for(self._stop.wait(), TICK_S)
             except asyncio.TimeoutError:
                 pass
+
+    async def _sweep_once(self) -> None:
+        probed = {slot.id: slot.pid for slot in self.fleet.slots.values()}
+        for slot_id, reason in (await self.fleet.sweep()).items():
+            slot = self.fleet.slots.get(slot_id)
+            if slot is not None and slot.is_active and slot.pid == probed.get(slot_id):
+                self._fail(slot, reason)  # (a slot relaunched meanwhile has a new pid: not this one)
 
     async def _watch_lag(self, period_s: float = 0.5) -> None:
         """Measure how late the event loop wakes up: the figure that says the daemon is starved."""
@@ -184,38 +225,12 @@ class PlannerDaemon:
         elif self.phase in ("running", "degraded"):
             self.phase = "degraded" if any(s.state == "gave_up" for s in slots) else "running"
 
-    # -- failures and relaunch -------------------------------------------------------------------
+    # -- failures and relaunch (dyn.planner.repair) ----------------------------------------------
 
     def _fail(self, slot: ProcessSlot, reason: str) -> None:
-        if slot.state in ("failed", "gave_up", "exited"):
-            return
-        slot.set_state("failed", time.monotonic(), reason)
-        slot.registered = False
-        self.fleet.note(f"{slot.id} on {slot.node} failed: {reason}")
-        self._spawn(self._after_failure(slot))
-
-    async def _after_failure(self, slot: ProcessSlot) -> None:
-        await self.fleet.fetch_tail(slot)
-        dead = await self.fleet.ensure_dead(slot)  # a hung process must not hold its GPUs
-        if self.phase not in ("running", "degraded") or self._stop.is_set():
-            return
-        now = time.monotonic()
-        if not dead:
-            slot.set_state("gave_up", now, f"could not confirm pid {slot.pid} on {slot.node} is dead; "
-                                           "not relaunching over it")
-            self.fleet.note(f"{slot.id}: {slot.error}")
-            return
-        if not slot.budget.can_restart(now):
-            slot.set_state("gave_up", now)
-            self.fleet.note(f"{slot.id}: restart budget spent ({slot.budget.max_restarts} per "
-                            f"{slot.budget.window_s:.0f} s); leaving it down")
-            return
-        slot.budget.record(now)
-        slot.num_restarts += 1
-        await asyncio.sleep(self.deadlines.restart_backoff_s)
-        if not self._stop.is_set():
-            self.fleet.note(f"{slot.id}: relaunching on {slot.node} (restart {slot.num_restarts})")
-            await self.fleet.launch(slot)
+        if mark_failed(self.fleet, slot, reason):
+            self._spawn(repair(self.fleet, slot, self.deadlines,
+                               can_relaunch=lambda: self.phase in ("running", "degraded") and not self._stop.is_set()))
 
     async def _launch_pending(self) -> None:
         """Launch every pending slot: one command per node writes all its files, then each
@@ -316,7 +331,7 @@ class PlannerDaemon:
             slot.metrics, slot.info = dict(message.metrics), dict(message.info)
             if message.state == "failed":
                 self._fail(slot, f"reported failure: {message.info.get('error') or 'see its log'}")
-            elif slot.state not in ("stopping", "failed", "gave_up", "exited"):
+            elif slot.state not in ("stopping", "failed", "gave_up", "exited", "draining", "retiring"):
                 slot.set_state(message.state, now)
             return RegisterAck(ok=True, heartbeat_interval_s=self.deadlines.heartbeat_interval_s)
         if isinstance(message, CliRequest):
@@ -330,13 +345,16 @@ class PlannerDaemon:
             return RegisterAck(ok=False, reason=f"unknown process id {msg.process_id!r}")
         if identity != msg.process_id.encode():
             return RegisterAck(ok=False, reason="socket identity does not match process id")
-        if slot.state in ("failed", "gave_up", "exited", "stopping") or self._stop.is_set():
+        if slot.state in ("failed", "gave_up", "exited", "stopping", "retiring") or self._stop.is_set():
             return RegisterAck(ok=False, reason=f"{slot.id} is {slot.state}; not accepting it")
         if slot.pid is not None and msg.pid != slot.pid and slot.registered:
             return RegisterAck(ok=False, reason=f"{slot.id} is already registered as pid {slot.pid}")
+        resumed = slot.adopted_state if slot.adopted_state in ("ready", "draining") and msg.pid == slot.pid \
+            else "loading"  # an adopted process that was serving resumes serving; frontends keep its streams
+        slot.adopted_state = None
         slot.pid, slot.addresses, slot.registered = msg.pid, dict(msg.addresses), True
         slot.heard(now)
-        slot.set_state("loading", now)
+        slot.set_state(resumed, now)
         self.fleet.note(f"{slot.id}: registered from {msg.node} (pid {msg.pid})")
         return RegisterAck(ok=True, heartbeat_interval_s=self.deadlines.heartbeat_interval_s)
 
@@ -362,26 +380,43 @@ class PlannerDaemon:
                               now=time.monotonic(), frontend_url=d.frontend_url, config_hash=d.config_hash,
                               slots=list(self.fleet.slots.values()), events=self.fleet.events,
                               error=self.error, daemon=daemon,
-                              detail=(self._topology, self._slo) if detail else None)
+                              detail=(self._topology, self._slo) if detail else None,
+                              planner=planner_status(self.policy_note, not isinstance(self.policy, StaticPolicy),
+                                                     self.decision_log, getattr(self.policy, "last_window", None)),
+                              topology=self._topology, recipe=self._recipe)
 
     async def _push_workers(self) -> None:
         frontends = [s for s in self.fleet.slots.values() if s.role == "frontend" and s.registered]
         if not frontends:
+            return
+        if any(s.adopted_state is not None and s.state == "starting" for s in self.fleet.slots.values()) \
+                and time.time() - self.started_at < self.deadlines.heartbeat_s:
+            # Adopted processes re-register within a heartbeat or two; until then the frontends'
+            # own lists are right, and "starting" would make them fail those workers' streams.
             return
         command = Command("update_workers", {"workers": worker_list(list(self.fleet.slots.values()))})
         for slot in frontends:
             await self._send(slot.id, command)
 
     async def _apply_policy(self, now: float) -> None:
-        views = [WorkerView.of(s) for s in self.fleet.slots.values() if s.role != "frontend"]
-        for action in self.policy.decide(views, now):
-            slot = self.fleet.slots.get(action.worker_id or "")
-            if action.kind == "set_role" and slot is not None and action.role:
-                await self._send(slot.id, Command("set_role", {"role": action.role}))
-                slot.role = action.role
-                self.fleet.note(f"{slot.id}: role -> {action.role} ({action.reason})")
-            else:
-                self.fleet.note(f"policy action {action.kind} not supported yet; ignored")
+        """Ask the policy, record its decisions, carry out its actions (launches and drains run as
+        tasks; the policy is not consulted again while one is in progress)."""
+        if self.scaler.in_progress:
+            return
+        views = [WorkerView.of(s) for s in self.fleet.slots.values() if s.state != "exited"]
+        actions = self.policy.decide(views, now)
+        for decision in self.policy.take_decisions():
+            self.decision_log.decision(decision.to_dict())
+            if decision.action != "hold":
+                self.fleet.note(f"planner: {decision.action} {decision.role} x{decision.num_workers} "
+                                f"({decision.reason})")
+        for action in actions:
+            if action.kind == "set_role":
+                await self.scaler.set_role(action)
+            elif action.kind == "add":
+                self._spawn(self.scaler.add(action))
+            elif action.kind == "remove":
+                self._spawn(self.scaler.remove(action))
 
     async def _send(self, process_id: str, message) -> None:
         await self._sock.send_multipart([process_id.encode(), CONTROL_CODEC.encode(message)])
@@ -392,7 +427,7 @@ class PlannerDaemon:
         """Save the snapshot when it changed: inline when forced (startup, shutdown), else on a
         thread, one save at a time, so a slow disk (fsync) never stalls the control plane."""
         records = self.fleet.records() if hasattr(self, "fleet") else ()
-        key = (self.phase, self.error, tuple((r.id, r.state, r.pid, r.num_restarts) for r in records))
+        key = (self.phase, self.error, tuple((r.id, r.role, r.state, r.pid, r.num_restarts) for r in records))
         if (not force and (key == self._last_saved or self._saving)) or not self.store.dir.is_dir():
             return
         self._last_saved = key

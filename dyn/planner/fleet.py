@@ -63,6 +63,7 @@ class Fleet:
         slot.addresses = dict(record.addresses)
         if record.pid is not None and record.state not in ("exited", "gave_up", "pending"):
             slot.set_state("starting", self.clock())
+            slot.adopted_state = record.state
             self.note(f"{slot.id}: adopting pid {record.pid} on {slot.node}")
 
     def note(self, text: str) -> None:
@@ -99,7 +100,7 @@ class Fleet:
         now = self.clock()
         slot.set_state("launching", now)
         slot.registered, slot.last_heard, slot.error, slot.log_tail = False, None, "", ""
-        slot.metrics, slot.addresses = {}, {}
+        slot.metrics, slot.addresses, slot.adopted_state = {}, {}, None
         sent_start = False
         try:
             if not files_written:

@@ -44,6 +44,9 @@ class Deadlines:
     """... after which it is left down (`gave_up`) and the deployment is `degraded`."""
     max_starting: float = 16
     """Processes launched but not yet registered, at most (paces interpreter-start storms)."""
+    partition_s: float = 600.0
+    """How long to keep trying to reach (and kill) a worker cut off from the daemon before it is
+    left down (`gave_up`); it is replaced as soon as its node answers again."""
 
     @classmethod
     def from_overrides(cls, overrides: dict[str, float]) -> "Deadlines":
@@ -100,6 +103,9 @@ class ProcessSlot:
     log_tail: str = ""
     num_restarts: int = 0
     budget: RestartBudget = field(default_factory=RestartBudget)
+    adopted_state: str | None = None
+    """The state a previous daemon last saw (set by adoption until the process re-registers):
+    a worker that was ready is ready again when the same pid comes back, never "loading"."""
 
     def set_state(self, state: str, now: float, error: str = "") -> None:
         if state != self.state:

@@ -45,7 +45,14 @@ class ScalingPolicy(Protocol):
     interval_s: float
 
     def decide(self, workers: list[WorkerView], now: float) -> list[ScalingAction]:
-        """Return the actions to apply now (empty: keep everything). Must not block or do I/O."""
+        """Return the actions to apply now (empty: keep everything). Must not block or do I/O.
+
+        `workers` holds every process, the frontend included (role "frontend"): its heartbeat
+        carries the request count a policy may read; actions never name it."""
+        ...
+
+    def take_decisions(self) -> list["Decision"]:
+        """Decision records made since the last call (status, metrics); [] when none."""
         ...
 
 
@@ -58,6 +65,8 @@ class StaticPolicy:
     def decide(self, workers: list[WorkerView], now: float) -> list[ScalingAction]:
         return []
 
+    def take_decisions(self) -> list["Decision"]:
+        return []
 
 
 # ---- the SLO planner ------------------------------------------------------------------------

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from dyn.errors import DynError
 from dyn.planner.health import ProcessSlot
 
 if TYPE_CHECKING:
+    from dyn.config.recipe import Recipe
     from dyn.config.topology import Topology
+    from dyn.planner.decisions import DecisionLog
+
+MAX_PATH_PAIRS = 16
+"""Pairs listed in the status (a 72-GPU rack has ~1,300; the counts cover all of them)."""
 
 _SHOWN_METRICS = ("num_running", "num_waiting", "kv_usage", "kv_blocks_used", "kv_blocks_total",
                   "cpu_percent", "rss_bytes", "requests_total")
@@ -34,16 +41,69 @@ def slot_status(slot: ProcessSlot, now: float, topology: "Topology | None" = Non
 def status_payload(*, name: str, phase: str, started_at: float, wall_now: float, now: float,
                    frontend_url: str, config_hash: str, slots: list[ProcessSlot], events: list[str],
                    error: str, daemon: dict[str, Any],
-                   detail: "tuple[Topology, dict[str, float]] | None" = None) -> dict[str, Any]:
-    topology, slo = detail if detail is not None else (None, None)
-    workers = [slot_status(s, now, topology) for s in slots]
-    extra = {"slo": slo} if slo is not None else {}
+                   detail: "tuple[Topology, dict[str, float]] | None" = None,
+                   planner: dict[str, Any] | None = None, topology: "Topology | None" = None,
+                   recipe: "Recipe | None" = None) -> dict[str, Any]:
+    """The CLI's view. With `planner`: `decisions` (the last 20 planner decisions with their
+    inputs) and `planner` (policy, last window, actions taken); with topology and recipe: the
+    KV shuttle path of every prefill/decode pair; always the frontend's circuit breakers."""
+    detail_topology, slo = detail if detail is not None else (None, None)
+    workers = [slot_status(s, now, detail_topology) for s in slots]
+    extra: dict[str, Any] = {"slo": slo} if slo is not None else {}
+    if planner is not None:
+        extra["decisions"] = planner.pop("decisions", [])
+        extra["planner"] = planner
+    extra["breakers"] = breakers(slots)
+    if topology is not None and recipe is not None:
+        extra["shuttle_paths"] = shuttle_paths(topology, recipe, slots)
     return {**extra,
         "name": name, "state": phase, "uptime_s": round(wall_now - started_at, 3),
         "frontend_url": frontend_url, "config_hash": config_hash, "error": error,
         "num_ready": sum(1 for w in workers if w["state"] == "ready"), "num_processes": len(workers),
         "workers": workers, "events": events[-10:], "daemon": daemon,
     }
+
+
+def planner_status(note: str, enabled: bool, log: "DecisionLog", window: Any = None) -> dict[str, Any]:
+    """The planner block of the status: which policy and why, its last window, decisions, actions."""
+    out: dict[str, Any] = {"enabled": enabled, "policy": note, **log.to_dict()}
+    if window is not None:
+        out["window"] = {"duration_s": round(window.duration_s, 3), "request_rate": round(window.request_rate, 3),
+                         "input_tokens": window.input_tokens, "output_tokens": window.output_tokens,
+                         "cached_tokens": window.cached_tokens, "num_waiting": window.num_waiting}
+    return out
+
+
+def breakers(slots: list[ProcessSlot]) -> dict[str, str]:
+    """Circuit-breaker state of each worker as the frontend reports it (open ones are not routed to)."""
+    out: dict[str, str] = {}
+    for slot in slots:
+        if slot.role == "frontend" and isinstance(slot.info.get("breakers"), dict):
+            out.update({str(k): str(v) for k, v in slot.info["breakers"].items()})
+    return out
+
+
+def shuttle_paths(topology: "Topology", recipe: "Recipe", slots: list[ProcessSlot],
+                  max_pairs: int = MAX_PATH_PAIRS) -> dict[str, Any]:
+    """How KV would move between each live prefill and decode worker (planned from the topology;
+    a worker reports what it really used in its shuttle_bytes.* metrics)."""
+    from dyn.shuttle.path import Endpoint, plan_paths
+    from dyn.shuttle.transports.nixl import is_available as nixl_available
+
+    live = [s for s in slots if s.state not in ("exited", "gave_up") and s.node]
+    prefill = {s.id: Endpoint(s.node, tuple(s.gpus)) for s in live if s.role == "prefill"}
+    decode = {s.id: Endpoint(s.node, tuple(s.gpus)) for s in live if s.role in ("decode", "both")}
+    if recipe.mode != "disaggregated" or not prefill or not decode:
+        return {"by_transport": {}, "pairs": [], "num_pairs": 0}
+    try:
+        paths = plan_paths(topology, prefill, decode, recipe.shuttle.transport,
+                           cuda_available=recipe.model.device == "cuda", nixl_available=nixl_available())
+    except DynError as exc:
+        return {"by_transport": {}, "pairs": [], "num_pairs": 0, "error": str(exc)}
+    counts = Counter(choice.transport for choice in paths.values())
+    pairs = [{"prefill": p, "decode": d, "transport": c.transport, "reason": c.reason}
+             for (p, d), c in sorted(paths.items())[:max_pairs]]
+    return {"by_transport": dict(sorted(counts.items())), "pairs": pairs, "num_pairs": len(paths)}
 
 
 def worker_list(slots: list[ProcessSlot]) -> list[dict[str, Any]]:

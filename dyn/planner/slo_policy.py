@@ -1,0 +1,190 @@
+"""`SloPolicy`: the SLO planner behind the daemon's ScalingPolicy seam.
+
+Each call turns the heartbeats since the previous call into a `LoadWindow`
+(deltas of the workers' cumulative counters), asks `SloPlanner.plan` for the
+target counts, and turns the difference into actions: role flips first (the
+planner prefers them), then launches or drains. The simulator drives the same
+planner on virtual time; this is the live clock's adapter.
+
+Counters are cumulative per process; a relaunched process starts again from
+zero, so a counter that went down counts from zero. On the first call after a
+(re)start every process is only baselined: a restarted daemon must not read
+hours of history as one interval's load.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+from dyn.planner.policy import (Counts, Decision, LoadWindow, PlanStep, ScalingAction, ScalingPolicy,
+                                SloPlanner, StaticPolicy, WorkerView)
+from dyn.planner.profile import ProfileError, load_profile, mock_profile, profile_path
+
+if TYPE_CHECKING:
+    from dyn.config.recipe import Recipe
+    from dyn.config.topology import Topology
+
+log = logging.getLogger(__name__)
+
+COUNTED_STATES = frozenset({"pending", "launching", "starting", "loading", "ready", "failed"})
+"""States that count toward a role's current size (a failed worker is being relaunched)."""
+_COUNTERS = ("requests_total", "num_computed_tokens", "num_generated_tokens", "prefix_hit_blocks",
+             "rejected_total")
+
+
+class PolicyChoice(NamedTuple):
+    policy: ScalingPolicy
+    note: str
+    """Why this policy (shown by `dyn status`): the profile used, or why the planner is off."""
+
+
+def choose_policy(recipe: "Recipe", topology: "Topology", recipe_source: str) -> PolicyChoice:
+    """The recipe's planner when enabled and a profile exists; else fixed counts, saying why."""
+    spec = recipe.planner
+    if not spec.enabled:
+        return PolicyChoice(StaticPolicy(), "planner disabled in the recipe: counts are fixed")
+    path = profile_path(recipe_source) if recipe_source else None
+    if path is not None and path.is_file():
+        try:
+            profile = load_profile(path, recipe)
+        except ProfileError as exc:
+            return PolicyChoice(StaticPolicy(), f"planner disabled: bad profile ({exc}); counts are fixed")
+        source = str(path)
+    elif recipe.model.engine == "mock":
+        profile, source = mock_profile(recipe, topology), "the mock engine's timing model"
+    else:
+        where = path or Path(f"{recipe.name}.profile.json")
+        return PolicyChoice(StaticPolicy(), f"planner disabled: no engine profile at {where} "
+                                            "(run `dyn profile` on this recipe); counts are fixed")
+    disagg = recipe.mode == "disaggregated"
+    if not disagg:  # aggregated: every worker is "both"; the planner sizes one pool
+        spec = replace(spec, min_prefill=0, max_prefill=0)
+    gpus = {("decode" if g.role == "both" else g.role): g.tp for g in recipe.workers}
+    budget = topology.num_gpus or (spec.max_prefill + spec.max_decode) * max(gpus.values(), default=1)
+    planner = SloPlanner(spec, profile, gpus_per_worker=gpus, gpu_budget=budget)
+    return PolicyChoice(SloPolicy(planner, block_size=recipe.model.block_size, disaggregated=disagg),
+                        f"SLO planner (TTFT {spec.ttft_ms:g} ms, ITL {spec.itl_ms:g} ms), profile: {source}")
+
+
+class SloPolicy:
+    """ScalingPolicy over `SloPlanner` (see the module docstring)."""
+
+    def __init__(self, planner: SloPlanner, *, block_size: int, disaggregated: bool) -> None:
+        self.planner = planner
+        self.interval_s = planner.spec.interval_s
+        self.block_size = block_size
+        self.disaggregated = disaggregated
+        self.last_window: LoadWindow | None = None
+        self._seen: dict[str, dict[str, float]] = {}
+        self._last_now: float | None = None
+        self._pending: list[Decision] = []
+
+    def decide(self, workers: list[WorkerView], now: float) -> list[ScalingAction]:
+        window = self._window(workers, now)
+        if window is None:
+            return []
+        self.last_window = window
+        current = counts_of(workers)
+        step = self.planner.plan(window, current, now)
+        self._pending.extend(step.decisions)
+        return self._actions(step, workers, current)
+
+    def take_decisions(self) -> list[Decision]:
+        """Decisions made since the last call (the daemon records and shows them)."""
+        out, self._pending = self._pending, []
+        return out
+
+    # ---- observation ------------------------------------------------------------------------
+
+    def _window(self, workers: list[WorkerView], now: float) -> LoadWindow | None:
+        first = self._last_now is None
+        duration = 0.0 if first else now - self._last_now  # type: ignore[operator]
+        self._last_now = now
+        delta: dict[str, float] = dict.fromkeys(_COUNTERS, 0.0)
+        decode_requests = frontend_requests = rejected = 0.0
+        has_frontend = False
+        for w in workers:
+            if not w.metrics:
+                continue
+            before = self._seen.get(w.id)
+            now_values = {k: float(w.metrics.get(k, 0.0)) for k in _COUNTERS}
+            self._seen[w.id] = now_values
+            if first:
+                continue
+            for name, value in now_values.items():
+                base = before.get(name, 0.0) if before is not None else 0.0
+                step = value - base if value >= base else value  # restarted: counts from zero
+                if w.role == "frontend":
+                    if name == "requests_total":
+                        frontend_requests += step
+                        has_frontend = True
+                    elif name == "rejected_total":
+                        rejected += step
+                    continue
+                delta[name] += step
+                if name == "requests_total" and w.role in ("decode", "both"):
+                    decode_requests += step
+        if first or duration <= 0:
+            return None
+        num_requests = int(frontend_requests if has_frontend else decode_requests)
+        # Tokens are what the workers served; requests the frontend turned away (429/503) are
+        # demand too, assumed shaped like the served ones.
+        served = num_requests - rejected
+        scale = num_requests / served if served > 0 and rejected > 0 else 1.0
+        cached = delta["prefix_hit_blocks"] * self.block_size
+        prefilled = max(0.0, delta["num_computed_tokens"] - delta["num_generated_tokens"])
+        live = [w for w in workers if w.role != "frontend"]
+        return LoadWindow(duration_s=duration, num_requests=num_requests,
+                          input_tokens=int((prefilled + cached) * scale),
+                          output_tokens=int(delta["num_generated_tokens"] * scale),
+                          cached_tokens=int(cached * scale),
+                          num_waiting=int(sum(w.metrics.get("num_waiting", 0.0) for w in live)),
+                          queued_prefill_tokens=int(sum(w.metrics.get("waiting_prefill_tokens", 0.0)
+                                                        for w in live if w.role == "prefill")))
+
+    # ---- actions ----------------------------------------------------------------------------
+
+    def _actions(self, step: PlanStep, workers: list[WorkerView], current: Counts) -> list[ScalingAction]:
+        actions: list[ScalingAction] = []
+        taken: set[str] = set()
+        counts = {"prefill": current.prefill, "decode": current.decode}
+        for d in step.decisions:
+            if d.action != "flip" or d.role is None:
+                continue
+            loser = "decode" if d.role == "prefill" else "prefill"
+            for w in _least_loaded(workers, loser, taken, ready_only=True)[: d.num_workers]:
+                taken.add(w.id)
+                counts[loser] -= 1
+                counts[d.role] += 1
+                actions.append(ScalingAction("set_role", w.id, d.role, d.reason))
+        for role in ("prefill", "decode"):
+            name = role if self.disaggregated else "both"
+            reason = next((d.reason for d in step.decisions if d.role == role and d.action != "flip"), "")
+            diff = step.target.get(role) - counts[role]
+            for _ in range(max(diff, 0)):
+                actions.append(ScalingAction("add", None, name, reason))
+            if diff < 0:
+                for w in _least_loaded(workers, role, taken, ready_only=False)[: -diff]:
+                    taken.add(w.id)
+                    actions.append(ScalingAction("remove", w.id, w.role, reason))
+        return actions
+
+
+def counts_of(workers: list[WorkerView]) -> Counts:
+    """Workers per planner role that count toward the current size ("both" counts as decode)."""
+    n = {"prefill": 0, "decode": 0}
+    for w in workers:
+        if w.role != "frontend" and w.state in COUNTED_STATES:
+            n["decode" if w.role == "both" else w.role] += 1
+    return Counts(n["prefill"], n["decode"])
+
+
+def _least_loaded(workers: list[WorkerView], role: str, taken: set[str], *, ready_only: bool) -> list[WorkerView]:
+    """Candidates to flip or stop, cheapest first: not yet ready, then fewest requests held."""
+    pool = [w for w in workers if w.id not in taken and (w.role == role or (role == "decode" and w.role == "both"))
+            and (w.state == "ready" if ready_only else w.state in COUNTED_STATES)]
+    return sorted(pool, key=lambda w: (w.state == "ready", w.metrics.get("in_flight", 0.0)
+                                       + w.metrics.get("num_running", 0.0), w.id))
