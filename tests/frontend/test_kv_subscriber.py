@@ -38,6 +38,7 @@ def test_events_and_snapshots_track_a_live_worker(tmp_path):
             # the worker caches a prompt before anyone subscribes
             early = list(range(3, 3 + 16 * 4 + 1))
             await generate("early", early)
+            await asyncio.sleep(0.2)  # past the publisher's 10 ms flush: the snapshot mirror has it
 
             router = Router(RouterSpec(), block_size=16)
             snapshots: list[KvSnapshot] = []

@@ -22,7 +22,7 @@ KNOWN = ("a", "b", "c", "d", "p0", "p1", "d1", "d2")
 
 def router(policy: str = "kv", **spec) -> Router:
     """A router whose workers all publish KV events (so nothing is predicted)."""
-    r = Router(RouterSpec(**spec), BS, policy=policy, seed=7)
+    r = Router(RouterSpec(**{"prefill_weight": 1.0, **spec}), BS, policy=policy, seed=7)
     for worker in KNOWN:
         r.apply_events(KvEventBatch(worker, 0, []))
     return r
