@@ -12,7 +12,8 @@ import pytest
 from dyn.bench import (PromptSynthesizer, SynthError, TraceError, TraceRequest, load_trace, percentile,
                        read_counters, summarize)
 
-TRACES = Path("/work/shared/traces")
+# shared/ sits beside the checkout (CI lays it there too).
+TRACES = Path(__file__).resolve().parents[2].parent / "shared" / "traces"
 MOONCAKE = TRACES / "mooncake" / "conversation_trace.jsonl"
 AZURE_CONV = TRACES / "azure-llm-2023" / "AzureLLMInferenceTrace_conv.csv"
 
