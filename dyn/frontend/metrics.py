@@ -69,6 +69,17 @@ class FrontendMetrics:
             self.rejected.inc()
         self.requests.labels(endpoint, str(status)).inc()
 
+    def latency_buckets(self) -> dict[str, float]:
+        """Cumulative TTFT/ITL histogram buckets as `ttft_le.<bound>` counts (the planner takes deltas)."""
+        buckets: dict[str, float] = {}
+        for name, histogram in (("ttft", self.ttft), ("itl", self.itl)):
+            for sample in histogram.collect()[0].samples:
+                if sample.name.endswith("_bucket") and sample.labels["le"] != "+Inf":
+                    buckets[f"{name}_le.{sample.labels['le']}"] = sample.value
+                elif sample.name.endswith("_count"):
+                    buckets[f"{name}_le.inf"] = sample.value
+        return buckets
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -198,7 +198,9 @@ def _heartbeat_metrics(frontend: Frontend) -> dict[str, float]:
             "bad_messages": float(frontend.pool.bad.total),
             "migrations_total": frontend.metrics.migrations._value.get(),
             "open_breakers": float(sum(s != "closed" for s in
-                                       frontend.dispatcher.routing.breakers.states().values()))}
+                                       frontend.dispatcher.routing.breakers.states().values())),
+            # cumulative latency buckets: the SLO planner's measured TTFT/ITL per window
+            **m.latency_buckets()}
 
 
 async def _wait_idle(frontend: Frontend, timeout_s: float) -> None:

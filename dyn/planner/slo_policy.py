@@ -33,6 +33,8 @@ COUNTED_STATES = frozenset({"pending", "launching", "starting", "loading", "read
 """States that count toward a role's current size (a failed worker is being relaunched)."""
 _COUNTERS = ("requests_total", "num_computed_tokens", "num_generated_tokens", "prefix_hit_blocks",
              "rejected_total")
+MAX_LATENCY_SAMPLES = 1000
+"""Per window and metric: bucket counts are scaled down to at most this many samples."""
 
 
 class PolicyChoice(NamedTuple):
@@ -105,12 +107,15 @@ class SloPolicy:
         self._last_now = now
         delta: dict[str, float] = dict.fromkeys(_COUNTERS, 0.0)
         decode_requests = frontend_requests = rejected = 0.0
+        latency: dict[str, float] = {}
         has_frontend = False
         for w in workers:
             if not w.metrics:
                 continue
             before = self._seen.get(w.id)
             now_values = {k: float(w.metrics.get(k, 0.0)) for k in _COUNTERS}
+            if w.role == "frontend":
+                now_values.update({k: float(v) for k, v in w.metrics.items() if "_le." in k})
             self._seen[w.id] = now_values
             if first:
                 continue
@@ -123,6 +128,8 @@ class SloPolicy:
                         has_frontend = True
                     elif name == "rejected_total":
                         rejected += step
+                    elif "_le." in name:
+                        latency[name] = latency.get(name, 0.0) + step
                     continue
                 delta[name] += step
                 if name == "requests_total" and w.role in ("decode", "both"):
@@ -143,7 +150,9 @@ class SloPolicy:
                           cached_tokens=int(cached * scale),
                           num_waiting=int(sum(w.metrics.get("num_waiting", 0.0) for w in live)),
                           queued_prefill_tokens=int(sum(w.metrics.get("waiting_prefill_tokens", 0.0)
-                                                        for w in live if w.role == "prefill")))
+                                                        for w in live if w.role == "prefill")),
+                          # the frontend's measured means over the window (None: nothing measured)
+                          ttft_s=_samples(latency, "ttft"), itl_s=_samples(latency, "itl"))
 
     # ---- actions ----------------------------------------------------------------------------
 
@@ -188,3 +197,22 @@ def _least_loaded(workers: list[WorkerView], role: str, taken: set[str], *, read
             and (w.state == "ready" if ready_only else w.state in COUNTED_STATES)]
     return sorted(pool, key=lambda w: (w.state == "ready", w.metrics.get("in_flight", 0.0)
                                        + w.metrics.get("num_running", 0.0), w.id))
+
+
+def _samples(deltas: dict[str, float], name: str) -> tuple[float, ...]:
+    """Approximate latency samples from histogram bucket deltas: each observation counts at its
+    bucket's upper bound (conservative); the +Inf bucket counts at twice the largest bound."""
+    prefix = f"{name}_le."
+    bounds = sorted((float(k[len(prefix):]), v) for k, v in deltas.items()
+                    if k.startswith(prefix) and k != prefix + "inf")
+    total = deltas.get(prefix + "inf", 0.0)
+    if total <= 0 or not bounds:
+        return ()
+    scale = min(1.0, MAX_LATENCY_SAMPLES / total)
+    samples: list[float] = []
+    below = 0.0
+    for bound, cumulative in bounds:
+        samples += [bound] * round((cumulative - below) * scale)
+        below = cumulative
+    samples += [2 * bounds[-1][0]] * round((total - below) * scale)
+    return tuple(samples)

@@ -187,3 +187,12 @@ def test_decision_log_feeds_status_and_prometheus():
 def test_counts_ignore_workers_on_their_way_out(state, counted):
     views = [WorkerView("decode-0", "decode", "a", (0,), state, {})]
     assert counts_of(views).decode == (1 if counted else 0)
+
+
+def test_latency_samples_come_from_histogram_bucket_deltas():
+    from dyn.planner.slo_policy import _samples
+
+    deltas = {"ttft_le.0.1": 2.0, "ttft_le.0.5": 5.0, "ttft_le.1.0": 5.0, "ttft_le.inf": 6.0,
+              "itl_le.0.05": 0.0, "itl_le.inf": 0.0}
+    assert _samples(deltas, "ttft") == (0.1, 0.1, 0.5, 0.5, 0.5, 2.0)
+    assert _samples(deltas, "itl") == ()
