@@ -62,6 +62,10 @@ def up(
         typer.echo(f"deployment {result.name!r} is already running with these files; nothing changed. "
                    f"Frontend: {result.frontend_url}")
         return
+    if result.adopted is not None:
+        typer.echo(f"deployment {result.name!r}: daemon restarted; {result.adopted} running processes adopted. "
+                   f"Frontend: {result.frontend_url}")
+        return
     typer.echo(f"deployment {result.name!r} ready in {result.elapsed_s:.1f} s. Frontend: {result.frontend_url}")
 
 

@@ -56,6 +56,8 @@ class UpResult(NamedTuple):
     status: dict[str, Any]
     already_running: bool
     elapsed_s: float
+    adopted: int | None = None
+    """Set when a dead daemon was restarted: the processes it took over."""
 
 
 class BringupFailed(DeploymentError):
@@ -105,7 +107,8 @@ async def up_async(options: UpOptions, *, on_progress: Progress | None = None,
             old = store.load_deployment()
             await asyncio.to_thread(start_local_daemon, store, old.dyn_command)
             status = await _watch(store, deadlines, options, on_progress)
-            return UpResult(name, old.frontend_url, status, False, time.monotonic() - started)
+            adopted = sum(1 for w in status.get("workers", []) if w.get("state") == "ready")
+            return UpResult(name, old.frontend_url, status, False, time.monotonic() - started, adopted)
         if existing is not None:
             return existing._replace(elapsed_s=time.monotonic() - started)
 
