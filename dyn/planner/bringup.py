@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -115,9 +116,10 @@ async def up_async(options: UpOptions, *, on_progress: Progress | None = None,
     local_cmd = options.dyn_command or _local_dyn_command()
     remote_cmd = options.dyn_command or ("dyn",)
     used = sorted({topology.head, *(w.node for w in placement.workers)})
-    if not topology.head_node.ssh.is_local:
-        raise DeploymentError(f"head node {topology.head!r} is remote; this version runs the daemon on "
-                              "the machine that runs `dyn up`: make the head node `address: local`")
+    head = topology.head_node
+    if not head.ssh.is_local and not is_this_machine(head.ssh.address):
+        raise DeploymentError(f"head node {topology.head!r} ({head.ssh.address}) is not this machine: run "
+                              f"`dyn up` on {topology.head}, or make the head node `address: local`")
     await _check_nodes(topology, used, local_cmd, remote_cmd, options)
 
     ids = ["daemon", "cli", "frontend", *(w.id for w in placement.workers)]
@@ -182,6 +184,22 @@ def _failures(status: dict[str, Any], limit_s: float) -> list[LaunchError]:
         return [LaunchError(f"the daemon did not answer within {limit_s:.0f} s", process="daemon")]
     return [LaunchError(f"not ready after {limit_s:.0f} s (state {w.get('state')})", node=w.get("node"),
                         process=w.get("id")) for w in late]
+
+
+def is_this_machine(address: str) -> bool:
+    """Whether an address names this host (so `dyn up` on a rack's head tray runs the daemon here)."""
+    try:
+        infos = socket.getaddrinfo(address, None, proto=socket.IPPROTO_UDP)
+    except OSError:
+        return False
+    for family, _, _, _, sockaddr in infos:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((sockaddr[0], 0))  # only a local interface address can be bound
+                return True
+            except OSError:
+                continue
+    return False
 
 
 async def _existing(store: StateStore, digest: str, options: UpOptions,
