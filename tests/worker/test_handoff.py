@@ -39,12 +39,13 @@ def test_prefill_then_decode_matches_one_worker(tmp_path, break_offer):
         procs = [_start_worker(tmp_path, address, process_id=pid, role=role, recipe=DISAGG)
                  for pid, role in (("prefill-0", "prefill"), ("decode-0", "decode"))]
         try:
-            regs = {}
-            for _ in procs:
+            regs: dict = {}
+            while len(regs) < len(procs):  # a process re-sends Register until acknowledged
                 _, reg = await _register(daemon)
                 regs[reg.process_id] = reg
-            for _ in procs:
-                await _until_ready(daemon)
+            ready: set[str] = set()
+            while len(ready) < len(procs):
+                ready.add((await _until_ready(daemon)).process_id)
             acker = asyncio.create_task(_ack_forever(daemon))
             prefill = client_socket(ctx, zmq.DEALER, regs["prefill-0"].addresses["request"], Security())
             decode = client_socket(ctx, zmq.DEALER, regs["decode-0"].addresses["request"], Security())
