@@ -16,6 +16,7 @@ import re
 import time
 from contextlib import aclosing
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 
@@ -30,6 +31,7 @@ from dyn.frontend.responses import (DONE, StreamFormatter, chat_logprobs, comple
 from dyn.frontend.text import TextTokenizer
 from dyn.frontend.workers import DECODE_ROLES, WorkerPool
 
+OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -91,6 +93,7 @@ def build_app(frontend: Frontend) -> web.Application:
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/metrics", handlers.metrics)
+    app.router.add_get("/openapi.json", _openapi)
     return app
 
 
@@ -351,3 +354,8 @@ def _error_response(exc: ApiError) -> web.Response:
         headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
     return web.Response(body=json.dumps(exc.body()).encode(), status=exc.status, content_type=_JSON,
                         headers=headers)
+
+
+async def _openapi(_request: web.Request) -> web.Response:
+    """The API's OpenAPI 3 description (the schema the HTTP fuzz tests generate requests from)."""
+    return web.Response(body=OPENAPI_PATH.read_bytes(), content_type="application/json")

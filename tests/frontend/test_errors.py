@@ -109,3 +109,14 @@ def test_unknown_route_and_method(server):
     assert status == 404 and payload["error"]["code"] == "not_found"
     status, payload, _ = asyncio.run(_post(f"http://127.0.0.1:{server.port}{CHAT}", b"", method="GET"))
     assert status == 405 and payload["error"]["message"]
+
+
+def test_openapi_document_is_served(server):
+    async def get() -> tuple[int, dict]:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{server.port}/openapi.json") as r:
+                return r.status, await r.json()
+
+    status, doc = asyncio.run(get())
+    assert status == 200 and doc["openapi"].startswith("3.")
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health"} <= set(doc["paths"])
