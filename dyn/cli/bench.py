@@ -22,6 +22,9 @@ def bench(
     block_tokens: Optional[int] = typer.Option(None, "--block-tokens",
                                                help="Tokens per trace block (default: the trace's, 512 for "
                                                     "Mooncake); smaller replays the same sharing with short prompts."),
+    input_scale: Optional[float] = typer.Option(None, "--input-scale",
+                                                help="Multiply prompt lengths by this (default: block "
+                                                     "tokens / the trace's block size; 1 for Azure)."),
     output_scale: float = typer.Option(1.0, "--output-scale", help="Multiply output lengths by this."),
     max_output_tokens: Optional[int] = typer.Option(None, "--max-output-tokens", help="Cap output lengths."),
     slo_ttft_ms: Optional[float] = typer.Option(None, "--slo-ttft-ms", help="TTFT target for goodput."),
@@ -46,7 +49,8 @@ def bench(
         base_url, served = _target(url, name, model)
         loaded = load_trace(trace, max_requests)
         config = BenchConfig(base_url=base_url, model=served, max_requests=max_requests, speedup=speedup,
-                             concurrency=concurrency, block_tokens=block_tokens, output_scale=output_scale,
+                             concurrency=concurrency, block_tokens=block_tokens, input_scale=input_scale,
+                             output_scale=output_scale,
                              max_output_tokens=max_output_tokens, slo_ttft_ms=slo_ttft_ms,
                              slo_itl_ms=slo_itl_ms, request_timeout_s=timeout_s,
                              max_duration_s=max_duration_s, api_key=api_key)
