@@ -19,19 +19,19 @@ import zmq
 import zmq.asyncio
 
 from dyn.config.process import ProcessConfig
+from dyn.control.client import ControlClient, wait_event
 from dyn.control.keys import load_process_keys
 from dyn.control.messages import Command
 from dyn.control.sockets import Security
 from dyn.engine.backend import Backend, KvEventListener
 from dyn.kv.disk_tier import DiskTier
 from dyn.kv.host_tier import HostTier
-from dyn.control.client import ControlClient, wait_event
+from dyn.metrics.server import MetricsServer
+from dyn.metrics.worker import worker_registry
 from dyn.worker.engine_loop import EngineLoop
 from dyn.worker.handoff import KvHandoff
 from dyn.worker.kv_publisher import KvEventPublisher
 from dyn.worker.request_server import RequestServer
-from dyn.metrics.server import MetricsServer
-from dyn.metrics.worker import worker_registry
 from dyn.worker.telemetry import CpuMeter, GpuTelemetry, RateMeter, engine_rates, process_telemetry
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class WorkerProcess:
         self.handoff: KvHandoff | None = None
         self.load_error = ""
         self._cpu = CpuMeter()
-        # issue 8: GPU telemetry and recent rates for heartbeats; the scrape-time snapshot.
+        # GPU telemetry and recent rates for heartbeats; the snapshot Prometheus scrapes.
         self._gpu = GpuTelemetry(tuple(config.gpus))
         self._rates = RateMeter()
         self._scraped: dict[str, float] = {}
