@@ -30,6 +30,7 @@ import zmq
 import zmq.asyncio
 
 from dyn import __version__
+from dyn.control.client import wait_event
 from dyn.control.keys import DeploymentKeys
 from dyn.control.messages import (CONTROL_CODEC, CliReply, CliRequest, Command, Heartbeat, Register,
                                   RegisterAck)
@@ -190,10 +191,7 @@ class PlannerDaemon:
                 next_policy = now + self.policy.interval_s
                 await self._apply_policy(now)
             self._persist()
-            try:
-                await asyncio.wait_for(self._stop.wait(), TICK_S)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._stop, TICK_S)
 
     async def _sweep_once(self) -> None:
         probed = {slot.id: slot.pid for slot in self.fleet.slots.values()}
