@@ -17,6 +17,8 @@ build is `nixl-cu12`, importable as `nixl_cu12`, or `nixl`).
 
 from __future__ import annotations
 
+import importlib.util
+
 import asyncio
 import importlib
 import logging
@@ -35,7 +37,9 @@ _POLL_S = 0.0002
 
 
 def is_available() -> bool:
-    return _api() is not None
+    """Whether a NIXL package is installed, without importing it: importing pulls in torch and
+    its CUDA libraries (~500 MB RSS), which a worker should pay only when it really sends."""
+    return any(importlib.util.find_spec(name) is not None for name in ("nixl", "nixl_cu12"))
 
 
 class NixlSender(SendTransport):
