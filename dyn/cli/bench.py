@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -32,6 +33,9 @@ def bench(
     timeout_s: float = typer.Option(300.0, "--timeout", help="Per-request timeout in seconds."),
     max_duration_s: float = typer.Option(3600.0, "--max-duration", help="Stop sending after this many seconds."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="DYN_API_KEY", help="Bearer token."),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size",
+                                             help="Token ids are drawn below this (default: the deployment's "
+                                                  "checkpoint config.json, else 32000)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     plot: Optional[str] = typer.Option(None, "--plot", help="Write latency and hit-rate plots (PNG)."),
 ) -> None:
@@ -46,14 +50,15 @@ def bench(
     from dyn.bench.trace import load_trace
 
     with errors_to_exit():
-        base_url, served = _target(url, name, model)
+        base_url, served, detected_vocab = _target(url, name, model)
         loaded = load_trace(trace, max_requests)
         config = BenchConfig(base_url=base_url, model=served, max_requests=max_requests, speedup=speedup,
                              concurrency=concurrency, block_tokens=block_tokens, input_scale=input_scale,
                              output_scale=output_scale,
                              max_output_tokens=max_output_tokens, slo_ttft_ms=slo_ttft_ms,
                              slo_itl_ms=slo_itl_ms, request_timeout_s=timeout_s,
-                             max_duration_s=max_duration_s, api_key=api_key)
+                             max_duration_s=max_duration_s, api_key=api_key,
+                             vocab_size=vocab_size or detected_vocab or 32000)
         with Progress(transient=True, disable=as_json, console=out()) as progress:
             task = progress.add_task("replaying", total=None)
 
@@ -77,23 +82,33 @@ def register(app: typer.Typer) -> None:
     app.command("bench")(bench)
 
 
-def _target(url: str | None, name: str, model: str | None) -> tuple[str, str]:
-    """The frontend URL and model name: given, or read from the named deployment's state."""
-    if url and model:
-        return url, model
-    from dyn.config.loader import parse_recipe
+def _target(url: str | None, name: str, model: str | None) -> tuple[str, str, int | None]:
+    """Frontend URL, model name and vocabulary size: given, or read from the named deployment."""
     from dyn.planner.state import StateStore
 
     store = StateStore(name)
     if not store.exists():
         if url:
-            return url, model or "default"
+            return url, model or "default", None
         from dyn.errors import DeploymentError
 
         raise DeploymentError(f"no deployment named {name!r} is running: pass --url, or start one with dyn up")
+    from dyn.config.loader import parse_recipe
+
     deployment = store.load_deployment()
     recipe = parse_recipe(deployment.recipe_text, deployment.recipe_source)
-    return url or deployment.frontend_url, model or recipe.model.served_name
+    return url or deployment.frontend_url, model or recipe.model.served_name, _vocab_size(recipe.model.path)
+
+
+def _vocab_size(model_path: str | None) -> int | None:
+    """The checkpoint's vocabulary (prompts must stay inside it), when it is readable here."""
+    if not model_path:
+        return None
+    try:
+        config = json.loads((Path(model_path).expanduser() / "config.json").read_text())
+        return int(config["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _render(result: dict) -> None:
