@@ -121,7 +121,9 @@ class LaunchNodes:
     async def put_files(self, node: str, files: dict[str, str]) -> None:
         if not files:
             return
-        result = await (await self._runner(node)).run(("sh", "-c", put_files_script(files)), timeout_s=60)
+        # The script travels on stdin: dozens of process configs on one node overflow one argument
+        # (Linux caps a single argv string at 128 KiB).
+        result = await (await self._runner(node)).run(("sh", "-s"), timeout_s=60, input=put_files_script(files))
         if not getattr(result, "ok", True):
             raise LaunchError(f"writing {len(files)} files failed (exit {result.exit_status}): "
                               f"{result.stderr.strip()[:300]}", node=node)
