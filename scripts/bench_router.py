@@ -28,7 +28,7 @@ import resource
 import time
 
 from dyn.config.recipe import RouterSpec
-from dyn.engine.backend import KvEvent
+from dyn.kv.events import KvEvent
 from dyn.router import KvEventBatch, RouteRequest, Router, WorkerLoad
 
 SEQ_BLOCKS = 36

@@ -20,7 +20,8 @@ def profile(
     Example: dyn profile -r mock-local -t local
     """
     from dyn.config.loader import load_recipe, load_topology, resolve_file
-    from dyn.planner.profile import profile_path, profile_recipe, save_profile
+    from dyn.engine.profile import profile_path, save_profile
+    from dyn.engine.profiling import profile_recipe
 
     try:
         recipe_file = resolve_file("recipe", recipe)

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, Literal, NamedTuple
+from typing import Literal, NamedTuple
+
+from dyn.kv.events import KvEventListener, LowerTier
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -113,19 +115,6 @@ class KvImport(NamedTuple):
     """Writable block views, one per missing index."""
 
 
-@dataclass(slots=True)
-class KvEvent:
-    """A change in what the engine's pool holds, for KV events and tiers."""
-
-    kind: Literal["stored", "removed"]
-    block_hashes: list[int]
-    parent_hash: int | None = None
-    tier: Literal["device", "host", "disk"] = "device"
-
-
-KvEventListener = Callable[[KvEvent], None]
-
-
 class Backend(ABC):
     """An inference engine driven by a synchronous step loop."""
 
@@ -185,22 +174,7 @@ class Backend(ABC):
         """Receive KvEvents as blocks are stored in or removed from the pool."""
         self._kv_event_listener = listener
 
-    def set_lower_tier(self, tier: "LowerTier | None") -> None:
+    def set_lower_tier(self, tier: LowerTier | None) -> None:
         """Offload evicted blocks to `tier` and bring prefix hits back from it."""
         self._lower_tier = tier
 
-
-class LowerTier(ABC):
-    """Host-memory / disk tiers below the engine pool (implemented in dyn.kv)."""
-
-    @abstractmethod
-    def offload(self, block_hash: int, parent_hash: int | None, view: object) -> None:
-        """Copy an evicted block's payload out of the pool (called before its slot is reused)."""
-
-    @abstractmethod
-    def fetch(self, block_hash: int, dest_view: object) -> bool:
-        """Copy a block's payload into `dest_view`; False when absent or corrupt."""
-
-    @abstractmethod
-    def contains(self, block_hash: int) -> bool:
-        """Whether fetch would likely succeed (cheap, no I/O)."""

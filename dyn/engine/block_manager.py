@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 
-from dyn.engine.backend import KvEvent
+from dyn.kv.events import KvEvent
 
 EvictHook = Callable[[int, int, "int | None"], None]
 """(block_id, block_hash, parent_hash): called before an evicted block's slot is reused."""

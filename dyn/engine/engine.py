@@ -13,13 +13,14 @@ import math
 import time
 from collections.abc import Callable, Sequence as Seq
 
-from dyn.engine.backend import (Backend, EngineRequest, EngineStats, FinishReason, KvEvent,
-                                KvExport, KvImport, TokenOutput)
+from dyn.engine.backend import (Backend, EngineRequest, EngineStats, FinishReason, KvExport, KvImport,
+                                TokenOutput)
 from dyn.engine.block_manager import BlockManager
 from dyn.engine.runner import ModelRunner, SeqWork
 from dyn.engine.scheduler import Scheduler
 from dyn.engine.sequence import Sequence, SequenceStatus
 from dyn.errors import EngineError, RequestError
+from dyn.kv.events import KvEvent
 
 Detokenize = Callable[[list[int]], str]
 

@@ -20,8 +20,8 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from dyn.engine.profile import EngineProfile
 from dyn.frontend.protocol import ApiError
-from dyn.planner.profile import EngineProfile
 
 PRIORITY_SLACK = 2.0
 """Priority requests may exceed the TTFT target up to this factor."""

@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from dyn.control.requests import Finish, GenerateRequest, RequestFailed, TokenChunk
+from dyn.engine.profile import EngineProfile
 from dyn.frontend.metrics import FrontendMetrics
 from dyn.frontend.protocol import ApiError, GenerationRequest
 from dyn.frontend.routing import RETRY_AFTER_S, Routing
 from dyn.frontend.text import TextStream, TextTokenizer
 from dyn.frontend.workers import WORKER_GONE, WorkerPool
-from dyn.planner.profile import EngineProfile
 
 log = logging.getLogger(__name__)
 

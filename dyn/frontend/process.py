@@ -20,6 +20,7 @@ from dyn.config.recipe import Recipe
 from dyn.control.keys import load_process_keys
 from dyn.control.messages import Command
 from dyn.control.sockets import Security
+from dyn.engine.profile import EngineProfile, ProfileError, load_profile, mock_profile, profile_path
 from dyn.errors import ConfigError
 from dyn.frontend.admission import Admission
 from dyn.frontend.app import ApiSettings, Frontend, build_app, start_site
@@ -31,7 +32,6 @@ from dyn.frontend.metrics import FrontendMetrics
 from dyn.frontend.routing import Routing
 from dyn.frontend.text import TextTokenizer, load_tokenizer
 from dyn.frontend.workers import WorkerLimits, WorkerPool
-from dyn.planner.profile import EngineProfile, ProfileError, load_profile, mock_profile, profile_path
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from typing import Callable
 
 import numpy as np
 
-from dyn.engine.backend import KvEvent, KvEventListener, LowerTier
 from dyn.kv.buffers import as_array, copy_into
+from dyn.kv.events import KvEvent, KvEventListener, LowerTier
 
 _HEADER = struct.Struct("<QI4x")
 

@@ -21,8 +21,8 @@ from typing import Callable
 
 import numpy as np
 
-from dyn.engine.backend import KvEvent, KvEventListener, LowerTier
 from dyn.kv.buffers import copy_into
+from dyn.kv.events import KvEvent, KvEventListener, LowerTier
 
 
 @dataclass(slots=True)

@@ -80,8 +80,8 @@ from collections import deque  # noqa: E402
 from dataclasses import asdict, field  # noqa: E402
 
 from dyn.config.recipe import PlannerSpec  # noqa: E402
+from dyn.engine.profile import EngineProfile  # noqa: E402
 from dyn.planner.forecast import LoadForecast, LoadPredictor  # noqa: E402
-from dyn.planner.profile import EngineProfile  # noqa: E402
 
 Action = Literal["scale_up", "scale_down", "flip", "hold"]
 

@@ -19,9 +19,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+from dyn.engine.profile import ProfileError, load_profile, mock_profile, profile_path
 from dyn.planner.policy import (Counts, Decision, LoadWindow, PlanStep, ScalingAction, ScalingPolicy,
                                 SloPlanner, StaticPolicy, WorkerView)
-from dyn.planner.profile import ProfileError, load_profile, mock_profile, profile_path
 
 if TYPE_CHECKING:
     from dyn.config.recipe import Recipe

@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal, Mapping, Sequence
 
-from dyn.engine.backend import KvEvent
+from dyn.kv.events import KvEvent
 from dyn.router.errors import KvEventError
 from dyn.router.index import TIERS, KvIndex, Tier
 

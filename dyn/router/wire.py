@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dyn.control import kv_events as wire
-from dyn.engine.backend import KvEvent
+from dyn.kv.events import KvEvent
 from dyn.router.errors import KvEventError
 from dyn.router.events import KvEventBatch, KvSnapshot
 

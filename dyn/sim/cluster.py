@@ -15,8 +15,8 @@ from typing import Any
 
 from dyn.config.recipe import Recipe
 from dyn.config.topology import Topology
+from dyn.engine.profile import EngineProfile
 from dyn.planner.policy import Counts, Decision, LoadWindow, SloPlanner
-from dyn.planner.profile import EngineProfile
 from dyn.router.errors import NoWorkerError
 from dyn.router.events import KvEventBatch
 from dyn.router.router import Router

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Sequence
 
-from dyn.engine.backend import KvEvent
+from dyn.kv.events import KvEvent
 
 
 class SimKvCache:

@@ -11,7 +11,7 @@ from dyn.bench.trace import Trace, load_trace
 from dyn.config.loader import load_recipe, load_topology
 from dyn.config.recipe import Recipe
 from dyn.config.topology import Topology
-from dyn.planner.profile import EngineProfile, load_profile, mock_profile, profile_path
+from dyn.engine.profile import EngineProfile, load_profile, mock_profile, profile_path
 from dyn.sim.cluster import SimConfig, Simulation
 from dyn.sim.report import sim_report
 from dyn.sim.workload import build_requests

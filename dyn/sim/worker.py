@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
-from dyn.planner.profile import RoleProfile
+from dyn.engine.profile import RoleProfile
 from dyn.router.types import WorkerLoad
 from dyn.sim.kvcache import SimKvCache
 from dyn.sim.workload import SimRequest

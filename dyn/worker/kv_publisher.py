@@ -15,11 +15,11 @@ import threading
 import zmq
 import zmq.asyncio
 
+from dyn.control.client import wait_event
 from dyn.control.kv_events import (KV_EVENT_CODEC, OP_REMOVED, OP_STORED, TIER_CODES, KvEventBatch,
                                    KvSnapshot)
 from dyn.control.sockets import Security, server_socket
-from dyn.engine.backend import KvEvent
-from dyn.control.client import wait_event
+from dyn.kv.events import KvEvent
 
 MAX_BATCH_RUNS = 256
 

@@ -23,8 +23,9 @@ from dyn.control.client import ControlClient, wait_event
 from dyn.control.keys import load_process_keys
 from dyn.control.messages import Command
 from dyn.control.sockets import Security
-from dyn.engine.backend import Backend, KvEventListener
+from dyn.engine.backend import Backend
 from dyn.kv.disk_tier import DiskTier
+from dyn.kv.events import KvEventListener
 from dyn.kv.host_tier import HostTier
 from dyn.metrics.server import MetricsServer
 from dyn.metrics.worker import worker_registry

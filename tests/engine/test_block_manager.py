@@ -1,7 +1,7 @@
 """Exact block ids and eviction order of the paged pool (cf. vLLM test_prefix_caching)."""
 
-from dyn.engine.backend import KvEvent
 from dyn.engine.block_manager import BlockManager
+from dyn.kv.events import KvEvent
 
 
 def make(num_blocks=6):

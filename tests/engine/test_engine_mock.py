@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from dyn.config.recipe import MockTiming
-from dyn.engine.backend import EngineRequest, KvEvent, LowerTier, SamplingParams
+from dyn.engine.backend import EngineRequest, SamplingParams
 from dyn.engine.mock import MockEngine
 from dyn.errors import RequestError
+from dyn.kv.events import KvEvent, LowerTier
 from dyn.kv.hashing import hash_blocks
 
 BS = 16

@@ -9,9 +9,9 @@ import pytest
 from frontend_harness import MODEL, Harness, make_recipe
 
 from dyn.config.recipe import MockTiming, PlannerSpec
+from dyn.engine.profile import mock_profile
 from dyn.frontend.admission import Admission
 from dyn.frontend.protocol import ApiError
-from dyn.planner.profile import mock_profile
 
 TIMING = MockTiming(prefill_base_s=0.002, prefill_s_per_token=0.001)
 

@@ -9,9 +9,9 @@ import pytest
 
 from dyn.bench.trace import Trace, TraceRequest
 from dyn.config.loader import load_recipe, load_topology
+from dyn.engine.profile import mock_profile
 from dyn.planner.forecast import ForecastError, HoltForecaster, make_forecaster
 from dyn.planner.policy import Counts, LoadWindow, SloPlanner
-from dyn.planner.profile import mock_profile
 from dyn.sim.cluster import SimConfig, Simulation
 from dyn.sim.workload import build_requests
 

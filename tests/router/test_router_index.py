@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from router_brute import BruteCaches
 
-from dyn.engine.backend import KvEvent
+from dyn.kv.events import KvEvent
 from dyn.router import KvEventBatch, KvEventError, KvEventTracker, KvIndex, KvSnapshot
 
 TIERS = ("device", "host", "disk")

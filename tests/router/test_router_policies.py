@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from dyn.config.recipe import RouterSpec
-from dyn.engine.backend import KvEvent
+from dyn.kv.events import KvEvent
 from dyn.router import (KvEventBatch, KvSnapshot, NoWorkerError, RouteHints, RouteInputError,
                         RouteRequest, Router, WorkerLoad)
 

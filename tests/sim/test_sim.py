@@ -10,9 +10,9 @@ import pytest
 
 from dyn.bench.trace import load_trace
 from dyn.config.loader import load_recipe, load_topology
-from dyn.engine.backend import KvEvent
+from dyn.engine.profile import mock_profile
 from dyn.frontend.routing import Routing
-from dyn.planner.profile import mock_profile
+from dyn.kv.events import KvEvent
 from dyn.router.events import KvEventBatch
 from dyn.router.types import RouteRequest, WorkerLoad
 from dyn.sim.cluster import SimConfig, Simulation, make_router

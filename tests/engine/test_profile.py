@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from dyn.config.loader import load_recipe
-from dyn.planner.profile import (
-    EngineProfile, ProfileError, load_profile, mock_profile, profile_path, profile_recipe, save_profile,
-)
+from dyn.engine.profile import EngineProfile, ProfileError, load_profile, mock_profile, profile_path, save_profile
+from dyn.engine.profiling import profile_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 
