@@ -18,8 +18,8 @@ def down(
 
     Example: dyn down --name tiny-local
     """
-    from dyn.planner.inspect import resolve_name
-    from dyn.planner.teardown import down as run_down
+    from dyn.deploy.inspect import resolve_name
+    from dyn.deploy.teardown import down as run_down
 
     try:
         chosen = resolve_name(name, missing_ok=True)

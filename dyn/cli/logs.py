@@ -23,7 +23,7 @@ def logs(
 
     Example: dyn logs decode-0 -f;  dyn logs --request my-req-42
     """
-    from dyn.planner.inspect import log_chunks, resolve_name
+    from dyn.deploy.inspect import log_chunks, resolve_name
 
     if request is not None:  # issue 8: --request
         if process is not None or follow:
@@ -51,7 +51,7 @@ def logs(
 
 def _follow_request(name: Optional[str], request_id: str) -> None:
     from dyn.dashboard.trace import follow_request
-    from dyn.planner.inspect import resolve_name
+    from dyn.deploy.inspect import resolve_name
 
     try:
         for line in asyncio.run(follow_request(resolve_name(name), request_id)):

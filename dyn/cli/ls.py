@@ -16,7 +16,7 @@ def ls(as_json: bool = typer.Option(False, "--json", help="Machine-readable outp
     from rich.console import Console
     from rich.table import Table
 
-    from dyn.planner.inspect import list_all
+    from dyn.deploy.inspect import list_all
 
     rows = list_all()
     if as_json:

@@ -25,7 +25,7 @@ def status(
     from rich.console import Console
     from rich.markup import escape
 
-    from dyn.planner.inspect import resolve_name, status as get_status
+    from dyn.deploy.inspect import resolve_name, status as get_status
 
     try:
         payload = get_status(resolve_name(name))

@@ -23,7 +23,7 @@ def top(
     from rich.console import Console
 
     from dyn.dashboard.app import run_top
-    from dyn.planner.inspect import resolve_name
+    from dyn.deploy.inspect import resolve_name
 
     try:
         asyncio.run(run_top(resolve_name(name), Console(highlight=False), interval_s=interval_s, once=once))

@@ -42,7 +42,7 @@ def up(
     from rich.markup import escape
 
     from dyn.cli.status import progress_table
-    from dyn.planner.bringup import UpOptions, up as run_up
+    from dyn.deploy.bringup import UpOptions, up as run_up
 
     console = Console(stderr=True)
     options = UpOptions(topology_path=topology, recipe_path=recipe, name=name,

@@ -16,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dyn.dashboard.history import Buckets, buckets_from_samples
 from dyn.dashboard.view import FrontendSample
-from dyn.planner.client import DaemonUnreachable, request
-from dyn.planner.inspect import status_async
+from dyn.deploy.client import DaemonUnreachable, request
+from dyn.deploy.inspect import status_async
 from dyn.planner.state import StateStore
 
 TTFT_FAMILY = "dyn_frontend_ttft_seconds"
@@ -51,8 +51,8 @@ class TopSource:
 
     async def log_tail(self, process_id: str, num_lines: int = 8) -> str:
         """The last lines of one process's log (over SSH for remote nodes), or why not."""
+        from dyn.deploy.inspect import log_chunks
         from dyn.errors import DynError
-        from dyn.planner.inspect import log_chunks
 
         try:
             async with asyncio.timeout(self.timeout_s):

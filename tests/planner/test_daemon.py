@@ -21,8 +21,8 @@ import zmq.asyncio
 from dyn.control.keys import DeploymentKeys, write_private
 from dyn.control.messages import CONTROL_CODEC, Heartbeat, Register, RegisterAck
 from dyn.control.sockets import Security, client_socket
+from dyn.deploy.client import request
 from dyn.errors import DeploymentError
-from dyn.planner.client import request
 from dyn.planner.daemon import PlannerDaemon
 from dyn.planner.state import Deployment, StateStore
 

@@ -1,4 +1,4 @@
-from dyn.planner.bringup import is_this_machine
+from dyn.deploy.bringup import is_this_machine
 
 
 def test_head_address_is_recognised_as_this_machine():

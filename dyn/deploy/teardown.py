@@ -15,8 +15,8 @@ import signal
 import time
 from typing import NamedTuple
 
+from dyn.deploy.client import DaemonUnreachable, request
 from dyn.errors import DeploymentError
-from dyn.planner.client import DaemonUnreachable, request
 from dyn.planner.daemon_proc import daemon_pid, kill_local, pid_alive
 from dyn.planner.state import ProcessRecord, StateStore
 

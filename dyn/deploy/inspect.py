@@ -11,8 +11,8 @@ import asyncio
 import time
 from typing import Any, AsyncIterator
 
+from dyn.deploy.client import DaemonUnreachable, request
 from dyn.errors import DeploymentError
-from dyn.planner.client import DaemonUnreachable, request
 from dyn.planner.daemon_proc import daemon_alive
 from dyn.planner.state import StateStore, list_deployments
 

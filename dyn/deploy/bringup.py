@@ -22,8 +22,8 @@ from typing import Any, Callable, NamedTuple, get_args
 
 from dyn.config.recipe import RouterPolicy
 from dyn.control.keys import DeploymentKeys, write_private
+from dyn.deploy.client import DaemonUnreachable, request
 from dyn.errors import ConfigError, DeploymentError, LaunchError
-from dyn.planner.client import DaemonUnreachable, request
 from dyn.planner.daemon_proc import daemon_alive, start_local_daemon
 from dyn.planner.health import Deadlines
 from dyn.planner.state import Deployment, StateStore, check_name, config_hash
@@ -145,7 +145,7 @@ async def up_async(options: UpOptions, *, on_progress: Progress | None = None,
 async def _watch(store: StateStore, deadlines: Deadlines, options: UpOptions,
                  on_progress: Progress | None) -> dict[str, Any]:
     """Poll the daemon until ready or failed; every wait has a deadline."""
-    from dyn.planner.teardown import down_async
+    from dyn.deploy.teardown import down_async
 
     limit_s = deadlines.register_s + deadlines.load_s + 30.0
     deadline = time.monotonic() + limit_s
@@ -206,7 +206,7 @@ async def _existing(store: StateStore, digest: str, options: UpOptions,
                     confirm: Confirm | None) -> UpResult | str | None:
     """A deployment of this name exists: report it unchanged, restart its dead daemon
     (which adopts the processes still running), or replace it after asking."""
-    from dyn.planner.teardown import down_async
+    from dyn.deploy.teardown import down_async
 
     old = store.load_deployment()
     try:
