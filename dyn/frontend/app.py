@@ -22,13 +22,14 @@ from aiohttp import web
 
 from dyn.errors import RequestError
 from dyn.frontend.auth import DEFAULT_TENANT, ApiKeys, Tenant, tenant_salt
-from dyn.frontend.generate import Dispatcher, Usage
+from dyn.frontend.generate import Dispatcher
 from dyn.frontend.metrics import CONTENT_TYPE, FrontendMetrics
 from dyn.frontend.protocol import ApiError, GenerationRequest, parse_chat, parse_completion
 from dyn.frontend.ratelimit import RateLimiter
 from dyn.frontend.responses import (DONE, StreamFormatter, chat_logprobs, completion_logprobs,
                                     error_event, full_response)
 from dyn.frontend.text import TextTokenizer
+from dyn.frontend.worker_stream import Usage
 from dyn.frontend.workers import DECODE_ROLES, WorkerPool
 
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")

@@ -9,14 +9,9 @@
                               streamed (a migration; greedy output is unchanged), up to
                               router.max_migrations; before the first token it is a retry with backoff
 
-The frontend owns the output limits: stop strings (TextStream) and max_tokens
-are enforced here, so a worker that overshoots is cancelled, and leaving the
-generator early (client gone, stop string) always sends Cancel to the worker.
-
-A worker is lost when the daemon reports it dead (its streams fail at once,
-see WorkerPool.update) or when it stays silent past the stall deadline:
-router.stall_timeout_s beyond the expected time of the next message (the
-profile's prefill estimate for a first token, a decode step after that).
+Here: where a request goes (route, remote prefill, fallback, retry, migration).
+One worker's stream of a request (output limits, stall deadlines, cancel) is
+dyn.frontend.worker_stream.
 """
 
 from __future__ import annotations
@@ -25,9 +20,7 @@ import asyncio
 import itertools
 import logging
 import os
-import time
 from contextlib import aclosing
-from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from dyn.control.requests import Finish, GenerateRequest, RequestFailed, TokenChunk
@@ -35,7 +28,8 @@ from dyn.engine.profile import EngineProfile
 from dyn.frontend.metrics import FrontendMetrics
 from dyn.frontend.protocol import ApiError, GenerationRequest
 from dyn.frontend.routing import RETRY_AFTER_S, Routing
-from dyn.frontend.text import TextStream, TextTokenizer
+from dyn.frontend.text import TextTokenizer
+from dyn.frontend.worker_stream import Piece, Usage, WorkerFailed, WorkerStream
 from dyn.frontend.workers import WORKER_GONE, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -48,40 +42,9 @@ FALLBACK_PREFILL_TOKENS_PER_S = 500.0
 """Without a profile, the stall deadline of a first token allows this slow a prefill."""
 _RETRYABLE = frozenset({"overloaded", "worker_lost", WORKER_GONE, "internal", "kv_transfer"})
 _LOST = frozenset({"worker_lost", WORKER_GONE})
-_MAX_EXTENSIONS = 3
-"""Times a first-token deadline is extended while the worker keeps streaming other requests."""
 _UNHEALTHY = frozenset({"worker_lost", "internal"})
 """Failures that count against a worker's circuit breaker (not overload, not bad input, not a
 death the daemon already reported: the breaker is for workers that look ready but fail)."""
-
-
-@dataclass(slots=True)
-class Piece:
-    """What the client gets next: text (stop strings applied) and the tokens behind it."""
-
-    text: str
-    token_ids: list[int]
-    logprobs: list[float] | None = None
-    finish_reason: str | None = None
-
-
-@dataclass(slots=True)
-class Usage:
-    num_prompt_tokens: int = 0
-    num_completion_tokens: int = 0
-    num_cached_tokens: int = 0
-    prefill_worker: str | None = None
-    decode_worker: str | None = None
-    token_ids: list[int] = field(default_factory=list)
-    num_migrations: int = 0
-    num_retries: int = 0
-    finish_reason: str | None = None
-
-
-class _WorkerFailed(Exception):
-    def __init__(self, failure: RequestFailed) -> None:
-        self.failure = failure
-        super().__init__(failure.message)
 
 
 class Dispatcher:
@@ -130,22 +93,12 @@ class Dispatcher:
         return self.stall_timeout_s + role.decode_step_s(role.max_batch_size, 0)
 
 
-class _Run:
+class _Run(WorkerStream):
+    """One request: route it, run it (remote prefill + decode, or plain), recover from failures."""
+
     def __init__(self, d: Dispatcher, req: GenerationRequest, prompt_ids: list[int], rid: str,
                  usage: Usage, salt: int) -> None:
-        self.d = d
-        self.req = req
-        self.prompt = prompt_ids
-        self.rid = rid
-        self.usage = usage
-        self.salt = salt
-        usage.num_prompt_tokens = len(prompt_ids)
-        self.max_tokens = req.max_tokens or max(d.max_context - len(prompt_ids), 1)
-        self.text = TextStream(d.tokenizer, req.stop, prefix_ids=prompt_ids, lazy=not req.stream)
-        self.emitted = usage.token_ids
-        self.finish_reason: str | None = None
-        self.start = time.perf_counter()
-        self.last = 0.0
+        super().__init__(d, req, prompt_ids, rid, usage, salt)
         self.tried: set[str] = set()
         self._offer: dict | None = None
 
@@ -167,7 +120,7 @@ class _Run:
                         if self.finish_reason:
                             return
                 offer = self._offer
-            except _WorkerFailed as exc:
+            except WorkerFailed as exc:
                 self._note_failure(choice.prefill, exc.failure)
                 log.warning("remote prefill on %s failed (%s); prefilling on %s", choice.prefill,
                             exc.failure.message, choice.decode, extra=extra)
@@ -178,7 +131,7 @@ class _Run:
                         async for piece in pieces:
                             yield piece
                     return
-                except _WorkerFailed as exc:
+                except WorkerFailed as exc:
                     failure = exc.failure
                     if failure.code not in _RETRYABLE:
                         raise _api_error(failure) from None
@@ -248,7 +201,7 @@ class _Run:
                     async for piece in pieces:
                         yield piece
                 return
-            except _WorkerFailed as exc:
+            except WorkerFailed as exc:
                 await self._after_failure(worker_id, exc.failure)
                 worker_id, failure = None, exc.failure
 
@@ -316,143 +269,6 @@ class _Run:
         if failure.code in _UNHEALTHY:
             self.d.routing.breakers.on_failure(worker_id)
 
-    async def _follow(self, worker_id: str, request: GenerateRequest) -> AsyncIterator[Piece]:
-        async with aclosing(self._messages(worker_id, request)) as messages:
-            async for message in messages:
-                if isinstance(message, TokenChunk):
-                    piece = self._piece(message)
-                    if piece is not None:
-                        yield piece
-                        if self.finish_reason:
-                            return
-                elif isinstance(message, Finish):
-                    if message.reason == "abort":
-                        raise _WorkerFailed(RequestFailed(self.rid, "worker_lost",
-                                                          "the worker aborted the request", True))
-                    yield self._final("stop" if message.reason == "stop" else "length")
-                    return
-
-    async def _messages(self, worker_id: str, request: GenerateRequest):
-        """Messages of one request on one worker; cancels it there unless it ended by itself."""
-        d, pool = self.d, self.d.pool
-        queue = await pool.open(worker_id, request)
-        ended = False
-        # Without streaming nobody sees chunk boundaries: merge the chunks already
-        # queued so a burst of tokens costs one pass through the generators.
-        coalesce = not self.req.stream
-        pending = None
-        stalled = False
-        first = True
-        extensions = 0
-        num_tokens = len(request.prompt_token_ids)
-        try:
-            while True:
-                if pending is not None:
-                    message, pending = pending, None
-                elif queue.empty():
-                    wait_s = d.expected_wait_s(worker_id, num_tokens, first=first)
-                    try:
-                        async with asyncio.timeout(wait_s):
-                            message = await queue.get()
-                    except TimeoutError:
-                        if first and extensions < _MAX_EXTENSIONS and self._worker_alive(worker_id):
-                            extensions += 1  # queued behind others on a worker that is still talking
-                            continue
-                        stalled = True
-                        raise _WorkerFailed(RequestFailed(
-                            self.rid, "worker_lost", f"worker {worker_id} sent nothing for this "
-                            f"request in {wait_s:.1f} s (router.stall_timeout_s "
-                            f"{d.stall_timeout_s:g} s past the expected step time)", True)) from None
-                else:
-                    message = queue.get_nowait()
-                if coalesce and type(message) is TokenChunk and not queue.empty():
-                    message, pending = _merge(message, queue)
-                first = False
-                if isinstance(message, RequestFailed):
-                    ended = True
-                    raise _WorkerFailed(message)
-                if isinstance(message, Finish):
-                    ended = True
-                    if message.reason != "abort":
-                        d.routing.breakers.on_success(worker_id)
-                yield message
-                if ended:
-                    return
-        finally:
-            # At max_tokens the worker (told the same limit) finishes by itself; a
-            # prefill worker is cancelled anyway so it can unpin the offered KV.
-            cancel = not ended and (self.finish_reason != "length" or request.prefill_only)
-            if cancel:
-                reason = "stop" if self.finish_reason else "stall" if stalled else "disconnect"
-                d.metrics.cancelled.labels(reason).inc()
-            pool.close_stream(self.rid, cancel=cancel)
-
-    def _worker_alive(self, worker_id: str) -> bool:
-        handle = self.d.pool.workers.get(worker_id)
-        return (handle is not None and handle.is_ready
-                and time.monotonic() - handle.last_heard < self.d.stall_timeout_s)
-
-    def _piece(self, chunk: TokenChunk) -> Piece | None:
-        now = time.perf_counter()
-        metrics = self.d.metrics
-        if not self.emitted:
-            metrics.ttft.observe(now - self.start)
-            self.usage.num_cached_tokens = chunk.num_cached_tokens
-            log.info("first token after %.1f ms (%d prompt tokens cached)", (now - self.start) * 1000,
-                     chunk.num_cached_tokens, extra={"request_id": self.rid})
-        elif self.req.stream:  # inter-token latency is what a streaming client sees
-            metrics.itl.observe(now - self.last)
-        self.last = now
-        ids = chunk.token_ids[: self.max_tokens - len(self.emitted)]
-        if self.req.stop and len(ids) > 1:
-            # Token by token, so usage counts end at the token that completed a stop string.
-            text = ""
-            for idx in range(len(ids)):
-                text += self.text.add(ids[idx:idx + 1])
-                if self.text.stopped:
-                    ids = ids[:idx + 1]
-                    break
-        else:
-            text = self.text.add(ids)
-        self.emitted.extend(ids)
-        logprobs = chunk.logprobs[: len(ids)] if self.req.logprobs and chunk.logprobs else None
-        if self.text.stopped:
-            self.finish_reason = "stop"
-        elif len(self.emitted) >= self.max_tokens:
-            self.finish_reason = "length"
-            text += self.text.flush()
-        if not text and not self.finish_reason and not ids:
-            return None
-        return Piece(text, ids, logprobs, self.finish_reason)
-
-    def _final(self, reason: str) -> Piece:
-        self.finish_reason = reason
-        return Piece(self.text.flush(), [], None, reason)
-
-    def _sampling(self, max_tokens: int | None = None) -> dict:
-        req = self.req
-        sampling = {"max_tokens": max_tokens or self.max_tokens, "temperature": req.temperature,
-                    "top_p": req.top_p, "top_k": max(req.top_k, 0), "ignore_eos": req.ignore_eos,
-                    "logprobs": req.logprobs}
-        if req.seed is not None:
-            sampling["seed"] = req.seed
-        if req.stop_token_ids:
-            sampling["stop_token_ids"] = list(req.stop_token_ids)
-        return sampling
-
-
-def _merge(first: TokenChunk, queue: asyncio.Queue) -> tuple[TokenChunk, object | None]:
-    """`first` plus the TokenChunks queued right behind it; returns the first other message too."""
-    ids = list(first.token_ids)
-    logprobs = list(first.logprobs) if first.logprobs is not None else None
-    while not queue.empty():
-        nxt = queue.get_nowait()
-        if type(nxt) is not TokenChunk or (nxt.logprobs is None) != (logprobs is None):
-            return TokenChunk(first.request_id, ids, logprobs, first.num_cached_tokens), nxt
-        ids.extend(nxt.token_ids)
-        if logprobs is not None:
-            logprobs.extend(nxt.logprobs)
-    return TokenChunk(first.request_id, ids, logprobs, first.num_cached_tokens), None
 
 
 def _api_error(failure: RequestFailed) -> ApiError:

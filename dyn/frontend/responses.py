@@ -10,8 +10,8 @@ import json
 import time
 from typing import Sequence
 
-from dyn.frontend.generate import Piece, Usage
 from dyn.frontend.text import TextTokenizer
+from dyn.frontend.worker_stream import Piece, Usage
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 

@@ -15,6 +15,11 @@ on SIGTERM/SIGINT (or SIGKILL), the processes keep running; the next daemon
 (`dyn up`, or a supervisor: scripts/dyn-planner.service) adopts them, same
 pids, from processes.json and their re-registrations (`dyn.planner.adoption`).
 Signal handlers only set flags.
+
+Here: startup, the main loop, the phase, the policy, persistence. Messages
+(Register, Heartbeat, CliRequest, worker lists, status) are
+`dyn.planner.daemon_control`; launching, repair and stopping processes are
+`dyn.planner.daemon_launch`.
 """
 
 from __future__ import annotations
@@ -24,30 +29,24 @@ import logging
 import os
 import signal
 import time
-from typing import Any
 
-import zmq
 import zmq.asyncio
 
-from dyn import __version__
 from dyn.control.client import wait_event
 from dyn.control.keys import DeploymentKeys
-from dyn.control.messages import (CONTROL_CODEC, CliReply, CliRequest, Command, Heartbeat, Register,
-                                  RegisterAck)
-from dyn.errors import DynError
-from dyn.control.sockets import BadMessages, Security, decode_or_record, server_socket, tcp_address
+from dyn.control.sockets import BadMessages, Security
+from dyn.errors import DeploymentError
 from dyn.metrics.daemon import daemon_registry
 from dyn.metrics.server import MetricsServer
-from dyn.errors import DeploymentError
 from dyn.planner.adoption import live_daemon, worker_slots
+from dyn.planner.daemon_control import CpuMeter, DaemonControl, bind_router
+from dyn.planner.daemon_launch import DaemonLaunching
 from dyn.planner.daemon_proc import pid_path
 from dyn.planner.decisions import DecisionLog, PlannerCollector
 from dyn.planner.fleet import Fleet
 from dyn.planner.health import Deadlines, ProcessSlot
 from dyn.planner.nodes import LaunchNodes, Nodes
 from dyn.planner.policy import ScalingPolicy, StaticPolicy, WorkerView
-from dyn.planner.repair import mark_failed, repair
-from dyn.planner.report import planner_status, status_payload, worker_list
 from dyn.planner.scaling import Scaler
 from dyn.planner.slo_policy import choose_policy
 from dyn.planner.state import DaemonRecord, Snapshot, StateStore, atomic_write
@@ -55,10 +54,11 @@ from dyn.planner.state import DaemonRecord, Snapshot, StateStore, atomic_write
 log = logging.getLogger(__name__)
 
 TICK_S = 0.25
-LAUNCH_CONCURRENCY = 8
 
 
-class PlannerDaemon:
+class PlannerDaemon(DaemonControl, DaemonLaunching):
+    """One deployment's daemon; its control plane and process handling are the mixins' (see above)."""
+
     def __init__(self, store: StateStore, *, nodes: Nodes | None = None,
                  policy: ScalingPolicy | None = None) -> None:
         self.store = store
@@ -81,7 +81,7 @@ class PlannerDaemon:
         self._sweep: asyncio.Task | None = None
         self._saving = False
         self._max_lag_s = 0.0
-        self._cpu = _CpuMeter()
+        self._cpu = CpuMeter()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -104,7 +104,7 @@ class PlannerDaemon:
 
         ctx = zmq.asyncio.Context()
         security = Security.from_keys(keys.for_process("daemon") if keys else None)
-        self._sock, address = _bind(ctx, topology.head_node.bind_address, security, previous)
+        self._sock, address = bind_router(ctx, topology.head_node.bind_address, security, previous)
         nodes = self._nodes or LaunchNodes(topology, accept_new_host_keys=d.accept_new_host_keys,
                                            node_state_root=d.node_state_root, deployment=d.name)
         self.fleet = Fleet(d, topology, keys, nodes, self.deadlines, daemon_address=address,
@@ -223,178 +223,7 @@ class PlannerDaemon:
         elif self.phase in ("running", "degraded"):
             self.phase = "degraded" if any(s.state == "gave_up" for s in slots) else "running"
 
-    # -- failures and relaunch (dyn.planner.repair) ----------------------------------------------
-
-    def _fail(self, slot: ProcessSlot, reason: str) -> None:
-        if mark_failed(self.fleet, slot, reason):
-            self._spawn(repair(self.fleet, slot, self.deadlines,
-                               can_relaunch=lambda: self.phase in ("running", "degraded") and not self._stop.is_set()))
-
-    async def _launch_pending(self) -> None:
-        """Launch every pending slot: one command per node writes all its files, then each
-        process starts, with at most `max_starting` between launch and registration so an
-        interpreter-start storm does not starve the daemon (or a shared host)."""
-        gate = asyncio.Semaphore(LAUNCH_CONCURRENCY)
-        limit = max(1, int(self.deadlines.max_starting))
-        by_node: dict[str, list[ProcessSlot]] = {}
-        for slot in self.fleet.slots.values():
-            if slot.state == "pending":
-                by_node.setdefault(slot.node, []).append(slot)
-
-        async def prepare(node: str, slots: list[ProcessSlot]) -> list[ProcessSlot]:
-            async with gate:
-                try:
-                    await self.fleet.write_files(node, slots)
-                except (DynError, OSError, asyncio.TimeoutError) as exc:
-                    for slot in slots:
-                        self.fleet.fail_launch(slot, exc)
-                    return []
-            return slots
-
-        async def start(slot: ProcessSlot) -> None:
-            async with gate:
-                while sum(1 for s in self.fleet.slots.values() if s.state in ("launching", "starting")) >= limit:
-                    await asyncio.sleep(0.05)
-                    if self._stop.is_set():
-                        return
-                await self.fleet.launch(slot, files_written=True)
-
-        # frontend first, then workers interleaved across nodes (every node starts early)
-        prepared = await asyncio.gather(*(prepare(n, s) for n, s in by_node.items()))
-        order = sorted((slot for slots in prepared for slot in slots),
-                       key=lambda s: (s.role != "frontend", [x.id for x in by_node[s.node]].index(s.id)))
-        await asyncio.gather(*(start(s) for s in order), return_exceptions=True)
-
-    async def _stop_everything(self) -> None:
-        """Drain, stop, then SIGTERM and SIGKILL whatever is still alive; every step has a deadline."""
-        self.phase = "stopping"
-        self._persist(force=True)
-        for slot in self.fleet.slots.values():
-            if slot.registered:
-                await self._send(slot.id, Command("stop"))
-            if slot.is_active:
-                slot.set_state("stopping", time.monotonic())
-        deadline = time.monotonic() + self.deadlines.stop_s
-        alive = await self._wait_gone(deadline)
-        for sig, grace_s in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 2.0)):
-            if not alive:
-                break
-            await asyncio.gather(*(self.fleet.kill(s, sig) for s in alive))
-            alive = await self._wait_gone(time.monotonic() + grace_s)
-        for slot in self.fleet.slots.values():
-            slot.set_state("exited" if slot not in alive else "stopping", time.monotonic())
-        self.phase = "stopped" if not alive else "stopping"
-        await self.fleet.remove_secrets([s for s in self.fleet.slots.values() if s not in alive])
-        if alive:
-            self.error = "still alive after SIGKILL: " + ", ".join(f"{s.id} (pid {s.pid} on {s.node})"
-                                                                   for s in alive)
-
-    async def _wait_gone(self, deadline: float) -> list[ProcessSlot]:
-        while True:
-            alive = await self.fleet.alive_slots()
-            if not alive or time.monotonic() >= deadline:
-                return alive
-            await asyncio.sleep(0.2)
-
-    # -- control plane ---------------------------------------------------------------------------
-
-    async def _receive(self) -> None:
-        while True:
-            frames = await self._sock.recv_multipart()
-            self.num_messages += 1
-            if len(frames) != 2:
-                self.bad.record("wrong frame count")
-                continue
-            identity, data = frames
-            message = decode_or_record(CONTROL_CODEC, data, self.bad)
-            if message is None:
-                continue
-            try:
-                reply = self._handle(identity, message)
-            except Exception:  # one bad request must never take the daemon down
-                log.exception("handling %s failed", type(message).__name__)
-                reply = CliReply(ok=False, error="internal error") if isinstance(message, CliRequest) else None
-            if reply is not None:
-                await self._sock.send_multipart([identity, CONTROL_CODEC.encode(reply)])
-
-    def _handle(self, identity: bytes, message) -> Any:
-        now = time.monotonic()
-        if isinstance(message, Register):
-            return self._on_register(identity, message, now)
-        if isinstance(message, Heartbeat):
-            slot = self.fleet.slots.get(message.process_id)
-            if slot is None or not slot.registered or identity != slot.id.encode():
-                return RegisterAck(ok=False, reason="not registered with this daemon")
-            slot.heard(now)
-            slot.metrics, slot.info = dict(message.metrics), dict(message.info)
-            if message.state == "failed":
-                self._fail(slot, f"reported failure: {message.info.get('error') or 'see its log'}")
-            elif slot.state not in ("stopping", "failed", "gave_up", "exited", "draining", "retiring"):
-                slot.set_state(message.state, now)
-            return RegisterAck(ok=True, heartbeat_interval_s=self.deadlines.heartbeat_interval_s)
-        if isinstance(message, CliRequest):
-            return self._on_cli(message)
-        self.bad.record(f"unexpected {type(message).__name__}")
-        return None
-
-    def _on_register(self, identity: bytes, msg: Register, now: float) -> RegisterAck:
-        slot = self.fleet.slots.get(msg.process_id)
-        if slot is None:
-            return RegisterAck(ok=False, reason=f"unknown process id {msg.process_id!r}")
-        if identity != msg.process_id.encode():
-            return RegisterAck(ok=False, reason="socket identity does not match process id")
-        if slot.state in ("failed", "gave_up", "exited", "stopping", "retiring") or self._stop.is_set():
-            return RegisterAck(ok=False, reason=f"{slot.id} is {slot.state}; not accepting it")
-        if slot.pid is not None and msg.pid != slot.pid and slot.registered:
-            return RegisterAck(ok=False, reason=f"{slot.id} is already registered as pid {slot.pid}")
-        resumed = slot.adopted_state if slot.adopted_state in ("ready", "draining") and msg.pid == slot.pid \
-            else "loading"  # an adopted process that was serving resumes serving; frontends keep its streams
-        slot.adopted_state = None
-        slot.pid, slot.addresses, slot.registered = msg.pid, dict(msg.addresses), True
-        slot.heard(now)
-        slot.set_state(resumed, now)
-        self.fleet.note(f"{slot.id}: registered from {msg.node} (pid {msg.pid})")
-        return RegisterAck(ok=True, heartbeat_interval_s=self.deadlines.heartbeat_interval_s)
-
-    def _on_cli(self, request: CliRequest) -> CliReply:
-        if request.action == "status":
-            return CliReply(ok=True, payload=self.status(detail=bool(request.args.get("detail"))))
-        if request.action == "down":
-            self._stop_mode = "down"
-            self._stop.set()
-            return CliReply(ok=True, payload={"stopping": True})
-        if request.action == "ping":
-            return CliReply(ok=True, payload={"pid": os.getpid(), "version": __version__})
-        return CliReply(ok=False, error=f"unknown action {request.action!r} (known: status, down, ping)")
-
-    def status(self, detail: bool = False) -> dict[str, Any]:
-        """The CLI's view; with detail (`dyn top`), every heartbeat metric, NVLink domains and SLOs."""
-        d = self.deployment
-        daemon = {"pid": os.getpid(), "address": self.daemon_record.address, "node": self.daemon_record.node,
-                  "messages_total": self.num_messages, "bad_messages": self.bad.total,
-                  "cpu_percent": round(self._cpu.sample(), 1), "rss_bytes": _rss_bytes(),
-                  "max_loop_lag_s": round(self._max_lag_s, 3), "metrics_url": self.metrics_server.url}
-        return status_payload(name=d.name, phase=self.phase, started_at=d.created_at, wall_now=time.time(),
-                              now=time.monotonic(), frontend_url=d.frontend_url, config_hash=d.config_hash,
-                              slots=list(self.fleet.slots.values()), events=self.fleet.events,
-                              error=self.error, daemon=daemon,
-                              detail=(self._topology, self._slo) if detail else None,
-                              planner=planner_status(self.policy_note, not isinstance(self.policy, StaticPolicy),
-                                                     self.decision_log, getattr(self.policy, "last_window", None)),
-                              topology=self._topology, recipe=self._recipe)
-
-    async def _push_workers(self) -> None:
-        frontends = [s for s in self.fleet.slots.values() if s.role == "frontend" and s.registered]
-        if not frontends:
-            return
-        if any(s.adopted_state is not None and s.state == "starting" for s in self.fleet.slots.values()) \
-                and time.time() - self.started_at < self.deadlines.heartbeat_s:
-            # Adopted processes re-register within a heartbeat or two; until then the frontends'
-            # own lists are right, and "starting" would make them fail those workers' streams.
-            return
-        command = Command("update_workers", {"workers": worker_list(list(self.fleet.slots.values()))})
-        for slot in frontends:
-            await self._send(slot.id, command)
+    # -- scaling policy --------------------------------------------------------------------------
 
     async def _apply_policy(self, now: float) -> None:
         """Ask the policy, record its decisions, carry out its actions (launches and drains run as
@@ -415,9 +244,6 @@ class PlannerDaemon:
                 self._spawn(self.scaler.add(action))
             elif action.kind == "remove":
                 self._spawn(self.scaler.remove(action))
-
-    async def _send(self, process_id: str, message) -> None:
-        await self._sock.send_multipart([process_id.encode(), CONTROL_CODEC.encode(message)])
 
     # -- persistence -----------------------------------------------------------------------------
 
@@ -450,36 +276,3 @@ class PlannerDaemon:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-
-def _bind(ctx: zmq.asyncio.Context, host: str, security: Security,
-          previous: Snapshot | None) -> tuple[zmq.asyncio.Socket, str]:
-    """Bind the control ROUTER, on the previous port when there was one (adoption)."""
-    if previous is not None and previous.daemon is not None:
-        try:
-            sock = server_socket(ctx, zmq.ROUTER, previous.daemon.address, security)
-            return sock, previous.daemon.address
-        except zmq.ZMQError as exc:
-            log.warning("cannot rebind %s (%s); running processes will be relaunched",
-                        previous.daemon.address, exc)
-    wildcard = tcp_address(host, 0)
-    sock = server_socket(ctx, zmq.ROUTER, wildcard[: wildcard.rfind(":")] + ":*", security)
-    return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
-
-
-class _CpuMeter:
-    def __init__(self) -> None:
-        self._last = (time.monotonic(), time.process_time())
-
-    def sample(self) -> float:
-        now, cpu = time.monotonic(), time.process_time()
-        then, cpu_then = self._last
-        self._last = (now, cpu)
-        return 100.0 * (cpu - cpu_then) / max(now - then, 1e-6)
-
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
