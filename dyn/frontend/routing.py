@@ -9,7 +9,7 @@ not wired, the router predicts each worker's cache from its own decisions.
 from __future__ import annotations
 
 import time
-from typing import NamedTuple, Sequence
+from typing import Callable, Sequence
 
 from dyn.config.recipe import Recipe
 from dyn.frontend.admission import Admission
@@ -19,17 +19,9 @@ from dyn.frontend.workers import DECODE_ROLES, PREFILL_ROLES, WorkerHandle, Work
 from dyn.kv.hashing import hash_blocks
 from dyn.router.errors import NoWorkerError
 from dyn.router.router import Router
-from dyn.router.types import RouteHints, RouteRequest, WorkerLoad
+from dyn.router.types import RouteChoice, RouteHints, RouteRequest, WorkerLoad
 
 RETRY_AFTER_S = 1.0
-
-
-class RouteChoice(NamedTuple):
-    prefill: str | None
-    """Prefill worker id; None: the decode worker prefills itself."""
-    decode: str
-    overlap_blocks: int
-    """Prompt blocks the decode worker is believed to hold."""
 
 
 class Routing:
@@ -41,13 +33,16 @@ class Routing:
 
     def __init__(self, recipe: Recipe, pool: WorkerPool, *, policy: str | None = None,
                  seed: int | None = None, breakers: BreakerBoard | None = None,
-                 admission: Admission | None = None) -> None:
+                 admission: Admission | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.mode = recipe.mode
         self.block_size = recipe.model.block_size
         self.pool = pool
         self.router = Router(recipe.router, self.block_size, policy=policy, seed=seed)
         self.breakers = breakers or BreakerBoard()
         self.admission = admission
+        self.clock = clock
+        """The router's `now` (the simulator-equivalence test passes virtual time)."""
 
     def choose_workers(self, prompt_token_ids: Sequence[int], hints: Hints, *,
                        exclude: frozenset[str] = frozenset(), salt: int = 0,
@@ -62,16 +57,10 @@ class Routing:
                            type="service_unavailable", retry_after_s=RETRY_AFTER_S * 5)
         request = RouteRequest(hash_blocks(prompt_token_ids, self.block_size, salt), len(prompt_token_ids),
                                _route_hints(hints))
-        now = time.monotonic()
+        prefill = self._loads(PREFILL_ROLES - {"both"}, exclude) if self.mode == "disaggregated" else []
         try:
-            if self.mode == "disaggregated":
-                prefill = self._loads(PREFILL_ROLES - {"both"}, exclude)
-                decision = self.router.choose_disagg(request, prefill, decode, now)
-                pre = decision.prefill.worker_id if decision.prefill else None
-                choice = RouteChoice(pre, decision.decode.worker_id, decision.decode.overlap_blocks)
-            else:
-                chosen = self.router.choose(request, decode, now)
-                choice = RouteChoice(None, chosen.worker_id, chosen.overlap_blocks)
+            choice = self.router.route(request, prefill, decode, self.clock(),
+                                       disaggregated=self.mode == "disaggregated")
         except NoWorkerError as err:
             raise ApiError(f"every worker is at its queue limit; retry later ({err})", status=503,
                            code="overloaded", type="service_unavailable",

@@ -2,9 +2,10 @@
 
 Each call turns the heartbeats since the previous call into a `LoadWindow`
 (deltas of the workers' cumulative counters), asks `SloPlanner.plan` for the
-target counts, and turns the difference into actions: role flips first (the
-planner prefers them), then launches or drains. The simulator drives the same
-planner on virtual time; this is the live clock's adapter.
+target counts, and turns the difference into actions with `scaling_actions`
+(role flips first, then launches or drains). The simulator drives the same
+planner and the same `scaling_actions` on virtual time; this is the live
+clock's adapter.
 
 Counters are cumulative per process; a relaunched process starts again from
 zero, so a counter that went down counts from zero. On the first call after a
@@ -19,9 +20,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from dyn.engine.profile import ProfileError, load_profile, mock_profile, profile_path
-from dyn.planner.policy import (Counts, Decision, LoadWindow, PlanStep, ScalingAction, ScalingPolicy,
-                                SloPlanner, StaticPolicy, WorkerView)
+from dyn.engine.profile import EngineProfile, ProfileError, load_profile, mock_profile, profile_path
+from dyn.planner.actions import counts_of, scaling_actions
+from dyn.planner.policy import (Decision, LoadWindow, ScalingAction, ScalingPolicy, SloPlanner, StaticPolicy,
+                                WorkerView)
 
 if TYPE_CHECKING:
     from dyn.config.recipe import Recipe
@@ -29,8 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-COUNTED_STATES = frozenset({"pending", "launching", "starting", "loading", "ready", "failed"})
-"""States that count toward a role's current size (a failed worker is being relaunched)."""
 _COUNTERS = ("requests_total", "num_computed_tokens", "num_generated_tokens", "prefix_hit_blocks",
              "rejected_total")
 MAX_LATENCY_SAMPLES = 1000
@@ -61,14 +61,20 @@ def choose_policy(recipe: "Recipe", topology: "Topology", recipe_source: str) ->
         where = path or Path(f"{recipe.name}.profile.json")
         return PolicyChoice(StaticPolicy(), f"planner disabled: no engine profile at {where} "
                                             "(run `dyn profile` on this recipe); counts are fixed")
+    planner = slo_planner(recipe, topology, profile)
     disagg = recipe.mode == "disaggregated"
-    if not disagg:  # aggregated: every worker is "both"; the planner sizes one pool
+    return PolicyChoice(SloPolicy(planner, block_size=recipe.model.block_size, disaggregated=disagg),
+                        f"SLO planner (TTFT {spec.ttft_ms:g} ms, ITL {spec.itl_ms:g} ms), profile: {source}")
+
+
+def slo_planner(recipe: "Recipe", topology: "Topology", profile: EngineProfile) -> SloPlanner:
+    """The planner a deployment of `recipe` runs (the daemon's and the simulator's alike)."""
+    spec = recipe.planner
+    if recipe.mode != "disaggregated":  # aggregated: every worker is "both"; the planner sizes one pool
         spec = replace(spec, min_prefill=0, max_prefill=0)
     gpus = {("decode" if g.role == "both" else g.role): g.tp for g in recipe.workers}
     budget = topology.num_gpus or (spec.max_prefill + spec.max_decode) * max(gpus.values(), default=1)
-    planner = SloPlanner(spec, profile, gpus_per_worker=gpus, gpu_budget=budget)
-    return PolicyChoice(SloPolicy(planner, block_size=recipe.model.block_size, disaggregated=disagg),
-                        f"SLO planner (TTFT {spec.ttft_ms:g} ms, ITL {spec.itl_ms:g} ms), profile: {source}")
+    return SloPlanner(spec, profile, gpus_per_worker=gpus, gpu_budget=budget)
 
 
 class SloPolicy:
@@ -92,7 +98,7 @@ class SloPolicy:
         current = counts_of(workers)
         step = self.planner.plan(window, current, now)
         self._pending.extend(step.decisions)
-        return self._actions(step, workers, current)
+        return scaling_actions(step, workers, current, disaggregated=self.disaggregated)
 
     def take_decisions(self) -> list[Decision]:
         """Decisions made since the last call (the daemon records and shows them)."""
@@ -153,51 +159,6 @@ class SloPolicy:
                                                         for w in live if w.role == "prefill")),
                           # the frontend's measured means over the window (None: nothing measured)
                           ttft_s=_samples(latency, "ttft"), itl_s=_samples(latency, "itl"))
-
-    # ---- actions ----------------------------------------------------------------------------
-
-    def _actions(self, step: PlanStep, workers: list[WorkerView], current: Counts) -> list[ScalingAction]:
-        actions: list[ScalingAction] = []
-        taken: set[str] = set()
-        counts = {"prefill": current.prefill, "decode": current.decode}
-        for d in step.decisions:
-            if d.action != "flip" or d.role is None:
-                continue
-            loser = "decode" if d.role == "prefill" else "prefill"
-            for w in _least_loaded(workers, loser, taken, ready_only=True)[: d.num_workers]:
-                taken.add(w.id)
-                counts[loser] -= 1
-                counts[d.role] += 1
-                actions.append(ScalingAction("set_role", w.id, d.role, d.reason))
-        for role in ("prefill", "decode"):
-            name = role if self.disaggregated else "both"
-            reason = next((d.reason for d in step.decisions if d.role == role and d.action != "flip"), "")
-            diff = step.target.get(role) - counts[role]
-            for _ in range(max(diff, 0)):
-                actions.append(ScalingAction("add", None, name, reason))
-            if diff < 0:
-                for w in _least_loaded(workers, role, taken, ready_only=False)[: -diff]:
-                    taken.add(w.id)
-                    actions.append(ScalingAction("remove", w.id, w.role, reason))
-        return actions
-
-
-def counts_of(workers: list[WorkerView]) -> Counts:
-    """Workers per planner role that count toward the current size ("both" counts as decode)."""
-    n = {"prefill": 0, "decode": 0}
-    for w in workers:
-        if w.role != "frontend" and w.state in COUNTED_STATES:
-            n["decode" if w.role == "both" else w.role] += 1
-    return Counts(n["prefill"], n["decode"])
-
-
-def _least_loaded(workers: list[WorkerView], role: str, taken: set[str], *, ready_only: bool) -> list[WorkerView]:
-    """Candidates to flip or stop, cheapest first: not yet ready, then fewest requests held."""
-    pool = [w for w in workers if w.id not in taken and (w.role == role or (role == "decode" and w.role == "both"))
-            and (w.state == "ready" if ready_only else w.state in COUNTED_STATES)]
-    return sorted(pool, key=lambda w: (w.state == "ready", w.metrics.get("in_flight", 0.0)
-                                       + w.metrics.get("num_running", 0.0), w.id))
-
 
 def _samples(deltas: dict[str, float], name: str) -> tuple[float, ...]:
     """Approximate latency samples from histogram bucket deltas: each observation counts at its

@@ -6,11 +6,11 @@ from dyn.router.index import TIERS, KvIndex, Overlaps, Tier
 from dyn.router.policies import POLICY_NAMES, Policy, RouteContext, make_policy
 from dyn.router.predictor import PrefixPredictor
 from dyn.router.router import Router
-from dyn.router.types import DisaggDecision, RouteDecision, RouteHints, RouteRequest, WorkerLoad
+from dyn.router.types import DisaggDecision, RouteChoice, RouteDecision, RouteHints, RouteRequest, WorkerLoad
 
 __all__ = [
     "ApplyResult", "DisaggDecision", "KvEventBatch", "KvEventError", "KvEventTracker", "KvIndex",
     "KvSnapshot", "NoWorkerError", "Overlaps", "POLICY_NAMES", "Policy", "PrefixPredictor",
-    "RouteContext", "RouteDecision", "RouteHints", "RouteInputError", "RouteRequest", "Router",
+    "RouteChoice", "RouteContext", "RouteDecision", "RouteHints", "RouteInputError", "RouteRequest", "Router",
     "RouterError", "TIERS", "Tier", "WorkerLoad", "make_policy",
 ]

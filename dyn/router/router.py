@@ -18,7 +18,7 @@ from dyn.router.events import ApplyResult, KvEventBatch, KvEventTracker, KvSnaps
 from dyn.router.index import KvIndex, Overlaps
 from dyn.router.policies import Policy, RouteContext, make_policy
 from dyn.router.predictor import PrefixPredictor
-from dyn.router.types import DisaggDecision, RouteDecision, RouteRequest, WorkerLoad, WorkerRole
+from dyn.router.types import DisaggDecision, RouteChoice, RouteDecision, RouteRequest, WorkerLoad, WorkerRole
 
 _log = logging.getLogger("dyn.router")
 
@@ -78,6 +78,21 @@ class Router:
         return Overlaps({**predicted.blocks, **found.blocks}, found.host_hits, found.disk_hits)
 
     # ---- routing -------------------------------------------------------
+
+    def route(self, request: RouteRequest, prefill_candidates: Sequence[WorkerLoad],
+              decode_candidates: Sequence[WorkerLoad], now: float, *, disaggregated: bool) -> RouteChoice:
+        """The deployment-level choice, shared by the live frontend and the simulator.
+
+        Disaggregated: `choose_disagg` (prefill candidates may go unused);
+        aggregated: `choose` among the decode candidates, which prefill themselves.
+        Raises NoWorkerError when no decode candidate can take the request.
+        """
+        if disaggregated:
+            decision = self.choose_disagg(request, prefill_candidates, decode_candidates, now)
+            prefill = decision.prefill.worker_id if decision.prefill else None
+            return RouteChoice(prefill, decision.decode.worker_id, decision.decode.overlap_blocks)
+        chosen = self.choose(request, decode_candidates, now)
+        return RouteChoice(None, chosen.worker_id, chosen.overlap_blocks)
 
     def choose(self, request: RouteRequest, candidates: Sequence[WorkerLoad], now: float,
                role: WorkerRole | None = None) -> RouteDecision:

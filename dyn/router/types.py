@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 from dyn.router.errors import RouteInputError
 
@@ -94,3 +94,13 @@ class DisaggDecision:
 
     decode: RouteDecision
     prefill: RouteDecision | None
+
+
+class RouteChoice(NamedTuple):
+    """A routing answer in either mode: where to prefill and where to decode."""
+
+    prefill: str | None
+    """Prefill worker id; None: the decode worker prefills itself."""
+    decode: str
+    overlap_blocks: int
+    """Prompt blocks the decode worker is believed to hold."""

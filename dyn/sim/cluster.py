@@ -1,9 +1,12 @@
 """The discrete-event simulation: arrivals, worker steps, KV handoffs and planner ticks.
 
 Virtual time jumps from event to event (a heap). The router is the live
-frontend's `dyn.router.Router`, fed the workers' real KV events; the planner
-is `dyn.planner.policy.SloPlanner`; new workers are placed with
-`dyn.topology.placement.place_one`. Only the engines are models (SimWorker).
+frontend's `dyn.router.Router` (its `route`, as `Routing.choose_workers` calls
+it), fed the workers' real KV events; the planner is the daemon's
+(`slo_planner`) and its answers become actions through the daemon's
+`scaling_actions`; new workers are placed with `place_one`. Only what virtual
+time needs is a model here: the engines (SimWorker, SimKvCache), the
+observation window, and how long launches, flips and drains take.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from typing import Any
 from dyn.config.recipe import Recipe
 from dyn.config.topology import Topology
 from dyn.engine.profile import EngineProfile
-from dyn.planner.policy import Counts, Decision, LoadWindow, SloPlanner
+from dyn.planner.actions import counts_of, scaling_actions
+from dyn.planner.policy import Decision, LoadWindow, ScalingAction, WorkerView
+from dyn.planner.slo_policy import slo_planner
 from dyn.router.errors import NoWorkerError
 from dyn.router.events import KvEventBatch
 from dyn.router.router import Router
@@ -66,11 +71,8 @@ class Simulation:
         self.block_size = self.recipe.model.block_size
         self.router = make_router(self.recipe, config.router_policy, config.seed)
         enabled = self.recipe.planner.enabled if config.planner is None else config.planner
-        spec = replace(self.recipe.planner, enabled=enabled)
-        gpus = {g.role: g.tp for g in self.recipe.workers}
-        # CPU topologies have no GPUs to run out of: workers are bounded by the recipe alone.
-        budget = topology.num_gpus or (spec.max_prefill + spec.max_decode) * max(gpus.values(), default=1)
-        self.planner = SloPlanner(spec, profile, gpus_per_worker=gpus, gpu_budget=budget)
+        self.recipe = replace(self.recipe, planner=replace(self.recipe.planner, enabled=enabled))
+        self.planner = slo_planner(self.recipe, topology, profile)
         self.workers: dict[str, SimWorker] = {}
         self.placements: dict[str, WorkerPlacement] = {}
         self.ticks: list[Tick] = []
@@ -113,15 +115,12 @@ class Simulation:
         if req.notes.get("first_try") is None:
             req.notes["first_try"] = self.now
             self._window.arrive(req)
-        decode = [w.load() for w in self.workers.values() if w.is_accepting and w.role in ("decode", "both")]
-        prefill = [w.load() for w in self.workers.values() if w.is_accepting and w.role == "prefill"]
+        loads = [w.load() for w in self.workers.values() if w.is_accepting]
         request = RouteRequest(req.block_hashes, req.input_tokens, RouteHints())
         try:
-            if self.disagg:
-                choice = self.router.choose_disagg(request, prefill, decode, self.now)
-                dec, pre = choice.decode.worker_id, choice.prefill.worker_id if choice.prefill else None
-            else:
-                dec, pre = self.router.choose(request, decode, self.now).worker_id, None
+            pre, dec, _ = self.router.route(request, [ld for ld in loads if ld.role == "prefill"],
+                                            [ld for ld in loads if ld.role in ("decode", "both")], self.now,
+                                            disaggregated=self.disagg)
         except NoWorkerError:
             if self.now - req.notes["first_try"] >= self.config.max_wait_s:
                 self._fail(req, "overloaded: no worker could take the request")
@@ -182,40 +181,29 @@ class Simulation:
         queued = sum(j.todo_tokens for w in self.workers.values() if w.role == "prefill"
                      for j in (*w.waiting, *w.prefilling))
         window = self._window.close(self.now, self._num_waiting(), queued)
-        current = self._counts()
+        views = self._views()
+        current = counts_of(views)
         step = self.planner.plan(window, current, self.now)
         self.decisions.extend(step.decisions)
-        flips = [d for d in step.decisions if d.action == "flip"]
-        for d in flips:
-            self._flip(d)
-        self._reconcile(step.target)
+        for action in scaling_actions(step, views, current, disaggregated=self.disagg):
+            self._apply(action)
         self.ticks.append(Tick(self.now, self._ready_counts(), self._gpus_held(), self._window.last))
         self._push(self.now + self.recipe.planner.interval_s, "tick", None)
 
     # ---- actions -----------------------------------------------------------------------------
 
-    def _reconcile(self, target: Counts) -> None:
-        if not self.disagg:
-            target = Counts(0, target.decode)
-        for role in ("prefill", "decode"):
-            have = self._counts().get(role)
-            for _ in range(target.get(role) - have):
-                self._launch(role)
-            for _ in range(have - target.get(role)):
-                victim = self._least_loaded(role)
-                if victim is None:
-                    break
-                victim.state = "draining"
-                self._maybe_retire(victim)
-
-    def _flip(self, decision: Decision) -> None:
-        loser = "decode" if decision.role == "prefill" else "prefill"
-        for _ in range(decision.num_workers):
-            worker = self._least_loaded(loser)
-            if worker is None:
-                return
-            worker.state, worker.flip_to = "flipping", decision.role
-            self._maybe_retire(worker)
+    def _apply(self, action: ScalingAction) -> None:
+        """What the daemon does for an action, in virtual time: a flip lets the worker finish its
+        requests under the old role first; a stop drains it."""
+        if action.kind == "add":
+            self._launch(action.role or "decode")
+            return
+        worker = self.workers[action.worker_id or ""]
+        if action.kind == "set_role":
+            worker.state, worker.flip_to = "flipping", action.role
+        else:
+            worker.state = "draining"
+        self._maybe_retire(worker)
 
     def _launch(self, role: str) -> None:
         used = Placement(tuple(self.placements[w.id] for w in self.workers.values() if w.state != "stopped"),
@@ -275,14 +263,16 @@ class Simulation:
         req.error = why
         self._left -= 1
 
-    def _counts(self) -> Counts:
-        """Workers per role that count toward the target: starting, ready, or flipping into it."""
-        n = {"prefill": 0, "decode": 0}
+    def _views(self) -> list[WorkerView]:
+        """The workers as the daemon's policy sees its slots. A flipping worker already has its new
+        role (the daemon flips a slot at once) but, still finishing old requests, is not "ready"."""
+        views = []
         for w in self.workers.values():
-            role = w.flip_to if w.state == "flipping" else w.role if w.state in ("starting", "ready") else None
-            if role is not None:
-                n["decode" if role == "both" else role] += 1
-        return Counts(n["prefill"], n["decode"])
+            if w.state == "stopped":
+                continue
+            role, state = (w.flip_to or w.role, "starting") if w.state == "flipping" else (w.role, w.state)
+            views.append(WorkerView(w.id, role, "", (), state, {"in_flight": float(w.num_jobs + w.incoming)}))
+        return views
 
     def _ready_counts(self) -> dict[str, int]:
         out = {"prefill": 0, "decode": 0, "starting": 0, "draining": 0}
@@ -298,11 +288,6 @@ class Simulation:
 
     def _num_waiting(self) -> int:
         return sum(len(w.waiting) for w in self.workers.values())
-
-    def _least_loaded(self, role: str) -> SimWorker | None:
-        pool = [w for w in self.workers.values() if w.state in ("ready", "starting")
-                and (w.role == role or (role == "decode" and w.role == "both"))]
-        return min(pool, key=lambda w: (w.state == "ready", w.num_jobs + w.incoming, w.id), default=None)
 
     def _push(self, when: float, kind: str, data: Any) -> None:
         heapq.heappush(self._heap, (when, next(self._order), kind, data))

@@ -7,7 +7,8 @@ import pytest
 from dyn.config.loader import parse_recipe, parse_topology
 from dyn.planner.decisions import DecisionLog, PlannerCollector
 from dyn.planner.policy import Counts, StaticPolicy, WorkerView
-from dyn.planner.slo_policy import SloPolicy, choose_policy, counts_of
+from dyn.planner.actions import counts_of
+from dyn.planner.slo_policy import SloPolicy, choose_policy
 
 TOPOLOGY = parse_topology("""name: t
 head: a
