@@ -17,6 +17,7 @@ move the real clock), DYN_DOCTOR_FS_ROOT prefixes every path looked at (so
 hosts sharing one file system can hold different files).
 """
 
+import ctypes
 import hashlib
 import json
 import os
@@ -55,9 +56,7 @@ def parse_smi_xml(text):
     out = {"driver": root.findtext("driver_version", ""), "cuda": root.findtext("cuda_version", ""), "gpus": []}
     for i, gpu in enumerate(root.findall("gpu")):
         fabric = gpu.find("fabric")
-        links = [(lk.findtext("state") or "").strip() for lk in gpu.findall("nvlink/link")]
-        if not links:  # older DTDs: <nvlink> absent; link states only through NVML / `nvidia-smi nvlink -s`
-            links = None
+        links = None  # `-q` does not report link state: NVML, or `nvidia-smi nvlink -s` (parse_nvlink_status)
         out["gpus"].append({
             "index": i, "name": gpu.findtext("product_name", ""), "uuid": gpu.findtext("uuid", ""),
             "memory_total_mib": _mib(gpu.findtext("fb_memory_usage/total")),
@@ -70,10 +69,26 @@ def parse_smi_xml(text):
             "nvlink": links,
             "fabric_state": fabric.findtext("state", "") if fabric is not None else None,
             "fabric_status": fabric.findtext("status", "") if fabric is not None else None,
-            "cluster_uuid": fabric.findtext("clusterUuid", "") if fabric is not None else None,
-            "clique_id": fabric.findtext("cliqueId", "") if fabric is not None else None,
+            "cluster_uuid": _first_text(fabric, ("clusterUuid", "cluster_uuid", "ClusterUUID")),
+            "clique_id": _first_text(fabric, ("cliqueId", "clique_id", "CliqueId")),
         })
     return out
+
+
+def parse_nvlink_status(text):
+    """{gpu index: ["Active" | "Inactive", ...]} from `nvidia-smi nvlink -s`
+    (`GPU 0: NVIDIA H100 80GB HBM3 (UUID: ...)` then `\t Link 3: 26.562 GB/s` or `Link 3: <inactive>`)."""
+    links, current = {}, None
+    for line in text.splitlines():
+        gpu = re.match(r"GPU (\d+):", line)
+        if gpu:
+            current = int(gpu.group(1))
+            links[current] = []
+            continue
+        link = re.match(r"\s+Link \d+: (.*)", line)
+        if link and current is not None:
+            links[current].append("Inactive" if "inactive" in link.group(1).lower() else "Active")
+    return links
 
 
 def count_xids(text):
@@ -95,7 +110,12 @@ def gpu_facts():
     try:
         xml = subprocess.run(["nvidia-smi", "-q", "-x"], capture_output=True, text=True, timeout=60)
         if xml.returncode == 0:
-            return dict(parse_smi_xml(xml.stdout), source="nvidia-smi -q -x")
+            facts = dict(parse_smi_xml(xml.stdout), source="nvidia-smi -q -x")
+            status = subprocess.run(["nvidia-smi", "nvlink", "-s"], capture_output=True, text=True, timeout=60)
+            for index, states in parse_nvlink_status(status.stdout).items():
+                if index < len(facts["gpus"]) and states:
+                    facts["gpus"][index]["nvlink"] = states
+            return facts
         csv = subprocess.run(["nvidia-smi", "--query-gpu=" + QUERY_FIELDS, "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=60)
         gpus = parse_query_csv(csv.stdout)
@@ -131,7 +151,9 @@ def _nvml_facts():
                     continue
                 links.append("Active" if state == 1 else "Inactive")
             gpu["nvlink"] = links or None
-            info = _try(lambda: nv.nvmlDeviceGetGpuFabricInfo(h), None)
+            info = nv.c_nvmlGpuFabricInfo_t() if hasattr(nv, "c_nvmlGpuFabricInfo_t") else None
+            if info is not None and _try(lambda: nv.nvmlDeviceGetGpuFabricInfo(h, ctypes.byref(info)), None) is None:
+                info = None  # pre-Hopper GPU or older driver: no fabric
             if info is not None:
                 gpu["fabric_state"] = {0: "Not Supported", 1: "Not Started", 2: "In Progress",
                                        3: "Completed"}.get(info.state, str(info.state))
@@ -230,6 +252,16 @@ def _int(text):
         return int(float(str(text).strip()))
     except (TypeError, ValueError):
         return None
+
+
+def _first_text(element, names):
+    if element is None:
+        return None
+    for name in names:
+        value = element.findtext(name)
+        if value is not None:
+            return value.strip()
+    return ""
 
 
 def _mib(text):
