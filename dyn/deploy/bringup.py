@@ -123,7 +123,7 @@ async def up_async(options: UpOptions, *, on_progress: Progress | None = None,
         if existing is not None:
             return existing._replace(elapsed_s=time.monotonic() - started)
 
-    local_cmd = options.dyn_command or _local_dyn_command()
+    local_cmd = options.dyn_command or local_dyn_command()
     # Slurm nodes share the head's install (a cluster file system): the same absolute dyn runs there.
     remote_cmd = options.dyn_command or (tuple(local_cmd) if topology.launch == "slurm" else ("dyn",))
     used = sorted({topology.head, *(w.node for w in placement.workers)})
@@ -297,7 +297,7 @@ def _read(path: str, what: str) -> str:
         raise ConfigError(f"cannot read the {what} file: {exc.strerror}", path=str(path)) from None
 
 
-def _local_dyn_command() -> tuple[str, ...]:
+def local_dyn_command() -> tuple[str, ...]:
     script = Path(sys.executable).with_name("dyn")
     if script.is_file() and os.access(script, os.X_OK):
         return (str(script),)

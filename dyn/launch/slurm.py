@@ -23,7 +23,6 @@ worker from the GPUs Slurm gave the step (`step_visible_devices`).
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import secrets

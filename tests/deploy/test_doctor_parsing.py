@@ -22,7 +22,7 @@ import types
 
 from dyn.config.loader import parse_topology
 from dyn.deploy import doctor_probe as probe
-from dyn.deploy.doctor import domain_findings, gpu_findings
+from dyn.deploy.doctor_checks import domain_findings, gpu_findings
 
 SMI_XML = """<?xml version="1.0" ?>
 <!DOCTYPE nvidia_smi_log SYSTEM "nvsmi_device_v12.dtd">
