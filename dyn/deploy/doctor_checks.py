@@ -97,7 +97,7 @@ def gpu_findings(node: Node, facts: dict[str, Any]) -> list[Finding]:
                            "fix gpus in the topology, or check `nvidia-smi -L` for a fallen-off GPU"))
     else:
         out.append(Finding(n, "GPUs", "ok", f"{len(gpus)} x {gpus[0]['name']} ({gpu.get('source')})"))
-    if node.gpus and not any(_same_model(node.gpus[0].model, g["name"]) for g in gpus):
+    if node.gpus and node.gpus[0].model != "any" and not any(_same_model(node.gpus[0].model, g["name"]) for g in gpus):
         out.append(Finding(n, "GPU model", "warn", f"{gpus[0]['name']} vs topology {node.gpus[0].model}",
                            "set gpu_model in the topology to what the node has"))
     used = [g for g in gpus if g["index"] in want] or gpus

@@ -22,7 +22,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -118,6 +117,19 @@ def test_up_serve_relaunch_down_and_allocation_end(cluster, tmp_path):
             reply = client.chat.completions.create(model="mock-llama", max_tokens=4,
                                                    messages=[{"role": "user", "content": f"again {i}"}])
             assert reply.usage.completion_tokens == 4
+        logs = cli("logs", "--name", NAME, "decode-0", "-n", "200")  # read on the node through a step
+        assert logs.returncode == 0 and "decode-0" in logs.stdout, logs.stderr
+
+        # the daemon dies; `dyn up` again in the allocation restarts it and it adopts the same steps
+        env = {**cli.env, "SLURM_JOB_ID": job, "SLURM_JOB_NODELIST": cluster.node, "SLURM_JOB_CPUS_PER_NODE": "1"}
+        before = {w["id"]: w["pid"] for w in cli.status()["workers"]}
+        daemon_pid = cli.status()["daemon"]["pid"]
+        os.kill(daemon_pid, signal.SIGKILL)
+        wait_for(lambda: not Path(f"/proc/{daemon_pid}").exists() or
+                 Path(f"/proc/{daemon_pid}/stat").read_text().split(") ")[1][0] == "Z", 10, "daemon gone")
+        again = cli("up", "--slurm", "-r", recipe, "--name", NAME, env=env)
+        assert again.returncode == 0 and "adopted" in again.stdout, again.stderr + again.stdout
+        assert {w["id"]: w["pid"] for w in cli.status()["workers"]} == before
 
         down = cli("down", "--name", NAME)
         assert down.returncode == 0, down.stderr
@@ -125,7 +137,6 @@ def test_up_serve_relaunch_down_and_allocation_end(cluster, tmp_path):
         assert not (tmp_path / "state" / NAME / "deployment.json").exists()
 
         # the same allocation, its environment as salloc gives it; then the allocation ends
-        env = {**cli.env, "SLURM_JOB_ID": job, "SLURM_JOB_NODELIST": cluster.node, "SLURM_JOB_CPUS_PER_NODE": "1"}
         up = cli("up", "--slurm", "-r", recipe, "--name", NAME, env=env)
         assert up.returncode == 0, up.stderr + up.stdout
         assert len(cli.steps(job)) == 5
@@ -148,4 +159,30 @@ def test_up_serve_relaunch_down_and_allocation_end(cluster, tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(salloc.pid, signal.SIGKILL)
                 salloc.wait(timeout=5)
-        time.sleep(0)
+
+
+def test_doctor_over_slurm_steps(cluster, tmp_path):
+    """`dyn doctor --slurm` probes each node of the allocation through a job step."""
+    cli = SlurmCli(cluster, tmp_path)
+    jobs = []
+    try:
+        for gres in ((), ("--gres=gpu:2",)):
+            got = cluster.run("salloc", "-N1", "--no-shell", *gres, timeout_s=30)
+            assert got.returncode == 0, got.stderr
+            jobs.append(got.stderr.split("Granted job allocation ")[1].split()[0])
+        plain, with_gpus = ({**cli.env, "SLURM_JOB_ID": j, "SLURM_JOB_NODELIST": cluster.node} for j in jobs)
+        result = cli("doctor", "--slurm", "--json", env=plain)
+        assert result.returncode == 0, result.stderr
+        found = {f["check"]: f for f in json.loads(result.stdout)}
+        assert found["reachable"]["result"] == "ok" and found["dyn version"]["result"] == "ok"
+        assert found["GPUs"]["detail"] == "skipped: no GPU"
+        # Slurm hands out 2 GPUs (gres backed by plain files): the probe finds no NVIDIA GPU -> blocking
+        result = cli("doctor", "--slurm", "--json", env=with_gpus)
+        assert result.returncode == 1
+        gpus = next(f for f in json.loads(result.stdout) if f["check"] == "GPUs")
+        assert gpus["result"] == "FAIL" and "topology gives 2" in gpus["detail"] and "nvidia-smi" in gpus["fix"]
+        assert not cli.steps(jobs[0]) and not cli.steps(jobs[1])  # the probe's steps are over
+    finally:
+        for job in jobs:
+            cluster.run("scancel", job)
+
