@@ -117,7 +117,9 @@ def _spawn(root: Path, host: str, host_key: Path, authorized: Path
                 "-o", f"ListenAddress={host}", "-o", f"AuthorizedKeysFile={authorized}",
                 "-o", f"PidFile={root / 'sshd.pid'}", "-o", "StrictModes=no",
                 "-o", "PasswordAuthentication=no", "-o", "KbdInteractiveAuthentication=no",
-                "-o", "PermitRootLogin=prohibit-password", "-o", "UsePAM=no", "-o", "LogLevel=VERBOSE"]
+                "-o", "PermitRootLogin=prohibit-password", "-o", "UsePAM=no",
+                # lets a test give one host its own environment (authorized_keys environment="...")
+                "-o", "PermitUserEnvironment=yes", "-o", "LogLevel=VERBOSE"]
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         if _wait_ready(proc, host, port):

@@ -39,6 +39,39 @@ def show(path: str = typer.Argument(..., help=_PATH_HELP)) -> None:
     out().print(_tree(topology))
 
 
+@topo_app.command("from-slurm", epilog="Example (inside salloc): dyn topo from-slurm -o slurm.yaml "
+                                       "--nvlink per-rack --nodes-per-rack 18")
+def from_slurm(output: str = typer.Option("-", "-o", "--output", help="File to write ('-': stdout)."),
+               name: str = typer.Option(None, "--name", help="Topology name (default: slurm-<job id>)."),
+               gpu_model: str = typer.Option(None, "--gpu-model", help="GPU model (default: nvidia-smi on the "
+                                                                       "first node)."),
+               gpu_memory_gib: float = typer.Option(None, "--gpu-memory-gib", help="Memory per GPU."),
+               nvlink: str = typer.Option("per-node", "--nvlink", help="per-node (HGX), per-rack (NVL72), none."),
+               nodes_per_rack: int = typer.Option(None, "--nodes-per-rack", min=1,
+                                                  help="Split the nodes into racks of this size (18 for NVL72 "
+                                                       "trays); default: one rack.")) -> None:
+    """Write a topology for the current Slurm allocation (`launch: slurm`, one node per Slurm node,
+    GPUs per node as allocated)."""
+    import os
+
+    from dyn.deploy.slurm import current_allocation, probe_gpu_model, topology_text
+
+    with errors_to_exit():
+        allocation = current_allocation(dict(os.environ))
+        if gpu_model is None and any(n.num_gpus for n in allocation.nodes):
+            probed = probe_gpu_model(allocation, dict(os.environ))
+            if probed is not None:
+                gpu_model, gpu_memory_gib = probed[0], gpu_memory_gib or probed[1]
+        text = topology_text(allocation, name=name, gpu_model=gpu_model, gpu_memory_gib=gpu_memory_gib,
+                             nvlink=nvlink, nodes_per_rack=nodes_per_rack)
+    if output == "-":
+        typer.echo(text, nl=False)
+    else:
+        with open(output, "w") as handle:
+            handle.write(text)
+        typer.echo(f"wrote {output}: {len(allocation.nodes)} node(s) of Slurm job {allocation.job_id}", err=True)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(topo_app, name="topo")
 

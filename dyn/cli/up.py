@@ -30,12 +30,16 @@ def up(
     node_state_dir: Optional[str] = typer.Option(None, "--node-state-dir", envvar="DYN_NODE_STATE_DIR",
                                                  help="Run-dir root on every node (default: "
                                                       "~/.local/state/dyn there)."),
+    slurm: bool = typer.Option(False, "--slurm", help="Run inside the current Slurm allocation: workers are "
+                                                      "srun job steps (default topology: one written for "
+                                                      "the allocation, as `dyn topo from-slurm` does)."),
     timeouts: Optional[str] = typer.Option(None, "--timeouts", envvar="DYN_TIMEOUTS", hidden=True,
                                            help="Daemon deadline overrides, e.g. heartbeat_s=3,load_s=60."),
 ) -> None:
     """Start a deployment and wait until every process is ready.
 
     Example: dyn up -t topologies/local.yaml -r recipes/tiny-local.yaml
+    Inside salloc/sbatch: dyn up --slurm -r recipes/mock-local.yaml
     """
     from rich.console import Console
     from rich.live import Live
@@ -49,7 +53,7 @@ def up(
                         accept_new_host_keys=accept_new_host_keys,
                         dyn_command=tuple(shlex.split(dyn_command)) if dyn_command else None,
                         router_policy=router, keep_partial=keep_partial, assume_yes=yes,
-                        node_state_root=node_state_dir, timeouts=_timeouts(timeouts))
+                        node_state_root=node_state_dir, timeouts=_timeouts(timeouts), slurm=slurm)
     live = Live(console=console, transient=False, auto_refresh=False)
     try:
         with live:

@@ -86,6 +86,11 @@ class Topology:
     """Name of the node that hosts the planner daemon and the frontend."""
     source: str | None = None
     """File it was loaded from, for messages."""
+    launch: str = "ssh"
+    """How processes start on nodes: "ssh" (or subprocesses for `address: local`), or
+    "slurm": job steps (`srun`) inside an allocation, each node's address its Slurm node name."""
+    slurm_job: str | None = None
+    """The Slurm job (allocation) the steps run in; `dyn up` fills it from SLURM_JOB_ID."""
     _domain_by_gpu: dict[tuple[str, int], str] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -17,7 +17,8 @@ from dyn.config.schema import check_keys, join, suggest
 from dyn.config.topology import LOCAL_ADDRESS, Gpu, Node, NvlinkDomain, Rack, SshTarget, Topology
 from dyn.config.yamlmap import LocatedDoc, type_name
 
-TOP_KEYS = ("name", "head", "nvlink", "defaults", "racks", "nvlink_domains")
+TOP_KEYS = ("name", "head", "nvlink", "defaults", "racks", "nvlink_domains", "launch", "slurm_job")
+LAUNCH_MODES = ("ssh", "slurm")
 RACK_KEYS = ("name", "nvlink", "nodes")
 DOMAIN_KEYS = ("name", "nodes")
 NODE_KEYS = ("name", "address", "port", "user", "identity_file", "known_hosts", "gpus", "gpu_model",
@@ -64,8 +65,30 @@ def topology_from_doc(doc: LocatedDoc) -> Topology:
     if explicit:
         domains = _explicit_domains(doc, data["nvlink_domains"], nodes)
     head = _head(doc, data, nodes)
+    launch, slurm_job = _launch(doc, data, nodes)
     return Topology(name=name, racks=tuple(racks), nodes=tuple(nodes), nvlink_domains=tuple(domains),
-                    head=head, source=doc.source)
+                    head=head, source=doc.source, launch=launch, slurm_job=slurm_job)
+
+
+def _launch(doc: LocatedDoc, data: dict[str, Any], nodes: list[Node]) -> tuple[str, str | None]:
+    launch = data.get("launch", "ssh")
+    if launch not in LAUNCH_MODES:
+        raise doc.error("launch", f"must be one of {', '.join(LAUNCH_MODES)}; got {launch!r}",
+                        hint=suggest(str(launch), list(LAUNCH_MODES), "choices"))
+    job = data.get("slurm_job")
+    if job is not None:
+        if launch != "slurm":
+            raise doc.error("slurm_job", "slurm_job needs `launch: slurm`")
+        if isinstance(job, bool) or not str(job).replace("_", "").isdigit():
+            raise doc.error("slurm_job", f"expected a Slurm job id like 1234 or 1234_7, got {job!r}")
+        job = str(job)
+    if launch == "slurm":
+        for node in nodes:
+            if node.ssh.is_local:
+                raise doc.error("launch", f"node {node.name!r} has `address: local`, but `launch: slurm` "
+                                "starts every process as a job step on a Slurm node",
+                                hint="set address to the node's Slurm name (hostname), or drop launch: slurm")
+    return launch, job
 
 
 def _expand_entry(doc: LocatedDoc, entry: Any, path: str, defaults: dict[str, Any], rack: str) -> list[Node]:

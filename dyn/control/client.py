@@ -37,7 +37,7 @@ class ControlClient:
         self.addresses: dict[str, str] = {}
         self.daemon_lost = asyncio.Event()
         self.bad = BadMessages(f"{process_id} control")
-        self._register = Register(process_id=process_id, role=role, node=node, pid=os.getpid(),
+        self._register = Register(process_id=process_id, role=role, node=node, pid=_handle_pid(),
                                   version=__version__, gpus=list(gpus))
         self._interval_s = heartbeat_interval_s
         self._grace_s = daemon_grace_s
@@ -107,3 +107,10 @@ async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
         return True
     except TimeoutError:
         return False
+
+
+def _handle_pid() -> int:
+    """The pid the daemon supervises this process by: our own, or that of the launcher
+    client holding us (a Slurm step's srun on the head, see dyn.launch.slurm)."""
+    handle = os.environ.get("DYN_REGISTER_PID", "")
+    return int(handle) if handle.isdigit() else os.getpid()

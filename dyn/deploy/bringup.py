@@ -49,6 +49,9 @@ class UpOptions:
     """Run-dir root on every node (tests); None: `$HOME/.local/state/dyn` on each node."""
     timeouts: dict[str, float] = field(default_factory=dict)
     """Overrides of dyn.planner.health.Deadlines."""
+    slurm: bool = False
+    """Run inside the current Slurm allocation (job steps, not SSH); also when the topology says
+    `launch: slurm`. Without a topology, one is written for the allocation."""
 
 
 class UpResult(NamedTuple):
@@ -84,7 +87,14 @@ async def up_async(options: UpOptions, *, on_progress: Progress | None = None,
     from dyn.topology.placement import place
 
     started = time.monotonic()
-    topology_path = str(resolve_file("topology", options.topology_path))
+    if options.slurm and options.topology_path is None:
+        topology_path = None
+    else:
+        topology_path = str(resolve_file("topology", options.topology_path))
+    if topology_path is None or options.slurm or _says_slurm(topology_path):
+        from dyn.deploy.slurm import slurm_topology_file
+
+        topology_path = await asyncio.to_thread(slurm_topology_file, topology_path, dict(os.environ))
     recipe_path = str(resolve_file("recipe", options.recipe_path))
     options = replace(options, topology_path=topology_path, recipe_path=recipe_path)
     topology_text = _read(topology_path, "topology")
@@ -113,8 +123,9 @@ async def up_async(options: UpOptions, *, on_progress: Progress | None = None,
         if existing is not None:
             return existing._replace(elapsed_s=time.monotonic() - started)
 
-    local_cmd = options.dyn_command or _local_dyn_command()
-    remote_cmd = options.dyn_command or ("dyn",)
+    local_cmd = options.dyn_command or local_dyn_command()
+    # Slurm nodes share the head's install (a cluster file system): the same absolute dyn runs there.
+    remote_cmd = options.dyn_command or (tuple(local_cmd) if topology.launch == "slurm" else ("dyn",))
     used = sorted({topology.head, *(w.node for w in placement.workers)})
     head = topology.head_node
     if not head.ssh.is_local and not is_this_machine(head.ssh.address):
@@ -257,6 +268,12 @@ async def _check_nodes(topology, used: list[str], local_cmd, remote_cmd, options
                               f"nothing was started:\n{lines}")
 
 
+def _says_slurm(path: str) -> bool:
+    from dyn.config.loader import parse_topology
+
+    return parse_topology(_read(path, "topology"), path).launch == "slurm"
+
+
 def _ensure_model(recipe) -> None:
     """`recipes/tiny-local.yaml` works out of the box: create its tiny checkpoint when missing."""
     if recipe.model.engine != "torch" or Path(recipe.model.path).exists():
@@ -280,7 +297,7 @@ def _read(path: str, what: str) -> str:
         raise ConfigError(f"cannot read the {what} file: {exc.strerror}", path=str(path)) from None
 
 
-def _local_dyn_command() -> tuple[str, ...]:
+def local_dyn_command() -> tuple[str, ...]:
     script = Path(sys.executable).with_name("dyn")
     if script.is_file() and os.access(script, os.X_OK):
         return (str(script),)

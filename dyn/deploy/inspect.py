@@ -43,8 +43,9 @@ async def status_async(name: str, *, timeout_s: float = 5.0) -> dict[str, Any]:
     except DaemonUnreachable as exc:
         snapshot = store.load_snapshot()
         why = "daemon process is gone" if not daemon_alive(store) else str(exc)
+        ended = snapshot is not None and snapshot.phase == "ended"  # e.g. its Slurm allocation ended
         return {
-            "name": name, "state": "unreachable", "error": why, "frontend_url": deployment.frontend_url,
+            "name": name, "state": "ended" if ended else "unreachable", "error": snapshot.error if ended else why, "frontend_url": deployment.frontend_url,
             "uptime_s": round(time.time() - deployment.created_at, 3), "config_hash": deployment.config_hash,
             "workers": [{"id": p.id, "role": p.role, "node": p.node, "pid": p.pid, "gpus": list(p.gpus),
                          "state": f"{p.state} (last known)", "heartbeat_age_s": None, "restarts": p.num_restarts,

@@ -16,7 +16,7 @@ import time
 from typing import NamedTuple
 
 from dyn.deploy.client import DaemonUnreachable, request
-from dyn.errors import DeploymentError
+from dyn.errors import DeploymentError, DynError
 from dyn.planner.daemon_proc import daemon_pid, kill_local, pid_alive
 from dyn.planner.state import ProcessRecord, StateStore
 
@@ -57,6 +57,7 @@ async def down_async(name: str, *, force: bool = False, timeout_s: float = 30.0)
             kill_local(pid, signal.SIGKILL)
             await _wait_gone(pid, 5.0)
     num_killed = await _kill_leftovers(store)
+    num_killed += await _end_slurm_steps(store)
     store.remove()
     return DownResult(name, True, num_killed, force)
 
@@ -64,8 +65,8 @@ async def down_async(name: str, *, force: bool = False, timeout_s: float = 30.0)
 async def _kill_leftovers(store: StateStore) -> int:
     """Kill every snapshot process still alive (TERM, then KILL); raise if any survives."""
     snapshot = store.load_snapshot()
-    if snapshot is not None and snapshot.phase == "stopped":
-        return 0  # the daemon saw every pid gone on every node before it exited
+    if snapshot is not None and snapshot.phase in ("stopped", "ended"):
+        return 0  # the daemon saw every pid gone (or their Slurm allocation end) before it exited
     records = [r for r in (snapshot.processes if snapshot else ()) if r.pid is not None]
     if not records:
         return 0
@@ -96,6 +97,23 @@ async def _kill_leftovers(store: StateStore) -> int:
         raise DeploymentError(f"deployment {store.name!r}: " + "; ".join(problems) +
                               "; the state is kept so `dyn down --force` can retry")
     return killed
+
+
+async def _end_slurm_steps(store: StateStore) -> int:
+    """A deployment in a Slurm allocation: no step of it may outlive `dyn down`."""
+    from dyn.config.loader import parse_topology
+    from dyn.planner.nodes import LaunchNodes
+
+    deployment = store.load_deployment()
+    topology = parse_topology(deployment.topology_text, deployment.topology_source)
+    if topology.launch != "slurm":
+        return 0
+    async with LaunchNodes(topology, deployment=deployment.name) as nodes:
+        try:
+            return len(await nodes.end_leftover_steps())
+        except DynError as exc:
+            raise DeploymentError(f"deployment {store.name!r}: cannot check its Slurm steps ({exc}); "
+                                  "the state is kept so `dyn down --force` can retry") from None
 
 
 async def _owned(nodes, records: list[ProcessRecord]) -> tuple[list[ProcessRecord], dict[str, str]]:

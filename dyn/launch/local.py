@@ -22,8 +22,10 @@ _NOT_FOUND_STATUS = 127
 class LocalRunner(ShellRunner):
     """Runs commands on this machine; nothing to connect or close."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, *, env: dict[str, str] | None = None) -> None:
         super().__init__(node)
+        self._env = env
+        """The environment of every command; None: this process's."""
 
     async def run(self, argv: Sequence[str], *, timeout_s: float = 30,
                   input: str | None = None) -> CommandResult:
@@ -35,6 +37,7 @@ class LocalRunner(ShellRunner):
                 stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,  # so a timeout can kill the whole tree
+                env=self._env,
             )
         except FileNotFoundError:
             # Mirror what a shell on an SSH node answers for a missing command.

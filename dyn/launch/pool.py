@@ -22,13 +22,16 @@ T = TypeVar("T")
 class RunnerPool:
     """Async context manager owning one Runner per node; closes them all on exit."""
 
-    def __init__(self, nodes: Sequence[Node], options: SshOptions, max_concurrency: int = 32) -> None:
+    def __init__(self, nodes: Sequence[Node], options: SshOptions, max_concurrency: int = 32, *,
+                 connector: Callable[[Node, SshOptions], Awaitable[Runner]] = connect) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         self._nodes = {node.name: node for node in nodes}
         if len(self._nodes) != len(nodes):
             raise ValueError("node names in a RunnerPool must be unique")
         self._options = options
+        self._connect = connector
+        """How a node is reached: SSH/local by default, `dyn.launch.slurm.SlurmConnector` in an allocation."""
         self._limit = asyncio.Semaphore(max_concurrency)
         self._runners: dict[str, Runner] = {}
         self._locks = {name: asyncio.Lock() for name in self._nodes}
@@ -51,7 +54,7 @@ class RunnerPool:
             if runner is not None:
                 await runner.close()
             async with self._limit:
-                runner = await connect(node, self._options)
+                runner = await self._connect(node, self._options)
             self._runners[node_name] = runner
             return runner
 

@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 
 StatusSource = Callable[[], Mapping[str, Any]]
 
-PHASES = ("starting", "running", "degraded", "failed", "stopping", "stopped")
+PHASES = ("starting", "running", "degraded", "failed", "stopping", "stopped", "ended")
 
 
 class DaemonCollector(Collector):

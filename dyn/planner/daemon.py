@@ -35,7 +35,7 @@ import zmq.asyncio
 from dyn.control.client import wait_event
 from dyn.control.keys import DeploymentKeys
 from dyn.control.sockets import BadMessages, Security
-from dyn.errors import DeploymentError
+from dyn.errors import DeploymentError, DynError
 from dyn.metrics.daemon import daemon_registry
 from dyn.metrics.server import MetricsServer
 from dyn.planner.adoption import live_daemon, worker_slots
@@ -194,11 +194,34 @@ class PlannerDaemon(DaemonControl, DaemonLaunching):
             await wait_event(self._stop, TICK_S)
 
     async def _sweep_once(self) -> None:
+        if await self._launcher_ended():
+            return
         probed = {slot.id: slot.pid for slot in self.fleet.slots.values()}
         for slot_id, reason in (await self.fleet.sweep()).items():
             slot = self.fleet.slots.get(slot_id)
             if slot is not None and slot.is_active and slot.pid == probed.get(slot_id):
                 self._fail(slot, reason)  # (a slot relaunched meanwhile has a new pid: not this one)
+
+    async def _launcher_ended(self) -> bool:
+        """A Slurm allocation that ended took every step with it: nothing is left to supervise or
+        relaunch, so record why (phase "ended", every process exited) and stop the daemon."""
+        gone = getattr(self.fleet.nodes, "launcher_gone", None)
+        try:
+            reason = await gone() if gone is not None else None
+        except DynError as exc:
+            log.warning("cannot check the launcher: %s", exc)
+            return False
+        if reason is None:
+            return False
+        log.error("%s: every process ended with it; the daemon stops", reason)
+        now = time.monotonic()
+        for slot in self.fleet.slots.values():
+            slot.set_state("exited", now, reason)
+        self.phase, self.error = "ended", reason
+        self.fleet.note(f"{reason}; `dyn down --name {self.deployment.name}` forgets the deployment")
+        self._stop_mode = "detach"
+        self._stop.set()
+        return True
 
     async def _watch_lag(self, period_s: float = 0.5) -> None:
         """Measure how late the event loop wakes up: the figure that says the daemon is starved."""

@@ -90,8 +90,10 @@ class LaunchNodes:
 
     async def __aenter__(self) -> "LaunchNodes":
         from dyn.launch.pool import RunnerPool
+        from dyn.launch.ssh import connect
 
-        self._pool = RunnerPool(list(self._topology.nodes), self._options, self._max_concurrency)
+        self._pool = RunnerPool(list(self._topology.nodes), self._options, self._max_concurrency,
+                                connector=self._connector() or connect)
         await self._pool.__aenter__()
         return self
 
@@ -103,6 +105,44 @@ class LaunchNodes:
     async def _runner(self, node: str):
         return await self._pool.get(node)
 
+    async def _pid_runner(self, node: str):
+        """Where the node's process handles (pids) live: the node itself over SSH,
+        the head for Slurm steps (their srun clients)."""
+        runner = await self._pool.get(node)
+        return runner.process_runner() if hasattr(runner, "process_runner") else runner
+
+    def _connector(self):
+        if self._topology.launch != "slurm":
+            return None
+        from dyn.launch.slurm import SlurmConnector
+
+        if not self._topology.slurm_job:
+            raise LaunchError("the topology says `launch: slurm` but names no allocation (slurm_job): "
+                              "run `dyn up --slurm` inside salloc/sbatch", node=self._topology.head)
+        return SlurmConnector(self._topology.slurm_job)
+
+    async def end_leftover_steps(self) -> list[str]:
+        """Slurm: cancel any step of this deployment still running (a step whose srun client
+        was killed outlives it); the step ids cancelled. Nothing to do over SSH."""
+        if self._topology.launch != "slurm" or not self._topology.slurm_job:
+            return []
+        from dyn.launch.slurm import STEP_PREFIX, cancel_steps
+
+        runner = await self._pid_runner(self._topology.head)
+        return await cancel_steps(runner, self._topology.slurm_job, f"{STEP_PREFIX}{self._deployment}-")
+
+    async def launcher_gone(self) -> str | None:
+        """Why no process can run any more (the Slurm allocation ended), else None."""
+        if self._topology.launch != "slurm" or not self._topology.slurm_job:
+            return None
+        from dyn.launch.slurm import job_state
+
+        runner = await self._pid_runner(self._topology.head)
+        state = await job_state(runner, self._topology.slurm_job)
+        if state in (None, "COMPLETED", "COMPLETING", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL",
+                     "PREEMPTED", "BOOT_FAIL", "DEADLINE", "OUT_OF_MEMORY"):
+            return f"Slurm allocation {self._topology.slurm_job} ended ({state or 'gone from squeue'})"
+        return None
     async def probe(self, node: str, dyn_command: tuple[str, ...]) -> None:
         from dyn.launch.preflight import preflight
 
@@ -139,13 +179,13 @@ class LaunchNodes:
     async def alive(self, node: str, pids: list[int]) -> set[int]:
         if not pids:
             return set()
-        result = await (await self._runner(node)).run(("sh", "-c", alive_script(pids)))
+        result = await (await self._pid_runner(node)).run(("sh", "-c", alive_script(pids)))
         return {int(tok) for tok in _stdout(result).split() if tok.isdigit()}
 
     async def owned(self, node: str, pids: dict[int, str]) -> set[int]:
         if not pids:
             return set()
-        result = await (await self._runner(node)).run(("sh", "-c", owned_script(pids)))
+        result = await (await self._pid_runner(node)).run(("sh", "-c", owned_script(pids)))
         return {int(tok) for tok in _stdout(result).split() if tok.isdigit()}
 
     async def kill(self, node: str, pid: int, sig: int) -> None:

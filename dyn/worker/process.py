@@ -234,7 +234,12 @@ def _create_engine(recipe, group, cfg: ProcessConfig) -> Backend:
     if device == "auto":
         device = "cuda" if cfg.gpus else "cpu"
     if device == "cuda" and cfg.gpus:
-        os.environ.setdefault("CUDA_VISIBLE_DEVICES", ",".join(map(str, cfg.gpus)))
+        if "SLURM_STEP_ID" in os.environ:  # Slurm listed the step's GPUs: pick the placement's among them
+            from dyn.launch.slurm import step_visible_devices
+
+            os.environ["CUDA_VISIBLE_DEVICES"] = step_visible_devices(cfg.gpus, os.environ) or ""
+        else:
+            os.environ.setdefault("CUDA_VISIBLE_DEVICES", ",".join(map(str, cfg.gpus)))
     kv_bytes = int(group.kv_memory_gib * 2**30) if group.kv_memory_gib else None
     return create_engine(recipe.model, group, device=device, kv_memory_bytes=kv_bytes,
                          cpu_threads=cfg.cpu_threads)
