@@ -88,6 +88,13 @@ class RouterSpec:
     disagg_threshold_tokens: int = 256
     """Uncached prompt tokens above which a prefill worker is used."""
     session_affinity_slack: float = 0.2
+    """A session stays on its worker while that worker's cost is within (1 + slack) x the best."""
+    session_ttl_s: float = 600.0
+    """Seconds a session's worker affinity lasts after its last request (agent hint session_id;
+    a request's nvext.session_control.timeout_seconds overrides it)."""
+    prediction_ttl_s: float = 120.0
+    """Seconds the router trusts its own prediction of a worker's cache when the worker publishes
+    no KV events."""
     max_migrations: int = 3
     """Times one request may move to another worker after its worker dies or stalls mid-stream;
     past it the client gets an error (0: never migrate)."""
@@ -126,6 +133,14 @@ class KvTiersSpec:
     host_memory_gib: float = 0.0
     disk_gib: float = 0.0
     ttl_s: float | None = None
+    """Host and disk tiers drop a block this long after it was offloaded (None: never);
+    expiry publishes a removal event, so the router stops counting it."""
+    retention_priority: int = 1
+    """Priority of blocks kept by a retention hint that names none (or a per-message mark)."""
+    max_retention_priority: int = 100
+    """Retention priorities above this are capped (one tenant cannot pin the cache)."""
+    retention_ttl_s: float | None = 3600.0
+    """TTL of retained blocks when the hint names none (None: until evicted by priority)."""
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,10 @@ def _check_sections(doc: LocatedDoc, r: Recipe) -> None:
     _at_least(doc, "router.temperature", router.temperature, 0.0)
     _at_least(doc, "router.disagg_threshold_tokens", router.disagg_threshold_tokens, 0)
     _at_least(doc, "router.session_affinity_slack", router.session_affinity_slack, 0.0)
+    for key in ("session_ttl_s", "prediction_ttl_s"):
+        if not 0 < getattr(router, key) <= 7 * 86400:
+            raise doc.error(f"router.{key}", f"must be > 0 and at most 604800 seconds (a week), "
+                            f"got {getattr(router, key):g}")
     _at_least(doc, "router.max_migrations", router.max_migrations, 0)
     if router.stall_timeout_s <= 0:
         raise doc.error("router.stall_timeout_s", f"must be > 0 seconds, got {router.stall_timeout_s:g}")
@@ -141,8 +145,16 @@ def _check_sections(doc: LocatedDoc, r: Recipe) -> None:
                         f"must be 1..{r.model.max_context} (model.max_context), got {front.max_prompt_tokens}")
     _at_least(doc, "kv_tiers.host_memory_gib", tiers.host_memory_gib, 0.0)
     _at_least(doc, "kv_tiers.disk_gib", tiers.disk_gib, 0.0)
-    if tiers.ttl_s is not None and tiers.ttl_s <= 0:
-        raise doc.error("kv_tiers.ttl_s", "must be > 0 seconds (or omit it: no expiry)")
+    for key in ("ttl_s", "retention_ttl_s"):
+        value = getattr(tiers, key)
+        if value is not None and value <= 0:
+            raise doc.error(f"kv_tiers.{key}", "must be > 0 seconds (or null: no expiry)")
+    if not 0 <= tiers.max_retention_priority <= 1000:
+        raise doc.error("kv_tiers.max_retention_priority", f"must be 0..1000, got {tiers.max_retention_priority}")
+    if not 0 <= tiers.retention_priority <= tiers.max_retention_priority:
+        raise doc.error("kv_tiers.retention_priority",
+                        f"must be 0..{tiers.max_retention_priority} (kv_tiers.max_retention_priority), "
+                        f"got {tiers.retention_priority}")
     _positive(doc, "shuttle.max_inflight_mib", r.shuttle.max_inflight_mib)
 
 

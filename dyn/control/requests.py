@@ -29,6 +29,16 @@ class GenerateRequest(Message):
     """Disaggregated decode: where to pull the prompt's KV from (a shuttle offer)."""
     first_token: int | None = None
     """With kv_source: the token the prefill worker sampled."""
+    retention_priority: int = 0
+    retention_ttl_s: float | None = None
+    retention_blocks: int | None = None
+    """Agent hint `retention`: keep the leading N blocks (None: all) at this priority / TTL;
+    retention_priority 0 with no TTL: the default retention."""
+    session_id: str | None = None
+    """Agent session: the worker remembers which blocks it retained, for CloseSession."""
+    speculative: bool = False
+    """A speculative next-turn prefill: refused when the worker has a queue (cancelled under
+    pressure), runs at low priority."""
 
 
 @dataclass(slots=True)
@@ -64,6 +74,14 @@ class RequestFailed(Message):
 
 
 @dataclass(slots=True)
+class CloseSession(Message):
+    """An agent session ended: the worker gives its retained blocks the default retention."""
+
+    TYPE: ClassVar[str] = "close_session"
+    session_id: str
+
+
+@dataclass(slots=True)
 class Cancel(Message):
     TYPE: ClassVar[str] = "cancel"
     request_id: str
@@ -71,4 +89,4 @@ class Cancel(Message):
 
 # KV snapshots ride the request plane: the subscriber already holds a connection to each worker.
 REQUEST_CODEC = Codec([GenerateRequest, TokenChunk, Finish, RequestFailed, Cancel, KvSnapshotRequest,
-                       KvSnapshot])
+                       KvSnapshot, CloseSession])

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 from dyn.kv.events import KvEventListener, LowerTier
+from dyn.kv.retention import Retention
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -60,6 +61,13 @@ class EngineRequest:
     """Tenant (and adapter) salt of the block hashes."""
     prefill_only: bool = False
     """Stop after the first token and keep the KV blocks for export_kv."""
+    retention: Retention | None = None
+    """Keep this request's blocks at this priority / for this TTL (agent hint); None: default."""
+    retention_blocks: int | None = None
+    """Only the leading N full blocks are retained (marked system prompt, tool schemas);
+    None: every full block, prompt and answer."""
+    session_id: str | None = None
+    """The agent session: release_session(session_id) gives its blocks back default retention."""
 
 
 @dataclass(slots=True)
@@ -169,6 +177,13 @@ class Backend(ABC):
     @abstractmethod
     def cancel_import(self, request_id: str) -> None:
         """The transfer failed: free the reserved blocks (the caller may prefill locally)."""
+
+    def expire(self) -> int:
+        """Drop blocks whose retention expired, in every tier (publishing removal events)."""
+        return 0
+
+    def release_session(self, session_id: str) -> None:
+        """The session closed: its blocks fall back to the default retention."""
 
     def set_kv_event_listener(self, listener: KvEventListener | None) -> None:
         """Receive KvEvents as blocks are stored in or removed from the pool."""

@@ -42,7 +42,9 @@ class Engine(Backend):
         self._kv_event_listener = None
         self._lower_tier = None
         self.blocks = BlockManager(runner.num_blocks, runner.block_size,
-                                   on_evict=self._on_evict, on_event=self._on_event)
+                                   on_evict=self._on_evict, on_event=self._on_event, clock=clock)
+        self._session_blocks: dict[str, set[int]] = {}
+        """Per agent session: hashes of the blocks it retained (released when it closes)."""
         self.scheduler = Scheduler(self.blocks, max_batch_size=max_batch_size,
                                    max_num_batched_tokens=max_num_batched_tokens,
                                    tier_probe=self._tier_probe, tier_fetch=self._tier_fetch)
@@ -79,6 +81,16 @@ class Engine(Backend):
 
     def has_work(self) -> bool:
         return bool(self._pending) or self.scheduler.has_work()
+
+    def expire(self) -> int:
+        num = self.blocks.expire()
+        return num + (self._lower_tier.expire() if self._lower_tier is not None else 0)
+
+    def release_session(self, session_id: str) -> None:
+        hashes = sorted(self._session_blocks.pop(session_id, ()))
+        self.blocks.release(hashes)
+        if self._lower_tier is not None:
+            self._lower_tier.release(hashes)
 
     def step(self) -> list[TokenOutput]:
         outputs, self._pending = self._pending, []
@@ -246,6 +258,10 @@ class Engine(Backend):
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.finish_reason = reason
+        request = seq.request
+        if request.session_id is not None and request.retention is not None:
+            self._session_blocks.setdefault(request.session_id, set()).update(
+                seq.block_hashes[:seq.num_retained_blocks])
         if seq.request.prefill_only:
             self.scheduler.remove(seq, keep_blocks=True)
             seq.status = SequenceStatus.EXPORTED
@@ -259,9 +275,11 @@ class Engine(Backend):
         if self._kv_event_listener is not None:
             self._kv_event_listener(event)
 
-    def _on_evict(self, block_id: int, block_hash: int, parent_hash: int | None) -> None:
+    def _on_evict(self, block_id: int, block_hash: int, parent_hash: int | None, priority: int,
+                  ttl_s: float | None) -> None:
         if self._lower_tier is not None:
-            self._lower_tier.offload(block_hash, parent_hash, self.runner.block_view(block_id))
+            self._lower_tier.offload(block_hash, parent_hash, self.runner.block_view(block_id),
+                                     priority, ttl_s)
 
     def _tier_probe(self, block_hashes: Seq[int]) -> int:
         if self._lower_tier is None:

@@ -105,9 +105,13 @@ class Scheduler:
         full = min(seq.num_computed // self.block_size, len(seq.block_hashes))
         start = seq.num_registered_blocks
         if full > start:
-            parent = seq.block_hashes[start - 1] if start else None
-            self.blocks.cache_blocks(seq.block_ids[start:full], seq.block_hashes[start:full],
-                                     parent)
+            # Blocks [start, kept) carry the request's retention, the rest the default.
+            kept = min(max(seq.num_retained_blocks, start), full)
+            for lo, hi, retention in ((start, kept, seq.request.retention), (kept, full, None)):
+                if hi > lo:
+                    parent = seq.block_hashes[lo - 1] if lo else None
+                    self.blocks.cache_blocks(seq.block_ids[lo:hi], seq.block_hashes[lo:hi],
+                                             parent, retention)
             seq.num_registered_blocks = full
 
     def remove(self, seq: Sequence, *, keep_blocks: bool = False) -> None:
@@ -155,6 +159,8 @@ class Scheduler:
         if not self._make_room(seq, num_new + num_hit_free, preempted, seq.priority):
             return 0
         self.blocks.lock(hit)
+        if seq.request.retention is not None:
+            self.blocks.retain(hit[:seq.num_retained_blocks], seq.request.retention)
         new_ids = self.blocks.allocate(num_new)
         seq.block_ids = hit + new_ids
         num_fetched = 0

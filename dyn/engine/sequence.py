@@ -90,6 +90,15 @@ class Sequence:
     def is_prefill(self) -> bool:
         return self.num_computed < self.num_prompt_tokens
 
+    @property
+    def num_retained_blocks(self) -> int:
+        """Leading full blocks that carry the request's retention (0: none asked)."""
+        req = self.request
+        if req.retention is None:
+            return 0
+        num = len(self.block_hashes)
+        return num if req.retention_blocks is None else min(num, req.retention_blocks)
+
     def sort_key(self) -> tuple[int, int]:
         """Scheduling order: higher priority first, then earlier arrival."""
         return (-self.request.priority, self.arrival_idx)

@@ -15,7 +15,7 @@ import logging
 import re
 import time
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from aiohttp import web
@@ -24,6 +24,7 @@ from dyn.errors import RequestError
 from dyn.frontend.auth import DEFAULT_TENANT, ApiKeys, Tenant, tenant_salt
 from dyn.frontend.generate import Dispatcher
 from dyn.frontend.metrics import CONTENT_TYPE, FrontendMetrics
+from dyn.frontend.hints import RetentionHint, with_session
 from dyn.frontend.protocol import ApiError, GenerationRequest, parse_chat, parse_completion
 from dyn.frontend.ratelimit import RateLimiter
 from dyn.frontend.responses import (DONE, StreamFormatter, chat_logprobs, completion_logprobs,
@@ -42,6 +43,9 @@ _JSON = "application/json"
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no"}
 REQUEST_ID_HEADER = "X-Request-Id"
+SESSION_HEADER = "X-Dynamo-Session-ID"
+"""Dynamo's session header (agent harnesses send it); ours is X-Dyn-Session-Id."""
+DYN_SESSION_HEADER = "X-Dyn-Session-Id"
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _OPEN_TENANT = Tenant(DEFAULT_TENANT)
 _TENANT_KEY = web.RequestKey("tenant", Tenant)
@@ -145,7 +149,14 @@ class _Handlers:
         tenant: Tenant = request.get(_TENANT_KEY, _OPEN_TENANT)
         fe.rate_limiter.check(tenant)
         rid = request[_RID_KEY] = self._request_id(request)
+        session = request.headers.get(SESSION_HEADER) or request.headers.get(DYN_SESSION_HEADER)
+        if session is not None or req.unknown_hints:
+            req = replace(req, hints=with_session(req.hints, session))
+            for field in req.unknown_hints:
+                fe.metrics.unknown_hints.labels(field[:64]).inc()
         prompt_ids = await self._prompt_ids(req)
+        if req.retain_messages:
+            req = await self._retain_marked(req, prompt_ids)
         s, extra = fe.settings, {"request_id": rid}
         salt = 0 if fe.api_keys is None or s.share_cache_across_tenants else tenant_salt(tenant.name)
         log.info("request received: %s, %d prompt tokens, max_tokens %s, tenant %s, priority %d%s",
@@ -216,6 +227,19 @@ class _Handlers:
                            f"model's context of {s.max_context} tokens", param="max_tokens",
                            code="context_length_exceeded")
         return ids
+
+    async def _retain_marked(self, req: GenerationRequest, prompt_ids: list[int]) -> GenerationRequest:
+        """Per-message marks: retain the blocks of the prompt up to the last marked message."""
+        marked = req.messages[:req.retain_messages]
+        head = await _off_loop(sum(len(m["content"]) for m in marked), self.fe.tokenizer.chat_prompt,
+                               marked)
+        common = 0
+        for a, b in zip(head, prompt_ids):
+            if a != b:
+                break
+            common += 1
+        retention = req.hints.retention or RetentionHint()
+        return replace(req, hints=replace(req.hints, retention=retention), retain_tokens=common)
 
     async def _collect(self, req: GenerationRequest, public_id: str, pieces, usage: Usage) -> web.Response:
         texts: list[str] = []

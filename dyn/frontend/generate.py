@@ -23,8 +23,10 @@ import os
 from contextlib import aclosing
 from typing import AsyncIterator
 
+from dyn.config.recipe import KvTiersSpec
 from dyn.control.requests import Finish, GenerateRequest, RequestFailed, TokenChunk
 from dyn.engine.profile import EngineProfile
+from dyn.frontend.agent import AgentTurns
 from dyn.frontend.metrics import FrontendMetrics
 from dyn.frontend.protocol import ApiError, GenerationRequest
 from dyn.frontend.routing import RETRY_AFTER_S, Routing
@@ -53,7 +55,7 @@ class Dispatcher:
     def __init__(self, pool: WorkerPool, routing: Routing, tokenizer: TextTokenizer,
                  metrics: FrontendMetrics, *, max_context: int, stall_timeout_s: float = 5.0,
                  max_migrations: int = 3, profile: EngineProfile | None = None,
-                 log_prompts: bool = False) -> None:
+                 log_prompts: bool = False, kv_tiers: KvTiersSpec | None = None) -> None:
         self.pool = pool
         self.routing = routing
         self.tokenizer = tokenizer
@@ -63,8 +65,11 @@ class Dispatcher:
         self.max_migrations = max_migrations
         self.profile = profile
         self.log_prompts = log_prompts
+        self.kv_tiers = kv_tiers or KvTiersSpec()
+        """Retention defaults for agent hints."""
         self._ids = itertools.count()
         self._prefix = os.urandom(4).hex()
+        self.agent = AgentTurns(self)
 
     def new_request_id(self) -> str:
         return f"{self._prefix}-{next(self._ids)}"
@@ -73,7 +78,18 @@ class Dispatcher:
                  usage: Usage, *, salt: int = 0) -> AsyncIterator[Piece]:
         """Stream pieces; the last one has finish_reason. Raises ApiError (503 full, 429 admission,
         502 when the workers failed it past the retry/migration limits)."""
-        return _Run(self, req, prompt_ids, request_id, usage, salt).run()
+        return self._turn(_Run(self, req, prompt_ids, request_id, usage, salt).run(), req, prompt_ids,
+                          usage, salt)
+
+    async def _turn(self, pieces: AsyncIterator[Piece], req: GenerationRequest, prompt_ids: list[int],
+                    usage: Usage, salt: int) -> AsyncIterator[Piece]:
+        """The request's pieces; once it finished, the agent hints' post-turn actions."""
+        async with aclosing(pieces) as run:
+            async for piece in run:
+                if piece.finish_reason:  # before the yield: a consumer stops at the last piece
+                    self.agent.after_turn(req, prompt_ids, list(usage.token_ids), usage.decode_worker,
+                                          salt)
+                yield piece
 
     def expected_wait_s(self, worker_id: str, num_tokens: int, *, first: bool) -> float:
         """How long the next message of a stream may take on `worker_id` before it is a stall."""
@@ -161,8 +177,8 @@ class _Run(WorkerStream):
 
     async def _remote_prefill(self, worker_id: str) -> AsyncIterator[Piece]:
         self._offer = None
-        request = GenerateRequest(self.rid, self.prompt, self._sampling(), priority=self.req.hints.priority,
-                                  salt=self.salt, prefill_only=True)
+        request = GenerateRequest(self.rid, self.prompt, self._sampling(), salt=self.salt,
+                                  prefill_only=True, **self._hint_fields())
         async with aclosing(self._messages(worker_id, request)) as messages:
             async for message in messages:
                 if isinstance(message, TokenChunk):
@@ -178,8 +194,8 @@ class _Run(WorkerStream):
                         self._offer = message.kv_offer
 
     async def _decode(self, worker_id: str, offer: dict) -> AsyncIterator[Piece]:
-        request = GenerateRequest(self.rid, self.prompt, self._sampling(), priority=self.req.hints.priority,
-                                  salt=self.salt, kv_source=offer, first_token=self.emitted[0])
+        request = GenerateRequest(self.rid, self.prompt, self._sampling(), salt=self.salt,
+                                  kv_source=offer, first_token=self.emitted[0], **self._hint_fields())
         async with aclosing(self._follow(worker_id, request)) as pieces:
             async for piece in pieces:
                 yield piece
@@ -195,7 +211,7 @@ class _Run(WorkerStream):
             # Resume after what the client already has: same tokens under greedy decoding.
             request = GenerateRequest(self.rid, self.prompt + self.emitted,
                                       self._sampling(self.max_tokens - len(self.emitted)),
-                                      priority=self.req.hints.priority, salt=self.salt)
+                                      salt=self.salt, **self._hint_fields())
             try:
                 async with aclosing(self._follow(worker_id, request)) as pieces:
                     async for piece in pieces:
@@ -265,10 +281,28 @@ class _Run(WorkerStream):
                                retry_after_s=RETRY_AFTER_S)
             await asyncio.sleep(0.1)
 
+    def _hint_fields(self) -> dict:
+        """The request's agent hints as GenerateRequest fields (priority, retention, session)."""
+        return hint_fields(self.req, self.d.routing.block_size, self.d.kv_tiers)
+
     def _note_failure(self, worker_id: str, failure: RequestFailed) -> None:
         if failure.code in _UNHEALTHY:
             self.d.routing.breakers.on_failure(worker_id)
 
+
+
+def hint_fields(req: GenerationRequest, block_size: int, tiers: KvTiersSpec) -> dict:
+    """GenerateRequest fields carrying a request's priority, retention and session; a retention
+    hint's missing priority / TTL take the recipe's kv_tiers defaults, priorities are capped."""
+    hints = req.hints
+    fields: dict = {"priority": hints.priority, "session_id": hints.session_id}
+    kept = hints.retention
+    if kept is not None:
+        priority = tiers.retention_priority if kept.priority is None else kept.priority
+        fields.update(retention_priority=min(priority, tiers.max_retention_priority),
+                      retention_ttl_s=tiers.retention_ttl_s if kept.ttl_s is None else kept.ttl_s,
+                      retention_blocks=None if req.retain_tokens is None else req.retain_tokens // block_size)
+    return fields
 
 
 def _api_error(failure: RequestFailed) -> ApiError:

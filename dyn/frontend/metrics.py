@@ -57,6 +57,11 @@ class FrontendMetrics:
                                           "router.max_migrations migrations", registry=r)
         self.retries = Counter("dyn_frontend_retries", "Re-sends of requests that failed before "
                                "their first token", registry=r)
+        self.unknown_hints = Counter("dyn_frontend_unknown_hint_fields", "Hint fields (dyn, nvext) this "
+                                     "server does not know, ignored", ["field"], registry=r)
+        self.speculative_prefills = Counter("dyn_frontend_speculative_prefills", "Next-turn prefills "
+                                            "sent after a turn (agent hint), by outcome", ["outcome"],
+                                            registry=r)
         if pool is not None:
             r.register(_PoolCollector(pool, router, breakers))
         self.num_requests = 0

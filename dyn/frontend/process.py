@@ -56,7 +56,7 @@ def build_frontend(recipe: Recipe, pool: WorkerPool, *, tokenizer: TextTokenizer
     dispatcher = Dispatcher(pool, routing, tokenizer, metrics, max_context=recipe.model.max_context,
                             stall_timeout_s=stall_timeout_s or recipe.router.stall_timeout_s,
                             max_migrations=recipe.router.max_migrations, profile=profile,
-                            log_prompts=recipe.frontend.log_prompts)
+                            log_prompts=recipe.frontend.log_prompts, kv_tiers=recipe.kv_tiers)
     settings = ApiSettings(recipe.model.served_name, recipe.model.max_context,
                            recipe.frontend.max_prompt_tokens, recipe.auth.share_cache_across_tenants,
                            recipe.frontend.log_prompts)

@@ -12,7 +12,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from dyn.errors import DynError
+from dyn.frontend.api_error import ApiError
+from dyn.frontend.hints import Hints, parse_hints
+
+__all__ = ["ApiError", "GenerationRequest", "Hints", "parse_chat", "parse_completion"]
 
 MAX_STOP_STRINGS = 16
 LEGACY_DEFAULT_MAX_TOKENS = 16
@@ -21,35 +24,6 @@ MAX_STOP_CHARS = 256
 MAX_TOKEN_ID = 2**31 - 1
 """Token ids and top_k travel as msgpack ints; no vocabulary comes near this."""
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
-
-
-class ApiError(DynError):
-    """An HTTP-level failure rendered as OpenAI's error object."""
-
-    def __init__(self, message: str, *, status: int = 400, param: str | None = None,
-                 code: str | None = None, type: str = "invalid_request_error",
-                 retry_after_s: float | None = None) -> None:
-        self.message = message
-        self.status = status
-        self.param = param
-        self.code = code
-        self.type = type
-        self.retry_after_s = retry_after_s
-        super().__init__(f"{param}: {message}" if param else message)
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
-
-
-@dataclass(frozen=True, slots=True)
-class Hints:
-    """Routing hints from the `dyn` extension object (and top-level `ignore_eos`)."""
-
-    priority: int = 0
-    latency_sensitive: bool = False
-    expected_output_tokens: int | None = None
-    session_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +49,12 @@ class GenerationRequest:
     logprobs: bool = False
     ignore_eos: bool = False
     hints: Hints = Hints()
+    unknown_hints: tuple[str, ...] = ()
+    """Hint fields we do not know (ignored; the frontend counts them)."""
+    retain_messages: int = 0
+    """chat: messages[:retain_messages] carry a retention mark (system prompt, tool schemas)."""
+    retain_tokens: int | None = None
+    """With hints.retention: only the prompt's leading tokens are retained (None: all blocks)."""
 
 
 def parse_chat(body: Any) -> GenerationRequest:
@@ -86,6 +66,7 @@ def parse_chat(body: Any) -> GenerationRequest:
     if not raw:
         raise ApiError("'messages' must contain at least one message", param="messages")
     messages = tuple(_message(m, f"messages[{i}]") for i, m in enumerate(raw))
+    marked = [i for i, m in enumerate(raw) if isinstance(m, dict) and _is_retain_mark(m, f"messages[{i}]")]
     logprobs = _opt_bool(body, "logprobs") or False
     top_logprobs = _opt_int(body, "top_logprobs", 0, 20)
     if top_logprobs:
@@ -100,7 +81,8 @@ def parse_chat(body: Any) -> GenerationRequest:
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise ApiError("only response_format {'type': 'text'} is supported", param="response_format")
-    return _common(body, "chat", messages=messages, max_tokens=max_tokens, logprobs=logprobs)
+    return _common(body, "chat", messages=messages, max_tokens=max_tokens, logprobs=logprobs,
+                   retain_messages=marked[-1] + 1 if marked else 0)
 
 
 def parse_completion(body: Any) -> GenerationRequest:
@@ -168,19 +150,10 @@ def _common(body: dict, kind: str, **fields: Any) -> GenerationRequest:
         if not stream:
             raise ApiError("stream_options is only allowed with stream=true", param="stream_options")
         include_usage = _opt_bool(options, "include_usage", "stream_options.include_usage") or False
-    ext = body.get("dyn")
-    if ext is not None and not isinstance(ext, dict):
-        raise ApiError("'dyn' must be an object of routing hints", param="dyn")
-    ext = ext or {}
-    ignore_eos = _opt_bool(ext, "ignore_eos", "dyn.ignore_eos")
+    hints, unknown = parse_hints(body)
+    ignore_eos = hints.ignore_eos
     if ignore_eos is None:
         ignore_eos = _opt_bool(body, "ignore_eos")
-    hints = Hints(
-        priority=_opt_int(ext, "priority", -1000, 1000, "dyn.priority") or 0,
-        latency_sensitive=_opt_bool(ext, "latency_sensitive", "dyn.latency_sensitive") or False,
-        expected_output_tokens=_opt_int(ext, "expected_output_tokens", 0, None, "dyn.expected_output_tokens"),
-        session_id=_opt_str(ext, "session_id", "dyn.session_id"),
-    )
     return GenerationRequest(
         kind=kind, model=model,  # type: ignore[arg-type]
         temperature=1.0 if temperature is None else temperature,
@@ -189,7 +162,21 @@ def _common(body: dict, kind: str, **fields: Any) -> GenerationRequest:
         seed=_opt_int(body, "seed", -(2**63), 2**63 - 1),
         stop=_stop(body.get("stop")),
         stop_token_ids=_int_list(body, "stop_token_ids"),
-        stream=stream, include_usage=include_usage, ignore_eos=bool(ignore_eos), hints=hints, **fields)
+        stream=stream, include_usage=include_usage, ignore_eos=bool(ignore_eos), hints=hints,
+        unknown_hints=unknown, **fields)
+
+
+def _is_retain_mark(message: dict, where: str) -> bool:
+    """A message marked worth keeping: `cache_control` (any object, as Anthropic-style clients send)
+    or `dyn: {"retain": true}`."""
+    mark = message.get("cache_control")
+    if mark is not None and not isinstance(mark, dict):
+        raise ApiError("'cache_control' must be an object", param=f"{where}.cache_control")
+    ext = message.get("dyn")
+    if ext is not None and not isinstance(ext, dict):
+        raise ApiError("'dyn' must be an object", param=f"{where}.dyn")
+    retain = _opt_bool(ext or {}, "retain", f"{where}.dyn.retain")
+    return bool(retain) or mark is not None
 
 
 def _require_object(body: Any) -> dict:

@@ -103,4 +103,5 @@ def _load(handle: WorkerHandle, block_size: int) -> WorkerLoad:
 
 def _route_hints(hints: Hints) -> RouteHints:
     return RouteHints(priority=hints.priority, latency_sensitive=hints.latency_sensitive,
-                      expected_output_tokens=hints.expected_output_tokens, session_id=hints.session_id)
+                      expected_output_tokens=hints.expected_output_tokens, session_id=hints.session_id,
+                      session_ttl_s=hints.session_ttl_s)

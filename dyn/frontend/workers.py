@@ -147,6 +147,14 @@ class WorkerPool:
             queue.put_nowait(RequestFailed(request.request_id, "internal", f"send failed: {exc}", True))
         return queue
 
+    async def send(self, worker_id: str, message) -> bool:
+        """Send a one-way request-plane message (CloseSession); False when the worker is gone."""
+        handle = self.workers.get(worker_id)
+        if handle is None:
+            return False
+        await handle.sock.send(REQUEST_CODEC.encode(message))
+        return True
+
     async def request_snapshot(self, worker_id: str) -> None:
         """Ask a worker for its KV snapshot; the answer goes to `on_snapshot`."""
         handle = self.workers.get(worker_id)

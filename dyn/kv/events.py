@@ -32,8 +32,15 @@ class LowerTier(ABC):
     """Host-memory / disk tiers below the engine pool (implemented in dyn.kv)."""
 
     @abstractmethod
-    def offload(self, block_hash: int, parent_hash: int | None, view: object) -> None:
-        """Copy an evicted block's payload out of the pool (called before its slot is reused)."""
+    def offload(self, block_hash: int, parent_hash: int | None, view: object, priority: int = 0,
+                ttl_s: float | None = None) -> None:
+        """Copy an evicted block's payload out of the pool (called before its slot is reused).
+
+        `priority` and `ttl_s` are the block's retention (dyn.kv.retention): lower
+        priority goes first under pressure; past `ttl_s` (None: the tier's own
+        TTL) the block is dropped with a removal event. Offloading a block the
+        tier already holds refreshes its expiry and keeps the higher priority.
+        """
 
     @abstractmethod
     def fetch(self, block_hash: int, dest_view: object) -> bool:
@@ -42,3 +49,10 @@ class LowerTier(ABC):
     @abstractmethod
     def contains(self, block_hash: int) -> bool:
         """Whether fetch would likely succeed (cheap, no I/O)."""
+
+    def expire(self) -> int:
+        """Drop every expired block (publishing removal events); returns how many, all tiers."""
+        return 0
+
+    def release(self, block_hashes: list[int]) -> None:
+        """Give the blocks back their default retention (a closed session)."""

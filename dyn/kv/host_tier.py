@@ -2,20 +2,22 @@
 
 Evicted device blocks land here; a prefix hit here is copied back into the
 engine pool instead of recomputed. When full, the least valuable entry
-moves down to the disk tier (or is dropped): lower priority goes first,
-then least recently used; entries past their TTL go before anything else.
+moves down to the disk tier (or is dropped): expired entries first, then
+lower retention priority, then least recently used (dyn.kv.retention).
+Expired entries are dropped with a removal event, by `expire()` (the
+worker's periodic sweep) or when touched; re-offloading a block refreshes
+its expiry.
 
     slab (num_slots x block_bytes, one allocation, touched at start)
     +--------+--------+--------+-----+
     | slot 0 | slot 1 | slot 2 | ... |
     +--------+--------+--------+-----+
-    index: block hash -> Entry(slot, parent, priority, stored_at)
+    index: block hash -> slot, parent;  order: RetentionLru (priority, expiry, recency)
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,14 +25,13 @@ import numpy as np
 
 from dyn.kv.buffers import copy_into
 from dyn.kv.events import KvEvent, KvEventListener, LowerTier
+from dyn.kv.retention import Retention, RetentionLru
 
 
 @dataclass(slots=True)
 class _Entry:
     slot: int
     parent: int | None
-    priority: int
-    stored_at: float
 
 
 class HostTier(LowerTier):
@@ -41,8 +42,8 @@ class HostTier(LowerTier):
         self.num_slots = max(0, capacity_bytes // block_bytes) if block_bytes else 0
         self._slab = np.ones((self.num_slots, block_bytes), dtype=np.uint8)  # ones: pre-fault pages
         self._free_slots = list(range(self.num_slots - 1, -1, -1))
-        # One LRU per priority level: eviction takes the oldest of the lowest level.
-        self._lru: dict[int, OrderedDict[int, _Entry]] = {}
+        self._entries: dict[int, _Entry] = {}
+        self._order: RetentionLru[int] = RetentionLru()
         self._below = below
         self._ttl_s = ttl_s
         self._listener = listener
@@ -50,6 +51,7 @@ class HostTier(LowerTier):
         self.num_offloaded = 0
         self.num_fetched = 0
         self.num_evicted = 0
+        self.num_expired = 0
 
     def __len__(self) -> int:
         return self.num_slots - len(self._free_slots)
@@ -65,91 +67,96 @@ class HostTier(LowerTier):
     def set_listener(self, listener: KvEventListener | None) -> None:
         self._listener = listener
 
-    def offload(self, block_hash: int, parent_hash: int | None, view: object, priority: int = 0) -> None:
+    def offload(self, block_hash: int, parent_hash: int | None, view: object, priority: int = 0,
+                ttl_s: float | None = None) -> None:
         if self.num_slots == 0:
             if self._below is not None:
-                self._below.offload(block_hash, parent_hash, view)
+                self._below.offload(block_hash, parent_hash, view, priority, ttl_s)
             return
-        if self._find(block_hash) is not None:
-            self._touch(block_hash)
-            return
+        now = self._clock()
+        expires_at = Retention(priority, ttl_s).expires_at(now, self._ttl_s)
+        if block_hash in self._entries:
+            if not self._order.is_expired(block_hash, now):
+                # Same hash, same content: refresh recency and expiry, keep the higher priority.
+                self._order.add(block_hash, max(priority, self._order.priority(block_hash) or 0),
+                                expires_at)
+                return
+            self._drop_expired(block_hash)  # stale: announce its removal, then store it afresh
         if not self._free_slots:
-            self._evict_one()
+            self._evict_one(now)
         slot = self._free_slots.pop()
         copy_into(self._slab[slot], view)
-        self._lru.setdefault(priority, OrderedDict())[block_hash] = _Entry(slot, parent_hash, priority,
-                                                                         self._clock())
+        self._entries[block_hash] = _Entry(slot, parent_hash)
+        self._order.add(block_hash, priority, expires_at)
         self.num_offloaded += 1
         self._emit("stored", block_hash, parent_hash)
 
     def fetch(self, block_hash: int, dest_view: object) -> bool:
-        entry = self._find(block_hash)
-        if entry is not None and self._expired(entry):
-            self._remove(block_hash, entry)
-            entry = None
+        entry = self._live(block_hash)
         if entry is None:
             return self._below.fetch(block_hash, dest_view) if self._below is not None else False
         copy_into(dest_view, self._slab[entry.slot])
-        self._touch(block_hash)
+        self._order.touch(block_hash)
         self.num_fetched += 1
         return True
 
     def contains(self, block_hash: int) -> bool:
-        entry = self._find(block_hash)
-        if entry is not None and not self._expired(entry):
+        if self._live(block_hash) is not None:
             return True
         return self._below.contains(block_hash) if self._below is not None else False
 
+    def expire(self) -> int:
+        num = 0
+        for block_hash in self._order.pop_expired(self._clock()):
+            self._drop_expired(block_hash)
+            num += 1
+        return num + (self._below.expire() if self._below is not None else 0)
+
+    def release(self, block_hashes: list[int]) -> None:
+        now = self._clock()
+        default_expiry = Retention().expires_at(now, self._ttl_s)
+        for block_hash in block_hashes:
+            if block_hash in self._order:
+                self._order.add(block_hash, 0, default_expiry)
+        if self._below is not None:
+            self._below.release(block_hashes)
+
     def payload(self, block_hash: int) -> np.ndarray | None:
         """Read-only view of a held block (tests, snapshots)."""
-        entry = self._find(block_hash)
+        entry = self._entries.get(block_hash)
         return None if entry is None else self._slab[entry.slot]
 
-    def _find(self, block_hash: int) -> _Entry | None:
-        for lru in self._lru.values():
-            entry = lru.get(block_hash)
-            if entry is not None:
-                return entry
-        return None
+    def _live(self, block_hash: int) -> _Entry | None:
+        """The entry if held and not expired; an expired one is dropped (with its event)."""
+        entry = self._entries.get(block_hash)
+        if entry is not None and self._order.is_expired(block_hash, self._clock()):
+            self._drop_expired(block_hash)
+            return None
+        return entry
 
-    def _touch(self, block_hash: int) -> None:
-        for lru in self._lru.values():
-            if block_hash in lru:
-                lru.move_to_end(block_hash)
-                return
-
-    def _expired(self, entry: _Entry) -> bool:
-        return self._ttl_s is not None and self._clock() - entry.stored_at > self._ttl_s
-
-    def _evict_one(self) -> None:
-        victim = self._expired_victim() or self._lru_victim()
-        block_hash, entry = victim
-        if self._below is not None and not self._expired(entry):
+    def _evict_one(self, now: float) -> None:
+        expired = self._order.pop_expired_one(now)
+        if expired is not None:
+            self._drop_expired(expired)
+            return
+        block_hash = self._order.pop_victim(now)
+        assert block_hash is not None, "full tier with an empty eviction order"
+        entry = self._entries[block_hash]
+        if self._below is not None:
             self._below.offload(block_hash, entry.parent, self._slab[entry.slot])
         self.num_evicted += 1
         self._remove(block_hash, entry)
 
-    def _expired_victim(self) -> tuple[int, _Entry] | None:
-        if self._ttl_s is None:
-            return None
-        for level in sorted(self._lru):
-            for block_hash, entry in self._lru[level].items():
-                if self._expired(entry):
-                    return block_hash, entry
-                break  # the oldest of each level is the first to expire
-        return None
-
-    def _lru_victim(self) -> tuple[int, _Entry]:
-        level = min(p for p, lru in self._lru.items() if lru)
-        block_hash = next(iter(self._lru[level]))
-        return block_hash, self._lru[level][block_hash]
+    def _drop_expired(self, block_hash: int) -> None:
+        self.num_expired += 1
+        self._remove(block_hash, self._entries[block_hash])
 
     def _remove(self, block_hash: int, entry: _Entry) -> None:
-        del self._lru[entry.priority][block_hash]
+        del self._entries[block_hash]
+        self._order.remove(block_hash)
         self._free_slots.append(entry.slot)
         self._emit("removed", block_hash, None)
 
     def _emit(self, kind: str, block_hash: int, parent: int | None) -> None:
         if self._listener is not None:
             self._listener(KvEvent(kind=kind, block_hashes=[block_hash], parent_hash=parent, tier="host"))
-

@@ -33,19 +33,21 @@ class Router:
     """
 
     def __init__(self, spec: RouterSpec, block_size: int, *, policy: str | None = None,
-                 seed: int | None = None, prediction_ttl_s: float = 120.0,
-                 session_ttl_s: float = 600.0, max_sessions: int = 100_000) -> None:
+                 seed: int | None = None, prediction_ttl_s: float | None = None,
+                 session_ttl_s: float | None = None, max_sessions: int = 100_000) -> None:
         if block_size <= 0:
             raise RouteInputError(f"must be > 0, got {block_size}", field="model.block_size")
         self.spec = spec
         self.block_size = block_size
         self.index = KvIndex()
         self.events = KvEventTracker(self.index)
-        self.predictor = PrefixPredictor(prediction_ttl_s)
+        self.predictor = PrefixPredictor(spec.prediction_ttl_s if prediction_ttl_s is None
+                                         else prediction_ttl_s)
         self.policy: Policy = make_policy(policy or spec.policy, spec, random.Random(seed))
-        self.session_ttl_s = session_ttl_s
+        self.session_ttl_s = spec.session_ttl_s if session_ttl_s is None else session_ttl_s
         self.max_sessions = max_sessions
         self._sessions: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        """session id -> (worker, expires at), least recently used first."""
 
     # ---- cache state ---------------------------------------------------
 
@@ -66,6 +68,11 @@ class Router:
         self.predictor.remove_worker(worker_id)
         for session_id in [s for s, (w, _) in self._sessions.items() if w == worker_id]:
             del self._sessions[session_id]
+
+    def end_session(self, session_id: str) -> str | None:
+        """The session closed: forget its worker (returned, if it had one)."""
+        entry = self._sessions.pop(session_id, None)
+        return entry[0] if entry else None
 
     def find(self, block_hashes: Sequence[int], now: float) -> Overlaps:
         """Per worker, leading blocks held: from events, or predicted."""
@@ -138,7 +145,8 @@ class Router:
         idx, scores, reason = self.policy.choose(ctx)
         worker_id = eligible[idx].worker_id
         if session_id:
-            self._sessions[session_id] = (worker_id, now)
+            ttl = request.hints.session_ttl_s or self.session_ttl_s
+            self._sessions[session_id] = (worker_id, now + ttl)
             self._sessions.move_to_end(session_id)
             if len(self._sessions) > self.max_sessions:
                 self._sessions.popitem(last=False)
@@ -158,13 +166,14 @@ class Router:
 
     def _session_worker(self, session_id: str, now: float) -> str | None:
         sessions = self._sessions
-        while sessions:
-            oldest = next(iter(sessions.values()))
-            if oldest[1] + self.session_ttl_s > now:
+        while sessions:  # least recently used first: stop at the first live one
+            if next(iter(sessions.values()))[1] > now:
                 break
             sessions.popitem(last=False)
         entry = sessions.get(session_id)
-        return entry[0] if entry else None
+        if entry is None or entry[1] <= now:
+            return None
+        return entry[0]
 
     def _cache_blocks(self, worker_id: str) -> int:
         return sum(self.index.num_blocks(worker_id).values()) + self.predictor.num_blocks(worker_id)

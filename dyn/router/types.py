@@ -22,6 +22,8 @@ class RouteHints:
     """Counts toward decode load; long outputs avoid decode-heavy workers."""
     session_id: str | None = None
     """Keep a conversation on its last worker while that is not much worse."""
+    session_ttl_s: float | None = None
+    """How long the session's affinity lasts after its last request (None: the router's)."""
 
     def __post_init__(self) -> None:
         if self.expected_output_tokens is not None and self.expected_output_tokens < 0:

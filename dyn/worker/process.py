@@ -38,6 +38,8 @@ from dyn.worker.telemetry import CpuMeter, GpuTelemetry, RateMeter, engine_rates
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 10.0
+EXPIRY_SWEEP_S = 1.0
+"""How often expired KV blocks (retention and tier TTLs) are dropped, with removal events."""
 
 
 class WorkerProcess:
@@ -108,6 +110,7 @@ class WorkerProcess:
             self.server.export_kv = self.handoff.export
             self.server.attach(self.loop)
             self.loop.start()
+            tasks.append(asyncio.create_task(self._sweep_expired()))
             if self.control:
                 self.control.set_state("ready")
             log.info("worker %s ready: request plane %s", cfg.process_id, self.server.address)
@@ -115,6 +118,14 @@ class WorkerProcess:
         finally:
             await self._shutdown(tasks, security, ctx)
         return 1 if self.loop.fatal_error else 0
+
+    async def _sweep_expired(self) -> None:
+        """Expiry runs on the engine thread (tiers are engine state); events go out as usual."""
+        while self.loop is not None and self.loop.is_alive:
+            await asyncio.sleep(EXPIRY_SWEEP_S)
+            num = await asyncio.wrap_future(self.loop.submit(lambda e: e.expire()))
+            if num:
+                log.debug("dropped %d expired KV blocks", num)
 
     async def _wait_stop(self) -> None:
         while not self._stop.is_set():

@@ -17,11 +17,12 @@ import zmq
 import zmq.asyncio
 
 from dyn.control.kv_events import KvSnapshot, KvSnapshotRequest
-from dyn.control.requests import (REQUEST_CODEC, Cancel, Finish, GenerateRequest, RequestFailed,
-                                  TokenChunk)
+from dyn.control.requests import (REQUEST_CODEC, Cancel, CloseSession, Finish, GenerateRequest,
+                                  RequestFailed, TokenChunk)
 from dyn.control.sockets import BadMessages, Security, decode_or_record, server_socket
 from dyn.engine.backend import Backend, EngineRequest, SamplingParams, TokenOutput
 from dyn.errors import DynError, RequestError
+from dyn.kv.retention import Retention
 from dyn.worker.engine_loop import EngineLoop
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,10 @@ class RequestServer:
         self.accepting = True
         self.requests_total = 0
         self.cancels_total = 0
+        self._speculative: set[str] = set()
+        """Request ids of running speculative prefills (cancelled when real work queues)."""
+        self.speculative_refused = 0
+        self.speculative_cancelled = 0
         self.import_kv: KvHook | None = None
         self.export_kv: KvHook | None = None
         self.kv_snapshot: Callable[[], KvSnapshot] | None = None
@@ -86,6 +91,8 @@ class RequestServer:
                     await self._start(client, message)
                 elif isinstance(message, Cancel) and self._loop is not None:
                     await self._cancel(message.request_id)
+                elif isinstance(message, CloseSession) and self._loop is not None:
+                    self._loop.submit(lambda e, sid=message.session_id: e.release_session(sid))
                 elif isinstance(message, KvSnapshotRequest) and self.kv_snapshot is not None:
                     self._send(client, self.kv_snapshot())
                 elif message is not None:
@@ -131,8 +138,20 @@ class RequestServer:
         if stats.num_waiting >= self._max_waiting:
             self._fail(client, rid, "overloaded", f"{stats.num_waiting} requests waiting", True)
             return
+        if msg.speculative and stats.num_waiting > 0:
+            self.speculative_refused += 1
+            self._fail(client, rid, "overloaded", f"speculative prefill refused: {stats.num_waiting} "
+                       "requests waiting", False)
+            return
+        if not msg.speculative and stats.num_waiting > 0 and self._speculative:
+            # Real work is queueing: speculative prefills give way (they only warm a cache).
+            for spec_id in list(self._speculative):
+                self.speculative_cancelled += 1
+                await self._cancel(spec_id)
         stream = Stream(rid, client, len(msg.prompt_token_ids), prefill_only=msg.prefill_only)
         self._streams[rid] = stream
+        if msg.speculative:
+            self._speculative.add(rid)
         self.requests_total += 1
         log.info("request started: %d prompt tokens%s%s", len(msg.prompt_token_ids),
                  ", prefill only" if msg.prefill_only else "",
@@ -152,6 +171,7 @@ class RequestServer:
     async def _cancel(self, rid: str) -> None:
         """Abort in the engine (before its next step), then end the stream with reason abort."""
         self.cancels_total += 1
+        self._speculative.discard(rid)
         await asyncio.wrap_future(self._loop.submit(lambda e: e.abort(rid)))
         stream = self._streams.pop(rid, None)
         if stream is not None:
@@ -169,6 +189,7 @@ class RequestServer:
                                                      out.num_cached_tokens))
             if out.finished:
                 self._streams.pop(out.request_id, None)
+                self._speculative.discard(out.request_id)
                 if out.error:
                     self._fail(stream.client, out.request_id, "internal", out.error, True)
                 elif stream.prefill_only and self.export_kv is not None and out.finish_reason != "abort":
@@ -216,6 +237,16 @@ def engine_request(msg: GenerateRequest) -> EngineRequest:
         params = SamplingParams(**sampling)
     except TypeError as exc:
         raise RequestError(f"bad sampling parameters: {exc}", field="sampling") from None
+    retention = None
+    if msg.retention_priority or msg.retention_ttl_s is not None:
+        if msg.retention_ttl_s is not None and msg.retention_ttl_s <= 0:
+            raise RequestError(f"retention_ttl_s must be > 0, got {msg.retention_ttl_s}",
+                               field="retention_ttl_s")
+        retention = Retention(msg.retention_priority, msg.retention_ttl_s)
+    if msg.retention_blocks is not None and msg.retention_blocks < 0:
+        raise RequestError(f"retention_blocks must be >= 0, got {msg.retention_blocks}",
+                           field="retention_blocks")
     return EngineRequest(request_id=msg.request_id, prompt_token_ids=list(msg.prompt_token_ids),
                          sampling=params, priority=msg.priority, salt=msg.salt,
-                         prefill_only=msg.prefill_only)
+                         prefill_only=msg.prefill_only, retention=retention,
+                         retention_blocks=msg.retention_blocks, session_id=msg.session_id)

@@ -104,3 +104,27 @@ def test_cache_blocks_continues_a_chain_with_parent():
     bm.cache_blocks(ids[:1], [11], None)
     bm.cache_blocks(ids[:2], [11, 12], 7)  # block 0 already registered: skipped
     assert events == [KvEvent("stored", [11], None), KvEvent("stored", [12], 11)]
+
+
+def test_retention_keeps_high_priority_blocks_and_expiry_drops_them_with_an_event():
+    from dyn.kv.retention import Retention
+
+    now = [0.0]
+    events, evicted = [], []
+    bm = BlockManager(4, 4, on_evict=lambda *a: evicted.append(a), on_event=events.append,
+                      clock=lambda: now[0])
+    keep = bm.allocate(2)
+    bm.cache_blocks(keep, [11, 12], None, Retention(priority=5, ttl_s=30))
+    plain = bm.allocate(2)
+    bm.cache_blocks(plain, [21, 22], None)
+    bm.free(keep)
+    bm.free(plain)  # plain blocks are more recent but lower priority
+    events.clear()
+    assert bm.allocate(2) == [3, 2]
+    assert bm.match_prefix([11, 12]) == keep
+    assert [e[4] for e in evicted] == [None, None]  # no retention TTL to carry down
+    bm.free([3, 2])
+    now[0] = 31
+    assert bm.expire() == 2
+    assert bm.match_prefix([11]) == [] and events[-1] == KvEvent("removed", [12, 11])
+    assert bm.num_free_blocks == 4

@@ -321,7 +321,7 @@ class DictTier(LowerTier):
         self.offloaded: list[int] = []
         self.fetched: list[int] = []
 
-    def offload(self, block_hash, parent_hash, view):
+    def offload(self, block_hash, parent_hash, view, priority=0, ttl_s=None):
         self.offloaded.append(block_hash)
         self.data[block_hash] = bytes(view)
 

@@ -88,3 +88,69 @@ def test_zero_capacity_tiers_hold_nothing(tmp_path, capacity):
     host = HostTier(BLOCK, capacity)
     host.offload(1, None, _block(1))
     assert not host.contains(1)
+
+
+def _router_view(events):
+    """What a router applying these events believes each tier holds."""
+    held = {"host": set(), "disk": set(), "device": set()}
+    for e in events:
+        (held[e.tier].update if e.kind == "stored" else held[e.tier].difference_update)(e.block_hashes)
+    return held
+
+
+def test_reoffload_after_ttl_refreshes_the_entry_and_router_view_stays_true():
+    """Regression: re-offloading an expired block used to touch the stale entry (still expired,
+    never served), and expiry sent no removal event, so the router counted unservable host hits."""
+    now = [0.0]
+    events = []
+    tier = HostTier(BLOCK, 4 * BLOCK, ttl_s=10, clock=lambda: now[0], listener=events.append)
+    tier.offload(1, None, _block(1))
+    now[0] = 11
+    tier.offload(1, None, _block(1))  # evicted again from the GPU after the TTL passed
+    assert tier.contains(1)
+    dest = _dest()
+    assert tier.fetch(1, dest) and bytes(dest) == bytes(_block(1))
+    assert [(e.kind, e.block_hashes) for e in events] == [("stored", [1]), ("removed", [1]),
+                                                          ("stored", [1])]
+    now[0] = 22
+    assert tier.expire() == 1  # the sweep drops it and says so
+    assert _router_view(events)["host"] == set() and len(tier) == 0
+
+
+def test_reoffload_of_live_entry_extends_its_ttl():
+    now = [0.0]
+    tier = HostTier(BLOCK, 4 * BLOCK, ttl_s=10, clock=lambda: now[0])
+    tier.offload(1, None, _block(1))
+    now[0] = 8
+    tier.offload(1, None, _block(1))
+    now[0] = 15
+    assert tier.expire() == 0 and tier.contains(1)
+
+
+def test_expiry_publishes_removal_in_host_and_disk(tmp_path):
+    now = [0.0]
+    events = []
+    disk = DiskTier(tmp_path, BLOCK, 8 * (BLOCK + 16), ttl_s=5, clock=lambda: now[0], listener=events.append)
+    host = HostTier(BLOCK, BLOCK, below=disk, ttl_s=5, clock=lambda: now[0], listener=events.append)
+    host.offload(1, None, _block(1))
+    host.offload(2, 1, _block(2))  # 1 moves down to disk
+    assert _router_view(events) == {"host": {2}, "disk": {1}, "device": set()}
+    now[0] = 6
+    assert host.expire() == 2
+    assert _router_view(events) == {"host": set(), "disk": set(), "device": set()}
+    disk.close()
+
+
+def test_retention_priority_and_ttl_order_eviction_in_host_and_disk(tmp_path):
+    now = [0.0]
+    for make in (lambda: HostTier(BLOCK, 2 * BLOCK, clock=lambda: now[0]),
+                 lambda: DiskTier(tmp_path, BLOCK, 2 * (BLOCK + 16), clock=lambda: now[0])):
+        tier = make()
+        tier.offload(1, None, _block(1), priority=3, ttl_s=100)  # a retained system prompt
+        tier.offload(2, None, _block(2))
+        tier.offload(3, None, _block(3))  # pressure: 2 (priority 0) goes, 1 stays
+        assert tier.contains(1) and not tier.contains(2) and tier.contains(3)
+        tier.release([1])  # its session closed: back to priority 0, evictable like any block
+        tier.offload(4, None, _block(4))
+        tier.offload(5, None, _block(5))
+        assert not tier.contains(1) and tier.contains(4) and tier.contains(5)
