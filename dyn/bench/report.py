@@ -30,6 +30,10 @@ class RequestResult:
     itl_s: list[float] = field(default_factory=list)
     """Gaps between content chunks."""
     migrated: bool = False
+    refused: bool = False
+    """Answered 429 (admission control said: come back later) and not retried, or out of retries."""
+    retries: int = 0
+    """429 answers retried after their Retry-After before this result."""
 
     @property
     def mean_itl_s(self) -> float | None:
@@ -68,7 +72,9 @@ def build_report(results: list[RequestResult], config: "BenchConfig", duration_s
     data: dict[str, Any] = {
         "requests": len(results),
         "completed": len(ok),
-        "failed": len(results) - len(ok),
+        "failed": sum(not r.ok and not r.refused for r in results),
+        "refused": sum(r.refused for r in results),
+        "retried_429": sum(r.retries for r in results),
         "not_sent": not_sent,
         "migrated": migrated,
         "duration_s": duration_s,
@@ -88,7 +94,8 @@ def build_report(results: list[RequestResult], config: "BenchConfig", duration_s
         "errors": dict(Counter(r.error for r in results if r.error).most_common(5)),
         "settings": {"block_tokens": synth.block_tokens, "length_scale": synth.length_scale,
                      "speedup": config.speedup, "concurrency": config.concurrency,
-                     "output_scale": config.output_scale, "max_requests": config.max_requests},
+                     "output_scale": config.output_scale, "max_requests": config.max_requests,
+                     "max_retries_429": config.max_retries_429},
     }
     return BenchReport(data, tuple(sorted(results, key=lambda r: r.idx)))
 

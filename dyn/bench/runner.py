@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -70,6 +71,8 @@ class BenchConfig:
     api_key: str | None = None
     vocab_size: int = 32000
     seed: int = 0
+    max_retries_429: int = 0
+    """Retry a 429 this many times after its Retry-After (as the openai SDK does); 0: count it refused."""
 
     def __post_init__(self) -> None:
         checks = [("speedup", self.speedup > 0), ("concurrency", self.concurrency >= 1),
@@ -78,7 +81,8 @@ class BenchConfig:
                   ("request_timeout_s", self.request_timeout_s > 0),
                   ("max_duration_s", self.max_duration_s > 0),
                   ("max_requests", self.max_requests is None or self.max_requests >= 1),
-                  ("block_tokens", self.block_tokens is None or self.block_tokens >= 1)]
+                  ("block_tokens", self.block_tokens is None or self.block_tokens >= 1),
+                  ("max_retries_429", self.max_retries_429 >= 0)]
         for name, ok in checks:
             if not ok:
                 raise BenchError(f"invalid value {getattr(self, name)!r}", field=name)
@@ -94,6 +98,7 @@ class BenchProgress:
     failed: int
     total: int
     elapsed_s: float
+    refused: int = 0
 
 
 ProgressCallback = Callable[[BenchProgress], None]
@@ -106,6 +111,7 @@ class _Run:
     results: list[RequestResult] = field(default_factory=list)
     sent: int = 0
     failed: int = 0
+    refused: int = 0
 
 
 async def run_bench(trace: Trace, config: BenchConfig,
@@ -130,10 +136,11 @@ async def run_bench(trace: Trace, config: BenchConfig,
             finally:
                 slots.release()
             run.results.append(result)
-            run.failed += not result.ok
+            run.refused += result.refused
+            run.failed += not result.ok and not result.refused
             if progress:
                 progress(BenchProgress(run.sent, len(run.results), run.failed, run.total,
-                                       time.monotonic() - run.started))
+                                       time.monotonic() - run.started, run.refused))
 
         try:
             async with asyncio.timeout(config.max_duration_s):
@@ -180,12 +187,22 @@ async def _send(session: aiohttp.ClientSession, config: BenchConfig, synth: Prom
     url = config.base_url.rstrip("/") + "/v1/completions"
     try:
         async with asyncio.timeout(config.request_timeout_s):
-            async with session.post(url, json=body) as resp:
-                if resp.status != 200:
+            while True:
+                async with session.post(url, json=body) as resp:
+                    if resp.status == 200:
+                        await _read_stream(resp, result, start)
+                        break
                     text = (await resp.text())[:300]
                     result.error = f"HTTP {resp.status}: {text}"
+                    if resp.status != 429:
+                        return result
+                    wait_s = retry_after_s(resp.headers.get("Retry-After"), result.retries)
+                if result.retries >= config.max_retries_429:
+                    result.refused = True
                     return result
-                await _read_stream(resp, result, start)
+                result.retries += 1
+                await asyncio.sleep(wait_s)
+                result.error = None
     except TimeoutError:
         result.error = f"timeout after {config.request_timeout_s}s"
         return result
@@ -194,6 +211,25 @@ async def _send(session: aiohttp.ClientSession, config: BenchConfig, synth: Prom
         return result
     result.e2e_s = time.monotonic() - start
     return result
+
+
+RETRY_INITIAL_S = 0.5
+RETRY_MAX_S = 8.0
+RETRY_AFTER_CAP_S = 60.0
+
+
+def retry_after_s(header: str | None, attempt: int) -> float:
+    """How long to wait before retrying a 429, as the openai SDK does: the server's Retry-After
+    (seconds, at most 60), else exponential backoff from 0.5 s capped at 8 s, with up to 25% jitter off."""
+    if header:
+        try:
+            value = float(header)
+        except ValueError:
+            value = -1.0
+        if 0 <= value <= RETRY_AFTER_CAP_S:
+            return value
+    backoff = min(RETRY_INITIAL_S * 2 ** attempt, RETRY_MAX_S)
+    return backoff * (1 - 0.25 * random.random())
 
 
 async def _read_stream(resp: aiohttp.ClientResponse, result: RequestResult, start: float) -> None:

@@ -36,6 +36,9 @@ def bench(
     vocab_size: Optional[int] = typer.Option(None, "--vocab-size",
                                              help="Token ids are drawn below this (default: the deployment's "
                                                   "checkpoint config.json, else 32000)."),
+    retry_429: int = typer.Option(0, "--retry-429",
+                                  help="Retry a 429 up to N times after its Retry-After, as the openai "
+                                       "SDK does (default 0: count it as refused)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     plot: Optional[str] = typer.Option(None, "--plot", help="Write latency and hit-rate plots (PNG)."),
 ) -> None:
@@ -58,13 +61,14 @@ def bench(
                              max_output_tokens=max_output_tokens, slo_ttft_ms=slo_ttft_ms,
                              slo_itl_ms=slo_itl_ms, request_timeout_s=timeout_s,
                              max_duration_s=max_duration_s, api_key=api_key,
-                             vocab_size=vocab_size or detected_vocab or 32000)
+                             vocab_size=vocab_size or detected_vocab or 32000,
+                             max_retries_429=retry_429)
         with Progress(transient=True, disable=as_json, console=out()) as progress:
             task = progress.add_task("replaying", total=None)
 
             def on_progress(p) -> None:
                 progress.update(task, total=p.total, completed=p.done,
-                                description=f"sent {p.sent}  failed {p.failed}")
+                                description=f"sent {p.sent}  failed {p.failed}  refused {p.refused}")
 
             report = asyncio.run(run_bench(loaded, config, on_progress))
         result = report.to_json()
@@ -114,7 +118,8 @@ def _vocab_size(model_path: str | None) -> int | None:
 def _render(result: dict) -> None:
     from rich.table import Table
 
-    table = Table(title=f"dyn bench: {result.get('requests')} requests, {result.get('failed')} failed")
+    table = Table(title=f"dyn bench: {result.get('requests')} requests, {result.get('failed')} failed, "
+                        f"{result.get('refused', 0)} refused (429), {result.get('retried_429', 0)} retried")
     table.add_column("metric")
     for col in ("p50", "p90", "p99"):
         table.add_column(col, justify="right")

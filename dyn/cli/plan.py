@@ -7,6 +7,7 @@ from rich.table import Table
 
 from dyn.cli.render import errors_to_exit, index_ranges, out, print_json
 from dyn.config.loader import load_recipe, load_topology, resolve_file
+from dyn.topology.frontends import place_frontends
 from dyn.topology.placement import place
 
 
@@ -23,10 +24,13 @@ def plan(topology: str = typer.Option(None, "-t", "--topology",
         topo = load_topology(resolve_file("topology", topology))
         rec = load_recipe(resolve_file("recipe", recipe))
         placement = place(topo, rec)
+        frontends = place_frontends(topo, rec)
     used = len(placement.used_gpus())
     if as_json:
         print_json({"topology": topo.name, "recipe": rec.name, "mode": rec.mode,
-                    "num_gpus": topo.num_gpus, "num_gpus_used": used, **placement.to_dict()})
+                    "num_gpus": topo.num_gpus, "num_gpus_used": used, **placement.to_dict(),
+                    "frontends": [{"id": f.id, "node": f.node, "host": f.host, "port": rec.frontend.port}
+                                  for f in frontends]})
         return
     table = Table(title=f"{rec.name} on {topo.name}")
     for column in ("worker", "role", "node", "gpus", "nvlink domain", "cpu threads"):
@@ -43,7 +47,8 @@ def plan(topology: str = typer.Option(None, "-t", "--topology",
     console = out()
     console.print(table)
     console.print(f"{len(placement.workers)} worker(s), {used} of {topo.num_gpus} GPUs, "
-                  f"head (planner + frontend): {placement.head}")
+                  f"head (planner): {placement.head}; frontends: "
+                  + ", ".join(f"{f.id}@{f.node}" for f in frontends))
 
 
 def register(app: typer.Typer) -> None:

@@ -39,6 +39,11 @@ def status(
     console.print(f"[bold]{escape(payload['name'])}[/]: {payload['state']}  "
                   f"uptime {payload.get('uptime_s', 0):.0f} s  frontend {payload.get('frontend_url', '')}",
                   highlight=False)
+    urls = payload.get("frontend_urls") or []
+    replicas = payload.get("frontends") or []
+    if len(urls) > 1 or len(replicas) > 1:
+        console.print(f"frontends: {len(replicas)} replicas serving {', '.join(urls)}", highlight=False,
+                      markup=False)
     if payload.get("error"):
         console.print(f"[red]{escape(payload['error'])}[/]", highlight=False)
     console.print(progress_table(payload, detailed=True))

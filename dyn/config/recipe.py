@@ -126,6 +126,11 @@ class FrontendSpec:
     max_prompt_tokens: int | None = None
     log_prompts: bool = False
     """Log prompt and output text per request (off: they may hold tenants' private data)."""
+    replicas: int = 1
+    """Frontend processes. Replicas on one node share `port` (SO_REUSEPORT: the kernel spreads
+    connections over them, so one address uses several cores); each builds its own KV index."""
+    nodes: tuple[str, ...] = ()
+    """Topology nodes that run frontends, replicas dealt round-robin; empty: the head node."""
 
 
 @dataclass(frozen=True)

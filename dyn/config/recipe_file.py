@@ -138,6 +138,9 @@ def _check_sections(doc: LocatedDoc, r: Recipe) -> None:
                             hint=f"start inside planner.min_{role}..max_{role}")
     if not 0 <= front.port <= 65535:
         raise doc.error("frontend.port", f"port must be 0-65535 (0: any free port), got {front.port}")
+    _at_least(doc, "frontend.replicas", front.replicas, 1)
+    if len(set(front.nodes)) != len(front.nodes):
+        raise doc.error("frontend.nodes", "names a node twice (replicas are dealt round-robin over the list)")
     if not front.host.strip():
         raise doc.error("frontend.host", "must be an address such as 127.0.0.1")
     if front.max_prompt_tokens is not None and not 1 <= front.max_prompt_tokens <= r.model.max_context:

@@ -84,6 +84,7 @@ def up(options: UpOptions, *, on_progress: Progress | None = None, confirm: Conf
 async def up_async(options: UpOptions, *, on_progress: Progress | None = None,
                    confirm: Confirm | None = None) -> UpResult:
     from dyn.config.loader import parse_recipe, parse_topology, resolve_file
+    from dyn.topology.frontends import place_frontends
     from dyn.topology.placement import place
 
     started = time.monotonic()
@@ -108,6 +109,7 @@ async def up_async(options: UpOptions, *, on_progress: Progress | None = None,
     name = check_name(options.name or recipe.name)
     await asyncio.to_thread(_ensure_model, recipe)
     placement = place(topology, recipe)
+    frontends = place_frontends(topology, recipe)
     options_key = {"router": options.router_policy}
     digest = config_hash(topology_text, recipe_text, options_key)
     store = StateStore(name)
@@ -133,7 +135,7 @@ async def up_async(options: UpOptions, *, on_progress: Progress | None = None,
                               f"`dyn up` on {topology.head}, or make the head node `address: local`")
     await _check_nodes(topology, used, local_cmd, remote_cmd, options)
 
-    ids = ["daemon", "cli", "frontend", *(w.id for w in placement.workers)]
+    ids = ["daemon", "cli", *(f.id for f in frontends), *(w.id for w in placement.workers)]
     keys = DeploymentKeys.generate(ids)
     store.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     keys.save(store.keys_path)

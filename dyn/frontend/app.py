@@ -102,14 +102,25 @@ def build_app(frontend: Frontend) -> web.Application:
     return app
 
 
-async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Serve `app` on host:port (0: any free port); returns the runner and the bound port."""
+async def start_site(app: web.Application, host: str, port: int, *,
+                     reuse_port: bool = False) -> tuple[web.AppRunner, int]:
+    """Serve `app` on host:port (0: any free port); returns the runner and the bound port.
+
+    reuse_port: share the port with the other frontend replicas of this node (SO_REUSEPORT:
+    the kernel deals new connections over every process listening on it)."""
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True, reuse_port=reuse_port or None)
     await site.start()
     bound = runner.addresses[0][1]
     return runner, bound
+
+
+async def add_site(runner: web.AppRunner, host: str, port: int = 0) -> int:
+    """One more listener for the same app (a replica's own address beside the shared port)."""
+    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+    await site.start()
+    return site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
 
 class _Handlers:

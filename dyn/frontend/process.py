@@ -23,12 +23,13 @@ from dyn.control.sockets import Security
 from dyn.engine.profile import EngineProfile, ProfileError, load_profile, mock_profile, profile_path
 from dyn.errors import ConfigError
 from dyn.frontend.admission import Admission
-from dyn.frontend.app import ApiSettings, Frontend, build_app, start_site
+from dyn.frontend.app import ApiSettings, Frontend, add_site, build_app, start_site
 from dyn.frontend.auth import load_api_keys
 from dyn.frontend.breaker import BreakerBoard
 from dyn.frontend.generate import Dispatcher
 from dyn.frontend.kv_subscriber import KvEventSubscriber
 from dyn.frontend.metrics import FrontendMetrics
+from dyn.frontend.peers import PeerLoad
 from dyn.frontend.routing import Routing
 from dyn.frontend.text import TextTokenizer, load_tokenizer
 from dyn.frontend.workers import WorkerLimits, WorkerPool
@@ -107,24 +108,34 @@ async def run_frontend(config: ProcessConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         aio.add_signal_handler(sig, stop.set)
 
-    runner, bound = await start_site(build_app(frontend), host, port)
+    reuse_port = config.extra.get("reuse_port") == "1"
+    runner, bound = await start_site(build_app(frontend), host, port, reuse_port=reuse_port)
     url = f"http://{host}:{bound}"
-    log.info("frontend serving %s on %s", recipe.model.served_name, url)
+    # A replica that shares its port also listens on its own one: its metrics and a client
+    # that must reach this replica (tests, dyn status) need an address no other replica answers.
+    own_url = f"http://{host}:{await add_site(runner, host)}" if reuse_port else url
+    log.info("frontend serving %s on %s%s", recipe.model.served_name, url,
+             f" (shared port; this replica alone: {own_url})" if reuse_port else "")
     # The router's KV index follows the workers' KV events; snapshots ride the request plane.
     kv_events = KvEventSubscriber(ctx, security, frontend.dispatcher.routing.router, pool.request_snapshot)
     pool.on_snapshot = kv_events.on_snapshot
     tasks: list[asyncio.Task] = [asyncio.create_task(kv_events.run())]
+    peers = None
+    if recipe.frontend.replicas > 1:
+        peers = PeerLoad(ctx, security, pool, config.process_id, config.bind_host)
+        tasks.append(asyncio.create_task(peers.run()))
     control = None
     if config.daemon_address:
         control = ControlClient(ctx, daemon_address=config.daemon_address, security=security,
                                 process_id=config.process_id, role="frontend", node=config.node,
                                 heartbeat_interval_s=config.heartbeat_interval_s,
                                 daemon_grace_s=config.daemon_grace_s)
-        control.addresses = {"http": url, "metrics": url + "/metrics"}
+        control.addresses = {"http": url, "replica": own_url, "metrics": own_url + "/metrics",
+                             **({"load": peers.address} if peers is not None else {})}
         control.state = "ready"
 
         async def on_command(command: Command) -> None:
-            await _apply_command(command, frontend, kv_events, stop, security)
+            await _apply_command(command, frontend, kv_events, stop, security, peers)
 
         async def metrics() -> tuple[dict[str, float], dict]:
             return _heartbeat_metrics(frontend), heartbeat_info(frontend, url)
@@ -148,6 +159,8 @@ async def run_frontend(config: ProcessConfig) -> int:
             # Bounded: on Python 3.11 a wait_for inside a task can swallow its cancellation.
             await asyncio.wait(tasks, timeout=1.0)
         kv_events.close()
+        if peers is not None:
+            peers.close()
         pool.close()
         if control is not None:
             control.close()
@@ -157,7 +170,7 @@ async def run_frontend(config: ProcessConfig) -> int:
 
 
 async def _apply_command(command: Command, frontend: Frontend, kv_events: KvEventSubscriber,
-                         stop: asyncio.Event, security: Security) -> None:
+                         stop: asyncio.Event, security: Security, peers: PeerLoad | None = None) -> None:
     if command.action == "update_workers":
         workers = command.args.get("workers")
         if not isinstance(workers, list):
@@ -175,6 +188,9 @@ async def _apply_command(command: Command, frontend: Frontend, kv_events: KvEven
         for wid, handle in pool.workers.items():
             if handle.kv_events_address is not None and handle.is_ready:
                 await kv_events.connect(wid, handle.kv_events_address)
+        replicas = command.args.get("frontends")
+        if peers is not None and isinstance(replicas, dict):
+            peers.update_peers({k: v for k, v in replicas.items() if isinstance(k, str) and isinstance(v, str)})
     elif command.action == "drain":
         frontend.accepting = False
     elif command.action == "stop":

@@ -90,11 +90,14 @@ class Routing:
 def _load(handle: WorkerHandle, block_size: int) -> WorkerLoad:
     m = handle.metrics
     # Our own in-flight count is fresher than the heartbeat; take whichever says busier.
-    running = max(int(m.get("num_running", 0)), min(handle.in_flight, handle.limits.max_batch_size))
+    # Other frontend replicas' open requests (peer load) count as ours.
+    in_flight = handle.in_flight + handle.peer_in_flight
+    in_flight_tokens = handle.in_flight_tokens + handle.peer_in_flight_tokens
+    running = max(int(m.get("num_running", 0)), min(in_flight, handle.limits.max_batch_size))
     return WorkerLoad(
         worker_id=handle.id, role=handle.role if handle.role in ("prefill", "decode") else "both",
         waiting_prefill_tokens=max(int(m.get("waiting_prefill_tokens", 0)), 0),
-        active_decode_blocks=max(int(m.get("kv_blocks_used", 0)), handle.in_flight_tokens // block_size, 0),
+        active_decode_blocks=max(int(m.get("kv_blocks_used", 0)), in_flight_tokens // block_size, 0),
         num_running=running, num_waiting=handle.queue_depth,
         kv_usage=min(max(m.get("kv_usage", 0.0), 0.0), 1.0),
         max_queue=handle.limits.max_queue, healthy=True,

@@ -62,6 +62,9 @@ class WorkerHandle:
     """Prompt tokens of those requests: the router's local estimate of the KV they hold."""
     pending_prefill_tokens: int = 0
     """Prompt tokens of those requests with no token back yet (admission's queue estimate)."""
+    peer_in_flight: int = 0
+    """Requests the other frontend replicas last said they have open on the worker."""
+    peer_in_flight_tokens: int = 0
     last_heard: float = 0.0
     """time.monotonic() of the last message from the worker (stall detection)."""
     sock: Any = None
@@ -74,7 +77,7 @@ class WorkerHandle:
     @property
     def queue_depth(self) -> int:
         """Requests waiting for a batch slot: our own excess, or the worker's report if larger."""
-        local = self.in_flight - self.limits.max_batch_size
+        local = self.in_flight + self.peer_in_flight - self.limits.max_batch_size
         return max(local, int(self.metrics.get("num_waiting", 0)), 0)
 
     @property
@@ -95,6 +98,8 @@ class WorkerPool:
         self.bad = BadMessages("frontend request plane")
         self.num_bad_updates = 0
         self.num_cancels_sent = 0
+        self.load_changed = asyncio.Event()
+        """Set when a stream opens or closes (frontend replicas publish their load on it)."""
         self.on_snapshot: Callable[[KvSnapshot], None] | None = None
         """Receives KvSnapshot answers (they ride the request plane)."""
 
@@ -139,6 +144,7 @@ class WorkerPool:
         self._streams[request.request_id] = _Stream(worker_id, queue, num_tokens)
         handle.in_flight += 1
         handle.in_flight_tokens += num_tokens
+        self.load_changed.set()
         handle.pending_prefill_tokens += num_tokens
         try:
             await handle.sock.send(REQUEST_CODEC.encode(request), copy=False)
@@ -172,6 +178,7 @@ class WorkerPool:
             return
         handle.in_flight -= 1
         handle.in_flight_tokens -= entry.num_tokens
+        self.load_changed.set()
         if entry.awaiting_first:
             handle.pending_prefill_tokens -= entry.num_tokens
         if cancel:

@@ -87,6 +87,7 @@ class PlannerDaemon(DaemonControl, DaemonLaunching):
 
     async def run(self) -> int:
         from dyn.config.loader import parse_recipe, parse_topology
+        from dyn.topology.frontends import place_frontends
         from dyn.topology.placement import place
 
         d = self.deployment
@@ -111,7 +112,9 @@ class PlannerDaemon(DaemonControl, DaemonLaunching):
                            heartbeat_interval_s=self.deadlines.heartbeat_interval_s,
                            daemon_grace_s=self.deadlines.daemon_grace_s)
         budget = {"max_restarts": int(self.deadlines.max_restarts), "window_s": self.deadlines.restart_window_s}
-        self.fleet.add(ProcessSlot("frontend", "frontend", topology.head, ()), **budget)
+        for fe in place_frontends(topology, recipe):
+            self.fleet.add(ProcessSlot(fe.id, "frontend", fe.node, ()), **budget)
+            self.fleet.extra[fe.id] = {"http_host": fe.host, **({"reuse_port": "1"} if fe.shares_port else {})}
         for slot in worker_slots(placement, previous if adopting else None):
             self.fleet.add(slot, **budget)
         if not self._policy_given:

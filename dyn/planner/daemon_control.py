@@ -123,7 +123,10 @@ class DaemonControl:
             # Adopted processes re-register within a heartbeat or two; until then the frontends'
             # own lists are right, and "starting" would make them fail those workers' streams.
             return
-        command = Command("update_workers", {"workers": worker_list(list(self.fleet.slots.values()))})
+        # Replicas share their in-flight load: each learns the others' PUB addresses here.
+        replicas = {s.id: s.addresses["load"] for s in frontends if isinstance(s.addresses.get("load"), str)}
+        command = Command("update_workers", {"workers": worker_list(list(self.fleet.slots.values())),
+                                             "frontends": replicas})
         for slot in frontends:
             await self._send(slot.id, command)
 

@@ -43,6 +43,8 @@ class Fleet:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.daemon_grace_s = daemon_grace_s
         self.clock = clock
+        self.extra: dict[str, dict[str, str]] = {}
+        """Per-slot ProcessConfig.extra (a frontend replica's http_host and reuse_port)."""
         self.slots: dict[str, ProcessSlot] = {}
         self.events: list[str] = []
         """Recent notable events, newest last (shown by `dyn status`)."""
@@ -222,6 +224,7 @@ class Fleet:
     def _config(self, slot: ProcessSlot, keys_path: str | None) -> ProcessConfig:
         d = self.deployment
         extra = {"router_policy": d.router_policy} if d.router_policy else {}
+        extra.update(self.extra.get(slot.id, {}))
         return ProcessConfig(
             deployment=d.name, process_id=slot.id, role=slot.role, node=slot.node,
             daemon_address=self.daemon_address, recipe_text=d.recipe_text, topology_text=d.topology_text,

@@ -54,6 +54,8 @@ def status_payload(*, name: str, phase: str, started_at: float, wall_now: float,
         extra["decisions"] = planner.pop("decisions", [])
         extra["planner"] = planner
     extra["breakers"] = breakers(slots)
+    extra["frontends"] = frontends(slots)
+    extra["frontend_urls"] = sorted({f["url"] for f in extra["frontends"] if f["url"]}) or [frontend_url]
     if topology is not None and recipe is not None:
         extra["shuttle_paths"] = shuttle_paths(topology, recipe, slots)
     return {**extra,
@@ -79,8 +81,22 @@ def breakers(slots: list[ProcessSlot]) -> dict[str, str]:
     out: dict[str, str] = {}
     for slot in slots:
         if slot.role == "frontend" and isinstance(slot.info.get("breakers"), dict):
-            out.update({str(k): str(v) for k, v in slot.info["breakers"].items()})
+            for k, v in slot.info["breakers"].items():
+                # replicas keep their own breakers: show the worst any of them holds
+                if _BREAKER_RANK.get(str(v), 0) >= _BREAKER_RANK.get(out.get(str(k), ""), -1):
+                    out[str(k)] = str(v)
     return out
+
+
+_BREAKER_RANK = {"closed": 0, "half_open": 1, "open": 2}
+
+
+def frontends(slots: list[ProcessSlot]) -> list[dict[str, Any]]:
+    """Every frontend replica: its node, state, the URL clients use and the replica's own URL
+    (replicas on one node share the first, SO_REUSEPORT; the second reaches that one alone)."""
+    return [{"id": s.id, "node": s.node, "state": s.state, "pid": s.pid,
+             "url": s.addresses.get("http", ""), "replica_url": s.addresses.get("replica", s.addresses.get("http", ""))}
+            for s in slots if s.role == "frontend"]
 
 
 def shuttle_paths(topology: "Topology", recipe: "Recipe", slots: list[ProcessSlot],

@@ -25,6 +25,10 @@ class FakeServer:
     fail_max_tokens: int = -1
     hang_max_tokens: int = -1
     migrate_max_tokens: int = -1
+    refuse_max_tokens: int = -1
+    refusals_per_prompt: int = 0
+    """Requests with refuse_max_tokens get 429 (Retry-After 0.05 s) this many times per prompt."""
+    refused: dict[tuple[int, ...], int] = field(default_factory=dict)
     bodies: list[dict] = field(default_factory=list)
     seen_blocks: set[tuple[int, ...]] = field(default_factory=set)
     hit_blocks: int = 0
@@ -39,6 +43,12 @@ class FakeServer:
             return web.json_response({"error": {"message": "boom"}}, status=500)
         if max_tokens == self.hang_max_tokens:
             await asyncio.sleep(30)
+        if max_tokens == self.refuse_max_tokens:
+            key = tuple(prompt)
+            if self.refused.get(key, 0) < self.refusals_per_prompt:
+                self.refused[key] = self.refused.get(key, 0) + 1
+                return web.json_response({"error": {"message": "over capacity"}}, status=429,
+                                         headers={"Retry-After": "0.05"})
         blocks = [tuple(prompt[i:i + BLOCK]) for i in range(0, len(prompt) - BLOCK + 1, BLOCK)]
         self.lookup_blocks += len(blocks)
         for blk_idx in range(len(blocks)):
@@ -177,3 +187,47 @@ def test_unreachable_endpoint_fails_requests_not_the_run():
     report = asyncio.run(run_bench(trace, config)).to_json()
     assert report["failed"] == 1 and report["prefix_hit_rate"] is None
     assert "Connect" in next(iter(report["errors"]))
+
+
+def test_429_is_counted_refused_not_failed_and_retried_after_retry_after():
+    trace = make_trace()
+    refused_reqs = sum(1 for r in trace.requests if r.output_length == 6)
+
+    def run(max_retries: int, refusals: int) -> tuple[dict, FakeServer, tuple]:
+        fake = FakeServer(refuse_max_tokens=6, refusals_per_prompt=refusals)
+
+        async def main():
+            async with serve(fake) as url:
+                config = BenchConfig(base_url=url, model="tiny", speedup=50.0, concurrency=4,
+                                     block_tokens=BLOCK, request_timeout_s=10,
+                                     max_retries_429=max_retries)
+                return await run_bench(trace, config)
+
+        full = asyncio.run(main())
+        return full.to_json(), fake, full.results
+
+    # No retry: a 429 is "refused", apart from failures.
+    report, fake, _ = run(0, 1)
+    assert report["refused"] == refused_reqs and report["failed"] == 0
+    assert report["completed"] == 12 - refused_reqs and report["retried_429"] == 0
+    # Two retries allowed, one refusal each: every request completes after waiting Retry-After.
+    report, fake, results = run(2, 1)
+    assert report["refused"] == 0 and report["failed"] == 0 and report["completed"] == 12
+    assert report["retried_429"] == refused_reqs
+    assert len(fake.bodies) == 12 + refused_reqs
+    retried = [r for r in results if r.retries]
+    assert len(retried) == refused_reqs  # their latency includes the wait the server asked for
+    assert all(r.ttft_s >= 0.05 + TTFT_S for r in retried)
+    # Out of retries: refused after 1 + max_retries attempts.
+    report, fake, _ = run(1, 5)
+    assert report["refused"] == refused_reqs and report["retried_429"] == refused_reqs
+    assert all(n == 2 for n in fake.refused.values())
+
+
+def test_retry_after_follows_the_header_else_backs_off_exponentially():
+    from dyn.bench.runner import retry_after_s
+
+    assert retry_after_s("2", 0) == 2.0 and retry_after_s("0.25", 3) == 0.25
+    for attempt, ceiling in ((0, 0.5), (1, 1.0), (2, 2.0), (6, 8.0)):
+        for header in (None, "soon", "600"):  # missing, not a number, over the 60 s cap
+            assert 0.75 * ceiling <= retry_after_s(header, attempt) <= ceiling

@@ -75,7 +75,7 @@ def test_plan_defaults_to_local_tiny_and_prints_a_table() -> None:
     result = _run("plan")
     assert result.exit_code == 0, result.output
     assert "prefill-0" in result.stdout and "decode-0" in result.stdout
-    assert "head (planner + frontend): local" in result.stdout
+    assert "head (planner): local; frontends: frontend@local" in result.stdout
 
 
 def test_plan_table_shows_multi_tray_groups() -> None:
