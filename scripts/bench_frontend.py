@@ -53,7 +53,7 @@ async def run_workers(keys_path: str, num: int) -> None:
             msg = decode(data)
             if not isinstance(msg, GenerateRequest):
                 continue
-            rid, n = msg.request_id, int(msg.sampling.get("max_tokens", 16))
+            rid, n = msg.request_id, msg.sampling.max_tokens or 16
             for i in range(n):
                 sock.send_multipart([client, encode(TokenChunk(rid, [1000 + i]))])
             await sock.send_multipart([client, encode(Finish(rid, "length", len(msg.prompt_token_ids), n))])
@@ -147,6 +147,7 @@ async def direct_client(keys_path: str, addresses: list[str], concurrency: int, 
 
     from dyn.control.keys import DeploymentKeys
     from dyn.control.requests import REQUEST_CODEC, Finish, GenerateRequest
+    from dyn.control.sampling import SamplingParams
     from dyn.control.sockets import Security, client_socket
 
     keys = DeploymentKeys.load(Path(keys_path))
@@ -186,7 +187,7 @@ async def direct_client(keys_path: str, addresses: list[str], concurrency: int, 
             fut = asyncio.get_running_loop().create_future()
             waiting[rid] = (fut, [])
             start = time.perf_counter()
-            req = GenerateRequest(rid, list(f"benchmark prompt {idx}".encode()), {"max_tokens": tokens})
+            req = GenerateRequest(rid, list(f"benchmark prompt {idx}".encode()), SamplingParams(max_tokens=tokens))
             await socks[hash(rid) % len(socks)].send(REQUEST_CODEC.encode(req))
             await fut
             end = time.perf_counter()

@@ -1,14 +1,16 @@
 """msgpack codec for wire messages: versioned, typed, validated on receipt.
 
 A frame is the msgpack array ``[protocol_version, type_tag, {field: value}]``.
-Decoding checks the version, the tag, every field's type and the sizes, so a
-receiver only ever sees a well-formed dataclass or a ProtocolError.
+Decoding checks the version, the tag, every field's type (nested dataclasses
+such as SamplingParams field by field) and the sizes, so a receiver only ever
+sees a well-formed dataclass or a ProtocolError.
 No pickle: only msgpack's plain types travel.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from typing import Any, ClassVar, Iterable, TypeVar, Union, get_args, get_origin
@@ -39,16 +41,14 @@ class Codec:
                  max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
         self.max_message_bytes = max_message_bytes
         self._types: dict[str, type[Message]] = {}
-        self._hints: dict[str, dict[str, Any]] = {}
         for cls in message_types:
             assert dataclasses.is_dataclass(cls) and cls.TYPE, cls
             assert cls.TYPE not in self._types, f"duplicate message type {cls.TYPE}"
             self._types[cls.TYPE] = cls
-            self._hints[cls.TYPE] = typing.get_type_hints(cls)
+            _hints(cls)  # resolve the annotations now: a bad one fails at import, not on receipt
 
     def encode(self, message: Message) -> bytes:
-        fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
-        return msgpack.packb([PROTOCOL_VERSION, message.TYPE, fields], use_bin_type=True)
+        return msgpack.packb([PROTOCOL_VERSION, message.TYPE, _fields(message)], use_bin_type=True)
 
     def decode(self, data: bytes | memoryview) -> Message:
         if len(data) > self.max_message_bytes:
@@ -69,17 +69,7 @@ class Codec:
             raise ProtocolError(f"unknown message type {tag!r}")
         if not isinstance(fields, dict):
             raise ProtocolError(f"{tag}: fields are not a map")
-        hints = self._hints[tag]
-        unknown = set(fields) - set(hints)
-        if unknown:
-            raise ProtocolError(f"{tag}: unknown fields {sorted(unknown)}")
-        values = {}
-        for f in dataclasses.fields(cls):
-            if f.name in fields:
-                values[f.name] = _check(fields[f.name], hints[f.name], f"{tag}.{f.name}")
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ProtocolError(f"{tag}: missing field {f.name!r}")
-        return cls(**values)
+        return _build(cls, fields, tag)
 
     def decode_as(self, data: bytes | memoryview, expected: type[M]) -> M:
         message = self.decode(data)
@@ -88,11 +78,41 @@ class Codec:
         return message
 
 
+def _fields(obj: Any) -> dict[str, Any]:
+    """A dataclass as a map of its fields; nested dataclasses (e.g. SamplingParams) become maps too."""
+    return {f.name: _fields(v) if dataclasses.is_dataclass(v := getattr(obj, f.name)) else v
+            for f in dataclasses.fields(obj)}
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, fields: Any, where: str) -> Any:
+    """`cls(**fields)` after checking every field against its annotation; unknown fields are refused."""
+    if not isinstance(fields, dict):
+        raise ProtocolError(f"{where}: fields are not a map")
+    hints = _hints(cls)
+    unknown = set(fields) - set(hints)
+    if unknown:
+        raise ProtocolError(f"{where}: unknown fields {sorted(unknown)}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in fields:
+            values[f.name] = _check(fields[f.name], hints[f.name], f"{where}.{f.name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ProtocolError(f"{where}: missing field {f.name!r}")
+    return cls(**values)
+
+
 def _check(value: Any, hint: Any, where: str) -> Any:
     """Validate `value` against a type hint; return it (tuples from lists where declared)."""
     origin = get_origin(hint)
     if hint is Any:
         return value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
     if origin in (Union, types.UnionType):
         for option in get_args(hint):
             try:

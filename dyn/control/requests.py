@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 from dyn.control.codec import Codec, Message
 from dyn.control.kv_events import KvSnapshot, KvSnapshotRequest
+from dyn.control.sampling import SamplingParams
 
 
 @dataclass(slots=True)
@@ -19,8 +20,8 @@ class GenerateRequest(Message):
     TYPE: ClassVar[str] = "generate"
     request_id: str
     prompt_token_ids: list[int]
-    sampling: dict[str, Any] = field(default_factory=dict)
-    """Fields of dyn.engine.backend.SamplingParams."""
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    """Travels as a map of its fields; the codec checks each one's type."""
     priority: int = 0
     salt: int = 0
     prefill_only: bool = False

@@ -27,27 +27,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
+from dyn.control.sampling import SamplingParams
 from dyn.kv.events import KvEventListener, LowerTier
 from dyn.kv.retention import Retention
 
 FinishReason = Literal["stop", "length", "abort", "error"]
-
-
-@dataclass(slots=True)
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 0.0
-    """0 means greedy."""
-    top_p: float = 1.0
-    top_k: int = 0
-    """0 means no top-k cut."""
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    """Besides the model's EOS ids (unless ignore_eos)."""
-    stop: tuple[str, ...] = ()
-    """Stop strings; checked by the engine's detokenizer when it has one."""
-    ignore_eos: bool = False
-    logprobs: bool = False
 
 
 @dataclass(slots=True)

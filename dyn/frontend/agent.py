@@ -21,6 +21,7 @@ import time
 from typing import TYPE_CHECKING
 
 from dyn.control.requests import CloseSession, Finish, GenerateRequest, RequestFailed
+from dyn.control.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from dyn.frontend.generate import Dispatcher
@@ -74,7 +75,7 @@ class AgentTurns:
         fields = hint_fields(req, d.routing.block_size, d.kv_tiers)
         fields["priority"] = min(req.hints.priority, 0) - 1
         rid = d.new_request_id() + "-spec"
-        request = GenerateRequest(rid, prefix, {"max_tokens": 1, "ignore_eos": True}, salt=salt,
+        request = GenerateRequest(rid, prefix, SamplingParams(max_tokens=1, ignore_eos=True), salt=salt,
                                   speculative=True, **fields)
         self.num_speculative += 1
         queue = await d.pool.open(choice.decode, request)

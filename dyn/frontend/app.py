@@ -169,9 +169,10 @@ class _Handlers:
         if req.retain_messages:
             req = await self._retain_marked(req, prompt_ids)
         s, extra = fe.settings, {"request_id": rid}
+        req = req.for_prompt(len(prompt_ids), s.max_context)
         salt = 0 if fe.api_keys is None or s.share_cache_across_tenants else tenant_salt(tenant.name)
         log.info("request received: %s, %d prompt tokens, max_tokens %s, tenant %s, priority %d%s",
-                 req.kind, len(prompt_ids), req.max_tokens, tenant.name, req.hints.priority,
+                 req.kind, len(prompt_ids), req.sampling.max_tokens, tenant.name, req.hints.priority,
                  f", prompt {_prompt_text(req)!r}" if s.log_prompts else "", extra=extra)
         usage = Usage()
         public_id = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + rid
@@ -233,8 +234,9 @@ class _Handlers:
         if len(ids) > limit:
             raise ApiError(f"the prompt has {len(ids)} tokens; the limit is {limit}", param=param,
                            code="context_length_exceeded")
-        if req.max_tokens is not None and len(ids) + req.max_tokens > s.max_context:
-            raise ApiError(f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the "
+        max_tokens = req.sampling.max_tokens
+        if max_tokens is not None and len(ids) + max_tokens > s.max_context:
+            raise ApiError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
                            f"model's context of {s.max_context} tokens", param="max_tokens",
                            code="context_length_exceeded")
         return ids
@@ -268,7 +270,7 @@ class _Handlers:
         usage.finish_reason = reason
         usage.num_completion_tokens = len(usage.token_ids)
         lp = None
-        if req.logprobs and logprobs:
+        if req.sampling.logprobs and logprobs:
             tok = self.fe.tokenizer
             lp = ({"content": chat_logprobs(tok, token_ids, logprobs)} if req.kind == "chat"
                   else completion_logprobs(tok, token_ids, logprobs))

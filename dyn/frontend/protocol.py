@@ -9,9 +9,10 @@ honour (n > 1, tools, penalties, non-text content) are refused, never ignored.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from dyn.control.sampling import SamplingParams
 from dyn.frontend.api_error import ApiError
 from dyn.frontend.hints import Hints, parse_hints
 
@@ -36,18 +37,11 @@ class GenerationRequest:
     """chat: (role, content) dicts with content flattened to text."""
     prompt_text: str | None = None
     prompt_token_ids: tuple[int, ...] | None = None
-    max_tokens: int | None = None
-    """None: up to the model's context."""
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
+    sampling: SamplingParams = SamplingParams(max_tokens=None, temperature=1.0)
+    """What the engine gets (stop strings excepted: the frontend applies them to text).
+    max_tokens None: up to the model's context, until `for_prompt` resolves it."""
     stream: bool = False
     include_usage: bool = False
-    logprobs: bool = False
-    ignore_eos: bool = False
     hints: Hints = Hints()
     unknown_hints: tuple[str, ...] = ()
     """Hint fields we do not know (ignored; the frontend counts them)."""
@@ -55,6 +49,12 @@ class GenerationRequest:
     """chat: messages[:retain_messages] carry a retention mark (system prompt, tool schemas)."""
     retain_tokens: int | None = None
     """With hints.retention: only the prompt's leading tokens are retained (None: all blocks)."""
+
+    def for_prompt(self, num_prompt_tokens: int, max_context: int) -> "GenerationRequest":
+        """This request with max_tokens resolved for its tokenized prompt (None: to the context end)."""
+        if self.sampling.max_tokens is not None:
+            return self
+        return replace(self, sampling=replace(self.sampling, max_tokens=max(max_context - num_prompt_tokens, 1)))
 
 
 def parse_chat(body: Any) -> GenerationRequest:
@@ -81,7 +81,7 @@ def parse_chat(body: Any) -> GenerationRequest:
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise ApiError("only response_format {'type': 'text'} is supported", param="response_format")
-    return _common(body, "chat", messages=messages, max_tokens=max_tokens, logprobs=logprobs,
+    return _common(body, "chat", max_tokens, logprobs, messages=messages,
                    retain_messages=marked[-1] + 1 if marked else 0)
 
 
@@ -118,11 +118,10 @@ def parse_completion(body: Any) -> GenerationRequest:
     max_tokens = _opt_int(body, "max_tokens", 1, None)
     if "max_tokens" not in body:
         max_tokens = LEGACY_DEFAULT_MAX_TOKENS  # OpenAI's default; an explicit null means "to the context end"
-    return _common(body, "completion", prompt_text=text, prompt_token_ids=ids, max_tokens=max_tokens,
-                   logprobs=logprobs is not None)
+    return _common(body, "completion", max_tokens, logprobs is not None, prompt_text=text, prompt_token_ids=ids)
 
 
-def _common(body: dict, kind: str, **fields: Any) -> GenerationRequest:
+def _common(body: dict, kind: str, max_tokens: int | None, logprobs: bool, **fields: Any) -> GenerationRequest:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError("'model' must be a non-empty string", param="model")
@@ -154,16 +153,14 @@ def _common(body: dict, kind: str, **fields: Any) -> GenerationRequest:
     ignore_eos = hints.ignore_eos
     if ignore_eos is None:
         ignore_eos = _opt_bool(body, "ignore_eos")
-    return GenerationRequest(
-        kind=kind, model=model,  # type: ignore[arg-type]
-        temperature=1.0 if temperature is None else temperature,
-        top_p=1.0 if top_p is None else top_p,
-        top_k=_opt_int(body, "top_k", -1, MAX_TOKEN_ID) or 0,
-        seed=_opt_int(body, "seed", -(2**63), 2**63 - 1),
-        stop=_stop(body.get("stop")),
-        stop_token_ids=_int_list(body, "stop_token_ids"),
-        stream=stream, include_usage=include_usage, ignore_eos=bool(ignore_eos), hints=hints,
-        unknown_hints=unknown, **fields)
+    sampling = SamplingParams(
+        max_tokens=max_tokens, temperature=1.0 if temperature is None else temperature,
+        top_p=1.0 if top_p is None else top_p, top_k=max(_opt_int(body, "top_k", -1, MAX_TOKEN_ID) or 0, 0),
+        seed=_opt_int(body, "seed", -(2**63), 2**63 - 1), stop_token_ids=_int_list(body, "stop_token_ids"),
+        stop=_stop(body.get("stop")), ignore_eos=bool(ignore_eos), logprobs=logprobs)
+    return GenerationRequest(kind=kind, model=model, sampling=sampling,  # type: ignore[arg-type]
+                             stream=stream, include_usage=include_usage, hints=hints, unknown_hints=unknown,
+                             **fields)
 
 
 def _is_retain_mark(message: dict, where: str) -> bool:

@@ -18,10 +18,11 @@ import asyncio
 import logging
 import time
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, AsyncIterator
 
 from dyn.control.requests import Finish, GenerateRequest, RequestFailed, TokenChunk
+from dyn.control.sampling import SamplingParams
 from dyn.frontend.protocol import GenerationRequest
 from dyn.frontend.text import TextStream
 
@@ -78,8 +79,9 @@ class WorkerStream:
         self.usage = usage
         self.salt = salt
         usage.num_prompt_tokens = len(prompt_ids)
-        self.max_tokens = req.max_tokens or max(d.max_context - len(prompt_ids), 1)
-        self.text = TextStream(d.tokenizer, req.stop, prefix_ids=prompt_ids, lazy=not req.stream)
+        assert req.sampling.max_tokens is not None, "the edge resolves max_tokens (GenerationRequest.for_prompt)"
+        self.max_tokens = req.sampling.max_tokens
+        self.text = TextStream(d.tokenizer, req.sampling.stop, prefix_ids=prompt_ids, lazy=not req.stream)
         self.emitted = usage.token_ids
         self.finish_reason: str | None = None
         self.start = time.perf_counter()
@@ -173,7 +175,7 @@ class WorkerStream:
             metrics.itl.observe(now - self.last)
         self.last = now
         ids = chunk.token_ids[: self.max_tokens - len(self.emitted)]
-        if self.req.stop and len(ids) > 1:
+        if self.req.sampling.stop and len(ids) > 1:
             # Token by token, so usage counts end at the token that completed a stop string.
             text = ""
             for idx in range(len(ids)):
@@ -184,7 +186,7 @@ class WorkerStream:
         else:
             text = self.text.add(ids)
         self.emitted.extend(ids)
-        logprobs = chunk.logprobs[: len(ids)] if self.req.logprobs and chunk.logprobs else None
+        logprobs = chunk.logprobs[: len(ids)] if self.req.sampling.logprobs and chunk.logprobs else None
         if self.text.stopped:
             self.finish_reason = "stop"
         elif len(self.emitted) >= self.max_tokens:
@@ -198,16 +200,10 @@ class WorkerStream:
         self.finish_reason = reason
         return Piece(self.text.flush(), [], None, reason)
 
-    def _sampling(self, max_tokens: int | None = None) -> dict:
-        req = self.req
-        sampling = {"max_tokens": max_tokens or self.max_tokens, "temperature": req.temperature,
-                    "top_p": req.top_p, "top_k": max(req.top_k, 0), "ignore_eos": req.ignore_eos,
-                    "logprobs": req.logprobs}
-        if req.seed is not None:
-            sampling["seed"] = req.seed
-        if req.stop_token_ids:
-            sampling["stop_token_ids"] = list(req.stop_token_ids)
-        return sampling
+    def _sampling(self, max_tokens: int | None = None) -> SamplingParams:
+        """The request's sampling for a worker, `max_tokens` left (default: all). Stop strings stay
+        here: TextStream matches them on the text the client sees, prompt included."""
+        return replace(self.req.sampling, max_tokens=max_tokens or self.max_tokens, stop=())
 
 
 def _merge(first: TokenChunk, queue: asyncio.Queue) -> tuple[TokenChunk, object | None]:

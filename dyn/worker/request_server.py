@@ -8,7 +8,6 @@ RequestFailed, including when the worker drains or shuts down.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -20,14 +19,12 @@ from dyn.control.kv_events import KvSnapshot, KvSnapshotRequest
 from dyn.control.requests import (REQUEST_CODEC, Cancel, CloseSession, Finish, GenerateRequest,
                                   RequestFailed, TokenChunk)
 from dyn.control.sockets import BadMessages, Security, decode_or_record, server_socket
-from dyn.engine.backend import Backend, EngineRequest, SamplingParams, TokenOutput
+from dyn.engine.backend import Backend, EngineRequest, TokenOutput
 from dyn.errors import DynError, RequestError
 from dyn.kv.retention import Retention
 from dyn.worker.engine_loop import EngineLoop
 
 log = logging.getLogger(__name__)
-
-_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 
 KvHook = Callable[["Stream", GenerateRequest], Awaitable[None]]
 """Disaggregation hooks (the shuttle): import before decoding / export after prefill."""
@@ -223,20 +220,8 @@ class RequestServer:
 
 
 def engine_request(msg: GenerateRequest) -> EngineRequest:
-    """The engine's view of a wire request; RequestError names a bad sampling field."""
-    unknown = set(msg.sampling) - _SAMPLING_FIELDS
-    if unknown:
-        raise RequestError(f"unknown sampling fields {sorted(unknown)}", field="sampling")
-    sampling = dict(msg.sampling)
-    for key in ("stop_token_ids", "stop"):
-        if key in sampling:
-            if not isinstance(sampling[key], (list, tuple)):
-                raise RequestError(f"sampling.{key} must be a list", field=key)
-            sampling[key] = tuple(sampling[key])
-    try:
-        params = SamplingParams(**sampling)
-    except TypeError as exc:
-        raise RequestError(f"bad sampling parameters: {exc}", field="sampling") from None
+    """The engine's view of a wire request (the codec already checked the sampling types; the
+    engine checks their values when the request is added); RequestError names a bad retention field."""
     retention = None
     if msg.retention_priority or msg.retention_ttl_s is not None:
         if msg.retention_ttl_s is not None and msg.retention_ttl_s <= 0:
@@ -247,6 +232,6 @@ def engine_request(msg: GenerateRequest) -> EngineRequest:
         raise RequestError(f"retention_blocks must be >= 0, got {msg.retention_blocks}",
                            field="retention_blocks")
     return EngineRequest(request_id=msg.request_id, prompt_token_ids=list(msg.prompt_token_ids),
-                         sampling=params, priority=msg.priority, salt=msg.salt,
+                         sampling=msg.sampling, priority=msg.priority, salt=msg.salt,
                          prefill_only=msg.prefill_only, retention=retention,
                          retention_blocks=msg.retention_blocks, session_id=msg.session_id)

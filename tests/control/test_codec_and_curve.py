@@ -9,6 +9,7 @@ import zmq.asyncio
 from dyn.control.keys import DeploymentKeys
 from dyn.control.messages import CONTROL_CODEC, Heartbeat, Register
 from dyn.control.requests import REQUEST_CODEC, GenerateRequest
+from dyn.control.sampling import SamplingParams
 from dyn.control.sockets import BadMessages, Security, client_socket, decode_or_record, server_socket
 from dyn.errors import ProtocolError
 
@@ -17,8 +18,35 @@ def test_round_trip_keeps_every_field():
     msg = Register(process_id="decode-0", role="decode", node="tray01", pid=42, version="0.1.0",
                    addresses={"request": "tcp://127.0.0.1:5000"}, gpus=[0, 1])
     assert CONTROL_CODEC.decode(CONTROL_CODEC.encode(msg)) == msg
-    req = GenerateRequest(request_id="r1", prompt_token_ids=[1, 2, 3], sampling={"max_tokens": 4})
+    req = GenerateRequest(request_id="r1", prompt_token_ids=[1, 2, 3], sampling=SamplingParams(max_tokens=4))
     assert REQUEST_CODEC.decode(REQUEST_CODEC.encode(req)) == req
+
+
+def test_sampling_travels_typed_and_is_checked_field_by_field():
+    sp = SamplingParams(max_tokens=7, temperature=0.5, top_k=3, seed=-(2**63), stop_token_ids=(2, 9),
+                        ignore_eos=True, logprobs=True)
+    got = REQUEST_CODEC.decode(REQUEST_CODEC.encode(GenerateRequest("r", [1], sampling=sp)))
+    assert isinstance(got, GenerateRequest) and got.sampling == sp and type(got.sampling.stop_token_ids) is tuple
+    # a sender that names only some fields (as protocol 1 frontends did) gets the defaults for the rest
+    partial = msgpack.packb([1, "generate", {"request_id": "r", "prompt_token_ids": [1],
+                                             "sampling": {"max_tokens": 4, "temperature": 1}}])
+    got = REQUEST_CODEC.decode(partial)
+    assert got.sampling == SamplingParams(max_tokens=4, temperature=1.0)  # type: ignore[attr-defined]
+    assert type(got.sampling.temperature) is float  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("sampling, reason", [
+    ({"max_tokens": "4"}, r"generate\.sampling\.max_tokens: .*does not match"),
+    ({"temperature": True}, r"sampling\.temperature: expected a number"),
+    ({"stop_token_ids": 5}, r"sampling\.stop_token_ids: expected a list"),
+    ({"stop_token_ids": [1, "x"]}, r"sampling\.stop_token_ids: expected an integer"),
+    ({"beam_width": 4}, r"sampling: unknown fields \['beam_width'\]"),
+    ([4], r"sampling: fields are not a map"),
+])
+def test_mistyped_sampling_is_a_protocol_error(sampling, reason):
+    frame = msgpack.packb([1, "generate", {"request_id": "r", "prompt_token_ids": [1], "sampling": sampling}])
+    with pytest.raises(ProtocolError, match=reason):
+        REQUEST_CODEC.decode(frame)
 
 
 @pytest.mark.parametrize("frame, reason", [

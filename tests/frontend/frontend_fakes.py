@@ -89,8 +89,8 @@ class FakeWorker:
 
     async def _run(self, client: bytes, msg: GenerateRequest) -> None:
         rid = msg.request_id
-        max_tokens = int(msg.sampling.get("max_tokens", 16))
-        want_lp = bool(msg.sampling.get("logprobs"))
+        max_tokens = msg.sampling.max_tokens or 16
+        want_lp = msg.sampling.logprobs
         context = list(msg.prompt_token_ids)
         done = 0
         try:

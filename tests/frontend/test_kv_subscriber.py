@@ -9,6 +9,7 @@ import zmq.asyncio
 
 from dyn.config.recipe import RouterSpec
 from dyn.control.kv_events import KvSnapshot, KvSnapshotRequest
+from dyn.control.sampling import SamplingParams
 from dyn.control.requests import REQUEST_CODEC, Finish, GenerateRequest
 from dyn.control.sockets import Security, client_socket, server_socket
 from dyn.frontend.kv_subscriber import KvEventSubscriber
@@ -31,7 +32,7 @@ def test_events_and_snapshots_track_a_live_worker(tmp_path):
             requests = client_socket(ctx, zmq.DEALER, reg.addresses["request"], Security())
 
             async def generate(rid: str, prompt: list[int]) -> None:
-                await requests.send(REQUEST_CODEC.encode(GenerateRequest(rid, prompt, {"max_tokens": 2})))
+                await requests.send(REQUEST_CODEC.encode(GenerateRequest(rid, prompt, SamplingParams(max_tokens=2))))
                 while not isinstance(REQUEST_CODEC.decode(await asyncio.wait_for(requests.recv(), 20)), Finish):
                     pass
 

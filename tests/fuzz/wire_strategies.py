@@ -85,6 +85,8 @@ def for_hint(hint: Any) -> st.SearchStrategy[Any]:
         return st.none()
     if origin is Literal:
         return st.sampled_from(get_args(hint))
+    if dataclasses.is_dataclass(hint):  # nested (SamplingParams): a map of its fields
+        return valid_fields(hint)
     if origin in (list, tuple):
         args = get_args(hint)
         return st.lists(for_hint(args[0] if args else Any), max_size=6)
@@ -109,11 +111,11 @@ def message_types(codec: Codec) -> list[type[Message]]:
     return list(codec._types.values())  # the codec is the registry of its family
 
 
-def hints_of(cls: type[Message]) -> dict[str, Any]:
+def hints_of(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def valid_fields(cls: type[Message]) -> st.SearchStrategy[dict[str, Any]]:
+def valid_fields(cls: type) -> st.SearchStrategy[dict[str, Any]]:
     """The wire form of a valid instance: every required field, any subset of the defaulted ones."""
     hints = hints_of(cls)
     required = {f.name: for_hint(hints[f.name]) for f in dataclasses.fields(cls) if _is_required(f)}

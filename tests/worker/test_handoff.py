@@ -8,6 +8,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from dyn.control.sampling import SamplingParams
 from dyn.control.requests import REQUEST_CODEC, Finish, GenerateRequest, TokenChunk
 from dyn.control.sockets import Security, client_socket, server_socket
 
@@ -53,9 +54,9 @@ def test_prefill_then_decode_matches_one_worker(tmp_path, break_offer):
             prompts = [[(i * 37 + j) % 900 + 5 for j in range(n)] for i, n in enumerate((17, 64, 150))]
             for i, prompt in enumerate(prompts):
                 # the reference runs on the prefill worker, so the decode worker holds none of the KV
-                reference, _ = await _generate(prefill, GenerateRequest(f"ref{i}", prompt, {"max_tokens": 8}))
+                reference, _ = await _generate(prefill, GenerateRequest(f"ref{i}", prompt, SamplingParams(max_tokens=8)))
 
-                first, done = await _generate(prefill, GenerateRequest(f"p{i}", prompt, {"max_tokens": 8},
+                first, done = await _generate(prefill, GenerateRequest(f"p{i}", prompt, SamplingParams(max_tokens=8),
                                                                        prefill_only=True))
                 assert len(first) == 1 and done.kv_offer is not None
                 offer = dict(done.kv_offer)
@@ -63,7 +64,7 @@ def test_prefill_then_decode_matches_one_worker(tmp_path, break_offer):
                     offer["address"] = "tcp://127.0.0.1:9"
                     offer["host_id"] = "elsewhere"
                 rest, end = await _generate(decode, GenerateRequest(
-                    f"d{i}", prompt, {"max_tokens": 8}, kv_source=offer, first_token=first[0]))
+                    f"d{i}", prompt, SamplingParams(max_tokens=8), kv_source=offer, first_token=first[0]))
                 assert first + rest == reference, f"prompt {i}"
                 assert end.reason == "length"
             acker.cancel()

@@ -15,6 +15,7 @@ import zmq.asyncio
 from dyn.config.process import ProcessConfig
 from dyn.control.keys import DeploymentKeys, write_private
 from dyn.control.messages import CONTROL_CODEC, Command, Heartbeat, Register, RegisterAck
+from dyn.control.sampling import SamplingParams
 from dyn.control.requests import REQUEST_CODEC, Cancel, Finish, GenerateRequest, RequestFailed, TokenChunk
 from dyn.control.sockets import Security, client_socket, server_socket
 
@@ -116,18 +117,18 @@ def test_worker_registers_serves_cancels_and_stops(tmp_path):
             frontend = client_socket(ctx, zmq.DEALER, reg.addresses["request"],
                                      Security.from_keys(keys.for_process("frontend")))
             prompt = list(range(1, 40))
-            await frontend.send(REQUEST_CODEC.encode(GenerateRequest("r1", prompt, {"max_tokens": 5})))
+            await frontend.send(REQUEST_CODEC.encode(GenerateRequest("r1", prompt, SamplingParams(max_tokens=5))))
             tokens, end = await _collect(frontend, "r1")
             assert len(tokens) == 5 and isinstance(end, Finish)
             assert (end.reason, end.num_prompt_tokens, end.num_completion_tokens) == ("length", 39, 5)
 
             # a bad request is refused with a reason; the worker keeps serving
-            await frontend.send(REQUEST_CODEC.encode(GenerateRequest("bad", prompt, {"max_tokens": 0})))
+            await frontend.send(REQUEST_CODEC.encode(GenerateRequest("bad", prompt, SamplingParams(max_tokens=0))))
             _, end = await _collect(frontend, "bad")
             assert isinstance(end, RequestFailed) and end.code == "bad_request" and "max_tokens" in end.message
 
             # cancel mid-stream ends the stream with reason abort
-            await frontend.send(REQUEST_CODEC.encode(GenerateRequest("long", prompt, {"max_tokens": 2000})))
+            await frontend.send(REQUEST_CODEC.encode(GenerateRequest("long", prompt, SamplingParams(max_tokens=2000))))
             first = REQUEST_CODEC.decode(await asyncio.wait_for(frontend.recv(), 20))
             assert isinstance(first, TokenChunk)
             await frontend.send(REQUEST_CODEC.encode(Cancel("long")))
@@ -176,8 +177,8 @@ def test_sigterm_fails_in_flight_requests_explicitly(tmp_path):
             await _until_ready(daemon)
             acker = asyncio.create_task(_ack_forever(daemon))
             frontend = client_socket(ctx, zmq.DEALER, reg.addresses["request"], Security())
-            await frontend.send(REQUEST_CODEC.encode(GenerateRequest("r", [1, 2, 3], {"max_tokens": 100000,
-                                                                                     "ignore_eos": True})))
+            await frontend.send(REQUEST_CODEC.encode(GenerateRequest(
+                "r", [1, 2, 3], SamplingParams(max_tokens=100000, ignore_eos=True))))
             assert isinstance(REQUEST_CODEC.decode(await asyncio.wait_for(frontend.recv(), 20)), TokenChunk)
             os.kill(proc.pid, signal.SIGTERM)
             _, end = await _collect(frontend, "r")

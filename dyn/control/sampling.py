@@ -1,0 +1,30 @@
+"""`SamplingParams`: how to generate, one typed value from the HTTP edge to the engine.
+
+The frontend builds it once from the validated request body (dyn.frontend.protocol),
+it travels inside GenerateRequest (the codec checks each field's type on receipt),
+and the engine reads it as is. Engines still check the values they depend on
+(ranges, vocabulary) as their own guard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_tokens: int | None = 16
+    """Tokens to generate at most. None (only before the prompt is known): up to the model's
+    context; the frontend resolves it before a request leaves, and engines require an int."""
+    temperature: float = 0.0
+    """0 means greedy."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 means no top-k cut."""
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    """Besides the model's EOS ids (unless ignore_eos)."""
+    stop: tuple[str, ...] = ()
+    """Stop strings; checked by the engine's detokenizer when it has one."""
+    ignore_eos: bool = False
+    logprobs: bool = False

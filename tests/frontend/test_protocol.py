@@ -1,0 +1,40 @@
+"""The HTTP edge builds the one SamplingParams that reaches the engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from dyn.control.requests import REQUEST_CODEC, GenerateRequest
+from dyn.control.sampling import SamplingParams
+from dyn.frontend.protocol import LEGACY_DEFAULT_MAX_TOKENS, ApiError, parse_chat, parse_completion
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_chat_body_becomes_typed_sampling_params():
+    req = parse_chat({**CHAT, "max_tokens": 9, "temperature": 0, "top_p": 0.5, "top_k": -1, "seed": 3,
+                      "stop": "END", "stop_token_ids": [7], "logprobs": True, "dyn": {"ignore_eos": True}})
+    assert req.sampling == SamplingParams(max_tokens=9, temperature=0.0, top_p=0.5, top_k=0, seed=3,
+                                          stop_token_ids=(7,), stop=("END",), ignore_eos=True, logprobs=True)
+    # what goes on the wire is that same value (the codec round-trips it as a SamplingParams)
+    wire = GenerateRequest("r", [1, 2], sampling=req.sampling)
+    assert REQUEST_CODEC.decode(REQUEST_CODEC.encode(wire)) == wire
+
+
+def test_max_tokens_defaults_and_resolution():
+    chat = parse_chat(CHAT)
+    assert chat.sampling.max_tokens is None and chat.sampling.temperature == 1.0  # OpenAI's defaults
+    assert chat.for_prompt(100, 4096).sampling.max_tokens == 3996
+    assert chat.for_prompt(4096, 4096).sampling.max_tokens == 1
+    completion = parse_completion({"model": "m", "prompt": "hi"})
+    assert completion.sampling.max_tokens == LEGACY_DEFAULT_MAX_TOKENS
+    assert completion.for_prompt(100, 4096) is completion  # an explicit limit stays as sent
+    assert parse_chat({**CHAT, "max_completion_tokens": 5, "max_tokens": 50}).sampling.max_tokens == 5
+
+
+@pytest.mark.parametrize("field, value", [("max_tokens", 0), ("temperature", 3.0), ("top_p", 0.0),
+                                          ("top_k", -2), ("stop_token_ids", [-1]), ("seed", "x")])
+def test_bad_sampling_is_refused_at_the_edge_naming_the_field(field, value):
+    with pytest.raises(ApiError) as err:
+        parse_chat({**CHAT, field: value})
+    assert err.value.param == field and err.value.status == 400
