@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from dyn.errors import DynError
+from dyn.cli.render import errors_to_exit
 
 
 def down(
@@ -21,15 +21,12 @@ def down(
     from dyn.deploy.inspect import resolve_name
     from dyn.deploy.teardown import down as run_down
 
-    try:
+    with errors_to_exit():
         chosen = resolve_name(name, missing_ok=True)
         if chosen is None:
             typer.echo("nothing is running: no deployments in the state directory")
             return
         result = run_down(chosen, force=force, timeout_s=timeout)
-    except DynError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
     if not result.was_running:
         typer.echo(f"nothing is running under the name {chosen!r}")
         return

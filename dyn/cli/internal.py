@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from dyn.errors import DynError
+from dyn.cli.render import errors_to_exit
 
 
 def planner(config: str = typer.Option(..., "--config", help="The deployment.json written by `dyn up`.")) -> None:
@@ -20,21 +20,15 @@ def planner(config: str = typer.Option(..., "--config", help="The deployment.jso
     from dyn.planner.state import StateStore
 
     path = Path(config).expanduser().resolve()
-    try:
+    with errors_to_exit(exit_code=2):
         store = StateStore(path.parent.name, root=path.parent.parent)
         daemon = PlannerDaemon(store)
-    except DynError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
     setup_process_logging(store.name, "daemon")
     # Default asyncio loop, not uvloop: under uvloop, with 18 SSH connections busy, the local
     # runner's start of the frontend hung until its 15 s timeout although the frontend had started
     # (seen 3 times in scripts/bench_bringup.py, never without uvloop). The daemon is not hot.
-    try:
+    with errors_to_exit(exit_code=1):
         code = asyncio.run(daemon.run())
-    except DynError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
     raise typer.Exit(code)
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from dyn.errors import DynError
+from dyn.cli.render import errors_to_exit, fail
 
 
 def logs(
@@ -27,13 +27,11 @@ def logs(
 
     if request is not None:  # issue 8: --request
         if process is not None or follow:
-            typer.echo("error: --request reads every process's log; drop the process id and -f", err=True)
-            raise typer.Exit(2)
+            fail("--request reads every process's log; drop the process id and -f", exit_code=2)
         _follow_request(name, request)
         return
     if process is None:
-        typer.echo("error: give a process id (see `dyn status`) or --request ID", err=True)
-        raise typer.Exit(2)
+        fail("give a process id (see `dyn status`) or --request ID", exit_code=2)
 
     async def pump(chosen: str) -> None:
         async for chunk in log_chunks(chosen, process, num_lines=lines, follow=follow):
@@ -41,10 +39,8 @@ def logs(
             sys.stdout.flush()
 
     try:
-        asyncio.run(pump(resolve_name(name)))
-    except DynError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
+        with errors_to_exit():
+            asyncio.run(pump(resolve_name(name)))
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
@@ -53,12 +49,9 @@ def _follow_request(name: Optional[str], request_id: str) -> None:
     from dyn.dashboard.trace import follow_request
     from dyn.deploy.inspect import resolve_name
 
-    try:
+    with errors_to_exit():
         for line in asyncio.run(follow_request(resolve_name(name), request_id)):
             typer.echo(line.render())
-    except DynError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
 
 
 def register(app: typer.Typer) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from dyn.errors import DynError
+from dyn.cli.render import errors_to_exit, fail
 
 app = typer.Typer(help="Model utilities.", no_args_is_help=True)
 
@@ -18,13 +18,9 @@ def init(kind: str = typer.Argument(..., help="What to create; only 'tiny' for n
     Example: dyn model init tiny ./models/tiny --seed 1
     """
     if kind != "tiny":
-        typer.echo(f"error: unknown model kind {kind!r}; only 'tiny' is available", err=True)
-        raise typer.Exit(2)
+        fail(f"unknown model kind {kind!r}; only 'tiny' is available", exit_code=2)
     from dyn.engine.tiny import write_tiny_checkpoint
 
-    try:
+    with errors_to_exit(OSError, exit_code=1):
         out = write_tiny_checkpoint(directory, seed)
-    except (DynError, OSError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
     typer.echo(f"wrote tiny Llama checkpoint (seed {seed}) to {out}")

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from dyn.errors import DynError
+from dyn.cli.render import errors_to_exit
 
 
 def profile(
@@ -23,15 +23,12 @@ def profile(
     from dyn.engine.profile import profile_path, save_profile
     from dyn.engine.profiling import profile_recipe
 
-    try:
+    with errors_to_exit():
         recipe_file = resolve_file("recipe", recipe)
         rec = load_recipe(recipe_file)
         topo = load_topology(resolve_file("topology", topology)) if topology else None
         result = profile_recipe(rec, topo, device=device)
         path = save_profile(result, out or profile_path(recipe_file))
-    except DynError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
     for role, r in result.roles.items():
         t = r.timing
         typer.echo(f"{role}: prefill {t.prefill_base_s * 1e3:.2f} ms + {t.prefill_s_per_token * 1e6:.2f} us/token "

@@ -1,8 +1,9 @@
 """Shared CLI rendering: consoles, JSON output, and DynError -> exit code.
 
-Commands wrap their one library call in `errors_to_exit()`: a DynError
+Every command wraps its library calls in `errors_to_exit()`: a DynError
 becomes `error: <message>` on stderr and the error's exit code (2 for a bad
-file or a recipe that does not fit), never a traceback.
+file or a recipe that does not fit), never a traceback. This is the only
+place that renders an error.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -28,17 +29,22 @@ def err() -> Console:
 
 
 @contextmanager
-def errors_to_exit() -> Iterator[None]:
-    """Turn a DynError into a clean message on stderr and its exit code."""
+def errors_to_exit(*also: type[Exception], exit_code: int | None = None) -> Iterator[None]:
+    """Turn a DynError (or one of `also`, e.g. OSError) into `error: <message>` on stderr and an
+    exit code: `exit_code` when given, else the error's own (1 for the `also` kinds)."""
     try:
         yield
     except DynError as exc:
-        fail(exc)
+        fail(exc, exit_code)
+    except also as exc:
+        fail(exc, 1 if exit_code is None else exit_code)
 
 
-def fail(exc: DynError) -> None:
-    err().print(f"[bold red]error:[/] {escape(str(exc))}")
-    raise typer.Exit(exc.exit_code) from None
+def fail(error: Exception | str, exit_code: int | None = None) -> NoReturn:
+    """Print `error: <message>` on stderr and exit: `exit_code`, else the error's own, else 1.
+    A plain string is a usage error (pass exit_code=2)."""
+    err().print(f"[bold red]error:[/] {escape(str(error))}")
+    raise typer.Exit(getattr(error, "exit_code", 1) if exit_code is None else exit_code) from None
 
 
 def print_json(data: Any) -> None:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from dyn.errors import DynError
+from dyn.cli.render import errors_to_exit
 
 
 def sim(
@@ -39,7 +39,7 @@ def sim(
 
     if planner not in (None, "on", "off"):
         raise typer.BadParameter(f"must be on or off, got {planner!r}", param_hint="--planner")
-    try:
+    with errors_to_exit():
         inputs = load_inputs(resolve_file("topology", topology), resolve_file("recipe", recipe), trace,
                              profile=profile, use_mock=mock, max_requests=max_requests)
         config = SimConfig(router_policy=router, planner=None if planner is None else planner == "on",
@@ -48,9 +48,6 @@ def sim(
         if plot:
             from dyn.sim.plot import plot_report
             plot_report(report, plot)
-    except DynError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
     if as_json:
         typer.echo(json.dumps(report, indent=1))
         return

@@ -7,7 +7,8 @@ from typing import Any, Optional
 
 import typer
 
-from dyn.errors import DynError
+from dyn.cli.render import errors_to_exit
+
 
 _STATE_STYLE = {"ready": "green", "loading": "yellow", "starting": "yellow", "launching": "cyan",
                 "failed": "red", "gave_up": "red", "stopping": "magenta", "draining": "magenta",
@@ -27,11 +28,8 @@ def status(
 
     from dyn.deploy.inspect import resolve_name, status as get_status
 
-    try:
+    with errors_to_exit():
         payload = get_status(resolve_name(name))
-    except DynError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
     if as_json:
         typer.echo(json.dumps(payload, indent=1))
         return

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from dyn.errors import DynError
+from dyn.cli.render import errors_to_exit
 
 
 def top(
@@ -26,10 +26,8 @@ def top(
     from dyn.deploy.inspect import resolve_name
 
     try:
-        asyncio.run(run_top(resolve_name(name), Console(highlight=False), interval_s=interval_s, once=once))
-    except DynError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
+        with errors_to_exit():
+            asyncio.run(run_top(resolve_name(name), Console(highlight=False), interval_s=interval_s, once=once))
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from dyn.errors import DynError
+from dyn.cli.render import errors_to_exit
 
 
 def up(
@@ -43,7 +43,6 @@ def up(
     """
     from rich.console import Console
     from rich.live import Live
-    from rich.markup import escape
 
     from dyn.cli.status import progress_table
     from dyn.deploy.bringup import UpOptions, up as run_up
@@ -55,13 +54,9 @@ def up(
                         router_policy=router, keep_partial=keep_partial, assume_yes=yes,
                         node_state_root=node_state_dir, timeouts=_timeouts(timeouts), slurm=slurm)
     live = Live(console=console, transient=False, auto_refresh=False)
-    try:
-        with live:
-            result = run_up(options, on_progress=lambda s: live.update(progress_table(s, max_rows=16), refresh=True),
-                            confirm=lambda q: _ask(live, q))
-    except DynError as exc:
-        console.print("[red]error:[/]", escape(str(exc)), highlight=False)
-        raise typer.Exit(exc.exit_code) from None
+    with errors_to_exit(), live:  # the live table stops before the error prints
+        result = run_up(options, on_progress=lambda s: live.update(progress_table(s, max_rows=16), refresh=True),
+                        confirm=lambda q: _ask(live, q))
     if result.already_running:
         typer.echo(f"deployment {result.name!r} is already running with these files; nothing changed. "
                    f"Frontend: {result.frontend_url}")
