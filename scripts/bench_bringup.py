@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 DYN = str(Path(sys.executable).with_name("dyn"))
 
+from dyn.launch.local import pid_alive  # noqa: E402
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -97,7 +99,7 @@ def main() -> int:
                               text=True, timeout=300)
         results["down_s"] = round(time.monotonic() - t0, 2)
         results["down_ok"] = down.returncode == 0
-        survivors = [p for p in pids if _alive(p)]
+        survivors = [p for p in pids if pid_alive(p)]
         results["alive_after_down"] = len(survivors)
         if survivors:
             results["survivors"] = "; ".join(f"{p}: {_cmdline(p)}" for p in survivors)
@@ -213,14 +215,6 @@ def _rss(pid: int) -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
-
-
 def _cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -231,7 +225,7 @@ def _cmdline(pid: int) -> str:
 
 def _kill_all(pids: set[int]) -> None:
     for pid in pids:
-        if _alive(pid):
+        if pid_alive(pid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):

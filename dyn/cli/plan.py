@@ -5,8 +5,9 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from dyn.cli.render import errors_to_exit, index_ranges, out, print_json
+from dyn.cli.render import errors_to_exit, out, print_json
 from dyn.config.loader import load_recipe, load_topology, resolve_file
+from dyn.config.ranges import compact_ranges
 from dyn.topology.frontends import place_frontends
 from dyn.topology.placement import place
 
@@ -39,9 +40,9 @@ def plan(topology: str = typer.Option(None, "-t", "--topology",
         if not w.gpus:
             gpus = "cpu"
         elif w.extra_nodes:
-            gpus = " ".join(f"{n}:{index_ranges(g)}" for n, g in w.shards)
+            gpus = " ".join(f"{n}:{compact_ranges(g)}" for n, g in w.shards)
         else:
-            gpus = index_ranges(w.gpus)
+            gpus = compact_ranges(w.gpus)
         table.add_row(w.id, w.role, w.node, gpus, w.nvlink_domain or "-",
                       str(w.cpu_threads) if w.cpu_threads else "-")
     console = out()

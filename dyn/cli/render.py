@@ -50,17 +50,3 @@ def fail(error: Exception | str, exit_code: int | None = None) -> NoReturn:
 def print_json(data: Any) -> None:
     """Machine output: plain JSON on stdout, no colour or wrapping."""
     typer.echo(json.dumps(data, indent=2))
-
-
-def index_ranges(values: list[int] | tuple[int, ...]) -> str:
-    """[0, 1, 2, 3, 6] -> "0-3,6": short GPU lists for tables."""
-    parts: list[str] = []
-    items = sorted(values)
-    i = 0
-    while i < len(items):
-        j = i
-        while j + 1 < len(items) and items[j + 1] == items[j] + 1:
-            j += 1
-        parts.append(str(items[i]) if i == j else f"{items[i]}-{items[j]}")
-        i = j + 1
-    return ",".join(parts)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import typer
 from rich.tree import Tree
 
-from dyn.cli.render import errors_to_exit, index_ranges, out, print_json
+from dyn.cli.render import errors_to_exit, out, print_json
 from dyn.config.loader import load_topology, resolve_file
+from dyn.config.ranges import compact_ranges
 from dyn.config.topology import Topology
 from dyn.topology.summary import summarize
 
@@ -102,6 +103,6 @@ def _tree(topology: Topology) -> Tree:
         by_node: dict[str, list[int]] = {}
         for node, idx in domain.members:
             by_node.setdefault(node, []).append(idx)
-        span = ", ".join(f"{n}[{index_ranges(ix)}]" for n, ix in by_node.items())
+        span = ", ".join(f"{n}[{compact_ranges(ix)}]" for n, ix in by_node.items())
         domains.add(f"[magenta]{domain.name}[/]  {domain.num_gpus} GPUs: {span}")
     return root

@@ -48,3 +48,17 @@ def expand(pattern: str) -> list[str]:
     width = len(first_text) if first_text.startswith("0") and len(first_text) > 1 else 0
     head, tail = pattern[:group.start()], pattern[group.end():]
     return [f"{head}{n:0{width}d}{tail}" for n in range(first, last + 1)]
+
+
+def compact_ranges(values: list[int] | tuple[int, ...]) -> str:
+    """[0, 1, 2, 3, 6] -> "0-3,6" (the reverse direction, for tables of GPU indices)."""
+    parts: list[str] = []
+    items = sorted(values)
+    i = 0
+    while i < len(items):
+        j = i
+        while j + 1 < len(items) and items[j + 1] == items[j] + 1:
+            j += 1
+        parts.append(str(items[i]) if i == j else f"{items[i]}-{items[j]}")
+        i = j + 1
+    return ",".join(parts)

@@ -61,7 +61,6 @@ class Finish(Message):
     num_completion_tokens: int = 0
     kv_offer: dict[str, Any] | None = None
     """prefill_only requests: the shuttle offer the decode worker pulls from."""
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

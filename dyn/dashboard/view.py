@@ -12,6 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from dyn.config.ranges import compact_ranges
 from dyn.dashboard.history import Buckets, CounterWindow, HistogramWindow
 
 ROLE_ORDER = ("prefill", "decode", "both", "frontend")
@@ -161,7 +162,7 @@ def worker_row(w: Mapping[str, Any]) -> WorkerRow:
     queue, running = _metric(w, "num_waiting"), _metric(w, "num_running")
     age = w.get("heartbeat_age_s")
     return WorkerRow(
-        id=str(w.get("id")), role=str(w.get("role")), node=str(w.get("node", "")), gpus=gpu_ranges(gpus),
+        id=str(w.get("id")), role=str(w.get("role")), node=str(w.get("node", "")), gpus=compact_ranges(gpus) or "-",
         state=str(w.get("state")), util=util, util_source=source, kv_usage=kv,
         kv_bar=bar(kv) if kv is not None else "", queue=None if queue is None else int(queue),
         running=None if running is None else int(running), tokens_per_s=_metric(w, "tokens_per_s"),
@@ -198,18 +199,6 @@ def bar(fraction: float, width: int = BAR_WIDTH) -> str:
     full, part = divmod(eighths, 8)
     text = "█" * full + (" ▏▎▍▌▋▊▉"[part] if part else "")
     return text.ljust(width)
-
-
-def gpu_ranges(gpus: list[int]) -> str:
-    """[0, 1, 2, 3, 6] -> "0-3,6"; [] -> "-"."""
-    items, parts, i = sorted(gpus), [], 0
-    while i < len(items):
-        j = i
-        while j + 1 < len(items) and items[j + 1] == items[j] + 1:
-            j += 1
-        parts.append(str(items[i]) if i == j else f"{items[i]}-{items[j]}")
-        i = j + 1
-    return ",".join(parts) or "-"
 
 
 def visible_window(num_rows: int, selected: int, height: int) -> range:

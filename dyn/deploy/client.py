@@ -57,8 +57,3 @@ async def request(store: StateStore, action: str, args: dict[str, Any] | None = 
     if not reply.ok:
         raise DeploymentError(f"deployment {store.name!r}: daemon refused {action!r}: {reply.error}")
     return reply.payload
-
-
-def request_sync(store: StateStore, action: str, args: dict[str, Any] | None = None, *,
-                 timeout_s: float = 5.0) -> dict[str, Any]:
-    return asyncio.run(request(store, action, args, timeout_s=timeout_s))

@@ -17,7 +17,8 @@ from typing import NamedTuple
 
 from dyn.deploy.client import DaemonUnreachable, request
 from dyn.errors import DeploymentError, DynError
-from dyn.planner.daemon_proc import daemon_pid, kill_local, pid_alive
+from dyn.launch.local import pid_alive
+from dyn.planner.daemon_proc import daemon_pid, kill_local
 from dyn.planner.state import ProcessRecord, StateStore
 
 

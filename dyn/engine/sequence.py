@@ -87,10 +87,6 @@ class Sequence:
         return len(self.all_token_ids) - self.num_computed
 
     @property
-    def is_prefill(self) -> bool:
-        return self.num_computed < self.num_prompt_tokens
-
-    @property
     def num_retained_blocks(self) -> int:
         """Leading full blocks that carry the request's retention (0: none asked)."""
         req = self.request

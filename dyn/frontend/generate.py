@@ -24,7 +24,7 @@ from contextlib import aclosing
 from typing import AsyncIterator
 
 from dyn.config.recipe import KvTiersSpec
-from dyn.control.requests import Finish, GenerateRequest, RequestFailed, TokenChunk
+from dyn.control.requests import Finish, GenerateRequest, RequestFailed
 from dyn.engine.profile import EngineProfile
 from dyn.frontend.agent import AgentTurns
 from dyn.frontend.metrics import FrontendMetrics
@@ -179,19 +179,18 @@ class _Run(WorkerStream):
         self._offer = None
         request = GenerateRequest(self.rid, self.prompt, self._sampling(), salt=self.salt,
                                   prefill_only=True, **self._hint_fields())
-        async with aclosing(self._messages(worker_id, request)) as messages:
-            async for message in messages:
-                if isinstance(message, TokenChunk):
-                    piece = self._piece(message)
-                    if piece is not None:
-                        yield piece
-                        if self.finish_reason:
-                            return
-                elif isinstance(message, Finish):
-                    if message.reason == "stop":
-                        yield self._final("stop")
-                    elif message.kv_offer is not None and self.emitted:
-                        self._offer = message.kv_offer
+        async with aclosing(self._follow(worker_id, request, self._prefilled)) as pieces:
+            async for piece in pieces:
+                yield piece
+
+    def _prefilled(self, message: Finish) -> Piece | None:
+        """A prefill worker's Finish: a stop at the first token ends the request; otherwise
+        remember its KV offer for the decode worker."""
+        if message.reason == "stop":
+            return self._final("stop")
+        if message.kv_offer is not None and self.emitted:
+            self._offer = message.kv_offer
+        return None
 
     async def _decode(self, worker_id: str, offer: dict) -> AsyncIterator[Piece]:
         request = GenerateRequest(self.rid, self.prompt, self._sampling(), salt=self.salt,

@@ -19,7 +19,7 @@ import logging
 import time
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 from dyn.control.requests import Finish, GenerateRequest, RequestFailed, TokenChunk
 from dyn.control.sampling import SamplingParams
@@ -87,7 +87,10 @@ class WorkerStream:
         self.start = time.perf_counter()
         self.last = 0.0
 
-    async def _follow(self, worker_id: str, request: GenerateRequest) -> AsyncIterator[Piece]:
+    async def _follow(self, worker_id: str, request: GenerateRequest,
+                      on_finish: Callable[[Finish], Piece | None] | None = None) -> AsyncIterator[Piece]:
+        """Pieces of one request on one worker, through its Finish (`on_finish`, default
+        `_finished`, turns that into the last piece, or None)."""
         async with aclosing(self._messages(worker_id, request)) as messages:
             async for message in messages:
                 if isinstance(message, TokenChunk):
@@ -97,11 +100,15 @@ class WorkerStream:
                         if self.finish_reason:
                             return
                 elif isinstance(message, Finish):
-                    if message.reason == "abort":
-                        raise WorkerFailed(RequestFailed(self.rid, "worker_lost",
-                                                          "the worker aborted the request", True))
-                    yield self._final("stop" if message.reason == "stop" else "length")
+                    last = (on_finish or self._finished)(message)
+                    if last is not None:
+                        yield last
                     return
+
+    def _finished(self, message: Finish) -> Piece:
+        if message.reason == "abort":
+            raise WorkerFailed(RequestFailed(self.rid, "worker_lost", "the worker aborted the request", True))
+        return self._final("stop" if message.reason == "stop" else "length")
 
     async def _messages(self, worker_id: str, request: GenerateRequest):
         """Messages of one request on one worker; cancels it there unless it ended by itself."""

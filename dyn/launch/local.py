@@ -62,6 +62,16 @@ class LocalRunner(ShellRunner):
         return None
 
 
+def pid_alive(pid: int) -> bool:
+    """True when `pid` runs on this machine; a zombie counts as dead (it holds nothing but its
+    exit status, so its ports, GPUs and shared memory are free)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 def _kill_group(pid: int) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)

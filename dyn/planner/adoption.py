@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from dyn.planner.daemon_proc import pid_alive
+from dyn.launch.local import pid_alive
 from dyn.planner.health import ProcessSlot
 
 if TYPE_CHECKING:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 from dyn.errors import LaunchError
+from dyn.launch.local import pid_alive
 from dyn.planner.state import StateStore, atomic_write
 
 _START = 'setsid "$@" </dev/null >>"$DYN_DAEMON_LOG" 2>&1 &\necho $!'
@@ -50,24 +50,6 @@ def daemon_pid(store: StateStore) -> int | None:
 def daemon_alive(store: StateStore) -> bool:
     pid = daemon_pid(store)
     return pid is not None and pid_alive(pid)
-
-
-def pid_alive(pid: int) -> bool:
-    """True when `pid` runs on this machine; a zombie counts as dead."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
-def wait_gone(pid: int, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while pid_alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def kill_local(pid: int, sig: int = signal.SIGKILL) -> None:

@@ -23,6 +23,7 @@ import secrets
 
 import numpy as np
 
+from dyn.launch.local import pid_alive
 from dyn.shuttle.errors import TransferError
 
 SHM_DIR = "/dev/shm"
@@ -127,7 +128,7 @@ def sweep_stale_segments(shm_dir: str = SHM_DIR) -> list[str]:
     removed = []
     for name in os.listdir(shm_dir):
         match = _NAME.match(name)
-        if match is None or _pid_alive(int(match.group(1))):
+        if match is None or pid_alive(int(match.group(1))):
             continue
         try:
             os.unlink(os.path.join(shm_dir, name))
@@ -135,13 +136,3 @@ def sweep_stale_segments(shm_dir: str = SHM_DIR) -> list[str]:
         except FileNotFoundError:
             pass
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

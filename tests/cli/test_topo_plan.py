@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from dyn import __version__
 from dyn.cli.main import app
-from dyn.cli.render import index_ranges
+from dyn.config.ranges import compact_ranges
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -104,6 +104,6 @@ def test_tp_larger_than_any_domain_exits_2(tmp_path: Path) -> None:
     assert "use tp <= 8" in result.stderr
 
 
-def test_index_ranges() -> None:
-    assert index_ranges([3, 0, 1, 2, 6, 8, 9]) == "0-3,6,8-9"
-    assert index_ranges([]) == ""
+def test_compact_ranges() -> None:
+    assert compact_ranges([3, 0, 1, 2, 6, 8, 9]) == "0-3,6,8-9"
+    assert compact_ranges([]) == ""

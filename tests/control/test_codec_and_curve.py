@@ -6,6 +6,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from dyn import PROTOCOL_VERSION
 from dyn.control.keys import DeploymentKeys
 from dyn.control.messages import CONTROL_CODEC, Heartbeat, Register
 from dyn.control.requests import REQUEST_CODEC, GenerateRequest
@@ -27,8 +28,8 @@ def test_sampling_travels_typed_and_is_checked_field_by_field():
                         ignore_eos=True, logprobs=True)
     got = REQUEST_CODEC.decode(REQUEST_CODEC.encode(GenerateRequest("r", [1], sampling=sp)))
     assert isinstance(got, GenerateRequest) and got.sampling == sp and type(got.sampling.stop_token_ids) is tuple
-    # a sender that names only some fields (as protocol 1 frontends did) gets the defaults for the rest
-    partial = msgpack.packb([1, "generate", {"request_id": "r", "prompt_token_ids": [1],
+    # a sender that names only some fields (as version-1 frontends did) gets the defaults for the rest
+    partial = msgpack.packb([PROTOCOL_VERSION, "generate", {"request_id": "r", "prompt_token_ids": [1],
                                              "sampling": {"max_tokens": 4, "temperature": 1}}])
     got = REQUEST_CODEC.decode(partial)
     assert got.sampling == SamplingParams(max_tokens=4, temperature=1.0)  # type: ignore[attr-defined]
@@ -44,7 +45,7 @@ def test_sampling_travels_typed_and_is_checked_field_by_field():
     ([4], r"sampling: fields are not a map"),
 ])
 def test_mistyped_sampling_is_a_protocol_error(sampling, reason):
-    frame = msgpack.packb([1, "generate", {"request_id": "r", "prompt_token_ids": [1], "sampling": sampling}])
+    frame = msgpack.packb([PROTOCOL_VERSION, "generate", {"request_id": "r", "prompt_token_ids": [1], "sampling": sampling}])
     with pytest.raises(ProtocolError, match=reason):
         REQUEST_CODEC.decode(frame)
 
@@ -52,11 +53,11 @@ def test_mistyped_sampling_is_a_protocol_error(sampling, reason):
 @pytest.mark.parametrize("frame, reason", [
     (b"\xc1garbage", "undecodable"),
     (msgpack.packb([99, "heartbeat", {}]), "protocol version"),
-    (msgpack.packb([1, "nope", {}]), "unknown message type"),
-    (msgpack.packb([1, "heartbeat", {"process_id": "x"}]), "missing field"),
-    (msgpack.packb([1, "heartbeat", {"process_id": 5, "state": "ready"}]), "expected str"),
-    (msgpack.packb([1, "heartbeat", {"process_id": "x", "state": "dancing"}]), "not one of"),
-    (msgpack.packb([1, "heartbeat", {"process_id": "x", "state": "ready", "evil": 1}]), "unknown fields"),
+    (msgpack.packb([PROTOCOL_VERSION, "nope", {}]), "unknown message type"),
+    (msgpack.packb([PROTOCOL_VERSION, "heartbeat", {"process_id": "x"}]), "missing field"),
+    (msgpack.packb([PROTOCOL_VERSION, "heartbeat", {"process_id": 5, "state": "ready"}]), "expected str"),
+    (msgpack.packb([PROTOCOL_VERSION, "heartbeat", {"process_id": "x", "state": "dancing"}]), "not one of"),
+    (msgpack.packb([PROTOCOL_VERSION, "heartbeat", {"process_id": "x", "state": "ready", "evil": 1}]), "unknown fields"),
     (msgpack.packb({"a": 1}), r"not \[version"),
 ])
 def test_malformed_frames_raise_protocol_error(frame, reason):

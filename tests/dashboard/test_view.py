@@ -14,7 +14,7 @@ from dyn.dashboard.keys import parse_keys
 from dyn.dashboard.render import Screen, render_frame
 from dyn.dashboard.source import parse_frontend_metrics
 from dyn.dashboard.synthetic import step, synthetic_payload
-from dyn.dashboard.view import FrontendSample, Tracker, bar, build_view, gpu_ranges, visible_window
+from dyn.dashboard.view import FrontendSample, Tracker, bar, build_view, visible_window
 
 INF = float("inf")
 
@@ -80,7 +80,10 @@ def test_windows_forget_old_samples_and_counter_resets():
 
 def test_small_helpers():
     assert bar(0.0) == " " * 8 and bar(1.0) == "█" * 8 and bar(0.55, 10).startswith("█████▌")
-    assert gpu_ranges([6, 0, 1, 2, 3]) == "0-3,6" and gpu_ranges([]) == "-"
+    payload = synthetic_payload(8)
+    payload["workers"][1]["gpus"] = [6, 0, 1, 2, 3]
+    rows = {r.id: r for r in build_view(payload, Tracker()).rows}
+    assert rows[payload["workers"][1]["id"]].gpus == "0-3,6" and rows["frontend"].gpus == "-"
     assert visible_window(576, 0, 40) == range(0, 40)
     assert visible_window(576, 575, 40) == range(536, 576)
     assert 300 in visible_window(576, 300, 40) and len(visible_window(576, 300, 40)) == 40

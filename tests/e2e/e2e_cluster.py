@@ -19,6 +19,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dyn.launch.local import pid_alive as alive  # noqa: F401 (the e2e tests import it from here)
+
 DYN = str(Path(sys.executable).with_name("dyn"))
 HEAD = """      - name: head
         address: local
@@ -71,14 +73,6 @@ class Cli:
                     kill(pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def wait_for(predicate, timeout_s: float, what: str, period_s: float = 0.5):

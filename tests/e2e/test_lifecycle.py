@@ -20,6 +20,7 @@ import msgpack
 import pytest
 import zmq
 
+from dyn.launch.local import pid_alive
 from sshd import free_port, write_known_hosts
 
 pytestmark = pytest.mark.e2e
@@ -88,14 +89,6 @@ class Cli:
                 pass
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
-
-
 def _wait(predicate, timeout_s: float, what: str):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -123,7 +116,7 @@ def test_up_status_relaunch_garbage_down(sshd_hosts, tmp_path):
         assert by_id["frontend"]["node"] == "head"
         assert sorted(w["role"] for w in status["workers"]) == ["decode", "decode", "frontend", "prefill", "prefill"]
         assert {w["node"] for w in status["workers"] if w["role"] != "frontend"} <= {"tray1", "tray2"}
-        assert all(w["state"] == "ready" and _alive(w["pid"]) for w in status["workers"])
+        assert all(w["state"] == "ready" and pid_alive(w["pid"]) for w in status["workers"])
 
         again = cli("up", "-t", topology, "-r", recipe, "--dyn-command", DYN)
         assert again.returncode == 0 and "already running" in again.stdout
@@ -157,7 +150,7 @@ def test_up_status_relaunch_garbage_down(sshd_hosts, tmp_path):
         down = cli("down", "--name", "e2e-mock")
         assert down.returncode == 0, down.stderr
         assert "stopped" in down.stdout
-        assert [p for p in seen if _alive(p)] == []
+        assert [p for p in seen if pid_alive(p)] == []
         run_dir = tmp_path / "nodes" / "e2e-mock" / "run"
         assert sorted(p.name for p in run_dir.iterdir() if not p.name.endswith(".log")) == []  # no secrets left
         second = cli("down", "--name", "e2e-mock")
@@ -257,6 +250,6 @@ def test_default_files_with_the_torch_engine(tmp_path):
         down = cli("down")
         assert down.returncode == 0, down.stderr
         assert "killed 3 leftover processes" in down.stdout
-        assert [p for p in cli.pids if _alive(p)] == []
+        assert [p for p in cli.pids if pid_alive(p)] == []
     finally:
         cli.kill_all()

@@ -22,6 +22,7 @@ from dyn.control.keys import DeploymentKeys, write_private
 from dyn.control.messages import CONTROL_CODEC, Heartbeat, Register, RegisterAck
 from dyn.control.sockets import Security, client_socket
 from dyn.deploy.client import request
+from dyn.launch.local import pid_alive
 from dyn.errors import DeploymentError
 from dyn.planner.daemon import PlannerDaemon
 from dyn.planner.state import Deployment, StateStore
@@ -104,7 +105,7 @@ def test_heartbeat_deadline_relaunch_budget_and_adoption(tmp_path):
             await _until(lambda: victim.num_restarts == 1 and victim.state == "ready", 30, "relaunch after silence")
             assert "missed heartbeats" in victim.last_failure and victim.pid != old_pid
             pids.add(victim.pid)
-            assert not _alive(old_pid)  # the hung one was killed, not left holding its GPUs
+            assert not pid_alive(old_pid)  # the hung one was killed, not left holding its GPUs
 
             os.kill(victim.pid, signal.SIGKILL)  # budget is 1: now it stays down
             await _until(lambda: victim.state == "gave_up", 20, "restart budget spent")
@@ -115,7 +116,7 @@ def test_heartbeat_deadline_relaunch_budget_and_adoption(tmp_path):
             survivor = slots["worker-1"].pid
             daemon._stop.set()  # SIGTERM path: daemon exits, processes stay
             await asyncio.wait_for(task, 20)
-            assert _alive(survivor)
+            assert pid_alive(survivor)
             daemon2 = _WorkersOnly(store)
             task = asyncio.create_task(daemon2.run())
             await _until(lambda: getattr(daemon2, "fleet", None) is not None
@@ -133,7 +134,7 @@ def test_heartbeat_deadline_relaunch_budget_and_adoption(tmp_path):
             await request(store, "down")
             await asyncio.wait_for(task, 30)
             assert daemon2.phase == "stopped"
-            assert not any(_alive(p) for p in pids)
+            assert not any(pid_alive(p) for p in pids)
         finally:
             if not task.done():
                 task.cancel()
@@ -170,9 +171,3 @@ async def _refusals(daemon: PlannerDaemon, store: StateStore) -> None:
         ctx.term()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
