@@ -14,6 +14,10 @@ from pathlib import Path
 
 from dyn.errors import DynError
 
+WHERE_TO_GET = ("The public traces: Mooncake conversation_trace.jsonl from github.com/kvcache-ai/Mooncake "
+                "(FAST25-release/traces), Azure LLM inference 2023 CSVs from github.com/Azure/AzurePublicDataset; "
+                "benchmarks look in ../shared/traces/ (small slices for tests: tests/data/traces/).")
+
 MOONCAKE_BLOCK_TOKENS = 512
 """Tokens per hash id in Mooncake traces."""
 
@@ -139,6 +143,8 @@ def _open(path: str | Path):
     try:
         with open(path, encoding="utf-8", newline="") as handle:
             yield from handle
+    except FileNotFoundError:
+        raise TraceError(f"cannot read trace: no such file. {WHERE_TO_GET}", path=str(path)) from None
     except OSError as err:
         raise TraceError(f"cannot read trace: {err.strerror}", path=str(path)) from None
 

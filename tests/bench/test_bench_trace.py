@@ -9,13 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from trace_data import AZURE_CONV, MOONCAKE
+
 from dyn.bench import (PromptSynthesizer, SynthError, TraceError, TraceRequest, load_trace, percentile,
                        read_counters, summarize)
 
-# shared/ sits beside the checkout (CI lays it there too).
-TRACES = Path(__file__).resolve().parents[2].parent / "shared" / "traces"
-MOONCAKE = TRACES / "mooncake" / "conversation_trace.jsonl"
-AZURE_CONV = TRACES / "azure-llm-2023" / "AzureLLMInferenceTrace_conv.csv"
 
 
 @pytest.fixture

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from trace_data import MOONCAKE
+
 from dyn.bench.trace import load_trace
 from dyn.config.loader import load_recipe, load_topology
 from dyn.engine.profile import mock_profile
@@ -21,8 +23,6 @@ from dyn.sim.run import load_inputs, simulate
 from dyn.sim.workload import build_requests
 
 ROOT = Path(__file__).resolve().parents[2]
-MOONCAKE = ROOT.parent / "shared/traces/mooncake/conversation_trace.jsonl"
-needs_trace = pytest.mark.skipif(not MOONCAKE.exists(), reason="shared traces not present")
 
 
 def test_sim_and_frontend_routers_decide_the_same():
@@ -73,7 +73,6 @@ def test_kv_cache_accounting_and_events():
     assert [(e.kind, sorted(e.block_hashes)) for e in cache.take_events()] == [("stored", [3, 9])]
 
 
-@needs_trace
 def test_mooncake_slice_report_has_bench_keys_and_is_deterministic():
     inputs = load_inputs(ROOT / "topologies/gb200-nvl72.yaml", ROOT / "recipes/llama-3.1-70b-nvl72.yaml",
                          MOONCAKE, max_requests=150)
@@ -92,7 +91,6 @@ def test_mooncake_slice_report_has_bench_keys_and_is_deterministic():
     assert rr["prefix_hit_rate"] < a["prefix_hit_rate"]  # the KV-aware router finds the prefixes
 
 
-@needs_trace
 def test_fixed_split_and_planner_off_hold_counts():
     recipe = load_recipe(ROOT / "recipes/llama-3.1-70b-nvl72.yaml")
     topology = load_topology(ROOT / "topologies/gb200-nvl72.yaml")
