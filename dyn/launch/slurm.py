@@ -36,7 +36,7 @@ from dyn.launch.runner import CommandResult, LaunchedProcess, ProcessSpec, Runne
 from dyn.launch.shell import ShellRunner
 
 STEP_PREFIX = "dyn:"
-"""Every step dyn starts is named dyn:<process>:<token> (`squeue --steps` shows it)."""
+"""Every step dyn starts is named dyn:<deployment>:<process>:<token> (`squeue --steps` shows it)."""
 REGISTER_PID_ENV = "DYN_REGISTER_PID"
 _STEP_NAME_RE = re.compile(r"--job-name=(dyn:[^\s\x00]+)")
 _KEEP_SLURM_ENV = ("SLURM_CONF",)
@@ -87,20 +87,23 @@ def step_visible_devices(gpus: Sequence[int], environ: Mapping[str, str]) -> str
 class SlurmConnector:
     """`RunnerPool` connector: every node of the allocation becomes a SlurmRunner."""
 
-    def __init__(self, job_id: str, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, job_id: str, environ: Mapping[str, str] | None = None, *, deployment: str = "") -> None:
         self.job_id = job_id
+        self.deployment = deployment
         self.env = srun_env(environ)
 
     async def __call__(self, node: Node, options: object = None) -> Runner:
-        return SlurmRunner(node, self.job_id, env=self.env)
+        return SlurmRunner(node, self.job_id, env=self.env, deployment=self.deployment)
 
 
 class SlurmRunner(ShellRunner):
     """A node of allocation `job_id`; its address is the node's Slurm name."""
 
-    def __init__(self, node: Node, job_id: str, *, env: dict[str, str] | None = None) -> None:
+    def __init__(self, node: Node, job_id: str, *, env: dict[str, str] | None = None,
+                 deployment: str = "") -> None:
         super().__init__(node)
         self.job_id = job_id
+        self.step_prefix = step_prefix(deployment)
         self._step_names: dict[int, str] = {}
         """srun pid -> step name, for steps this runner started (a dead srun's cmdline is gone)."""
         self._head = LocalRunner(Node(name=f"{node.name}@head", rack=node.rack, ssh=SshTarget("local")),
@@ -126,7 +129,7 @@ class SlurmRunner(ShellRunner):
         return result
 
     async def start_detached(self, spec: ProcessSpec) -> LaunchedProcess:
-        step_name = f"{STEP_PREFIX}{_step_safe(spec.name)}:{secrets.token_hex(4)}"
+        step_name = f"{self.step_prefix}{_step_safe(spec.name)}:{secrets.token_hex(4)}"
         inner = ["env", *(f"{k}={v}" for k, v in spec.env), *spec.argv]
         srun = srun_argv(self.job_id, self.host, inner, name=step_name, output=spec.log_path, chdir=spec.cwd)
         # exec keeps one pid from setsid to srun, so the pid echoed is srun's and the worker can report it
@@ -195,6 +198,11 @@ async def job_state(runner: Runner, job_id: str) -> str | None:
         return None
     raise LaunchError(f"cannot ask Slurm about job {job_id}: {(result.stderr or result.stdout).strip()[-300:]}",
                       node="head")
+
+
+def step_prefix(deployment: str) -> str:
+    """Name prefix of a deployment's steps: `dyn down` cancels exactly these."""
+    return f"{STEP_PREFIX}{_step_safe(deployment) or '-'}:"
 
 
 def _is_srun_failure(stderr: str) -> bool:

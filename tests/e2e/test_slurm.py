@@ -97,7 +97,7 @@ def test_up_serve_relaunch_down_and_allocation_end(cluster, tmp_path):
             assert argv[0] == b"srun" and f"--jobid={job}".encode() in argv
             assert f"--nodelist={cluster.node}".encode() in argv and b"--overlap" in argv
         steps = cli.steps(job)
-        assert sorted(n.split(":")[1] for n in steps) == sorted(f"{NAME}-{w}" for w in workers)
+        assert sorted(n.split(":")[1:3] for n in steps) == sorted([NAME, f"{NAME}-{w}"] for w in workers)
 
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
         reply = client.chat.completions.create(model="mock-llama", max_tokens=8,

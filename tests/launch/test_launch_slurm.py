@@ -27,3 +27,10 @@ def test_gpu_pinning_inside_a_step():
     assert step_visible_devices([], in_step) is None
     with pytest.raises(LaunchError, match="sees only 4,5,6,7"):
         step_visible_devices([4], in_step)
+
+
+def test_step_prefixes_of_two_deployments_never_overlap():
+    from dyn.launch.slurm import step_prefix
+
+    a, b = step_prefix("llama"), step_prefix("llama-2")
+    assert a == "dyn:llama:" and not b.startswith(a) and not a.startswith(b)
