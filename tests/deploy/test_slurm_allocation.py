@@ -78,3 +78,17 @@ def test_topology_file_launch_keys_are_checked():
         parse_topology(base + "launch: slurm\n", "t.yaml")
     with pytest.raises(ConfigError, match="slurm_job needs"):
         parse_topology(base + "slurm_job: 5\n", "t.yaml")
+
+
+def test_node_addresses_become_bind_addresses():
+    from dataclasses import replace
+
+    from dyn.deploy.slurm import node_addresses
+
+    # `scontrol show node -o` lines as the test cluster (Slurm 22.05.8) prints them, shortened
+    text = ("NodeName=vm Arch=x86_64 CoresPerSocket=1 Gres=gpu:4 NodeAddr=127.0.0.1 NodeHostName=vm Port=60565\n"
+            "NodeName=gpu01 Arch=x86_64 NodeAddr=gpu01 NodeHostName=gpu01\n")
+    assert node_addresses(text) == {"vm": "127.0.0.1"}
+    alloc = allocation_from_env({"SLURM_JOB_ID": "9", "SLURM_JOB_NODELIST": "vm"})
+    alloc = replace(alloc, nodes=(replace(alloc.nodes[0], address="127.0.0.1"),))
+    assert parse_topology(topology_text(alloc), "t.yaml").node("vm").bind_address == "127.0.0.1"
