@@ -150,7 +150,9 @@ def topology_text(allocation: Allocation, *, name: str | None = None, gpu_model:
 
 def bind_topology(text: str, source: str, allocation: Allocation) -> str:
     """The topology text to deploy with inside `allocation`: `launch: slurm` and the job id
-    added when missing; every node must be a node of the allocation (address = Slurm name)."""
+    added when missing; every node must be a node of the allocation (address = Slurm name).
+    A topology none of whose addresses is a Slurm node (a shipped rack file) is mapped onto
+    the allocation tray by tray (`dyn.deploy.slurm_map`)."""
     from dyn.config.loader import parse_topology
 
     topology = parse_topology(text, source)
@@ -158,6 +160,10 @@ def bind_topology(text: str, source: str, allocation: Allocation) -> str:
         raise DeploymentError(f"{source} names Slurm job {topology.slurm_job} but this shell is in job "
                               f"{allocation.job_id}: rerun `dyn topo from-slurm` here, or drop slurm_job")
     missing = [f"{n.name} ({n.ssh.address})" for n in topology.nodes if n.ssh.address not in allocation.hostnames]
+    if len(missing) == len(topology.nodes) and topology.launch != "slurm":
+        from dyn.deploy.slurm_map import map_onto_allocation
+
+        return map_onto_allocation(topology, allocation, source)
     if missing:
         raise DeploymentError(f"{len(missing)} node(s) of {source} are not in Slurm job {allocation.job_id} "
                               f"(nodes {', '.join(allocation.hostnames)}): {', '.join(missing[:8])}; a Slurm "
