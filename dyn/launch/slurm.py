@@ -121,7 +121,14 @@ class SlurmRunner(ShellRunner):
                   input: str | None = None) -> CommandResult:
         if not argv:
             raise LaunchError("empty command", node=self.node.name)
-        result = await self._head.run(srun_argv(self.job_id, self.host, argv), timeout_s=timeout_s, input=input)
+        name = f"dyn-cmd:{secrets.token_hex(4)}"
+        try:
+            result = await self._head.run(srun_argv(self.job_id, self.host, argv, name=name), timeout_s=timeout_s,
+                                          input=input)
+        except LaunchError:
+            # the timeout SIGKILLed srun, which leaves its step running: end the step too
+            await cancel_steps(self._head, self.job_id, name, prefix=None)
+            raise
         if result.exit_status != 0 and _is_srun_failure(result.stderr):
             raise LaunchError(f"srun could not start a step on {self.host} in job {self.job_id}: "
                               f"{result.stderr.strip()[-300:]}; is the allocation still running "
@@ -174,8 +181,8 @@ class SlurmRunner(ShellRunner):
         return None
 
 
-async def list_steps(runner: Runner, job_id: str) -> list[tuple[str, str]]:
-    """(step id "J.S", step name) of every running step dyn started in job `job_id`."""
+async def list_steps(runner: Runner, job_id: str, prefix: str | None = STEP_PREFIX) -> list[tuple[str, str]]:
+    """(step id "J.S", step name) of every running step of job `job_id` (named `prefix`...)."""
     result = await runner.run(("squeue", "--steps", f"--jobs={job_id}", "--noheader", "--format=%i %j"),
                               timeout_s=15)
     if not result.ok:
@@ -183,7 +190,7 @@ async def list_steps(runner: Runner, job_id: str) -> list[tuple[str, str]]:
     steps = []
     for line in result.stdout.splitlines():
         step_id, _, name = line.strip().partition(" ")
-        if name.startswith(STEP_PREFIX):
+        if prefix is None or name.startswith(prefix):
             steps.append((step_id, name))
     return steps
 
@@ -219,9 +226,10 @@ def _step_safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:80]
 
 
-async def cancel_steps(runner: Runner, job_id: str, name_prefix: str) -> list[str]:
+async def cancel_steps(runner: Runner, job_id: str, name_prefix: str, *,
+                       prefix: str | None = STEP_PREFIX) -> list[str]:
     """scancel every running step of `job_id` whose name starts with `name_prefix`; the ids ended."""
-    steps = [step for step, name in await list_steps(runner, job_id) if name.startswith(name_prefix)]
+    steps = [step for step, name in await list_steps(runner, job_id, prefix) if name.startswith(name_prefix)]
     if steps:
         await runner.run(("scancel", "--quiet", *steps), timeout_s=15)
     return steps

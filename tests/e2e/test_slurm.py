@@ -149,10 +149,17 @@ def test_up_serve_relaunch_down_and_allocation_end(cluster, tmp_path):
         assert cli.steps(job) == {}
         assert not (tmp_path / "state" / NAME / "deployment.json").exists()
 
-        # the same allocation, its environment as salloc gives it; then the allocation ends
-        up = cli("up", "--slurm", "-r", recipe, "--name", NAME, env=env)
+        # the same allocation with an SSH-style rack file: mapped onto the Slurm nodes tray by tray
+        rack = tmp_path / "rack.yaml"
+        rack.write_text("name: two-trays\nhead: tray1\nracks:\n  - name: r\n    nodes:\n"
+                        "      - {name: tray1, address: 10.99.0.1}\n      - {name: tray2, address: 10.99.0.2}\n")
+        up = cli("up", "--slurm", "-t", str(rack), "-r", recipe, "--name", NAME, env=env)
         assert up.returncode == 0, up.stderr + up.stdout
         assert len(cli.steps(job)) == 5
+        placed = {w["node"] for w in cli.status()["workers"]}
+        assert placed == {"tray1", "tray2"}
+        assert set(cli.step_nodes(job).values()) == set(cluster.nodes)
+        # then the allocation ends
         assert cluster.run("scancel", job).returncode == 0
         ended = wait_for(lambda: (s := cli.status())["state"] == "ended" and s, 60, "the daemon to notice")
         assert f"Slurm allocation {job} ended" in ended["error"]
