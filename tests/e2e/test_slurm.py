@@ -85,16 +85,17 @@ def test_up_serve_relaunch_down_and_allocation_end(cluster, tmp_path):
     port = free_port()
     recipe = _recipe(tmp_path, port)
     out = tmp_path / "salloc.out"
-    script = f'{DYN} up --slurm -r {recipe} --name {NAME}; echo "UP rc=$?"; exec sleep 600'
+    script = f'{DYN} up --slurm -r {recipe} --name {NAME} --wait; echo "WAIT rc=$?"; exec sleep 600'
     with open(out, "wb") as handle:
         salloc = subprocess.Popen(["salloc", "-N2", "-J", "dyn-e2e", "sh", "-c", script], env=cli.env,
                                   stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
                                   start_new_session=True)
     job = None
     try:
-        wait_for(lambda: "UP rc=" in out.read_text(), 120, "dyn up --slurm inside salloc")
+        wait_for(lambda: "ready in" in out.read_text() or "WAIT rc=" in out.read_text(), 120,
+                 "dyn up --slurm inside salloc")
         text = out.read_text()
-        assert "UP rc=0" in text, text
+        assert "ready in" in text, text
         job = text.split("Granted job allocation ")[1].split()[0]
         status = cli.status()
         assert status["state"] == "running"
@@ -132,7 +133,7 @@ def test_up_serve_relaunch_down_and_allocation_end(cluster, tmp_path):
         logs = cli("logs", "--name", NAME, "decode-0", "-n", "200")  # read on the node through a step
         assert logs.returncode == 0 and "decode-0" in logs.stdout, logs.stderr
 
-        # the daemon dies; `dyn up` again in the allocation restarts it and it adopts the same steps
+        # the daemon dies; `dyn up --wait` (holding the salloc shell) restarts it; it adopts the same steps
         env = {**cli.env, "SLURM_JOB_ID": job, "SLURM_JOB_NODELIST": ",".join(cluster.nodes),
                "SLURM_JOB_CPUS_PER_NODE": f"1(x{len(cluster.nodes)})"}
         before = {w["id"]: w["pid"] for w in cli.status()["workers"]}
@@ -140,21 +141,29 @@ def test_up_serve_relaunch_down_and_allocation_end(cluster, tmp_path):
         os.kill(daemon_pid, signal.SIGKILL)
         wait_for(lambda: not Path(f"/proc/{daemon_pid}").exists() or
                  Path(f"/proc/{daemon_pid}/stat").read_text().split(") ")[1][0] == "Z", 10, "daemon gone")
-        again = cli("up", "--slurm", "-r", recipe, "--name", NAME, env=env)
-        assert again.returncode == 0 and "adopted" in again.stdout, again.stderr + again.stdout
-        assert {w["id"]: w["pid"] for w in cli.status()["workers"]} == before
+        adopted = wait_for(lambda: (s := cli.status()).get("daemon", {}).get("pid") not in (None, daemon_pid)
+                           and all(w["state"] == "ready" for w in s["workers"]) and s, 60, "a restarted daemon")
+        assert {w["id"]: w["pid"] for w in adopted["workers"]} == before
+        again = cli("up", "--slurm", "-r", recipe, "--name", NAME, env=env)  # same files: nothing to do
+        assert again.returncode == 0 and "already running" in again.stdout, again.stderr + again.stdout
 
         down = cli("down", "--name", NAME)
         assert down.returncode == 0, down.stderr
         assert cli.steps(job) == {}
         assert not (tmp_path / "state" / NAME / "deployment.json").exists()
+        wait_for(lambda: "WAIT rc=0" in out.read_text(), 30, "`dyn up --wait` to return after dyn down")
+        assert "down (removed by `dyn down`); daemon restarted 1x" in out.read_text()
 
         # the same allocation with an SSH-style rack file: mapped onto the Slurm nodes tray by tray
         rack = tmp_path / "rack.yaml"
         rack.write_text("name: two-trays\nhead: tray1\nracks:\n  - name: r\n    nodes:\n"
                         "      - {name: tray1, address: 10.99.0.1}\n      - {name: tray2, address: 10.99.0.2}\n")
-        up = cli("up", "--slurm", "-t", str(rack), "-r", recipe, "--name", NAME, env=env)
-        assert up.returncode == 0, up.stderr + up.stdout
+        held_out = tmp_path / "held.out"
+        with open(held_out, "wb") as handle:
+            held = subprocess.Popen([DYN, "up", "--slurm", "-t", str(rack), "-r", recipe, "--name", NAME, "--wait"],
+                                    env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: "ready in" in held_out.read_text() or held.poll() is not None, 120, "the second bring-up")
+        assert held.poll() is None, held_out.read_text()
         assert len(cli.steps(job)) == 5
         placed = {w["node"] for w in cli.status()["workers"]}
         assert placed == {"tray1", "tray2"}
@@ -164,6 +173,8 @@ def test_up_serve_relaunch_down_and_allocation_end(cluster, tmp_path):
         ended = wait_for(lambda: (s := cli.status())["state"] == "ended" and s, 60, "the daemon to notice")
         assert f"Slurm allocation {job} ended" in ended["error"]
         assert all(w["state"].startswith("exited") for w in ended["workers"])
+        assert held.wait(timeout=30) == 1  # --wait returns, non-zero: the deployment did not end by request
+        assert f"ended (daemon exited, phase ended: Slurm allocation {job} ended" in held_out.read_text()
         wait_for(lambda: not cli.steps(job), 30, "every step gone with the allocation")
         down = cli("down", "--name", NAME)
         assert down.returncode == 0, down.stderr
