@@ -119,10 +119,10 @@ def doctor_inputs(topology_path: str | None, recipe_path: str | None, *, slurm: 
         path = str(resolve_file("topology", None))
     text = Path(path).read_text() if path else ""
     if path is None or slurm or parse_topology(text, path).launch == "slurm":
-        from dyn.deploy.slurm import bind_topology, current_allocation, topology_text
+        from dyn.deploy.slurm import bind_topology, current_allocation, this_node, topology_text
 
         allocation = current_allocation(dict(os.environ))
-        text = bind_topology(text, path, allocation) if path else topology_text(
+        text = bind_topology(text, path, allocation, this_node(os.environ, allocation)) if path else topology_text(
             allocation, gpu_model="any", gpu_memory_gib=1)
         path = path or f"slurm job {allocation.job_id}"
     topology = parse_topology(text, path)

@@ -148,7 +148,7 @@ def topology_text(allocation: Allocation, *, name: str | None = None, gpu_model:
     return "\n".join(lines) + "\n"
 
 
-def bind_topology(text: str, source: str, allocation: Allocation) -> str:
+def bind_topology(text: str, source: str, allocation: Allocation, this_host: str | None = None) -> str:
     """The topology text to deploy with inside `allocation`: `launch: slurm` and the job id
     added when missing; every node must be a node of the allocation (address = Slurm name).
     A topology none of whose addresses is a Slurm node (a shipped rack file) is mapped onto
@@ -163,7 +163,7 @@ def bind_topology(text: str, source: str, allocation: Allocation) -> str:
     if len(missing) == len(topology.nodes) and topology.launch != "slurm":
         from dyn.deploy.slurm_map import map_onto_allocation
 
-        return map_onto_allocation(topology, allocation, source)
+        return map_onto_allocation(topology, allocation, source, this_host)
     if missing:
         raise DeploymentError(f"{len(missing)} node(s) of {source} are not in Slurm job {allocation.job_id} "
                               f"(nodes {', '.join(allocation.hostnames)}): {', '.join(missing[:8])}; a Slurm "
@@ -223,13 +223,22 @@ def slurm_topology_file(path: str | None, environ: Mapping[str, str]) -> str:
                              gpu_memory_gib=model[1] if model else None)
         stem = f"slurm-{allocation.job_id}"
     else:
-        text = bind_topology(Path(path).read_text(), path, allocation)
+        text = bind_topology(Path(path).read_text(), path, allocation, this_node(environ, allocation))
         stem = f"slurm-{allocation.job_id}-{Path(path).stem}"
     root = state_root()
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     out = root / f"{stem}.topology.yaml"
     out.write_text(text)
     return str(out)
+
+
+def this_node(environ: Mapping[str, str], allocation: Allocation) -> str | None:
+    """The allocation node this process runs on (SLURMD_NODENAME in a batch script or step,
+    else this host's name when the allocation holds it); None on a login node."""
+    import socket
+
+    name = environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
+    return name if name in allocation.hostnames else None
 
 
 def probe_gpu_model(allocation: Allocation, environ: Mapping[str, str]) -> tuple[str, float] | None:

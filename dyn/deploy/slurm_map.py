@@ -21,13 +21,23 @@ if TYPE_CHECKING:
     from dyn.deploy.slurm import Allocation
 
 
-def map_onto_allocation(topology: "Topology", allocation: "Allocation", source: str) -> str:
-    """Topology text for `allocation`: node i of the file runs on allocation node i."""
+def map_onto_allocation(topology: "Topology", allocation: "Allocation", source: str,
+                        this_host: str | None = None) -> str:
+    """Topology text for `allocation`: node i of the file runs on allocation node i, except that
+    the head gets `this_host` (the allocation node `dyn up` runs on, where the daemon must live)."""
     if len(topology.nodes) > len(allocation.nodes):
         raise DeploymentError(f"{source} has {len(topology.nodes)} nodes but Slurm job {allocation.job_id} holds "
                               f"{len(allocation.nodes)} ({', '.join(allocation.hostnames[:6])}...): ask salloc "
                               f"for -N {len(topology.nodes)}, or use `dyn topo from-slurm`")
-    slurm_of = dict(zip((n.name for n in topology.nodes), allocation.nodes))
+    hosts = list(allocation.nodes[:len(topology.nodes)])
+    here = next((i for i, n in enumerate(allocation.nodes) if n.hostname == this_host), None)
+    if here is not None:
+        head_idx = [n.name for n in topology.nodes].index(topology.head)
+        if here < len(hosts):
+            hosts[head_idx], hosts[here] = hosts[here], hosts[head_idx]
+        else:
+            hosts[head_idx] = allocation.nodes[here]
+    slurm_of = dict(zip((n.name for n in topology.nodes), hosts))
     for node in topology.nodes:
         have = slurm_of[node.name].num_gpus
         if have and len(node.gpus) > have:

@@ -108,6 +108,9 @@ def test_a_shipped_rack_maps_onto_an_allocation_tray_by_tray():
     assert [n.ssh.address for n in mapped.nodes] == list(alloc.hostnames)
     assert mapped.node("tray02").bind_address == "10.3.0.2" and mapped.num_gpus == 72
     assert [(d.name, d.members) for d in mapped.nvlink_domains] == [(d.name, d.members) for d in rack.nvlink_domains]
+    # dyn up runs on gb-r3-05 (the batch host): the head tray goes there, tray05 takes the first node
+    swapped = parse_topology(bind_topology(source.read_text(), str(source), alloc, "gb-r3-05"), "m.yaml")
+    assert swapped.node(rack.head).ssh.address == "gb-r3-05" and swapped.node("tray05").ssh.address == "gb-r3-01"
     small = Allocation("89", alloc.nodes[:16])
     with pytest.raises(DeploymentError, match="has 18 nodes but Slurm job 89 holds 16"):
         bind_topology(source.read_text(), str(source), small)
