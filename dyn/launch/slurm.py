@@ -43,12 +43,20 @@ _KEEP_SLURM_ENV = ("SLURM_CONF",)
 
 
 def srun_argv(job_id: str, host: str, argv: Sequence[str], *, name: str = "dyn:cmd",
-              output: str | None = None, chdir: str | None = None) -> tuple[str, ...]:
-    """The srun command for one single-task step on `host` of job `job_id`."""
+              output: str | None = None, chdir: str | None = None, num_gpus: int = 0) -> tuple[str, ...]:
+    """The srun command for one single-task step on `host` of job `job_id`.
+
+    `num_gpus` > 0 asks for that many of the node's GPUs explicitly (`--gres=gpu:N`): a step
+    gets the job's GPUs by default, but not those an `--exclusive` job holds implicitly, and
+    with ConstrainDevices a step sees only what it was given. `--overlap` lets every step
+    share them; which ones a worker uses is its placement's (step_visible_devices).
+    """
     if not argv:
         raise ValueError("empty command")
     out = ["srun", f"--jobid={job_id}", "--overlap", f"--nodelist={host}", "--nodes=1", "--ntasks=1",
            f"--job-name={name}", "--quiet", "--kill-on-bad-exit=1"]
+    if num_gpus > 0:
+        out.append(f"--gres=gpu:{num_gpus}")
     if output is not None:
         # slurmstepd expands %j, %s, ... in the path; a literal % is written %%
         out += [f"--output={output.replace('%', '%%')}", "--open-mode=append", "--input=none"]
@@ -113,6 +121,11 @@ class SlurmRunner(ShellRunner):
     def host(self) -> str:
         return self.node.ssh.address
 
+    @property
+    def num_gpus(self) -> int:
+        """GPUs every step asks for: up to the highest index the topology uses on the node."""
+        return max((g.index for g in self.node.gpus), default=-1) + 1
+
     def process_runner(self) -> Runner:
         """Where the pids from `start_detached` live: the srun clients on the head."""
         return self._head
@@ -123,8 +136,8 @@ class SlurmRunner(ShellRunner):
             raise LaunchError("empty command", node=self.node.name)
         name = f"dyn-cmd:{secrets.token_hex(4)}"
         try:
-            result = await self._head.run(srun_argv(self.job_id, self.host, argv, name=name), timeout_s=timeout_s,
-                                          input=input)
+            result = await self._head.run(srun_argv(self.job_id, self.host, argv, name=name,
+                                                    num_gpus=self.num_gpus), timeout_s=timeout_s, input=input)
         except LaunchError:
             # the timeout SIGKILLed srun, which leaves its step running: end the step too
             await cancel_steps(self._head, self.job_id, name, prefix=None)
@@ -138,7 +151,8 @@ class SlurmRunner(ShellRunner):
     async def start_detached(self, spec: ProcessSpec) -> LaunchedProcess:
         step_name = f"{self.step_prefix}{_step_safe(spec.name)}:{secrets.token_hex(4)}"
         inner = ["env", *(f"{k}={v}" for k, v in spec.env), *spec.argv]
-        srun = srun_argv(self.job_id, self.host, inner, name=step_name, output=spec.log_path, chdir=spec.cwd)
+        srun = srun_argv(self.job_id, self.host, inner, name=step_name, output=spec.log_path, chdir=spec.cwd,
+                         num_gpus=self.num_gpus)
         # exec keeps one pid from setsid to srun, so the pid echoed is srun's and the worker can report it
         wrapper = ("sh", "-c", f'{REGISTER_PID_ENV}=$$; export {REGISTER_PID_ENV}; exec "$@"', "sh", *srun)
         # the log's directory on the node is the run dir the daemon wrote the config into
