@@ -36,9 +36,13 @@ _START_TIMEOUT_S = 30.0
 @dataclass(frozen=True)
 class SlurmCluster:
     conf_path: str
-    node: str
-    """NodeName of the one node (this machine's short hostname)."""
+    nodes: tuple[str, ...]
+    """NodeNames: this machine's short hostname, then <hostname>-2, ... (one slurmd each)."""
     root: str
+
+    @property
+    def node(self) -> str:
+        return self.nodes[0]
 
     @property
     def env(self) -> dict[str, str]:
@@ -64,18 +68,22 @@ def slurm_unavailable() -> str | None:
 
 
 @contextlib.contextmanager
-def start_slurm(tmpdir: os.PathLike[str] | str) -> Iterator[SlurmCluster]:
+def start_slurm(tmpdir: os.PathLike[str] | str, num_nodes: int = 1) -> Iterator[SlurmCluster]:
+    """`num_nodes` Slurm nodes on this machine: one slurmd each, on its own port and spool dir."""
     root = Path(tmpdir)
     root.mkdir(parents=True, exist_ok=True)
-    node = socket.gethostname().split(".")[0]
+    host = socket.gethostname().split(".")[0]
+    nodes = tuple([host] + [f"{host}-{i + 1}" for i in range(1, num_nodes)])
     procs: list[subprocess.Popen] = []
     try:
         munge_socket = _start_munge(root, procs)
-        conf = _write_conf(root, node, munge_socket)
-        cluster = SlurmCluster(str(conf), node, str(root))
+        conf = _write_conf(root, nodes, munge_socket)
+        cluster = SlurmCluster(str(conf), nodes, str(root))
         env = cluster.env
         procs.append(_spawn(["/usr/sbin/slurmctld", "-D", "-i", "-f", str(conf)], root / "slurmctld.out", env))
-        procs.append(_spawn(["/usr/sbin/slurmd", "-D", "-f", str(conf), "-N", node], root / "slurmd.out", env))
+        for node in nodes:
+            procs.append(_spawn(["/usr/sbin/slurmd", "-D", "-f", str(conf), "-N", node],
+                                root / f"slurmd-{node}.out", env))
         _wait_idle(cluster, procs)
         yield cluster
     finally:
@@ -103,30 +111,32 @@ def _start_munge(root: Path, procs: list[subprocess.Popen]) -> Path:
     return sock
 
 
-def _write_conf(root: Path, node: str, munge_socket: Path) -> Path:
-    for sub in ("ctld", "spool"):
-        (root / sub).mkdir(exist_ok=True)
-    gres = [root / f"gpu{i}" for i in range(NUM_GPUS)]
-    for path in gres:
-        path.touch()
-    (root / "gres.conf").write_text(f"NodeName={node} Name=gpu File={root}/gpu[0-{NUM_GPUS - 1}]\n")
-    cpus = os.cpu_count() or 1
+def _write_conf(root: Path, nodes: tuple[str, ...], munge_socket: Path) -> Path:
+    (root / "ctld").mkdir(exist_ok=True)
+    gres_lines, node_lines = [], []
+    for node in nodes:
+        (root / f"spool-{node}").mkdir(exist_ok=True)
+        for i in range(NUM_GPUS):
+            (root / f"{node}-gpu{i}").touch()
+        gres_lines.append(f"NodeName={node} Name=gpu File={root}/{node}-gpu[0-{NUM_GPUS - 1}]\n")
+        node_lines.append(f"NodeName={node} NodeAddr=127.0.0.1 NodeHostname={nodes[0]} Port={free_port()} "
+                          f"CPUs={os.cpu_count() or 1} Gres=gpu:{NUM_GPUS} State=UNKNOWN")
+    (root / "gres.conf").write_text("".join(gres_lines))
     conf = root / "slurm.conf"
     conf.write_text("\n".join([
         f"ClusterName=dyntest{secrets.token_hex(3)}",
-        f"SlurmctldHost={node}(127.0.0.1)",
+        f"SlurmctldHost={nodes[0]}(127.0.0.1)",
         f"SlurmctldPort={free_port()}",
-        f"SlurmdPort={free_port()}",
         "SlurmUser=root",
         "AuthType=auth/munge",
         "CredType=cred/munge",
         f"AuthInfo=socket={munge_socket}",
         f"StateSaveLocation={root / 'ctld'}",
-        f"SlurmdSpoolDir={root / 'spool'}",
+        f"SlurmdSpoolDir={root}/spool-%n",
         f"SlurmctldPidFile={root / 'slurmctld.pid'}",
-        f"SlurmdPidFile={root / 'slurmd.pid'}",
+        f"SlurmdPidFile={root}/slurmd-%n.pid",
         f"SlurmctldLogFile={root / 'slurmctld.log'}",
-        f"SlurmdLogFile={root / 'slurmd.log'}",
+        f"SlurmdLogFile={root}/slurmd-%n.log",
         "SelectType=select/cons_tres",
         "SelectTypeParameters=CR_Core",
         "ProctrackType=proctrack/linuxproc",
@@ -141,8 +151,8 @@ def _write_conf(root: Path, node: str, munge_socket: Path) -> Path:
         "InactiveLimit=0",
         "KillWait=2",
         "GresTypes=gpu",
-        f"NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} Gres=gpu:{NUM_GPUS} State=UNKNOWN",
-        f"PartitionName=test Nodes={node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4",
+        *node_lines,
+        f"PartitionName=test Nodes={','.join(nodes)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4",
         "",
     ]))
     return conf
@@ -164,10 +174,11 @@ def _wait_idle(cluster: SlurmCluster, procs: list[subprocess.Popen]) -> None:
         _check_running(procs)
         result = cluster.run("sinfo", "-h", "-N", "-o", "%N %t", timeout_s=10)
         last = (result.stdout + result.stderr).strip()
-        if result.returncode == 0 and last.split()[-1:] == ["idle"]:
+        states = [line.split()[-1] for line in last.splitlines() if line.strip()]
+        if result.returncode == 0 and len(states) == len(cluster.nodes) and set(states) == {"idle"}:
             return
         time.sleep(0.2)
-    logs = "".join(_tail(Path(cluster.root) / f) for f in ("slurmctld.log", "slurmd.log"))
+    logs = "".join(_tail(Path(cluster.root) / f) for f in ("slurmctld.log", *(f"slurmd-{n}.log" for n in cluster.nodes)))
     raise RuntimeError(f"the test Slurm node did not become idle in {_START_TIMEOUT_S:.0f} s "
                        f"(sinfo: {last!r}):\n{logs}")
 

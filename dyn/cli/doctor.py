@@ -17,7 +17,8 @@ def doctor(
                                                       "through job steps."),
     dyn_command: Optional[str] = typer.Option(None, "--dyn-command", help="How dyn runs on remote nodes "
                                                                          "(default: `dyn`)."),
-    accept_new_host_keys: bool = typer.Option(False, "--accept-new-host-keys", hidden=True),
+    accept_new_host_keys: bool = typer.Option(False, "--accept-new-host-keys",
+                                              help="Trust and record unknown SSH host keys."),
     as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
 ) -> None:
     """Check every node before `dyn up`: reachability, clock skew, Python/dyn version, GPUs, driver,
@@ -31,7 +32,8 @@ def doctor(
 
     with errors_to_exit():
         inputs = doctor_inputs(topology, recipe, slurm=slurm,
-                               dyn_command=tuple(shlex.split(dyn_command)) if dyn_command else None)
+                               dyn_command=tuple(shlex.split(dyn_command)) if dyn_command else None,
+                               accept_new_host_keys=accept_new_host_keys)
         findings = run(inputs)
     if as_json:
         print_json([f.__dict__ | {"blocking": f.is_blocking} for f in findings])

@@ -33,6 +33,8 @@ def up(
     slurm: bool = typer.Option(False, "--slurm", help="Run inside the current Slurm allocation: workers are "
                                                       "srun job steps (default topology: one written for "
                                                       "the allocation, as `dyn topo from-slurm` does)."),
+    wait: bool = typer.Option(False, "--wait", help="Stay until the deployment ends (last line of an sbatch "
+                                                    "script); SIGTERM/SIGINT take it down first."),
     timeouts: Optional[str] = typer.Option(None, "--timeouts", envvar="DYN_TIMEOUTS", hidden=True,
                                            help="Daemon deadline overrides, e.g. heartbeat_s=3,load_s=60."),
 ) -> None:
@@ -60,12 +62,30 @@ def up(
     if result.already_running:
         typer.echo(f"deployment {result.name!r} is already running with these files; nothing changed. "
                    f"Frontend: {result.frontend_url}")
-        return
-    if result.adopted is not None:
+    elif result.adopted is not None:
         typer.echo(f"deployment {result.name!r}: daemon restarted; {result.adopted} running processes adopted. "
                    f"Frontend: {result.frontend_url}")
-        return
-    typer.echo(f"deployment {result.name!r} ready in {result.elapsed_s:.1f} s. Frontend: {result.frontend_url}")
+    else:
+        typer.echo(f"deployment {result.name!r} ready in {result.elapsed_s:.1f} s. Frontend: {result.frontend_url}")
+    if wait:
+        _hold(result.name)
+
+
+def _hold(name: str) -> None:
+    """--wait: block until the deployment ends; a signal only sets the flag (the library takes it down)."""
+    import signal
+    import threading
+
+    from dyn.deploy.hold import hold
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    result = hold(name, stop)
+    typer.echo(f"deployment {name!r}: {result.how} ({result.detail})"
+               + (f"; daemon restarted {result.num_daemon_restarts}x" if result.num_daemon_restarts else ""))
+    if result.how in ("ended", "failed"):
+        raise typer.Exit(1)
 
 
 def _timeouts(text: str | None) -> dict[str, float]:

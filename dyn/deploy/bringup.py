@@ -130,9 +130,13 @@ async def up_async(options: UpOptions, *, on_progress: Progress | None = None,
     remote_cmd = options.dyn_command or (tuple(local_cmd) if topology.launch == "slurm" else ("dyn",))
     used = sorted({topology.head, *(w.node for w in placement.workers)})
     head = topology.head_node
-    if not head.ssh.is_local and not is_this_machine(head.ssh.address):
-        raise DeploymentError(f"head node {topology.head!r} ({head.ssh.address}) is not this machine: run "
-                              f"`dyn up` on {topology.head}, or make the head node `address: local`")
+    # a Slurm node's address is its Slurm name; where it is reached is its bind_address (NodeAddr)
+    head_address = head.bind_address if topology.launch == "slurm" else head.ssh.address
+    if not head.ssh.is_local and not is_this_machine(head_address):
+        raise DeploymentError(f"head node {topology.head!r} ({head_address}) is not this machine: run "
+                              f"`dyn up` on {topology.head}" + (" (inside the allocation, e.g. in the sbatch "
+                              "script or `srun --pty`)" if topology.launch == "slurm" else
+                              ", or make the head node `address: local`"))
     await _check_nodes(topology, used, local_cmd, remote_cmd, options)
 
     ids = ["daemon", "cli", *(f.id for f in frontends), *(w.id for w in placement.workers)]

@@ -37,6 +37,7 @@ class DoctorInputs:
     """How dyn runs on remote nodes (SSH, or Slurm steps)."""
     local_dyn_command: tuple[str, ...] = ("dyn",)
     """... on `address: local` nodes (this head's install)."""
+    accept_new_host_keys: bool = False
     head_version: str = __version__
     head_python: str = "%d.%d" % sys.version_info[:2]
 
@@ -70,7 +71,8 @@ async def run_doctor(inputs: DoctorInputs) -> list[Finding]:
             raise DynError(f"the probe exited {result.exit_status}: {(result.stderr or result.stdout)[-300:]}")
         return json.loads(result.stdout.strip().splitlines()[-1]), sent, received
 
-    async with RunnerPool(list(topology.nodes), SshOptions(retries=1), connector=connector) as pool:
+    async with RunnerPool(list(topology.nodes), SshOptions(retries=1, accept_new_host_keys=inputs.accept_new_host_keys),
+                          connector=connector) as pool:
         answers = await pool.gather(probe)
     findings: list[Finding] = []
     facts_by_node: dict[str, dict[str, Any]] = {}
@@ -104,7 +106,7 @@ def _reach_fix(topology: Topology, node: Node) -> str:
 
 
 def doctor_inputs(topology_path: str | None, recipe_path: str | None, *, slurm: bool = False,
-                  dyn_command: tuple[str, ...] | None = None) -> DoctorInputs:
+                  dyn_command: tuple[str, ...] | None = None, accept_new_host_keys: bool = False) -> DoctorInputs:
     """Load the files (binding them to the current Slurm allocation with --slurm or `launch: slurm`);
     the recipe adds its model path and the frontend port on the head."""
     import os
@@ -117,10 +119,10 @@ def doctor_inputs(topology_path: str | None, recipe_path: str | None, *, slurm: 
         path = str(resolve_file("topology", None))
     text = Path(path).read_text() if path else ""
     if path is None or slurm or parse_topology(text, path).launch == "slurm":
-        from dyn.deploy.slurm import bind_topology, current_allocation, topology_text
+        from dyn.deploy.slurm import bind_topology, current_allocation, this_node, topology_text
 
         allocation = current_allocation(dict(os.environ))
-        text = bind_topology(text, path, allocation) if path else topology_text(
+        text = bind_topology(text, path, allocation, this_node(os.environ, allocation)) if path else topology_text(
             allocation, gpu_model="any", gpu_memory_gib=1)
         path = path or f"slurm job {allocation.job_id}"
     topology = parse_topology(text, path)
@@ -137,7 +139,7 @@ def doctor_inputs(topology_path: str | None, recipe_path: str | None, *, slurm: 
     local = local_dyn_command()
     remote = dyn_command or (local if topology.launch == "slurm" else ("dyn",))
     return DoctorInputs(topology=topology, model_path=model_path, ports=ports, dyn_command=remote,
-                        local_dyn_command=local)
+                        local_dyn_command=local, accept_new_host_keys=accept_new_host_keys)
 
 
 def run(inputs: DoctorInputs) -> list[Finding]:

@@ -154,6 +154,7 @@ def domain_findings(facts: dict[str, dict[str, Any]], topology: Topology) -> lis
     """On multi-node NVLink (NVL72) every GPU of a topology domain must report the same fabric
     cluster UUID and clique, with the fabric manager / IMEX running and fabric state Completed."""
     out: list[Finding] = []
+    domains_of_clique: dict[tuple[str, str], set[str]] = {}
     for domain in topology.nvlink_domains:
         nodes = sorted({m[0] for m in domain.members})
         if len(nodes) < 2:
@@ -170,6 +171,10 @@ def domain_findings(facts: dict[str, dict[str, Any]], topology: Topology) -> lis
                                    "trays): `systemctl enable --now nvidia-imex`"))
             for g in gpu["gpus"]:
                 if g.get("cluster_uuid") is None:
+                    out.append(Finding(name, "NVLink fabric", "FAIL", f"GPU {g['index']} reports no NVLink fabric, "
+                                       f"but domain {domain.name} spans {len(nodes)} nodes",
+                                       "multi-node NVLink needs an NVL72-class system; otherwise use "
+                                       "`nvlink: per-node` in the topology"))
                     continue
                 if g.get("fabric_state") != "Completed":
                     out.append(Finding(name, "NVLink fabric", "FAIL", f"GPU {g['index']} fabric state "
@@ -186,6 +191,14 @@ def domain_findings(facts: dict[str, dict[str, Any]], topology: Topology) -> lis
             (uuid, clique), gpus = next(iter(cliques.items()))
             out.append(Finding(domain.name, "NVLink domain", "ok", f"{len(gpus)} GPUs in cluster {uuid[:8]} "
                                f"clique {clique}"))
+        for key in cliques:
+            domains_of_clique.setdefault(key, set()).add(domain.name)
+    for (uuid, clique), names in domains_of_clique.items():
+        if len(names) > 1:
+            out.append(Finding(", ".join(sorted(names)), "NVLink domain", "warn", f"one fabric (cluster "
+                               f"{uuid[:8]} clique {clique}) split into {len(names)} topology domains",
+                               "merge them into one nvlink domain: TP groups and the KV shuttle may use NVLink "
+                               "across all of it"))
     return out
 
 

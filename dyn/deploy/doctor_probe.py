@@ -218,6 +218,28 @@ def dyn_version(argv):
     return (match.group(1), "") if match else (None, (out.stderr or out.stdout).strip()[-200:])
 
 
+def dyn_python(argv):
+    """Version of the Python that runs dyn (the #! line of the dyn script), None when unknown."""
+    exe = shutil.which(argv[0]) if argv else None
+    if os.path.basename(argv[0] if argv else "").startswith("python"):
+        interpreter = [exe or argv[0]]
+    else:
+        try:
+            with open(exe or "", "rb") as f:
+                line = f.readline(256).decode(errors="replace").strip()
+        except OSError:
+            return None
+        if not line.startswith("#!") or "python" not in line:
+            return None
+        interpreter = line[2:].split()
+    try:
+        out = subprocess.run(interpreter + ["-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def free_bytes(path):
     while path and not os.path.exists(path):
         path = os.path.dirname(path.rstrip("/")) or "/"
@@ -227,8 +249,9 @@ def free_bytes(path):
 def main(args):
     started = time.time()
     root = os.environ.get("DYN_DOCTOR_FS_ROOT", "")
-    facts = {"hostname": socket.gethostname(), "python": "%d.%d.%d" % sys.version_info[:3]}
-    facts["dyn"], facts["dyn_error"] = dyn_version(list(args.get("dyn_command") or ["dyn"]))
+    command = list(args.get("dyn_command") or ["dyn"])
+    facts = {"hostname": socket.gethostname(), "python": dyn_python(command) or "%d.%d.%d" % sys.version_info[:3]}
+    facts["dyn"], facts["dyn_error"] = dyn_version(command)
     model = args.get("model_path")
     if model:
         facts["weights"] = weights_digest(root + model)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import subprocess
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dyn.deploy.hostlist import expand_hostlist
 from dyn.errors import ConfigError, DeploymentError
@@ -34,6 +34,8 @@ class SlurmNode:
     """Slurm node name, what `--nodelist` takes."""
     num_gpus: int
     num_cpus: int | None
+    address: str | None = None
+    """The node's NodeAddr (what its processes bind and are reached at); None: its name resolves."""
 
 
 @dataclass(frozen=True)
@@ -67,17 +69,26 @@ def allocation_from_env(environ: Mapping[str, str], job_detail: str | None = Non
 
 
 def current_allocation(environ: Mapping[str, str]) -> Allocation:
-    """`allocation_from_env` with the per-node GPU detail asked from scontrol (when it answers)."""
+    """`allocation_from_env` with the per-node GPU detail and node addresses asked from scontrol
+    (when it answers)."""
     job_id = environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID") or ""
-    detail = None
-    if job_id:
-        try:
-            result = subprocess.run(["scontrol", "show", "job", "-d", job_id], capture_output=True, text=True,
-                                    timeout=15, env=dict(environ))
-            detail = result.stdout if result.returncode == 0 else None
-        except (OSError, subprocess.SubprocessError):
-            detail = None
-    return allocation_from_env(environ, detail)
+    detail = _scontrol(environ, "show", "job", "-d", job_id) if job_id else None
+    allocation = allocation_from_env(environ, detail)
+    nodes_text = _scontrol(environ, "show", "node", "-o", ",".join(allocation.hostnames))
+    addresses = node_addresses(nodes_text or "")
+    return Allocation(allocation.job_id, tuple(replace(n, address=addresses.get(n.hostname))
+                                               for n in allocation.nodes))
+
+
+def node_addresses(text: str) -> dict[str, str]:
+    """{NodeName: NodeAddr} from `scontrol show node -o` lines, where the two differ."""
+    found = {}
+    for line in text.splitlines():
+        fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+        name, addr = fields.get("NodeName"), fields.get("NodeAddr")
+        if name and addr and addr != name:
+            found[name] = addr
+    return found
 
 
 def gpus_from_detail(text: str) -> dict[str, int]:
@@ -131,13 +142,17 @@ def topology_text(allocation: Allocation, *, name: str | None = None, gpu_model:
         lines += [f"  - name: rack{start // per_rack + 1:02d}", "    nodes:"]
         for node in allocation.nodes[start:start + per_rack]:
             cpus = f", cpus: {node.num_cpus}" if node.num_cpus else ""
-            lines.append(f"      - {{name: {node.hostname}, address: {node.hostname}, gpus: {node.num_gpus}{cpus}}}")
+            bind = f", bind_address: {node.address}" if node.address else ""
+            lines.append(f"      - {{name: {node.hostname}, address: {node.hostname}, gpus: {node.num_gpus}"
+                         f"{cpus}{bind}}}")
     return "\n".join(lines) + "\n"
 
 
-def bind_topology(text: str, source: str, allocation: Allocation) -> str:
+def bind_topology(text: str, source: str, allocation: Allocation, this_host: str | None = None) -> str:
     """The topology text to deploy with inside `allocation`: `launch: slurm` and the job id
-    added when missing; every node must be a node of the allocation (address = Slurm name)."""
+    added when missing; every node must be a node of the allocation (address = Slurm name).
+    A topology none of whose addresses is a Slurm node (a shipped rack file) is mapped onto
+    the allocation tray by tray (`dyn.deploy.slurm_map`)."""
     from dyn.config.loader import parse_topology
 
     topology = parse_topology(text, source)
@@ -145,6 +160,10 @@ def bind_topology(text: str, source: str, allocation: Allocation) -> str:
         raise DeploymentError(f"{source} names Slurm job {topology.slurm_job} but this shell is in job "
                               f"{allocation.job_id}: rerun `dyn topo from-slurm` here, or drop slurm_job")
     missing = [f"{n.name} ({n.ssh.address})" for n in topology.nodes if n.ssh.address not in allocation.hostnames]
+    if len(missing) == len(topology.nodes) and topology.launch != "slurm":
+        from dyn.deploy.slurm_map import map_onto_allocation
+
+        return map_onto_allocation(topology, allocation, source, this_host)
     if missing:
         raise DeploymentError(f"{len(missing)} node(s) of {source} are not in Slurm job {allocation.job_id} "
                               f"(nodes {', '.join(allocation.hostnames)}): {', '.join(missing[:8])}; a Slurm "
@@ -165,6 +184,14 @@ def bind_topology(text: str, source: str, allocation: Allocation) -> str:
     if not extra:
         return text
     return text.rstrip("\n") + "\n" + "\n".join(extra) + "\n"
+
+
+def _scontrol(environ: Mapping[str, str], *args: str) -> str | None:
+    try:
+        result = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=15, env=dict(environ))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout if result.returncode == 0 else None
 
 
 def _per_node_counts(text: str, num_nodes: int) -> list[int]:
@@ -196,13 +223,22 @@ def slurm_topology_file(path: str | None, environ: Mapping[str, str]) -> str:
                              gpu_memory_gib=model[1] if model else None)
         stem = f"slurm-{allocation.job_id}"
     else:
-        text = bind_topology(Path(path).read_text(), path, allocation)
+        text = bind_topology(Path(path).read_text(), path, allocation, this_node(environ, allocation))
         stem = f"slurm-{allocation.job_id}-{Path(path).stem}"
     root = state_root()
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     out = root / f"{stem}.topology.yaml"
     out.write_text(text)
     return str(out)
+
+
+def this_node(environ: Mapping[str, str], allocation: Allocation) -> str | None:
+    """The allocation node this process runs on (SLURMD_NODENAME in a batch script or step,
+    else this host's name when the allocation holds it); None on a login node."""
+    import socket
+
+    name = environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
+    return name if name in allocation.hostnames else None
 
 
 def probe_gpu_model(allocation: Allocation, environ: Mapping[str, str]) -> tuple[str, float] | None:

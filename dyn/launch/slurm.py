@@ -36,19 +36,27 @@ from dyn.launch.runner import CommandResult, LaunchedProcess, ProcessSpec, Runne
 from dyn.launch.shell import ShellRunner
 
 STEP_PREFIX = "dyn:"
-"""Every step dyn starts is named dyn:<process>:<token> (`squeue --steps` shows it)."""
+"""Every step dyn starts is named dyn:<deployment>:<process>:<token> (`squeue --steps` shows it)."""
 REGISTER_PID_ENV = "DYN_REGISTER_PID"
 _STEP_NAME_RE = re.compile(r"--job-name=(dyn:[^\s\x00]+)")
 _KEEP_SLURM_ENV = ("SLURM_CONF",)
 
 
 def srun_argv(job_id: str, host: str, argv: Sequence[str], *, name: str = "dyn:cmd",
-              output: str | None = None, chdir: str | None = None) -> tuple[str, ...]:
-    """The srun command for one single-task step on `host` of job `job_id`."""
+              output: str | None = None, chdir: str | None = None, num_gpus: int = 0) -> tuple[str, ...]:
+    """The srun command for one single-task step on `host` of job `job_id`.
+
+    `num_gpus` > 0 asks for that many of the node's GPUs explicitly (`--gres=gpu:N`): a step
+    gets the job's GPUs by default, but not those an `--exclusive` job holds implicitly, and
+    with ConstrainDevices a step sees only what it was given. `--overlap` lets every step
+    share them; which ones a worker uses is its placement's (step_visible_devices).
+    """
     if not argv:
         raise ValueError("empty command")
     out = ["srun", f"--jobid={job_id}", "--overlap", f"--nodelist={host}", "--nodes=1", "--ntasks=1",
            f"--job-name={name}", "--quiet", "--kill-on-bad-exit=1"]
+    if num_gpus > 0:
+        out.append(f"--gres=gpu:{num_gpus}")
     if output is not None:
         # slurmstepd expands %j, %s, ... in the path; a literal % is written %%
         out += [f"--output={output.replace('%', '%%')}", "--open-mode=append", "--input=none"]
@@ -87,20 +95,23 @@ def step_visible_devices(gpus: Sequence[int], environ: Mapping[str, str]) -> str
 class SlurmConnector:
     """`RunnerPool` connector: every node of the allocation becomes a SlurmRunner."""
 
-    def __init__(self, job_id: str, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, job_id: str, environ: Mapping[str, str] | None = None, *, deployment: str = "") -> None:
         self.job_id = job_id
+        self.deployment = deployment
         self.env = srun_env(environ)
 
     async def __call__(self, node: Node, options: object = None) -> Runner:
-        return SlurmRunner(node, self.job_id, env=self.env)
+        return SlurmRunner(node, self.job_id, env=self.env, deployment=self.deployment)
 
 
 class SlurmRunner(ShellRunner):
     """A node of allocation `job_id`; its address is the node's Slurm name."""
 
-    def __init__(self, node: Node, job_id: str, *, env: dict[str, str] | None = None) -> None:
+    def __init__(self, node: Node, job_id: str, *, env: dict[str, str] | None = None,
+                 deployment: str = "") -> None:
         super().__init__(node)
         self.job_id = job_id
+        self.step_prefix = step_prefix(deployment)
         self._step_names: dict[int, str] = {}
         """srun pid -> step name, for steps this runner started (a dead srun's cmdline is gone)."""
         self._head = LocalRunner(Node(name=f"{node.name}@head", rack=node.rack, ssh=SshTarget("local")),
@@ -110,6 +121,11 @@ class SlurmRunner(ShellRunner):
     def host(self) -> str:
         return self.node.ssh.address
 
+    @property
+    def num_gpus(self) -> int:
+        """GPUs every step asks for: up to the highest index the topology uses on the node."""
+        return max((g.index for g in self.node.gpus), default=-1) + 1
+
     def process_runner(self) -> Runner:
         """Where the pids from `start_detached` live: the srun clients on the head."""
         return self._head
@@ -118,7 +134,14 @@ class SlurmRunner(ShellRunner):
                   input: str | None = None) -> CommandResult:
         if not argv:
             raise LaunchError("empty command", node=self.node.name)
-        result = await self._head.run(srun_argv(self.job_id, self.host, argv), timeout_s=timeout_s, input=input)
+        name = f"dyn-cmd:{secrets.token_hex(4)}"
+        try:
+            result = await self._head.run(srun_argv(self.job_id, self.host, argv, name=name,
+                                                    num_gpus=self.num_gpus), timeout_s=timeout_s, input=input)
+        except LaunchError:
+            # the timeout SIGKILLed srun, which leaves its step running: end the step too
+            await cancel_steps(self._head, self.job_id, name, prefix=None)
+            raise
         if result.exit_status != 0 and _is_srun_failure(result.stderr):
             raise LaunchError(f"srun could not start a step on {self.host} in job {self.job_id}: "
                               f"{result.stderr.strip()[-300:]}; is the allocation still running "
@@ -126,9 +149,10 @@ class SlurmRunner(ShellRunner):
         return result
 
     async def start_detached(self, spec: ProcessSpec) -> LaunchedProcess:
-        step_name = f"{STEP_PREFIX}{_step_safe(spec.name)}:{secrets.token_hex(4)}"
+        step_name = f"{self.step_prefix}{_step_safe(spec.name)}:{secrets.token_hex(4)}"
         inner = ["env", *(f"{k}={v}" for k, v in spec.env), *spec.argv]
-        srun = srun_argv(self.job_id, self.host, inner, name=step_name, output=spec.log_path, chdir=spec.cwd)
+        srun = srun_argv(self.job_id, self.host, inner, name=step_name, output=spec.log_path, chdir=spec.cwd,
+                         num_gpus=self.num_gpus)
         # exec keeps one pid from setsid to srun, so the pid echoed is srun's and the worker can report it
         wrapper = ("sh", "-c", f'{REGISTER_PID_ENV}=$$; export {REGISTER_PID_ENV}; exec "$@"', "sh", *srun)
         # the log's directory on the node is the run dir the daemon wrote the config into
@@ -171,8 +195,8 @@ class SlurmRunner(ShellRunner):
         return None
 
 
-async def list_steps(runner: Runner, job_id: str) -> list[tuple[str, str]]:
-    """(step id "J.S", step name) of every running step dyn started in job `job_id`."""
+async def list_steps(runner: Runner, job_id: str, prefix: str | None = STEP_PREFIX) -> list[tuple[str, str]]:
+    """(step id "J.S", step name) of every running step of job `job_id` (named `prefix`...)."""
     result = await runner.run(("squeue", "--steps", f"--jobs={job_id}", "--noheader", "--format=%i %j"),
                               timeout_s=15)
     if not result.ok:
@@ -180,7 +204,7 @@ async def list_steps(runner: Runner, job_id: str) -> list[tuple[str, str]]:
     steps = []
     for line in result.stdout.splitlines():
         step_id, _, name = line.strip().partition(" ")
-        if name.startswith(STEP_PREFIX):
+        if prefix is None or name.startswith(prefix):
             steps.append((step_id, name))
     return steps
 
@@ -197,6 +221,11 @@ async def job_state(runner: Runner, job_id: str) -> str | None:
                       node="head")
 
 
+def step_prefix(deployment: str) -> str:
+    """Name prefix of a deployment's steps: `dyn down` cancels exactly these."""
+    return f"{STEP_PREFIX}{_step_safe(deployment) or '-'}:"
+
+
 def _is_srun_failure(stderr: str) -> bool:
     return any(marker in stderr for marker in ("srun: error: Unable to", "Invalid job id", "Job has been cancelled",
                                                "srun: fatal", "Unable to confirm allocation",
@@ -211,9 +240,10 @@ def _step_safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:80]
 
 
-async def cancel_steps(runner: Runner, job_id: str, name_prefix: str) -> list[str]:
+async def cancel_steps(runner: Runner, job_id: str, name_prefix: str, *,
+                       prefix: str | None = STEP_PREFIX) -> list[str]:
     """scancel every running step of `job_id` whose name starts with `name_prefix`; the ids ended."""
-    steps = [step for step, name in await list_steps(runner, job_id) if name.startswith(name_prefix)]
+    steps = [step for step, name in await list_steps(runner, job_id, prefix) if name.startswith(name_prefix)]
     if steps:
         await runner.run(("scancel", "--quiet", *steps), timeout_s=15)
     return steps

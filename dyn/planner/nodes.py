@@ -119,17 +119,17 @@ class LaunchNodes:
         if not self._topology.slurm_job:
             raise LaunchError("the topology says `launch: slurm` but names no allocation (slurm_job): "
                               "run `dyn up --slurm` inside salloc/sbatch", node=self._topology.head)
-        return SlurmConnector(self._topology.slurm_job)
+        return SlurmConnector(self._topology.slurm_job, deployment=self._deployment)
 
     async def end_leftover_steps(self) -> list[str]:
         """Slurm: cancel any step of this deployment still running (a step whose srun client
         was killed outlives it); the step ids cancelled. Nothing to do over SSH."""
         if self._topology.launch != "slurm" or not self._topology.slurm_job:
             return []
-        from dyn.launch.slurm import STEP_PREFIX, cancel_steps
+        from dyn.launch.slurm import cancel_steps, step_prefix
 
         runner = await self._pid_runner(self._topology.head)
-        return await cancel_steps(runner, self._topology.slurm_job, f"{STEP_PREFIX}{self._deployment}-")
+        return await cancel_steps(runner, self._topology.slurm_job, step_prefix(self._deployment))
 
     async def launcher_gone(self) -> str | None:
         """Why no process can run any more (the Slurm allocation ended), else None."""

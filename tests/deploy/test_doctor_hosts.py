@@ -9,6 +9,7 @@ Each host gets its own environment through its authorized_keys line
 * host 2: DYN_DOCTOR_CLOCK_OFFSET_S=60 (a test cannot move the machine's real
   clock; the probe adds the offset to the time it reports);
 * the head: the recipe's frontend port is taken by a socket the test holds.
+* node "gone": nothing listens on its port.
 Each must come back as FAIL with a fix, the rest ok, and the exit status 1.
 """
 
@@ -54,8 +55,9 @@ def test_doctor_reports_each_broken_node_with_a_fix(sshd_hosts, tmp_path):
     nodes = "".join(f"      - {{name: host{i}, address: {h.host}, port: {h.port}, user: {h.user}, "
                     f"identity_file: {h.client_key_path}, known_hosts: {known}}}\n" for i, h in enumerate(hosts))
     topology = tmp_path / "topology.yaml"
+    gone = f"      - {{name: gone, address: 127.0.0.1, port: {free_port()}, known_hosts: {known}}}\n"
     topology.write_text("name: doctor-test\nhead: head\nracks:\n  - name: r0\n    nodes:\n"
-                        "      - {name: head, address: local}\n" + nodes)
+                        "      - {name: head, address: local}\n" + nodes + gone)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"name: doctor-test\nmodel: {{path: {model}, engine: torch, device: cpu}}\n"
                       f"workers: {{both: {{}}}}\nfrontend: {{host: 127.0.0.1, port: {port}}}\n")
@@ -72,8 +74,9 @@ def test_doctor_reports_each_broken_node_with_a_fix(sshd_hosts, tmp_path):
     findings = json.loads(result.stdout)
     by = {(f["node"], f["check"]): f for f in findings}
     failed = sorted((f["node"], f["check"]) for f in findings if f["result"] == "FAIL")
-    assert failed == [("head", f"port 127.0.0.1:{port}"), ("host0", "dyn version"), ("host1", "model files"),
-                      ("host2", "clock")], failed
+    assert failed == [("gone", "reachable"), ("head", f"port 127.0.0.1:{port}"), ("host0", "dyn version"),
+                      ("host1", "model files"), ("host2", "clock")], failed
+    assert "host unreachable" in by[("gone", "reachable")]["detail"] and "sshd" in by[("gone", "reachable")]["fix"]
     assert "0.0.9" in by[("host0", "dyn version")]["detail"] and "pip install dyn==" in by[("host0", "dyn version")]["fix"]
     assert "does not exist" in by[("host1", "model files")]["detail"] and "rsync" in by[("host1", "model files")]["fix"]
     assert by[("host2", "clock")]["detail"].startswith("+6") and "chrony" in by[("host2", "clock")]["fix"]

@@ -154,3 +154,14 @@ def test_nvl72_domain_needs_one_clique_and_imex():
     assert ("nvl-a", "NVLink domain", "FAIL") in found
     same = {"t0": facts["t0"], "t1": {"gpu": good, "fabric_daemons": ["nvidia-imex"]}}
     assert ("nvl-a", "NVLink domain", "ok") in [(f.node, f.check, f.result) for f in domain_findings(same, topo)]
+    # a topology that cuts one fabric in two: per-rack domains over two one-tray racks
+    split = parse_topology("name: s\nhead: t0\nnvlink: per-rack\ndefaults: {gpus: 2, gpu_model: GB200, "
+                           "gpu_memory_gib: 186}\nracks:\n  - name: a\n    nodes:\n      - {name: t0, address: x0}\n"
+                           "      - {name: t2, address: x2}\n  - name: b\n    nodes:\n"
+                           "      - {name: t1, address: x1}\n      - {name: t3, address: x3}\n", "s.yaml")
+    four = {n: {"gpu": good, "fabric_daemons": ["nvidia-imex"]} for n in ("t0", "t1", "t2", "t3")}
+    warned = [f for f in domain_findings(four, split) if f.result == "warn"]
+    assert len(warned) == 1 and warned[0].node == "nvl-a, nvl-b" and "merge them" in warned[0].fix
+    pcie = dict(probe.parse_smi_xml(SMI_XML.replace("<fabric>", "<x>").replace("</fabric>", "</x>")), source="x")
+    none = {"t0": {"gpu": pcie, "fabric_daemons": ["nvidia-imex"]}, "t1": {"gpu": pcie, "fabric_daemons": ["nvidia-imex"]}}
+    assert any("reports no NVLink fabric" in f.detail for f in domain_findings(none, topo))

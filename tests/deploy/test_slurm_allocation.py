@@ -78,3 +78,39 @@ def test_topology_file_launch_keys_are_checked():
         parse_topology(base + "launch: slurm\n", "t.yaml")
     with pytest.raises(ConfigError, match="slurm_job needs"):
         parse_topology(base + "slurm_job: 5\n", "t.yaml")
+
+
+def test_node_addresses_become_bind_addresses():
+    from dataclasses import replace
+
+    from dyn.deploy.slurm import node_addresses
+
+    # `scontrol show node -o` lines as the test cluster (Slurm 22.05.8) prints them, shortened
+    text = ("NodeName=vm Arch=x86_64 CoresPerSocket=1 Gres=gpu:4 NodeAddr=127.0.0.1 NodeHostName=vm Port=60565\n"
+            "NodeName=gpu01 Arch=x86_64 NodeAddr=gpu01 NodeHostName=gpu01\n")
+    assert node_addresses(text) == {"vm": "127.0.0.1"}
+    alloc = allocation_from_env({"SLURM_JOB_ID": "9", "SLURM_JOB_NODELIST": "vm"})
+    alloc = replace(alloc, nodes=(replace(alloc.nodes[0], address="127.0.0.1"),))
+    assert parse_topology(topology_text(alloc), "t.yaml").node("vm").bind_address == "127.0.0.1"
+
+
+def test_a_shipped_rack_maps_onto_an_allocation_tray_by_tray():
+    from pathlib import Path
+
+    from dyn.deploy.slurm import SlurmNode, Allocation
+
+    source = Path(__file__).resolve().parents[2] / "topologies" / "gb200-nvl72.yaml"
+    rack = parse_topology(source.read_text(), str(source))
+    alloc = Allocation("88", tuple(SlurmNode(f"gb-r3-{i:02d}", 4, 144, f"10.3.0.{i}") for i in range(1, 19)))
+    mapped = parse_topology(bind_topology(source.read_text(), str(source), alloc), "mapped.yaml")
+    assert mapped.launch == "slurm" and mapped.slurm_job == "88" and mapped.head == rack.head
+    assert [n.name for n in mapped.nodes] == [n.name for n in rack.nodes]
+    assert [n.ssh.address for n in mapped.nodes] == list(alloc.hostnames)
+    assert mapped.node("tray02").bind_address == "10.3.0.2" and mapped.num_gpus == 72
+    assert [(d.name, d.members) for d in mapped.nvlink_domains] == [(d.name, d.members) for d in rack.nvlink_domains]
+    # dyn up runs on gb-r3-05 (the batch host): the head tray goes there, tray05 takes the first node
+    swapped = parse_topology(bind_topology(source.read_text(), str(source), alloc, "gb-r3-05"), "m.yaml")
+    assert swapped.node(rack.head).ssh.address == "gb-r3-05" and swapped.node("tray05").ssh.address == "gb-r3-01"
+    small = Allocation("89", alloc.nodes[:16])
+    with pytest.raises(DeploymentError, match="has 18 nodes but Slurm job 89 holds 16"):
+        bind_topology(source.read_text(), str(source), small)
