@@ -84,6 +84,10 @@ def test_nvext_hints_accepted_unknown_counted_wrong_type_named(two_workers):
                       "session_control": {"session_id": "s-nv", "action": "bind", "timeout_seconds": 60}},
             "dyn": {"retention": {"priority": 2, "ttl_s": 30, "colour": "red"}}}
     _complete(c, list(range(10, 30)), **body)
+    # osl reaches the planner through the frontend heartbeat (its decode demand)
+    from dyn.frontend.process import _heartbeat_metrics
+    beat = c.call(_heartbeat_metrics, c.frontend)
+    assert beat["osl_requests_total"] == 1 and beat["osl_tokens_total"] == 8
     assert 'field="nvext.agent_hints.future_hint"} 1.0' in _metric(c, "dyn_frontend_unknown_hint_fields")
     assert 'field="dyn.retention.colour"} 1.0' in _metric(c, "dyn_frontend_unknown_hint_fields")
     status, err = _post(c.base_url, {"model": "mock", "prompt": [1, 2, 3],
