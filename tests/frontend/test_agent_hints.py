@@ -167,3 +167,35 @@ def test_priority_orders_service_on_a_busy_worker():
             t.join(30)
         # The first low request was running; the high one overtakes the queued ones.
         assert done.index("high") <= 1, done
+
+
+def test_host_tier_expiry_reaches_the_router_and_a_reoffload_is_served_again():
+    """Regression (issue 14): expired host blocks stayed in the router's index as host hits."""
+    from dataclasses import replace
+
+    from dyn.kv.hashing import hash_blocks
+
+    recipe = replace(_recipe(num_kv_blocks=12), kv_tiers=KvTiersSpec(ttl_s=0.5, retention_ttl_s=None))
+    with LocalCluster(recipe, num_workers=1, host_tier_blocks=64, expiry_sweep_s=0.1) as c:
+        router = c.frontend.dispatcher.routing.router
+        prompt = [700 + i for i in range(33)]
+        hashes = hash_blocks(prompt, BS, 0)
+
+        def host_hits() -> int:
+            return router.index.find(hashes).host_hits.get("worker-0", 0)
+
+        def until(pred, what: str) -> None:
+            deadline = time.monotonic() + 5
+            while not pred():
+                assert time.monotonic() < deadline, what
+                time.sleep(0.02)
+
+        _complete(c, prompt, n=2)
+        _complete(c, [800 + i for i in range(33)], n=2)  # 12-block pool: the first prompt moves to host
+        until(lambda: host_hits() > 0, "the router to see the offloaded blocks")
+        until(lambda: host_hits() == 0, "the sweep's removal events after the TTL")
+        # Served from host again once re-offloaded: the stale entry is replaced, not merely touched.
+        _complete(c, prompt, n=2)
+        _complete(c, [900 + i for i in range(33)], n=2)
+        until(lambda: host_hits() > 0, "the re-offloaded blocks")
+        assert _cached(_complete(c, prompt, n=2)) > 0
