@@ -199,3 +199,36 @@ def test_host_tier_expiry_reaches_the_router_and_a_reoffload_is_served_again():
         _complete(c, [900 + i for i in range(33)], n=2)
         until(lambda: host_hits() > 0, "the re-offloaded blocks")
         assert _cached(_complete(c, prompt, n=2)) > 0
+
+
+def _chat(cluster, messages: list[dict], n: int, **ext) -> dict:
+    req = urllib.request.Request(cluster.base_url + "/chat/completions", json.dumps(
+        {"model": "mock", "messages": messages, "max_tokens": n, "temperature": 0, **ext}).encode(),
+        {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        body = json.loads(resp.read())
+    cluster.call(cluster.frontend.dispatcher.agent.wait_idle)
+    return body
+
+
+def test_chat_speculative_prefill_caches_the_templated_conversation(two_workers):
+    """The next chat turn re-renders the answer as text inside the template: the decode KV's ids
+    are not what it repeats, the speculative prefill of the templated conversation is."""
+    c = two_workers
+    cached, first_prompt = {}, {}
+    tok = c.frontend.tokenizer
+    for speculate in (False, True):
+        tag = "spec" if speculate else "plain"
+        history = [{"role": "system", "content": f"You are agent {tag}. " * 4},
+                   {"role": "user", "content": "List the files. " * 3}]
+        first = _chat(c, history, 12, dyn={"session_id": f"chat-{tag}", "speculative_prefill": speculate})
+        history += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                    {"role": "user", "content": "Now open the first one."}]
+        second = _chat(c, history, 2, dyn={"session_id": f"chat-{tag}"})
+        cached[tag] = _cached(second)
+        first_prompt[tag] = len(tok.chat_prompt(history[:2]))
+    spec_ids, next_ids = tok.chat_prompt(history[:3]), tok.chat_prompt(history)
+    common = next(i for i, (a, b) in enumerate(zip(spec_ids, next_ids)) if a != b)
+    assert cached["spec"] == common // BS * BS
+    # without it only the system + user prompt was cached (the mock's answer ids re-tokenize apart)
+    assert cached["plain"] <= first_prompt["plain"] and first_prompt["spec"] < cached["spec"]
