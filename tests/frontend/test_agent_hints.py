@@ -232,3 +232,21 @@ def test_chat_speculative_prefill_caches_the_templated_conversation(two_workers)
     assert cached["spec"] == common // BS * BS
     # without it only the system + user prompt was cached (the mock's answer ids re-tokenize apart)
     assert cached["plain"] <= first_prompt["plain"] and first_prompt["spec"] < cached["spec"]
+
+
+def test_priority_gets_admission_slack_under_the_ttft_target():
+    from dataclasses import replace
+
+    from dyn.config.recipe import PlannerSpec
+
+    recipe = _recipe(num_kv_blocks=64)
+    timing = replace(recipe.model.mock, prefill_base_s=0.002, prefill_s_per_token=0.0001)
+    recipe = replace(recipe, model=replace(recipe.model, mock=timing), router=RouterSpec(admission=True),
+                     planner=PlannerSpec(ttft_ms=5.0))
+    with LocalCluster(recipe, num_workers=1) as c:
+        prompt = [40 + i for i in range(40)]  # modelled prefill ~6 ms: over 5 ms, under 2 x 5 ms
+        low, body = _post(c.base_url, {"model": "mock", "prompt": prompt, "max_tokens": 2})
+        assert low == 429 and body["error"]["code"] == "ttft_target_exceeded"
+        high, _ = _post(c.base_url, {"model": "mock", "prompt": prompt, "max_tokens": 2,
+                                     "nvext": {"agent_hints": {"priority": -1}}})  # vLLM convention
+        assert high == 200
