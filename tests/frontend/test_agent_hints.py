@@ -250,3 +250,22 @@ def test_priority_gets_admission_slack_under_the_ttft_target():
         high, _ = _post(c.base_url, {"model": "mock", "prompt": prompt, "max_tokens": 2,
                                      "nvext": {"agent_hints": {"priority": -1}}})  # vLLM convention
         assert high == 200
+
+
+def test_priority_request_preempts_a_low_priority_one_when_the_pool_is_full():
+    with LocalCluster(_recipe(num_kv_blocks=28, step_s=0.01), num_workers=1) as c:
+        done: list[str] = []
+
+        def send(name: str, prompt: list[int], n: int, priority: int) -> None:
+            status, _ = _post(c.base_url, {"model": "mock", "prompt": prompt, "max_tokens": n,
+                                           "dyn": {"priority": priority, "ignore_eos": True}})
+            assert status == 200
+            done.append(name)
+
+        low = threading.Thread(target=send, args=("low", [11] * 60, 48, 0))
+        low.start()
+        time.sleep(0.25)  # the low request now holds ~22 of 28 blocks and keeps growing
+        send("high", [12] * 20, 8, 5)
+        low.join(30)
+        stats = c.on_engine("worker-0", lambda e: e.stats())
+        assert done == ["high", "low"] and stats.num_preemptions >= 1
