@@ -35,11 +35,12 @@ class LocalWorker:
 
 class LocalCluster:
     def __init__(self, recipe: Recipe, num_workers: int = 2, *, host_tier_blocks: int = 0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, expiry_sweep_s: float = 1.0) -> None:
         self.recipe = recipe
         self.num_workers = num_workers
         self.host_tier_blocks = host_tier_blocks
         self.seed = seed
+        self.expiry_sweep_s = expiry_sweep_s
         self.workers: dict[str, LocalWorker] = {}
         self._aio: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -116,7 +117,7 @@ class LocalCluster:
 
     def _start_worker(self, wid: str, group) -> LocalWorker:
         from dyn.kv.host_tier import HostTier
-        from dyn.worker.engine_loop import EngineLoop
+        from dyn.worker.engine_loop import EngineLoop, sweep_expired
         from dyn.worker.kv_publisher import KvEventPublisher
         from dyn.worker.request_server import RequestServer
 
@@ -134,7 +135,8 @@ class LocalCluster:
         loop = EngineLoop(engine, server.on_outputs, name=f"engine-{wid}")
         server.attach(loop)
         loop.start()
-        self._tasks += [asyncio.create_task(server.serve()), asyncio.create_task(publisher.run())]
+        self._tasks += [asyncio.create_task(server.serve()), asyncio.create_task(publisher.run()),
+                        asyncio.create_task(sweep_expired(loop, self.expiry_sweep_s))]
         return LocalWorker(wid, engine, loop, server, publisher, tiers)
 
     async def _stop(self) -> None:

@@ -1,8 +1,11 @@
 """After an agent turn: speculative prefill of the next turn, and closing a session.
 
 Speculative prefill (hint `speculative_prefill`): the next turn of an agent
-conversation starts with this turn's prompt plus its answer. When a turn
-finishes, that prefix is sent as a max_tokens=1 request to the worker the
+conversation starts with this turn's prompt plus its answer. For chat that is
+the chat template over the messages and the answer as a new assistant
+message (re-tokenized text, closed by the template's end-of-turn marker: not
+the decode KV's token ids, which the next prompt often does not repeat); for
+completions, prompt + output ids. When a turn finishes, that prefix is sent as a max_tokens=1 request to the worker the
 router picks for it now (the session's worker while it is not much worse
 loaded), below the request's priority and marked speculative: a worker with
 a queue refuses it, and cancels it when real work starts queueing. The next
@@ -45,7 +48,7 @@ class AgentTurns:
                    worker_id: str | None, salt: int) -> None:
         hints = req.hints
         if hints.speculative_prefill and not hints.close_session and output_ids:
-            self._spawn(self._speculate(req, prompt_ids + output_ids, salt))
+            self._spawn(self._speculate(req, self._next_prefix(req, prompt_ids, output_ids), salt))
         if hints.close_session and hints.session_id:
             self._spawn(self._close(hints.session_id, worker_id))
 
@@ -53,6 +56,13 @@ class AgentTurns:
         """Tests and shutdown: wait for the background actions."""
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout_s)
+
+    def _next_prefix(self, req: GenerationRequest, prompt_ids: list[int], output_ids: list[int]) -> list[int]:
+        if req.kind != "chat":
+            return prompt_ids + output_ids
+        tok = self.d.tokenizer
+        answer = {"role": "assistant", "content": tok.decode(output_ids)}
+        return list(tok.chat_prompt((*req.messages, answer)))
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)

@@ -174,6 +174,9 @@ class _Handlers:
         log.info("request received: %s, %d prompt tokens, max_tokens %s, tenant %s, priority %d%s",
                  req.kind, len(prompt_ids), req.sampling.max_tokens, tenant.name, req.hints.priority,
                  f", prompt {_prompt_text(req)!r}" if s.log_prompts else "", extra=extra)
+        if req.hints.expected_output_tokens is not None:
+            fe.metrics.num_osl_requests += 1
+            fe.metrics.num_osl_tokens += req.hints.expected_output_tokens
         usage = Usage()
         public_id = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + rid
         fe.metrics.in_flight.inc()

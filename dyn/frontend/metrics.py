@@ -65,6 +65,9 @@ class FrontendMetrics:
         if pool is not None:
             r.register(_PoolCollector(pool, router, breakers))
         self.num_requests = 0
+        self.num_osl_requests = 0
+        self.num_osl_tokens = 0
+        """Requests with an expected-output-length hint and their sum (heartbeat -> planner)."""
         self.num_rejected = 0
 
     def count_request(self, endpoint: str, status: int) -> None:

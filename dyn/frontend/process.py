@@ -211,6 +211,8 @@ def _heartbeat_metrics(frontend: Frontend) -> dict[str, float]:
     return {"in_flight": float(frontend.pool.num_open_streams),
             "num_workers": float(len(frontend.pool.workers)),
             "requests_total": float(m.num_requests), "rejected_total": float(m.num_rejected),
+            # expected output lengths from agent hints: the planner's decode demand
+            "osl_requests_total": float(m.num_osl_requests), "osl_tokens_total": float(m.num_osl_tokens),
             "bad_messages": float(frontend.pool.bad.total),
             "migrations_total": frontend.metrics.migrations._value.get(),
             "open_breakers": float(sum(s != "closed" for s in

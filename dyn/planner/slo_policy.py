@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _COUNTERS = ("requests_total", "num_computed_tokens", "num_generated_tokens", "prefix_hit_blocks",
-             "rejected_total")
+             "rejected_total", "osl_requests_total", "osl_tokens_total")
+"""osl_*: the frontend's count of requests with an expected-output-length hint and their sum."""
 MAX_LATENCY_SAMPLES = 1000
 """Per window and metric: bucket counts are scaled down to at most this many samples."""
 
@@ -112,7 +113,7 @@ class SloPolicy:
         duration = 0.0 if first else now - self._last_now  # type: ignore[operator]
         self._last_now = now
         delta: dict[str, float] = dict.fromkeys(_COUNTERS, 0.0)
-        decode_requests = frontend_requests = rejected = 0.0
+        decode_requests = frontend_requests = rejected = osl_requests = osl_tokens = 0.0
         latency: dict[str, float] = {}
         has_frontend = False
         for w in workers:
@@ -134,6 +135,10 @@ class SloPolicy:
                         has_frontend = True
                     elif name == "rejected_total":
                         rejected += step
+                    elif name == "osl_requests_total":
+                        osl_requests += step
+                    elif name == "osl_tokens_total":
+                        osl_tokens += step
                     elif "_le." in name:
                         latency[name] = latency.get(name, 0.0) + step
                     continue
@@ -152,7 +157,8 @@ class SloPolicy:
         live = [w for w in workers if w.role != "frontend"]
         return LoadWindow(duration_s=duration, num_requests=num_requests,
                           input_tokens=int((prefilled + cached) * scale),
-                          output_tokens=int(delta["num_generated_tokens"] * scale),
+                          output_tokens=_decode_demand(delta["num_generated_tokens"] * scale, num_requests,
+                                                       osl_requests, osl_tokens),
                           cached_tokens=int(cached * scale),
                           num_waiting=int(sum(w.metrics.get("num_waiting", 0.0) for w in live)),
                           queued_prefill_tokens=int(sum(w.metrics.get("waiting_prefill_tokens", 0.0)
@@ -177,3 +183,14 @@ def _samples(deltas: dict[str, float], name: str) -> tuple[float, ...]:
         below = cumulative
     samples += [2 * bounds[-1][0]] * round((total - below) * scale)
     return tuple(samples)
+
+
+def _decode_demand(generated: float, num_requests: int, osl_requests: float, osl_tokens: float) -> int:
+    """Output tokens the window's arrivals will generate: their expected output length where the
+    client gave one (agent hint osl), the generated tokens' mean for the rest. Generated tokens
+    alone lag: a request that arrived now decodes mostly in later windows."""
+    hinted = min(osl_requests, num_requests)
+    if hinted <= 0:
+        return int(generated)
+    mean = generated / num_requests if num_requests else 0.0
+    return int(osl_tokens * hinted / osl_requests + mean * (num_requests - hinted))

@@ -65,7 +65,9 @@ class Policy(ABC):
     def choose(self, ctx: RouteContext) -> Choice:
         """Pick one of ctx.candidates; never raises for a non-empty list."""
 
-    def _best(self, values: list[float], lower: bool | None = None) -> int:
+    def _best(self, values: list[float], lower: bool | None = None,
+              tie_break: list[float] | None = None) -> int:
+        """Index of the best value; ties go to the lowest `tie_break`, then at random."""
         lower = self.lower_is_better if lower is None else lower
         if lower:
             best = min(values)
@@ -75,6 +77,9 @@ class Policy(ABC):
             best = max(values)
             limit = best - 1e-9 * max(1.0, abs(best))
             ties = [i for i, v in enumerate(values) if v >= limit]
+        if len(ties) > 1 and tie_break is not None:
+            least = min(tie_break[i] for i in ties)
+            ties = [i for i in ties if tie_break[i] == least]
         return ties[0] if len(ties) == 1 else self.rng.choice(ties)
 
     def _softmax(self, costs: list[float], temperature: float) -> int:
@@ -148,7 +153,12 @@ class KvCostPolicy(Policy):
                     overflow = prompt_blocks - get(w.worker_id, 0) + out_blocks - free
                     if overflow > 0:
                         costs[i] += 2.0 * weight * overflow
-        best = self._softmax(costs, spec.temperature) if spec.temperature > 0 else self._best(costs)
+        # Priority requests break cost ties toward the worker with the fewest requests in it
+        # (waiting first): the same cost, but less to wait behind.
+        tie_break = ([w.num_waiting * 1e6 + w.num_running for w in ctx.candidates]
+                     if hints.priority > 0 else None)
+        best = (self._softmax(costs, spec.temperature) if spec.temperature > 0
+                else self._best(costs, tie_break=tie_break))
         reason = "lowest cost" if spec.temperature <= 0 else f"softmax T={spec.temperature}"
         if ctx.session_worker is not None and ctx.candidates[best].worker_id != ctx.session_worker:
             best, reason = self._affinity(ctx, costs, best, reason)

@@ -8,6 +8,7 @@ queue; a cancel therefore takes effect before the next step.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -92,3 +93,13 @@ def _get_nowait(q: queue.SimpleQueue):
         return q.get_nowait()
     except queue.Empty:
         return None
+
+
+async def sweep_expired(loop: EngineLoop, interval_s: float) -> None:
+    """Every interval, drop expired KV blocks (retention and tier TTLs) on the engine thread (tiers
+    are engine state), so their removal events go out even when nothing touches them."""
+    while loop.is_alive:
+        await asyncio.sleep(interval_s)
+        num = await asyncio.wrap_future(loop.submit(lambda e: e.expire()))
+        if num:
+            log.debug("dropped %d expired KV blocks", num)

@@ -29,7 +29,7 @@ from dyn.kv.events import KvEventListener
 from dyn.kv.host_tier import HostTier
 from dyn.metrics.server import MetricsServer
 from dyn.metrics.worker import worker_registry
-from dyn.worker.engine_loop import EngineLoop
+from dyn.worker.engine_loop import EngineLoop, sweep_expired
 from dyn.worker.handoff import KvHandoff
 from dyn.worker.kv_publisher import KvEventPublisher
 from dyn.worker.request_server import RequestServer
@@ -110,7 +110,7 @@ class WorkerProcess:
             self.server.export_kv = self.handoff.export
             self.server.attach(self.loop)
             self.loop.start()
-            tasks.append(asyncio.create_task(self._sweep_expired()))
+            tasks.append(asyncio.create_task(sweep_expired(self.loop, EXPIRY_SWEEP_S)))
             if self.control:
                 self.control.set_state("ready")
             log.info("worker %s ready: request plane %s", cfg.process_id, self.server.address)
@@ -118,14 +118,6 @@ class WorkerProcess:
         finally:
             await self._shutdown(tasks, security, ctx)
         return 1 if self.loop.fatal_error else 0
-
-    async def _sweep_expired(self) -> None:
-        """Expiry runs on the engine thread (tiers are engine state); events go out as usual."""
-        while self.loop is not None and self.loop.is_alive:
-            await asyncio.sleep(EXPIRY_SWEEP_S)
-            num = await asyncio.wrap_future(self.loop.submit(lambda e: e.expire()))
-            if num:
-                log.debug("dropped %d expired KV blocks", num)
 
     async def _wait_stop(self) -> None:
         while not self._stop.is_set():

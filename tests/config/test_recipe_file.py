@@ -54,3 +54,29 @@ def test_nested_unknown_key_names_full_path() -> None:
         parse_recipe("name: m\nmodel:\n  path: /m\n  mock: {prefil_base_s: 1}\nworkers: {both: {}}\n", "m.yaml")
     assert info.value.field == "model.mock.prefil_base_s" and info.value.line == 4
     assert "did you mean 'prefill_base_s'" in str(info.value)
+
+
+@pytest.mark.parametrize("section, key, value, field", [
+    ("router", "session_ttl_s", "0", "router.session_ttl_s"),
+    ("router", "prediction_ttl_s", "1000000", "router.prediction_ttl_s"),
+    ("kv_tiers", "ttl_s", "-5", "kv_tiers.ttl_s"),
+    ("kv_tiers", "retention_ttl_s", "0", "kv_tiers.retention_ttl_s"),
+    ("kv_tiers", "retention_priority", "500", "kv_tiers.retention_priority"),
+    ("kv_tiers", "max_retention_priority", "5000", "kv_tiers.max_retention_priority"),
+])
+def test_ttl_retention_and_session_fields_are_range_checked_with_their_line(section, key, value, field) -> None:
+    text = f"name: m\nmodel: {{path: /m}}\nworkers: {{both: {{}}}}\n{section}:\n  {key}: {value}\n"
+    with pytest.raises(ConfigError) as info:
+        parse_recipe(text, "m.yaml")
+    assert info.value.field == field and info.value.line == 5
+
+
+def test_ttl_retention_and_session_fields_parse() -> None:
+    recipe = parse_recipe("name: m\nmodel: {path: /m}\nworkers: {both: {}}\n"
+                          "router: {session_ttl_s: 120, prediction_ttl_s: 30}\n"
+                          "kv_tiers: {ttl_s: 300, retention_ttl_s: null, retention_priority: 3, "
+                          "max_retention_priority: 10}\n", "m.yaml")
+    assert (recipe.router.session_ttl_s, recipe.router.prediction_ttl_s) == (120, 30)
+    tiers = recipe.kv_tiers
+    assert (tiers.ttl_s, tiers.retention_ttl_s, tiers.retention_priority, tiers.max_retention_priority) == \
+        (300, None, 3, 10)

@@ -84,6 +84,10 @@ def test_nvext_hints_accepted_unknown_counted_wrong_type_named(two_workers):
                       "session_control": {"session_id": "s-nv", "action": "bind", "timeout_seconds": 60}},
             "dyn": {"retention": {"priority": 2, "ttl_s": 30, "colour": "red"}}}
     _complete(c, list(range(10, 30)), **body)
+    # osl reaches the planner through the frontend heartbeat (its decode demand)
+    from dyn.frontend.process import _heartbeat_metrics
+    beat = c.call(_heartbeat_metrics, c.frontend)
+    assert beat["osl_requests_total"] == 1 and beat["osl_tokens_total"] == 8
     assert 'field="nvext.agent_hints.future_hint"} 1.0' in _metric(c, "dyn_frontend_unknown_hint_fields")
     assert 'field="dyn.retention.colour"} 1.0' in _metric(c, "dyn_frontend_unknown_hint_fields")
     status, err = _post(c.base_url, {"model": "mock", "prompt": [1, 2, 3],
@@ -163,3 +167,105 @@ def test_priority_orders_service_on_a_busy_worker():
             t.join(30)
         # The first low request was running; the high one overtakes the queued ones.
         assert done.index("high") <= 1, done
+
+
+def test_host_tier_expiry_reaches_the_router_and_a_reoffload_is_served_again():
+    """Regression (issue 14): expired host blocks stayed in the router's index as host hits."""
+    from dataclasses import replace
+
+    from dyn.kv.hashing import hash_blocks
+
+    recipe = replace(_recipe(num_kv_blocks=12), kv_tiers=KvTiersSpec(ttl_s=0.5, retention_ttl_s=None))
+    with LocalCluster(recipe, num_workers=1, host_tier_blocks=64, expiry_sweep_s=0.1) as c:
+        router = c.frontend.dispatcher.routing.router
+        prompt = [700 + i for i in range(33)]
+        hashes = hash_blocks(prompt, BS, 0)
+
+        def host_hits() -> int:
+            return router.index.find(hashes).host_hits.get("worker-0", 0)
+
+        def until(pred, what: str) -> None:
+            deadline = time.monotonic() + 5
+            while not pred():
+                assert time.monotonic() < deadline, what
+                time.sleep(0.02)
+
+        _complete(c, prompt, n=2)
+        _complete(c, [800 + i for i in range(33)], n=2)  # 12-block pool: the first prompt moves to host
+        until(lambda: host_hits() > 0, "the router to see the offloaded blocks")
+        until(lambda: host_hits() == 0, "the sweep's removal events after the TTL")
+        # Served from host again once re-offloaded: the stale entry is replaced, not merely touched.
+        _complete(c, prompt, n=2)
+        _complete(c, [900 + i for i in range(33)], n=2)
+        until(lambda: host_hits() > 0, "the re-offloaded blocks")
+        assert _cached(_complete(c, prompt, n=2)) > 0
+
+
+def _chat(cluster, messages: list[dict], n: int, **ext) -> dict:
+    req = urllib.request.Request(cluster.base_url + "/chat/completions", json.dumps(
+        {"model": "mock", "messages": messages, "max_tokens": n, "temperature": 0, **ext}).encode(),
+        {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        body = json.loads(resp.read())
+    cluster.call(cluster.frontend.dispatcher.agent.wait_idle)
+    return body
+
+
+def test_chat_speculative_prefill_caches_the_templated_conversation(two_workers):
+    """The next chat turn re-renders the answer as text inside the template: the decode KV's ids
+    are not what it repeats, the speculative prefill of the templated conversation is."""
+    c = two_workers
+    cached, first_prompt = {}, {}
+    tok = c.frontend.tokenizer
+    for speculate in (False, True):
+        tag = "spec" if speculate else "plain"
+        history = [{"role": "system", "content": f"You are agent {tag}. " * 4},
+                   {"role": "user", "content": "List the files. " * 3}]
+        first = _chat(c, history, 12, dyn={"session_id": f"chat-{tag}", "speculative_prefill": speculate})
+        history += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                    {"role": "user", "content": "Now open the first one."}]
+        second = _chat(c, history, 2, dyn={"session_id": f"chat-{tag}"})
+        cached[tag] = _cached(second)
+        first_prompt[tag] = len(tok.chat_prompt(history[:2]))
+    spec_ids, next_ids = tok.chat_prompt(history[:3]), tok.chat_prompt(history)
+    common = next(i for i, (a, b) in enumerate(zip(spec_ids, next_ids)) if a != b)
+    assert cached["spec"] == common // BS * BS
+    # without it only the system + user prompt was cached (the mock's answer ids re-tokenize apart)
+    assert cached["plain"] <= first_prompt["plain"] and first_prompt["spec"] < cached["spec"]
+
+
+def test_priority_gets_admission_slack_under_the_ttft_target():
+    from dataclasses import replace
+
+    from dyn.config.recipe import PlannerSpec
+
+    recipe = _recipe(num_kv_blocks=64)
+    timing = replace(recipe.model.mock, prefill_base_s=0.002, prefill_s_per_token=0.0001)
+    recipe = replace(recipe, model=replace(recipe.model, mock=timing), router=RouterSpec(admission=True),
+                     planner=PlannerSpec(ttft_ms=5.0))
+    with LocalCluster(recipe, num_workers=1) as c:
+        prompt = [40 + i for i in range(40)]  # modelled prefill ~6 ms: over 5 ms, under 2 x 5 ms
+        low, body = _post(c.base_url, {"model": "mock", "prompt": prompt, "max_tokens": 2})
+        assert low == 429 and body["error"]["code"] == "ttft_target_exceeded"
+        high, _ = _post(c.base_url, {"model": "mock", "prompt": prompt, "max_tokens": 2,
+                                     "nvext": {"agent_hints": {"priority": -1}}})  # vLLM convention
+        assert high == 200
+
+
+def test_priority_request_preempts_a_low_priority_one_when_the_pool_is_full():
+    with LocalCluster(_recipe(num_kv_blocks=28, step_s=0.01), num_workers=1) as c:
+        done: list[str] = []
+
+        def send(name: str, prompt: list[int], n: int, priority: int) -> None:
+            status, _ = _post(c.base_url, {"model": "mock", "prompt": prompt, "max_tokens": n,
+                                           "dyn": {"priority": priority, "ignore_eos": True}})
+            assert status == 200
+            done.append(name)
+
+        low = threading.Thread(target=send, args=("low", [11] * 60, 48, 0))
+        low.start()
+        time.sleep(0.25)  # the low request now holds ~22 of 28 blocks and keeps growing
+        send("high", [12] * 20, 8, 5)
+        low.join(30)
+        stats = c.on_engine("worker-0", lambda e: e.stats())
+        assert done == ["high", "low"] and stats.num_preemptions >= 1

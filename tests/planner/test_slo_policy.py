@@ -197,3 +197,16 @@ def test_latency_samples_come_from_histogram_bucket_deltas():
               "itl_le.0.05": 0.0, "itl_le.inf": 0.0}
     assert _samples(deltas, "ttft") == (0.1, 0.1, 0.5, 0.5, 0.5, 2.0)
     assert _samples(deltas, "itl") == ()
+
+
+def test_expected_output_hints_set_the_decode_demand_before_tokens_are_generated():
+    policy = choose_policy(_recipe(), TOPOLOGY, "/nowhere/scale.yaml").policy
+    load = Load()
+    load.counters["frontend"].update(osl_requests_total=0.0, osl_tokens_total=0.0)
+    policy.decide(load.views(), 0.0)
+    # 4 requests arrive, 2 of them say they will answer 500 tokens; so far each generated 10.
+    load.step(4, prompt=10, output=10)
+    load.counters["frontend"]["osl_requests_total"] += 2
+    load.counters["frontend"]["osl_tokens_total"] += 1000
+    policy.decide(load.views(), 1.0)
+    assert policy.last_window.output_tokens == 1000 + 2 * 10  # hinted: 500 each; the rest: the mean

@@ -268,3 +268,23 @@ def test_decisions_are_logged_at_debug_with_scores(caplog):
     with caplog.at_level(logging.DEBUG, logger="dyn.router"):
         r.choose(request(), IDLE, now=0.0)
     assert "-> a" in caplog.text and "scores=" in caplog.text and "'b': 10.0" in caplog.text
+
+
+def test_priority_breaks_cost_ties_toward_the_emptier_worker():
+    r = router()
+    busy = WorkerLoad("a", num_running=3)
+    idle = WorkerLoad("b", num_running=0)
+    high = Counter(r.choose(request(priority=5), [busy, idle], 0.0).worker_id for _ in range(20))
+    low = Counter(r.choose(request(priority=0), [busy, idle], 0.0).worker_id for _ in range(40))
+    assert high == {"b": 20}  # equal cost; the urgent request takes the one with less in it
+    assert set(low) == {"a", "b"}  # the rest share ties at random
+
+
+def test_session_ttl_from_the_hint_and_end_session():
+    r = router(session_ttl_s=100.0)
+    assert r.session_ttl_s == 100.0
+    loads = [WorkerLoad("a"), WorkerLoad("b")]
+    first = r.choose(request(session_id="s", session_ttl_s=5.0), loads, 0.0).worker_id
+    assert r._session_worker("s", 4.0) == first and r._session_worker("s", 6.0) is None
+    r.choose(request(session_id="t"), loads, 10.0)
+    assert r.end_session("t") is not None and r._session_worker("t", 11.0) is None
