@@ -37,7 +37,7 @@ class UpOptions:
     topology_path: str | None = None
     """A path, or a shipped name (`local`); None: topologies/local.yaml."""
     recipe_path: str | None = None
-    """A path, or a shipped name (`tiny-local`); None: recipes/tiny-local.yaml."""
+    """A path, or a shipped name (`tiny-local`); None: recipes/smollm2-local.yaml."""
     name: str | None = None
     accept_new_host_keys: bool = False
     dyn_command: tuple[str, ...] | None = None
