@@ -121,3 +121,16 @@ def _pack_q6_k(codes, scales, d) -> np.ndarray:
             | ((q[96:128] >> 4) << 6)
     return np.concatenate([ql, qh, scales.astype(np.int8).view(np.uint8),
                            np.array([d], dtype=np.float16).view(np.uint8)])
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    from dyn.engine.gguf.config import hf_config
+
+    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "mamba")
+    writer.add_tensor("w", np.zeros((2, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CheckpointError, match="GGUF architecture 'mamba' is not supported"):
+        hf_config(GGUFFile(tmp_path / "m.gguf"), torch_dtype="float32")

@@ -26,7 +26,7 @@ class GGUFFile:
             raise CheckpointError("GGUF file not found", path=self.path)
         try:
             self.reader = GGUFReader(str(self.path))
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, IndexError) as exc:  # IndexError: a truncated file
             raise CheckpointError(f"not a readable GGUF file: {exc}", path=self.path) from None
         self.architecture: str = self.require("general.architecture")
 
