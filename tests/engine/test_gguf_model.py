@@ -88,6 +88,7 @@ def test_cache_is_reused_and_rebuilt_when_the_file_changes(smollm2_gguf, tmp_pat
     stamp = json.loads((first / STAMP).read_text())
     assert stamp["size"] == copy.stat().st_size and stamp["dtype"] == "bfloat16"
     os.utime(copy, ns=(stamp["mtime_ns"] + 10**9, stamp["mtime_ns"] + 10**9))
+    (first.parent / f"{first.name}.tmp-999999").mkdir()  # a converter that died mid-way
     rebuilt = cached_conversion(copy, dtype="bfloat16", cache_root=tmp_path / "cache")
     assert rebuilt == first and (rebuilt / "model.safetensors").stat().st_mtime_ns != built
     assert not list((tmp_path / "cache" / "gguf").glob("*.tmp-*"))

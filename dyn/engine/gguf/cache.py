@@ -46,8 +46,9 @@ def cached_conversion(gguf_path: str | Path, *, dtype: str, cache_root: str | Pa
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even if we crash
         if _stamp_of(target) == stamp:  # another process converted it while we waited
             return target
+        for stale in target.parent.glob(f"{target.name}.tmp-*"):  # left by a converter that died; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         try:
             convert_gguf(source, tmp, dtype=dtype)
             (tmp / STAMP).write_text(json.dumps(stamp, indent=2) + "\n", encoding="utf-8")
