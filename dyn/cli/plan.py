@@ -15,7 +15,7 @@ from dyn.topology.placement import place
 def plan(topology: str = typer.Option(None, "-t", "--topology",
                                       help="Topology YAML or shipped name (default: local)."),
          recipe: str = typer.Option(None, "-r", "--recipe",
-                                    help="Recipe YAML or shipped name (default: tiny-local)."),
+                                    help="Recipe YAML or shipped name (default: smollm2-local)."),
          as_json: bool = typer.Option(False, "--json", help="Print the placement as JSON.")) -> None:
     """Place a recipe's workers on a topology's GPUs (no processes are started).
 

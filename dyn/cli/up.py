@@ -15,7 +15,7 @@ def up(
     topology: Optional[str] = typer.Option(None, "-t", "--topology",
                                            help="Topology file or shipped name (default: local)."),
     recipe: Optional[str] = typer.Option(None, "-r", "--recipe",
-                                         help="Recipe file or shipped name (default: tiny-local)."),
+                                         help="Recipe file or shipped name (default: smollm2-local)."),
     name: Optional[str] = typer.Option(None, "--name", help="Deployment name (default: the recipe's name)."),
     accept_new_host_keys: bool = typer.Option(False, "--accept-new-host-keys",
                                               help="Trust and record unknown SSH host keys."),

@@ -17,7 +17,7 @@ from dyn.config.yamlmap import parse_yaml
 from dyn.errors import ConfigError
 
 DEFAULT_TOPOLOGY = "local"
-DEFAULT_RECIPE = "tiny-local"
+DEFAULT_RECIPE = "smollm2-local"
 _KIND_DIRS = {"topology": "topologies", "recipe": "recipes"}
 
 
@@ -42,7 +42,7 @@ def load_recipe(path: str | Path) -> Recipe:
 def resolve_file(kind: str, value: str | None) -> Path:
     """A path as given, or a shipped name looked up in ./<dir> then the install's <dir>.
 
-    kind is "topology" or "recipe"; None means the default (local / tiny-local).
+    kind is "topology" or "recipe"; None means the default (local / smollm2-local).
     """
     folder = _KIND_DIRS[kind]
     value = value or (DEFAULT_TOPOLOGY if kind == "topology" else DEFAULT_RECIPE)

@@ -37,7 +37,8 @@ class MockTiming:
 @dataclass(frozen=True)
 class ModelSpec:
     path: str
-    """Hugging Face style checkpoint directory (config.json, safetensors, tokenizer.json)."""
+    """Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json), a `.gguf` file, or
+    `pkg:MODULE` (the GGUF inside an installed Python package); see dyn/engine/sources.py."""
     engine: EngineKind = "torch"
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     device: Literal["cpu", "cuda", "auto"] = "auto"

@@ -37,7 +37,7 @@ class UpOptions:
     topology_path: str | None = None
     """A path, or a shipped name (`local`); None: topologies/local.yaml."""
     recipe_path: str | None = None
-    """A path, or a shipped name (`tiny-local`); None: recipes/tiny-local.yaml."""
+    """A path, or a shipped name (`tiny-local`); None: recipes/smollm2-local.yaml."""
     name: str | None = None
     accept_new_host_keys: bool = False
     dyn_command: tuple[str, ...] | None = None
@@ -281,8 +281,24 @@ def _says_slurm(path: str) -> bool:
 
 
 def _ensure_model(recipe) -> None:
-    """`recipes/tiny-local.yaml` works out of the box: create its tiny checkpoint when missing."""
-    if recipe.model.engine != "torch" or Path(recipe.model.path).exists():
+    """The shipped recipes work out of the box: write the tiny checkpoint, or convert a GGUF source.
+
+    Converting here (not in each worker) means the workers and the frontend of
+    this machine start from the cache, and a missing model package fails
+    before anything is launched, with the command that installs it.
+    """
+    if recipe.model.engine != "torch":
+        return
+    from dyn.engine.sources import resolve_checkpoint, source_file
+    from dyn.errors import DynError
+
+    try:
+        if source_file(recipe.model.path) is not None:
+            resolve_checkpoint(recipe.model.path, dtype=recipe.model.dtype)
+            return
+    except DynError as exc:
+        raise DeploymentError(f"model.path {recipe.model.path!r}: {exc}") from None
+    if Path(recipe.model.path).exists():
         return
     from dyn.engine.tiny import write_tiny_checkpoint
 

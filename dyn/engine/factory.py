@@ -69,20 +69,23 @@ def _torch_engine(spec: ModelSpec, group: WorkerGroup, device: str,
         raise EngineError(f"device {device!r} requested but CUDA is not available here")
     if device == "cpu" and cpu_threads:
         torch.set_num_threads(cpu_threads)  # this process is one worker: its threads are ours
+    from dyn.engine.sources import resolve_checkpoint
+
+    path = str(resolve_checkpoint(spec.path, dtype=spec.dtype))  # a GGUF: converted once, then cached
     if kv_memory_bytes is None:
-        kv_memory_bytes = _default_kv_bytes(torch, spec, device)
+        kv_memory_bytes = _default_kv_bytes(torch, path, device)
     runner = TorchModelRunner.from_pretrained(
-        spec.path, dtype=spec.dtype, device=device, block_size=spec.block_size,
+        path, dtype=spec.dtype, device=device, block_size=spec.block_size,
         kv_memory_bytes=kv_memory_bytes, max_context=spec.max_context)
     return Engine(runner, max_batch_size=group.max_batch_size,
                   max_num_batched_tokens=group.max_num_batched_tokens,
-                  detokenize=_detokenizer(spec.path))
+                  detokenize=_detokenizer(path))
 
 
-def _default_kv_bytes(torch: Any, spec: ModelSpec, device: str) -> int:
+def _default_kv_bytes(torch: Any, model_dir: str, device: str) -> int:
     if device.startswith("cuda"):
         free, _ = torch.cuda.mem_get_info(torch.device(device))
-        weights = sum(p.stat().st_size for p in Path(spec.path).glob("*.safetensors"))
+        weights = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
         budget = int((free - weights) * CUDA_KV_FRACTION)
         if budget <= 0:
             raise EngineError(f"{device}: {free / _GIB:.1f} GiB free cannot hold the weights "

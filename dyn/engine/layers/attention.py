@@ -13,8 +13,19 @@ New K/V go in with one `index_copy_` per layer. Then:
 * prefill chunks attend per sequence with SDPA (a fresh prompt uses its own
   k/v; a continued one reads its context back with one batched index_select);
 * decode tokens attend in a few padded batches: sorted by context length and
-  cut into groups of DECODE_GROUP, each group is one gather and one masked
-  SDPA call. On a busy CPU a few large ops beat dozens of small ones.
+  cut into groups of DECODE_GROUP, each group is one gather of whole blocks
+  for K and one for V, then one masked SDPA call. On a busy CPU a few large
+  ops beat dozens of small ones.
+
+Decode gathers whole blocks, not token rows: for one layer, K of a block is
+one contiguous run of block_size * kv_heads * head_dim values, so
+
+    pool.view(num_blocks, 2 * num_layers, block_size * kv_heads * head_dim)[:, layer]
+
+is a [num_blocks, run] table and `index_select` copies one run per block
+(SmolLM2: 12 KiB) instead of one 768-byte row per token. Keys are padded to
+whole blocks; the mask hides the tail. Measured on SmolLM2 (16 sequences of
+600 tokens, one layer, 1 thread): 2.0 ms per group vs 2.7-7.8 ms with rows.
 """
 
 from __future__ import annotations
@@ -49,11 +60,11 @@ class DecodeGroup:
 
     q_idx: torch.Tensor
     """[b] rows of the step's flat tokens."""
-    rows: torch.Tensor
-    """[b * max_ctx] pool base rows (padding points at a valid row and is masked out)."""
+    block_ids: torch.Tensor
+    """[b * max_blocks] pool blocks of each sequence in order (padding repeats a valid block, masked out)."""
     mask: torch.Tensor
-    """Bool [b, 1, 1, max_ctx]: True where a key exists."""
-    max_ctx: int
+    """Bool [b, 1, 1, max_blocks * block_size]: True where a key exists."""
+    max_blocks: int
 
 
 @dataclass(slots=True)
@@ -97,10 +108,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx
         out[s.q_start:s.q_end] = o[0].transpose(0, 1)
     num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
     group = num_heads // num_kv_heads
+    if meta.decode_groups:
+        runs = pool_rows.view(-1, 2 * meta.num_layers, meta.block_size * num_kv_heads * head_dim)
+        k_runs, v_runs = runs[:, layer_idx], runs[:, meta.num_layers + layer_idx]
     for g in meta.decode_groups:
         b = g.q_idx.shape[0]
-        kg = pool_rows.index_select(0, g.rows + k_off).view(b, g.max_ctx, num_kv_heads, head_dim)
-        vg = pool_rows.index_select(0, g.rows + v_off).view(b, g.max_ctx, num_kv_heads, head_dim)
+        n_keys = g.max_blocks * meta.block_size
+        kg = k_runs.index_select(0, g.block_ids).view(b, n_keys, num_kv_heads, head_dim)
+        vg = v_runs.index_select(0, g.block_ids).view(b, n_keys, num_kv_heads, head_dim)
         # one query per sequence: fold each KV head's query group into the length axis
         qg = q.index_select(0, g.q_idx).view(b, num_kv_heads, group, head_dim)
         o = F.scaled_dot_product_attention(qg, kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=g.mask,
@@ -117,7 +132,7 @@ def build_metadata(seq_lens: list[tuple[int, int]], block_tables: list[list[int]
     write: list[torch.Tensor] = []
     gather: list[torch.Tensor] = []
     seqs: list[SeqSlice] = []
-    decodes: list[tuple[int, int, torch.Tensor]] = []
+    decodes: list[tuple[int, int, list[int]]] = []
     q_pos = 0
     g_pos = 0
     for (start, n), blocks in zip(seq_lens, block_tables):
@@ -130,7 +145,7 @@ def build_metadata(seq_lens: list[tuple[int, int]], block_tables: list[list[int]
         if start == 0:
             seqs.append(SeqSlice(q_pos, q_pos + n, -1, ctx, None, n > 1))
         elif n == 1:
-            decodes.append((ctx, q_pos, base))
+            decodes.append((ctx, q_pos, blocks[:num_blocks]))
         else:
             gather.append(base)
             mask = torch.arange(ctx).unsqueeze(0) <= (start + torch.arange(n)).unsqueeze(1)
@@ -139,23 +154,24 @@ def build_metadata(seq_lens: list[tuple[int, int]], block_tables: list[list[int]
         q_pos += n
     write_rows = torch.cat(write).to(device)
     gather_rows = torch.cat(gather).to(device) if gather else None
-    return AttentionMetadata(write_rows, gather_rows, seqs, _decode_groups(decodes, device),
+    return AttentionMetadata(write_rows, gather_rows, seqs, _decode_groups(decodes, block_size, device),
                              num_layers, block_size)
 
 
-def _decode_groups(decodes: list[tuple[int, int, torch.Tensor]], device: torch.device) -> list[DecodeGroup]:
+def _decode_groups(decodes: list[tuple[int, int, list[int]]], block_size: int,
+                   device: torch.device) -> list[DecodeGroup]:
     decodes.sort(key=lambda d: d[0])
     groups = []
     for i in range(0, len(decodes), DECODE_GROUP):
         part = decodes[i:i + DECODE_GROUP]
-        max_ctx = part[-1][0]
-        rows = torch.zeros((len(part), max_ctx), dtype=torch.int64)
-        mask = torch.zeros((len(part), max_ctx), dtype=torch.bool)
-        for j, (ctx, _, base) in enumerate(part):
-            rows[j, :ctx] = base
-            rows[j, ctx:] = base[0]
+        max_blocks = len(part[-1][2])
+        block_ids = torch.zeros((len(part), max_blocks), dtype=torch.int64)
+        mask = torch.zeros((len(part), max_blocks * block_size), dtype=torch.bool)
+        for j, (ctx, _, blocks) in enumerate(part):
+            block_ids[j, :len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
+            block_ids[j, len(blocks):] = blocks[0]
             mask[j, :ctx] = True
         q_idx = torch.tensor([d[1] for d in part], dtype=torch.int64)
-        groups.append(DecodeGroup(q_idx.to(device), rows.view(-1).to(device),
-                                  mask.view(len(part), 1, 1, max_ctx).to(device), max_ctx))
+        groups.append(DecodeGroup(q_idx.to(device), block_ids.view(-1).to(device),
+                                  mask.view(len(part), 1, 1, -1).to(device), max_blocks))
     return groups
