@@ -9,7 +9,7 @@ need_apt=()
 command -v ssh-keygen >/dev/null || need_apt+=(openssh-client)
 command -v tmux >/dev/null || need_apt+=(tmux)
 command -v ip >/dev/null || need_apt+=(iproute2)
-# a real one-node Slurm cluster for tests/e2e/test_slurm.py (own config, own munge key)
+# a real Slurm cluster (two slurmd on this machine) for tests/e2e/test_slurm.py: own config, munge key, ports
 [ -x /usr/sbin/slurmctld ] || need_apt+=(slurmctld)
 [ -x /usr/sbin/slurmd ] || need_apt+=(slurmd)
 command -v srun >/dev/null || need_apt+=(slurm-client)
