@@ -44,15 +44,11 @@ def pull(name: str = typer.Argument(..., help="A named model (smollm2) or a path
     elif name.endswith(".gguf"):
         source_path = name
     else:
-        typer.echo(f"error: unknown model {name!r}; named models: {', '.join(NAMED_MODELS)} "
-                   "(or give a path to a .gguf file)", err=True)
-        raise typer.Exit(2)
-    try:
+        fail(f"unknown model {name!r}; named models: {', '.join(NAMED_MODELS)} "
+             "(or give a path to a .gguf file)", exit_code=2)
+    with errors_to_exit(OSError, exit_code=1):
         from dyn.engine.gguf.convert import convert_gguf
 
         source = packaged_gguf(NAMED_MODELS[name]) if source_path is None else source_path
         out = convert_gguf(source, directory, dtype=dtype)
-    except (DynError, OSError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
     typer.echo(f"wrote {dtype} Hugging Face checkpoint of {source} to {out}")
