@@ -23,6 +23,8 @@ from dyn.errors import EngineError, RequestError
 from dyn.kv.events import KvEvent
 
 Detokenize = Callable[[list[int]], str]
+MAX_TRACKED_SESSIONS = 100_000
+"""Sessions whose retained blocks the engine remembers for release_session."""
 
 
 class Engine(Backend):
@@ -260,8 +262,12 @@ class Engine(Backend):
         seq.finish_reason = reason
         request = seq.request
         if request.session_id is not None and request.retention is not None:
-            self._session_blocks.setdefault(request.session_id, set()).update(
-                seq.block_hashes[:seq.num_retained_blocks])
+            blocks = self._session_blocks.pop(request.session_id, set())  # re-insert: most recent last
+            blocks.update(seq.block_hashes[:seq.num_retained_blocks])
+            self._session_blocks[request.session_id] = blocks
+            if len(self._session_blocks) > MAX_TRACKED_SESSIONS:
+                # Never closed: stop tracking the stalest (its blocks keep retention until their TTL).
+                del self._session_blocks[next(iter(self._session_blocks))]
         if seq.request.prefill_only:
             self.scheduler.remove(seq, keep_blocks=True)
             seq.status = SequenceStatus.EXPORTED

@@ -105,6 +105,11 @@ class AgentTurns:
                     break
         finally:
             d.pool.close_stream(rid, cancel=outcome == "timeout")
+        # The route counted as sent to the worker's breaker (maybe its half-open probe): close it.
+        if outcome == "done":
+            d.routing.breakers.on_success(choice.decode)
+        elif outcome == "failed":
+            d.routing.breakers.on_failure(choice.decode)
         metrics.speculative_prefills.labels(outcome).inc()
         log.debug("speculative prefill of %d tokens on %s: %s", len(prefix), choice.decode, outcome,
                   extra={"request_id": rid})

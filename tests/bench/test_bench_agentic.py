@@ -24,3 +24,12 @@ def test_sessions_chain_requests_that_extend_the_previous_turns_full_blocks(tmp_
                                          "hash_ids": ids}) + "\n" for i, ids in enumerate(rows)))
     sessions = _bench().load_sessions(trace, num_sessions=5, max_turns=5)
     assert sessions == [[[0, 1, 2], [0, 1, 3, 4], [0, 1, 3, 8, 9]], [[0, 5, 6], [0, 5, 7]]]
+
+
+def test_sessions_from_the_shipped_mooncake_slice_extend_each_turn():
+    trace = Path(__file__).resolve().parents[1] / "data" / "traces" / "mooncake" / "conversation_trace_head300.jsonl"
+    sessions = _bench().load_sessions(trace, num_sessions=50, max_turns=10)
+    assert sessions and all(len(chain) >= 2 for chain in sessions)
+    for chain in sessions:
+        for prev, turn in zip(chain, chain[1:]):
+            assert turn[:len(prev) - 1] == prev[:-1] and len(turn) > len(prev) - 1

@@ -439,3 +439,25 @@ def test_factory_torch_engine_keeps_greedy_output_under_preemption_and_caching(t
                                                                            ignore_eos=True)))
     assert drain(big)[0]["again"] == expected["r1"]
     assert big.stats().num_computed_tokens - before == 2 + 9  # 4 blocks hit of 18 tokens
+
+
+def test_retention_survives_pressure_until_the_session_is_released():
+    from dyn.kv.retention import Retention
+
+    engine = MockEngine(MockTiming(), block_size=4, num_blocks=12, clock="virtual")
+
+    def run(rid, prompt, **kw):
+        engine.add_request(EngineRequest(rid, prompt, SamplingParams(max_tokens=1), **kw))
+        while engine.has_work():
+            outs = engine.step()
+        return outs[-1].num_cached_tokens
+
+    kept = list(range(100, 117))
+    run("k", kept, retention=Retention(priority=3), session_id="s")
+    for i in range(3):  # 3 x 5 blocks through a 12-block pool
+        run(f"f{i}", list(range(200 + 20 * i, 217 + 20 * i)))
+    assert run("k2", kept) == 16
+    engine.release_session("s")
+    for i in range(3):
+        run(f"g{i}", list(range(400 + 20 * i, 417 + 20 * i)))
+    assert run("k3", kept) == 0

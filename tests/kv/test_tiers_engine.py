@@ -62,3 +62,23 @@ def test_tenants_do_not_share_blocks():
     assert engine.stats().prefix_hit_blocks == hits_before
     _run(engine, "t1-again", _prompt(9), salt=1)
     assert engine.stats().prefix_hit_blocks > hits_before
+
+
+def test_retention_follows_blocks_from_the_pool_into_the_host_tier():
+    from dyn.kv.retention import Retention
+
+    engine = MockEngine(clock="virtual", num_blocks=10, block_size=BLOCK)
+    host = HostTier(engine.block_bytes, 8 * engine.block_bytes)
+    engine.set_lower_tier(host)
+    kept = _prompt(1)
+    engine.add_request(EngineRequest("k", kept, SamplingParams(max_tokens=1), retention=Retention(priority=4)))
+    while engine.has_work():
+        engine.step()
+    for seed in range(2, 6):  # 4 x 6 blocks: the kept prompt leaves the pool, then the host fills up
+        _run(engine, f"f{seed}", _prompt(seed), max_tokens=1)
+    engine.add_request(EngineRequest("again", kept, SamplingParams(max_tokens=1)))
+    cached = 0
+    while engine.has_work():
+        for out in engine.step():
+            cached = max(cached, out.num_cached_tokens)
+    assert cached == 6 * BLOCK  # all 6 blocks came back (from the pool or the host), none recomputed
