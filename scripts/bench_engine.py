@@ -49,6 +49,10 @@ def main() -> int:
             phases.append("vllm")
         results = {}
         for phase in phases:
+            saved = Path(args.save_dir) / f"{phase}.json" if args.save_dir else None
+            if saved is not None and saved.is_file():  # a long run resumed: this side is already measured
+                results[phase] = json.loads(saved.read_text())
+                continue
             cmd = [sys.executable, __file__, *sys.argv[1:], "--phase", phase, "--model-dir", str(model_dir),
                    "--vocab", str(args.vocab)]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s)
@@ -56,6 +60,9 @@ def main() -> int:
                 print(f"{phase} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
                 return 1
             results[phase] = json.loads(proc.stdout.strip().splitlines()[-1])
+            if saved is not None:
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                saved.write_text(json.dumps(results[phase]))
     _report(args, results)
     return 0
 
@@ -200,7 +207,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--max-batched-tokens", type=int, default=2048)
     p.add_argument("--hf-batch-size", type=int, default=16, help="0: all requests in one batch")
-    p.add_argument("--timeout-s", type=int, default=1800)
+    p.add_argument("--timeout-s", type=int, default=7200, help="per side")
+    p.add_argument("--save-dir", help="keep each side's result here; a rerun reuses the sides already measured")
     p.add_argument("--phase", choices=["dyn", "hf", "vllm"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     return p.parse_args()
