@@ -12,9 +12,9 @@ For every router policy:
   3. Treatment "best fixed split" (second half): planner off, the split picked
      from the same SPLITS grid on the first half by the same rule.
 
-    nice -n 10 .venv/bin/python scripts/bench_sim.py --max-requests 1000 --speedup 4
+    nice -n 10 .venv/bin/python scripts/bench_sim.py --max-requests 1000 --speedup 4   (about 6 min on 2 busy cores)
 
-Traces are read from --traces-dir (default ../shared/traces); see dyn.bench.trace.WHERE_TO_GET.
+Traces are read from --traces-dir (default: ../shared/traces); a missing one says where to get it.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ SPLITS = ((4, 14), (8, 12), (12, 10), (16, 8))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--traces-dir", default=str(ROOT.parent / "shared/traces"))
+    parser.add_argument("--traces-dir", default=str(_default_traces_dir()))
     parser.add_argument("--trace", action="append", choices=sorted(TRACES), help="default: all")
     parser.add_argument("--policy", action="append", choices=POLICIES, help="default: all")
     parser.add_argument("--topology", default=str(ROOT / "topologies/gb200-nvl72.yaml"))
@@ -94,6 +94,12 @@ def main() -> None:
               f"{(r['prefix_hit_rate'] or 0):.1%} | {r['ttft_ms']['p90']:.0f} |")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(reports, indent=1))
+
+
+def _default_traces_dir() -> Path:
+    """../shared/traces beside the checkout (or beside its parent, for a worktree)."""
+    return next((p / "shared/traces" for p in (ROOT.parent, ROOT.parents[1]) if (p / "shared/traces").is_dir()),
+                ROOT.parent / "shared/traces")
 
 
 def _tune(inputs: SimInputs, policy: str, speedup: float) -> dict[str, Any]:
