@@ -73,6 +73,15 @@ def _pcts(values: list[int]) -> dict[str, float]:
     return {"p50": round(pct(values, 50), 1), "p99": round(pct(values, 99), 1)}
 
 
+def _tree_timings(stored_blocks: int, store_ns: list[int], store_cpu_ns: list[int], find_ns: list[int],
+                  find_cpu_ns: list[int]) -> dict:
+    """The figures both trees report, named alike."""
+    return {"ingest_blocks_per_s": round(stored_blocks / (sum(store_ns) / 1e9)),
+            "ingest_blocks_per_cpu_s": round(stored_blocks / (sum(store_cpu_ns) / 1e9)),
+            "store_36_blocks_us": _pcts(store_ns), "store_36_blocks_cpu_us": _pcts(store_cpu_ns),
+            "lookup_36_blocks_us": _pcts(find_ns), "lookup_36_blocks_cpu_us": _pcts(find_cpu_ns)}
+
+
 def run(num_workers: int, target_blocks: int, num_queries: int, seed: int) -> dict:
     from dyn.config.recipe import RouterSpec
     from dyn.kv.events import KvEvent
@@ -119,12 +128,7 @@ def run(num_workers: int, target_blocks: int, num_queries: int, seed: int) -> di
         "indexed_blocks": len(router.index),
         "stored_blocks": stored_blocks,
         "build_s": round(build_s, 1),
-        "ingest_blocks_per_s": round(stored_blocks / (sum(store_ns) / 1e9)),
-        "ingest_blocks_per_cpu_s": round(stored_blocks / (sum(store_cpu_ns) / 1e9)),
-        "store_36_blocks_us": _pcts(store_ns),
-        "store_36_blocks_cpu_us": _pcts(store_cpu_ns),
-        "lookup_36_blocks_us": _pcts(find_ns),
-        "lookup_36_blocks_cpu_us": _pcts(find_cpu_ns),
+        **_tree_timings(stored_blocks, store_ns, store_cpu_ns, find_ns, find_cpu_ns),
         "decision_us": _pcts(choose_ns),
         "decision_cpu_us": _pcts(choose_cpu_ns),
         "load_avg_1m": round(os.getloadavg()[0], 1),
@@ -164,12 +168,7 @@ def run_peer(num_workers: int, target_blocks: int, num_queries: int, seed: int) 
     stored_blocks = len(stores) * SEQ_BLOCKS
     return {
         "peer": f"Dynamo RadixTree (ai-dynamo-runtime {version('ai-dynamo-runtime')})", "measured_here": True,
-        "ingest_blocks_per_s": round(stored_blocks / (sum(store_ns) / 1e9)),
-        "ingest_blocks_per_cpu_s": round(stored_blocks / (sum(store_cpu_ns) / 1e9)),
-        "store_36_blocks_us": _pcts(store_ns),
-        "store_36_blocks_cpu_us": _pcts(store_cpu_ns),
-        "lookup_36_blocks_us": _pcts(find_ns),
-        "lookup_36_blocks_cpu_us": _pcts(find_cpu_ns),
+        **_tree_timings(stored_blocks, store_ns, store_cpu_ns, find_ns, find_cpu_ns),
         "first_query_workers_matched": len(probe),
         "load_avg_1m": round(os.getloadavg()[0], 1),
         "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
