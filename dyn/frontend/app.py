@@ -10,7 +10,6 @@ which unwinds the generation and sends Cancel to the worker at once.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -20,11 +19,12 @@ from pathlib import Path
 
 from aiohttp import web
 
-from dyn.errors import RequestError
 from dyn.frontend.auth import DEFAULT_TENANT, ApiKeys, Tenant, tenant_salt
 from dyn.frontend.generate import Dispatcher
 from dyn.frontend.metrics import CONTENT_TYPE, FrontendMetrics
 from dyn.frontend.hints import RetentionHint, with_session
+from dyn.frontend.middleware import (MAX_BODY_BYTES, REQUEST_ID_HEADER, RID_KEY, TENANT_KEY, auth_middleware,
+                                     error_middleware, json_body)
 from dyn.frontend.protocol import ApiError, GenerationRequest, parse_chat, parse_completion
 from dyn.frontend.ratelimit import RateLimiter
 from dyn.frontend.responses import (DONE, StreamFormatter, chat_logprobs, completion_logprobs,
@@ -36,20 +36,16 @@ from dyn.frontend.workers import DECODE_ROLES, WorkerPool
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 32 * 1024 * 1024
 OFF_LOOP_CHARS = 16_384
 """Prompts longer than this (characters) are tokenized on a worker thread."""
 _JSON = "application/json"
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no"}
-REQUEST_ID_HEADER = "X-Request-Id"
 SESSION_HEADER = "X-Dynamo-Session-ID"
 """Dynamo's session header (agent harnesses send it); ours is X-Dyn-Session-Id."""
 DYN_SESSION_HEADER = "X-Dyn-Session-Id"
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _OPEN_TENANT = Tenant(DEFAULT_TENANT)
-_TENANT_KEY = web.RequestKey("tenant", Tenant)
-_RID_KEY = web.RequestKey("request_id", str)
 
 
 @dataclass(frozen=True)
@@ -88,9 +84,9 @@ class Frontend:
 
 
 def build_app(frontend: Frontend) -> web.Application:
-    middlewares = [_errors(frontend.metrics)]
+    middlewares = [error_middleware(frontend.metrics)]
     if frontend.api_keys is not None:
-        middlewares.append(_auth(frontend.api_keys))
+        middlewares.append(auth_middleware(frontend.api_keys))
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
     handlers = _Handlers(frontend)
     app.router.add_post("/v1/chat/completions", handlers.chat)
@@ -128,10 +124,10 @@ class _Handlers:
         self.fe = fe
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, parse_chat(await _json_body(request)))
+        return await self._generate(request, parse_chat(await json_body(request)))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, parse_completion(await _json_body(request)))
+        return await self._generate(request, parse_completion(await json_body(request)))
 
     async def models(self, request: web.Request) -> web.Response:
         s = self.fe.settings
@@ -157,9 +153,9 @@ class _Handlers:
         if req.model != fe.settings.served_model:
             raise ApiError(f"model {req.model!r} does not exist; this server serves "
                            f"{fe.settings.served_model!r}", status=404, param="model", code="model_not_found")
-        tenant: Tenant = request.get(_TENANT_KEY, _OPEN_TENANT)
+        tenant: Tenant = request.get(TENANT_KEY, _OPEN_TENANT)
         fe.rate_limiter.check(tenant)
-        rid = request[_RID_KEY] = self._request_id(request)
+        rid = request[RID_KEY] = self._request_id(request)
         session = request.headers.get(SESSION_HEADER) or request.headers.get(DYN_SESSION_HEADER)
         if session is not None or req.unknown_hints:
             req = replace(req, hints=with_session(req.hints, session))
@@ -331,70 +327,6 @@ async def _off_loop(num_chars: int, fn, arg):
     if num_chars < OFF_LOOP_CHARS:
         return fn(arg)
     return await asyncio.to_thread(fn, arg)
-
-
-async def _json_body(request: web.Request):
-    raw = await request.read()
-    if not raw:
-        raise ApiError("the request body is empty; send a JSON object")
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(f"the request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise ApiError("the request body nests JSON too deeply") from None
-
-
-def _errors(metrics: FrontendMetrics):
-    @web.middleware
-    async def middleware(request: web.Request, handler):
-        endpoint = request.match_info.route.resource.canonical if request.match_info.route.resource else "other"
-        try:
-            response = await handler(request)
-        except ApiError as exc:
-            response = _error_response(exc)
-        except RequestError as exc:  # e.g. the chat template refused the messages
-            response = _error_response(ApiError(str(exc), param=exc.field))
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status)
-            response = _error_response(ApiError(exc.reason if exc.status != 413 else
-                                                f"the request body exceeds {MAX_BODY_BYTES} bytes",
-                                                status=exc.status, code=code))
-        except Exception:
-            log.exception("internal error on %s", request.path)
-            response = _error_response(ApiError("internal server error; see the frontend log", status=500,
-                                                type="server_error", code="internal"))
-        rid = request.get(_RID_KEY)
-        if rid is not None and not response.prepared:
-            response.headers[REQUEST_ID_HEADER] = rid
-        metrics.count_request(endpoint, response.status)
-        return response
-
-    return middleware
-
-
-def _auth(keys: ApiKeys):
-    @web.middleware
-    async def middleware(request: web.Request, handler):
-        if request.path.startswith("/v1/"):
-            tenant = keys.authenticate(request.headers.get("Authorization"))
-            if tenant is None:
-                raise ApiError("missing or invalid API key; send 'Authorization: Bearer <key>'", status=401,
-                               code="invalid_api_key", type="authentication_error")
-            request[_TENANT_KEY] = tenant
-        return await handler(request)
-
-    return middleware
-
-
-def _error_response(exc: ApiError) -> web.Response:
-    headers = {}
-    if exc.retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
-    return web.Response(body=json.dumps(exc.body()).encode(), status=exc.status, content_type=_JSON,
-                        headers=headers)
 
 
 async def _openapi(_request: web.Request) -> web.Response:

@@ -176,7 +176,13 @@ class KvCostPolicy(Policy):
 
 
 class DynamoCostPolicy(Policy):
-    """Baseline: Dynamo's published KV router cost."""
+    """Baseline: Dynamo's published KV router cost (lib/kv-router scheduling/selector.rs):
+
+        logit = overlap_score_weight * potential prefill blocks + decode blocks
+
+    where the potential prefill is the worker's queued prefill tokens plus the
+    prompt's uncached tokens, in blocks (`prefill_weight` stands in for the weight).
+    """
 
     name = "dynamo"
 
@@ -190,7 +196,8 @@ class DynamoCostPolicy(Policy):
         for w in ctx.candidates:
             device, host, disk = ctx.overlaps.tier_hits(w.worker_id)
             credited = device + host * spec.host_hit_credit + disk * spec.disk_hit_credit
-            costs.append((ctx.prompt_blocks - credited) * spec.prefill_weight + w.active_decode_blocks)
+            queued = w.waiting_prefill_tokens / ctx.block_size
+            costs.append((ctx.prompt_blocks - credited + queued) * spec.prefill_weight + w.active_decode_blocks)
         best = self._softmax(costs, spec.temperature) if spec.temperature > 0 else self._best(costs)
         return Choice(best, _scores(ctx, costs), "dynamo cost")
 

@@ -264,13 +264,13 @@ class Simulation:
         self._left -= 1
 
     def _views(self) -> list[WorkerView]:
-        """The workers as the daemon's policy sees its slots. A flipping worker already has its new
-        role (the daemon flips a slot at once) but, still finishing old requests, is not "ready"."""
+        """The workers as the daemon's policy sees its slots. A flipping worker already shows its
+        new role, ready (the daemon flips a slot in place), while it finishes old-role requests."""
         views = []
         for w in self.workers.values():
             if w.state == "stopped":
                 continue
-            role, state = (w.flip_to or w.role, "starting") if w.state == "flipping" else (w.role, w.state)
+            role, state = (w.flip_to or w.role, "ready") if w.state == "flipping" else (w.role, w.state)
             views.append(WorkerView(w.id, role, "", (), state, {"in_flight": float(w.num_jobs + w.incoming)}))
         return views
 

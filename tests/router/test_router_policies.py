@@ -288,3 +288,13 @@ def test_session_ttl_from_the_hint_and_end_session():
     assert r._session_worker("s", 4.0) == first and r._session_worker("s", 6.0) is None
     r.choose(request(session_id="t"), loads, 10.0)
     assert r.end_session("t") is not None and r._session_worker("t", 11.0) is None
+
+
+def test_dynamo_baseline_counts_queued_prefill_like_dynamo():
+    """Dynamo's logit: weight * (queued + uncached prefill tokens) / block size + decode blocks."""
+    r = Router(RouterSpec(policy="dynamo", prefill_weight=2.0), BS, seed=0)
+    publish(r, "a", PROMPT[:8])
+    loads = [WorkerLoad("a", waiting_prefill_tokens=7 * BS, active_decode_blocks=3), WorkerLoad("b")]
+    decision = r.choose(request(), loads, now=0.0)
+    assert decision.scores == {"a": pytest.approx(2.0 * (2 + 7) + 3), "b": pytest.approx(2.0 * 10)}
+    assert decision.worker_id == "b"  # 21 vs 20: the queue behind a's cache hit outweighs it

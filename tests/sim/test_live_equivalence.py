@@ -140,3 +140,35 @@ def test_sim_and_live_routing_decide_the_same_request_by_request(mode, policy):
     assert len({c.decode for c in decided}) > 1
     if policy is None:
         assert any(c.overlap_blocks for c in decided)  # cache-aware decisions were exercised
+
+
+def test_sim_scales_through_the_daemons_scaling_actions():
+    """The sim shows its workers to `scaling_actions` as the daemon shows its slots, and applies
+    what comes back: a flip takes the least-loaded ready worker of the losing role, a stop the
+    least-loaded (not-yet-ready first) of the shrinking one."""
+    from dyn.planner.actions import counts_of, scaling_actions
+    from dyn.planner.policy import Counts, Decision, PlanStep
+
+    recipe = load_recipe(ROOT / "recipes/llama-3.1-8b-hgx.yaml")
+    topology = load_topology(ROOT / "topologies/hgx-h100x8.yaml")
+    sim = Simulation(topology, recipe, mock_profile(recipe, topology), [], SimConfig(planner=False))
+    w = sim.workers
+    w["decode-0"].incoming = 3  # busier than its peers
+    w["decode-1"].state, w["decode-1"].flip_to = "flipping", "prefill"  # counts as prefill now
+    w["decode-2"].state = "draining"  # counts nowhere
+    w["prefill-3"].state = "starting"
+    views = sim._views()
+    assert counts_of(views) == Counts(5, 6)
+    flip = Decision(0.0, "flip", "prefill", 1, Counts(5, 6), Counts(6, 5), "test")
+    step = PlanStep(Counts(4, 5), (flip,))
+    actions = scaling_actions(step, views, counts_of(views), disaggregated=True)
+    assert [(a.kind, a.worker_id, a.role) for a in actions] == [
+        ("set_role", "decode-3", "prefill"),  # ready, idle, lowest id; decode-0 is busy
+        ("remove", "prefill-3", "prefill"),  # still starting: cheapest to stop
+        ("remove", "decode-1", "prefill"),  # flipped to prefill and idle: a ready prefill worker now
+    ]
+    for action in actions:
+        sim._apply(action)
+    assert w["decode-3"].role == "prefill" and w["decode-3"].state == "ready"  # idle: flipped at once
+    assert w["prefill-3"].state == "stopped" and w["decode-1"].state == "stopped"
+    assert counts_of(sim._views()) == Counts(4, 5)
