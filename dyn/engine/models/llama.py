@@ -74,8 +74,9 @@ class LlamaModel:
         self._bind_arena()
         self._targets = self._weight_targets()
 
-    def load(self, checkpoint: Checkpoint) -> None:
-        """Copy every checkpoint tensor into place; raise CheckpointError naming any bad or missing one."""
+    def load(self, checkpoint: Checkpoint, names: set[str] | None = None) -> None:
+        """Copy every checkpoint tensor (or only `names`) into place; raise CheckpointError naming any
+        bad or missing one."""
         present = checkpoint.names()
         unknown = sorted(n for n in present if n not in self._targets and not self._is_ignorable(n))
         if unknown:
@@ -88,7 +89,8 @@ class LlamaModel:
             raise CheckpointError(f"missing from the checkpoint (looked in {', '.join(where)}; "
                                   f"{len(missing)} missing in all)", path=checkpoint.model_dir, tensor=missing[0])
         with torch.inference_mode():
-            for name, file, tensor in checkpoint.tensors(set(self._targets)):
+            wanted = set(self._targets) if names is None else set(self._targets) & set(names)
+            for name, file, tensor in checkpoint.tensors(wanted):
                 dest = self._targets[name]
                 if tuple(tensor.shape) != tuple(dest.shape):
                     raise CheckpointError(f"shape {list(tensor.shape)} does not match config.json, which "
@@ -136,6 +138,11 @@ class LlamaModel:
                 seen.add(id(base))
                 total += base.numel()
         return total
+
+    def checkpoint_ranges(self) -> dict[str, tuple[int, int]]:
+        """Checkpoint tensor name -> (offset, nbytes) of where it lands in the arena."""
+        base = self.arena.data.data_ptr()
+        return {name: (t.data_ptr() - base, t.numel() * t.element_size()) for name, t in self._targets.items()}
 
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
         """Every distinct weight tensor in arena order, by a stable name (fused q/k/v, gate/up)."""
