@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 
 GIB = 1 << 30
+BASELINE_S = 3.0
+"""Seconds before each spawn whose peer samples are its serving baseline."""
 
 
 def main() -> int:
@@ -98,7 +100,7 @@ def _orchestrate(args: argparse.Namespace) -> int:
                 runs = []
                 for _ in range(args.repeats):
                     run = _spawn_load(model, peer.address, "shm")
-                    run["peer_tokens_per_s"] = peer.throughput(run["stream_start"], run["stream_end"])
+                    run["peer_tokens_per_s"] = peer.throughput(run)
                     runs.append(run)
                     print(f"peer shm share={share}: {run}", flush=True)
                 results[f"peer_shm_share_{share}"] = runs
@@ -109,7 +111,7 @@ def _orchestrate(args: argparse.Namespace) -> int:
                 peer = _Peer(model, share, bind=ns_address, prefix=("ip", "netns", "exec", ns))
                 try:
                     run = _spawn_load(model, peer.address, "tcp")
-                    run["peer_tokens_per_s"] = peer.throughput(run["stream_start"], run["stream_end"])
+                    run["peer_tokens_per_s"] = peer.throughput(run)
                     results[f"peer_tcp_netns_share_{share}"] = run
                     print(f"peer tcp across namespaces: {run}", flush=True)
                 finally:
@@ -129,13 +131,15 @@ def _orchestrate(args: argparse.Namespace) -> int:
 
 
 def _spawn_load(model: Path, peer: str = "", transport: str = "") -> dict:
-    argv = [sys.executable, __file__, "load", str(model), "--spawned", repr(time.time())]
+    time.sleep(BASELINE_S)  # the serving peer's baseline: nothing else of ours runs meanwhile
+    spawned = time.time()
+    argv = [sys.executable, __file__, "load", str(model), "--spawned", repr(spawned)]
     if peer:
         argv += ["--peer", peer, "--transport", transport]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
         raise RuntimeError(f"load failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "spawned": spawned}
 
 
 class _Peer:
@@ -148,14 +152,15 @@ class _Peer:
         if not line:
             raise RuntimeError("peer exited before serving")
         self.address = json.loads(line)["address"]
-        time.sleep(3.0)  # a baseline of serving throughput before the first stream
 
-    def throughput(self, start: float, end: float) -> dict:
-        """The peer's forward-pass tokens/s before and during [start, end] (wall clock)."""
+    def throughput(self, run: dict) -> dict:
+        """The peer's forward-pass tokens/s in the quiet seconds before the new worker was spawned
+        and while it streamed (its receive side runs on the same two cores here)."""
         self.proc.stdin.write("report\n")
         self.proc.stdin.flush()
         samples = json.loads(self.proc.stdout.readline())
-        before = [r for t, r in samples if start - 3.0 <= t < start]
+        start, end = run["stream_start"], run["stream_end"]
+        before = [r for t, r in samples if run["spawned"] - BASELINE_S <= t < run["spawned"]]
         during = [r for t, r in samples if start <= t <= end]
         base = statistics.mean(before) if before else 0.0
         dur = statistics.mean(during) if during else None
