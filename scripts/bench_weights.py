@@ -225,7 +225,7 @@ def _load(args: argparse.Namespace) -> dict:
     imported = time.time()
     out: dict = {"source": "peer" if args.peer else "disk"}
 
-    def fill(model) -> None:
+    def fill(model, model_dir: Path) -> None:
         """The weights only (the arena is allocated before, the same way for both sources)."""
         started = time.time()
         if args.peer:
@@ -237,7 +237,7 @@ def _load(args: argparse.Namespace) -> dict:
                 raise RuntimeError(f"peer fetch incomplete: {result.failures}")
             out.update(transport=result.transport)
         else:
-            model.load(Checkpoint(args.model))
+            model.load(Checkpoint(model_dir))
         out["fill_s"] = round(time.time() - started, 3)
 
     load_start = time.time()

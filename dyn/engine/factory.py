@@ -26,12 +26,13 @@ CUDA_KV_FRACTION = 0.85
 
 def create_engine(model_spec: ModelSpec, group: WorkerGroup, *, device: str,
                   kv_memory_bytes: int | None = None, cpu_threads: int | None = None,
-                  fill_weights: Callable[[Any], None] | None = None) -> Backend:
+                  fill_weights: Callable[[Any, Path], None] | None = None) -> Backend:
     """The engine for one worker of `group` on `device` ("cpu", "cuda", "cuda:N").
 
     `kv_memory_bytes` overrides `group.kv_memory_gib`; the mock sizes its pool
     from `model_spec.mock.num_kv_blocks` instead. `fill_weights(model)` (torch
-    engine) fills the weight arena instead of reading the checkpoint (a peer).
+    engine) fills the weight arena instead of reading the checkpoint (a peer);
+    `path` is the checkpoint directory (a GGUF's converted one) for its disk fallback.
     """
     if kv_memory_bytes is None and group.kv_memory_gib is not None:
         kv_memory_bytes = int(group.kv_memory_gib * _GIB)
@@ -63,7 +64,7 @@ def _mock_engine(spec: ModelSpec, group: WorkerGroup) -> MockEngine:
 
 
 def _torch_engine(spec: ModelSpec, group: WorkerGroup, device: str, kv_memory_bytes: int | None,
-                  cpu_threads: int | None, fill_weights: Callable[[Any], None] | None = None) -> Engine:
+                  cpu_threads: int | None, fill_weights: Callable[[Any, Path], None] | None = None) -> Engine:
     import torch  # lazy: only torch workers pay for it
 
     from dyn.engine.torch_runner import TorchModelRunner

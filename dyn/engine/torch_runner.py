@@ -62,14 +62,15 @@ class TorchModelRunner(ModelRunner):
                         device: str | torch.device = "cpu", block_size: int = 16,
                         num_blocks: int | None = None, kv_memory_bytes: int | None = None,
                         max_context: int | None = None,
-                        fill_weights: Callable[[LlamaModel], None] | None = None) -> "TorchModelRunner":
+                        fill_weights: Callable[[LlamaModel, Path], None] | None = None) -> "TorchModelRunner":
         """Load a Hugging Face checkpoint directory and allocate the KV pool.
 
         Give either `num_blocks` or `kv_memory_bytes` (the pool takes as many
         whole blocks as fit). `max_context` defaults to the model's
-        max_position_embeddings. `fill_weights` fills the model's weight arena
-        some other way than reading the safetensors (a live peer, dyn.weights);
-        config.json is still read from `path`.
+        max_position_embeddings. `fill_weights(model, path)` fills the model's
+        weight arena some other way than reading the safetensors (a live peer,
+        dyn.weights), falling back to `path` as it sees fit; config.json is
+        still read from `path`.
         """
         config = read_model_config(path)
         torch_dtype = _resolve_dtype(dtype, config.torch_dtype)
@@ -81,7 +82,7 @@ class TorchModelRunner(ModelRunner):
         if fill_weights is None:
             model.load(Checkpoint(path))
         else:
-            fill_weights(model)
+            fill_weights(model, Path(path))
         c = config
         block_bytes = 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * model.embed.element_size()
         if num_blocks is None:

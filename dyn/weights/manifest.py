@@ -113,18 +113,26 @@ def weights_key(model_dir: str | Path, *, engine: str, dtype: str, tp_size: int 
     root = Path(model_dir)
     h = xxhash.xxh3_128()
     h.update(f"{engine}|{dtype}|tp{tp_size}.{tp_rank}|".encode())
+    if root.is_file():  # a GGUF file: its header and metadata lead, then sampled pages
+        _sample_file(h, root, header_bytes=1 << 20)
+        return h.hexdigest()
     config = root / "config.json"
     h.update(config.read_bytes() if config.is_file() else b"-")
     for file in sorted(root.glob("*.safetensors")):
-        size = file.stat().st_size
-        h.update(f"|{file.name}:{size}|".encode())
         with open(file, "rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
-            h.update(f.read(min(header_len, 64 << 20)))
-            for i in range(SAMPLED_PAGES):
-                f.seek(size * i // SAMPLED_PAGES)
-                h.update(f.read(_PAGE))
+        _sample_file(h, file, header_bytes=8 + min(header_len, 64 << 20))
     return h.hexdigest()
+
+
+def _sample_file(h: Any, file: Path, *, header_bytes: int) -> None:
+    size = file.stat().st_size
+    h.update(f"|{file.name}:{size}|".encode())
+    with open(file, "rb") as f:
+        h.update(f.read(header_bytes))
+        for i in range(SAMPLED_PAGES):
+            f.seek(size * i // SAMPLED_PAGES)
+            h.update(f.read(_PAGE))
 
 
 def build_manifest(arena: WeightArena, *, key: str, engine: str, tp_size: int = 1,

@@ -230,8 +230,7 @@ class WorkerProcess:
                                      source=recipe.weights.source, wait_s=PEER_WAIT_S)
         log.info("weights %s: %s", self.weights.key,
                  f"peers {[p.process_id for p in peers]}" if peers else "no live peer, reading the checkpoint")
-        return make_fill(recipe.model.path, self.weights.key, peers, cache_dir=cfg.run_dir, security=security,
-                         report=self.weights)
+        return make_fill(self.weights.key, peers, cache_dir=cfg.run_dir, security=security, report=self.weights)
 
     async def _serve_weights(self, recipe, cfg: ProcessConfig, security: Security, ctx) -> None:
         """Once ready: publish the manifest and offer this worker's weights to starting peers."""

@@ -22,6 +22,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from dyn.control.sockets import Security
@@ -91,12 +92,12 @@ async def find_peers(ask: Callable[[str, dict, float], Any], *, process_id: str,
         await asyncio.sleep(PEER_WAIT_POLL_S)
 
 
-def make_fill(model_dir: str, key: str, peers: list[Peer], *, cache_dir: str, security: Security,
-              report: WeightReport, fetch_config: FetchConfig = FetchConfig()) -> Callable[[Any], None]:
-    """The torch engine's `fill_weights`: peers first, then the disk for whatever they did not deliver.
-    Runs in the engine-building thread (its own event loop for the fetch)."""
+def make_fill(key: str, peers: list[Peer], *, cache_dir: str, security: Security, report: WeightReport,
+              fetch_config: FetchConfig = FetchConfig()) -> Callable[[Any, Path], None]:
+    """The torch engine's `fill_weights`: peers first, then the checkpoint directory (a GGUF's converted
+    one) for whatever they did not deliver. Runs in the engine-building thread (own event loop)."""
 
-    def fill(model: Any) -> None:
+    def fill(model: Any, model_dir: Path) -> None:
         from dyn.engine.loader import Checkpoint
 
         started = time.perf_counter()

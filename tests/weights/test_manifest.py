@@ -93,3 +93,12 @@ def test_tied_embeddings_share_one_arena_slot(tmp_path):
     assert model.lm_head is model.embed
     assert "lm_head" not in [name for name, _ in model.named_weights()]
     assert torch.count_nonzero(model.embed) > 0
+
+
+def test_a_gguf_file_is_keyed_by_its_header_and_sampled_pages(tmp_path):
+    first, second = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    first.write_bytes(b"GGUF" + bytes(range(256)) * 4096)
+    second.write_bytes(b"GGUF" + bytes(range(256)) * 2048 + bytes(255 - i for i in range(256)) * 2048)
+    key = weights_key(first, engine="torch", dtype="float32")
+    assert key == weights_key(first, engine="torch", dtype="float32")
+    assert key != weights_key(second, engine="torch", dtype="float32")

@@ -44,10 +44,10 @@ def _from_peers(model_dir, peers, config=FetchConfig(), on_batch=None, then_disk
     key = weights_key(model_dir, engine="torch", dtype="float32")
     out = {}
 
-    def fill(model):
+    def fill(model, checkpoint_dir):
         out["result"] = asyncio.run(fetch_weights(model.arena, peers, key=key, config=config, on_batch=on_batch))
         if then_disk and not out["result"].complete:
-            finish_from_disk(model, Checkpoint(model_dir), out["result"].have)
+            finish_from_disk(model, Checkpoint(checkpoint_dir), out["result"].have)
 
     return _load(model_dir, fill), out["result"]
 

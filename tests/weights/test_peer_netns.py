@@ -61,7 +61,7 @@ def test_weights_stream_over_tcp_from_a_peer_in_another_network_namespace(tiny_d
     try:
         assert hello["address"].startswith(f"tcp://{peer_address}:")
 
-        def fill(model):
+        def fill(model, _checkpoint_dir):
             out["result"] = asyncio.run(fetch_weights(model.arena, [Peer("ns-peer", hello["address"], "tcp")],
                                                       key=key))
 
