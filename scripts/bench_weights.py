@@ -15,6 +15,14 @@ its tokens/s before and during each stream shows the dip and how
 `--shares` (weights.peer_bandwidth_share) bounds it. The checkpoint is deleted at the end.
 
 Usage: nice -n 10 python scripts/bench_weights.py [--layers 4] [--shares 1.0,0.5,0.25] [--json out.json]
+
+Measured on the shared 2-core dev box (load average 11 -> 20 during the run), 1.16 GiB float32,
+`--repeats 3 --shares 1.0,0.25`, medians: weight fill from a cold page cache 11.9 s (0.10 GB/s;
+runs 6.6-12.1 s), warm 0.50 s; from a peer over shm 1.63 s (x7.3), over tcp across network
+namespaces 5.41 s (x2.2), over shm at share 0.25 7.0 s (x1.7). End to end (spawn -> ready) the
+gain vanishes here: interpreter + torch import took 5-17 s and the arena's page faults ~4 s on this
+box, the same for both sources. Peer tokens/s dip during the stream: 0.38 (share 1.0), 0.25
+(share 0.25), 0.22 (tcp); the receiver shares the peer's two cores here.
 """
 
 from __future__ import annotations
