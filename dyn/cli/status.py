@@ -110,7 +110,7 @@ def progress_table(payload: dict[str, Any], *, detailed: bool = False, max_rows:
     table = Table(box=None, pad_edge=False, caption=caption, caption_justify="left")
     columns = ["process", "role", "node", "pid", "state"]
     if detailed:
-        columns += ["heartbeat", "running", "waiting", "kv", "restarts"]
+        columns += ["heartbeat", "running", "waiting", "kv", "restarts", "weights"]
     for column in columns:
         table.add_column(column, no_wrap=True)
     for w in workers:
@@ -123,9 +123,20 @@ def progress_table(payload: dict[str, Any], *, detailed: bool = False, max_rows:
             kv = w.get("kv_usage")
             row += ["-" if age is None else f"{age:.1f}s", _int(w.get("num_running")),
                     _int(w.get("num_waiting")), "-" if kv is None else f"{100 * kv:.0f}%",
-                    str(w.get("restarts", 0))]
+                    str(w.get("restarts", 0)), escape(weights_cell(w.get("weights")))]
         table.add_row(*row)
     return table
+
+
+def weights_cell(weights: Any) -> str:
+    """How a worker got its weights: "peer worker-0 shm 0.41s", "disk 2.30s", "-"."""
+    if not isinstance(weights, dict) or not weights.get("source"):
+        return "-"
+    source = str(weights["source"])
+    via = f" {weights.get('peer')} {weights.get('transport')}" if source.startswith("peer") else ""
+    refetched = f" ({weights['refetched']} refetched)" if weights.get("refetched") else ""
+    return f"{source}{via} {float(weights.get('load_s', 0.0)):.2f}s (ready {float(weights.get('ready_s', 0.0)):.1f}s)" \
+        + refetched
 
 
 def _int(value) -> str:

@@ -166,6 +166,22 @@ class ShuttleSpec:
     max_inflight_mib: int = 512
 
 
+WeightsSource = Literal["auto", "disk", "peer"]
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """Where a starting worker gets its weights (fast replica start, dyn.weights)."""
+
+    source: WeightsSource = "auto"
+    """auto: stream from a live peer holding the same weights when there is one, else disk;
+    disk: always read the checkpoint; peer: like auto, but wait for a worker that is still
+    loading the same weights instead of reading the disk in parallel."""
+    peer_bandwidth_share: float = 0.5
+    """Share (0 < s <= 1) of its path's bandwidth a serving worker gives to a starting one
+    (token bucket on the sender); bounds the server's throughput dip."""
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
@@ -178,6 +194,7 @@ class Recipe:
     kv_tiers: KvTiersSpec = field(default_factory=KvTiersSpec)
     auth: AuthSpec = field(default_factory=AuthSpec)
     shuttle: ShuttleSpec = field(default_factory=ShuttleSpec)
+    weights: WeightsSpec = field(default_factory=WeightsSpec)
     source: str | None = None
     lines: tuple[tuple[str, int], ...] = field(default=(), compare=False, repr=False)
     """(key path, 1-based line) from the file, so later checks (placement) can name a line."""

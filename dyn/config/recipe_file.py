@@ -12,14 +12,15 @@ import re
 from typing import Any
 
 from dyn.config.recipe import (AuthSpec, FrontendSpec, KvTiersSpec, ModelSpec, PlannerSpec,
-                               Recipe, RouterSpec, ShuttleSpec, WorkerGroup)
+                               Recipe, RouterSpec, ShuttleSpec, WeightsSpec, WorkerGroup)
 from dyn.config.schema import build, check_keys, join
 from dyn.config.yamlmap import LocatedDoc, type_name
 
 ROLES = ("prefill", "decode", "both")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _SECTIONS = {"router": RouterSpec, "planner": PlannerSpec, "frontend": FrontendSpec,
-             "kv_tiers": KvTiersSpec, "auth": AuthSpec, "shuttle": ShuttleSpec}
+             "kv_tiers": KvTiersSpec, "auth": AuthSpec, "shuttle": ShuttleSpec,
+             "weights": WeightsSpec}
 
 
 def recipe_from_doc(doc: LocatedDoc) -> Recipe:
@@ -159,6 +160,14 @@ def _check_sections(doc: LocatedDoc, r: Recipe) -> None:
                         f"must be 0..{tiers.max_retention_priority} (kv_tiers.max_retention_priority), "
                         f"got {tiers.retention_priority}")
     _positive(doc, "shuttle.max_inflight_mib", r.shuttle.max_inflight_mib)
+    if r.weights.source not in ("auto", "disk", "peer"):
+        raise doc.error("weights.source", f"must be auto, disk or peer; got {r.weights.source!r}")
+    share = r.weights.peer_bandwidth_share
+    if not 0.0 < share <= 1.0:
+        raise doc.error("weights.peer_bandwidth_share",
+                        f"must be in (0, 1], got {share:g}",
+                        hint="the share of its path's bandwidth a serving worker gives a starting one; "
+                             "use weights.source: disk to never stream from peers")
 
 
 def _replace_auth(recipe: Recipe) -> Recipe:

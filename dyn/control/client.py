@@ -19,7 +19,7 @@ import zmq
 import zmq.asyncio
 
 from dyn import __version__
-from dyn.control.messages import CONTROL_CODEC, Command, Heartbeat, Register, RegisterAck
+from dyn.control.messages import CONTROL_CODEC, CliReply, CliRequest, Command, Heartbeat, Register, RegisterAck
 from dyn.control.sockets import BadMessages, Security, client_socket, decode_or_record
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ class ControlClient:
         self._last_heard = time.monotonic()
         self._registered = False
         self._wake = asyncio.Event()
+        self._replies: dict[str, asyncio.Future[CliReply]] = {}
+        """Callers of ask() waiting, by the nonce the daemon echoes (a late reply finds no one)."""
 
     async def run(self, on_command: CommandHandler, metrics: MetricsSource) -> None:
         """Register, then heartbeat until cancelled or the daemon is lost."""
@@ -73,6 +75,21 @@ class ControlClient:
         self.state = state
         self._wake.set()
 
+    async def ask(self, action: str, args: dict, timeout_s: float) -> CliReply | None:
+        """One request to the daemon (e.g. weight_peers); None when it does not answer in time.
+        Needs run() going, which receives the reply."""
+        nonce = os.urandom(8).hex()
+        future: asyncio.Future[CliReply] = asyncio.get_running_loop().create_future()
+        self._replies[nonce] = future
+        try:
+            await self._sock.send(CONTROL_CODEC.encode(CliRequest(action=action, args={**args, "nonce": nonce})))
+            async with asyncio.timeout(timeout_s):
+                return await future
+        except TimeoutError:
+            return None
+        finally:
+            self._replies.pop(nonce, None)
+
     def close(self) -> None:
         self._sock.close(linger=200)
 
@@ -90,6 +107,10 @@ class ControlClient:
                 if not message.ok and was:
                     log.warning("daemon does not know us (%s); registering again", message.reason)
                     self._wake.set()
+            elif isinstance(message, CliReply):
+                waiting = self._replies.get(str(message.payload.get("nonce", "")))
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(message)
             elif isinstance(message, Command):
                 try:
                     await on_command(message)

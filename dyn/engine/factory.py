@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,14 @@ CUDA_KV_FRACTION = 0.85
 
 
 def create_engine(model_spec: ModelSpec, group: WorkerGroup, *, device: str,
-                  kv_memory_bytes: int | None = None, cpu_threads: int | None = None) -> Backend:
+                  kv_memory_bytes: int | None = None, cpu_threads: int | None = None,
+                  fill_weights: Callable[[Any, Path], None] | None = None) -> Backend:
     """The engine for one worker of `group` on `device` ("cpu", "cuda", "cuda:N").
 
     `kv_memory_bytes` overrides `group.kv_memory_gib`; the mock sizes its pool
-    from `model_spec.mock.num_kv_blocks` instead.
+    from `model_spec.mock.num_kv_blocks` instead. `fill_weights(model)` (torch
+    engine) fills the weight arena instead of reading the checkpoint (a peer);
+    `path` is the checkpoint directory (a GGUF's converted one) for its disk fallback.
     """
     if kv_memory_bytes is None and group.kv_memory_gib is not None:
         kv_memory_bytes = int(group.kv_memory_gib * _GIB)
@@ -37,7 +41,7 @@ def create_engine(model_spec: ModelSpec, group: WorkerGroup, *, device: str,
     if model_spec.engine == "mock":
         return _mock_engine(model_spec, group)
     if model_spec.engine == "torch":
-        return _torch_engine(model_spec, group, device, kv_memory_bytes, cpu_threads)
+        return _torch_engine(model_spec, group, device, kv_memory_bytes, cpu_threads, fill_weights)
     if model_spec.engine == "trtllm":
         from dyn.engine.trtllm import create_trtllm_engine  # lazy: optional extra
 
@@ -59,8 +63,8 @@ def _mock_engine(spec: ModelSpec, group: WorkerGroup) -> MockEngine:
                       detokenize=_detokenizer(spec.path), clock="live")
 
 
-def _torch_engine(spec: ModelSpec, group: WorkerGroup, device: str,
-                  kv_memory_bytes: int | None, cpu_threads: int | None) -> Engine:
+def _torch_engine(spec: ModelSpec, group: WorkerGroup, device: str, kv_memory_bytes: int | None,
+                  cpu_threads: int | None, fill_weights: Callable[[Any, Path], None] | None = None) -> Engine:
     import torch  # lazy: only torch workers pay for it
 
     from dyn.engine.torch_runner import TorchModelRunner
@@ -76,7 +80,7 @@ def _torch_engine(spec: ModelSpec, group: WorkerGroup, device: str,
         kv_memory_bytes = _default_kv_bytes(torch, path, device)
     runner = TorchModelRunner.from_pretrained(
         path, dtype=spec.dtype, device=device, block_size=spec.block_size,
-        kv_memory_bytes=kv_memory_bytes, max_context=spec.max_context)
+        kv_memory_bytes=kv_memory_bytes, max_context=spec.max_context, fill_weights=fill_weights)
     return Engine(runner, max_batch_size=group.max_batch_size,
                   max_num_batched_tokens=group.max_num_batched_tokens,
                   detokenize=_detokenizer(path))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -60,12 +61,16 @@ class TorchModelRunner(ModelRunner):
     def from_pretrained(cls, path: str | Path, *, dtype: str | torch.dtype = "auto",
                         device: str | torch.device = "cpu", block_size: int = 16,
                         num_blocks: int | None = None, kv_memory_bytes: int | None = None,
-                        max_context: int | None = None) -> "TorchModelRunner":
+                        max_context: int | None = None,
+                        fill_weights: Callable[[LlamaModel, Path], None] | None = None) -> "TorchModelRunner":
         """Load a Hugging Face checkpoint directory and allocate the KV pool.
 
         Give either `num_blocks` or `kv_memory_bytes` (the pool takes as many
         whole blocks as fit). `max_context` defaults to the model's
-        max_position_embeddings.
+        max_position_embeddings. `fill_weights(model, path)` fills the model's
+        weight arena some other way than reading the safetensors (a live peer,
+        dyn.weights), falling back to `path` as it sees fit; config.json is
+        still read from `path`.
         """
         config = read_model_config(path)
         torch_dtype = _resolve_dtype(dtype, config.torch_dtype)
@@ -74,7 +79,10 @@ class TorchModelRunner(ModelRunner):
         if limit < 1:
             raise EngineError(f"max_context must be >= 1, got {limit}")
         model = build_model(config, dtype=torch_dtype, device=dev, max_positions=limit)
-        model.load(Checkpoint(path))
+        if fill_weights is None:
+            model.load(Checkpoint(path))
+        else:
+            fill_weights(model, Path(path))
         c = config
         block_bytes = 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * model.embed.element_size()
         if num_blocks is None:

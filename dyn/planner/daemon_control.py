@@ -96,7 +96,21 @@ class DaemonControl:
             return CliReply(ok=True, payload={"stopping": True})
         if request.action == "ping":
             return CliReply(ok=True, payload={"pid": os.getpid(), "version": __version__})
-        return CliReply(ok=False, error=f"unknown action {request.action!r} (known: status, down, ping)")
+        if request.action == "weight_peers":
+            return self._on_weight_peers(request.args)
+        return CliReply(ok=False, error=f"unknown action {request.action!r} (known: status, down, ping, weight_peers)")
+
+    def _on_weight_peers(self, args: dict[str, Any]) -> CliReply:
+        """A starting worker asks where to stream its weights from (dyn.planner.weight_peers)."""
+        from dyn.planner.weight_peers import weight_peers
+        from dyn.shuttle.transports.nixl import is_available as nixl_available
+
+        asker, key = args.get("process_id"), args.get("key")
+        if not isinstance(asker, str) or not isinstance(key, str):
+            return CliReply(ok=False, error="weight_peers needs process_id and key strings")
+        payload = weight_peers(list(self.fleet.slots.values()), asker, key, self._topology, self._recipe,
+                               nixl_available=nixl_available())
+        return CliReply(ok=True, payload={**payload, "nonce": str(args.get("nonce", ""))})
 
     def status(self, detail: bool = False) -> dict[str, Any]:
         """The CLI's view; with detail (`dyn top`), every heartbeat metric, NVLink domains and SLOs."""

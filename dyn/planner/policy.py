@@ -107,6 +107,10 @@ class LoadWindow:
     """Requests queued for prefill at the end of the window."""
     queued_prefill_tokens: int = 0
     """Prompt tokens not yet prefilled at the end of the window (a backlog to drain)."""
+    time_to_ready_s: float = 0.0
+    """Measured launch -> serving time of a new worker (from a live peer when one can serve its
+    weights, else from disk); 0: unknown. A worker added now helps only after this long, so
+    the planner sizes for the load forecast that far ahead."""
 
     @property
     def request_rate(self) -> float:
@@ -197,13 +201,17 @@ class SloPlanner:
         if not self.spec.enabled:
             return PlanStep(current, ())
         self._update_gains(window)
-        forecast = self.predictor.predict(1)
+        # plan for the load when a worker launched now will serve: one interval, plus its time to ready
+        ahead = 1 + math.ceil(window.time_to_ready_s / self.spec.interval_s) if window.time_to_ready_s > 0 else 1
+        forecast = self.predictor.predict(ahead)
         load = _max_rate(forecast, rate)
         backlog_s = window.queued_prefill_tokens / max(self.spec.interval_s, 1e-9)
         need_up = self._needs(load, backlog_s)
         need_down = self._needs(_scaled(load, 1.0 + self.band), backlog_s)
         missed = self._missed(window)
         inputs = self._inputs(window, forecast, need_up)
+        if window.time_to_ready_s > 0:
+            inputs.update(time_to_ready_s=round(window.time_to_ready_s, 2), forecast_intervals=ahead)
         target, decisions = current, []
         for role in ("prefill", "decode"):
             have, want_up, want_down = current.get(role), need_up.get(role), need_down.get(role)

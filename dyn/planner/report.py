@@ -32,6 +32,10 @@ def slot_status(slot: ProcessSlot, now: float, topology: "Topology | None" = Non
     for key in _SHOWN_METRICS:
         if key in slot.metrics:
             entry[key] = slot.metrics[key]
+    weights = slot.info.get("weights") if isinstance(slot.info, dict) else None
+    if isinstance(weights, dict):  # how it got its weights (fast replica start) and how long it took
+        entry["weights"] = {k: weights.get(k) for k in ("source", "peer", "transport", "load_s", "ready_s",
+                                                        "refetched", "fallback") if k in weights}
     if topology is not None:  # detailed status (`dyn top`): everything the heartbeat carried
         entry["metrics"], entry["info"] = dict(slot.metrics), dict(slot.info)
         entry["domain"] = topology.domain_of(slot.node, slot.gpus[0]) if slot.gpus else None

@@ -16,6 +16,7 @@ hours of history as one interval's load.
 from __future__ import annotations
 
 import logging
+import statistics
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -64,7 +65,8 @@ def choose_policy(recipe: "Recipe", topology: "Topology", recipe_source: str) ->
                                             "(run `dyn profile` on this recipe); counts are fixed")
     planner = slo_planner(recipe, topology, profile)
     disagg = recipe.mode == "disaggregated"
-    return PolicyChoice(SloPolicy(planner, block_size=recipe.model.block_size, disaggregated=disagg),
+    return PolicyChoice(SloPolicy(planner, block_size=recipe.model.block_size, disaggregated=disagg,
+                                  weights_source=recipe.weights.source),
                         f"SLO planner (TTFT {spec.ttft_ms:g} ms, ITL {spec.itl_ms:g} ms), profile: {source}")
 
 
@@ -81,8 +83,10 @@ def slo_planner(recipe: "Recipe", topology: "Topology", profile: EngineProfile) 
 class SloPolicy:
     """ScalingPolicy over `SloPlanner` (see the module docstring)."""
 
-    def __init__(self, planner: SloPlanner, *, block_size: int, disaggregated: bool) -> None:
+    def __init__(self, planner: SloPlanner, *, block_size: int, disaggregated: bool,
+                 weights_source: str = "auto") -> None:
         self.planner = planner
+        self.weights_source = weights_source
         self.interval_s = planner.spec.interval_s
         self.block_size = block_size
         self.disaggregated = disaggregated
@@ -164,7 +168,25 @@ class SloPolicy:
                           queued_prefill_tokens=int(sum(w.metrics.get("waiting_prefill_tokens", 0.0)
                                                         for w in live if w.role == "prefill")),
                           # the frontend's measured means over the window (None: nothing measured)
-                          ttft_s=_samples(latency, "ttft"), itl_s=_samples(latency, "itl"))
+                          ttft_s=_samples(latency, "ttft"), itl_s=_samples(latency, "itl"),
+                          time_to_ready_s=expected_time_to_ready(live, self.weights_source)[0])
+
+def expected_time_to_ready(workers: list[WorkerView], weights_source: str = "auto") -> tuple[float, str]:
+    """(seconds, "peer" | "disk") a worker launched now needs to serve, from the workers' own
+    measurements (`time_to_ready_seconds.<source>`): the peer figure when a ready worker can give
+    it its weights, else the disk figure; (0, "") before anything was measured."""
+    measured: dict[str, list[float]] = {"peer": [], "disk": []}
+    for w in workers:
+        for key, value in w.metrics.items():
+            if key.startswith("time_to_ready_seconds."):
+                source = key.split(".", 1)[1]
+                measured["peer" if source == "peer" else "disk"].append(float(value))
+    can_stream = weights_source != "disk" and any(w.state == "ready" for w in workers if w.role != "frontend")
+    for source in (("peer", "disk") if can_stream else ("disk",)):
+        if measured[source]:
+            return statistics.median(measured[source]), source
+    return 0.0, ""
+
 
 def _samples(deltas: dict[str, float], name: str) -> tuple[float, ...]:
     """Approximate latency samples from histogram bucket deltas: each observation counts at its

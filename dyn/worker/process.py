@@ -34,12 +34,16 @@ from dyn.worker.handoff import KvHandoff
 from dyn.worker.kv_publisher import KvEventPublisher
 from dyn.worker.request_server import RequestServer
 from dyn.worker.telemetry import CpuMeter, GpuTelemetry, RateMeter, engine_rates, process_telemetry
+from dyn.worker.weights import (WeightReport, compute_key, corrupt_hook_blocks, find_peers, make_fill,
+                                process_age_s, publish_manifest)
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 10.0
 EXPIRY_SWEEP_S = 1.0
 """How often expired KV blocks (retention and tier TTLs) are dropped, with removal events."""
+PEER_WAIT_S = 120.0
+"""weights.source: peer: longest wait for a worker still loading the same weights."""
 
 
 class WorkerProcess:
@@ -54,6 +58,8 @@ class WorkerProcess:
         self.tiers: HostTier | None = None
         self.handoff: KvHandoff | None = None
         self.load_error = ""
+        self.weights = WeightReport()
+        self.weight_server = None
         self._cpu = CpuMeter()
         # GPU telemetry and recent rates for heartbeats; the snapshot Prometheus scrapes.
         self._gpu = GpuTelemetry(tuple(config.gpus))
@@ -92,7 +98,8 @@ class WorkerProcess:
             tasks.append(asyncio.create_task(_set_on(self.control.daemon_lost, self._stop)))
         try:
             try:
-                self.engine = await asyncio.to_thread(_create_engine, recipe, group, cfg)
+                fill = await self._weights_plan(recipe, cfg, security)
+                self.engine = await asyncio.to_thread(_create_engine, recipe, group, cfg, fill)
             except Exception as exc:  # report why, then exit non-zero
                 log.error("engine failed to load: %s", exc)
                 self.load_error = str(exc)
@@ -111,9 +118,12 @@ class WorkerProcess:
             self.server.attach(self.loop)
             self.loop.start()
             tasks.append(asyncio.create_task(sweep_expired(self.loop, EXPIRY_SWEEP_S)))
+            self.weights.ready_s = process_age_s()
             if self.control:
                 self.control.set_state("ready")
-            log.info("worker %s ready: request plane %s", cfg.process_id, self.server.address)
+            log.info("worker %s ready in %.2fs (weights: %s, %.2fs): request plane %s", cfg.process_id,
+                     self.weights.ready_s, self.weights.source or "n/a", self.weights.load_s, self.server.address)
+            tasks.append(asyncio.create_task(self._serve_weights(recipe, cfg, security, ctx)))
             await self._wait_stop()
         finally:
             await self._shutdown(tasks, security, ctx)
@@ -138,6 +148,8 @@ class WorkerProcess:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.weight_server is not None:
+            await self.weight_server.close()
         if self.handoff is not None:
             await self.handoff.close()
         if self.loop is not None:
@@ -184,7 +196,10 @@ class WorkerProcess:
                 values[f"shuttle_gbps.{path}"] = num_bytes / seconds / 1e9 if seconds > 0 else 0.0
         values.update(process_telemetry(self._cpu))
         values.update(self._gpu.sample())
+        values.update(self._weight_values())
         info = {"role": self.config.role}
+        if self.weights.source:
+            info["weights"] = self.weights.info()
         if self.load_error:
             info["error"] = self.load_error
         elif not self._gpu.is_available and self.config.gpus:
@@ -194,7 +209,53 @@ class WorkerProcess:
     async def _refresh_scrape(self) -> None:
         values = await self._engine_values()
         values.update(self._gpu.sample())
+        values.update(self._weight_values())
         self._scraped = values
+
+    def _weight_values(self) -> dict[str, float]:
+        values = self.weights.metrics()
+        if self.weight_server is not None:
+            values["weights_served_bytes"] = float(self.weight_server.stats.num_bytes)
+            values["weights_pacing_wait_seconds"] = self.weight_server.pacer.seconds_waited
+        return values
+
+    async def _weights_plan(self, recipe, cfg: ProcessConfig, security: Security):
+        """torch engine: the fill_weights that streams from a live peer (None: read the checkpoint)."""
+        if recipe.model.engine != "torch":
+            return None
+        self.weights.key = await asyncio.to_thread(compute_key, recipe, cfg.role)
+        peers = []
+        if self.control is not None:
+            peers = await find_peers(self.control.ask, process_id=cfg.process_id, key=self.weights.key,
+                                     source=recipe.weights.source, wait_s=PEER_WAIT_S)
+        log.info("weights %s: %s", self.weights.key,
+                 f"peers {[p.process_id for p in peers]}" if peers else "no live peer, reading the checkpoint")
+        return make_fill(self.weights.key, peers, cache_dir=cfg.run_dir, security=security, report=self.weights)
+
+    async def _serve_weights(self, recipe, cfg: ProcessConfig, security: Security, ctx) -> None:
+        """Once ready: publish the manifest and offer this worker's weights to starting peers."""
+        from dyn.shuttle import SenderConfig
+        from dyn.shuttle.transports.nixl import is_available as nixl_available
+        from dyn.weights.server import WeightServer
+
+        arena = getattr(getattr(getattr(self.engine, "runner", None), "model", None), "arena", None)
+        if arena is None or not self.weights.key:
+            return
+        try:
+            manifest = await publish_manifest(arena, self.weights, cache_dir=cfg.run_dir,
+                                              engine=recipe.model.engine)
+            transports = SenderConfig.from_spec(recipe.shuttle, address="", cuda_available=recipe.model.device == "cuda",
+                                                nixl_available=nixl_available()).transports
+            server = WeightServer(arena, manifest, share=recipe.weights.peer_bandwidth_share,
+                                  bind_host=cfg.bind_host, transports=transports, security=security, ctx=ctx,
+                                  corrupt_once=corrupt_hook_blocks())
+            await server.start()
+        except Exception:  # serving peers is an extra: this worker keeps serving requests without it
+            log.exception("cannot serve weights to peers")
+            return
+        self.weight_server = server
+        self.weights.address = server.address
+        log.info("serving weights %s to peers at %s", manifest.key, server.address)
 
     async def _engine_values(self) -> dict[str, float]:
         """Engine and request-plane figures; cumulative ones only grow (counters for Prometheus)."""
@@ -230,7 +291,7 @@ def _load_files(cfg: ProcessConfig):
             parse_topology(cfg.topology_text, cfg.topology_source))
 
 
-def _create_engine(recipe, group, cfg: ProcessConfig) -> Backend:
+def _create_engine(recipe, group, cfg: ProcessConfig, fill_weights=None) -> Backend:
     from dyn.engine.factory import create_engine
 
     device = recipe.model.device
@@ -245,7 +306,7 @@ def _create_engine(recipe, group, cfg: ProcessConfig) -> Backend:
             os.environ.setdefault("CUDA_VISIBLE_DEVICES", ",".join(map(str, cfg.gpus)))
     kv_bytes = int(group.kv_memory_gib * 2**30) if group.kv_memory_gib else None
     return create_engine(recipe.model, group, device=device, kv_memory_bytes=kv_bytes,
-                         cpu_threads=cfg.cpu_threads)
+                         cpu_threads=cfg.cpu_threads, fill_weights=fill_weights)
 
 
 async def _start_handoff(ctx, security: Security, recipe, cfg: ProcessConfig, engine: Backend,

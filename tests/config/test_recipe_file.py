@@ -80,3 +80,23 @@ def test_ttl_retention_and_session_fields_parse() -> None:
     tiers = recipe.kv_tiers
     assert (tiers.ttl_s, tiers.retention_ttl_s, tiers.retention_priority, tiers.max_retention_priority) == \
         (300, None, 3, 10)
+
+
+def test_weights_section_defaults_and_values() -> None:
+    base = "name: m\nmodel: {path: /m}\nworkers: {both: {}}\n"
+    recipe = parse_recipe(base, "m.yaml")
+    assert (recipe.weights.source, recipe.weights.peer_bandwidth_share) == ("auto", 0.5)
+    recipe = parse_recipe(base + "weights: {source: peer, peer_bandwidth_share: 0.25}\n", "m.yaml")
+    assert (recipe.weights.source, recipe.weights.peer_bandwidth_share) == ("peer", 0.25)
+
+
+@pytest.mark.parametrize("body, where", [
+    ("weights:\n  source: nfs\n", "m.yaml:5: weights.source"),
+    ("weights:\n  source: peer\n  peer_bandwidth_share: 0\n", "m.yaml:6: weights.peer_bandwidth_share: must be in (0, 1]"),
+    ("weights:\n  peer_bandwidth_share: 1.5\n", "m.yaml:5: weights.peer_bandwidth_share: must be in (0, 1]"),
+    ("weights:\n  sources: disk\n", "m.yaml:5: weights.sources: unknown key"),
+])
+def test_bad_weights_settings_name_file_line_and_key(body: str, where: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_recipe("name: m\nmodel: {path: /m}\nworkers: {both: {}}\n" + body, "m.yaml")
+    assert str(info.value).startswith(where), str(info.value)

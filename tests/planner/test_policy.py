@@ -131,3 +131,25 @@ def test_load_step_scales_up_then_down_within_bounds_without_flapping():
     windows = [t.window for t in sim.ticks if t.time_s >= adjusted and t.window.get("rate", 0) > 0]
     met = sum(1 for w in windows if w["ttft_p90_s"] <= spec.ttft_ms / 1000.0)
     assert windows and met / len(windows) >= 0.95, windows
+
+
+def test_a_slow_time_to_ready_sizes_for_load_further_ahead():
+    """On a rising load, a worker that takes minutes to load (disk) must be launched for the load it will
+    meet when ready; one that streams from a peer in seconds needs only the next interval's."""
+    def need_on_ramp(time_to_ready_s: float) -> tuple[int, dict]:
+        recipe = load_recipe(ROOT / "recipes/mock-local.yaml")
+        planner = SloPlanner(replace(recipe.planner, max_decode=64, max_prefill=64), mock_profile(recipe),
+                             gpus_per_worker={"prefill": 1, "decode": 1}, gpu_budget=128)
+        step = None
+        for i in range(8):
+            window = replace(_window(2.0 + 2.0 * i), time_to_ready_s=time_to_ready_s)
+            step = planner.plan(window, Counts(1, 1), now=5.0 * (i + 1))
+        return step.target.prefill + step.target.decode, planner.decisions[-1].inputs
+
+    interval_s = load_recipe(ROOT / "recipes/mock-local.yaml").planner.interval_s
+    fast, fast_inputs = need_on_ramp(interval_s * 0.8)   # peer: inside one interval
+    slow, slow_inputs = need_on_ramp(95.0)               # disk: many intervals
+    assert slow > fast
+    assert fast_inputs["forecast_intervals"] == 2
+    assert slow_inputs["forecast_intervals"] == 1 + -(-95.0 // interval_s)
+    assert slow_inputs["time_to_ready_s"] == 95.0

@@ -210,3 +210,21 @@ def test_expected_output_hints_set_the_decode_demand_before_tokens_are_generated
     load.counters["frontend"]["osl_tokens_total"] += 1000
     policy.decide(load.views(), 1.0)
     assert policy.last_window.output_tokens == 1000 + 2 * 10  # hinted: 500 each; the rest: the mean
+
+
+def test_expected_time_to_ready_is_the_peer_figure_only_when_a_peer_can_serve():
+    from dataclasses import replace
+
+    from dyn.planner.slo_policy import expected_time_to_ready
+
+    def view(wid, state, **metrics):
+        return WorkerView(wid, "decode", "n", (), state, {k.replace("__", "."): v for k, v in metrics.items()})
+
+    workers = [view("decode-0", "ready", time_to_ready_seconds__disk=40.0),
+               view("decode-1", "ready", time_to_ready_seconds__peer=6.0),
+               view("decode-2", "ready", **{"time_to_ready_seconds__peer+disk": 30.0})]
+    assert expected_time_to_ready(workers) == (6.0, "peer")
+    assert expected_time_to_ready(workers, "disk") == (35.0, "disk")  # median of 40 and 30 (peer+disk)
+    nobody_ready = [replace(w, state="loading") for w in workers]
+    assert expected_time_to_ready(nobody_ready) == (35.0, "disk")
+    assert expected_time_to_ready([view("decode-0", "ready")]) == (0.0, "")

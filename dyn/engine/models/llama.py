@@ -16,6 +16,7 @@ from dyn.engine.layers.attention import AttentionMetadata, paged_attention
 from dyn.engine.layers.norm import rms_norm
 from dyn.engine.layers.rotary import RotaryEmbedding, apply_rotary
 from dyn.engine.loader import Checkpoint, CheckpointError, ModelConfig
+from dyn.weights.arena import WeightArena
 
 # Present in some checkpoints, never used: buffers the reference recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -50,8 +51,10 @@ class LlamaModel:
         self.rope = RotaryEmbedding(c.head_dim, max_positions, c.rope_theta, c.rope_scaling_dict,
                                     dtype=dtype, device=device)
 
+        # Shapes first (meta tensors), then every weight becomes a view into one flat byte arena
+        # (dyn.weights.arena), so a peer can stream the whole model as fixed-size blocks into place.
         def new(*shape: int) -> torch.Tensor:
-            return torch.empty(shape, dtype=dtype, device=device)
+            return torch.empty(shape, dtype=dtype, device="meta")
 
         self.embed = new(c.vocab_size, c.hidden_size)
         self.norm = new(c.hidden_size)
@@ -67,10 +70,13 @@ class LlamaModel:
                    new(c.hidden_size, c.intermediate_size))
             for _ in range(c.num_layers)
         ]
+        self.arena = WeightArena.allocate(_named_shapes(self), dtype=dtype, device=device)
+        self._bind_arena()
         self._targets = self._weight_targets()
 
-    def load(self, checkpoint: Checkpoint) -> None:
-        """Copy every checkpoint tensor into place; raise CheckpointError naming any bad or missing one."""
+    def load(self, checkpoint: Checkpoint, names: set[str] | None = None) -> None:
+        """Copy every checkpoint tensor (or only `names`) into place; raise CheckpointError naming any
+        bad or missing one."""
         present = checkpoint.names()
         unknown = sorted(n for n in present if n not in self._targets and not self._is_ignorable(n))
         if unknown:
@@ -83,7 +89,8 @@ class LlamaModel:
             raise CheckpointError(f"missing from the checkpoint (looked in {', '.join(where)}; "
                                   f"{len(missing)} missing in all)", path=checkpoint.model_dir, tensor=missing[0])
         with torch.inference_mode():
-            for name, file, tensor in checkpoint.tensors(set(self._targets)):
+            wanted = set(self._targets) if names is None else set(self._targets) & set(names)
+            for name, file, tensor in checkpoint.tensors(wanted):
                 dest = self._targets[name]
                 if tuple(tensor.shape) != tuple(dest.shape):
                     raise CheckpointError(f"shape {list(tensor.shape)} does not match config.json, which "
@@ -132,6 +139,21 @@ class LlamaModel:
                 total += base.numel()
         return total
 
+    def checkpoint_ranges(self) -> dict[str, tuple[int, int]]:
+        """Checkpoint tensor name -> (offset, nbytes) of where it lands in the arena."""
+        base = self.arena.data.data_ptr()
+        return {name: (t.data_ptr() - base, t.numel() * t.element_size()) for name, t in self._targets.items()}
+
+    def named_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """Every distinct weight tensor in arena order, by a stable name (fused q/k/v, gate/up)."""
+        return [(name, getattr_path(self, name)) for name, _ in _named_shapes(self)]
+
+    def _bind_arena(self) -> None:
+        for name, view in self.arena.views().items():
+            setattr_path(self, name, view)
+        if self.config.tie_word_embeddings:
+            self.lm_head = self.embed
+
     def _is_ignorable(self, name: str) -> bool:
         return name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and self.config.tie_word_embeddings)
 
@@ -160,3 +182,34 @@ class LlamaModel:
             out[p + "mlp.up_proj.weight"] = w.gate_up[inter:]
             out[p + "mlp.down_proj.weight"] = w.down
         return out
+
+
+_LAYER_FIELDS = ("input_norm", "qkv", "qkv_bias", "o", "o_bias", "q_norm", "k_norm", "post_norm", "gate_up", "down")
+
+
+def _named_shapes(model: LlamaModel) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every weight the model owns; tied lm_head is the embedding, not a copy."""
+    out = [("embed", tuple(model.embed.shape)), ("norm", tuple(model.norm.shape))]
+    if not model.config.tie_word_embeddings:
+        out.append(("lm_head", tuple(model.lm_head.shape)))
+    for i, layer in enumerate(model.layers):
+        for field_name in _LAYER_FIELDS:
+            tensor = getattr(layer, field_name)
+            if tensor is not None:
+                out.append((f"layers.{i}.{field_name}", tuple(tensor.shape)))
+    return out
+
+
+def getattr_path(model: LlamaModel, name: str) -> torch.Tensor:
+    if name.startswith("layers."):
+        _, idx, field_name = name.split(".")
+        return getattr(model.layers[int(idx)], field_name)
+    return getattr(model, name)
+
+
+def setattr_path(model: LlamaModel, name: str, value: torch.Tensor) -> None:
+    if name.startswith("layers."):
+        _, idx, field_name = name.split(".")
+        setattr(model.layers[int(idx)], field_name, value)
+    else:
+        setattr(model, name, value)
