@@ -57,6 +57,7 @@ class Usage:
     num_migrations: int = 0
     num_retries: int = 0
     finish_reason: str | None = None
+    ttft_s: float | None = None
 
 
 class WorkerFailed(Exception):
@@ -176,8 +177,9 @@ class WorkerStream:
         if not self.emitted:
             metrics.ttft.observe(now - self.start)
             self.usage.num_cached_tokens = chunk.num_cached_tokens
-            log.info("first token after %.1f ms (%d prompt tokens cached)", (now - self.start) * 1000,
-                     chunk.num_cached_tokens, extra={"request_id": self.rid})
+            self.usage.ttft_s = now - self.start
+            log.debug("first token after %.1f ms (%d prompt tokens cached)", (now - self.start) * 1000,
+                      chunk.num_cached_tokens, extra={"request_id": self.rid})
         elif self.req.stream:  # inter-token latency is what a streaming client sees
             metrics.itl.observe(now - self.last)
         self.last = now
