@@ -38,7 +38,7 @@ model:
   block_size: 16
   max_context: 8192
   mock: {{prefill_base_s: 0.0, prefill_s_per_token: 0.0, decode_base_s: 0.0, decode_s_per_seq: 0.0,
-         num_kv_blocks: 8192}}
+         num_kv_blocks: {kv_blocks}}}
 mode: aggregated
 workers:
   both: {{replicas: {workers}, max_batch_size: 64}}
@@ -48,14 +48,14 @@ frontend: {{host: 127.0.0.1, port: {port}, replicas: {replicas}}}
 
 
 class DynSystem:
-    def __init__(self, state: Path, peer: Path, port: int, replicas: int, workers: int) -> None:
+    def __init__(self, state: Path, peer: Path, port: int, replicas: int, workers: int, kv_blocks: int) -> None:
         self.name = f"vs-r{replicas}"
         self.label = f"dyn ({replicas} frontend{'s' if replicas > 1 else ''})"
         self.url = f"http://127.0.0.1:{port}"
         self.env = {**os.environ, "DYN_STATE_DIR": str(state / "state"), "DYN_NODE_STATE_DIR": str(state / "nodes")}
         self.recipe = state / f"{self.name}.yaml"
         self.recipe.write_text(RECIPE.format(name=self.name, model=peer / "model", port=port, replicas=replicas,
-                                             workers=workers))
+                                             workers=workers, kv_blocks=kv_blocks))
         self.frontend_pids: list[int] = []
         self.worker_pids: list[int] = []
 
@@ -94,11 +94,11 @@ class DynamoSystem:
         subprocess.run([str(self.peer / "run_peer.sh"), "stop"], env=self.env, capture_output=True, timeout=60)
 
 
-def run_load(peer: Path, system, n: int, concurrency: int, stream: bool) -> dict:
+def run_load(peer: Path, system, n: int, concurrency: int, stream: bool, groups: int) -> dict:
     pids = system.frontend_pids + system.worker_pids
     cmd = [str(peer / "venv" / "bin" / "python"), str(peer / "loadgen.py"), "--url", system.url,
            "--model", MODEL, "-n", str(n), "-c", str(concurrency), "--pids", ",".join(map(str, pids)),
-           "--timeout", "240"]
+           "--timeout", "240", "--groups", str(groups)]
     if not stream:
         cmd.append("--no-stream")
     load_before = os.getloadavg()[0]
@@ -143,6 +143,10 @@ def main() -> None:
     ap.add_argument("--peer-dir", type=Path, default=Path("/tmp/peer-dynamo"))
     ap.add_argument("--replicas", default="1,2", help="dyn frontend replica counts to measure")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--kv-blocks", type=int, default=8192, help="KV blocks per dyn mock worker")
+    ap.add_argument("--groups", type=int, default=8, help="shared-prefix groups in the workload")
+    ap.add_argument("--workloads", default="nostream:8,stream:32",
+                    help="comma list of (stream|nostream):concurrency")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=1000, help="requests per run")
     ap.add_argument("--port", type=int, default=18431, help="first dyn port (one per replica count)")
@@ -153,7 +157,7 @@ def main() -> None:
     if not (a.peer_dir / "venv").is_dir() or not (a.peer_dir / "model" / "tokenizer.json").is_file():
         raise SystemExit(f"{a.peer_dir}: install the peer kit first (see this script's docstring)")
     state = Path(tempfile.mkdtemp(prefix="dyn-vs-"))
-    systems: list = [DynSystem(state, a.peer_dir, a.port + i, int(r), a.workers)
+    systems: list = [DynSystem(state, a.peer_dir, a.port + i, int(r), a.workers, a.kv_blocks)
                      for i, r in enumerate(a.replicas.split(","))]
     if not a.no_dynamo:
         systems.append(DynamoSystem(a.peer_dir, a.dynamo_port, a.workers))
@@ -161,12 +165,13 @@ def main() -> None:
     try:
         for s in systems:
             s.start()
-        workloads = [(False, 8), (True, 32)]  # Dynamo's mocker paces streams: compare streaming at c=32
+        # Dynamo's mocker paces streams: compare streaming at c=32 (the default)
+        workloads = [(w.split(":")[0] == "stream", int(w.split(":")[1])) for w in a.workloads.split(",")]
         for rnd in range(a.rounds):
             for stream, conc in workloads:
                 order = systems if rnd % 2 == 0 else systems[::-1]
                 for s in order:
-                    r = run_load(a.peer_dir, s, a.requests, conc, stream)
+                    r = run_load(a.peer_dir, s, a.requests, conc, stream, a.groups)
                     r["round"] = rnd
                     results.append(r)
                     print(json.dumps(r), flush=True)
@@ -174,7 +179,7 @@ def main() -> None:
         for s in systems:
             s.stop()
     print(f"\n{os.cpu_count()} CPUs; {a.rounds} interleaved rounds of {a.requests} requests; "
-          f"{a.workers} zero-time workers per system\n")
+          f"{a.workers} zero-time workers per system; {a.groups} prefix groups\n")
     print(table(results))
     if a.out:
         a.out.write_text(json.dumps(results, indent=1))

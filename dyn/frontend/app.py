@@ -302,10 +302,13 @@ class _Handlers:
                     await response.write(out)
                     out = b""
                     async for piece in pieces:
-                        await response.write(fmt.piece(piece, usage.num_migrations))
+                        out += fmt.piece(piece, usage.num_migrations)
                         if piece.finish_reason:
                             usage.finish_reason = piece.finish_reason
                             break
+                        if not usage.more_ready:  # else the next piece is already here: one write for both
+                            await response.write(out)
+                            out = b""
             usage.num_completion_tokens = len(usage.token_ids)
             await response.write(out + fmt.usage(usage) + DONE)
         except ApiError as exc:  # the worker failed mid-stream: tell the client in-band

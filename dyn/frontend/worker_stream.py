@@ -58,6 +58,9 @@ class Usage:
     num_retries: int = 0
     finish_reason: str | None = None
     ttft_s: float | None = None
+    more_ready: bool = False
+    """The worker's next message has already arrived: a streaming handler may write this piece
+    together with the next one (a burst of tokens costs one socket write, not one per token)."""
 
 
 class WorkerFailed(Exception):
@@ -154,6 +157,7 @@ class WorkerStream:
                     ended = True
                     if message.reason != "abort":
                         d.routing.breakers.on_success(worker_id)
+                self.usage.more_ready = pending is not None or not queue.empty()
                 yield message
                 if ended:
                     return
