@@ -42,20 +42,21 @@ model:
 mode: aggregated
 workers:
   both: {{replicas: {workers}, max_batch_size: 64}}
-router: {{policy: kv}}
+router: {{policy: {policy}}}
 frontend: {{host: 127.0.0.1, port: {port}, replicas: {replicas}}}
 """
 
 
 class DynSystem:
-    def __init__(self, state: Path, peer: Path, port: int, replicas: int, workers: int, kv_blocks: int) -> None:
-        self.name = f"vs-r{replicas}"
-        self.label = f"dyn ({replicas} frontend{'s' if replicas > 1 else ''})"
+    def __init__(self, state: Path, peer: Path, port: int, replicas: int, workers: int, kv_blocks: int,
+                 policy: str = "kv") -> None:
+        self.name = f"vs-r{replicas}-{policy.replace('_', '-')}"
+        self.label = f"dyn ({replicas} frontend{'s' if replicas > 1 else ''}{'' if policy == 'kv' else ', ' + policy})"
         self.url = f"http://127.0.0.1:{port}"
         self.env = {**os.environ, "DYN_STATE_DIR": str(state / "state"), "DYN_NODE_STATE_DIR": str(state / "nodes")}
         self.recipe = state / f"{self.name}.yaml"
         self.recipe.write_text(RECIPE.format(name=self.name, model=peer / "model", port=port, replicas=replicas,
-                                             workers=workers, kv_blocks=kv_blocks))
+                                             workers=workers, kv_blocks=kv_blocks, policy=policy))
         self.frontend_pids: list[int] = []
         self.worker_pids: list[int] = []
 
@@ -143,6 +144,8 @@ def main() -> None:
     ap.add_argument("--peer-dir", type=Path, default=Path("/tmp/peer-dynamo"))
     ap.add_argument("--replicas", default="1,2", help="dyn frontend replica counts to measure")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--baseline-policy", default=None,
+                    help="also run dyn with one frontend and this router policy (e.g. round_robin)")
     ap.add_argument("--kv-blocks", type=int, default=8192, help="KV blocks per dyn mock worker")
     ap.add_argument("--groups", type=int, default=8, help="shared-prefix groups in the workload")
     ap.add_argument("--workloads", default="nostream:8,stream:32",
@@ -159,6 +162,9 @@ def main() -> None:
     state = Path(tempfile.mkdtemp(prefix="dyn-vs-"))
     systems: list = [DynSystem(state, a.peer_dir, a.port + i, int(r), a.workers, a.kv_blocks)
                      for i, r in enumerate(a.replicas.split(","))]
+    if a.baseline_policy:
+        systems.append(DynSystem(state, a.peer_dir, a.port + len(systems), 1, a.workers, a.kv_blocks,
+                                 a.baseline_policy))
     if not a.no_dynamo:
         systems.append(DynamoSystem(a.peer_dir, a.dynamo_port, a.workers))
     results: list[dict] = []
