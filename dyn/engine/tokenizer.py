@@ -53,6 +53,11 @@ class Tokenizer:
                    bos_token=_token_text(cfg.get("bos_token")), eos_token=_token_text(cfg.get("eos_token")),
                    extra_eos_ids=tuple(extra), source=str(root))
 
+    @property
+    def hf_tokenizer(self) -> Any:
+        """The `tokenizers.Tokenizer` underneath (the frontend's prompt cache reads its added tokens)."""
+        return self._tok
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 

@@ -121,7 +121,7 @@ class _Run(WorkerStream):
     async def run(self) -> AsyncIterator[Piece]:
         d, extra = self.d, {"request_id": self.rid}
         choice = await self._first_route()
-        log.info("request routed: prefill=%s decode=%s cached_blocks=%d", choice.prefill or "local",
+        log.debug("request routed: prefill=%s decode=%s cached_blocks=%d", choice.prefill or "local",
                  choice.decode, choice.overlap_blocks, extra=extra)
         self.usage.decode_worker = choice.decode
         worker: str | None = choice.decode

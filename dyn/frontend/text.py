@@ -13,6 +13,7 @@ from typing import Protocol, Sequence
 
 from dyn.config.recipe import ModelSpec
 from dyn.errors import EngineError
+from dyn.frontend.token_cache import SegmentEncoder
 
 _REPLACEMENT = "\ufffd"
 
@@ -55,6 +56,9 @@ class ModelTokenizer:
     def __init__(self, inner) -> None:
         self._inner = inner
         self.eos_token_ids = tuple(getattr(inner, "eos_token_ids", ()) or ())
+        hf = getattr(inner, "hf_tokenizer", None)
+        self._prompts = SegmentEncoder(hf) if hf is not None else None
+        """Rendered chat prompts, encoded with their long pieces cached (shared system prompts)."""
 
     def encode(self, text: str) -> list[int]:
         return list(self._inner.encode(text))
@@ -67,6 +71,8 @@ class ModelTokenizer:
         if not isinstance(out, str):
             return list(out)
         # The template already writes BOS and friends: add no special tokens twice.
+        if self._prompts is not None:
+            return self._prompts.encode(out)
         return list(self._inner.encode(out, add_special_tokens=False))
 
 

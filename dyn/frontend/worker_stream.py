@@ -57,6 +57,10 @@ class Usage:
     num_migrations: int = 0
     num_retries: int = 0
     finish_reason: str | None = None
+    ttft_s: float | None = None
+    more_ready: bool = False
+    """The worker's next message has already arrived: a streaming handler may write this piece
+    together with the next one (a burst of tokens costs one socket write, not one per token)."""
 
 
 class WorkerFailed(Exception):
@@ -153,6 +157,7 @@ class WorkerStream:
                     ended = True
                     if message.reason != "abort":
                         d.routing.breakers.on_success(worker_id)
+                self.usage.more_ready = pending is not None or not queue.empty()
                 yield message
                 if ended:
                     return
@@ -176,8 +181,9 @@ class WorkerStream:
         if not self.emitted:
             metrics.ttft.observe(now - self.start)
             self.usage.num_cached_tokens = chunk.num_cached_tokens
-            log.info("first token after %.1f ms (%d prompt tokens cached)", (now - self.start) * 1000,
-                     chunk.num_cached_tokens, extra={"request_id": self.rid})
+            self.usage.ttft_s = now - self.start
+            log.debug("first token after %.1f ms (%d prompt tokens cached)", (now - self.start) * 1000,
+                      chunk.num_cached_tokens, extra={"request_id": self.rid})
         elif self.req.stream:  # inter-token latency is what a streaming client sees
             metrics.itl.observe(now - self.last)
         self.last = now

@@ -12,12 +12,14 @@ import logging
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
+import msgpack
 import zmq
 import zmq.asyncio
 
+from dyn import PROTOCOL_VERSION
 from dyn.control.kv_events import KvSnapshot, KvSnapshotRequest
 from dyn.control.requests import (REQUEST_CODEC, Cancel, CloseSession, Finish, GenerateRequest,
-                                  RequestFailed, TokenChunk)
+                                  RequestFailed)
 from dyn.control.sockets import BadMessages, Security, decode_or_record, server_socket
 from dyn.engine.backend import Backend, EngineRequest, TokenOutput
 from dyn.errors import DynError, RequestError
@@ -61,6 +63,8 @@ class RequestServer:
         self.kv_snapshot: Callable[[], KvSnapshot] | None = None
         self._aio = asyncio.get_running_loop()
         self._outbox: asyncio.Queue[list[bytes]] = asyncio.Queue()
+        self._in_flight: asyncio.Future | None = None
+        """The last send, while it has not completed (see _send_frame)."""
 
     def attach(self, loop: EngineLoop) -> None:
         """Start feeding an engine loop (requests before this are refused as overloaded)."""
@@ -150,7 +154,8 @@ class RequestServer:
         if msg.speculative:
             self._speculative.add(rid)
         self.requests_total += 1
-        log.info("request started: %d prompt tokens%s%s", len(msg.prompt_token_ids),
+        # debug: the frontend logs each request's arrival, this worker logs its end (dyn/worker/process.py)
+        log.debug("request started: %d prompt tokens%s%s", len(msg.prompt_token_ids),
                  ", prefill only" if msg.prefill_only else "",
                  ", salted" if msg.salt else "", extra={"request_id": rid})
         try:
@@ -182,8 +187,8 @@ class RequestServer:
                 continue
             if out.token_ids:
                 stream.num_completion_tokens += len(out.token_ids)
-                self._send(stream.client, TokenChunk(out.request_id, list(out.token_ids), out.logprobs,
-                                                     out.num_cached_tokens))
+                self._send_frame(stream.client, encode_token_chunk(out.request_id, list(out.token_ids),
+                                                                   out.logprobs, out.num_cached_tokens))
             if out.finished:
                 self._streams.pop(out.request_id, None)
                 self._speculative.discard(out.request_id)
@@ -211,12 +216,41 @@ class RequestServer:
         self._send(client, RequestFailed(rid, code, message, retryable))
 
     def _send(self, client: bytes, message) -> None:
-        self._outbox.put_nowait([client, REQUEST_CODEC.encode(message)])
+        self._send_frame(client, REQUEST_CODEC.encode(message))
+
+    def _send_frame(self, client: bytes, data: bytes) -> None:
+        """Send at once when nothing is queued ahead (a ROUTER send completes without waiting,
+        so no task switch per token), else behind the queue, so a stream keeps its order.
+        (The asyncio socket's own send: a send on a shadow socket would eat the edge-triggered
+        event its receive waits for.)"""
+        if self._outbox.empty() and (self._in_flight is None or self._in_flight.done()):
+            self._in_flight = self._sock.send_multipart([client, data])
+            self._in_flight.add_done_callback(_log_send_error)
+            return
+        self._outbox.put_nowait([client, data])
 
     async def _send_loop(self) -> None:
         while True:
             frames = await self._outbox.get()
-            await self._sock.send_multipart(frames)
+            if self._in_flight is not None and not self._in_flight.done():
+                await asyncio.shield(self._in_flight)
+            self._in_flight = self._sock.send_multipart(frames)
+            self._in_flight.add_done_callback(_log_send_error)
+            await asyncio.shield(self._in_flight)
+
+
+def _log_send_error(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("reply not sent: %s", future.exception())
+
+
+def encode_token_chunk(request_id: str, token_ids: list[int], logprobs: list[float] | None,
+                       num_cached_tokens: int) -> bytes:
+    """REQUEST_CODEC.encode(TokenChunk(...)), byte for byte, without the generic field walk
+    (one of these per token per request)."""
+    return msgpack.packb([PROTOCOL_VERSION, "token_chunk",
+                          {"request_id": request_id, "token_ids": token_ids, "logprobs": logprobs,
+                           "num_cached_tokens": num_cached_tokens}], use_bin_type=True)
 
 
 def engine_request(msg: GenerateRequest) -> EngineRequest:

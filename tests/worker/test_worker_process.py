@@ -190,3 +190,12 @@ def test_sigterm_fails_in_flight_requests_explicitly(tmp_path):
             ctx.destroy(linger=0)
 
     asyncio.run(scenario())
+
+
+def test_token_chunk_fast_encoding_is_the_codecs_byte_for_byte():
+    from dyn.control.requests import REQUEST_CODEC, TokenChunk
+    from dyn.worker.request_server import encode_token_chunk
+
+    for chunk in (TokenChunk("r-1", [5, 6], None, 0), TokenChunk("ü", [1], [-0.5], 12)):
+        data = encode_token_chunk(chunk.request_id, chunk.token_ids, chunk.logprobs, chunk.num_cached_tokens)
+        assert data == REQUEST_CODEC.encode(chunk) and REQUEST_CODEC.decode(data) == chunk

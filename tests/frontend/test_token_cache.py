@@ -1,0 +1,57 @@
+"""Piecewise prompt encoding with cached long pieces equals whole-prompt encoding."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from dyn.frontend.token_cache import MIN_CACHED_CHARS, SegmentEncoder
+
+WORDS = "the system router cache prefix token worker décodé naïve 123 ,.;!? \n\n  tabs\tand  spaces".split(" ")
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory):
+    import torch
+
+    from dyn.engine.tiny import write_tiny_checkpoint
+    from dyn.engine.tokenizer import Tokenizer
+
+    torch.set_num_threads(1)
+    path = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), num_layers=1, hidden_size=32)
+    return Tokenizer.from_dir(path)
+
+
+def _chat(tok, rng: random.Random, system: str) -> str:
+    user = " ".join(rng.choice(WORDS) for _ in range(rng.randrange(1, 80)))
+    return tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": user}])
+
+
+def test_cached_pieces_give_the_tokenizers_ids_and_hit_on_shared_system_prompts(tiny_tokenizer):
+    hf = tiny_tokenizer.hf_tokenizer
+    enc = SegmentEncoder(hf, verify_calls=0)  # checked here instead, on every prompt
+    assert enc.enabled
+    rng = random.Random(7)
+    systems = [" ".join(rng.choice(WORDS) for _ in range(300)) for _ in range(4)]
+    assert all(len(s) > MIN_CACHED_CHARS for s in systems)
+    for _ in range(200):
+        text = _chat(tiny_tokenizer, rng, rng.choice(systems))
+        assert enc.encode(text) == hf.encode(text, add_special_tokens=False).ids
+    assert enc.hits >= 200 - 4  # each system prompt tokenized once (long user turns are misses)
+
+
+def test_a_tokenizer_whose_pieces_interact_falls_back_to_whole_encoding():
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "▁a": 1, "a": 2, "▁b": 3, "b": 4, "▁": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tok.add_special_tokens([AddedToken("<s>", special=True, normalized=False)])
+    enc = SegmentEncoder(tok, verify_calls=4)
+    text = "a " * 200 + "<s>" + "b " * 200
+    assert enc.encode(text) == tok.encode(text, add_special_tokens=False).ids
+    assert not enc.enabled  # "first" prepends only at the very start: pieces differ, so the cache is off
+    stripping = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    stripping.add_special_tokens([AddedToken("<s>", special=True, lstrip=True)])
+    assert not SegmentEncoder(stripping).enabled  # a special token that eats spaces: never split there
