@@ -1,5 +1,6 @@
 """Fast replica start: a weight manifest per model, and weights streamed from a live peer.
 
-`arena` and `manifest` are torch-light data (the engine uses them); `server`,
-`fetch` and `wire` move weights over the shuttle and are used by the worker only.
+The flat weight arena lives in `dyn.engine.weight_arena` (the engine owns its weights);
+`manifest` describes them, and `server`, `fetch` and `wire` move them over the shuttle
+(used by the worker only).
 """

@@ -28,7 +28,7 @@ import zmq.asyncio
 from dyn.control.sockets import Security, client_socket
 from dyn.errors import ProtocolError
 from dyn.shuttle import OfferDescriptor, ReceiverConfig, ShuttleReceiver, TransferError
-from dyn.weights.arena import WeightArena
+from dyn.engine.weight_arena import WeightArena
 from dyn.weights.manifest import ManifestError, WeightManifest, bad_tensors, block_hash
 from dyn.weights.wire import MAX_WEIGHTS_MESSAGE_BYTES, WEIGHTS_CODEC, OfferWeights, WeightsOffered
 

@@ -30,7 +30,7 @@ from typing import Any
 import xxhash
 
 from dyn.errors import DynError
-from dyn.weights.arena import ArenaLayout, WeightArena
+from dyn.engine.weight_arena import ArenaLayout, WeightArena
 
 MANIFEST_VERSION = 1
 SAMPLED_PAGES = 64

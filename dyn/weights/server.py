@@ -20,7 +20,7 @@ import zmq.asyncio
 
 from dyn.control.sockets import BadMessages, Security, decode_or_record, server_socket
 from dyn.shuttle import SenderConfig, ShuttleSender, TransferError
-from dyn.weights.arena import WeightArena
+from dyn.engine.weight_arena import WeightArena
 from dyn.weights.manifest import WeightManifest
 from dyn.weights.pacing import SharePacer
 from dyn.weights.wire import MAX_WEIGHTS_MESSAGE_BYTES, WEIGHTS_CODEC, OfferWeights, WeightsOffered

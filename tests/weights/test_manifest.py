@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dyn.engine.torch_runner import TorchModelRunner
-from dyn.weights.arena import ALIGN_BYTES, ArenaLayout
+from dyn.engine.weight_arena import ALIGN_BYTES, ArenaLayout
 from dyn.weights.manifest import (ManifestError, WeightManifest, bad_tensors, build_manifest, manifest_path,
                                   read_manifest, weights_key, write_once)
 

@@ -16,7 +16,7 @@ from dyn.engine.layers.attention import AttentionMetadata, paged_attention
 from dyn.engine.layers.norm import rms_norm
 from dyn.engine.layers.rotary import RotaryEmbedding, apply_rotary
 from dyn.engine.loader import Checkpoint, CheckpointError, ModelConfig
-from dyn.weights.arena import WeightArena
+from dyn.engine.weight_arena import WeightArena
 
 # Present in some checkpoints, never used: buffers the reference recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -52,7 +52,7 @@ class LlamaModel:
                                     dtype=dtype, device=device)
 
         # Shapes first (meta tensors), then every weight becomes a view into one flat byte arena
-        # (dyn.weights.arena), so a peer can stream the whole model as fixed-size blocks into place.
+        # (dyn.engine.weight_arena), so a peer can stream the whole model as fixed-size blocks into place.
         def new(*shape: int) -> torch.Tensor:
             return torch.empty(shape, dtype=dtype, device="meta")
 
