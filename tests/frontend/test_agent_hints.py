@@ -264,7 +264,15 @@ def test_priority_request_preempts_a_low_priority_one_when_the_pool_is_full():
 
         low = threading.Thread(target=send, args=("low", [11] * 60, 48, 0))
         low.start()
-        time.sleep(0.25)  # the low request now holds ~22 of 28 blocks and keeps growing
+        # wait (bounded) until the low request holds ~22 of 28 blocks and keeps growing: the high
+        # one's prompt no longer fits beside it, so the scheduler must preempt a victim
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            stats = c.on_engine("worker-0", lambda e: e.stats())
+            if stats.num_running == 1 and stats.num_kv_blocks_used >= 22:
+                break
+            time.sleep(0.01)
+        assert stats.num_running == 1, "the low request finished before the high one came"
         send("high", [12] * 20, 8, 5)
         low.join(30)
         stats = c.on_engine("worker-0", lambda e: e.stats())
