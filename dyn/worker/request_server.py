@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -63,6 +64,9 @@ class RequestServer:
         self.kv_snapshot: Callable[[], KvSnapshot] | None = None
         self._aio = asyncio.get_running_loop()
         self._outbox: asyncio.Queue[list[bytes]] = asyncio.Queue()
+        self._pending: list[TokenOutput] = []
+        self._pending_lock = threading.Lock()
+        self._wake_scheduled = False
         self._in_flight: asyncio.Future | None = None
         """The last send, while it has not completed (see _send_frame)."""
 
@@ -75,8 +79,23 @@ class RequestServer:
         return len(self._streams)
 
     def on_outputs(self, outputs: list[TokenOutput]) -> None:
-        """Called on the engine thread: hand the outputs to the event loop."""
-        self._aio.call_soon_threadsafe(self._deliver, outputs)
+        """Called on the engine thread: hand the outputs to the event loop.
+
+        Steps that end while the loop has not yet taken the previous ones are handed over
+        together (one wake-up), and a request's tokens from those steps go out as one chunk:
+        a fast engine (short steps, the mock) costs a message per burst, not per token."""
+        with self._pending_lock:
+            self._pending.extend(outputs)
+            if self._wake_scheduled:
+                return
+            self._wake_scheduled = True
+        self._aio.call_soon_threadsafe(self._deliver_pending)
+
+    def _deliver_pending(self) -> None:
+        with self._pending_lock:
+            outputs, self._pending = self._pending, []
+            self._wake_scheduled = False
+        self._deliver(_merge_outputs(outputs) if len(outputs) > 1 else outputs)
 
     async def serve(self) -> None:
         sender = asyncio.create_task(self._send_loop())
@@ -237,6 +256,26 @@ class RequestServer:
             self._in_flight = self._sock.send_multipart(frames)
             self._in_flight.add_done_callback(_log_send_error)
             await asyncio.shield(self._in_flight)
+
+
+def _merge_outputs(outputs: list[TokenOutput]) -> list[TokenOutput]:
+    """Join each request's consecutive outputs into one (tokens and logprobs in order; the
+    finishing output's fields win); nothing joins an output that already finished."""
+    merged: list[TokenOutput] = []
+    last: dict[str, TokenOutput] = {}
+    for out in outputs:
+        prev = last.get(out.request_id)
+        if prev is None or prev.finished or (prev.logprobs is None) != (out.logprobs is None):
+            copy = TokenOutput(out.request_id, list(out.token_ids), out.finished, out.finish_reason, out.error,
+                               list(out.logprobs) if out.logprobs is not None else None, out.num_cached_tokens)
+            merged.append(copy)
+            last[out.request_id] = copy
+            continue
+        prev.token_ids.extend(out.token_ids)
+        if out.logprobs is not None:
+            prev.logprobs.extend(out.logprobs)  # type: ignore[union-attr]
+        prev.finished, prev.finish_reason, prev.error = out.finished, out.finish_reason, out.error
+    return merged
 
 
 def _log_send_error(future: asyncio.Future) -> None:

@@ -199,3 +199,18 @@ def test_token_chunk_fast_encoding_is_the_codecs_byte_for_byte():
     for chunk in (TokenChunk("r-1", [5, 6], None, 0), TokenChunk("ü", [1], [-0.5], 12)):
         data = encode_token_chunk(chunk.request_id, chunk.token_ids, chunk.logprobs, chunk.num_cached_tokens)
         assert data == REQUEST_CODEC.encode(chunk) and REQUEST_CODEC.decode(data) == chunk
+
+
+def test_outputs_of_several_steps_join_per_request_in_order():
+    from dyn.engine.backend import TokenOutput
+    from dyn.worker.request_server import _merge_outputs
+
+    steps = [TokenOutput("a", [1], num_cached_tokens=16), TokenOutput("b", [7]),
+             TokenOutput("a", [2]), TokenOutput("b", [8], True, "length"),
+             TokenOutput("a", [3], True, "stop"), TokenOutput("b", [9])]  # a new "b" after the old one ended
+    merged = _merge_outputs(steps)
+    assert [(o.request_id, o.token_ids, o.finished, o.finish_reason) for o in merged] == [
+        ("a", [1, 2, 3], True, "stop"), ("b", [7, 8], True, "length"), ("b", [9], False, None)]
+    assert merged[0].num_cached_tokens == 16 and steps[0].token_ids == [1]  # inputs untouched
+    with_lp = _merge_outputs([TokenOutput("c", [1], logprobs=[-0.1]), TokenOutput("c", [2], logprobs=[-0.2])])
+    assert with_lp[0].token_ids == [1, 2] and with_lp[0].logprobs == [-0.1, -0.2]
