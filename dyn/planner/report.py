@@ -131,3 +131,10 @@ def worker_list(slots: list[ProcessSlot]) -> list[dict[str, Any]]:
     return [{"id": s.id, "role": s.role, "node": s.node, "gpus": list(s.gpus), "state": s.state,
              "addresses": dict(s.addresses), "metrics": dict(s.metrics)}
             for s in slots if s.role != "frontend"]
+
+
+def relaunch_time_s(slots: list[ProcessSlot]) -> float | None:
+    """The slowest measured failure-to-ready (or launch-to-ready) time of any worker: how long a
+    frontend should expect a relaunching worker to take. None before any worker was ready."""
+    times = [s.ready_after_s for s in slots if s.role != "frontend" and s.ready_after_s is not None]
+    return max(times) if times else None
