@@ -136,6 +136,8 @@ class _Run(WorkerStream):
                  usage: Usage, salt: int) -> None:
         super().__init__(d, req, prompt_ids, rid, usage, salt)
         self.tried: set[str] = set()
+        self.num_lost = 0
+        """Workers lost under this request before its first token (limit router.max_migrations)."""
         self._offer: dict | None = None
 
     async def run(self) -> AsyncIterator[Piece]:
@@ -226,7 +228,8 @@ class _Run(WorkerStream):
                 worker_id = await self._reroute(failure)
                 if not self.emitted:  # a retry: back off, the failure may be load or a restart
                     self.d.metrics.retries.inc()
-                    await asyncio.sleep(min(RETRY_BACKOFF_S * 2 ** (self.usage.num_retries - 1), 1.0))
+                    tries = self.usage.num_retries + self.num_lost
+                    await asyncio.sleep(min(RETRY_BACKOFF_S * 2 ** (tries - 1), 1.0))
             # Resume after what the client already has: same tokens under greedy decoding.
             request = GenerateRequest(self.rid, self.prompt + self.emitted,
                                       self._sampling(self.max_tokens - len(self.emitted)),
@@ -259,6 +262,16 @@ class _Run(WorkerStream):
             d.metrics.migrations.inc()
             log.warning("request migrating after %d tokens: %s", len(self.emitted), failure.message,
                         extra=extra)
+            return
+        if failure.code in _LOST:
+            # Its worker died under it (or went silent): not this request's fault, and a relaunch
+            # is on its way. Bounded by router.max_migrations, so a request that kills every
+            # worker it lands on still ends.
+            self.num_lost += 1
+            if self.num_lost > d.max_migrations:
+                raise _api_error(failure)
+            log.info("request re-sent after losing worker %s before its first token (%d/%d)", worker_id,
+                     self.num_lost, d.max_migrations, extra=extra)
             return
         usage.num_retries += 1
         if usage.num_retries > MAX_RETRIES:

@@ -146,8 +146,12 @@ class WorkerPool:
 
     async def open(self, worker_id: str, request: GenerateRequest) -> asyncio.Queue:
         """Send a request; its TokenChunk/Finish/RequestFailed messages arrive on the queue."""
-        handle = self.workers[worker_id]
         queue: asyncio.Queue = asyncio.Queue()
+        handle = self.workers.get(worker_id)
+        if handle is None:  # relaunched or gone between routing and sending: the caller re-routes
+            queue.put_nowait(RequestFailed(request.request_id, WORKER_GONE,
+                                           f"worker {worker_id} left the pool before the request was sent", True))
+            return queue
         num_tokens = len(request.prompt_token_ids)
         self._streams[request.request_id] = _Stream(worker_id, queue, num_tokens)
         handle.in_flight += 1
