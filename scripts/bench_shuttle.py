@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -77,7 +78,7 @@ async def _measure(block_bytes: int, sizes_mib: list[int], transports: list[str]
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         dest = np.ones(((max(sizes_mib) << 20) // block_bytes, block_bytes), dtype=np.uint8)
-        rows = [{"mib": mib, "memcpy": _memcpy_gbps(mib << 20, repeats)} for mib in sizes_mib]
+        rows = [dict(zip(("memcpy", "memcpy/cpu"), _memcpy(mib << 20, repeats)), mib=mib) for mib in sizes_mib]
         async with ShuttleReceiver(config=ReceiverConfig(credit_bytes=32 << 20)) as rx:
             # Transport by transport, nixl last: its progress threads poll and would slow the others.
             for transport in sorted(transports, key=lambda t: t == "nixl"):
@@ -108,15 +109,18 @@ async def _measure(block_bytes: int, sizes_mib: list[int], transports: list[str]
             sweep_stale_segments()
 
 
-def _memcpy_gbps(num_bytes: int, repeats: int) -> float:
+def _memcpy(num_bytes: int, repeats: int) -> tuple[float, float]:
+    """(wall GB/s, GB per CPU second) of one np.copyto of the whole size, medians."""
     src = np.random.default_rng(1).integers(0, 256, num_bytes, dtype=np.uint8)
     dst = np.ones(num_bytes, dtype=np.uint8)
-    samples = []
+    samples, cpu_samples = [], []
     for _ in range(repeats + 1):
-        start = time.perf_counter()
+        cpu_start, start = time.process_time(), time.perf_counter()
         np.copyto(dst, src)
-        samples.append(num_bytes / (time.perf_counter() - start) / 1e9)
-    return statistics.median(samples[1:])
+        cpu_s, wall_s = time.process_time() - cpu_start, time.perf_counter() - start
+        samples.append(num_bytes / wall_s / 1e9)
+        cpu_samples.append(num_bytes / cpu_s / 1e9 if cpu_s > 0 else float("inf"))
+    return statistics.median(samples[1:]), statistics.median(cpu_samples[1:])
 
 
 def _print_table(rows: list[dict[str, float]], transports: list[str], args: argparse.Namespace) -> None:
@@ -129,11 +133,17 @@ def _print_table(rows: list[dict[str, float]], transports: list[str], args: argp
         for t in transports:
             line += f" {row[t]:>9.2f} {100 * row[t] / row['memcpy']:>7.0f}%"
         print(line)
-    print("receiver process alone: payload bytes / its CPU seconds, all threads (the cost of one side "
-          "when it is not starved of cores; nixl includes its polling progress thread)")
-    print(f"{'size':>8}" + "".join(f" {t:>9}" for t in transports))
+    print("receiver process alone: ms of its CPU per GB received, all threads (the cost of one side "
+          "when it is not starved of cores; nixl includes its polling progress thread); "
+          "%memcpy = memcpy's CPU ms/GB over the receiver's")
+    print(f"{'size':>8} {'memcpy':>8}" + "".join(f" {t:>9} {'%memcpy':>8}" for t in transports))
     for row in rows:
-        print(f"{row['mib']:>5} MiB" + "".join(f" {row[t + '/cpu']:>9.2f}" for t in transports))
+        line = f"{row['mib']:>5} MiB {1000 / row['memcpy/cpu']:>8.1f}"
+        for t in transports:
+            line += f" {1000 / row[t + '/cpu']:>9.1f} {100 * row[t + '/cpu'] / row['memcpy/cpu']:>7.0f}%"
+        print(line)
+    print(f"load average (1, 5, 15 min): {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
+          f"on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":

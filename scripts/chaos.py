@@ -21,8 +21,8 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -36,7 +36,8 @@ LOCAL_NODES = ("local", "head", "localhost")
 def main() -> int:
     args = _parse()
     status = _status(args.name)
-    url = status.get("frontend_url")
+    urls = status.get("frontend_urls") or []  # the bound address (frontend_url may say port 0)
+    url = urls[0] if urls else status.get("frontend_url")
     if not url:
         print(f"deployment {status.get('name')!r} has no frontend URL (state {status.get('state')})",
               file=sys.stderr)
@@ -64,10 +65,13 @@ def main() -> int:
 
 async def _chaos(trace: Trace, config: BenchConfig, args, kills: list[dict]):
     rng = random.Random(args.seed)
+    started = time.monotonic()
     bench = asyncio.create_task(run_bench(trace, config))
     try:
+        next_kill = started
         while not bench.done():
-            await asyncio.wait({bench}, timeout=args.interval_s)
+            next_kill += args.interval_s  # a fixed schedule: picking a victim takes time too
+            await asyncio.wait({bench}, timeout=max(0.0, next_kill - time.monotonic()))
             if bench.done():
                 break
             victim = await asyncio.to_thread(_pick_victim, args.name, rng)
@@ -76,7 +80,8 @@ async def _chaos(trace: Trace, config: BenchConfig, args, kills: list[dict]):
                 continue
             try:
                 os.kill(victim["pid"], signal.SIGKILL)
-                kills.append({"worker": victim["id"], "pid": victim["pid"], "role": victim.get("role")})
+                kills.append({"worker": victim["id"], "pid": victim["pid"], "role": victim.get("role"),
+                              "t_s": round(time.monotonic() - started, 1)})
             except ProcessLookupError:
                 kills.append({"worker": victim["id"], "pid": victim["pid"], "skipped": "already gone"})
         return await bench
@@ -93,11 +98,15 @@ def _pick_victim(name: str, rng: random.Random) -> dict | None:
 
 
 def _status(name: str | None) -> dict:
-    cmd = [sys.executable, "-m", "dyn", "status", "--json"] + (["--name", name] if name else [])
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    if done.returncode != 0:
-        raise SystemExit(f"dyn status failed: {done.stderr.strip() or done.stdout.strip()}")
-    return json.loads(done.stdout)
+    """`dyn status --json`, asked in-process: a `dyn status` subprocess takes seconds on a loaded
+    host, which stretched the kill interval far past --interval-s."""
+    from dyn.deploy.inspect import resolve_name, status
+    from dyn.errors import DynError
+
+    try:
+        return status(resolve_name(name))
+    except DynError as exc:
+        raise SystemExit(f"dyn status failed: {exc}") from None
 
 
 def _served_model(url: str) -> str:

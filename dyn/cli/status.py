@@ -80,7 +80,10 @@ def planner_lines(payload: dict[str, Any], num_decisions: int = 5) -> list[str]:
         counts = ", ".join(f"{t}: {n}" for t, n in paths["by_transport"].items())
         out.append(f"shuttle paths ({paths.get('num_pairs', 0)} prefill->decode pairs): {counts}")
         for pair in paths.get("pairs", [])[:4]:
-            out.append(f"  {pair['prefill']} -> {pair['decode']}: {pair['transport']} ({pair['reason']})")
+            hop = f" over {pair['link']}, {pair['hop']}" if pair.get("hop") else ""
+            out.append(f"  {pair['prefill']} -> {pair['decode']}: {pair['transport']}{hop} ({pair['reason']})")
+        if paths.get("error"):
+            out.append(f"  error: {paths['error']}")
     return out
 
 

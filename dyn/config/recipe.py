@@ -102,6 +102,16 @@ class RouterSpec:
     stall_timeout_s: float = 5.0
     """Seconds of silence past the expected prefill/decode step time after which a worker is
     presumed stalled and its requests migrate."""
+    relaunch_wait_s: float | None = None
+    """Seconds a request waits for a worker to come back when every worker it could use is
+    relaunching, before it fails with 503. None: derived from the relaunch time the daemon
+    measures (1.5x the slowest recent launch-to-ready, plus detection), never below
+    stall_timeout_s."""
+    breaker_failures: int = 3
+    """Failures in a row (lost stream, stall, internal error) that open a worker's circuit
+    breaker: it gets no new requests until breaker_cooldown_s has passed."""
+    breaker_cooldown_s: float = 10.0
+    """Seconds an open breaker waits before one probe request may test the worker again."""
     admission: bool = True
     """Refuse (429 + Retry-After) requests whose estimated TTFT exceeds planner.ttft_ms,
     using the engine profile; no profile: no admission control."""
@@ -118,6 +128,11 @@ class PlannerSpec:
     max_decode: int = 8
     interval_s: float = 10.0
     cooldown_s: float = 30.0
+    max_restarts: int = 3
+    """Relaunches of one process allowed within restart_window_s; past it the process is left
+    down (`gave_up`) and the deployment is degraded. Applies with the scaling planner off too."""
+    restart_window_s: float = 600.0
+    """Sliding window of the restart budget."""
 
 
 @dataclass(frozen=True)

@@ -123,10 +123,25 @@ def _check_sections(doc: LocatedDoc, r: Recipe) -> None:
     _at_least(doc, "router.max_migrations", router.max_migrations, 0)
     if router.stall_timeout_s <= 0:
         raise doc.error("router.stall_timeout_s", f"must be > 0 seconds, got {router.stall_timeout_s:g}")
+    if router.relaunch_wait_s is not None and not 0 < router.relaunch_wait_s <= 3600:
+        raise doc.error("router.relaunch_wait_s", f"must be > 0 and at most 3600 seconds (or null: from the "
+                        f"measured relaunch time), got {router.relaunch_wait_s:g}")
+    if not 1 <= router.breaker_failures <= 1000:
+        raise doc.error("router.breaker_failures", f"must be 1..1000, got {router.breaker_failures}")
+    if not 0 < router.breaker_cooldown_s <= 3600:
+        raise doc.error("router.breaker_cooldown_s", f"must be > 0 and at most 3600 seconds, "
+                        f"got {router.breaker_cooldown_s:g}")
+    if not 0 <= router.max_migrations <= 100:
+        raise doc.error("router.max_migrations", f"must be 0..100, got {router.max_migrations}")
     for key in ("ttft_ms", "itl_ms", "interval_s"):
         if getattr(planner, key) <= 0:
             raise doc.error(f"planner.{key}", f"must be > 0, got {getattr(planner, key):g}")
     _at_least(doc, "planner.cooldown_s", planner.cooldown_s, 0.0)
+    if not 0 <= planner.max_restarts <= 10000:
+        raise doc.error("planner.max_restarts", f"must be 0..10000 (0: never relaunch), got {planner.max_restarts}")
+    if not 0 < planner.restart_window_s <= 7 * 86400:
+        raise doc.error("planner.restart_window_s", f"must be > 0 and at most 604800 seconds (a week), "
+                        f"got {planner.restart_window_s:g}")
     for role in ("prefill", "decode"):
         low, high = getattr(planner, f"min_{role}"), getattr(planner, f"max_{role}")
         _at_least(doc, f"planner.min_{role}", low, 0)

@@ -32,7 +32,7 @@ from dyn.frontend.protocol import ApiError, GenerationRequest
 from dyn.frontend.routing import RETRY_AFTER_S, Routing
 from dyn.frontend.text import TextTokenizer
 from dyn.frontend.worker_stream import Piece, Usage, WorkerFailed, WorkerStream
-from dyn.frontend.workers import WORKER_GONE, WorkerPool
+from dyn.frontend.workers import DECODE_ROLES, WORKER_GONE, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,10 @@ RETRY_BACKOFF_S = 0.05
 """First retry's delay; doubles per retry, capped at 1 s."""
 FALLBACK_PREFILL_TOKENS_PER_S = 500.0
 """Without a profile, the stall deadline of a first token allows this slow a prefill."""
+UNMEASURED_RELAUNCH_S = 30.0
+"""Relaunch time assumed before the daemon has measured one (a worker start on a loaded host)."""
+MAX_RELAUNCH_WAIT_S = 600.0
+"""Cap of the derived wait for a relaunching worker (a client's patience, not the worker's)."""
 _RETRYABLE = frozenset({"overloaded", "worker_lost", WORKER_GONE, "internal", "kv_transfer"})
 _LOST = frozenset({"worker_lost", WORKER_GONE})
 _UNHEALTHY = frozenset({"worker_lost", "internal"})
@@ -55,7 +59,8 @@ class Dispatcher:
     def __init__(self, pool: WorkerPool, routing: Routing, tokenizer: TextTokenizer,
                  metrics: FrontendMetrics, *, max_context: int, stall_timeout_s: float = 5.0,
                  max_migrations: int = 3, profile: EngineProfile | None = None,
-                 log_prompts: bool = False, kv_tiers: KvTiersSpec | None = None) -> None:
+                 log_prompts: bool = False, kv_tiers: KvTiersSpec | None = None,
+                 relaunch_wait_s: float | None = None) -> None:
         self.pool = pool
         self.routing = routing
         self.tokenizer = tokenizer
@@ -63,6 +68,8 @@ class Dispatcher:
         self.max_context = max_context
         self.stall_timeout_s = stall_timeout_s
         self.max_migrations = max_migrations
+        self.relaunch_wait_s = relaunch_wait_s
+        """router.relaunch_wait_s (None: derived from the daemon's measured relaunch time)."""
         self.profile = profile
         self.log_prompts = log_prompts
         self.kv_tiers = kv_tiers or KvTiersSpec()
@@ -91,6 +98,19 @@ class Dispatcher:
                                           salt)
                 yield piece
 
+    def worker_wait_s(self) -> float:
+        """How long a request may wait for a decode worker to become usable before failing.
+
+        While a decode worker is relaunching, long enough for it to come back: 1.5x the slowest
+        relaunch the daemon measured, plus the stall timeout for the failure to be noticed
+        (router.relaunch_wait_s overrides). Otherwise the stall timeout: nothing is coming."""
+        if not self.pool.is_recovering(DECODE_ROLES):
+            return self.stall_timeout_s
+        if self.relaunch_wait_s is not None:
+            return max(self.relaunch_wait_s, self.stall_timeout_s)
+        measured = self.pool.relaunch_s if self.pool.relaunch_s is not None else UNMEASURED_RELAUNCH_S
+        return min(1.5 * measured + self.stall_timeout_s, MAX_RELAUNCH_WAIT_S)
+
     def expected_wait_s(self, worker_id: str, num_tokens: int, *, first: bool) -> float:
         """How long the next message of a stream may take on `worker_id` before it is a stall."""
         handle = self.pool.workers.get(worker_id)
@@ -116,6 +136,8 @@ class _Run(WorkerStream):
                  usage: Usage, salt: int) -> None:
         super().__init__(d, req, prompt_ids, rid, usage, salt)
         self.tried: set[str] = set()
+        self.num_lost = 0
+        """Workers lost under this request before its first token (limit router.max_migrations)."""
         self._offer: dict | None = None
 
     async def run(self) -> AsyncIterator[Piece]:
@@ -162,16 +184,16 @@ class _Run(WorkerStream):
                 yield piece
 
     async def _first_route(self):
-        """Route a new request; with no decode worker up (all relaunching), wait up to the stall
-        timeout for one before answering 503."""
+        """Route a new request; with no decode worker up (all relaunching), wait for one
+        (`Dispatcher.worker_wait_s`) before answering 503."""
         d = self.d
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + d.stall_timeout_s
+        started = loop.time()
         while True:
             try:
                 return d.routing.choose_workers(self.prompt, self.req.hints, salt=self.salt, admit=True)
             except ApiError as exc:
-                if exc.code != "no_workers" or loop.time() >= deadline:
+                if exc.code != "no_workers" or loop.time() - started >= d.worker_wait_s():
                     raise
             await asyncio.sleep(0.1)
 
@@ -206,7 +228,8 @@ class _Run(WorkerStream):
                 worker_id = await self._reroute(failure)
                 if not self.emitted:  # a retry: back off, the failure may be load or a restart
                     self.d.metrics.retries.inc()
-                    await asyncio.sleep(min(RETRY_BACKOFF_S * 2 ** (self.usage.num_retries - 1), 1.0))
+                    tries = self.usage.num_retries + self.num_lost
+                    await asyncio.sleep(min(RETRY_BACKOFF_S * 2 ** (tries - 1), 1.0))
             # Resume after what the client already has: same tokens under greedy decoding.
             request = GenerateRequest(self.rid, self.prompt + self.emitted,
                                       self._sampling(self.max_tokens - len(self.emitted)),
@@ -240,6 +263,16 @@ class _Run(WorkerStream):
             log.warning("request migrating after %d tokens: %s", len(self.emitted), failure.message,
                         extra=extra)
             return
+        if failure.code in _LOST:
+            # Its worker died under it (or went silent): not this request's fault, and a relaunch
+            # is on its way. Bounded by router.max_migrations, so a request that kills every
+            # worker it lands on still ends.
+            self.num_lost += 1
+            if self.num_lost > d.max_migrations:
+                raise _api_error(failure)
+            log.info("request re-sent after losing worker %s before its first token (%d/%d)", worker_id,
+                     self.num_lost, d.max_migrations, extra=extra)
+            return
         usage.num_retries += 1
         if usage.num_retries > MAX_RETRIES:
             raise _api_error(failure)
@@ -249,11 +282,11 @@ class _Run(WorkerStream):
     async def _reroute(self, failure: RequestFailed | None) -> str:
         """A worker to continue on. Before the first token: an untried one, else the last
         failure goes to the client. Mid-stream: an untried one first, then any ready one
-        (a relaunched worker may reuse its id), waiting up to the stall timeout for one to
-        appear; then a clear error."""
+        (a relaunched worker may reuse its id), waiting for one to come back
+        (`Dispatcher.worker_wait_s`); then a clear error."""
         d = self.d
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + d.stall_timeout_s
+        started = loop.time()
         context = self.prompt + self.emitted
         # A worker the daemon reported dead comes back (often under the same id): wait for it.
         # A silent one before the first token does not get a second try.
@@ -273,7 +306,7 @@ class _Run(WorkerStream):
                 return worker
             if not lost and failure is not None:
                 raise _api_error(failure)  # no other worker: report the last refusal
-            if loop.time() >= deadline:
+            if loop.time() - started >= d.worker_wait_s():
                 raise ApiError(f"no worker left to continue the request on after a failure "
                                f"(tried {sorted(self.tried)}; {error.message if error else ''})",
                                status=503, code="no_workers", type="service_unavailable",

@@ -57,6 +57,7 @@ def build_frontend(recipe: Recipe, pool: WorkerPool, *, tokenizer: TextTokenizer
     dispatcher = Dispatcher(pool, routing, tokenizer, metrics, max_context=recipe.model.max_context,
                             stall_timeout_s=stall_timeout_s or recipe.router.stall_timeout_s,
                             max_migrations=recipe.router.max_migrations, profile=profile,
+                            relaunch_wait_s=recipe.router.relaunch_wait_s,
                             log_prompts=recipe.frontend.log_prompts, kv_tiers=recipe.kv_tiers)
     settings = ApiSettings(recipe.model.served_name, recipe.model.max_context,
                            recipe.frontend.max_prompt_tokens, recipe.auth.share_cache_across_tenants,
@@ -179,6 +180,9 @@ async def _apply_command(command: Command, frontend: Frontend, kv_events: KvEven
         pool = frontend.pool
         before = {wid: h.address for wid, h in pool.workers.items()}
         pool.update(workers)
+        relaunch_s = command.args.get("relaunch_s")
+        if isinstance(relaunch_s, (int, float)) and not isinstance(relaunch_s, bool) and relaunch_s >= 0:
+            pool.relaunch_s = float(relaunch_s)
         for wid, address in before.items():
             handle = pool.workers.get(wid)
             if handle is None or handle.address != address:  # gone, or relaunched: fresh cache and breaker

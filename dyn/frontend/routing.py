@@ -39,7 +39,7 @@ class Routing:
         self.block_size = recipe.model.block_size
         self.pool = pool
         self.router = Router(recipe.router, self.block_size, policy=policy, seed=seed)
-        self.breakers = breakers or BreakerBoard()
+        self.breakers = breakers or BreakerBoard(recipe.router.breaker_failures, recipe.router.breaker_cooldown_s)
         self.admission = admission
         self.clock = clock
         """The router's `now` (the simulator-equivalence test passes virtual time)."""

@@ -34,6 +34,8 @@ WORKER_GONE = "worker_gone"
 DEAD_STATES = frozenset({"failed", "exited", "gave_up", "lost", "starting", "loading"})
 """States in which a worker cannot be serving our streams: they end (and migrate) at once.
 (starting/loading: the daemon relaunched it, so the process that held them is gone.)"""
+RECOVERING_STATES = frozenset({"pending", "failed", "launching", "starting", "loading"})
+"""States of a worker the daemon is bringing (back) up: worth waiting for."""
 
 
 @dataclass(slots=True)
@@ -102,6 +104,12 @@ class WorkerPool:
         """Set when a stream opens or closes (frontend replicas publish their load on it)."""
         self.on_snapshot: Callable[[KvSnapshot], None] | None = None
         """Receives KvSnapshot answers (they ride the request plane)."""
+        self.relaunch_s: float | None = None
+        """The daemon's measured relaunch time of a worker (slowest recent failure-to-ready)."""
+
+    def is_recovering(self, roles: frozenset[str]) -> bool:
+        """Is a worker of one of `roles` on its way back (failed and relaunching, or starting)?"""
+        return any(h.role in roles and h.state in RECOVERING_STATES for h in self.workers.values())
 
     def update(self, entries: Iterable[Any]) -> None:
         """Apply the daemon's worker list: connect new workers, drop gone ones, refresh state."""
@@ -138,8 +146,12 @@ class WorkerPool:
 
     async def open(self, worker_id: str, request: GenerateRequest) -> asyncio.Queue:
         """Send a request; its TokenChunk/Finish/RequestFailed messages arrive on the queue."""
-        handle = self.workers[worker_id]
         queue: asyncio.Queue = asyncio.Queue()
+        handle = self.workers.get(worker_id)
+        if handle is None:  # relaunched or gone between routing and sending: the caller re-routes
+            queue.put_nowait(RequestFailed(request.request_id, WORKER_GONE,
+                                           f"worker {worker_id} left the pool before the request was sent", True))
+            return queue
         num_tokens = len(request.prompt_token_ids)
         self._streams[request.request_id] = _Stream(worker_id, queue, num_tokens)
         handle.in_flight += 1

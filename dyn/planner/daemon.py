@@ -111,7 +111,7 @@ class PlannerDaemon(DaemonControl, DaemonLaunching):
         self.fleet = Fleet(d, topology, keys, nodes, self.deadlines, daemon_address=address,
                            heartbeat_interval_s=self.deadlines.heartbeat_interval_s,
                            daemon_grace_s=self.deadlines.daemon_grace_s)
-        budget = {"max_restarts": int(self.deadlines.max_restarts), "window_s": self.deadlines.restart_window_s}
+        budget = restart_budget(recipe, self.deployment.timeouts)
         for fe in place_frontends(topology, recipe):
             self.fleet.add(ProcessSlot(fe.id, "frontend", fe.node, ()), **budget)
             self.fleet.extra[fe.id] = {"http_host": fe.host, **({"reuse_port": "1"} if fe.shares_port else {})}
@@ -302,3 +302,9 @@ class PlannerDaemon(DaemonControl, DaemonLaunching):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+
+def restart_budget(recipe, timeouts: dict[str, float]) -> dict:
+    """Relaunches per process and window: the recipe's planner.max_restarts/restart_window_s,
+    unless the (hidden) --timeouts override names them."""
+    return {"max_restarts": int(timeouts.get("max_restarts", recipe.planner.max_restarts)),
+            "window_s": float(timeouts.get("restart_window_s", recipe.planner.restart_window_s))}

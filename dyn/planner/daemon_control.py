@@ -19,7 +19,7 @@ from dyn import __version__
 from dyn.control.messages import CONTROL_CODEC, CliReply, CliRequest, Command, Heartbeat, Register, RegisterAck
 from dyn.control.sockets import Security, decode_or_record, server_socket, tcp_address
 from dyn.planner.policy import StaticPolicy
-from dyn.planner.report import planner_status, status_payload, worker_list
+from dyn.planner.report import planner_status, relaunch_time_s, status_payload, worker_list
 from dyn.planner.state import Snapshot
 
 log = logging.getLogger("dyn.planner.daemon")
@@ -139,8 +139,9 @@ class DaemonControl:
             return
         # Replicas share their in-flight load: each learns the others' PUB addresses here.
         replicas = {s.id: s.addresses["load"] for s in frontends if isinstance(s.addresses.get("load"), str)}
-        command = Command("update_workers", {"workers": worker_list(list(self.fleet.slots.values())),
-                                             "frontends": replicas})
+        slots = list(self.fleet.slots.values())
+        command = Command("update_workers", {"workers": worker_list(slots), "frontends": replicas,
+                                             "relaunch_s": relaunch_time_s(slots)})
         for slot in frontends:
             await self._send(slot.id, command)
 

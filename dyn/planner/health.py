@@ -39,7 +39,8 @@ class Deadlines:
     """Processes exit on their own after this long without a word from the daemon."""
     restart_backoff_s: float = 1.0
     max_restarts: float = 3
-    """Relaunches allowed per process within restart_window_s ..."""
+    """Relaunches allowed per process within restart_window_s ... (an override: the recipe's
+    planner.max_restarts / restart_window_s apply unless --timeouts names these two)"""
     restart_window_s: float = 600.0
     """... after which it is left down (`gave_up`) and the deployment is `degraded`."""
     max_starting: float = 16
@@ -107,8 +108,18 @@ class ProcessSlot:
     """The state a previous daemon last saw (set by adoption until the process re-registers):
     a worker that was ready is ready again when the same pid comes back, never "loading"."""
 
+    down_since: float | None = None
+    """When the process last failed (or was first launched): the start of the launch-to-ready
+    time the frontends derive their relaunch wait from."""
+    ready_after_s: float | None = None
+    """Seconds from the last failure (or first launch) to ready: the measured relaunch time."""
+
     def set_state(self, state: str, now: float, error: str = "") -> None:
         if state != self.state:
+            if state == "failed" or (state == "launching" and self.down_since is None):
+                self.down_since = now
+            elif state == "ready" and self.down_since is not None:
+                self.ready_after_s, self.down_since = now - self.down_since, None
             self.state = state
             self.state_since = now
         if error:

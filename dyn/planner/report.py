@@ -107,7 +107,7 @@ def shuttle_paths(topology: "Topology", recipe: "Recipe", slots: list[ProcessSlo
                   max_pairs: int = MAX_PATH_PAIRS) -> dict[str, Any]:
     """How KV would move between each live prefill and decode worker (planned from the topology;
     a worker reports what it really used in its shuttle_bytes.* metrics)."""
-    from dyn.shuttle.path import Endpoint, plan_paths
+    from dyn.shuttle.path import Endpoint, PathChoice, choose_path
     from dyn.shuttle.transports.nixl import is_available as nixl_available
 
     live = [s for s in slots if s.state not in ("exited", "gave_up") and s.node]
@@ -115,15 +115,25 @@ def shuttle_paths(topology: "Topology", recipe: "Recipe", slots: list[ProcessSlo
     decode = {s.id: Endpoint(s.node, tuple(s.gpus)) for s in live if s.role in ("decode", "both")}
     if recipe.mode != "disaggregated" or not prefill or not decode:
         return {"by_transport": {}, "pairs": [], "num_pairs": 0}
-    try:
-        paths = plan_paths(topology, prefill, decode, recipe.shuttle.transport,
-                           cuda_available=recipe.model.device == "cuda", nixl_available=nixl_available())
-    except DynError as exc:
-        return {"by_transport": {}, "pairs": [], "num_pairs": 0, "error": str(exc)}
+    nixl = nixl_available()
+    paths: dict[tuple[str, str], PathChoice] = {}
+    errors: list[str] = []
+    for p_id, p_end in prefill.items():
+        for d_id, d_end in decode.items():
+            try:  # the same choice the decode worker makes for its pulls (dyn.worker.kv_path)
+                paths[p_id, d_id] = choose_path(topology, p_end, d_end, recipe.shuttle.transport,
+                                                cuda_available=recipe.model.device != "cpu",
+                                                nixl_available=nixl)
+            except DynError as exc:
+                paths[p_id, d_id] = PathChoice("none", str(exc))
+                errors.append(str(exc))
     counts = Counter(choice.transport for choice in paths.values())
-    pairs = [{"prefill": p, "decode": d, "transport": c.transport, "reason": c.reason}
-             for (p, d), c in sorted(paths.items())[:max_pairs]]
-    return {"by_transport": dict(sorted(counts.items())), "pairs": pairs, "num_pairs": len(paths)}
+    pairs = [{"prefill": p, "decode": d, "transport": c.transport, "hop": c.hop, "link": c.link,
+              "reason": c.reason} for (p, d), c in sorted(paths.items())[:max_pairs]]
+    out = {"by_transport": dict(sorted(counts.items())), "pairs": pairs, "num_pairs": len(paths)}
+    if errors:
+        out["error"] = errors[0] + (f" (and {len(errors) - 1} more pairs)" if len(errors) > 1 else "")
+    return out
 
 
 def worker_list(slots: list[ProcessSlot]) -> list[dict[str, Any]]:
@@ -131,3 +141,10 @@ def worker_list(slots: list[ProcessSlot]) -> list[dict[str, Any]]:
     return [{"id": s.id, "role": s.role, "node": s.node, "gpus": list(s.gpus), "state": s.state,
              "addresses": dict(s.addresses), "metrics": dict(s.metrics)}
             for s in slots if s.role != "frontend"]
+
+
+def relaunch_time_s(slots: list[ProcessSlot]) -> float | None:
+    """The slowest measured failure-to-ready (or launch-to-ready) time of any worker: how long a
+    frontend should expect a relaunching worker to take. None before any worker was ready."""
+    times = [s.ready_after_s for s in slots if s.role != "frontend" and s.ready_after_s is not None]
+    return max(times) if times else None

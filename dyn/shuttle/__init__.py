@@ -6,12 +6,13 @@ choose_path picks the transport for a pair of workers from the topology.
 """
 
 from dyn.shuttle.errors import PathError, TransferError
-from dyn.shuttle.path import Endpoint, PathChoice, choose_path, plan_paths
+from dyn.shuttle.path import HOPS, Endpoint, LinkSpeeds, PathChoice, choose_path, hop_of, plan_paths
 from dyn.shuttle.receiver import ReceiverConfig, ShuttleReceiver, TransferStats
 from dyn.shuttle.sender import Offer, SenderConfig, ShuttleSender
 from dyn.shuttle.wire import OfferDescriptor
 
 __all__ = [
-    "Endpoint", "Offer", "OfferDescriptor", "PathChoice", "PathError", "ReceiverConfig", "SenderConfig",
-    "ShuttleReceiver", "ShuttleSender", "TransferError", "TransferStats", "choose_path", "plan_paths",
+    "HOPS", "Endpoint", "LinkSpeeds", "Offer", "OfferDescriptor", "PathChoice", "PathError", "ReceiverConfig", "SenderConfig",
+    "ShuttleReceiver", "ShuttleSender", "TransferError", "TransferStats", "choose_path", "hop_of",
+    "plan_paths",
 ]

@@ -54,10 +54,14 @@ class SenderConfig:
     """Size of the shm ring: the sender's whole staging memory for shm."""
     max_offers: int = 4096
     transports: tuple[str, ...] = ("shm", "tcp")
+    node: str = ""
+    """Topology node and GPUs of this worker, named in every offer so the receiver can choose
+    the transport from the topology path (dyn.shuttle.path)."""
+    gpus: tuple[int, ...] = ()
 
     @classmethod
     def from_spec(cls, spec: ShuttleSpec, *, address: str, cuda_available: bool,
-                  nixl_available: bool) -> "SenderConfig":
+                  nixl_available: bool, node: str = "", gpus: tuple[int, ...] = ()) -> "SenderConfig":
         """Recipe `shuttle:` -> sender settings: the ring is the in-flight budget; a forced
         transport is the only one served."""
         if spec.transport != "auto":
@@ -65,7 +69,8 @@ class SenderConfig:
         else:
             transports = (("cuda_ipc",) if cuda_available else ()) + ("shm", "tcp") + \
                 (("nixl",) if nixl_available else ())
-        return cls(address=address, ring_bytes=spec.max_inflight_mib << 20, transports=transports)
+        return cls(address=address, ring_bytes=spec.max_inflight_mib << 20, transports=transports,
+                   node=node, gpus=tuple(gpus))
 
 
 @dataclass(slots=True, eq=False)
@@ -156,7 +161,8 @@ class ShuttleSender:
         desc = OfferDescriptor(request_id=request_id, offer_id=secrets.token_hex(8),
                                block_hashes=list(block_hashes), block_bytes=self.block_bytes,
                                address=self.address, host_id=self.host_id,
-                               transports=list(self._transports), checksum=CHECKSUM)
+                               transports=list(self._transports), checksum=CHECKSUM,
+                               node=self.config.node, gpus=list(self.config.gpus))
         loop = asyncio.get_running_loop()
         offer = Offer(desc, list(block_views), loop.create_future())
         offer.expiry = loop.call_later(self.config.pin_timeout_s, self._expire, desc.offer_id)

@@ -47,6 +47,10 @@ class OfferDescriptor(Message):
     transports: list[str] = field(default_factory=list)
     """Transports this sender can serve."""
     checksum: str = "xxh3_64"
+    node: str = ""
+    """Topology node of the sending worker ("": unknown; the receiver then picks by host id)."""
+    gpus: list[int] = field(default_factory=list)
+    """GPU indices of the sending worker on that node (the topology path's other end)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}

@@ -26,6 +26,8 @@ from dyn.router.errors import NoWorkerError
 from dyn.router.events import KvEventBatch
 from dyn.router.router import Router
 from dyn.router.types import RouteHints, RouteRequest
+from dyn.shuttle.errors import PathError
+from dyn.shuttle.path import Endpoint, LinkSpeeds, choose_path
 from dyn.sim.errors import SimError
 from dyn.sim.worker import SimWorker
 from dyn.sim.workload import SimRequest
@@ -44,9 +46,17 @@ class SimConfig:
     startup_s: float = 30.0
     """Weight load time of a newly launched worker (it holds its GPUs meanwhile)."""
     nvlink_gbps: float = 900.0
-    """KV handoff bandwidth inside an NVLink domain, GB/s."""
+    """KV handoff bandwidth of a path over NVLink (cuda_ipc, NIXL over multi-node NVLink), GB/s."""
     network_gbps: float = 50.0
-    """Between domains (400G NIC), GB/s."""
+    """Of a NIXL path between domains (400G NIC with RDMA), GB/s."""
+    tcp_gbps: float = 2.0
+    """Of a TCP path (no NIXL between domains), GB/s."""
+    nixl: bool = True
+    """Is NIXL installed on the simulated racks? The hand-off path of each prefill->decode pair
+    is the live system's (dyn.shuttle.path.choose_path), so without NIXL a hop between domains
+    costs TCP's bandwidth, not the network's."""
+    fabric_handles: bool = False
+    """Do CUDA fabric handles work across trays (cuda_ipc inside a multi-node NVLink domain)?"""
     retry_s: float = 0.25
     max_wait_s: float = 120.0
     """A request no worker can take for this long fails as overloaded."""
@@ -68,6 +78,7 @@ class Simulation:
         self.recipe = _with_counts(recipe, config.num_prefill, config.num_decode)
         self.requests = requests
         self.disagg = self.recipe.mode == "disaggregated"
+        self._path_cache: dict[tuple, float] = {}
         self.block_size = self.recipe.model.block_size
         self.router = make_router(self.recipe, config.router_policy, config.seed)
         enabled = self.recipe.planner.enabled if config.planner is None else config.planner
@@ -163,9 +174,25 @@ class Simulation:
             return
         missing = len(req.block_hashes) - dest.cache.lookup(req.block_hashes)
         tokens = missing * self.block_size + req.input_tokens % self.block_size
-        same = source.domain is not None and source.domain == dest.domain
-        gbps = self.config.nvlink_gbps if same else self.config.network_gbps
+        gbps = self._path_gbps(source.id, dest.id)
         self._push(self.now + tokens * self.profile.kv_bytes_per_token / (gbps * 1e9), "import", req)
+
+    def _path_gbps(self, source_id: str, dest_id: str) -> float:
+        """Hand-off bandwidth from the live system's path table (cached per pair of places)."""
+        src, dst = self.placements[source_id], self.placements[dest_id]
+        key = (src.node, src.gpus, dst.node, dst.gpus)
+        gbps = self._path_cache.get(key)
+        if gbps is None:
+            c = self.config
+            try:
+                choice = choose_path(self.topology, Endpoint(src.node, src.gpus), Endpoint(dst.node, dst.gpus),
+                                     self.recipe.shuttle.transport, cuda_available=self.recipe.model.device != "cpu",
+                                     nixl_available=c.nixl, fabric_available=c.fabric_handles)
+            except PathError as exc:
+                raise SimError(f"KV hand-off {source_id} -> {dest_id}: {exc}", field="shuttle") from None
+            gbps = LinkSpeeds(nvlink_gbps=c.nvlink_gbps, network_gbps=c.network_gbps, tcp_gbps=c.tcp_gbps).of(choice)
+            self._path_cache[key] = gbps
+        return gbps
 
     def _import(self, req: SimRequest) -> None:
         dest = self.workers[req.decode_worker or ""]

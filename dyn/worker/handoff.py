@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from dyn.control.requests import GenerateRequest
 from dyn.engine.backend import EngineRequest
 from dyn.errors import DynError, RequestError, ShuttleError
-from dyn.shuttle import OfferDescriptor, ShuttleReceiver, ShuttleSender
+from dyn.shuttle import OfferDescriptor, PathError, ShuttleReceiver, ShuttleSender
 from dyn.worker.engine_loop import EngineLoop
+from dyn.worker.kv_path import TopologyPaths
 from dyn.worker.request_server import Stream, engine_request
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,12 @@ class HandoffStats:
 
 class KvHandoff:
     def __init__(self, loop: EngineLoop, *, sender: ShuttleSender | None, receiver: ShuttleReceiver | None,
-                 pull_timeout_s: float = 30.0) -> None:
+                 pull_timeout_s: float = 30.0, paths: TopologyPaths | None = None) -> None:
         self._loop = loop
         self.sender = sender
         self.receiver = receiver
+        self.paths = paths
+        """Transport per offer from the topology path (None: the receiver's host-id rule)."""
         self._pull_timeout_s = pull_timeout_s
         self.stats = HandoffStats()
 
@@ -90,15 +93,17 @@ class KvHandoff:
                 if self.receiver is None:
                     raise ShuttleError("this worker has no shuttle receiver")
                 self.stats.pulls += 1
+                choice = self.paths.choice_for(offer) if self.paths is not None else None
                 transfer = await self.receiver.pull(offer, kv_import.missing_idx, kv_import.dest_views,
-                                                    self._pull_timeout_s)
+                                                    self._pull_timeout_s,
+                                                    transport=choice.transport if choice else None)
                 self.stats.bytes_pulled += transfer.num_bytes
                 self.stats.seconds_pulling += transfer.seconds
                 by = self.stats.bytes_by_transport
                 by[transfer.transport] = by.get(transfer.transport, 0) + transfer.num_bytes
                 secs = self.stats.seconds_by_transport
                 secs[transfer.transport] = secs.get(transfer.transport, 0.0) + transfer.seconds
-        except (ShuttleError, asyncio.TimeoutError) as exc:
+        except (ShuttleError, PathError, asyncio.TimeoutError) as exc:
             self.stats.pull_failures += 1
             log.warning("KV pull failed, prefilling locally: %s", exc, extra={"request_id": rid})
             await asyncio.wrap_future(self._loop.submit(lambda e: e.cancel_import(rid)))

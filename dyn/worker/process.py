@@ -112,7 +112,7 @@ class WorkerProcess:
             if self.tiers is not None:
                 self.engine.set_lower_tier(self.tiers)
             self.loop = EngineLoop(self.engine, _log_finished(self.server.on_outputs))
-            self.handoff = await _start_handoff(ctx, security, recipe, cfg, self.engine, self.loop)
+            self.handoff = await _start_handoff(ctx, security, recipe, topology, cfg, self.engine, self.loop)
             self.server.import_kv = self.handoff.import_and_decode
             self.server.export_kv = self.handoff.export
             self.server.attach(self.loop)
@@ -309,20 +309,26 @@ def _create_engine(recipe, group, cfg: ProcessConfig, fill_weights=None) -> Back
                          cpu_threads=cfg.cpu_threads, fill_weights=fill_weights)
 
 
-async def _start_handoff(ctx, security: Security, recipe, cfg: ProcessConfig, engine: Backend,
+async def _start_handoff(ctx, security: Security, recipe, topology, cfg: ProcessConfig, engine: Backend,
                          loop: EngineLoop) -> KvHandoff:
-    """Sender and receiver for every prefill/decode worker, so a role flip needs no restart."""
-    from dyn.shuttle import ReceiverConfig, SenderConfig, ShuttleReceiver, ShuttleSender
+    """Sender and receiver for every prefill/decode worker, so a role flip needs no restart;
+    pulls take the transport of the topology path between the two workers."""
+    from dyn.shuttle import Endpoint, ReceiverConfig, SenderConfig, ShuttleReceiver, ShuttleSender
     from dyn.shuttle.ring import sweep_stale_segments
     from dyn.shuttle.transports.nixl import is_available as nixl_available
+    from dyn.worker.kv_path import TopologyPaths
 
     if recipe.mode != "disaggregated" or engine.block_bytes <= 0:
         return KvHandoff(loop, sender=None, receiver=None)
     sweep_stale_segments()
-    handoff = KvHandoff(loop, sender=None, receiver=None)
+    cuda = recipe.model.device == "cuda" or (recipe.model.device == "auto" and bool(cfg.gpus))
+    nixl = nixl_available()
+    paths = TopologyPaths(topology, Endpoint(cfg.node, tuple(cfg.gpus)), recipe.shuttle.transport,
+                          cuda_available=cuda, nixl_available=nixl)
+    handoff = KvHandoff(loop, sender=None, receiver=None, paths=paths)
     sender_config = SenderConfig.from_spec(recipe.shuttle, address=f"tcp://{cfg.bind_host}:0",
-                                           cuda_available=recipe.model.device == "cuda",
-                                           nixl_available=nixl_available())
+                                           cuda_available=cuda, nixl_available=nixl,
+                                           node=cfg.node, gpus=tuple(cfg.gpus))
     sender = ShuttleSender(engine.block_bytes, config=sender_config, security=security, ctx=ctx,
                            on_release=handoff.on_release)
     await sender.start()

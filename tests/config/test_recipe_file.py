@@ -100,3 +100,28 @@ def test_bad_weights_settings_name_file_line_and_key(body: str, where: str) -> N
     with pytest.raises(ConfigError) as info:
         parse_recipe("name: m\nmodel: {path: /m}\nworkers: {both: {}}\n" + body, "m.yaml")
     assert str(info.value).startswith(where), str(info.value)
+
+
+@pytest.mark.parametrize("section, key, value", [
+    ("router", "relaunch_wait_s", "0"),
+    ("router", "relaunch_wait_s", "4000"),
+    ("router", "breaker_failures", "0"),
+    ("router", "breaker_cooldown_s", "-1"),
+    ("router", "max_migrations", "101"),
+    ("planner", "max_restarts", "-1"),
+    ("planner", "restart_window_s", "0"),
+])
+def test_recovery_fields_are_range_checked_with_their_line(section, key, value) -> None:
+    text = f"name: m\nmodel: {{path: /m}}\nworkers: {{both: {{}}}}\n{section}:\n  {key}: {value}\n"
+    with pytest.raises(ConfigError) as info:
+        parse_recipe(text, "m.yaml")
+    assert info.value.field == f"{section}.{key}" and info.value.line == 5
+
+
+def test_recovery_fields_parse() -> None:
+    recipe = parse_recipe("name: m\nmodel: {path: /m}\nworkers: {both: {}}\n"
+                          "router: {relaunch_wait_s: 45, breaker_failures: 5, breaker_cooldown_s: 2,"
+                          " max_migrations: 8}\nplanner: {max_restarts: 1000, restart_window_s: 60}\n", "m.yaml")
+    r, p = recipe.router, recipe.planner
+    assert (r.relaunch_wait_s, r.breaker_failures, r.breaker_cooldown_s, r.max_migrations) == (45, 5, 2, 8)
+    assert (p.max_restarts, p.restart_window_s) == (1000, 60)

@@ -116,3 +116,46 @@ def test_client_request_id_is_used_echoed_and_validated():
             assert err.value.body["param"] == "X-Request-Id"
             raw = c.completions.with_raw_response.create(model=MODEL, prompt="x", max_tokens=1)
             assert len(raw.headers["X-Request-Id"]) > 0
+
+
+def test_request_waits_for_a_relaunching_worker_within_the_measured_relaunch_time():
+    """Every decode worker is relaunching: a request waits for one (budget from the daemon's
+    measured relaunch time, not the stall timeout) and is served once it is back."""
+    with Harness(_recipe(), [("w0", "both")], stall_timeout_s=0.1) as h:
+        dispatcher = h.frontend.dispatcher
+
+        def relaunching():
+            h.pool.workers["w0"].state = "starting"
+            h.pool.relaunch_s = 0.6
+        h.call(relaunching)
+        assert dispatcher.worker_wait_s() == pytest.approx(1.5 * 0.6 + 0.1)
+
+        async def back_later():
+            await asyncio.sleep(0.4)  # well past the 0.1 s stall timeout
+            h.pool.workers["w0"].state = "ready"
+        h.loop.call_soon_threadsafe(lambda: h.loop.create_task(back_later()))
+        with openai.OpenAI(base_url=h.base_url, api_key="x", max_retries=0, timeout=20) as c:
+            out = c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4)
+        assert out.choices[0].text == _expected(4)
+
+
+def test_request_does_not_wait_when_no_worker_is_coming_back():
+    with Harness(_recipe(), [("w0", "both")], stall_timeout_s=0.1) as h:
+        h.call(lambda: setattr(h.pool.workers["w0"], "state", "gave_up"))
+        h.pool.relaunch_s = 60.0
+        assert h.frontend.dispatcher.worker_wait_s() == 0.1
+        start = time.monotonic()
+        with openai.OpenAI(base_url=h.base_url, api_key="x", max_retries=0, timeout=20) as c:
+            with pytest.raises(openai.APIStatusError) as err:
+                c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4)
+        assert err.value.status_code == 503 and time.monotonic() - start < 5
+
+
+def test_relaunch_wait_from_the_recipe_overrides_the_measurement():
+    recipe = dataclasses.replace(_recipe(), router=dataclasses.replace(_recipe().router, relaunch_wait_s=7.0,
+                                                                        breaker_failures=9))
+    with Harness(recipe, [("w0", "both")], stall_timeout_s=0.1) as h:
+        h.call(lambda: setattr(h.pool.workers["w0"], "state", "failed"))
+        h.pool.relaunch_s = 60.0
+        assert h.frontend.dispatcher.worker_wait_s() == 7.0
+        assert h.frontend.dispatcher.routing.breakers.failure_threshold == 9

@@ -101,3 +101,25 @@ def test_kv_snapshots_ride_the_request_plane():
         await asyncio.sleep(0)
         ctx.term()
     asyncio.run(go())
+
+
+def test_opening_a_stream_on_a_worker_that_just_left_fails_it_as_gone():
+    """Routing picked a worker that a relaunch removed before the send: the stream fails with
+    worker_gone (the dispatcher re-routes it), not a KeyError that became a 500."""
+    from dyn.control.requests import GenerateRequest
+    from dyn.control.sampling import SamplingParams
+    from dyn.frontend.workers import WORKER_GONE
+
+    async def go():
+        ctx = zmq.asyncio.Context()
+        pool = WorkerPool(ctx, Security())
+        pool.update([_entry("d0")])
+        pool.update([])  # d0 left
+        queue = await pool.open("d0", GenerateRequest("r1", [1, 2, 3], SamplingParams(max_tokens=2)))
+        failed = queue.get_nowait()
+        assert failed.code == WORKER_GONE and failed.retryable and "d0" in failed.message
+        assert pool.num_open_streams == 0
+        pool.close()
+        await asyncio.sleep(0)
+        ctx.term()
+    asyncio.run(go())

@@ -33,7 +33,7 @@ TOPO = _topology()
     (Endpoint("hgx-a", (0,)), Endpoint("hgx-b", (0,)), True, True, False, "nixl", "NIXL is installed"),
     (Endpoint("hgx-a", (0,)), Endpoint("hgx-b", (0,)), True, False, False, "tcp", "NIXL is not installed"),
     (Endpoint("tray-0", (0,)), Endpoint("tray-1", (3,)), True, False, True, "cuda_ipc", "fabric handles"),
-    (Endpoint("tray-0", (0,)), Endpoint("tray-1", (3,)), True, False, False, "tcp", "no fabric handles"),
+    (Endpoint("tray-0", (0,)), Endpoint("tray-1", (3,)), True, True, False, "nixl", "over multi-node NVLink"),
     (Endpoint("tray-0", (0,)), Endpoint("cpu"), True, False, True, "tcp", "'tray-0' -> 'cpu'"),
 ])
 def test_auto_picks_the_fastest_path_and_says_why(src, dst, cuda, nixl, fabric, transport, words) -> None:
@@ -45,7 +45,7 @@ def test_auto_picks_the_fastest_path_and_says_why(src, dst, cuda, nixl, fabric, 
 def test_recipe_can_force_a_feasible_transport() -> None:
     choice = choose_path(TOPO, Endpoint("hgx-a", (0,)), Endpoint("hgx-a", (1,)), "tcp",
                          cuda_available=True, nixl_available=False)
-    assert choice == ("tcp", "forced by recipe shuttle.transport='tcp'")
+    assert choice == ("tcp", "forced by recipe shuttle.transport='tcp'", "same_node", "network")
 
 
 @pytest.mark.parametrize("forced,src,dst,cuda,nixl,words", [
@@ -77,3 +77,47 @@ def test_plan_paths_reports_every_prefill_decode_pair() -> None:
                       cuda_available=True, nixl_available=False)
     assert {pair: choice.transport for pair, choice in plan.items()} == {("p0", "d0"): "cuda_ipc",
                                                                          ("p0", "d1"): "tcp"}
+
+
+def test_an_nvlink_domain_hop_never_falls_back_to_tcp() -> None:
+    """Trays of one NVL72 domain without fabric handles or NIXL: an error naming the fix, not TCP;
+    only an explicit shuttle.transport: tcp accepts TCP there."""
+    src, dst = Endpoint("tray-0", (0,)), Endpoint("tray-1", (3,))
+    with pytest.raises(PathError, match="share NVLink domain 'nvl72'.*install nixl-cu12") as info:
+        choose_path(TOPO, src, dst, cuda_available=True, nixl_available=False)
+    assert (info.value.src, info.value.dst) == ("tray-0", "tray-1")
+    forced = choose_path(TOPO, src, dst, "tcp", cuda_available=True, nixl_available=False)
+    assert (forced.transport, forced.hop) == ("tcp", "nvlink_domain")
+
+
+from pathlib import Path  # noqa: E402
+
+from dyn.config.loader import load_topology  # noqa: E402
+from dyn.shuttle import LinkSpeeds, hop_of  # noqa: E402
+
+SPEEDS = LinkSpeeds()
+
+
+@pytest.mark.parametrize("topology, src, dst, hop, platform, transport, gbps", [
+    # HGX H100x8: one node, one domain.
+    ("hgx-h100x8", Endpoint("hgx01", (0,)), Endpoint("hgx01", (4,)), "same_node", "cuda", "cuda_ipc", 900),
+    ("hgx-h100x8", Endpoint("hgx01", (0,)), Endpoint("hgx01", (0,)), "same_gpu", "cuda", "cuda_ipc", 1500),
+    # GB200 NVL72: 18 trays of 4 GPUs, one domain.
+    ("gb200-nvl72", Endpoint("tray01", (0,)), Endpoint("tray01", (1,)), "same_node", "cuda", "cuda_ipc", 900),
+    ("gb200-nvl72", Endpoint("tray01", (0,)), Endpoint("tray17", (2,)), "nvlink_domain", "nixl", "nixl", 900),
+    ("gb200-nvl72", Endpoint("tray01", (0,)), Endpoint("tray17", (2,)), "nvlink_domain", "fabric", "cuda_ipc", 900),
+    # Four NVL72 racks: across domains the network carries it.
+    ("gb200-nvl72x4", Endpoint("a-tray01", (0,)), Endpoint("a-tray18", (3,)), "nvlink_domain", "nixl", "nixl", 900),
+    ("gb200-nvl72x4", Endpoint("a-tray01", (0,)), Endpoint("b-tray01", (0,)), "cross_domain", "nixl", "nixl", 50),
+    ("gb200-nvl72x4", Endpoint("a-tray01", (0,)), Endpoint("b-tray01", (0,)), "cross_domain", "cuda", "tcp", 2),
+    # This machine: CPU workers on one node.
+    ("local", Endpoint("local"), Endpoint("local"), "same_node", "cpu", "shm", 10),
+])
+def test_shipped_topologies_path_table(topology, src, dst, hop, platform, transport, gbps) -> None:
+    """The same path (and nominal bandwidth) for `dyn status`, the worker's pull and the simulator."""
+    topo = load_topology(Path(__file__).resolve().parents[2] / "topologies" / f"{topology}.yaml")
+    choice = choose_path(topo, src, dst, cuda_available=platform != "cpu",
+                         nixl_available=platform == "nixl", fabric_available=platform == "fabric")
+    assert (choice.hop, choice.transport) == (hop, transport)
+    assert hop_of(topo, src, dst)[0] == hop
+    assert SPEEDS.of(choice) == gbps

@@ -18,6 +18,7 @@ from dyn.kv.events import KvEvent
 from dyn.router.events import KvEventBatch
 from dyn.router.types import RouteRequest, WorkerLoad
 from dyn.sim.cluster import SimConfig, Simulation, make_router
+from dyn.sim.errors import SimError
 from dyn.sim.kvcache import SimKvCache
 from dyn.sim.run import load_inputs, simulate
 from dyn.sim.workload import build_requests
@@ -113,3 +114,25 @@ def test_plot(tmp_path):
               "slo": {"ttft_ms": 300}}
     out = plot_report(report, tmp_path / "p.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_handoff_cost_uses_the_live_path_table():
+    """Between NVL72 racks the simulator charges what the live shuttle would use: NIXL over the
+    network with NIXL, TCP without it (never NVLink's 900 GB/s); inside a rack, NVLink."""
+    from dyn.config.loader import parse_recipe
+    from dyn.engine.profile import mock_profile
+
+    topology = load_topology(ROOT / "topologies/gb200-nvl72x4.yaml")
+    recipe = parse_recipe("name: r\nmodel: {engine: mock, device: cuda}\nmode: disaggregated\n"
+                          "workers: {prefill: {replicas: 40}, decode: {replicas: 40}}\n", "r.yaml")
+    for nixl, across in ((True, 50.0), (False, 2.0)):
+        sim = Simulation(topology, recipe, mock_profile(recipe), [], SimConfig(nixl=nixl))
+        places = sim.placements
+        pairs = {(places[p].nvlink_domain == places[d].nvlink_domain, places[p].node == places[d].node):
+                 (p, d) for p in places if p.startswith("prefill") for d in places if d.startswith("decode")}
+        assert sim._path_gbps(*pairs[False, False]) == across
+        if nixl:
+            assert sim._path_gbps(*pairs[True, False]) == 900.0  # NIXL over multi-node NVLink
+        else:
+            with pytest.raises(SimError, match="never|share NVLink domain"):
+                sim._path_gbps(*pairs[True, False])

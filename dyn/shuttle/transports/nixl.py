@@ -7,7 +7,14 @@ them when it ends, so a peer can never read anything else. Its agent
 metadata rides in the first Blocks message; `handles` holds the source
 address of each block.
 
-Host memory only for now: CUDA pools use cuda_ipc inside a node.
+Host (DRAM) and GPU (VRAM) blocks alike: a CUDA view registers as VRAM on
+its device, so with UCX's cuda transports (or GPUDirect RDMA) the bytes go
+GPU to GPU; that is the path between trays of one NVL72 domain (UCX over
+multi-node NVLink) and across domains. A source handle is the block's address
+(DRAM) or [address, device] (VRAM). A VRAM source's checksums are cuda_ipc's
+GPU checksum (position-weighted word sums, no trip through host memory); the
+receiver recomputes the same sum where the block landed (GPU or host), so the
+kind of the source handle says which checksum the chunk carries.
 Agents start on first use only: NIXL's progress thread polls without
 sleeping (measured here: ~0.5 core per idle agent), so a worker that never
 pulls over NIXL never pays for it. Imported
@@ -25,9 +32,9 @@ import logging
 import secrets
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
-from dyn.shuttle.blocks import checksum, host_array, is_cuda
+from dyn.shuttle.blocks import checksum, host_array, is_cuda, read_block
 from dyn.shuttle.errors import TransferError
 from dyn.shuttle.transports.base import RecvTransport, SendJob, SendTransport
 from dyn.shuttle.wire import Blocks
@@ -47,17 +54,17 @@ class NixlSender(SendTransport):
 
     def __init__(self) -> None:
         self._agent: Any = None
-        self._regs: dict[str, Any] = {}
+        self._regs: dict[str, list[Any]] = {}
 
     async def send(self, job: SendJob) -> None:
         if self._agent is None:  # lazily: an agent's progress thread costs CPU even when idle
             self._agent = _new_agent("dyn-tx")
-        addrs = [_address(job.block_views[i], job.request_id, i) for i in job.block_idx]
-        runs = _coalesce(addrs, job.block_bytes)
+        places = [_place(job.block_views[i], job.request_id, i) for i in job.block_idx]
         try:
-            self._regs[job.transfer_id] = self._agent.register_memory([(a, n, 0, "") for a, n in runs], "DRAM")
+            self._regs[job.transfer_id] = _register(self._agent, places, job.block_bytes)
         except Exception as exc:  # the bindings raise their own nixlError types
-            raise TransferError(f"NIXL could not register {len(runs)} regions: {exc}", reason="nixl",
+            raise TransferError(f"NIXL could not register {len(places)} blocks "
+                                f"({', '.join(sorted({p.mem for p in places}))}): {exc}", reason="nixl",
                                 request_id=job.request_id) from None
         metadata = self._agent.get_agent_metadata()
         pos = 0
@@ -65,19 +72,21 @@ class NixlSender(SendTransport):
             await job.spend(len(chunk) * job.block_bytes)
             msg = Blocks(transfer_id=job.transfer_id, seq=seq, block_idx=chunk,
                          block_hashes=[job.block_hashes[i] for i in chunk],
-                         checksums=[checksum(host_array(job.block_views[i], writable=False)) for i in chunk],
-                         handles=addrs[pos:pos + len(chunk)], metadata=metadata if seq == 0 else b"")
+                         checksums=_checksums([job.block_views[i] for i in chunk],
+                                              vram=places[pos].mem == "VRAM"),
+                         handles=[p.handle for p in places[pos:pos + len(chunk)]],
+                         metadata=metadata if seq == 0 else b"")
             pos += len(chunk)
             await job.send([msg])
 
     def release(self, job: SendJob) -> None:
-        reg = self._regs.pop(job.transfer_id, None)
-        if reg is not None:
+        for reg in self._regs.pop(job.transfer_id, []):
             self._agent.deregister_memory(reg)
 
     def close(self) -> None:
-        for reg in self._regs.values():
-            self._agent.deregister_memory(reg)
+        for regs in self._regs.values():
+            for reg in regs:
+                self._agent.deregister_memory(reg)
         self._regs.clear()
         self._agent = None
 
@@ -104,20 +113,25 @@ class NixlReceiver(RecvTransport):
                 self._remotes[msg.metadata] = name.decode() if isinstance(name, bytes) else name
             self._current[msg.transfer_id] = self._remotes[msg.metadata]
         remote = self._current.get(msg.transfer_id)
-        if remote is None or len(msg.handles) != len(msg.block_idx) or \
-                not all(isinstance(h, int) for h in msg.handles):
+        sources = [parse_handle(h) for h in msg.handles]
+        if remote is None or len(sources) != len(msg.block_idx) or None in sources:
             raise TransferError(f"nixl chunk {msg.seq} without agent metadata or source addresses",
                                 reason="protocol", request_id=request_id)
-        dests = [_address(v, request_id, i) for v, i in zip(dest_views, msg.block_idx)]
-        reg = self._agent.register_memory([(a, n, 0, "") for a, n in _coalesce(dests, block_bytes)], "DRAM")
+        dests = [_place(v, request_id, i) for v, i in zip(dest_views, msg.block_idx)]
+        for what, places in (("source", sources), ("destination", dests)):
+            if len({(p.mem, p.device) for p in places}) != 1:  # one descriptor list = one memory kind
+                raise TransferError(f"nixl chunk {msg.seq}: {what} blocks span several memories",
+                                    reason="protocol", request_id=request_id)
+        regs = _register(self._agent, dests, block_bytes)
         try:
-            local = self._agent.get_xfer_descs([(a, block_bytes, 0) for a in dests], "DRAM")
-            source = self._agent.get_xfer_descs([(a, block_bytes, 0) for a in msg.handles], "DRAM")
+            local = _xfer_descs(self._agent, dests, block_bytes)
+            source = _xfer_descs(self._agent, sources, block_bytes)  # type: ignore[arg-type]
             await self._read(local, source, remote, request_id)
         finally:
-            self._agent.deregister_memory(reg)
-        for view, idx, expected in zip(dest_views, msg.block_idx, msg.checksums):
-            got = checksum(host_array(view, writable=True))
+            for reg in regs:
+                self._agent.deregister_memory(reg)
+        landed = _checksums(list(dest_views), vram=sources[0].mem == "VRAM")  # type: ignore[union-attr]
+        for got, idx, expected in zip(landed, msg.block_idx, msg.checksums):
             if got != expected:
                 raise TransferError(f"payload checksum {got:#018x} != promised {expected:#018x}",
                                     reason="checksum_mismatch", request_id=request_id, block_idx=idx)
@@ -169,11 +183,74 @@ def _new_agent(prefix: str) -> Any:
     return api.nixl_agent(f"{prefix}-{secrets.token_hex(6)}", api.nixl_agent_config(backends=["UCX"]))
 
 
-def _address(view: object, request_id: str, idx: int) -> int:
+class Place(NamedTuple):
+    """Where one block lives, as NIXL names memory."""
+
+    address: int
+    mem: str
+    """"DRAM" or "VRAM"."""
+    device: int
+    """CUDA device index for VRAM; 0 for DRAM."""
+
+    @property
+    def handle(self) -> Any:
+        """On the wire: the address alone for DRAM (what older senders sent), [address, device] for VRAM."""
+        return self.address if self.mem == "DRAM" else [self.address, self.device]
+
+
+def parse_handle(handle: Any) -> Place | None:
+    """A source handle from the wire; None when malformed."""
+    if isinstance(handle, int) and not isinstance(handle, bool) and handle > 0:
+        return Place(handle, "DRAM", 0)
+    if isinstance(handle, (list, tuple)) and len(handle) == 2 and \
+            all(isinstance(x, int) and not isinstance(x, bool) for x in handle) and handle[0] > 0 and handle[1] >= 0:
+        return Place(handle[0], "VRAM", handle[1])
+    return None
+
+
+def _place(view: object, request_id: str, idx: int) -> Place:
     if is_cuda(view):
-        raise TransferError("nixl transport here moves host memory only; use cuda_ipc for CUDA pools",
-                            reason="bad_view", request_id=request_id, block_idx=idx)
-    return int(host_array(view, writable=False).ctypes.data)
+        if not view.is_contiguous():  # type: ignore[attr-defined]
+            raise TransferError("a CUDA block view must be contiguous for NIXL", reason="bad_view",
+                                request_id=request_id, block_idx=idx)
+        return Place(int(view.data_ptr()), "VRAM", int(view.device.index or 0))  # type: ignore[attr-defined]
+    return Place(int(host_array(view, writable=False).ctypes.data), "DRAM", 0)
+
+
+def register_regions(places: Sequence[Place], block_bytes: int) -> dict[tuple[str, int], list[tuple[int, int]]]:
+    """Coalesced (address, length) runs per (memory kind, device): one registration each."""
+    by_memory: dict[tuple[str, int], list[int]] = {}
+    for p in places:
+        by_memory.setdefault((p.mem, p.device), []).append(p.address)
+    return {key: _coalesce(addrs, block_bytes) for key, addrs in sorted(by_memory.items())}
+
+
+def _checksums(views: list[object], *, vram: bool) -> list[int]:
+    """xxh3 of DRAM-sourced blocks; the GPU checksum (computed on the block's own device, or
+    with torch on the host for a host destination) of VRAM-sourced ones."""
+    if not vram:
+        return [checksum(read_block(view)) for view in views]
+    import torch
+
+    from dyn.shuttle.transports.cuda_ipc import gpu_checksums
+
+    return gpu_checksums([v if is_cuda(v) else torch.from_numpy(host_array(v, writable=False)) for v in views])
+
+
+def _register(agent: Any, places: Sequence[Place], block_bytes: int) -> list[Any]:
+    regs = []
+    try:
+        for (mem, device), runs in register_regions(places, block_bytes).items():
+            regs.append(agent.register_memory([(a, n, device, "") for a, n in runs], mem))
+    except Exception:
+        for reg in regs:
+            agent.deregister_memory(reg)
+        raise
+    return regs
+
+
+def _xfer_descs(agent: Any, places: Sequence[Place], block_bytes: int) -> Any:
+    return agent.get_xfer_descs([(p.address, block_bytes, p.device) for p in places], places[0].mem)
 
 
 def _coalesce(addrs: list[int], block_bytes: int) -> list[tuple[int, int]]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from dyn.shuttle.blocks import checksum, read_block, write_verified
+from dyn.shuttle.blocks import copy_checksum, read_block, write_verified
 from dyn.shuttle.errors import TransferError
 from dyn.shuttle.ring import ShmAttachments, ShmRing
 from dyn.shuttle.transports.base import RecvTransport, SendJob, SendTransport
@@ -57,8 +57,7 @@ class ShmSender(SendTransport):
             sums = []
             for k, i in enumerate(chunk):
                 region = dest[k * job.block_bytes:(k + 1) * job.block_bytes]
-                np.copyto(region, read_block(job.block_views[i]), casting="no")
-                sums.append(checksum(region))
+                sums.append(copy_checksum(region, read_block(job.block_views[i])))
             msg = Blocks(transfer_id=job.transfer_id, seq=seq, block_idx=chunk,
                          block_hashes=[job.block_hashes[i] for i in chunk], checksums=sums,
                          segment=ring.name, slot=slot, offset=slot * ring.slot_bytes)

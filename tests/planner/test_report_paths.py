@@ -1,0 +1,50 @@
+"""`dyn status` shuttle paths: per prefill->decode pair, the transport the decode worker will use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dyn.cli.status import planner_lines
+from dyn.config.loader import load_topology, parse_recipe
+from dyn.planner.health import ProcessSlot
+from dyn.planner.report import shuttle_paths
+from dyn.shuttle.transports import nixl
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = parse_recipe("name: r\nmodel: {engine: mock}\nmode: disaggregated\n"
+                      "workers: {prefill: {replicas: 1}, decode: {replicas: 2}}\n", "r.yaml")
+
+
+def _slots() -> list[ProcessSlot]:
+    return [ProcessSlot("prefill-0", "prefill", "a-tray01", (0,)),
+            ProcessSlot("decode-0", "decode", "a-tray05", (0,)),
+            ProcessSlot("decode-1", "decode", "b-tray01", (0,))]
+
+
+def test_status_shows_each_pairs_transport_and_hop(monkeypatch):
+    monkeypatch.setattr(nixl, "is_available", lambda: True)
+    paths = shuttle_paths(load_topology(ROOT / "topologies/gb200-nvl72x4.yaml"), RECIPE, _slots())
+    pairs = {(p["prefill"], p["decode"]): (p["transport"], p["hop"], p["link"]) for p in paths["pairs"]}
+    assert pairs == {("prefill-0", "decode-0"): ("nixl", "nvlink_domain", "nvlink"),
+                     ("prefill-0", "decode-1"): ("nixl", "cross_domain", "network")}
+    lines = planner_lines({"shuttle_paths": paths})
+    assert any("prefill-0 -> decode-0: nixl over nvlink, nvlink_domain" in line for line in lines)
+
+
+def test_status_names_a_pair_that_would_cross_an_nvlink_domain_over_tcp(monkeypatch):
+    monkeypatch.setattr(nixl, "is_available", lambda: False)
+    paths = shuttle_paths(load_topology(ROOT / "topologies/gb200-nvl72x4.yaml"), RECIPE, _slots())
+    assert paths["by_transport"] == {"none": 1, "tcp": 1}
+    assert "install nixl-cu12" in paths["error"]
+    assert any(line.startswith("  error:") for line in planner_lines({"shuttle_paths": paths}))
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_cpu_workers_on_one_node_use_shm(device):
+    recipe = parse_recipe(f"name: r\nmodel: {{engine: mock, device: {device}}}\nmode: disaggregated\n"
+                          "workers: {prefill: {}, decode: {}}\n", "r.yaml")
+    slots = [ProcessSlot("prefill-0", "prefill", "local", ()), ProcessSlot("decode-0", "decode", "local", ())]
+    paths = shuttle_paths(load_topology(ROOT / "topologies/local.yaml"), recipe, slots)
+    assert paths["pairs"][0]["transport"] == "shm" and paths["pairs"][0]["hop"] == "same_node"
