@@ -143,7 +143,10 @@ async def up_async(options: UpOptions, *, on_progress: Progress | None = None,
     keys = DeploymentKeys.generate(ids)
     store.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     keys.save(store.keys_path)
-    write_private(store.cli_keys_path, keys.for_process("cli").to_json())
+    if recipe.auth.curve:
+        write_private(store.cli_keys_path, keys.for_process("cli").to_json())
+    else:  # the daemon listens without CURVE: a CLI offering a CURVE handshake would never hear back
+        store.cli_keys_path.unlink(missing_ok=True)
     store.snapshot_path.unlink(missing_ok=True)
     deployment = Deployment(
         name=name, topology_text=topology_text, recipe_text=recipe_text,

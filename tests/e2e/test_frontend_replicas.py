@@ -154,3 +154,24 @@ def test_two_replicas_share_a_port_survive_sigkill_and_route_prefixes_alike(tmp_
         assert down.returncode == 0, down.stderr
     finally:
         cli.kill_all()
+
+
+def test_a_deployment_without_curve_answers_the_cli(tmp_path):
+    """auth.curve: false: the daemon listens without CURVE, so the CLI must not offer a handshake
+    (it used to wait forever for `dyn up` to see the deployment ready)."""
+    port = free_port()
+    recipe = tmp_path / "plain.yaml"
+    recipe.write_text(RECIPE.format(port=port).replace("name: replicas", "name: plain")
+                      .replace("replicas: 2}", "replicas: 1}") + "auth: {curve: false}\n")
+    cli = Cli(tmp_path)
+    try:
+        up = cli("up", "-t", str(ROOT / "topologies" / "local.yaml"), "-r", str(recipe), "--dyn-command", DYN,
+                 timeout=90)
+        assert up.returncode == 0, up.stdout + up.stderr
+        status = cli.status("plain")
+        assert status["state"] == "running" and {f["id"] for f in status["frontends"]} == {"frontend"}
+        assert _complete(f"http://127.0.0.1:{port}", "hello")["usage"]["completion_tokens"] == 4
+        down = cli("down", "--name", "plain")
+        assert down.returncode == 0, down.stderr
+    finally:
+        cli.kill_all()
