@@ -159,3 +159,27 @@ def test_relaunch_wait_from_the_recipe_overrides_the_measurement():
         h.pool.relaunch_s = 60.0
         assert h.frontend.dispatcher.worker_wait_s() == 7.0
         assert h.frontend.dispatcher.routing.breakers.failure_threshold == 9
+
+
+def test_the_daemons_worker_push_carries_the_measured_relaunch_time():
+    """update_workers' relaunch_s (dyn.planner.report.relaunch_time_s) sets the frontend's wait."""
+    from dyn.control.messages import Command
+    from dyn.frontend.process import _apply_command
+
+    class _NoKvEvents:
+        worker_ids: set = set()
+
+        def disconnect(self, wid):
+            pass
+
+        async def connect(self, wid, address):
+            pass
+
+    with Harness(_recipe(), [("w0", "both")], stall_timeout_s=0.1) as h:
+        entry = {"id": "w0", "role": "both", "node": "n", "state": "loading",
+                 "addresses": {"request": h.pool.workers["w0"].address}}
+        for relaunch_s, expected in ((12.5, 12.5), ("bad", 12.5), (-1, 12.5), (4, 4.0)):
+            h.call(_apply_command, Command("update_workers", {"workers": [entry], "relaunch_s": relaunch_s}),
+                   h.frontend, _NoKvEvents(), asyncio.Event(), None)
+            assert h.pool.relaunch_s == expected
+        assert h.frontend.dispatcher.worker_wait_s() == pytest.approx(1.5 * 4.0 + 0.1)  # w0 is loading
