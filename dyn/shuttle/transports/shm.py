@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 from dyn.shuttle.blocks import copy_checksum, read_block, write_verified
 from dyn.shuttle.errors import TransferError
 from dyn.shuttle.ring import ShmAttachments, ShmRing
