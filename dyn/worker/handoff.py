@@ -85,7 +85,12 @@ class KvHandoff:
         try:
             offer = OfferDescriptor.from_dict(msg.kv_source)
         except DynError as exc:
-            raise RequestError(f"kv_source: {exc}", field="kv_source") from None
+            # An offer this worker cannot read (a sender of another dyn version mid-upgrade, a
+            # damaged frame) costs a local prefill, never the request.
+            self.stats.pull_failures += 1
+            log.warning("KV offer unreadable (%s), prefilling locally", exc, extra={"request_id": rid})
+            await self._prefill_locally(request, msg.first_token)
+            return
         kv_import = await asyncio.wrap_future(
             self._loop.submit(lambda e: e.begin_import(request, list(offer.block_hashes))))
         try:

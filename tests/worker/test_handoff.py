@@ -31,7 +31,7 @@ async def _generate(sock, msg: GenerateRequest) -> tuple[list[int], Finish]:
             return tokens, reply
 
 
-@pytest.mark.parametrize("break_offer", [False, True])
+@pytest.mark.parametrize("break_offer", [None, "unreachable", "unreadable"])
 def test_prefill_then_decode_matches_one_worker(tmp_path, break_offer):
     async def scenario():
         ctx = zmq.asyncio.Context()
@@ -60,9 +60,11 @@ def test_prefill_then_decode_matches_one_worker(tmp_path, break_offer):
                                                                        prefill_only=True))
                 assert len(first) == 1 and done.kv_offer is not None
                 offer = dict(done.kv_offer)
-                if break_offer:  # the sender is unreachable: decode must prefill locally
+                if break_offer == "unreachable":  # the sender is unreachable: decode must prefill locally
                     offer["address"] = "tcp://127.0.0.1:9"
                     offer["host_id"] = "elsewhere"
+                elif break_offer == "unreadable":  # e.g. a newer sender's field: prefill locally, not a 400
+                    offer["field_of_a_newer_dyn"] = 1
                 rest, end = await _generate(decode, GenerateRequest(
                     f"d{i}", prompt, SamplingParams(max_tokens=8), kv_source=offer, first_token=first[0]))
                 assert first + rest == reference, f"prompt {i}"
