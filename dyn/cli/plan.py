@@ -27,11 +27,17 @@ def plan(topology: str = typer.Option(None, "-t", "--topology",
         placement = place(topo, rec)
         frontends = place_frontends(topo, rec)
     used = len(placement.used_gpus())
+    commands = _vllm_commands(topo, rec, placement) if rec.model.engine == "vllm" else {}
     if as_json:
-        print_json({"topology": topo.name, "recipe": rec.name, "mode": rec.mode,
-                    "num_gpus": topo.num_gpus, "num_gpus_used": used, **placement.to_dict(),
-                    "frontends": [{"id": f.id, "node": f.node, "host": f.host, "port": rec.frontend.port}
-                                  for f in frontends]})
+        doc = {"topology": topo.name, "recipe": rec.name, "mode": rec.mode,
+               "num_gpus": topo.num_gpus, "num_gpus_used": used, **placement.to_dict(),
+               "frontends": [{"id": f.id, "node": f.node, "host": f.host, "port": rec.frontend.port}
+                             for f in frontends]}
+        if commands:
+            doc["vllm"] = {wid: [{"node": c.node, "gpus": list(c.gpus), "argv": list(c.argv), "env": dict(c.env),
+                                  "in_process": list(c.in_process)}
+                                 for c in cmds] for wid, cmds in commands.items()}
+        print_json(doc)
         return
     table = Table(title=f"{rec.name} on {topo.name}")
     for column in ("worker", "role", "node", "gpus", "nvlink domain", "cpu threads"):
@@ -50,6 +56,21 @@ def plan(topology: str = typer.Option(None, "-t", "--topology",
     console.print(f"{len(placement.workers)} worker(s), {used} of {topo.num_gpus} GPUs, "
                   f"head (planner): {placement.head}; frontends: "
                   + ", ".join(f"{f.id}@{f.node}" for f in frontends))
+    shown: set[str] = set()
+    for wid, cmds in commands.items():  # one example per role: the rest differ only in GPUs
+        role = wid.rsplit("-", 1)[0]
+        if role in shown:
+            continue
+        shown.add(role)
+        console.print(f"\n[bold]{wid}[/bold] (vLLM; every {role} worker alike, on its own GPUs):", highlight=False)
+        for c in cmds:
+            console.print(f"  {c.node}: {c.shell()}", highlight=False, soft_wrap=True)
+
+
+def _vllm_commands(topo, rec, placement) -> dict:
+    from dyn.engine.vllm_args import worker_commands  # no vLLM import: plans on any head node
+
+    return {w.id: worker_commands(rec, topo, w, i) for i, w in enumerate(placement.workers)}
 
 
 def register(app: typer.Typer) -> None:

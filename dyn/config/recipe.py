@@ -7,9 +7,9 @@ Defaults here are the defaults of the file format; the README documents them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-EngineKind = Literal["torch", "trtllm", "mock"]
+EngineKind = Literal["torch", "vllm", "trtllm", "mock"]
 Mode = Literal["aggregated", "disaggregated"]
 Role = Literal["prefill", "decode", "both"]
 RouterPolicy = Literal["kv", "round-robin", "least-loaded", "random"]
@@ -48,6 +48,13 @@ class ModelSpec:
     name: str | None = None
     """Served model name (OpenAI `model` field); default: the directory name."""
     mock: MockTiming = field(default_factory=MockTiming)
+    gpu_memory_utilization: float = 0.9
+    """engine vllm: share of each GPU's memory vLLM may take (weights + activations + KV)."""
+    enable_prefix_caching: bool = True
+    """engine vllm: automatic prefix caching (the torch engine always caches)."""
+    engine_args: tuple[tuple[str, Any], ...] = ()
+    """engine vllm: further vLLM EngineArgs (name, value) pairs, from the recipe's free-form
+    `engine_args:` mapping; checked against vLLM's EngineArgs fields."""
 
     @property
     def served_name(self) -> str:

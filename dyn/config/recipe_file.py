@@ -57,11 +57,17 @@ def _model(doc: LocatedDoc, raw: Any) -> ModelSpec:
         path = raw.get("name") if isinstance(raw.get("name"), str) else "mock"
     elif not isinstance(path, str) or not path.strip():
         raise doc.error("model.path", f"expected a directory path, got {type_name(path)} {path!r}")
-    model = build(ModelSpec, raw, "model", doc, extra={"path": os.path.expanduser(path)})
+    engine_args = _engine_args(doc, raw.get("engine_args"), engine)
+    fields = {k: v for k, v in raw.items() if k != "engine_args"}
+    model = build(ModelSpec, fields, "model", doc,
+                  extra={"path": os.path.expanduser(path), "engine_args": engine_args})
     _positive(doc, "model.block_size", model.block_size)
     _positive(doc, "model.max_context", model.max_context)
     if model.block_size > model.max_context:
         raise doc.error("model.block_size", f"block_size {model.block_size} exceeds max_context {model.max_context}")
+    if not 0.0 < model.gpu_memory_utilization <= 1.0:
+        raise doc.error("model.gpu_memory_utilization",
+                        f"must be in (0, 1], got {model.gpu_memory_utilization:g}")
     if model.engine == "trtllm" and model.device == "cpu":
         raise doc.error("model.device", "engine trtllm runs on GPUs only; device cpu is impossible",
                         hint="use engine: torch for CPU, or device: cuda")
@@ -73,6 +79,22 @@ def _model(doc: LocatedDoc, raw: Any) -> ModelSpec:
     if model.name is not None and not model.name.strip():
         raise doc.error("model.name", "served model name must not be blank")
     return model
+
+
+def _engine_args(doc: LocatedDoc, raw: Any, engine: Any) -> tuple[tuple[str, Any], ...]:
+    """`model.engine_args`: a free-form mapping for vLLM, checked against its EngineArgs."""
+    if raw is None:
+        return ()
+    if engine != "vllm":
+        raise doc.error("model.engine_args", f"engine_args only apply to engine vllm (engine is {engine!r})",
+                        hint="remove engine_args or set engine: vllm")
+    if not isinstance(raw, dict):
+        raise doc.error("model.engine_args", f"expected a mapping of vLLM engine arguments, got {type_name(raw)}")
+    from dyn.config.engine_args import check_engine_args  # reads vLLM's fields without importing it
+
+    for key, message, hint in check_engine_args(raw):
+        raise doc.error(f"model.engine_args.{key}", message, hint=hint)
+    return tuple(sorted(raw.items()))
 
 
 def _workers(doc: LocatedDoc, raw: Any, mode: str) -> tuple[WorkerGroup, ...]:

@@ -1,7 +1,7 @@
 """Build the engine a recipe asks for; heavy engines are imported lazily.
 
 `mock` needs neither torch nor a GPU; `torch` imports torch only when chosen;
-`trtllm` imports TensorRT-LLM only when chosen.
+`vllm` imports vLLM only when chosen; `trtllm` is not available in this build.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ CUDA_KV_FRACTION = 0.85
 
 def create_engine(model_spec: ModelSpec, group: WorkerGroup, *, device: str,
                   kv_memory_bytes: int | None = None, cpu_threads: int | None = None,
-                  fill_weights: Callable[[Any, Path], None] | None = None) -> Backend:
+                  fill_weights: Callable[[Any, Path], None] | None = None,
+                  vllm_kwargs: dict[str, Any] | None = None) -> Backend:
     """The engine for one worker of `group` on `device` ("cpu", "cuda", "cuda:N").
 
     `kv_memory_bytes` overrides `group.kv_memory_gib`; the mock sizes its pool
@@ -42,12 +43,17 @@ def create_engine(model_spec: ModelSpec, group: WorkerGroup, *, device: str,
         return _mock_engine(model_spec, group)
     if model_spec.engine == "torch":
         return _torch_engine(model_spec, group, device, kv_memory_bytes, cpu_threads, fill_weights)
+    if model_spec.engine == "vllm":
+        from dyn.engine.vllm_args import engine_kwargs
+        from dyn.engine.vllm_engine import VllmEngine  # lazy: optional extra
+
+        return VllmEngine(vllm_kwargs if vllm_kwargs is not None else engine_kwargs(model_spec, group, device=device))
     if model_spec.engine == "trtllm":
         from dyn.engine.trtllm import create_trtllm_engine  # lazy: optional extra
 
         return create_trtllm_engine(model_spec, group, device=device,
                                     kv_memory_bytes=kv_memory_bytes)  # type: ignore[return-value]
-    raise EngineError(f"unknown engine {model_spec.engine!r}; expected torch, trtllm or mock")
+    raise EngineError(f"unknown engine {model_spec.engine!r}; expected torch, vllm, trtllm or mock")
 
 
 def _mock_engine(spec: ModelSpec, group: WorkerGroup) -> MockEngine:

@@ -1,6 +1,6 @@
-"""TensorRT-LLM adapter (optional extra `dyn[trtllm]`, GPU racks only).
+"""TensorRT-LLM adapter: not available in this build (use `engine: vllm`).
 
-Not implemented yet: this module only makes the failure clear. It imports
+This module only makes the failure clear; no shipped recipe uses it. It imports
 tensorrt_llm lazily so that nothing CUDA-only loads on CPU hosts.
 """
 
@@ -21,6 +21,7 @@ def create_trtllm_engine(model_spec: "ModelSpec", group: "WorkerGroup", *, devic
         import tensorrt_llm  # noqa: F401
     except ImportError as exc:
         raise EngineError(f"engine 'trtllm' needs the tensorrt_llm package, which is not importable here "
-                          f"({exc}); install dyn[trtllm] on a CUDA host or use engine 'torch'") from None
+                          f"({exc}), and the TensorRT-LLM adapter is not available in this build; "
+                          f"use engine 'vllm' (GPUs, dyn[vllm]) or 'torch'") from None
     raise EngineError(f"engine 'trtllm' for {model_spec.path} on {device}: the TensorRT-LLM adapter "
-                      f"is not implemented yet; use engine 'torch'")
+                      f"is not available in this build; use engine 'vllm' or 'torch'")

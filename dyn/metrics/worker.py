@@ -45,6 +45,8 @@ WORKER_SPECS: tuple[MetricSpec, ...] = (
                "Weight bytes streamed to starting peers"),
     MetricSpec("weights_pacing_wait_seconds", "dyn_worker_weights_pacing_wait_seconds", "counter",
                "Seconds peer batches waited for this worker's bandwidth share"),
+    MetricSpec("kv_connector", "dyn_worker_kv_connector", "counter",
+               "vLLM KV connector: remote prefills, loaded prompt tokens, transfers, fallbacks", label="stat"),
     MetricSpec("gpu", "dyn_gpu_utilization_ratio", "gauge", "GPU busy time share (NVML)", scale=0.01,
                label="gpu", field="util_percent"),
     MetricSpec("gpu", "dyn_gpu_memory_used_bytes", "gauge", "GPU memory in use (NVML)",

@@ -10,6 +10,7 @@ explicitly, then exit.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -112,7 +113,12 @@ class WorkerProcess:
             if self.tiers is not None:
                 self.engine.set_lower_tier(self.tiers)
             self.loop = EngineLoop(self.engine, _log_finished(self.server.on_outputs))
-            self.handoff = await _start_handoff(ctx, security, recipe, topology, cfg, self.engine, self.loop)
+            if recipe.model.engine == "vllm":
+                from dyn.worker.vllm_handoff import VllmHandoff
+
+                self.handoff = VllmHandoff(self.loop)
+            else:
+                self.handoff = await _start_handoff(ctx, security, recipe, topology, cfg, self.engine, self.loop)
             self.server.import_kv = self.handoff.import_and_decode
             self.server.export_kv = self.handoff.export
             self.server.attach(self.loop)
@@ -185,7 +191,9 @@ class WorkerProcess:
         """Heartbeat: cumulative engine figures, recent rates, process and GPU telemetry."""
         values = await self._engine_values()
         values.update(engine_rates(self._rates, values))
-        if self.handoff is not None:
+        if self.handoff is not None and not hasattr(self.handoff.stats, "pull_failures"):
+            values.update({"kv_offers": self.handoff.stats.offers, "kv_pulls": self.handoff.stats.pulls})
+        elif self.handoff is not None:
             h = self.handoff.stats
             values.update({"kv_offers": h.offers, "kv_pulls": h.pulls, "kv_pull_failures": h.pull_failures,
                            "kv_local_fallbacks": h.local_fallbacks, "kv_bytes_pulled": h.bytes_pulled,
@@ -261,7 +269,8 @@ class WorkerProcess:
         """Engine and request-plane figures; cumulative ones only grow (counters for Prometheus)."""
         if self.loop is None or not self.loop.is_alive:
             return {}
-        stats = await asyncio.wrap_future(self.loop.submit(lambda e: e.stats()))
+        stats, connector = await asyncio.wrap_future(self.loop.submit(
+            lambda e: (e.stats(), dataclasses.asdict(e.connector) if hasattr(e, "connector") else {})))
         total = max(stats.num_kv_blocks_total, 1)
         values = {
             "num_running": stats.num_running, "num_waiting": stats.num_waiting,
@@ -276,6 +285,8 @@ class WorkerProcess:
             "in_flight": self.server.num_in_flight, "bad_messages": self.server.bad.total,
             "uptime_s": time.monotonic() - self._started_at,
         }
+        # vLLM's KV connector (disaggregated vLLM workers): transfers, hits, fallbacks.
+        values.update({f"kv_connector.{key}": value for key, value in connector.items()})
         if self.tiers is not None:
             values["kv_tier_blocks.host"] = len(self.tiers)
             below = self.tiers.below
@@ -305,8 +316,22 @@ def _create_engine(recipe, group, cfg: ProcessConfig, fill_weights=None) -> Back
         else:
             os.environ.setdefault("CUDA_VISIBLE_DEVICES", ",".join(map(str, cfg.gpus)))
     kv_bytes = int(group.kv_memory_gib * 2**30) if group.kv_memory_gib else None
+    vllm_kwargs = _vllm_setup(recipe, group, cfg, device) if recipe.model.engine == "vllm" else None
     return create_engine(recipe.model, group, device=device, kv_memory_bytes=kv_bytes,
-                         cpu_threads=cfg.cpu_threads, fill_weights=fill_weights)
+                         cpu_threads=cfg.cpu_threads, fill_weights=fill_weights, vllm_kwargs=vllm_kwargs)
+
+
+def _vllm_setup(recipe, group, cfg: ProcessConfig, device: str) -> dict:
+    """vLLM's environment (before it is imported) and engine arguments for this worker."""
+    from dyn.engine.vllm_args import engine_env, engine_kwargs
+
+    for key, value in engine_env(group, device=device, gpus=tuple(cfg.gpus), cpu_threads=cfg.cpu_threads).items():
+        os.environ.setdefault(key, value)
+    disaggregated = recipe.mode == "disaggregated"
+    if disaggregated:  # NIXL's handshake side channel: one port per worker on a shared node
+        os.environ["VLLM_NIXL_SIDE_CHANNEL_HOST"] = cfg.bind_host
+        os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(_free_port(cfg.bind_host))
+    return engine_kwargs(recipe.model, group, device=device, disaggregated=disaggregated)
 
 
 async def _start_handoff(ctx, security: Security, recipe, topology, cfg: ProcessConfig, engine: Backend,
@@ -363,6 +388,14 @@ def _log_finished(sink):
                          extra={"request_id": out.request_id})
         sink(outputs)
     return on_outputs
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def _replace_role(cfg: ProcessConfig, role: str) -> ProcessConfig:

