@@ -75,6 +75,10 @@ def planner_lines(payload: dict[str, Any], num_decisions: int = 5) -> list[str]:
     breakers = {k: v for k, v in (payload.get("breakers") or {}).items() if v != "closed"}
     if breakers:
         out.append("breakers: " + ", ".join(f"{k} {v}" for k, v in sorted(breakers.items())))
+    for wid, info in sorted((payload.get("kv_events_silent") or {}).items()):
+        out.append(f"router: NO KV EVENTS from {wid} ({info.get('requests_total', 0):.0f} requests, "
+                   f"{info.get('prefix_lookup_blocks', 0):.0f} prompt blocks cached, 0 events published): "
+                   "KV-aware routing is blind to its cache")
     paths = payload.get("shuttle_paths") or {}
     if paths.get("by_transport"):
         counts = ", ".join(f"{t}: {n}" for t, n in paths["by_transport"].items())

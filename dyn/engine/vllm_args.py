@@ -87,7 +87,8 @@ def engine_kwargs(spec: ModelSpec, group: WorkerGroup, *, device: str, disaggreg
                                         "kv_load_failure_policy": "recompute"}
     if kv_events_endpoint is not None:
         kwargs["kv_events_config"] = {"enable_kv_cache_events": True, "publisher": "zmq",
-                                      "endpoint": kv_events_endpoint, "topic": "kv-events"}
+                                      "endpoint": kv_events_endpoint, "topic": "kv-events",
+                                      "replay_endpoint": kv_events_endpoint + "-replay"}
     if multinode is not None:
         kwargs.update(nnodes=multinode.nnodes, node_rank=multinode.node_rank,
                       master_addr=multinode.master_addr, master_port=multinode.master_port,

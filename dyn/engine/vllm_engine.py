@@ -30,6 +30,9 @@ from dyn.errors import EngineError, RequestError
 
 log = logging.getLogger(__name__)
 
+SALT_PREFIX = "dyn-salt-"
+"""cache_salt of a salted request; dyn.worker.vllm_kv_bridge reads it back from vLLM's KV events."""
+
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
 _RERUN = "~dyn-rerun-"
 """Suffix of the vLLM request id of a local re-run (see _rerun_locally)."""
@@ -87,6 +90,11 @@ class VllmEngine(Backend):
         except Exception as exc:  # vLLM validates with ValueError, pydantic errors and more
             raise EngineError(f"vLLM rejects the configuration: {exc}") from None
         self.block_size = config.cache_config.block_size
+        events = config.kv_events_config
+        self.kv_events_endpoints: tuple[str, str | None] | None = (
+            (events.endpoint, events.replay_endpoint) if events is not None and events.enable_kv_cache_events
+            else None)
+        """(endpoint, replay endpoint) of vLLM's KV event publisher, for the bridge."""
         self.disaggregated = config.kv_transfer_config is not None
         self._stats = EngineStats()
         self.connector = ConnectorStats()
@@ -222,9 +230,12 @@ class VllmEngine(Backend):
                 output_kind=RequestOutputKind.DELTA, **extra)
         except (ValueError, TypeError) as exc:
             raise RequestError(f"bad sampling parameters for vLLM: {exc}", field="sampling") from None
+        prompt: dict[str, Any] = {"prompt_token_ids": list(ids)}
+        if request.salt:  # tenants: vLLM isolates the cache too, and its KV events name the salt
+            prompt["cache_salt"] = f"{SALT_PREFIX}{request.salt}"
         try:
             internal = rid if internal_id is None else internal_id
-            self._engine.add_request(internal, {"prompt_token_ids": list(ids)}, params,
+            self._engine.add_request(internal, prompt, params,
                                      priority=-request.priority if request.priority else 0)
         except ValueError as exc:  # too long for max_model_len and similar input errors
             raise RequestError(str(exc), field="prompt") from None

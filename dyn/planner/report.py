@@ -60,6 +60,9 @@ def status_payload(*, name: str, phase: str, started_at: float, wall_now: float,
     extra["breakers"] = breakers(slots)
     extra["frontends"] = frontends(slots)
     extra["frontend_urls"] = sorted({f["url"] for f in extra["frontends"] if f["url"]}) or [frontend_url]
+    silent = silent_kv_publishers(slots)
+    if silent:
+        extra["kv_events_silent"] = silent
     if topology is not None and recipe is not None:
         extra["shuttle_paths"] = shuttle_paths(topology, recipe, slots)
     return {**extra,
@@ -77,6 +80,19 @@ def planner_status(note: str, enabled: bool, log: "DecisionLog", window: Any = N
         out["window"] = {"duration_s": round(window.duration_s, 3), "request_rate": round(window.request_rate, 3),
                          "input_tokens": window.input_tokens, "output_tokens": window.output_tokens,
                          "cached_tokens": window.cached_tokens, "num_waiting": window.num_waiting}
+    return out
+
+
+def silent_kv_publishers(slots: list[ProcessSlot]) -> dict[str, dict[str, float]]:
+    """Workers that cached full prompt blocks but published no KV event: the KV-aware router is
+    blind to them (it routes as if their cache were empty). Never silent: `dyn status` says so."""
+    out: dict[str, dict[str, float]] = {}
+    for slot in slots:
+        m = slot.metrics
+        if slot.role in ("prefill", "decode", "both") and m.get("prefix_lookup_blocks", 0) > 0 \
+                and m.get("kv_events_published", -1) == 0:
+            out[slot.id] = {"requests_total": m.get("requests_total", 0),
+                            "prefix_lookup_blocks": m.get("prefix_lookup_blocks", 0)}
     return out
 
 
@@ -115,6 +131,11 @@ def shuttle_paths(topology: "Topology", recipe: "Recipe", slots: list[ProcessSlo
     decode = {s.id: Endpoint(s.node, tuple(s.gpus)) for s in live if s.role in ("decode", "both")}
     if recipe.mode != "disaggregated" or not prefill or not decode:
         return {"by_transport": {}, "pairs": [], "num_pairs": 0}
+    if recipe.model.engine == "vllm":  # vLLM's NixlConnector moves the KV, not dyn's shuttle
+        pairs = [{"prefill": p, "decode": d, "transport": "vllm-nixl", "hop": None, "link": None,
+                  "reason": "vLLM NixlConnector"}
+                 for p in sorted(prefill) for d in sorted(decode)]
+        return {"by_transport": {"vllm-nixl": len(pairs)}, "pairs": pairs[:max_pairs], "num_pairs": len(pairs)}
     nixl = nixl_available()
     paths: dict[tuple[str, str], PathChoice] = {}
     errors: list[str] = []

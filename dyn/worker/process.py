@@ -61,6 +61,7 @@ class WorkerProcess:
         self.load_error = ""
         self.weights = WeightReport()
         self.weight_server = None
+        self.kv_bridge = None
         self._cpu = CpuMeter()
         # GPU telemetry and recent rates for heartbeats; the snapshot Prometheus scrapes.
         self._gpu = GpuTelemetry(tuple(config.gpus))
@@ -109,6 +110,7 @@ class WorkerProcess:
                     await asyncio.sleep(min(1.0, cfg.heartbeat_interval_s))
                 return 1
             self.engine.set_kv_event_listener(self.kv_events.listener)
+            self.kv_bridge = _start_vllm_bridge(self.engine, self.kv_events.listener)
             self.tiers = _build_tiers(recipe, topology, cfg, self.engine.block_bytes, self.kv_events.listener)
             if self.tiers is not None:
                 self.engine.set_lower_tier(self.tiers)
@@ -160,6 +162,8 @@ class WorkerProcess:
             await self.handoff.close()
         if self.loop is not None:
             self.loop.stop()
+        if self.kv_bridge is not None:
+            self.kv_bridge.close()
         self.server.close()
         self.kv_events.close()
         await self.metrics_server.close()
@@ -282,11 +286,15 @@ class WorkerProcess:
             "waiting_prefill_tokens": stats.num_waiting_prefill_tokens,
             "num_preemptions": stats.num_preemptions, "tier_hit_blocks": stats.num_tier_hit_blocks,
             "requests_total": self.server.requests_total, "cancels_total": self.server.cancels_total,
+            "kv_events_published": self.kv_events.events_published,
             "in_flight": self.server.num_in_flight, "bad_messages": self.server.bad.total,
             "uptime_s": time.monotonic() - self._started_at,
         }
         # vLLM's KV connector (disaggregated vLLM workers): transfers, hits, fallbacks.
         values.update({f"kv_connector.{key}": value for key, value in connector.items()})
+        if self.kv_bridge is not None:
+            values.update({f"vllm_kv_events.{key}": value
+                           for key, value in dataclasses.asdict(self.kv_bridge.stats).items()})
         if self.tiers is not None:
             values["kv_tier_blocks.host"] = len(self.tiers)
             below = self.tiers.below
@@ -331,7 +339,12 @@ def _vllm_setup(recipe, group, cfg: ProcessConfig, device: str) -> dict:
     if disaggregated:  # NIXL's handshake side channel: one port per worker on a shared node
         os.environ["VLLM_NIXL_SIDE_CHANNEL_HOST"] = cfg.bind_host
         os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(_free_port(cfg.bind_host))
-    return engine_kwargs(recipe.model, group, device=device, disaggregated=disaggregated)
+    # KV events over IPC in the worker's run directory: no port, reachable only on this node.
+    import tempfile
+
+    events = f"ipc://{tempfile.gettempdir()}/dyn-vllm-kv-{os.getpid()}"  # short: unix socket paths are capped
+    return engine_kwargs(recipe.model, group, device=device, disaggregated=disaggregated,
+                         kv_events_endpoint=events)
 
 
 async def _start_handoff(ctx, security: Security, recipe, topology, cfg: ProcessConfig, engine: Backend,
@@ -361,6 +374,18 @@ async def _start_handoff(ctx, security: Security, recipe, topology, cfg: Process
     handoff.receiver = ShuttleReceiver(config=ReceiverConfig.from_spec(recipe.shuttle), security=security,
                                        ctx=ctx)
     return handoff
+
+
+def _start_vllm_bridge(engine: Backend, listener: KvEventListener):
+    """vLLM workers: translate vLLM's KV events into dyn's (None for other engines)."""
+    endpoints = getattr(engine, "kv_events_endpoints", None)
+    if endpoints is None:
+        return None
+    from dyn.worker.vllm_kv_bridge import VllmKvBridge
+
+    bridge = VllmKvBridge(endpoints[0], endpoints[1], engine.block_size, listener)
+    bridge.start()
+    return bridge
 
 
 def _build_tiers(recipe, topology, cfg: ProcessConfig, block_bytes: int,

@@ -156,3 +156,28 @@ def test_greedy_tokens_equal_vllm_generate_locally_and_through_the_nixl_handoff(
     assert loaded >= sum(len(p) - 32 for p in long_prompts)
     assert after["failed_transfers"] == 0
 
+
+
+def test_openai_client_chat_streaming_usage_and_stop_strings(deployment):
+    client = _client(deployment)
+    chat = client.chat.completions.create(model=MODEL, max_tokens=24, temperature=0,
+                                          messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in chat.choices[0].message.content
+    assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
+    assert chat.usage.completion_tokens <= 24 and chat.usage.prompt_tokens > 10
+
+    prompt = "Count from one to twenty in words: one, two, three,"
+    full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    text = full.choices[0].text
+    assert full.usage.completion_tokens == 16 and "four" in text
+    stopped = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0,
+                                        stop=["six"], extra_body={"ignore_eos": True})
+    assert stopped.choices[0].finish_reason == "stop" and "six" not in stopped.choices[0].text
+    assert text.startswith(stopped.choices[0].text) and stopped.usage.completion_tokens < 16
+
+    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 16
