@@ -63,6 +63,10 @@ class ConnectorStats:
     successful_transfers: int = 0
     bytes_transferred: int = 0
     failed_transfers: int = 0
+    prompt_tokens_computed: int = 0
+    """Prompt tokens this engine ran through the model (vLLM's PromptTokenStats.computed)."""
+    prompt_tokens_transferred: int = 0
+    """Prompt tokens whose KV arrived over the connector (PromptTokenStats.external_kv_transfer)."""
     first_token_mismatches: int = 0
     """Decode requests whose re-sampled first token differed: re-run locally after the streamed one."""
 
@@ -98,7 +102,6 @@ class VllmEngine(Backend):
         self.disaggregated = config.kv_transfer_config is not None
         self._stats = EngineStats()
         self.connector = ConnectorStats()
-        self._last_sched: Any = None
         owner = self
 
         from vllm.v1.metrics.loggers import StatLoggerBase
@@ -109,6 +112,7 @@ class VllmEngine(Backend):
 
             def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
                 owner._record(scheduler_stats)
+                owner._record_iteration(iteration_stats)
 
             def log_engine_initialized(self) -> None:
                 pass
@@ -122,7 +126,6 @@ class VllmEngine(Backend):
         self._reruns = 0
         self._remote: dict[str, _RemoteDecode] = {}
         self._transfer_params: dict[str, dict] = {}
-        self._pending: list[TokenOutput] = []
 
     # -- Backend ---------------------------------------------------------------------------------
 
@@ -130,7 +133,7 @@ class VllmEngine(Backend):
         self._add(request, None)
 
     def step(self) -> list[TokenOutput]:
-        outputs, self._pending = self._pending, []
+        outputs: list[TokenOutput] = []
         if self._engine.has_unfinished_requests():
             for out in self._engine.step():
                 converted = self._convert(out)
@@ -146,7 +149,7 @@ class VllmEngine(Backend):
             self._engine.abort_request([internal])
 
     def has_work(self) -> bool:
-        return bool(self._pending) or self._engine.has_unfinished_requests()
+        return self._engine.has_unfinished_requests()
 
     def stats(self) -> EngineStats:
         return dataclasses.replace(self._stats)
@@ -284,6 +287,17 @@ class VllmEngine(Backend):
         self._reruns += 1
         self._add(fallback, None, internal_id=f"{rid}{_RERUN}{self._reruns}")
         return None
+
+    def _record_iteration(self, iteration: Any) -> None:
+        """Per-step IterationStats: where prompt tokens came from (computed, cached, transferred)."""
+        if iteration is None:
+            return
+        prompt = getattr(iteration, "prompt_token_stats", None)
+        if prompt is not None:
+            self.connector.prompt_tokens_computed += prompt.computed
+            self.connector.prompt_tokens_transferred += prompt.external_kv_transfer
+            self._stats.num_computed_tokens += prompt.computed
+        self._stats.num_computed_tokens += iteration.num_generation_tokens
 
     def _record(self, sched: Any) -> None:
         """Per-step SchedulerStats -> dyn's cumulative counters and gauges."""
