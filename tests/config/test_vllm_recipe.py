@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 
 import pytest
@@ -57,7 +58,11 @@ def test_recipe_error_has_file_line_and_key_path_and_vllm_stays_unimported() -> 
     assert "did you mean 'max_num_seqs'?" in str(err)
     recipe = parse_recipe(_recipe("    enforce_eager: true\n    kv_cache_dtype: fp8\n"), "r.yaml")
     assert recipe.model.engine_args == (("enforce_eager", True), ("kv_cache_dtype", "fp8"))
-    assert "vllm" not in sys.modules
+    # Checking the names never imports vLLM (seconds, and torch): in a fresh interpreter.
+    code = ("import sys; from dyn.config.loader import parse_recipe; "
+            f"parse_recipe({_recipe('    enforce_eager: true' + chr(10))!r}, 'r.yaml'); "
+            "assert 'vllm' not in sys.modules and 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 def test_gpu_memory_utilization_is_a_fraction() -> None:
