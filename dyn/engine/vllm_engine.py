@@ -175,7 +175,8 @@ class VllmEngine(Backend):
             raise RequestError("this vLLM worker has no KV connector (recipe mode is not disaggregated)",
                                field="kv_source")
         params = {**transfer_params, "do_remote_prefill": True, "do_remote_decode": False}
-        sampling = dataclasses.replace(request.sampling, max_tokens=request.sampling.max_tokens + 1)
+        wanted = request.sampling.max_tokens
+        sampling = dataclasses.replace(request.sampling, max_tokens=None if wanted is None else wanted + 1)
         fallback = dataclasses.replace(
             request, prompt_token_ids=[*request.prompt_token_ids, first_token],
             sampling=dataclasses.replace(request.sampling, max_tokens=request.sampling.max_tokens))
@@ -282,8 +283,9 @@ class VllmEngine(Backend):
         log.warning("request %s: decode re-sampled a different first token; continuing locally", rid)
         self._engine.abort_request([self._live.pop(rid)])
         fallback = remote.fallback
+        left = fallback.sampling.max_tokens
         fallback = dataclasses.replace(fallback, sampling=dataclasses.replace(
-            fallback.sampling, max_tokens=max(1, fallback.sampling.max_tokens - 1)))
+            fallback.sampling, max_tokens=None if left is None else max(1, left - 1)))
         self._reruns += 1
         self._add(fallback, None, internal_id=f"{rid}{_RERUN}{self._reruns}")
         return None

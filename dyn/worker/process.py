@@ -196,7 +196,8 @@ class WorkerProcess:
         values = await self._engine_values()
         values.update(engine_rates(self._rates, values))
         if self.handoff is not None and not hasattr(self.handoff.stats, "pull_failures"):
-            values.update({"kv_offers": self.handoff.stats.offers, "kv_pulls": self.handoff.stats.pulls})
+            values.update({"kv_offers": self.handoff.stats.offers, "kv_pulls": self.handoff.stats.pulls,
+                           "kv_local_fallbacks": self.handoff.stats.local_fallbacks})
         elif self.handoff is not None:
             h = self.handoff.stats
             values.update({"kv_offers": h.offers, "kv_pulls": h.pulls, "kv_pull_failures": h.pull_failures,

@@ -15,12 +15,16 @@ still succeeds, and the connector's failure counter says it happened.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 from dataclasses import dataclass
 
 from dyn.control.requests import GenerateRequest
 from dyn.errors import RequestError
 from dyn.worker.engine_loop import EngineLoop
 from dyn.worker.request_server import Stream, engine_request
+
+log = logging.getLogger(__name__)
 
 OFFER_KEY = "vllm"
 """kv_offer / kv_source key holding vLLM's kv_transfer_params."""
@@ -30,6 +34,8 @@ OFFER_KEY = "vllm"
 class VllmHandoffStats:
     offers: int = 0
     pulls: int = 0
+    local_fallbacks: int = 0
+    """kv_source without vLLM transfer parameters (a non-vLLM or newer prefill worker): prefilled here."""
 
 
 class VllmHandoff:
@@ -52,10 +58,17 @@ class VllmHandoff:
         if msg.first_token is None:
             raise RequestError("kv_source needs first_token", field="first_token")
         params = msg.kv_source.get(OFFER_KEY) if isinstance(msg.kv_source, dict) else None
-        if not isinstance(params, dict):
-            raise RequestError("kv_source holds no vLLM transfer parameters (is the prefill worker "
-                               "a vLLM worker?)", field="kv_source")
         request = engine_request(msg)
         first = msg.first_token
+        if not isinstance(params, dict):  # an offer we cannot read costs a local prefill, not the request
+            log.warning("kv_source holds no vLLM transfer parameters; prefilling locally",
+                        extra={"request_id": msg.request_id})
+            self.stats.local_fallbacks += 1
+            left = request.sampling.max_tokens
+            local = dataclasses.replace(
+                request, prompt_token_ids=[*request.prompt_token_ids, first],
+                sampling=dataclasses.replace(request.sampling, max_tokens=None if left is None else max(1, left - 1)))
+            await asyncio.wrap_future(self._loop.submit(lambda e: e.add_request(local)))
+            return
         self.stats.pulls += 1
         await asyncio.wrap_future(self._loop.submit(lambda e: e.add_remote_decode(request, params, first)))
