@@ -10,6 +10,7 @@ explicitly, then exit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -164,6 +165,10 @@ class WorkerProcess:
             self.loop.stop()
         if self.kv_bridge is not None:
             self.kv_bridge.close()
+            for endpoint in (self.kv_bridge.endpoint, self.kv_bridge.replay_endpoint):
+                if endpoint and endpoint.startswith("ipc://"):  # vLLM leaves its socket files behind
+                    with contextlib.suppress(OSError):
+                        os.unlink(endpoint[len("ipc://"):])
         self.server.close()
         self.kv_events.close()
         await self.metrics_server.close()
