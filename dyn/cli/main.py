@@ -31,12 +31,13 @@ def _root(
 
 # Commands register themselves in help order: operator commands first, internal ones hidden.
 from dyn.cli import (bench, doctor, down, frontend, internal, logs, ls, model, plan, profile,  # noqa: E402
-                     sim, status, top, topo, up, worker)
+                     sim, status, top, topo, trace, up, worker)
 
 for _command in (up, status, top, logs, down, ls, doctor, bench, sim, profile, topo, plan, worker, frontend,
                  internal):
     _command.register(app)
 app.add_typer(model.app, name="model")
+app.add_typer(trace.app, name="trace")
 
 
 def main() -> None:
