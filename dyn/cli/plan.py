@@ -8,6 +8,7 @@ from rich.table import Table
 from dyn.cli.render import errors_to_exit, out, print_json
 from dyn.config.loader import load_recipe, load_topology, resolve_file
 from dyn.config.ranges import compact_ranges
+from dyn.config.scaling import scale_to_topology
 from dyn.topology.frontends import place_frontends
 from dyn.topology.placement import place
 
@@ -23,7 +24,7 @@ def plan(topology: str = typer.Option(None, "-t", "--topology",
     """
     with errors_to_exit():
         topo = load_topology(resolve_file("topology", topology))
-        rec = load_recipe(resolve_file("recipe", recipe))
+        rec = scale_to_topology(load_recipe(resolve_file("recipe", recipe)), topo)
         placement = place(topo, rec)
         frontends = place_frontends(topo, rec)
     used = len(placement.used_gpus())

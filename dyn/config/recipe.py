@@ -67,6 +67,13 @@ class WorkerGroup:
 
     role: Role
     replicas: int = 1
+    """Workers in the deployment; with a per-domain/per-rack count, that count times the units
+    (set when the recipe is scaled to a topology, dyn.config.scaling)."""
+    replicas_per_domain: int | None = None
+    """Workers in each NVLink domain (a GPU node without NVLink peers is its own domain, a node
+    of a CPU topology too): the recipe grows with the topology. Excludes `replicas`."""
+    replicas_per_rack: int | None = None
+    """Workers in each rack. Excludes `replicas` and `replicas_per_domain`."""
     tp: int = 1
     """Tensor-parallel size: GPUs per worker."""
     max_batch_size: int = 64
@@ -140,6 +147,12 @@ class PlannerSpec:
     down (`gave_up`) and the deployment is degraded. Applies with the scaling planner off too."""
     restart_window_s: float = 600.0
     """Sliding window of the restart budget."""
+    min_prefill_per_domain: int | None = None
+    """Bounds per NVLink domain: min_prefill = this x domains when scaled to a topology.
+    Each excludes its absolute twin (min_prefill here)."""
+    max_prefill_per_domain: int | None = None
+    min_decode_per_domain: int | None = None
+    max_decode_per_domain: int | None = None
 
 
 @dataclass(frozen=True)
@@ -218,6 +231,8 @@ class Recipe:
     shuttle: ShuttleSpec = field(default_factory=ShuttleSpec)
     weights: WeightsSpec = field(default_factory=WeightsSpec)
     source: str | None = None
+    scaled_for: str | None = None
+    """The topology whose size the per-domain counts were multiplied out for (None: not yet)."""
     lines: tuple[tuple[str, int], ...] = field(default=(), compare=False, repr=False)
     """(key path, 1-based line) from the file, so later checks (placement) can name a line."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 from typing import Any
 
 from dyn.config.recipe import (AuthSpec, FrontendSpec, KvTiersSpec, ModelSpec, PlannerSpec,
@@ -117,6 +118,7 @@ def _workers(doc: LocatedDoc, raw: Any, mode: str) -> tuple[WorkerGroup, ...]:
         path = f"workers.{role}"
         body = raw[role] if raw[role] is not None else {}
         group = build(WorkerGroup, body, path, doc, skip=frozenset({"role"}), extra={"role": role})
+        group = _per_unit_counts(doc, path, body, group)
         _at_least(doc, join(path, "replicas"), group.replicas, 0 if role == "prefill" else 1)
         for key in ("tp", "max_batch_size", "max_num_batched_tokens", "max_queue"):
             _positive(doc, join(path, key), getattr(group, key))
@@ -164,12 +166,33 @@ def _check_sections(doc: LocatedDoc, r: Recipe) -> None:
     if not 0 < planner.restart_window_s <= 7 * 86400:
         raise doc.error("planner.restart_window_s", f"must be > 0 and at most 604800 seconds (a week), "
                         f"got {planner.restart_window_s:g}")
+    raw_planner = doc.data.get("planner") or {}
     for role in ("prefill", "decode"):
         low, high = getattr(planner, f"min_{role}"), getattr(planner, f"max_{role}")
+        per_low, per_high = getattr(planner, f"min_{role}_per_domain"), getattr(planner, f"max_{role}_per_domain")
+        for bound in ("min", "max"):
+            key = f"{bound}_{role}"
+            if f"{key}_per_domain" in raw_planner and key in raw_planner:
+                raise doc.error(f"planner.{key}_per_domain", f"set {key} or {key}_per_domain, not both",
+                                hint=f"{key}_per_domain multiplies by the topology's NVLink domains")
+        for key, value in ((f"min_{role}_per_domain", per_low), (f"max_{role}_per_domain", per_high)):
+            if value is not None:
+                _at_least(doc, f"planner.{key}", value, 0)
+        if per_low is not None and per_high is not None and per_low > per_high:
+            raise doc.error(f"planner.max_{role}_per_domain",
+                            f"max_{role}_per_domain {per_high} is below min_{role}_per_domain {per_low}")
         _at_least(doc, f"planner.min_{role}", low, 0)
+        group = r.group(role)
+        per_group = group.replicas_per_domain if group else None
+        if (planner.enabled and per_group is not None and per_low is not None and per_high is not None
+                and not per_low <= per_group <= per_high):
+            raise doc.error(f"workers.{role}.replicas_per_domain",
+                            f"{per_group} per domain is outside the planner's {per_low}..{per_high} per domain",
+                            hint=f"start inside planner.min_{role}_per_domain..max_{role}_per_domain")
+        if per_low is not None or per_high is not None or (group and _per_unit(group)):
+            continue  # absolute bounds and counts are checked once scaled to a topology
         if low > high:
             raise doc.error(f"planner.max_{role}", f"max_{role} {high} is below min_{role} {low}")
-        group = r.group(role)
         if planner.enabled and group and not low <= group.replicas <= high:
             raise doc.error(f"workers.{role}.replicas",
                             f"{group.replicas} replicas is outside the planner's range {low}..{high}",
@@ -205,6 +228,24 @@ def _check_sections(doc: LocatedDoc, r: Recipe) -> None:
                         f"must be in (0, 1], got {share:g}",
                         hint="the share of its path's bandwidth a serving worker gives a starting one; "
                              "use weights.source: disk to never stream from peers")
+
+
+def _per_unit_counts(doc: LocatedDoc, path: str, body: dict, group: WorkerGroup) -> WorkerGroup:
+    """At most one of replicas / replicas_per_domain / replicas_per_rack; until the recipe is
+    scaled to a topology (dyn.config.scaling), `replicas` holds the count of one unit."""
+    given = [k for k in ("replicas", "replicas_per_domain", "replicas_per_rack") if k in body]
+    if len(given) > 1:
+        raise doc.error(join(path, given[1]), f"set one of {', '.join(given)}, not several",
+                        hint="replicas_per_domain grows with the topology; replicas is a fixed total")
+    per = _per_unit(group)
+    if per is None:
+        return group
+    _at_least(doc, join(path, given[0]), per, 0 if group.role == "prefill" else 1)
+    return replace(group, replicas=per)
+
+
+def _per_unit(group: WorkerGroup) -> int | None:
+    return group.replicas_per_domain if group.replicas_per_domain is not None else group.replicas_per_rack
 
 
 def _replace_auth(recipe: Recipe) -> Recipe:

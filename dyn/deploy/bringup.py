@@ -84,6 +84,7 @@ def up(options: UpOptions, *, on_progress: Progress | None = None, confirm: Conf
 async def up_async(options: UpOptions, *, on_progress: Progress | None = None,
                    confirm: Confirm | None = None) -> UpResult:
     from dyn.config.loader import parse_recipe, parse_topology, resolve_file
+    from dyn.config.scaling import scale_to_topology
     from dyn.topology.frontends import place_frontends
     from dyn.topology.placement import place
 
@@ -101,7 +102,7 @@ async def up_async(options: UpOptions, *, on_progress: Progress | None = None,
     topology_text = _read(topology_path, "topology")
     recipe_text = _read(recipe_path, "recipe")
     topology = parse_topology(topology_text, topology_path)
-    recipe = parse_recipe(recipe_text, recipe_path)
+    recipe = scale_to_topology(parse_recipe(recipe_text, recipe_path), topology)
     deadlines = _deadlines(options.timeouts)
     if options.router_policy is not None and options.router_policy not in get_args(RouterPolicy):
         raise ConfigError(f"unknown router policy {options.router_policy!r}; "

@@ -87,12 +87,13 @@ class PlannerDaemon(DaemonControl, DaemonLaunching):
 
     async def run(self) -> int:
         from dyn.config.loader import parse_recipe, parse_topology
+        from dyn.config.scaling import scale_to_topology
         from dyn.topology.frontends import place_frontends
         from dyn.topology.placement import place
 
         d = self.deployment
         topology = parse_topology(d.topology_text, d.topology_source)
-        recipe = parse_recipe(d.recipe_text, d.recipe_source)
+        recipe = scale_to_topology(parse_recipe(d.recipe_text, d.recipe_source), topology)
         placement = place(topology, recipe)
         keys = DeploymentKeys.load(self.store.keys_path) if recipe.auth.curve else None
         previous = self.store.load_snapshot()

@@ -9,6 +9,7 @@ from typing import Any
 
 from dyn.bench.trace import Trace, load_trace
 from dyn.config.loader import load_recipe, load_topology
+from dyn.config.scaling import scale_to_topology
 from dyn.config.recipe import Recipe
 from dyn.config.topology import Topology
 from dyn.engine.profile import EngineProfile, load_profile, mock_profile, profile_path
@@ -30,7 +31,8 @@ def load_inputs(topology: str | Path, recipe: str | Path, trace: str | Path, *,
                 max_requests: int | None = None) -> SimInputs:
     """Read the files. Profile: `profile` if given, else the recipe's NAME.profile.json if it
     exists (and not `use_mock`), else the mock engine's timing model from the recipe."""
-    topo, rec = load_topology(topology), load_recipe(recipe)
+    topo = load_topology(topology)
+    rec = scale_to_topology(load_recipe(recipe), topo)
     if profile is not None:
         prof = load_profile(profile, rec)
     elif not use_mock and profile_path(recipe).exists():

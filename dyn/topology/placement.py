@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dyn.config.recipe import Recipe, WorkerGroup
+from dyn.config.scaling import scale_to_topology
 from dyn.config.topology import Node, Topology
 from dyn.errors import PlacementError
 from dyn.topology.pools import GpuPool, Shard, build_pools
@@ -97,14 +98,20 @@ def worker_id(role: str, index: int) -> str:
 
 
 def place(topology: Topology, recipe: Recipe) -> Placement:
-    """Place every worker of `recipe`; raise FitError saying how far off it is."""
+    """Place every worker of `recipe`; raise FitError saying how far off it is.
+
+    A recipe with per-domain (per-rack) counts is first scaled to the topology, and each
+    domain (rack) gets exactly its count of those groups."""
+    recipe = scale_to_topology(recipe, topology)
     requests = [(g, i) for role in ROLE_ORDER if (g := recipe.group(role)) for i in range(g.replicas)]
     if _on_cpu(topology, recipe):
         workers = _place_cpu(topology, recipe, requests, Placement((), topology.head))
     else:
         _check_gpu_totals(topology, recipe)
         pools = build_pools(topology)
-        workers = [_place_gpu(pools, recipe, group, i) for group, i in _gpu_order(requests)]
+        units = _unit_pools(topology, recipe, pools)
+        workers = [_place_gpu(pools, recipe, group, i, only=units.get((group.role, i)))
+                   for group, i in _gpu_order(requests)]
     rank = {w.id: (ROLE_ORDER.index(w.role), int(w.id.rsplit("-", 1)[1])) for w in workers}
     return Placement(tuple(sorted(workers, key=lambda w: rank[w.id])), topology.head)
 
@@ -115,6 +122,7 @@ def place_one(topology: Topology, recipe: Recipe, role: str, used: Placement,
 
     `prefer_domain` wins when it has room; otherwise the usual pairing rule picks.
     """
+    recipe = scale_to_topology(recipe, topology)
     group = recipe.group(role)  # type: ignore[arg-type]
     if group is None:
         raise FitError(f"recipe has no {role} workers to add", path=recipe.source, field="workers")
@@ -132,8 +140,19 @@ def place_one(topology: Topology, recipe: Recipe, role: str, used: Placement,
 
 
 def _place_gpu(pools: list[GpuPool], recipe: Recipe, group: WorkerGroup, index: int,
-               prefer_domain: str | None = None) -> WorkerPlacement:
+               prefer_domain: str | None = None, only: list[GpuPool] | None = None) -> WorkerPlacement:
     role, tp = group.role, group.tp
+    if only is not None:
+        fitting = [p for p in only if p.can_fit(tp)]
+        if not fitting:
+            key = "replicas_per_domain" if group.replicas_per_domain is not None else "replicas_per_rack"
+            unit = ", ".join(p.label for p in only)
+            raise _recipe_error(recipe, f"workers.{role}.{key}",
+                                f"no room for {worker_id(role, index)} (tp={tp}) in {unit}: its per-unit "
+                                f"groups need more GPUs than it has (free: {sum(p.num_free for p in only)})",
+                                "lower the per-domain replicas or tp")
+        pool = min(fitting, key=lambda p: _pairing_key(p.roles, role, p.order))
+        return _take(pool, role, index, tp)
     fitting = [p for p in pools if p.can_fit(tp)]
     if not fitting:
         free = ", ".join(f"{p.label}: {p.num_free}" for p in pools)
@@ -143,6 +162,10 @@ def _place_gpu(pools: list[GpuPool], recipe: Recipe, group: WorkerGroup, index: 
                             "lower replicas or tp, or add nodes")
     preferred = [p for p in fitting if prefer_domain and p.domain == prefer_domain]
     pool = preferred[0] if preferred else min(fitting, key=lambda p: _pairing_key(p.roles, role, p.order))
+    return _take(pool, role, index, tp)
+
+
+def _take(pool: GpuPool, role: str, index: int, tp: int) -> WorkerPlacement:
     shards = pool.take(tp)
     pool.roles[role] += 1
     (node, gpus), extra = shards[0], tuple(shards[1:])
@@ -192,6 +215,30 @@ def _check_gpu_totals(topology: Topology, recipe: Recipe) -> None:
                             f"needs {need} GPUs ({parts}) but topology '{topology.name}' has "
                             f"{topology.num_gpus}: {need - topology.num_gpus} short",
                             "lower replicas or tp, or use a bigger topology", shortfall=need - topology.num_gpus)
+
+
+def _unit_pools(topology: Topology, recipe: Recipe,
+                pools: list[GpuPool]) -> dict[tuple[str, int], list[GpuPool]]:
+    """(role, worker index) -> the pools it must go to, for per-domain / per-rack groups:
+    indices run unit by unit (domain 0 gets 0..n-1, domain 1 gets n..2n-1, ...)."""
+    out: dict[tuple[str, int], list[GpuPool]] = {}
+    rack_of = {n.name: n.rack for n in topology.nodes}
+    by_rack: dict[str, list[GpuPool]] = {}
+    for pool in pools:
+        by_rack.setdefault(rack_of[next(iter(pool.size))], []).append(pool)
+    for group in recipe.workers:
+        if group.replicas_per_domain is not None:
+            units = [[p] for p in pools]
+            per = group.replicas_per_domain
+        elif group.replicas_per_rack is not None:
+            units = [by_rack.get(r.name, []) for r in topology.racks]
+            per = group.replicas_per_rack
+        else:
+            continue
+        for u, unit in enumerate(units):
+            for k in range(per):
+                out[(group.role, u * per + k)] = unit
+    return out
 
 
 def _on_cpu(topology: Topology, recipe: Recipe) -> bool:

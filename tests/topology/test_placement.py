@@ -96,10 +96,10 @@ def test_place_one_adds_next_to_running_workers() -> None:
     topo, recipe = _files("gb200-nvl72x4", "llama-3.1-70b-nvl72")
     placement = place(topo, recipe)
     extra = place_one(topo, recipe, "decode", placement, prefer_domain="nvl-nvl72-c")
-    assert extra.id == "decode-12" and extra.nvlink_domain == "nvl-nvl72-c"
+    assert extra.id == f"decode-{len(placement.of_role('decode'))}" and extra.nvlink_domain == "nvl-nvl72-c"
     assert not set(extra.gpu_keys) & placement.used_gpus()
     plain = place_one(topo, recipe, "prefill", placement)
-    assert plain.id == "prefill-8" and len(plain.gpus) == 2
+    assert plain.id == "prefill-32" and len(plain.gpus) == 2  # 8 per rack x 4 racks are running
 
 
 def test_place_one_when_full_says_what_is_free() -> None:
