@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Iterator
 
 from dyn.errors import DynError
 
@@ -63,10 +64,20 @@ def load_trace(path: str | Path, max_requests: int | None = None) -> Trace:
 
 def load_mooncake(path: str | Path, max_requests: int | None = None) -> Trace:
     """Mooncake JSONL: `timestamp` (ms), `input_length`, `output_length`, `hash_ids`."""
-    requests: list[TraceRequest] = []
+    requests = list(iter_mooncake(path, max_requests, ordered=False))
+    return _finish(requests, MOONCAKE_BLOCK_TOKENS, path)
+
+
+def iter_mooncake(path: str | Path, max_requests: int | None = None, *,
+                  ordered: bool = True) -> Iterator[TraceRequest]:
+    """Records one by one, validated (constant memory: what a 1M-request simulation reads).
+
+    `ordered`: a record earlier than its predecessor is an error (a stream cannot sort)."""
     origin: float | None = None
+    last = 0.0
+    count = 0
     for line_no, line in enumerate(_open(path), start=1):
-        if max_requests is not None and len(requests) >= max_requests:
+        if max_requests is not None and count >= max_requests:
             break
         if not line.strip():
             continue
@@ -90,9 +101,14 @@ def load_mooncake(path: str | Path, max_requests: int | None = None) -> Trace:
                              f"in blocks of {MOONCAKE_BLOCK_TOKENS}", path=str(path), line=line_no,
                              field="hash_ids")
         origin = timestamp_ms if origin is None else origin
-        requests.append(TraceRequest((timestamp_ms - origin) / 1000.0, input_length, output_length,
-                                     tuple(hash_ids)))
-    return _finish(requests, MOONCAKE_BLOCK_TOKENS, path)
+        arrival_s = (timestamp_ms - origin) / 1000.0
+        if ordered and arrival_s < last:
+            raise TraceError(f"timestamp {timestamp_ms:g} is earlier than the record before it; "
+                             "a streamed trace must be in time order", path=str(path), line=line_no,
+                             field="timestamp")
+        last = arrival_s
+        count += 1
+        yield TraceRequest(arrival_s, input_length, output_length, tuple(hash_ids))
 
 
 def load_azure(path: str | Path, max_requests: int | None = None) -> Trace:

@@ -28,6 +28,12 @@ def sim(
     plot: Optional[str] = typer.Option(None, "--plot", help="Write latency/replicas/hit-rate plots (PNG)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     seed: int = typer.Option(0, "--seed"),
+    stream: bool = typer.Option(False, "--stream", help="Read the trace during the run (Mooncake .jsonl; "
+                                "block names from its ids): constant memory for a 1M-request day."),
+    domain_routing: bool = typer.Option(False, "--domain-routing", help="One router per NVLink domain behind "
+                                        "a consistent-hash balancer, as a multi-rack site runs them."),
+    block_tokens: Optional[int] = typer.Option(None, "--block-tokens", help="KV/routing granularity (a multiple "
+                                               "of model.block_size; 512 with a Mooncake trace is ~16x cheaper)."),
 ) -> None:
     """Simulate a deployment on a trace in virtual time.
 
@@ -41,10 +47,11 @@ def sim(
         raise typer.BadParameter(f"must be on or off, got {planner!r}", param_hint="--planner")
     with errors_to_exit():
         inputs = load_inputs(resolve_file("topology", topology), resolve_file("recipe", recipe), trace,
-                             profile=profile, use_mock=mock, max_requests=max_requests)
+                             profile=profile, use_mock=mock, max_requests=max_requests, stream=stream)
         config = SimConfig(router_policy=router, planner=None if planner is None else planner == "on",
-                           num_prefill=prefill, num_decode=decode, startup_s=startup_s, seed=seed)
-        report = simulate(inputs, config, time_scale=speedup)
+                           num_prefill=prefill, num_decode=decode, startup_s=startup_s, seed=seed,
+                           domain_routing=domain_routing, block_tokens=block_tokens)
+        report = simulate(inputs, config, time_scale=speedup, max_requests=max_requests if stream else None)
         if plot:
             from dyn.sim.plot import plot_report
             plot_report(report, plot)
@@ -70,6 +77,8 @@ def _render(report: dict) -> None:
             ("goodput", f"{report['goodput_rps']:.2f} req/s"), ("GPU-seconds", f"{report['gpu_seconds']:.0f}"),
             ("goodput per GPU", f"{report['goodput_per_gpu']:.4f} req/GPU-s"),
             ("prefix hit rate", f"{(report['prefix_hit_rate'] or 0):.1%}"),
+            ("hand-offs leaving a domain", f"{report['handoffs']['cross_domain']} of {report['handoffs']['total']} "
+                                           f"({report['handoffs']['cross_domain_share']:.1%})"),
             ("planner decisions", str(sum(d['action'] != 'hold' for d in report['decisions']))),
             ("simulated / wall", f"{report['duration_s']:.0f} s / {report['sim']['wall_s']} s")]
     for name, value in rows:

@@ -14,13 +14,14 @@ from __future__ import annotations
 import heapq
 import itertools
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from dyn.config.recipe import Recipe
+from dyn.config.scaling import domain_units
 from dyn.config.topology import Topology
 from dyn.engine.profile import EngineProfile
 from dyn.planner.actions import counts_of, scaling_actions
-from dyn.planner.policy import Decision, LoadWindow, ScalingAction, WorkerView
+from dyn.planner.policy import Decision, ScalingAction, WorkerView
 from dyn.planner.slo_policy import slo_planner
 from dyn.router.errors import NoWorkerError
 from dyn.router.events import KvEventBatch
@@ -28,7 +29,9 @@ from dyn.router.router import Router
 from dyn.router.types import RouteHints, RouteRequest
 from dyn.shuttle.errors import PathError
 from dyn.shuttle.path import Endpoint, LinkSpeeds, choose_path
+from dyn.sim.domain_routing import DomainRouting
 from dyn.sim.errors import SimError
+from dyn.sim.window import ObservationWindow
 from dyn.sim.worker import SimWorker
 from dyn.sim.workload import SimRequest
 from dyn.topology.placement import Placement, WorkerPlacement, place, place_one
@@ -61,6 +64,17 @@ class SimConfig:
     max_wait_s: float = 120.0
     """A request no worker can take for this long fails as overloaded."""
     seed: int = 0
+    domain_routing: bool = False
+    """One live Router per NVLink domain behind a DomainBalancer (dyn.sim.domain_routing), as a
+    multi-rack site runs them; False: one Router over every worker, as one frontend does."""
+    domain_affinity_tokens: int = 1024
+    """Prompt depth of the balancer's affinity key (past a shared system prompt)."""
+    domain_slack: float = 0.25
+    """A domain takes new keys while its load is within 1 + slack of the mean."""
+    block_tokens: int | None = None
+    """KV accounting and routing granularity in tokens; None: the recipe's block_size. A
+    multiple of it (e.g. a Mooncake trace's 512) cuts the per-block work of long prompts;
+    pools shrink to the same tokens (the fidelity cost is measured in docs/scale.md)."""
 
 
 @dataclass(slots=True)
@@ -72,15 +86,32 @@ class Tick:
 
 
 class Simulation:
-    def __init__(self, topology: Topology, recipe: Recipe, profile: EngineProfile, requests: list[SimRequest],
-                 config: SimConfig = SimConfig()) -> None:
+    def __init__(self, topology: Topology, recipe: Recipe, profile: EngineProfile,
+                 requests: Iterable[SimRequest], config: SimConfig = SimConfig()) -> None:
         self.topology, self.profile, self.config = topology, profile, config
         self.recipe = _with_counts(recipe, config.num_prefill, config.num_decode)
-        self.requests = requests
+        self.requests: list[SimRequest] = []
+        """Requests that have arrived (all of them after `run`); streamed from `requests`."""
+        self._source: Iterator[SimRequest] = iter(requests)
         self.disagg = self.recipe.mode == "disaggregated"
         self._path_cache: dict[tuple, float] = {}
-        self.block_size = self.recipe.model.block_size
-        self.router = make_router(self.recipe, config.router_policy, config.seed)
+        model_block = self.recipe.model.block_size
+        self.block_size = config.block_tokens or model_block
+        if self.block_size % model_block:
+            raise SimError(f"must be a multiple of model.block_size {model_block}, got {self.block_size}",
+                           field="block_tokens")
+        self.router = make_router(self.recipe, config.router_policy, config.seed, self.block_size)
+        units = domain_units(topology)
+        self.domains: DomainRouting | None = None
+        if config.domain_routing:
+            self.domains = DomainRouting(
+                self.recipe, units, self.block_size,
+                lambda i: make_router(self.recipe, config.router_policy, config.seed + i, self.block_size),
+                affinity_tokens=config.domain_affinity_tokens, slack=config.domain_slack)
+            self.router = self.domains.routers[units[0]]
+        self.num_handoffs = 0
+        self.cross_domain_handoffs = 0
+        self.cross_domain_bytes = 0
         enabled = self.recipe.planner.enabled if config.planner is None else config.planner
         self.recipe = replace(self.recipe, planner=replace(self.recipe.planner, enabled=enabled))
         self.planner = slo_planner(self.recipe, topology, profile)
@@ -88,27 +119,29 @@ class Simulation:
         self.placements: dict[str, WorkerPlacement] = {}
         self.ticks: list[Tick] = []
         self.decisions: list[Decision] = []
-        self.itl_steps: list[tuple[float, int]] = []
-        """(decode step duration, sequences in it): the token-level ITL distribution."""
+        self.itl_steps: dict[float, int] = {}
+        """Decode step duration (to the microsecond) -> sequence-steps of that duration: the
+        token-level ITL distribution in memory bounded by its distinct values, not by the run."""
         self.now = 0.0
         self._heap: list[tuple[float, int, str, Any]] = []
         self._order = itertools.count()
-        self._window = _Window()
-        self._left = len(requests)
+        self._window = ObservationWindow()
+        self._left = 0
         for wp in place(topology, self.recipe).workers:
             self._add_worker(wp, ready_s=0.0)
+        if self.domains:
+            self.domains.refresh()
 
     # ---- running -----------------------------------------------------------------------------
 
     def run(self) -> float:
         """Run to the last request; returns the virtual end time."""
-        for req in self.requests:
-            self._push(req.arrival_s, "arrive", req)
+        self._next_arrival()
         interval = self.recipe.planner.interval_s
         self._push(interval, "tick", None)
         handlers = {"arrive": self._route, "step": self._step_done, "ready": self._ready,
                     "import": self._import, "tick": self._tick}
-        while self._heap and self._left:
+        while self._heap and (self._left or self._source is not None):
             self.now, _, kind, data = heapq.heappop(self._heap)
             handlers[kind](data)
         for w in self.workers.values():
@@ -126,12 +159,17 @@ class Simulation:
         if req.notes.get("first_try") is None:
             req.notes["first_try"] = self.now
             self._window.arrive(req)
-        loads = [w.load() for w in self.workers.values() if w.is_accepting]
-        request = RouteRequest(req.block_hashes, req.input_tokens, RouteHints())
+            self._next_arrival()
         try:
-            pre, dec, _ = self.router.route(request, [ld for ld in loads if ld.role == "prefill"],
-                                            [ld for ld in loads if ld.role in ("decode", "both")], self.now,
-                                            disaggregated=self.disagg)
+            if self.domains is not None:
+                domain, (pre, dec, _) = self.domains.route(req.block_hashes, req.input_tokens, self.now)
+                req.notes["domain"] = domain
+            else:
+                loads = [w.load() for w in self.workers.values() if w.is_accepting]
+                request = RouteRequest(req.block_hashes, req.input_tokens, RouteHints())
+                pre, dec, _ = self.router.route(request, [ld for ld in loads if ld.role == "prefill"],
+                                                [ld for ld in loads if ld.role in ("decode", "both")], self.now,
+                                                disaggregated=self.disagg)
         except NoWorkerError:
             if self.now - req.notes["first_try"] >= self.config.max_wait_s:
                 self._fail(req, "overloaded: no worker could take the request")
@@ -144,15 +182,21 @@ class Simulation:
             self._fail(req, "prompt + output exceed a worker's KV pool")
             return
         req.prefill_worker, req.decode_worker = pre or dec, dec
+        if self.domains is not None:
+            self.domains.started(req.notes["domain"])
         if pre:
             self.workers[dec].incoming += 1
         target.submit(req, prefill=True, decode_here=pre is None)
         self._kick(target)
 
-    def _step_done(self, worker: SimWorker) -> None:
+    def _step_done(self, data: tuple[SimWorker, int]) -> None:
+        worker, epoch = data
+        if epoch != worker.step_epoch:
+            return  # a macro step cut short by new work: its own, earlier event did the work
         worker.busy = False
         if worker.step_decodes:
-            self.itl_steps.append((worker.step_s, worker.step_decodes))
+            key = round(worker.step_s, 6)
+            self.itl_steps[key] = self.itl_steps.get(key, 0) + worker.step_decodes * worker.step_count
         outcome = worker.finish_step()
         for job in outcome.first_tokens:
             job.req.first_token_s = self.now
@@ -175,7 +219,13 @@ class Simulation:
         missing = len(req.block_hashes) - dest.cache.lookup(req.block_hashes)
         tokens = missing * self.block_size + req.input_tokens % self.block_size
         gbps = self._path_gbps(source.id, dest.id)
-        self._push(self.now + tokens * self.profile.kv_bytes_per_token / (gbps * 1e9), "import", req)
+        num_bytes = tokens * self.profile.kv_bytes_per_token
+        self.num_handoffs += 1
+        # Leaving a domain: a different NVLink domain, or (no NVLink) a different node.
+        if (source.domain or self.placements[source.id].node) != (dest.domain or self.placements[dest.id].node):
+            self.cross_domain_handoffs += 1
+            self.cross_domain_bytes += num_bytes
+        self._push(self.now + num_bytes / (gbps * 1e9), "import", req)
 
     def _path_gbps(self, source_id: str, dest_id: str) -> float:
         """Hand-off bandwidth from the live system's path table (cached per pair of places)."""
@@ -203,6 +253,8 @@ class Simulation:
     def _ready(self, worker: SimWorker) -> None:
         if worker.state == "starting":
             worker.state = "ready"
+            if self.domains:
+                self.domains.refresh()
 
     def _tick(self, _: Any) -> None:
         queued = sum(j.todo_tokens for w in self.workers.values() if w.role == "prefill"
@@ -214,6 +266,8 @@ class Simulation:
         self.decisions.extend(step.decisions)
         for action in scaling_actions(step, views, current, disaggregated=self.disagg):
             self._apply(action)
+        if self.domains:
+            self.domains.refresh()
         self.ticks.append(Tick(self.now, self._ready_counts(), self._gpus_held(), self._window.last))
         self._push(self.now + self.recipe.planner.interval_s, "tick", None)
 
@@ -245,20 +299,31 @@ class Simulation:
             return
         if worker.state == "flipping":
             worker.role, worker.flip_to, worker.state = worker.flip_to or worker.role, None, "ready"
+            worker._load = None  # its load names its role
             worker.profile = self.profile.role(worker.role)
             return
         worker.state, worker.stopped_s = "stopped", self.now
         worker.cache.clear()
-        self.router.remove_worker(worker.id)
+        if self.domains is not None:
+            self.domains.remove_worker(worker)
+        else:
+            self.router.remove_worker(worker.id)
 
     def _kick(self, worker: SimWorker) -> None:
-        if worker.busy or worker.state in ("starting", "stopped"):
+        """Start the worker's next step; if it is in a macro step, new work cuts it short."""
+        if worker.state in ("starting", "stopped"):
+            return
+        if worker.busy:
+            cut = worker.cut_at(self.now - worker.step_start_s)
+            if cut is not None:
+                self._push(worker.step_start_s + cut, "step", (worker, worker.step_epoch))
             return
         duration = worker.start_step()
         if duration is None:
             return
         worker.busy = True
-        self._push(self.now + duration, "step", worker)
+        worker.step_start_s = self.now
+        self._push(self.now + duration, "step", (worker, worker.step_epoch))
 
     # ---- helpers -----------------------------------------------------------------------------
 
@@ -266,10 +331,14 @@ class Simulation:
         group = self.recipe.group(wp.role)  # type: ignore[arg-type]
         if wp.id in self.workers:
             raise SimError(f"worker id {wp.id} placed twice", field="workers")
-        worker = SimWorker(wp.id, wp.role, max(wp.num_gpus, 1), wp.nvlink_domain, self.profile.role(wp.role),
+        role = self.profile.role(wp.role)
+        worker = SimWorker(wp.id, wp.role, max(wp.num_gpus, 1), wp.nvlink_domain, role,
                            self.block_size, launched_s=self.now, ready_s=ready_s,
-                           max_queue=group.max_queue if group else 256)
+                           max_queue=group.max_queue if group else 256,
+                           kv_blocks=role.num_kv_blocks * self.recipe.model.block_size // self.block_size)
         self.workers[wp.id], self.placements[wp.id] = worker, wp
+        if self.domains is not None:
+            self.domains.add_worker(worker, wp.nvlink_domain or wp.node)
         if ready_s <= self.now:
             worker.state = "ready"
         else:
@@ -278,17 +347,39 @@ class Simulation:
     def _flush_events(self, worker: SimWorker) -> None:
         events = worker.cache.take_events()
         if events:
-            self.router.apply_events(KvEventBatch(worker.id, worker.event_seq, events))
+            batch = KvEventBatch(worker.id, worker.event_seq, events)
+            if self.domains is not None:
+                self.domains.apply_events(worker, batch)
+            else:
+                self.router.apply_events(batch)
             worker.event_seq += 1
 
     def _finish(self, req: SimRequest) -> None:
         req.finish_s = self.now
         self._window.finish(req)
-        self._left -= 1
+        self._done(req)
 
     def _fail(self, req: SimRequest, why: str) -> None:
         req.error = why
+        self._done(req)
+
+    def _done(self, req: SimRequest) -> None:
         self._left -= 1
+        if self.domains is not None and req.decode_worker is not None:
+            self.domains.ended(req.notes["domain"])
+        req.block_hashes = []  # a long run keeps every request's result, not its prompt
+
+    def _next_arrival(self) -> None:
+        """Requests are pulled one at a time: only the next arrival waits in the heap."""
+        if self._source is None:
+            return
+        req = next(self._source, None)
+        if req is None:
+            self._source = None
+            return
+        self.requests.append(req)
+        self._left += 1
+        self._push(req.arrival_s, "arrive", req)
 
     def _views(self) -> list[WorkerView]:
         """The workers as the daemon's policy sees its slots. A flipping worker already shows its
@@ -320,9 +411,11 @@ class Simulation:
         heapq.heappush(self._heap, (when, next(self._order), kind, data))
 
 
-def make_router(recipe: Recipe, policy: str | None = None, seed: int | None = None) -> Router:
-    """The router exactly as the live frontend builds it (dyn.frontend.routing.Routing)."""
-    return Router(recipe.router, recipe.model.block_size, policy=policy, seed=seed)
+def make_router(recipe: Recipe, policy: str | None = None, seed: int | None = None,
+                block_size: int | None = None) -> Router:
+    """The router exactly as the live frontend builds it (dyn.frontend.routing.Routing); a
+    coarser `block_size` only when the simulation accounts KV in coarser blocks."""
+    return Router(recipe.router, block_size or recipe.model.block_size, policy=policy, seed=seed)
 
 
 def _with_counts(recipe: Recipe, num_prefill: int | None, num_decode: int | None) -> Recipe:
@@ -333,53 +426,3 @@ def _with_counts(recipe: Recipe, num_prefill: int | None, num_decode: int | None
             raise SimError(f"must be >= 0, got {want}", field=f"{g.role} count")
         groups.append(replace(g, replicas=want) if want is not None else g)
     return replace(recipe, workers=tuple(groups))
-
-
-@dataclass(slots=True)
-class _Window:
-    """Observations between two planner ticks."""
-
-    start_s: float = 0.0
-    num: int = 0
-    input_tokens: int = 0
-    cached_tokens: int = 0
-    ttft: list[float] = field(default_factory=list)
-    itl: list[float] = field(default_factory=list)
-    out_tokens: int = 0
-    num_finished: int = 0
-    mean_output: float = 0.0
-    last: dict[str, float] = field(default_factory=dict)
-
-    def arrive(self, req: SimRequest) -> None:
-        self.num += 1
-        self.input_tokens += req.input_tokens
-
-    def first_token(self, req: SimRequest) -> None:
-        self.ttft.append(req.first_token_s - req.arrival_s)  # type: ignore[operator]
-        self.cached_tokens += req.cached_tokens
-
-    def finish(self, req: SimRequest) -> None:
-        self.num_finished += 1
-        self.out_tokens += req.output_tokens
-        if req.output_tokens > 1 and req.first_token_s is not None:
-            self.itl.append((req.finish_s - req.first_token_s) / (req.output_tokens - 1))  # type: ignore[operator]
-
-    def close(self, now: float, num_waiting: int, queued_tokens: int) -> LoadWindow:
-        if self.num_finished:
-            self.mean_output = self.out_tokens / self.num_finished
-        window = LoadWindow(now - self.start_s, self.num, self.input_tokens,
-                            round(self.mean_output * self.num), self.cached_tokens,
-                            tuple(self.ttft), tuple(self.itl), num_waiting, queued_tokens)
-        self.last = {"rate": window.request_rate,
-                     "ttft_p90_s": _pct(self.ttft, 0.9), "itl_p90_s": _pct(self.itl, 0.9),
-                     "hit_rate": self.cached_tokens / self.input_tokens if self.input_tokens else 0.0}
-        self.start_s, self.num, self.input_tokens, self.cached_tokens = now, 0, 0, 0
-        self.ttft, self.itl, self.out_tokens, self.num_finished = [], [], 0, 0
-        return window
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

@@ -31,7 +31,7 @@ def sim_report(sim: Simulation, duration_s: float, trace_block_tokens: int,
     counters = {config.hit_metric: float(hits), config.lookup_metric: float(lookups)}
     synth = PromptSynthesizer(trace_block_tokens or sim.block_size, trace_block_tokens or sim.block_size)
     data = dict(build_report(results, config, duration_s, counters, synth, not_sent=0).data)
-    data["itl_ms"] = _weighted_summary(sim.itl_steps)
+    data["itl_ms"] = _weighted_summary(list(sim.itl_steps.items()))
     gpu_seconds = sim.gpu_seconds()
     met = data["slo"]["met"]
     data["gpu_seconds"] = gpu_seconds
@@ -40,7 +40,11 @@ def sim_report(sim: Simulation, duration_s: float, trace_block_tokens: int,
     data["slo_attainment"] = met / len(results) if results else 0.0
     data["decisions"] = [d.to_dict() for d in sim.decisions]
     data["timeline"] = [{"time_s": t.time_s, "gpus": t.gpus, **t.counts, **t.window} for t in sim.ticks]
-    data["sim"] = {"router": sim.router.policy.name, "planner": sim.planner.spec.enabled,
+    data["handoffs"] = {"total": sim.num_handoffs, "cross_domain": sim.cross_domain_handoffs,
+                        "cross_domain_share": sim.cross_domain_handoffs / sim.num_handoffs if sim.num_handoffs else 0.0,
+                        "cross_domain_gb": sim.cross_domain_bytes / 1e9}
+    data["sim"] = {"router": sim.router.policy.name, "domain_routing": sim.domains is not None,
+                   "block_tokens": sim.block_size, "planner": sim.planner.spec.enabled,
                    "profile": sim.profile.method, "workers_launched": len(sim.workers),
                    "startup_s": sim.config.startup_s, **(extra or {})}
     return data

@@ -10,6 +10,13 @@ engine does). Admission is FIFO and needs the whole prompt + output in KV
 Decoding sequences live in a heap keyed by the step they finish on, and the
 batch's context total is kept incrementally, so a step costs O(finishing
 sequences), not O(batch).
+
+A pure-decode batch runs as one event up to its next finish ("macro step"):
+with the batch fixed, k steps last k(a + b n + c C) + c n k(k-1)/2 (the
+profile's affine step time, the context C growing by n per step), so a
+rack's decode workers cost events per batch change, not per token. Work
+arriving mid-way cuts the run at the step boundary after it (`cut_at`), as
+the engine would admit it at its next step.
 """
 
 from __future__ import annotations
@@ -60,6 +67,8 @@ class SimWorker:
     launched_s: float
     ready_s: float
     max_queue: int = 256
+    kv_blocks: int | None = None
+    """KV pool in this worker's blocks (None: the profile's num_kv_blocks)."""
     state: State = "starting"
     flip_to: str | None = None
     stopped_s: float | None = None
@@ -79,10 +88,17 @@ class SimWorker:
     """Duration of the step in flight."""
     step_decodes: int = 0
     """Sequences decoding in the step in flight."""
+    step_count: int = 1
+    """Steps the event in flight covers (> 1: a pure-decode macro step)."""
+    step_start_s: float = 0.0
+    step_epoch: int = 0
+    """Bumped when a macro step is cut: the superseded completion event is ignored."""
     _chunks: list[tuple[Job, int]] = field(default_factory=list)
+    _load: WorkerLoad | None = None
+    """`load()` until the worker's queues or pool change (submit, step start, step end)."""
 
     def __post_init__(self) -> None:
-        self.cache = SimKvCache(self.profile.num_kv_blocks)
+        self.cache = SimKvCache(self.kv_blocks or self.profile.num_kv_blocks)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -100,6 +116,7 @@ class SimWorker:
 
     def submit(self, req: SimRequest, *, prefill: bool, decode_here: bool) -> None:
         """Queue a prompt to prefill here, or (prefill=False) an imported prompt to decode."""
+        self._load = None
         job = Job(req, req.block_hashes, decode_here=decode_here)
         job.todo_tokens = req.input_tokens if prefill else 0
         self.waiting.append(job)
@@ -109,18 +126,22 @@ class SimWorker:
         return -(-(req.input_tokens + req.output_tokens) // self.block_size) <= self.cache.capacity
 
     def load(self) -> WorkerLoad:
+        if self._load is not None:
+            return self._load
         waiting_tokens = sum(j.todo_tokens for j in self.waiting) + sum(j.todo_tokens for j in self.prefilling)
         role = self.role if self.role in ("prefill", "decode") else "both"
-        return WorkerLoad(self.id, role, waiting_prefill_tokens=waiting_tokens,
-                          active_decode_blocks=self.ctx_sum // self.block_size,
-                          num_running=len(self.prefilling) + len(self.decoding),
-                          num_waiting=len(self.waiting), kv_usage=self.cache.usage,
-                          max_queue=self.max_queue, num_kv_blocks=self.cache.capacity)
+        self._load = WorkerLoad(self.id, role, waiting_prefill_tokens=waiting_tokens,
+                                active_decode_blocks=self.ctx_sum // self.block_size,
+                                num_running=len(self.prefilling) + len(self.decoding),
+                                num_waiting=len(self.waiting), kv_usage=self.cache.usage,
+                                max_queue=self.max_queue, num_kv_blocks=self.cache.capacity)
+        return self._load
 
     # ---- stepping -------------------------------------------------------------------------
 
     def start_step(self) -> float | None:
         """Compose the next batch; its duration, or None when there is nothing to run."""
+        self._load = None
         self._admit()
         n_dec = len(self.decoding)
         budget = max(self.profile.max_num_batched_tokens - n_dec, 0)
@@ -137,13 +158,49 @@ class SimWorker:
         self.step_decodes = n_dec
         if not n_dec and not total:
             return None
+        if not total:
+            self.step_count = self.decoding[0][0] - self.step_idx
+            return self._decode_run_s(self.step_count)
+        self.step_count = 1
         self.step_s = self.profile.prefill_step_s(total) + self.profile.decode_step_s(n_dec, self.ctx_sum)
         return self.step_s
 
+    def cut_at(self, elapsed_s: float) -> float | None:
+        """Work arrived `elapsed_s` into a macro step: end it at the boundary of the step running
+        then. Returns the new duration from its start, or None if it ends there anyway."""
+        if self.step_count <= 1:
+            return None
+        steps = self._steps_within(elapsed_s)
+        if steps >= self.step_count:
+            return None
+        self.step_count = steps
+        self.step_epoch += 1
+        return self._decode_run_s(steps)
+
+    def _decode_run_s(self, steps: int) -> float:
+        """Duration of `steps` pure-decode steps of the current batch (sets step_s, their mean)."""
+        t, n = self.profile.timing, self.step_decodes
+        first = t.decode_base_s + t.decode_s_per_seq * n + t.decode_s_per_ctx_token * self.ctx_sum
+        total = steps * first + t.decode_s_per_ctx_token * n * steps * (steps - 1) / 2
+        self.step_s = total / steps
+        return total
+
+    def _steps_within(self, elapsed_s: float) -> int:
+        """Fewest steps whose run lasts at least `elapsed_s` (at least 1)."""
+        lo, hi = 1, self.step_count
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self._decode_run_s(mid) >= elapsed_s:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
     def finish_step(self) -> StepOutcome:
         first, handoffs, finished = [], [], []
-        self.step_idx += 1
-        self.ctx_sum += self.step_decodes
+        self._load = None
+        self.step_idx += self.step_count
+        self.ctx_sum += self.step_decodes * self.step_count
         decoding = self.decoding
         while decoding and decoding[0][0] <= self.step_idx:
             _, _, job = heapq.heappop(decoding)

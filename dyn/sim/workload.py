@@ -11,9 +11,11 @@ Traces without ids (Azure) get unique hash chains per request.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
 
 from dyn.bench.synth import PromptSynthesizer
-from dyn.bench.trace import Trace
+from dyn.bench.trace import MOONCAKE_BLOCK_TOKENS, Trace, iter_mooncake
 from dyn.kv.hashing import hash_block, hash_blocks
 from dyn.sim.errors import SimError
 
@@ -72,6 +74,36 @@ def build_requests(trace: Trace, block_size: int, *, max_requests: int | None = 
         out.append(SimRequest(idx, record.arrival_s / time_scale, record.input_length,
                               max(1, record.output_length), hashes))
     return out
+
+
+def stream_requests(path: str | Path, block_size: int, *, max_requests: int | None = None,
+                    seed: int = 0, time_scale: float = 1.0) -> Iterator[SimRequest]:
+    """A Mooncake trace as simulated requests, read one at a time (a 1M-request day in
+    constant memory, and no token synthesis or hashing per block).
+
+    Block names come from the ids: sub-block j of id h is h * (512 / block_size) + j. A
+    Mooncake id always follows the same parent, so two prompts share a name exactly when they
+    share the prefix up to it: caches, KV events and the router see the same equalities as
+    with `build_requests`' token hashes, under other integers.
+    """
+    if block_size < 1 or MOONCAKE_BLOCK_TOKENS % block_size:
+        raise SimError(f"must divide the trace's {MOONCAKE_BLOCK_TOKENS}-token blocks, got {block_size}",
+                       field="block_size")
+    if time_scale <= 0:
+        raise SimError(f"must be > 0, got {time_scale}", field="time_scale")
+    per = MOONCAKE_BLOCK_TOKENS // block_size
+    subs = range(per)
+    for idx, record in enumerate(iter_mooncake(path, max_requests)):
+        num_blocks = record.input_length // block_size
+        if not record.hash_ids:
+            hashes = _unique_chain(seed, idx, num_blocks)
+        elif per == 1:
+            hashes = list(record.hash_ids[:num_blocks])
+        else:
+            hashes = [h * per + j for h in record.hash_ids for j in subs]
+            del hashes[num_blocks:]
+        yield SimRequest(idx, record.arrival_s / time_scale, record.input_length,
+                         max(1, record.output_length), hashes)
 
 
 def _unique_chain(seed: int, idx: int, num_blocks: int) -> list[int]:
