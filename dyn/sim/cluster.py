@@ -109,6 +109,9 @@ class Simulation:
                 lambda i: make_router(self.recipe, config.router_policy, config.seed + i, self.block_size),
                 affinity_tokens=config.domain_affinity_tokens, slack=config.domain_slack)
             self.router = self.domains.routers[units[0]]
+        self.kv_event_batches = 0
+        self.kv_event_hashes = 0
+        """KV events published (batches; block hashes in them): the frontends' event load."""
         self.num_handoffs = 0
         self.cross_domain_handoffs = 0
         self.cross_domain_bytes = 0
@@ -347,6 +350,8 @@ class Simulation:
     def _flush_events(self, worker: SimWorker) -> None:
         events = worker.cache.take_events()
         if events:
+            self.kv_event_batches += 1
+            self.kv_event_hashes += sum(len(e.block_hashes) for e in events)
             batch = KvEventBatch(worker.id, worker.event_seq, events)
             if self.domains is not None:
                 self.domains.apply_events(worker, batch)
@@ -424,5 +429,7 @@ def _with_counts(recipe: Recipe, num_prefill: int | None, num_decode: int | None
         want = num_prefill if g.role == "prefill" else num_decode if g.role in ("decode", "both") else None
         if want is not None and want < 0:
             raise SimError(f"must be >= 0, got {want}", field=f"{g.role} count")
-        groups.append(replace(g, replicas=want) if want is not None else g)
+        # A fixed total replaces a per-domain count; placement's pairing rule still spreads it.
+        groups.append(replace(g, replicas=want, replicas_per_domain=None, replicas_per_rack=None)
+                      if want is not None else g)
     return replace(recipe, workers=tuple(groups))

@@ -43,6 +43,9 @@ def sim_report(sim: Simulation, duration_s: float, trace_block_tokens: int,
     data["handoffs"] = {"total": sim.num_handoffs, "cross_domain": sim.cross_domain_handoffs,
                         "cross_domain_share": sim.cross_domain_handoffs / sim.num_handoffs if sim.num_handoffs else 0.0,
                         "cross_domain_gb": sim.cross_domain_bytes / 1e9}
+    data["kv_events"] = {"batches": sim.kv_event_batches, "block_hashes": sim.kv_event_hashes,
+                         "batches_per_s": sim.kv_event_batches / duration_s if duration_s > 0 else 0.0,
+                         "block_hashes_per_s": sim.kv_event_hashes / duration_s if duration_s > 0 else 0.0}
     data["sim"] = {"router": sim.router.policy.name, "domain_routing": sim.domains is not None,
                    "block_tokens": sim.block_size, "planner": sim.planner.spec.enabled,
                    "profile": sim.profile.method, "workers_launched": len(sim.workers),
