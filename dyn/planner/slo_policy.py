@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+from dyn.config.scaling import scale_to_topology
 from dyn.engine.profile import EngineProfile, ProfileError, load_profile, mock_profile, profile_path
 from dyn.planner.actions import counts_of, scaling_actions
 from dyn.planner.policy import (Decision, LoadWindow, ScalingAction, ScalingPolicy, SloPlanner, StaticPolicy,
@@ -71,7 +72,9 @@ def choose_policy(recipe: "Recipe", topology: "Topology", recipe_source: str) ->
 
 
 def slo_planner(recipe: "Recipe", topology: "Topology", profile: EngineProfile) -> SloPlanner:
-    """The planner a deployment of `recipe` runs (the daemon's and the simulator's alike)."""
+    """The planner a deployment of `recipe` runs (the daemon's and the simulator's alike); its
+    bounds are the recipe's scaled to `topology` (per-domain bounds x domains)."""
+    recipe = scale_to_topology(recipe, topology)
     spec = recipe.planner
     if recipe.mode != "disaggregated":  # aggregated: every worker is "both"; the planner sizes one pool
         spec = replace(spec, min_prefill=0, max_prefill=0)

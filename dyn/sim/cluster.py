@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Iterator
 
 from dyn.config.recipe import Recipe
-from dyn.config.scaling import domain_units
+from dyn.config.scaling import domain_units, scale_to_topology
 from dyn.config.topology import Topology
 from dyn.engine.profile import EngineProfile
 from dyn.planner.actions import counts_of, scaling_actions
@@ -89,7 +89,7 @@ class Simulation:
     def __init__(self, topology: Topology, recipe: Recipe, profile: EngineProfile,
                  requests: Iterable[SimRequest], config: SimConfig = SimConfig()) -> None:
         self.topology, self.profile, self.config = topology, profile, config
-        self.recipe = _with_counts(recipe, config.num_prefill, config.num_decode)
+        self.recipe = _with_counts(scale_to_topology(recipe, topology), config.num_prefill, config.num_decode)
         self.requests: list[SimRequest] = []
         """Requests that have arrived (all of them after `run`); streamed from `requests`."""
         self._source: Iterator[SimRequest] = iter(requests)

@@ -118,3 +118,23 @@ def test_a_domain_too_small_for_its_per_domain_groups_is_a_fit_error_at_the_line
     with pytest.raises(FitError) as err:
         place(topo, recipe)
     assert err.value.path == "r.yaml" and err.value.line in (5, 7) and "nvl-a" in str(err.value)
+
+
+def test_the_planner_and_dyn_plan_see_the_scaled_recipe():
+    import json
+
+    from typer.testing import CliRunner
+
+    from dyn.cli.main import app
+    from dyn.engine.profile import load_profile, profile_path
+    from dyn.planner.slo_policy import slo_planner
+
+    topo = load_topology(ROOT / "topologies/gb200-nvl72x4.yaml")
+    recipe = load_recipe(LLAMA)  # unscaled: the planner scales it itself
+    planner = slo_planner(recipe, topo, load_profile(profile_path(LLAMA), recipe))
+    assert (planner.spec.min_prefill, planner.spec.max_decode) == (16, 56)
+    result = CliRunner().invoke(app, ["plan", "-t", str(ROOT / "topologies/gb200-nvl72x100.yaml"),
+                                      "-r", str(LLAMA), "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert len(plan["workers"]) == 2000 and plan["num_gpus_used"] == 6400
