@@ -109,3 +109,16 @@ def test_cli_writes_the_file(tmp_path):
     assert len(lines) == 50 and json.loads(lines[0])["hash_ids"][0] == 0
     bad = CliRunner().invoke(app, ["trace", "synth", "--requests", "0", "--out", str(out)])
     assert bad.exit_code == 2
+
+
+def test_a_streamed_trace_must_be_in_time_order(tmp_path):
+    from dyn.bench.trace import TraceError, iter_mooncake
+
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"timestamp": 10, "input_length": 5, "output_length": 1, "hash_ids": [0]}\n'
+                    '{"timestamp": 4, "input_length": 5, "output_length": 1, "hash_ids": [0]}\n')
+    with pytest.raises(TraceError) as err:
+        list(iter_mooncake(path))
+    assert err.value.line == 2 and err.value.field == "timestamp"
+    arrivals = [r.arrival_s for r in load_trace(path).requests]
+    assert arrivals == sorted(arrivals)  # a loaded trace is sorted instead
