@@ -118,7 +118,9 @@ class Router:
         """Pick the decode worker, then a prefill worker unless prefilling locally is cheap.
 
         Local prefill when the prompt tokens the decode worker lacks are at most
-        `disagg_threshold_tokens`, or when no prefill worker is available.
+        `disagg_threshold_tokens`, or when no prefill worker is available. The prefill worker is
+        taken from the decode worker's NVLink domain when one there can take the request (the
+        hand-off then stays on NVLink), else from any domain.
         """
         overlaps = self.find(request.block_hashes, now)
         decode = self._decide(request, _eligible(decode_candidates, "decode"), overlaps, now,
@@ -132,7 +134,8 @@ class Router:
         except NoWorkerError as err:
             _log.debug("no prefill worker (%s); prefilling on %s", err, decode.worker_id)
             return DisaggDecision(decode=decode, prefill=None)
-        prefill = self._decide(request, eligible, overlaps, now, track_session=False)
+        prefill = self._decide(request, _same_domain(eligible, decode_candidates, decode.worker_id), overlaps,
+                               now, track_session=False)
         self._remember(prefill.worker_id, request, now)
         return DisaggDecision(decode=decode, prefill=prefill)
 
@@ -196,3 +199,13 @@ def _eligible(candidates: Sequence[WorkerLoad], role: WorkerRole | None) -> list
         raise NoWorkerError(f"no {what} can take the request ({len(candidates)} candidates)",
                             role=role, reasons=reasons)
     return eligible
+
+
+def _same_domain(eligible: list[WorkerLoad], decode_candidates: Sequence[WorkerLoad],
+                 decode_id: str) -> list[WorkerLoad]:
+    """The eligible prefill workers in the decode worker's domain, or all when there are none."""
+    domain = next((w.nvlink_domain for w in decode_candidates if w.worker_id == decode_id), None)
+    if domain is None:
+        return eligible
+    same = [w for w in eligible if w.nvlink_domain == domain]
+    return same or eligible

@@ -63,6 +63,8 @@ class WorkerLoad:
     healthy: bool = True
     num_kv_blocks: int = 0
     """Pool size in blocks (0: unknown; disables the memory-pressure term)."""
+    nvlink_domain: str | None = None
+    """The worker's NVLink domain (None: unknown): a disaggregated pair prefers to share one."""
 
     def __post_init__(self) -> None:
         for name in ("waiting_prefill_tokens", "active_decode_blocks", "num_running",

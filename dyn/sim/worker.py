@@ -134,7 +134,8 @@ class SimWorker:
                                 active_decode_blocks=self.ctx_sum // self.block_size,
                                 num_running=len(self.prefilling) + len(self.decoding),
                                 num_waiting=len(self.waiting), kv_usage=self.cache.usage,
-                                max_queue=self.max_queue, num_kv_blocks=self.cache.capacity)
+                                max_queue=self.max_queue, num_kv_blocks=self.cache.capacity,
+                                nvlink_domain=self.domain)
         return self._load
 
     # ---- stepping -------------------------------------------------------------------------

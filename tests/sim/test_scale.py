@@ -10,7 +10,6 @@ from dyn.bench.daytrace import DaySpec, write_day
 from dyn.bench.trace import load_trace
 from dyn.config.recipe import MockTiming
 from dyn.engine.profile import Hardware, RoleProfile
-from dyn.router.domains import DomainBalancer
 from dyn.sim.cluster import SimConfig
 from dyn.sim.errors import SimError
 from dyn.sim.run import load_inputs, simulate
@@ -104,21 +103,3 @@ def test_block_tokens_must_be_a_multiple_of_the_model_block(tmp_path):
                          _day(tmp_path, 10), use_mock=True, stream=True)
     with pytest.raises(SimError, match="block_tokens"):
         simulate(inputs, SimConfig(block_tokens=48))
-
-
-def test_balancer_keeps_keys_spreads_load_and_moves_few_keys():
-    names = [f"d{i}" for i in range(10)]
-    bal = DomainBalancer(names, block_size=32, affinity_tokens=64)
-    idle = {n: 0.0 for n in names}.__getitem__
-    prompts = [[k * 100 + j for j in range(5)] for k in range(2000)]
-    home = [bal.choose(p, idle, 0.0) for p in prompts]
-    assert home == [bal.choose(p, idle, 0.0) for p in prompts]  # same prefix, same domain
-    assert bal.key(prompts[3]) == prompts[3][1] and bal.key(prompts[3][:1]) == prompts[3][0]
-    counts = {n: home.count(n) for n in names}
-    assert max(counts.values()) < 2.0 * min(counts.values())
-    busy = home[0]
-    load = {n: (50.0 if n == busy else 1.0) for n in names}
-    assert bal.choose(prompts[0], load.__getitem__, 5.9) != busy  # over (1 + slack) x mean: next one
-    smaller = DomainBalancer([n for n in names if n != "d3"], block_size=32, affinity_tokens=64)
-    moved = sum(h != smaller.choose(p, idle, 0.0) for p, h in zip(prompts, home) if h != "d3")
-    assert moved == 0  # only d3's keys move when d3 leaves
