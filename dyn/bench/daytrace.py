@@ -52,7 +52,7 @@ _CALIBRATION = {
 }
 # Sessions by number of turns (8,056 sessions, mean 1.49 turns/session): the share that
 # continues after turn k, P(turns > k) / P(turns >= k), for k = 1..8; later turns use the last.
-_CONTINUE_AFTER = (0.2497, 0.3922, 0.4796, 0.5153, 0.5000, 0.5132, 0.4790, 0.6029)
+_CONTINUE_AFTER = (0.2498, 0.3912, 0.5032, 0.5758, 0.5965, 0.6471, 0.7386, 0.7385)
 _MEAN_TURNS = 1.4934
 SHARED_DOC_SHARE = 0.0848
 """First turns that share more than the system block with an earlier request (683 of 8,056)."""
