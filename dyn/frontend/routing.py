@@ -98,7 +98,7 @@ def _load(handle: WorkerHandle, block_size: int) -> WorkerLoad:
         worker_id=handle.id, role=handle.role if handle.role in ("prefill", "decode") else "both",
         waiting_prefill_tokens=max(int(m.get("waiting_prefill_tokens", 0)), 0),
         active_decode_blocks=max(int(m.get("kv_blocks_used", 0)), in_flight_tokens // block_size, 0),
-        num_running=running, num_waiting=handle.queue_depth,
+        num_running=running, num_waiting=handle.queue_depth, nvlink_domain=handle.nvlink_domain,
         kv_usage=min(max(m.get("kv_usage", 0.0), 0.0), 1.0),
         max_queue=handle.limits.max_queue, healthy=True,
         num_kv_blocks=max(int(m.get("kv_blocks_total", 0)), 0))

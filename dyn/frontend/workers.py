@@ -58,6 +58,8 @@ class WorkerHandle:
     metrics: dict[str, float] = field(default_factory=dict)
     kv_events_address: str | None = None
     """The worker's KV-event PUB socket (None: it publishes none; the router predicts)."""
+    nvlink_domain: str | None = None
+    """From the daemon's worker list: a prefill/decode pair prefers one domain."""
     in_flight: int = 0
     """Requests this frontend has open on the worker (fresher than heartbeat metrics)."""
     in_flight_tokens: int = 0
@@ -119,7 +121,7 @@ class WorkerPool:
             if parsed is None:
                 self.num_bad_updates += 1
                 continue
-            wid, role, node, state, address, kv_address, metrics, gpus = parsed
+            wid, role, node, state, address, kv_address, metrics, gpus, domain = parsed
             seen.add(wid)
             handle = self.workers.get(wid)
             if handle is not None and handle.address != address:
@@ -129,6 +131,7 @@ class WorkerPool:
                 handle = self.add(wid, role, address, node=node, state=state, gpus=gpus)
             handle.role, handle.state, handle.metrics, handle.gpus = role, state, metrics, gpus
             handle.kv_events_address = kv_address
+            handle.nvlink_domain = domain
             if state in DEAD_STATES:
                 self._fail_streams(wid, f"the daemon reports the worker {state}")
         for wid in [w for w in self.workers if w not in seen]:
@@ -313,4 +316,5 @@ def _parse_entry(entry: Any):
     node = entry.get("node") if isinstance(entry.get("node"), str) else ""
     kv_address = addresses.get("kv_events")
     kv_address = kv_address if isinstance(kv_address, str) and kv_address.startswith("tcp://") else None
-    return wid, role, node, state, address, kv_address, metrics, gpus
+    domain = entry.get("nvlink_domain") if isinstance(entry.get("nvlink_domain"), str) else None
+    return wid, role, node, state, address, kv_address, metrics, gpus, domain

@@ -140,7 +140,7 @@ class DaemonControl:
         # Replicas share their in-flight load: each learns the others' PUB addresses here.
         replicas = {s.id: s.addresses["load"] for s in frontends if isinstance(s.addresses.get("load"), str)}
         slots = list(self.fleet.slots.values())
-        command = Command("update_workers", {"workers": worker_list(slots), "frontends": replicas,
+        command = Command("update_workers", {"workers": worker_list(slots, self._topology), "frontends": replicas,
                                              "relaunch_s": relaunch_time_s(slots)})
         for slot in frontends:
             await self._send(slot.id, command)

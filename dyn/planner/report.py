@@ -157,10 +157,12 @@ def shuttle_paths(topology: "Topology", recipe: "Recipe", slots: list[ProcessSlo
     return out
 
 
-def worker_list(slots: list[ProcessSlot]) -> list[dict[str, Any]]:
-    """`update_workers` payload for the frontends: every worker process the daemon knows."""
+def worker_list(slots: list[ProcessSlot], topology: "Topology | None" = None) -> list[dict[str, Any]]:
+    """`update_workers` payload for the frontends: every worker process the daemon knows, with
+    its NVLink domain when the topology says (the router keeps a prefill/decode pair in one)."""
     return [{"id": s.id, "role": s.role, "node": s.node, "gpus": list(s.gpus), "state": s.state,
-             "addresses": dict(s.addresses), "metrics": dict(s.metrics)}
+             "addresses": dict(s.addresses), "metrics": dict(s.metrics),
+             "nvlink_domain": topology.domain_of(s.node, s.gpus[0]) if topology is not None and s.gpus else None}
             for s in slots if s.role != "frontend"]
 
 

@@ -46,3 +46,35 @@ def test_balancer_keeps_keys_spreads_load_and_moves_few_keys():
     smaller = DomainBalancer([n for n in names if n != "d3"], block_size=32, affinity_tokens=64)
     moved = sum(h != smaller.choose(p, idle, 0.0) for p, h in zip(prompts, home) if h != "d3")
     assert moved == 0  # only d3's keys move when d3 leaves
+
+
+def test_the_daemons_worker_list_carries_each_workers_domain_to_the_frontend():
+    import asyncio
+    from pathlib import Path
+
+    import zmq.asyncio
+
+    from dyn.config.loader import load_topology
+    from dyn.control.sockets import Security
+    from dyn.frontend.routing import _load
+    from dyn.frontend.workers import WorkerPool
+    from dyn.planner.health import ProcessSlot
+    from dyn.planner.report import worker_list
+
+    topo = load_topology(Path(__file__).resolve().parents[2] / "topologies/gb200-nvl72x4.yaml")
+    slots = [ProcessSlot(id="decode-0", role="decode", node="c-tray03", gpus=(0, 1, 2, 3), state="ready",
+                         addresses={"request": "tcp://127.0.0.1:5999"}),
+             ProcessSlot(id="frontend", role="frontend", node="a-tray01", gpus=())]
+    entries = worker_list(slots, topo)
+    assert [e["nvlink_domain"] for e in entries] == ["nvl-nvl72-c"]
+
+    async def go():
+        ctx = zmq.asyncio.Context()
+        pool = WorkerPool(ctx, Security(), {})
+        pool.update(entries + [{**entries[0], "id": "decode-1", "nvlink_domain": 7}])
+        domains = {w: _load(h, 16).nvlink_domain for w, h in pool.workers.items()}
+        pool.close()
+        await asyncio.sleep(0)
+        ctx.term()
+        return domains
+    assert asyncio.run(go()) == {"decode-0": "nvl-nvl72-c", "decode-1": None}  # a bad value is ignored

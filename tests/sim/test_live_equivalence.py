@@ -79,7 +79,8 @@ def _mirror(load: WorkerLoad) -> WorkerHandle:
     metrics = {"num_running": float(load.num_running), "waiting_prefill_tokens": float(load.waiting_prefill_tokens),
                "kv_blocks_used": float(load.active_decode_blocks), "kv_usage": load.kv_usage,
                "kv_blocks_total": float(load.num_kv_blocks), "num_waiting": float(load.num_waiting)}
-    return WorkerHandle(load.worker_id, load.role, "", "", WorkerLimits(max_queue=load.max_queue), metrics=metrics)
+    return WorkerHandle(load.worker_id, load.role, "", "", WorkerLimits(max_queue=load.max_queue), metrics=metrics,
+                        nvlink_domain=load.nvlink_domain)
 
 
 def _trace(block_size: int, num: int, seed: int) -> tuple[list[SimRequest], dict[tuple[int, ...], list[int]]]:
