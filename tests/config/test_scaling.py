@@ -138,3 +138,18 @@ def test_the_planner_and_dyn_plan_see_the_scaled_recipe():
     assert result.exit_code == 0, result.output
     plan = json.loads(result.output)
     assert len(plan["workers"]) == 2000 and plan["num_gpus_used"] == 6400
+
+
+def test_the_planners_scale_down_step_grows_with_the_domains():
+    from dyn.engine.profile import load_profile, profile_path
+    from dyn.planner.slo_policy import slo_planner
+
+    recipe = load_recipe(LLAMA)
+    profile = load_profile(profile_path(LLAMA), recipe)
+    steps = [slo_planner(recipe, load_topology(ROOT / f"topologies/{t}.yaml"), profile).max_step_down
+             for t in ("gb200-nvl72", "gb200-nvl72x4", "gb200-nvl72x100")]
+    assert steps == [2, 8, 200]
+    fixed = parse_recipe(RECIPE.replace("replicas_per_domain: 1, tp: 2}", "replicas: 2, tp: 2}").replace(
+        "replicas_per_rack: 2", "replicas: 2").replace("min_prefill_per_domain: 1, max_prefill_per_domain: 2",
+                                                       "min_prefill: 1, max_prefill: 4"), "r.yaml")
+    assert slo_planner(fixed, _topo(3), profile).max_step_down == 2  # absolute counts: absolute step
