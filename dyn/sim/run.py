@@ -53,6 +53,9 @@ def simulate(inputs: SimInputs, config: SimConfig = SimConfig(), *, time_scale: 
     """Run the trace through the simulated deployment; the report dict (see dyn.sim.report)."""
     started = time.perf_counter()
     block = config.block_tokens or inputs.recipe.model.block_size
+    if block % inputs.recipe.model.block_size:
+        raise SimError(f"must be a multiple of model.block_size {inputs.recipe.model.block_size}, got {block}",
+                       field="block_tokens")
     if inputs.trace.requests:
         requests: Iterable[SimRequest] = build_requests(inputs.trace, block, max_requests=max_requests,
                                                         seed=config.seed, time_scale=time_scale)
