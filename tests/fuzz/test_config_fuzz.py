@@ -73,6 +73,8 @@ def _outcomes(kind: str, cases: list[Mutant]) -> dict[str, int]:
                 place(LOCAL, parsed)
             except PlacementError as exc:
                 assert str(exc).strip()
+            except ConfigError as exc:  # scaled to this topology, a recipe field is out of range
+                _assert_located(exc, mutant.source, mutant.text)
     return counts
 
 
