@@ -143,6 +143,17 @@ class TextStream:
             full = self._tok.decode(self._ids)
             self.text = full[len(head):] if full.startswith(head) else self._tok.decode(self._ids[self._prefix:])
             self._read = len(self._ids)
+        elif self._read < len(self._ids):
+            # Tokens held back for an incomplete character: no later token completes it now, so
+            # they go out as decoded (replacement characters included). Dropping them made the
+            # text depend on chunk boundaries: a chunk of several tokens held back whole.
+            before = self._tok.decode(self._ids[self._prefix:self._read])
+            now = self._tok.decode(self._ids[self._prefix:])
+            start = len(self.text)
+            self.text += now[len(before):]
+            self._prefix, self._read = self._read, len(self._ids)
+            out = self._check_stop(start) if self._stop else ""
+            return out if self.stopped else out + self._take(len(self.text))
         return self._take(len(self.text))
 
     def _check_stop(self, new_from: int) -> str:

@@ -225,12 +225,18 @@ def alive_script(pids: list[int]) -> str:
 
 
 def owned_script(pids: dict[int, str]) -> str:
-    """Shell that prints each pid that runs and whose command line contains its marker."""
+    """Shell that prints each pid that runs and whose command line contains its marker.
+
+    A process that is exiting (PF_EXITING in its stat flags) but not yet a zombie has an empty
+    command line once its memory is released, which takes seconds for a worker holding GiBs of
+    weights: it still counts as running, or `dyn down` would return while it holds memory and ports."""
     checks = []
     for pid, marker in pids.items():
-        checks.append(f"p={int(pid)}; if [ -r /proc/$p/cmdline ] && "
-                      f"tr '\\0' ' ' </proc/$p/cmdline | grep -qF -- {shlex.quote(marker)}; then "
-                      "s=$(sed 's/.*) //' /proc/$p/stat | cut -c1); [ \"$s\" != Z ] && echo $p; fi")
+        checks.append(f"p={int(pid)}; if [ -r /proc/$p/cmdline ]; then "
+                      "c=$(tr '\\0' ' ' </proc/$p/cmdline); s=$(sed 's/.*) //' /proc/$p/stat); "
+                      "set -- $s; if [ $# -ge 7 ] && [ \"$1\" != Z ] && [ \"$1\" != X ]; then "
+                      "if [ -z \"$c\" ]; then [ $(($7 & 4)) -ne 0 ] && echo $p; "
+                      f"elif printf '%s' \"$c\" | grep -qF -- {shlex.quote(marker)}; then echo $p; fi; fi; fi")
     return "\n".join(checks) + "\ntrue"
 
 

@@ -51,6 +51,23 @@ def test_held_text_is_flushed_at_the_end():
     assert s.flush() == "xy"
 
 
+def test_an_incomplete_character_at_the_end_is_flushed_whatever_the_chunks():
+    # "ab" then the first byte of "é": the chunk is held for its incomplete character and, at
+    # the end, goes out as decoded (was lost: a chunk of several tokens lost its whole text).
+    data = list(b"xy") + list("ab".encode()) + list("é".encode())[:1]
+    full = TOK.decode(data)
+    for step in (1, 2, 3, 6):
+        s = TextStream(TOK)
+        out = [s.add(data[i:i + step]) for i in range(0, len(data), step)]
+        assert "".join(out) + s.flush() == full == "xyab\ufffd"
+
+
+def test_a_stop_string_in_the_flushed_tail_still_stops():
+    s = TextStream(TOK, stop=["b"])
+    assert s.add(list(b"a") + list(b"b") + list("é".encode())[:1]) == ""
+    assert s.flush() == "a" and s.stopped
+
+
 def test_lazy_stream_decodes_once_at_the_end():
     s = TextStream(TOK, prefix_ids=list(b"prompt"), lazy=True)
     assert _feed(s, "héllo", step=2) == ["", "", ""]

@@ -41,6 +41,28 @@ def test_owned_requires_the_marker_in_the_command_line():
         proc.wait()
 
 
+def test_owned_counts_an_exiting_process_until_it_is_a_zombie():
+    """A killed process releasing much memory has an empty command line for a while, yet runs:
+    `dyn down` must wait for it (it held the memory, ports and GPUs of a worker)."""
+    from dyn.launch.local import pid_alive
+
+    code = ("import time; b = bytearray(1 << 30); b[::4096] = bytes(len(b) >> 12); print(1, flush=True); "
+            "time.sleep(30)")
+    proc = subprocess.Popen([sys.executable, "-c", code, "marker-decode-0.json"], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == b"1"
+        proc.kill()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            owned = _sh(owned_script({proc.pid: "marker-decode-0.json"}))
+            if not owned:
+                break
+        assert not pid_alive(proc.pid), "owned_script reported a process gone that still runs"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_put_files_writes_private_files_verbatim(tmp_path):
     from dyn.planner.nodes import put_files_script
 
