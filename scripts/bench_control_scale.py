@@ -39,7 +39,7 @@ from dyn.planner.report import status_payload, worker_list  # noqa: E402
 
 
 def heartbeat_metrics(idx: int) -> dict[str, float]:
-    """What a GPU worker's heartbeat carries (dyn/worker/process.py `_metrics`), tp4."""
+    """What a GPU worker's heartbeat carries (dyn/worker/process_metrics.py `_metrics`), tp4."""
     values = {k: float(idx + i) for i, k in enumerate((
         "num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total", "kv_usage", "prefix_hit_blocks",
         "prefix_lookup_blocks", "num_computed_tokens", "num_generated_tokens", "waiting_prefill_tokens",

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dyn.bench.trace import WHERE_TO_GET, Trace  # noqa: E402
-from dyn.sim.cluster import SimConfig  # noqa: E402
+from dyn.sim.config import SimConfig  # noqa: E402
 from dyn.sim.run import SimInputs, load_inputs, simulate  # noqa: E402
 
 TRACES = {"mooncake-conv": "mooncake/conversation_trace.jsonl",

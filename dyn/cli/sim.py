@@ -40,7 +40,7 @@ def sim(
     Example: dyn sim -t gb200-nvl72 -r llama-3.1-70b-nvl72 --trace conversation_trace.jsonl --json
     """
     from dyn.config.loader import resolve_file
-    from dyn.sim.cluster import SimConfig
+    from dyn.sim.config import SimConfig
     from dyn.sim.run import load_inputs, simulate
 
     if planner not in (None, "on", "off"):

@@ -131,7 +131,16 @@ def _workers(doc: LocatedDoc, raw: Any, mode: str) -> tuple[WorkerGroup, ...]:
 
 
 def _check_sections(doc: LocatedDoc, r: Recipe) -> None:
-    router, planner, front, tiers = r.router, r.planner, r.frontend, r.kv_tiers
+    """What types cannot say about the optional sections, one checker per section, in file order."""
+    _check_router(doc, r.router)
+    _check_planner(doc, r)
+    _check_frontend(doc, r.frontend, r.model.max_context)
+    _check_kv_tiers(doc, r.kv_tiers)
+    _positive(doc, "shuttle.max_inflight_mib", r.shuttle.max_inflight_mib)
+    _check_weights(doc, r.weights)
+
+
+def _check_router(doc: LocatedDoc, router: RouterSpec) -> None:
     _at_least(doc, "router.prefill_weight", router.prefill_weight, 0.0)
     for key in ("host_hit_credit", "disk_hit_credit"):
         value = getattr(router, key)
@@ -157,6 +166,10 @@ def _check_sections(doc: LocatedDoc, r: Recipe) -> None:
                         f"got {router.breaker_cooldown_s:g}")
     if not 0 <= router.max_migrations <= 100:
         raise doc.error("router.max_migrations", f"must be 0..100, got {router.max_migrations}")
+
+
+def _check_planner(doc: LocatedDoc, r: Recipe) -> None:
+    planner = r.planner
     for key in ("ttft_ms", "itl_ms", "interval_s"):
         if getattr(planner, key) <= 0:
             raise doc.error(f"planner.{key}", f"must be > 0, got {getattr(planner, key):g}")
@@ -168,35 +181,43 @@ def _check_sections(doc: LocatedDoc, r: Recipe) -> None:
                         f"got {planner.restart_window_s:g}")
     raw_planner = doc.data.get("planner") or {}
     for role in ("prefill", "decode"):
-        low, high = getattr(planner, f"min_{role}"), getattr(planner, f"max_{role}")
-        per_low, per_high = getattr(planner, f"min_{role}_per_domain"), getattr(planner, f"max_{role}_per_domain")
-        for bound in ("min", "max"):
-            key = f"{bound}_{role}"
-            if f"{key}_per_domain" in raw_planner and key in raw_planner:
-                raise doc.error(f"planner.{key}_per_domain", f"set {key} or {key}_per_domain, not both",
-                                hint=f"{key}_per_domain multiplies by the topology's NVLink domains")
-        for key, value in ((f"min_{role}_per_domain", per_low), (f"max_{role}_per_domain", per_high)):
-            if value is not None:
-                _at_least(doc, f"planner.{key}", value, 0)
-        if per_low is not None and per_high is not None and per_low > per_high:
-            raise doc.error(f"planner.max_{role}_per_domain",
-                            f"max_{role}_per_domain {per_high} is below min_{role}_per_domain {per_low}")
-        _at_least(doc, f"planner.min_{role}", low, 0)
-        group = r.group(role)
-        per_group = group.replicas_per_domain if group else None
-        if (planner.enabled and per_group is not None and per_low is not None and per_high is not None
-                and not per_low <= per_group <= per_high):
-            raise doc.error(f"workers.{role}.replicas_per_domain",
-                            f"{per_group} per domain is outside the planner's {per_low}..{per_high} per domain",
-                            hint=f"start inside planner.min_{role}_per_domain..max_{role}_per_domain")
-        if per_low is not None or per_high is not None or (group and _per_unit(group)):
-            continue  # absolute bounds and counts are checked once scaled to a topology
-        if low > high:
-            raise doc.error(f"planner.max_{role}", f"max_{role} {high} is below min_{role} {low}")
-        if planner.enabled and group and not low <= group.replicas <= high:
-            raise doc.error(f"workers.{role}.replicas",
-                            f"{group.replicas} replicas is outside the planner's range {low}..{high}",
-                            hint=f"start inside planner.min_{role}..max_{role}")
+        _check_planner_bounds(doc, planner, raw_planner, role, r.group(role))
+
+
+def _check_planner_bounds(doc: LocatedDoc, planner: PlannerSpec, raw_planner: dict, role: str,
+                          group: WorkerGroup | None) -> None:
+    """One role's min/max (absolute or per NVLink domain), and the group's start count inside them."""
+    low, high = getattr(planner, f"min_{role}"), getattr(planner, f"max_{role}")
+    per_low, per_high = getattr(planner, f"min_{role}_per_domain"), getattr(planner, f"max_{role}_per_domain")
+    for bound in ("min", "max"):
+        key = f"{bound}_{role}"
+        if f"{key}_per_domain" in raw_planner and key in raw_planner:
+            raise doc.error(f"planner.{key}_per_domain", f"set {key} or {key}_per_domain, not both",
+                            hint=f"{key}_per_domain multiplies by the topology's NVLink domains")
+    for key, value in ((f"min_{role}_per_domain", per_low), (f"max_{role}_per_domain", per_high)):
+        if value is not None:
+            _at_least(doc, f"planner.{key}", value, 0)
+    if per_low is not None and per_high is not None and per_low > per_high:
+        raise doc.error(f"planner.max_{role}_per_domain",
+                        f"max_{role}_per_domain {per_high} is below min_{role}_per_domain {per_low}")
+    _at_least(doc, f"planner.min_{role}", low, 0)
+    per_group = group.replicas_per_domain if group else None
+    if (planner.enabled and per_group is not None and per_low is not None and per_high is not None
+            and not per_low <= per_group <= per_high):
+        raise doc.error(f"workers.{role}.replicas_per_domain",
+                        f"{per_group} per domain is outside the planner's {per_low}..{per_high} per domain",
+                        hint=f"start inside planner.min_{role}_per_domain..max_{role}_per_domain")
+    if per_low is not None or per_high is not None or (group and _per_unit(group)):
+        return  # absolute bounds and counts are checked once scaled to a topology
+    if low > high:
+        raise doc.error(f"planner.max_{role}", f"max_{role} {high} is below min_{role} {low}")
+    if planner.enabled and group and not low <= group.replicas <= high:
+        raise doc.error(f"workers.{role}.replicas",
+                        f"{group.replicas} replicas is outside the planner's range {low}..{high}",
+                        hint=f"start inside planner.min_{role}..max_{role}")
+
+
+def _check_frontend(doc: LocatedDoc, front: FrontendSpec, max_context: int) -> None:
     if not 0 <= front.port <= 65535:
         raise doc.error("frontend.port", f"port must be 0-65535 (0: any free port), got {front.port}")
     _at_least(doc, "frontend.replicas", front.replicas, 1)
@@ -204,9 +225,12 @@ def _check_sections(doc: LocatedDoc, r: Recipe) -> None:
         raise doc.error("frontend.nodes", "names a node twice (replicas are dealt round-robin over the list)")
     if not front.host.strip():
         raise doc.error("frontend.host", "must be an address such as 127.0.0.1")
-    if front.max_prompt_tokens is not None and not 1 <= front.max_prompt_tokens <= r.model.max_context:
+    if front.max_prompt_tokens is not None and not 1 <= front.max_prompt_tokens <= max_context:
         raise doc.error("frontend.max_prompt_tokens",
-                        f"must be 1..{r.model.max_context} (model.max_context), got {front.max_prompt_tokens}")
+                        f"must be 1..{max_context} (model.max_context), got {front.max_prompt_tokens}")
+
+
+def _check_kv_tiers(doc: LocatedDoc, tiers: KvTiersSpec) -> None:
     _at_least(doc, "kv_tiers.host_memory_gib", tiers.host_memory_gib, 0.0)
     _at_least(doc, "kv_tiers.disk_gib", tiers.disk_gib, 0.0)
     for key in ("ttl_s", "retention_ttl_s"):
@@ -219,10 +243,12 @@ def _check_sections(doc: LocatedDoc, r: Recipe) -> None:
         raise doc.error("kv_tiers.retention_priority",
                         f"must be 0..{tiers.max_retention_priority} (kv_tiers.max_retention_priority), "
                         f"got {tiers.retention_priority}")
-    _positive(doc, "shuttle.max_inflight_mib", r.shuttle.max_inflight_mib)
-    if r.weights.source not in ("auto", "disk", "peer"):
-        raise doc.error("weights.source", f"must be auto, disk or peer; got {r.weights.source!r}")
-    share = r.weights.peer_bandwidth_share
+
+
+def _check_weights(doc: LocatedDoc, weights: WeightsSpec) -> None:
+    if weights.source not in ("auto", "disk", "peer"):
+        raise doc.error("weights.source", f"must be auto, disk or peer; got {weights.source!r}")
+    share = weights.peer_bandwidth_share
     if not 0.0 < share <= 1.0:
         raise doc.error("weights.peer_bandwidth_share",
                         f"must be in (0, 1], got {share:g}",

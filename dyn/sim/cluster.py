@@ -1,4 +1,4 @@
-"""The discrete-event simulation: arrivals, worker steps, KV handoffs and planner ticks.
+"""The discrete-event simulation: arrivals, worker steps and KV handoffs (planner ticks: dyn.sim.scaling).
 
 Virtual time jumps from event to event (a heap). The router is the live
 frontend's `dyn.router.Router` (its `route`, as `Routing.choose_workers` calls
@@ -13,83 +13,35 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Iterable, Iterator
 
 from dyn.config.recipe import Recipe
 from dyn.config.scaling import domain_units, scale_to_topology
 from dyn.config.topology import Topology
 from dyn.engine.profile import EngineProfile
-from dyn.planner.actions import counts_of, scaling_actions
-from dyn.planner.policy import Decision, ScalingAction, WorkerView
+from dyn.planner.policy import Decision
 from dyn.planner.slo_policy import slo_planner
 from dyn.router.errors import NoWorkerError
 from dyn.router.events import KvEventBatch
-from dyn.router.router import Router
 from dyn.router.types import RouteHints, RouteRequest
 from dyn.shuttle.errors import PathError
 from dyn.shuttle.path import Endpoint, LinkSpeeds, choose_path
+from dyn.sim.config import SimConfig, Tick, make_router, with_counts
 from dyn.sim.domain_routing import DomainRouting
 from dyn.sim.errors import SimError
+from dyn.sim.scaling import SimScaling
 from dyn.sim.window import ObservationWindow
 from dyn.sim.worker import SimWorker
 from dyn.sim.workload import SimRequest
-from dyn.topology.placement import Placement, WorkerPlacement, place, place_one
+from dyn.topology.placement import WorkerPlacement, place
 
 
-@dataclass(frozen=True)
-class SimConfig:
-    router_policy: str | None = None
-    """None: the recipe's router policy; else any name in dyn.router.POLICY_NAMES."""
-    planner: bool | None = None
-    """None: the recipe's planner.enabled."""
-    num_prefill: int | None = None
-    """Fixed split override (starting counts; with the planner off, the counts)."""
-    num_decode: int | None = None
-    startup_s: float = 30.0
-    """Weight load time of a newly launched worker (it holds its GPUs meanwhile)."""
-    nvlink_gbps: float = 900.0
-    """KV handoff bandwidth of a path over NVLink (cuda_ipc, NIXL over multi-node NVLink), GB/s."""
-    network_gbps: float = 50.0
-    """Of a NIXL path between domains (400G NIC with RDMA), GB/s."""
-    tcp_gbps: float = 2.0
-    """Of a TCP path (no NIXL between domains), GB/s."""
-    nixl: bool = True
-    """Is NIXL installed on the simulated racks? The hand-off path of each prefill->decode pair
-    is the live system's (dyn.shuttle.path.choose_path), so without NIXL a hop between domains
-    costs TCP's bandwidth, not the network's."""
-    fabric_handles: bool = False
-    """Do CUDA fabric handles work across trays (cuda_ipc inside a multi-node NVLink domain)?"""
-    retry_s: float = 0.25
-    max_wait_s: float = 120.0
-    """A request no worker can take for this long fails as overloaded."""
-    seed: int = 0
-    domain_routing: bool = False
-    """One live Router per NVLink domain behind a DomainBalancer (dyn.sim.domain_routing), as a
-    multi-rack site runs them; False: one Router over every worker, as one frontend does."""
-    domain_affinity_tokens: int = 1024
-    """Prompt depth of the balancer's affinity key (past a shared system prompt)."""
-    domain_slack: float = 0.25
-    """A domain takes new keys while its load is within 1 + slack of the mean."""
-    block_tokens: int | None = None
-    """KV accounting and routing granularity in tokens; None: the recipe's block_size. A
-    multiple of it (e.g. a Mooncake trace's 512) cuts the per-block work of long prompts;
-    pools shrink to the same tokens (the fidelity cost is measured in docs/scale.md)."""
-
-
-@dataclass(slots=True)
-class Tick:
-    time_s: float
-    counts: dict[str, int]
-    gpus: int
-    window: dict[str, float] = field(default_factory=dict)
-
-
-class Simulation:
+class Simulation(SimScaling):
     def __init__(self, topology: Topology, recipe: Recipe, profile: EngineProfile,
                  requests: Iterable[SimRequest], config: SimConfig = SimConfig()) -> None:
         self.topology, self.profile, self.config = topology, profile, config
-        self.recipe = _with_counts(scale_to_topology(recipe, topology), config.num_prefill, config.num_decode)
+        self.recipe = with_counts(scale_to_topology(recipe, topology), config.num_prefill, config.num_decode)
         self.requests: list[SimRequest] = []
         """Requests that have arrived (all of them after `run`); streamed from `requests`."""
         self._source: Iterator[SimRequest] = iter(requests)
@@ -259,58 +211,6 @@ class Simulation:
             if self.domains:
                 self.domains.refresh()
 
-    def _tick(self, _: Any) -> None:
-        queued = sum(j.todo_tokens for w in self.workers.values() if w.role == "prefill"
-                     for j in (*w.waiting, *w.prefilling))
-        window = self._window.close(self.now, self._num_waiting(), queued)
-        views = self._views()
-        current = counts_of(views)
-        step = self.planner.plan(window, current, self.now)
-        self.decisions.extend(step.decisions)
-        for action in scaling_actions(step, views, current, disaggregated=self.disagg):
-            self._apply(action)
-        if self.domains:
-            self.domains.refresh()
-        self.ticks.append(Tick(self.now, self._ready_counts(), self._gpus_held(), self._window.last))
-        self._push(self.now + self.recipe.planner.interval_s, "tick", None)
-
-    # ---- actions -----------------------------------------------------------------------------
-
-    def _apply(self, action: ScalingAction) -> None:
-        """What the daemon does for an action, in virtual time: a flip lets the worker finish its
-        requests under the old role first; a stop drains it."""
-        if action.kind == "add":
-            self._launch(action.role or "decode")
-            return
-        worker = self.workers[action.worker_id or ""]
-        if action.kind == "set_role":
-            worker.state, worker.flip_to = "flipping", action.role
-        else:
-            worker.state = "draining"
-        self._maybe_retire(worker)
-
-    def _launch(self, role: str) -> None:
-        used = Placement(tuple(self.placements[w.id] for w in self.workers.values() if w.state != "stopped"),
-                         self.topology.head)
-        if role == "decode" and self.recipe.group("decode") is None:
-            role = "both"
-        wp = place_one(self.topology, self.recipe, role, used)
-        self._add_worker(wp, ready_s=self.now + self.config.startup_s)
-
-    def _maybe_retire(self, worker: SimWorker) -> None:
-        if worker.state not in ("draining", "flipping") or not worker.is_idle:
-            return
-        if worker.state == "flipping":
-            worker.role, worker.flip_to, worker.state = worker.flip_to or worker.role, None, "ready"
-            worker._load = None  # its load names its role
-            worker.profile = self.profile.role(worker.role)
-            return
-        worker.state, worker.stopped_s = "stopped", self.now
-        worker.cache.clear()
-        if self.domains is not None:
-            self.domains.remove_worker(worker)
-        else:
-            self.router.remove_worker(worker.id)
 
     def _kick(self, worker: SimWorker) -> None:
         """Start the worker's next step; if it is in a macro step, new work cuts it short."""
@@ -329,23 +229,6 @@ class Simulation:
         self._push(self.now + duration, "step", (worker, worker.step_epoch))
 
     # ---- helpers -----------------------------------------------------------------------------
-
-    def _add_worker(self, wp: WorkerPlacement, ready_s: float) -> None:
-        group = self.recipe.group(wp.role)  # type: ignore[arg-type]
-        if wp.id in self.workers:
-            raise SimError(f"worker id {wp.id} placed twice", field="workers")
-        role = self.profile.role(wp.role)
-        worker = SimWorker(wp.id, wp.role, max(wp.num_gpus, 1), wp.nvlink_domain, role,
-                           self.block_size, launched_s=self.now, ready_s=ready_s,
-                           max_queue=group.max_queue if group else 256,
-                           kv_blocks=role.num_kv_blocks * self.recipe.model.block_size // self.block_size)
-        self.workers[wp.id], self.placements[wp.id] = worker, wp
-        if self.domains is not None:
-            self.domains.add_worker(worker, wp.nvlink_domain or wp.node)
-        if ready_s <= self.now:
-            worker.state = "ready"
-        else:
-            self._push(ready_s, "ready", worker)
 
     def _flush_events(self, worker: SimWorker) -> None:
         events = worker.cache.take_events()
@@ -386,50 +269,6 @@ class Simulation:
         self._left += 1
         self._push(req.arrival_s, "arrive", req)
 
-    def _views(self) -> list[WorkerView]:
-        """The workers as the daemon's policy sees its slots. A flipping worker already shows its
-        new role, ready (the daemon flips a slot in place), while it finishes old-role requests."""
-        views = []
-        for w in self.workers.values():
-            if w.state == "stopped":
-                continue
-            role, state = (w.flip_to or w.role, "ready") if w.state == "flipping" else (w.role, w.state)
-            views.append(WorkerView(w.id, role, "", (), state, {"in_flight": float(w.num_jobs + w.incoming)}))
-        return views
-
-    def _ready_counts(self) -> dict[str, int]:
-        out = {"prefill": 0, "decode": 0, "starting": 0, "draining": 0}
-        for w in self.workers.values():
-            if w.state == "ready":
-                out["decode" if w.role == "both" else w.role] += 1
-            elif w.state in ("starting", "draining", "flipping"):
-                out["starting" if w.state == "starting" else "draining"] += 1
-        return out
-
-    def _gpus_held(self) -> int:
-        return sum(w.num_gpus for w in self.workers.values() if w.state != "stopped")
-
-    def _num_waiting(self) -> int:
-        return sum(len(w.waiting) for w in self.workers.values())
-
     def _push(self, when: float, kind: str, data: Any) -> None:
         heapq.heappush(self._heap, (when, next(self._order), kind, data))
 
-
-def make_router(recipe: Recipe, policy: str | None = None, seed: int | None = None,
-                block_size: int | None = None) -> Router:
-    """The router exactly as the live frontend builds it (dyn.frontend.routing.Routing); a
-    coarser `block_size` only when the simulation accounts KV in coarser blocks."""
-    return Router(recipe.router, block_size or recipe.model.block_size, policy=policy, seed=seed)
-
-
-def _with_counts(recipe: Recipe, num_prefill: int | None, num_decode: int | None) -> Recipe:
-    groups = []
-    for g in recipe.workers:
-        want = num_prefill if g.role == "prefill" else num_decode if g.role in ("decode", "both") else None
-        if want is not None and want < 0:
-            raise SimError(f"must be >= 0, got {want}", field=f"{g.role} count")
-        # A fixed total replaces a per-domain count; placement's pairing rule still spreads it.
-        groups.append(replace(g, replicas=want, replicas_per_domain=None, replicas_per_rack=None)
-                      if want is not None else g)
-    return replace(recipe, workers=tuple(groups))

@@ -13,7 +13,8 @@ from dyn.config.scaling import scale_to_topology
 from dyn.config.recipe import Recipe
 from dyn.config.topology import Topology
 from dyn.engine.profile import EngineProfile, load_profile, mock_profile, profile_path
-from dyn.sim.cluster import SimConfig, Simulation
+from dyn.sim.cluster import Simulation
+from dyn.sim.config import SimConfig
 from dyn.sim.report import sim_report
 from dyn.sim.errors import SimError
 from dyn.sim.workload import SimRequest, build_requests, stream_requests

@@ -12,7 +12,8 @@ from dyn.config.loader import load_recipe, load_topology
 from dyn.engine.profile import mock_profile
 from dyn.planner.forecast import ForecastError, HoltForecaster, make_forecaster
 from dyn.planner.policy import Counts, LoadWindow, SloPlanner
-from dyn.sim.cluster import SimConfig, Simulation
+from dyn.sim.cluster import Simulation
+from dyn.sim.config import SimConfig
 from dyn.sim.workload import build_requests
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -25,7 +25,8 @@ from dyn.router.errors import NoWorkerError
 from dyn.router.events import KvEventBatch
 from dyn.router.router import Router
 from dyn.router.types import RouteChoice, RouteRequest, WorkerLoad
-from dyn.sim.cluster import SimConfig, Simulation
+from dyn.sim.cluster import Simulation
+from dyn.sim.config import SimConfig
 from dyn.sim.workload import SimRequest
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ from dyn.bench.daytrace import DaySpec, write_day
 from dyn.bench.trace import load_trace
 from dyn.config.recipe import MockTiming
 from dyn.engine.profile import Hardware, RoleProfile
-from dyn.sim.cluster import SimConfig
+from dyn.sim.config import SimConfig
 from dyn.sim.errors import SimError
 from dyn.sim.run import load_inputs, simulate
 from dyn.sim.worker import SimWorker

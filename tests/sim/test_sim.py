@@ -17,7 +17,8 @@ from dyn.frontend.routing import Routing
 from dyn.kv.events import KvEvent
 from dyn.router.events import KvEventBatch
 from dyn.router.types import RouteRequest, WorkerLoad
-from dyn.sim.cluster import SimConfig, Simulation, make_router
+from dyn.sim.cluster import Simulation
+from dyn.sim.config import SimConfig, make_router
 from dyn.sim.errors import SimError
 from dyn.sim.kvcache import SimKvCache
 from dyn.sim.run import load_inputs, simulate
