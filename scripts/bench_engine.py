@@ -59,7 +59,9 @@ def main() -> int:
             if proc.returncode != 0:
                 print(f"{phase} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
                 return 1
-            results[phase] = json.loads(proc.stdout.strip().splitlines()[-1])
+            # the phase prints its result as the last JSON line; vLLM logs to stdout as well
+            results[phase] = json.loads(next(line for line in reversed(proc.stdout.splitlines())
+                                             if line.startswith("{")))
             if saved is not None:
                 saved.parent.mkdir(parents=True, exist_ok=True)
                 saved.write_text(json.dumps(results[phase]))
@@ -143,10 +145,15 @@ def _run_hf(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[list[li
 
 
 def _run_vllm(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[list[list[int]], int, float]:
+    # As dyn's vLLM workers run it on CPU (dyn/engine/vllm_args.py): no thread pinning (it fails in
+    # containers), a bounded KV space, eager mode (torch.compile costs minutes per start on CPU).
+    os.environ.update({"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "4",
+                       "OMP_NUM_THREADS": str(args.threads), "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"})
     import vllm
 
     llm = vllm.LLM(model=args.model_dir, dtype="float32", max_model_len=max(len(p) for p in prompts) + args.output,
-                   max_num_seqs=len(prompts), max_num_batched_tokens=args.max_batched_tokens, seed=0)
+                   max_num_seqs=len(prompts), max_num_batched_tokens=args.max_batched_tokens, seed=0,
+                   enforce_eager=True)
     params = vllm.SamplingParams(max_tokens=args.output, min_tokens=args.output, temperature=0.0, ignore_eos=True)
     t0, c0 = time.perf_counter(), time.process_time()  # vLLM's engine core is another process: wall time only
     results = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
