@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import zmq
 import zmq.asyncio
@@ -119,6 +120,27 @@ def decode_or_record(codec: Codec, data: bytes | memoryview, bad: BadMessages) -
     except ProtocolError as exc:
         bad.record(exc)
         return None
+
+
+class Routed(NamedTuple):
+    """A message received on a ROUTER socket, with the identity to answer."""
+
+    identity: bytes
+    message: Message
+
+
+async def receive_routed(sock: zmq.asyncio.Socket, codec: Codec, bad: BadMessages) -> Routed | None:
+    """Receive one [identity, frame] message from a ROUTER socket.
+
+    A wrong frame count or an undecodable frame is counted in `bad` and gives None (never
+    raises on peer input). The frame is decoded in place (no copy of large payloads).
+    """
+    frames = await sock.recv_multipart(copy=False)
+    if len(frames) != 2:
+        bad.record(f"frame count: {len(frames)} frames")
+        return None
+    message = decode_or_record(codec, frames[1].buffer, bad)
+    return None if message is None else Routed(frames[0].bytes, message)
 
 
 def tcp_address(host: str, port: int) -> str:

@@ -17,7 +17,7 @@ import zmq.asyncio
 
 from dyn import __version__
 from dyn.control.messages import CONTROL_CODEC, CliReply, CliRequest, Command, Heartbeat, Register, RegisterAck
-from dyn.control.sockets import Security, decode_or_record, server_socket, tcp_address
+from dyn.control.sockets import Security, receive_routed, server_socket, tcp_address
 from dyn.planner.policy import StaticPolicy
 from dyn.planner.report import planner_status, relaunch_time_s, status_payload, worker_list
 from dyn.planner.state import Snapshot
@@ -31,15 +31,11 @@ class DaemonControl:
 
     async def _receive(self) -> None:
         while True:
-            frames = await self._sock.recv_multipart()
+            received = await receive_routed(self._sock, CONTROL_CODEC, self.bad)
             self.num_messages += 1
-            if len(frames) != 2:
-                self.bad.record("wrong frame count")
+            if received is None:
                 continue
-            identity, data = frames
-            message = decode_or_record(CONTROL_CODEC, data, self.bad)
-            if message is None:
-                continue
+            identity, message = received
             try:
                 reply = self._handle(identity, message)
             except Exception:  # one bad request must never take the daemon down

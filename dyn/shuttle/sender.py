@@ -25,7 +25,7 @@ import zmq
 import zmq.asyncio
 
 from dyn.config.recipe import ShuttleSpec
-from dyn.control.sockets import BadMessages, Security, decode_or_record, server_socket
+from dyn.control.sockets import BadMessages, Security, receive_routed, server_socket
 from dyn.errors import ProtocolError
 from dyn.shuttle.blocks import CHECKSUM, check_views
 from dyn.shuttle.errors import TransferError
@@ -200,12 +200,10 @@ class ShuttleSender:
     async def _serve_forever(self) -> None:
         assert self._sock is not None
         while True:
-            frames = await self._sock.recv_multipart()
-            if len(frames) != 2:
-                self._bad.record(f"frame count: {len(frames)} frames")
+            received = await receive_routed(self._sock, CODEC, self._bad)
+            if received is None:
                 continue
-            identity, data = frames
-            msg = decode_or_record(CODEC, data, self._bad)
+            identity, msg = received
             if isinstance(msg, Pull):
                 await self._on_pull(identity, msg)
             elif isinstance(msg, Credit):

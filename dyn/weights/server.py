@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import zmq
 import zmq.asyncio
 
-from dyn.control.sockets import BadMessages, Security, decode_or_record, server_socket
+from dyn.control.sockets import BadMessages, Security, receive_routed, server_socket
 from dyn.shuttle import SenderConfig, ShuttleSender, TransferError
 from dyn.engine.weight_arena import WeightArena
 from dyn.weights.manifest import WeightManifest
@@ -103,15 +103,12 @@ class WeightServer:
         # One request at a time per server: the pacer orders batches anyway, and a slow
         # receiver holds only its own offer, never the loop.
         while True:
-            frames = await self._sock.recv_multipart()
-            if len(frames) != 2:
-                self._bad.record(f"frame count: {len(frames)} frames")
+            received = await receive_routed(self._sock, WEIGHTS_CODEC, self._bad)
+            if received is None:
                 continue
-            identity, data = frames
-            msg = decode_or_record(WEIGHTS_CODEC, data, self._bad)
+            identity, msg = received
             if not isinstance(msg, OfferWeights):
-                if msg is not None:
-                    self._bad.record(f"unexpected: {type(msg).__name__}")
+                self._bad.record(f"unexpected: {type(msg).__name__}")
                 continue
             reply = await self._answer(msg)
             await self._sock.send_multipart([identity, WEIGHTS_CODEC.encode(reply)])

@@ -21,8 +21,8 @@ from dyn import PROTOCOL_VERSION
 from dyn.control.kv_events import KvSnapshot, KvSnapshotRequest
 from dyn.control.requests import (REQUEST_CODEC, Cancel, CloseSession, Finish, GenerateRequest,
                                   RequestFailed)
-from dyn.control.sockets import BadMessages, Security, decode_or_record, server_socket
-from dyn.engine.backend import Backend, EngineRequest, TokenOutput
+from dyn.control.sockets import BadMessages, Security, receive_routed, server_socket
+from dyn.engine.backend import EngineRequest, TokenOutput
 from dyn.errors import DynError, RequestError
 from dyn.kv.retention import Retention
 from dyn.worker.engine_loop import EngineLoop
@@ -101,12 +101,10 @@ class RequestServer:
         sender = asyncio.create_task(self._send_loop())
         try:
             while True:
-                frames = await self._sock.recv_multipart(copy=False)
-                if len(frames) != 2:
-                    self.bad.record("wrong frame count")
+                received = await receive_routed(self._sock, REQUEST_CODEC, self.bad)
+                if received is None:
                     continue
-                client, data = frames[0].bytes, frames[1].buffer
-                message = decode_or_record(REQUEST_CODEC, data, self.bad)
+                client, message = received
                 if isinstance(message, GenerateRequest):
                     await self._start(client, message)
                 elif isinstance(message, Cancel) and self._loop is not None:
@@ -115,7 +113,7 @@ class RequestServer:
                     self._loop.submit(lambda e, sid=message.session_id: e.release_session(sid))
                 elif isinstance(message, KvSnapshotRequest) and self.kv_snapshot is not None:
                     self._send(client, self.kv_snapshot())
-                elif message is not None:
+                else:
                     self.bad.record(f"unexpected {type(message).__name__}")
         finally:
             sender.cancel()
