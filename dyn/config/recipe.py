@@ -199,6 +199,10 @@ class AuthSpec:
 class ShuttleSpec:
     transport: Transport = "auto"
     max_inflight_mib: int = 512
+    pull_timeout_s: float = 30.0
+    """How long a decode worker waits for a prompt's KV from the prefill worker (shuttle pull, or
+    vLLM's KV connector) before it prefills the prompt itself; keep it under router.stall_timeout_s
+    so the decode worker recovers before the frontend gives the request up."""
 
 
 WeightsSource = Literal["auto", "disk", "peer"]

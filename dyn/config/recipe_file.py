@@ -137,6 +137,7 @@ def _check_sections(doc: LocatedDoc, r: Recipe) -> None:
     _check_frontend(doc, r.frontend, r.model.max_context)
     _check_kv_tiers(doc, r.kv_tiers)
     _positive(doc, "shuttle.max_inflight_mib", r.shuttle.max_inflight_mib)
+    _positive(doc, "shuttle.pull_timeout_s", r.shuttle.pull_timeout_s)
     _check_weights(doc, r.weights)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
 from dyn.engine.backend import (Backend, EngineRequest, EngineStats, KvExport, KvImport,
@@ -48,7 +49,11 @@ class _RemoteDecode:
 
     first_token: int
     fallback: EngineRequest
-    """Prompt + first token, run locally if vLLM samples a different first token."""
+    """Prompt + first token, run locally if vLLM samples a different first token or the KV never comes."""
+    deadline: float
+    """time.monotonic() by which the KV must have arrived (the first output), else the prompt is
+    prefilled here: vLLM retries a failed NIXL handshake without end (measured on 0.32), so a vanished
+    prefill worker would otherwise leave the request waiting forever."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -69,6 +74,8 @@ class ConnectorStats:
     """Prompt tokens whose KV arrived over the connector (PromptTokenStats.external_kv_transfer)."""
     first_token_mismatches: int = 0
     """Decode requests whose re-sampled first token differed: re-run locally after the streamed one."""
+    pull_timeouts: int = 0
+    """Decode requests whose prompt KV did not arrive within the pull timeout: prefilled locally."""
 
 
 class VllmEngine(Backend):
@@ -134,6 +141,8 @@ class VllmEngine(Backend):
 
     def step(self) -> list[TokenOutput]:
         outputs: list[TokenOutput] = []
+        if self._remote:
+            self._expire_remote(time.monotonic())
         if self._engine.has_unfinished_requests():
             for out in self._engine.step():
                 converted = self._convert(out)
@@ -164,25 +173,25 @@ class VllmEngine(Backend):
                               "(is the recipe's mode disaggregated?)")
         return params
 
-    def add_remote_decode(self, request: EngineRequest, transfer_params: dict, first_token: int) -> None:
+    def add_remote_decode(self, request: EngineRequest, transfer_params: dict, first_token: int,
+                          timeout_s: float = 30.0) -> None:
         """Decode `request` with its prompt KV pulled from the prefill worker that sampled first_token.
 
         vLLM's decode side recomputes the prompt's last token to get logits and
         samples the first token again; under greedy decoding (or the same seed)
         it equals first_token and is dropped, since the client already has it.
+        No output within timeout_s (the pull failed or hangs): the prompt is
+        prefilled here instead, after the already-streamed first token.
         """
         if not self.disaggregated:
             raise RequestError("this vLLM worker has no KV connector (recipe mode is not disaggregated)",
                                field="kv_source")
         params = {**transfer_params, "do_remote_prefill": True, "do_remote_decode": False}
-        wanted = request.sampling.max_tokens
-        sampling = dataclasses.replace(request.sampling, max_tokens=None if wanted is None else wanted + 1)
-        fallback = dataclasses.replace(
-            request, prompt_token_ids=[*request.prompt_token_ids, first_token],
-            sampling=dataclasses.replace(request.sampling, max_tokens=request.sampling.max_tokens))
-        self._remote[request.request_id] = _RemoteDecode(first_token, fallback)
+        # max_tokens counts first_token, as for every engine: vLLM's re-sampled copy of it fills that slot.
+        fallback = dataclasses.replace(request, prompt_token_ids=[*request.prompt_token_ids, first_token])
+        self._remote[request.request_id] = _RemoteDecode(first_token, fallback, time.monotonic() + timeout_s)
         self.connector.remote_prefills += 1
-        self._add(dataclasses.replace(request, sampling=sampling), params)
+        self._add(request, params)
 
     def export_kv(self, request_id: str) -> KvExport:
         raise EngineError("engine vllm hands KV over through its KV connector, not dyn's shuttle")
@@ -259,6 +268,8 @@ class VllmEngine(Backend):
         if remote is not None and token_ids:
             del self._remote[rid]
             if token_ids[0] != remote.first_token:
+                self.connector.first_token_mismatches += 1
+                log.warning("request %s: decode re-sampled a different first token; continuing locally", rid)
                 return self._rerun_locally(rid, remote)
             token_ids = token_ids[1:]
             logprobs = logprobs[1:] if logprobs else logprobs
@@ -277,10 +288,16 @@ class VllmEngine(Backend):
         return TokenOutput(rid, token_ids, finished=finished, finish_reason=reason, logprobs=logprobs,
                            num_cached_tokens=first)
 
+    def _expire_remote(self, now: float) -> None:
+        for rid, remote in [(rid, r) for rid, r in self._remote.items() if now >= r.deadline]:
+            del self._remote[rid]
+            self.connector.pull_timeouts += 1
+            log.warning("request %s: prompt KV did not arrive from the prefill worker in time; prefilling "
+                        "locally", rid)
+            self._rerun_locally(rid, remote)
+
     def _rerun_locally(self, rid: str, remote: _RemoteDecode) -> None:
-        """vLLM sampled another first token than the one streamed: continue after the streamed one."""
-        self.connector.first_token_mismatches += 1
-        log.warning("request %s: decode re-sampled a different first token; continuing locally", rid)
+        """Continue after the already-streamed first token without the remote KV."""
         self._engine.abort_request([self._live.pop(rid)])
         fallback = remote.fallback
         left = fallback.sampling.max_tokens

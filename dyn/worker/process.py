@@ -119,7 +119,7 @@ class WorkerProcess(ProcessMetrics):
             if recipe.model.engine == "vllm":
                 from dyn.worker.vllm_handoff import VllmHandoff
 
-                self.handoff = VllmHandoff(self.loop)
+                self.handoff = VllmHandoff(self.loop, pull_timeout_s=recipe.shuttle.pull_timeout_s)
             else:
                 self.handoff = await start_handoff(ctx, security, recipe, topology, cfg, self.engine, self.loop)
             self.server.import_kv = self.handoff.import_and_decode

@@ -74,13 +74,13 @@ async def start_handoff(ctx, security: Security, recipe, topology, cfg: ProcessC
     from dyn.worker.kv_path import TopologyPaths
 
     if recipe.mode != "disaggregated" or engine.block_bytes <= 0:
-        return KvHandoff(loop, sender=None, receiver=None)
+        return KvHandoff(loop, sender=None, receiver=None, pull_timeout_s=recipe.shuttle.pull_timeout_s)
     sweep_stale_segments()
     cuda = recipe.model.device == "cuda" or (recipe.model.device == "auto" and bool(cfg.gpus))
     nixl = nixl_available()
     paths = TopologyPaths(topology, Endpoint(cfg.node, tuple(cfg.gpus)), recipe.shuttle.transport,
                           cuda_available=cuda, nixl_available=nixl)
-    handoff = KvHandoff(loop, sender=None, receiver=None, paths=paths)
+    handoff = KvHandoff(loop, sender=None, receiver=None, paths=paths, pull_timeout_s=recipe.shuttle.pull_timeout_s)
     sender_config = SenderConfig.from_spec(recipe.shuttle, address=f"tcp://{cfg.bind_host}:0",
                                            cuda_available=cuda, nixl_available=nixl,
                                            node=cfg.node, gpus=tuple(cfg.gpus))

@@ -177,8 +177,7 @@ class RequestServer:
                  ", salted" if msg.salt else "", extra={"request_id": rid})
         try:
             if msg.kv_source is not None and self.import_kv is not None:
-                source = msg.kv_source.get("address") if isinstance(msg.kv_source, dict) else None
-                log.info("KV pull from %s", source, extra={"request_id": rid})
+                log.info("KV pull from %s", _kv_origin(msg.kv_source), extra={"request_id": rid})
                 await self.import_kv(stream, msg)  # adds the request itself
             else:
                 await asyncio.wrap_future(self._loop.submit(lambda e: e.add_request(request)))
@@ -306,3 +305,13 @@ def engine_request(msg: GenerateRequest) -> EngineRequest:
                          sampling=msg.sampling, priority=msg.priority, salt=msg.salt,
                          prefill_only=msg.prefill_only, retention=retention,
                          retention_blocks=msg.retention_blocks, session_id=msg.session_id)
+
+
+def _kv_origin(kv_source: object) -> str:
+    """Where a hand-off's KV comes from, for the log: a shuttle address or vLLM's NIXL side channel."""
+    if not isinstance(kv_source, dict):
+        return "an unreadable offer"
+    vllm = kv_source.get("vllm")
+    if isinstance(vllm, dict):
+        return f"{vllm.get('remote_host')}:{vllm.get('remote_port')} (vLLM NIXL)"
+    return str(kv_source.get("address", "an offer without an address"))

@@ -7,9 +7,11 @@
                <====== NIXL (UCX; cpu buffer on CPU, VRAM on GPUs) ======  prompt blocks, then decodes
 
 The same hooks as the shuttle hand-off (export / import_and_decode), so the
-request server and the frontend need no vLLM-specific path. A failed pull is
-recomputed by vLLM itself (kv_load_failure_policy=recompute): the request
-still succeeds, and the connector's failure counter says it happened.
+request server and the frontend need no vLLM-specific path. A failed block
+load is recomputed by vLLM itself (kv_load_failure_policy=recompute); a pull
+that never completes (vLLM retries a failed handshake without end, e.g. when
+the prefill worker is gone) is given up after shuttle.pull_timeout_s and the
+prompt prefilled here. Either way the request succeeds and a counter says so.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ class VllmHandoffStats:
 
 
 class VllmHandoff:
-    def __init__(self, loop: EngineLoop) -> None:
+    def __init__(self, loop: EngineLoop, *, pull_timeout_s: float = 30.0) -> None:
         self._loop = loop
+        self._pull_timeout_s = pull_timeout_s
         self.stats = VllmHandoffStats()
 
     async def close(self) -> None:
@@ -71,4 +74,5 @@ class VllmHandoff:
             await asyncio.wrap_future(self._loop.submit(lambda e: e.add_request(local)))
             return
         self.stats.pulls += 1
-        await asyncio.wrap_future(self._loop.submit(lambda e: e.add_remote_decode(request, params, first)))
+        timeout = self._pull_timeout_s
+        await asyncio.wrap_future(self._loop.submit(lambda e: e.add_remote_decode(request, params, first, timeout)))

@@ -10,7 +10,9 @@ arrived instead of being recomputed.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import os
 import signal
 import subprocess
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import yaml
 
 from sshd import free_port
 from smollm2 import smollm2_checkpoint
@@ -34,18 +37,26 @@ MODEL = "smollm2"
 SHORT = ["Hi", "What is 2+2?", "Name a colour."]
 LONG = ["Summarize the history of Paris. " * 12, "Explain how a bicycle works, step by step. " * 10,
         "List prime numbers and say why each is prime. " * 9]
+FAILED_PULL = ["Describe the ocean in detail. " * 10, "Tell me about mountains and rivers. " * 10]
+"""Sent to the decode worker only, with offers whose pull fails: fresh prompts (no cached blocks)."""
+SERVED = len(SHORT) + len(LONG)
 
 
 class VllmDeployment:
-    def __init__(self, tmp: Path, model_dir: Path) -> None:
+    def __init__(self, tmp: Path, model_dir: Path, mode: str = "disaggregated") -> None:
+        """The shipped recipe; `mode="aggregated"` keeps its engine settings and runs one `both` worker."""
         self.port = free_port()
-        self.name = f"vllm-{os.getpid()}"
-        text = (ROOT / "recipes" / "smollm2-vllm-local.yaml").read_text()
-        text = (text.replace("port: 8000", f"port: {self.port}")
-                .replace("~/.cache/dyn/models/smollm2", str(model_dir))
-                .replace("name: smollm2-vllm-local", f"name: {self.name}"))
+        self.name = f"vllm-{mode[:3]}-{os.getpid()}"
+        recipe = yaml.safe_load((ROOT / "recipes" / "smollm2-vllm-local.yaml").read_text())
+        recipe["name"] = self.name
+        recipe["model"]["path"] = str(model_dir)
+        recipe["frontend"]["port"] = self.port
+        if mode == "aggregated":
+            recipe["mode"] = "aggregated"
+            recipe["workers"] = {"both": recipe["workers"]["decode"]}
+            recipe["router"].pop("disagg_threshold_tokens")
         self.recipe = tmp / "recipe.yaml"
-        self.recipe.write_text(text)
+        self.recipe.write_text(yaml.safe_dump(recipe))
         self.env = {**os.environ, "DYN_STATE_DIR": str(tmp / "state"), "DYN_NODE_STATE_DIR": str(tmp / "nodes"),
                     "HF_HUB_OFFLINE": "1", "DYN_TIMEOUTS": "register_s=60,load_s=240,heartbeat_s=10,stop_s=20"}
         self.pids: list[int] = []
@@ -80,6 +91,16 @@ class VllmDeployment:
                 values[stat] = float(line.rsplit(" ", 1)[1])
         return values
 
+    def connector_log(self) -> str:
+        """The workers' log lines about the KV connector (NIXL): what an assertion shows when a transfer did not count."""
+        keys = ("nixl", "transfer", "handshake", "kv_load", "error", "traceback", "warning")
+        shown = []
+        for worker in ("prefill-0", "decode-0"):
+            result = self.dyn("logs", worker, "--name", self.name, "-n", "4000", timeout=30)
+            picked = [line for line in result.stdout.splitlines() if any(k in line.lower() for k in keys)]
+            shown.append(f"--- {worker} ({len(picked)} lines)\n" + "\n".join(picked[-40:]))
+        return "\n".join(shown)
+
     def down(self) -> None:
         self.dyn("down", "--name", self.name, timeout=120)
         for pid in set(self.pids):  # nothing of ours outlives the test (vLLM children are in the group)
@@ -100,7 +121,7 @@ def prompts(model_dir) -> list[list[int]]:
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    return [tokenizer.encode(text, add_special_tokens=False).ids for text in SHORT + LONG]
+    return [tokenizer.encode(text, add_special_tokens=False).ids for text in SHORT + LONG + FAILED_PULL]
 
 
 @pytest.fixture(scope="module")
@@ -127,34 +148,47 @@ def deployment(tmp_path_factory, model_dir, reference):
         d.down()
 
 
+def _greedy_texts(d: VllmDeployment, prompts: list[list[int]]) -> list[str]:
+    client = _client(d)
+    texts = []
+    for prompt in prompts:
+        got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert got.usage.completion_tokens == MAX_TOKENS
+        texts.append(got.choices[0].text)
+    return texts
+
+
+def _decoded(model_dir: Path, token_lists: list[list[int]]) -> list[str]:
+    """The frontend detokenizes with the same tokenizer: equal text means equal tokens here."""
+    from dyn.config.recipe import ModelSpec
+    from dyn.frontend.text import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelSpec(path=str(model_dir)))
+    return [tokenizer.decode(tokens) for tokens in token_lists]
+
+
 def _client(d: VllmDeployment) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"http://127.0.0.1:{d.port}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def test_greedy_tokens_equal_vllm_generate_locally_and_through_the_nixl_handoff(deployment, model_dir, prompts,
                                                                                 reference):
-    from dyn.config.recipe import ModelSpec
-    from dyn.frontend.text import load_tokenizer
-
-    tokenizer = load_tokenizer(ModelSpec(path=str(model_dir)))
-    client = _client(deployment)
+    prompts, reference = prompts[:SERVED], reference[:SERVED]
     before = deployment.worker_metrics("decode-0")
-    for i, (prompt, want) in enumerate(zip(prompts, reference)):
-        got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
-                                        extra_body={"ignore_eos": True})
-        # The frontend detokenizes with the same tokenizer: equal text means equal tokens here.
-        assert got.choices[0].text == tokenizer.decode(want), f"prompt {i} ({len(prompt)} tokens)"
-        assert got.usage.completion_tokens == MAX_TOKENS
+    assert _greedy_texts(deployment, prompts) == _decoded(model_dir, reference)
     after = deployment.worker_metrics("decode-0")
     long_prompts = [p for p in prompts if len(p) > 32]
     assert len(long_prompts) == len(LONG)
     assert after["remote_prefills"] - before.get("remote_prefills", 0) == len(LONG)
-    assert after["successful_transfers"] - before.get("successful_transfers", 0) >= len(LONG)
+    pulled = after["successful_transfers"] - before.get("successful_transfers", 0)
+    failed = after["failed_transfers"] - before.get("failed_transfers", 0)
+    assert pulled >= len(LONG) and failed == 0, \
+        f"decode-0 connector counters {after} (before {before})\n{deployment.connector_log()}"
     # The decode worker loaded (did not compute) the prompt KV: at most the last partial block is
     # recomputed locally (vLLM recomputes the last prompt token for its logits).
     loaded = after["external_hit_tokens"] - before.get("external_hit_tokens", 0)
     assert loaded >= sum(len(p) - 32 for p in long_prompts)
-    assert after["failed_transfers"] == 0
     # vLLM's own accounting on the decode worker: the long prompts' tokens arrived over the connector;
     # what it computed locally is the short prompts plus at most one block per long prompt.
     transferred = after["prompt_tokens_transferred"] - before.get("prompt_tokens_transferred", 0)
@@ -187,3 +221,88 @@ def test_openai_client_chat_streaming_usage_and_stop_strings(deployment):
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == text
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 16
+
+
+def _gone_offer(prompt: list[int], block_ids: list) -> dict:
+    """vLLM transfer parameters naming a prefill engine whose NIXL side channel nobody answers."""
+    port = free_port()
+    return {"remote_engine_id": f"gone-{port}", "remote_request_id": f"gone-{port}", "remote_host": "127.0.0.1",
+            "remote_port": port, "remote_block_ids": block_ids, "tp_size": 1}
+
+
+def test_a_failed_kv_pull_is_recomputed_on_the_decode_worker_and_the_request_succeeds(deployment, prompts,
+                                                                                      reference):
+    """The hand-off as a vanished prefill worker leaves it, sent to decode-0 as the frontend sends a
+    hand-off: vLLM's NIXL handshake times out (5 s), the connector counts the failure, vLLM recomputes
+    the prompt (kv_load_failure_policy=recompute) and the request returns vLLM's greedy tokens."""
+    prompt, want = prompts[SERVED], reference[SERVED]
+    blocks = [list(range(math.ceil(len(prompt) / 32)))]  # one list per KV cache group
+    before = deployment.worker_metrics("decode-0")
+    got = asyncio.run(_decode_directly(deployment, "decode-0", prompt, first_token=want[0],
+                                       kv_source={"vllm": _gone_offer(prompt, blocks)}, max_tokens=MAX_TOKENS))
+    after = deployment.worker_metrics("decode-0")
+    assert got == want[1:]
+    assert after["remote_prefills"] - before.get("remote_prefills", 0) == 1
+    assert after["failed_transfers"] - before.get("failed_transfers", 0) >= 1, \
+        f"decode-0 connector counters {after} (before {before})\n{deployment.connector_log()}"
+    assert after["successful_transfers"] == before.get("successful_transfers", 0)
+
+
+def test_a_pull_that_never_completes_is_given_up_after_the_pull_timeout(deployment, prompts, reference):
+    """An offer vLLM 0.32 cannot handle (flat block ids, as from a prefill worker of another vLLM
+    version): its handshake-failure callback raises, the request would wait forever. The decode
+    worker gives the pull up after shuttle.pull_timeout_s (15 s in the recipe) and prefills itself."""
+    prompt, want = prompts[SERVED + 1], reference[SERVED + 1]
+    blocks = list(range(math.ceil(len(prompt) / 32)))
+    before = deployment.worker_metrics("decode-0")
+    got = asyncio.run(_decode_directly(deployment, "decode-0", prompt, first_token=want[0],
+                                       kv_source={"vllm": _gone_offer(prompt, blocks)}, max_tokens=MAX_TOKENS))
+    after = deployment.worker_metrics("decode-0")
+    assert after["pull_timeouts"] - before.get("pull_timeouts", 0) == 1, \
+        f"decode-0 connector counters {after} (before {before})\n{deployment.connector_log()}"
+    assert got == want[1:]
+
+
+async def _decode_directly(d: VllmDeployment, worker_id: str, prompt: list[int], **hand_off) -> list[int]:
+    """One GenerateRequest on a worker's request plane, with the CLI's keys (as the frontend sends it)."""
+    import zmq.asyncio
+
+    from dyn.control.keys import load_process_keys
+    from dyn.control.requests import Finish, GenerateRequest, RequestFailed, TokenChunk
+    from dyn.control.sampling import SamplingParams
+    from dyn.frontend.workers import WorkerPool
+    from dyn.control.sockets import Security
+
+    worker = next(w for w in d.status()["workers"] if w["id"] == worker_id)
+    keys = load_process_keys(Path(d.env["DYN_STATE_DIR"]) / d.name / "cli.keys.json")
+    ctx = zmq.asyncio.Context()
+    pool = WorkerPool(ctx, Security.from_keys(keys))
+    try:
+        pool.add(worker_id, worker["role"], worker["addresses"]["request"])
+        max_tokens = hand_off.pop("max_tokens")
+        request = GenerateRequest(f"direct-{os.getpid()}", prompt, SamplingParams(
+            max_tokens=max_tokens, temperature=0.0, ignore_eos=True), **hand_off)
+        queue = await pool.open(worker_id, request)
+        tokens: list[int] = []
+        while True:
+            msg = await asyncio.wait_for(queue.get(), 120)
+            if isinstance(msg, TokenChunk):
+                tokens += msg.token_ids
+            elif isinstance(msg, RequestFailed):
+                raise AssertionError(f"request failed: {msg}")
+            elif isinstance(msg, Finish):
+                return tokens
+    finally:
+        pool.close()
+        ctx.destroy(linger=0)
+
+
+def test_an_aggregated_deployment_answers_vllm_generate_greedy_tokens(tmp_path, model_dir, prompts, reference):
+    """mode: aggregated, one vLLM worker with the shipped recipe's engine settings."""
+    d = VllmDeployment(tmp_path, model_dir, mode="aggregated")
+    try:
+        d.up()
+        assert [w["role"] for w in d.status()["workers"] if w["role"] != "frontend"] == ["both"]
+        assert _greedy_texts(d, prompts[:SERVED]) == _decoded(model_dir, reference[:SERVED])
+    finally:
+        d.down()

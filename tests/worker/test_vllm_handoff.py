@@ -24,8 +24,8 @@ class FakeVllm:
     def add_request(self, request) -> None:
         self.added.append(request)
 
-    def add_remote_decode(self, request, params, first_token) -> None:
-        self.remote.append((request, params, first_token))
+    def add_remote_decode(self, request, params, first_token, timeout_s) -> None:
+        self.remote.append((request, params, first_token, timeout_s))
 
     def take_transfer_params(self, rid: str) -> dict:
         return self.params.pop(rid)
@@ -37,7 +37,7 @@ def _run(fn):
         loop = EngineLoop(engine, lambda outputs: None)  # type: ignore[arg-type]
         loop.start()
         try:
-            return engine, await fn(VllmHandoff(loop))
+            return engine, await fn(VllmHandoff(loop, pull_timeout_s=7.0))
         finally:
             loop.stop()
     return asyncio.run(main())
@@ -56,8 +56,8 @@ def test_prefill_export_carries_vllm_transfer_params_in_the_offer():
 def test_decode_hands_the_params_and_first_token_to_vllm():
     stream = Stream("r1", b"client", 3)
     engine, handoff = _run(lambda h: _done(h.import_and_decode(stream, _msg({"vllm": {"x": 1}})), h))
-    [(request, params, first)] = engine.remote
-    assert params == {"x": 1} and first == 42 and request.prompt_token_ids == [5, 6, 7]
+    [(request, params, first, timeout_s)] = engine.remote
+    assert params == {"x": 1} and first == 42 and request.prompt_token_ids == [5, 6, 7] and timeout_s == 7.0
     assert handoff.stats.pulls == 1 and not engine.added
 
 
