@@ -68,6 +68,9 @@ class ConnectorStats:
     successful_transfers: int = 0
     bytes_transferred: int = 0
     failed_transfers: int = 0
+    """Failed NIXL reads, handshakes and notifications."""
+    expired_leases: int = 0
+    """Prompt KV the prefill worker freed before the decode worker read it (vLLM's kv lease ran out)."""
     prompt_tokens_computed: int = 0
     """Prompt tokens this engine ran through the model (vLLM's PromptTokenStats.computed)."""
     prompt_tokens_transferred: int = 0
@@ -342,4 +345,6 @@ class VllmEngine(Backend):
             self.connector.bytes_transferred += int(sum(data.get("bytes_transferred", ())))
             for key in ("num_failed_transfers", "num_failed_handshakes", "num_failed_notifications"):
                 self.connector.failed_transfers += len(data.get(key, ()))
+            for key in ("num_kv_expired_reqs", "num_notifications_after_expiry"):
+                self.connector.expired_leases += len(data.get(key, ()))
 
