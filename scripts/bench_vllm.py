@@ -125,6 +125,34 @@ async def replay(url: str, model: str, prompts: list[list[int]], concurrency: in
             "hit_rate": round(cached / max(prompt_tokens, 1), 4)}
 
 
+# ---- CPU accounting --------------------------------------------------------
+
+def tree_cpu_s(roots: list[int]) -> float:
+    """CPU seconds (user + system) used so far by `roots` and every live descendant."""
+    children: dict[int, list[int]] = {}
+    cpu: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid, ppid = int(entry), int(fields[1])
+        children.setdefault(ppid, []).append(pid)
+        cpu[pid] = (int(fields[11]) + int(fields[12])) / tick
+    total, todo, seen = 0.0, list(roots), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        total += cpu.get(pid, 0.0)
+        todo += children.get(pid, [])
+    return total
+
+
 # ---- servers ---------------------------------------------------------------
 
 class VllmServe:
@@ -145,6 +173,9 @@ class VllmServe:
     def __enter__(self):
         wait_http(self.url + "/v1/models", 300)
         return self
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid]
 
     def __exit__(self, *exc) -> None:
         os.killpg(self.proc.pid, signal.SIGTERM)
@@ -180,13 +211,48 @@ frontend: {{port: {self.port}}}
             raise RuntimeError(result.stdout[-2000:] + result.stderr[-2000:])
         return self
 
+    def pids(self) -> list[int]:
+        """Daemon, frontend and workers (vLLM's engine processes are their children)."""
+        result = subprocess.run([str(BIN / "dyn"), "status", "--name", self.name, "--json"], env=self.env,
+                                capture_output=True, text=True, timeout=60)
+        status = json.loads(result.stdout)
+        return [p for p in [status.get("daemon", {}).get("pid"), *(w.get("pid") for w in status["workers"])] if p]
+
     def __exit__(self, *exc) -> None:
         subprocess.run([str(BIN / "dyn"), "down", "--name", self.name], env=self.env, capture_output=True, timeout=120)
 
 
-def run_client(url: str, prompts: list[list[int]], concurrency: int, max_tokens: int) -> dict:
-    asyncio.run(replay(url, "smollm2", prompts[:2], 1, 4))  # warm-up: first-request costs out of the figures
-    return asyncio.run(replay(url, "smollm2", prompts, concurrency, max_tokens))
+def run_client(url: str, prompts: list[list[int]], concurrency: int, max_tokens: int,
+               pids: list[int] | None = None) -> dict:
+    """One closed-loop replay; with `pids`, also the server side's CPU ms per request (all its processes)."""
+    warm_up = [[999 - i] * 64 for i in range(2)]  # first-request costs out of the figures, nothing cached
+    asyncio.run(replay(url, "smollm2", warm_up, 1, 4))
+    before = tree_cpu_s(pids) if pids else 0.0
+    result = asyncio.run(replay(url, "smollm2", prompts, concurrency, max_tokens))
+    if pids:
+        result["server_cpu_ms_per_req"] = round(1000 * (tree_cpu_s(pids) - before) / len(prompts), 1)
+    return result
+
+
+def median_of(runs: list[dict]) -> dict:
+    keys = [k for k in runs[0] if isinstance(runs[0][k], (int, float))]
+    return {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in keys} | {"rounds": len(runs)}
+
+
+def overhead(model: str, threads: int, num_requests: int, concurrency: int, max_tokens: int, rounds: int) -> dict:
+    """Both servers up at once (one idles while the other is measured), rounds interleaved A B, B A, ...
+    so machine load drifts hit both alike; medians per side. Each round has its own prompts (both sides
+    the same ones), so neither side serves a round from the previous round's prefix cache."""
+    runs: dict[str, list[dict]] = {"vllm_serve": [], "dyn_1_worker": []}
+    with VllmServe(model, threads) as server, DynUp(model, threads, 1, "kv") as dyn:
+        sides = {"vllm_serve": server, "dyn_1_worker": dyn}
+        pids = {name: side.pids() for name, side in sides.items()}
+        for r in range(rounds):
+            order = list(sides) if r % 2 == 0 else list(reversed(sides))
+            for name in order:
+                prompts = overhead_trace(num_requests, seed=r)
+                runs[name].append(run_client(sides[name].url, prompts, concurrency, max_tokens, pids[name]))
+    return {name: {"median": median_of(rs), "runs": rs} for name, rs in runs.items()}
 
 
 def main() -> None:
@@ -197,14 +263,12 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="OpenMP threads per engine")
+    ap.add_argument("--rounds", type=int, default=3, help="overhead: interleaved rounds per side (medians)")
     args = ap.parse_args()
     report = {"load_avg": os.getloadavg(), "args": vars(args)}
     if args.part in ("overhead", "both"):
-        prompts = overhead_trace(args.requests)
-        with VllmServe(args.model, args.threads) as server:
-            report["vllm_serve"] = run_client(server.url, prompts, args.concurrency, args.max_tokens)
-        with DynUp(args.model, args.threads, 1, "kv") as dyn:
-            report["dyn_1_worker"] = run_client(dyn.url, prompts, args.concurrency, args.max_tokens)
+        report["overhead"] = overhead(args.model, args.threads, args.requests, args.concurrency, args.max_tokens,
+                                      args.rounds)
     if args.part in ("routing", "both"):
         prompts = shared_prefix_trace(args.requests)
         for policy in ("kv", "round-robin"):
