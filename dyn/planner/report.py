@@ -60,6 +60,8 @@ def status_payload(*, name: str, phase: str, started_at: float, wall_now: float,
     extra["breakers"] = breakers(slots)
     extra["frontends"] = frontends(slots)
     extra["frontend_urls"] = sorted({f["url"] for f in extra["frontends"] if f["url"]}) or [frontend_url]
+    if frontend_url.endswith(":0"):  # the recipe asked for any free port: show the one the frontend took
+        frontend_url = extra["frontend_urls"][0]
     silent = silent_kv_publishers(slots)
     if silent:
         extra["kv_events_silent"] = silent

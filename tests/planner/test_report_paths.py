@@ -48,3 +48,14 @@ def test_cpu_workers_on_one_node_use_shm(device):
     slots = [ProcessSlot("prefill-0", "prefill", "local", ()), ProcessSlot("decode-0", "decode", "local", ())]
     paths = shuttle_paths(load_topology(ROOT / "topologies/local.yaml"), recipe, slots)
     assert paths["pairs"][0]["transport"] == "shm" and paths["pairs"][0]["hop"] == "same_node"
+
+
+def test_status_shows_the_port_a_frontend_took_when_the_recipe_asked_for_any():
+    from dyn.planner.report import status_payload
+
+    front = ProcessSlot("frontend", "frontend", "local", ())
+    front.addresses = {"http": "http://127.0.0.1:41234"}
+    payload = status_payload(name="d", phase="running", started_at=0.0, wall_now=1.0, now=1.0,
+                             frontend_url="http://127.0.0.1:0", config_hash="h", slots=[front], events=[],
+                             daemon={}, error=None)
+    assert payload["frontend_url"] == "http://127.0.0.1:41234"
