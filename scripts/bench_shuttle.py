@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import statistics
@@ -30,15 +31,17 @@ def main() -> None:
     parser.add_argument("--sizes-mib", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--block-kib", type=int, default=512, help="KV block payload size")
     parser.add_argument("--transports", nargs="+", default=None, help="default: every usable one")
+    parser.add_argument("--chunk-mib", type=int, default=None,
+                        help="sender payload per message (default: SenderConfig's)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     block_bytes = args.block_kib << 10
     transports = args.transports or _usable_transports()
     if args.serve:
-        asyncio.run(_serve(block_bytes, max(args.sizes_mib), transports))
+        asyncio.run(_serve(block_bytes, max(args.sizes_mib), transports, args.chunk_mib))
         return
-    rows = asyncio.run(_measure(block_bytes, args.sizes_mib, transports, args.repeats))
+    rows = asyncio.run(_measure(block_bytes, args.sizes_mib, transports, args.repeats, args.chunk_mib))
     _print_table(rows, transports, args)
 
 
@@ -56,13 +59,15 @@ def _usable_transports() -> list[str]:
     return names
 
 
-async def _serve(block_bytes: int, max_mib: int, transports: list[str]) -> None:
+async def _serve(block_bytes: int, max_mib: int, transports: list[str], chunk_mib: int | None) -> None:
     """Child: offer the first N blocks of one pool whenever the parent asks on stdin."""
     num_blocks = (max_mib << 20) // block_bytes
     pool = np.random.default_rng(0).integers(0, 256, (num_blocks, block_bytes), dtype=np.uint8)
     views = [memoryview(b) for b in pool]
     hashes = list(range(1, num_blocks + 1))
     config = SenderConfig(pin_timeout_s=60.0, transports=tuple(transports))
+    if chunk_mib is not None:
+        config = dataclasses.replace(config, chunk_bytes=chunk_mib << 20)
     loop = asyncio.get_running_loop()
     async with ShuttleSender(block_bytes, config=config) as tx:
         while line := await loop.run_in_executor(None, sys.stdin.readline):
@@ -72,9 +77,10 @@ async def _serve(block_bytes: int, max_mib: int, transports: list[str]) -> None:
 
 
 async def _measure(block_bytes: int, sizes_mib: list[int], transports: list[str],
-                   repeats: int) -> list[dict[str, float]]:
+                   repeats: int, chunk_mib: int | None) -> list[dict[str, float]]:
+    chunk = ["--chunk-mib", str(chunk_mib)] if chunk_mib is not None else []
     child = subprocess.Popen([sys.executable, __file__, "--serve", "--block-kib", str(block_bytes >> 10),
-                              "--sizes-mib", str(max(sizes_mib)), "--transports", *transports],
+                              "--sizes-mib", str(max(sizes_mib)), *chunk, "--transports", *transports],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         dest = np.ones(((max(sizes_mib) << 20) // block_bytes, block_bytes), dtype=np.uint8)

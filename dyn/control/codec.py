@@ -45,7 +45,7 @@ class Codec:
             assert dataclasses.is_dataclass(cls) and cls.TYPE, cls
             assert cls.TYPE not in self._types, f"duplicate message type {cls.TYPE}"
             self._types[cls.TYPE] = cls
-            _hints(cls)  # resolve the annotations now: a bad one fails at import, not on receipt
+            _plan(cls)  # resolve the annotations now: a bad one fails at import, not on receipt
 
     def encode(self, message: Message) -> bytes:
         return msgpack.packb([PROTOCOL_VERSION, message.TYPE, _fields(message)], use_bin_type=True)
@@ -93,63 +93,113 @@ def _build(cls: type, fields: Any, where: str) -> Any:
     """`cls(**fields)` after checking every field against its annotation; unknown fields are refused."""
     if not isinstance(fields, dict):
         raise ProtocolError(f"{where}: fields are not a map")
-    hints = _hints(cls)
-    unknown = set(fields) - set(hints)
-    if unknown:
-        raise ProtocolError(f"{where}: unknown fields {sorted(unknown)}")
+    names, plan = _plan(cls)
+    if not names.issuperset(fields):
+        raise ProtocolError(f"{where}: unknown fields {sorted(set(fields) - names)}")
     values = {}
-    for f in dataclasses.fields(cls):
-        if f.name in fields:
-            values[f.name] = _check(fields[f.name], hints[f.name], f"{where}.{f.name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ProtocolError(f"{where}: missing field {f.name!r}")
+    for name, check, required in plan:
+        if name in fields:
+            values[name] = check(fields[name], f"{where}.{name}")
+        elif required:
+            raise ProtocolError(f"{where}: missing field {name!r}")
     return cls(**values)
+
+
+Check = typing.Callable[[Any, str], Any]
+
+
+@functools.cache
+def _plan(cls: type) -> tuple[frozenset[str], tuple[tuple[str, Check, bool], ...]]:
+    """Per message class, once: its field names and one compiled checker per field. Decoding is
+    on every hot path (a KV hand-off decodes a message per chunk), so the annotations are
+    interpreted here instead of on each receipt."""
+    hints = _hints(cls)
+    plan = tuple((f.name, _checker(hints[f.name]),
+                  f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+                 for f in dataclasses.fields(cls))
+    return frozenset(hints), plan
 
 
 def _check(value: Any, hint: Any, where: str) -> Any:
     """Validate `value` against a type hint; return it (tuples from lists where declared)."""
+    return _checker(hint)(value, where)
+
+
+@functools.cache
+def _checker(hint: Any) -> Check:
+    """A function that validates a value against `hint` and returns it (tuples from lists
+    where declared), raising ProtocolError naming `where`."""
     origin = get_origin(hint)
     if hint is Any:
-        return value
+        return lambda value, where: value
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
+        return lambda value, where: _build(hint, value, where)
     if origin in (Union, types.UnionType):
-        for option in get_args(hint):
-            try:
-                return _check(value, option, where)
-            except ProtocolError:
-                continue
-        raise ProtocolError(f"{where}: {type(value).__name__} does not match {hint}")
+        options = [_checker(option) for option in get_args(hint)]
+
+        def check_union(value: Any, where: str) -> Any:
+            for option in options:
+                try:
+                    return option(value, where)
+                except ProtocolError:
+                    continue
+            raise ProtocolError(f"{where}: {type(value).__name__} does not match {hint}")
+        return check_union
     if hint is type(None):
-        if value is None:
-            return None
-        raise ProtocolError(f"{where}: expected null")
+        def check_none(value: Any, where: str) -> None:
+            if value is None:
+                return None
+            raise ProtocolError(f"{where}: expected null")
+        return check_none
     if origin is typing.Literal:
-        if value in get_args(hint):
-            return value
-        raise ProtocolError(f"{where}: {value!r} not one of {get_args(hint)}")
+        allowed = get_args(hint)
+
+        def check_literal(value: Any, where: str) -> Any:
+            if value in allowed:
+                return value
+            raise ProtocolError(f"{where}: {value!r} not one of {allowed}")
+        return check_literal
     if origin in (list, tuple):
-        if not isinstance(value, list):
-            raise ProtocolError(f"{where}: expected a list, got {type(value).__name__}")
         args = get_args(hint)
-        item = args[0] if args else Any
-        checked = [_check(v, item, where) for v in value]
-        return tuple(checked) if origin is tuple else checked
+        item_hint = args[0] if args else Any
+        item = _checker(item_hint)
+        as_tuple = origin is tuple
+
+        def check_list(value: Any, where: str) -> Any:
+            if not isinstance(value, list):
+                raise ProtocolError(f"{where}: expected a list, got {type(value).__name__}")
+            if item_hint is int and all(type(v) is int for v in value):  # the common case, in one pass
+                return tuple(value) if as_tuple else value
+            checked = [item(v, where) for v in value]
+            return tuple(checked) if as_tuple else checked
+        return check_list
     if origin is dict:
-        if not isinstance(value, dict):
-            raise ProtocolError(f"{where}: expected a map, got {type(value).__name__}")
-        key_hint, value_hint = get_args(hint) or (Any, Any)
-        return {_check(k, key_hint, where): _check(v, value_hint, where) for k, v in value.items()}
+        key, val = (_checker(h) for h in (get_args(hint) or (Any, Any)))
+
+        def check_dict(value: Any, where: str) -> Any:
+            if not isinstance(value, dict):
+                raise ProtocolError(f"{where}: expected a map, got {type(value).__name__}")
+            return {key(k, where): val(v, where) for k, v in value.items()}
+        return check_dict
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ProtocolError(f"{where}: expected a number, got {type(value).__name__}")
+        def check_float(value: Any, where: str) -> float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            raise ProtocolError(f"{where}: expected a number, got {type(value).__name__}")
+        return check_float
     if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ProtocolError(f"{where}: expected an integer, got {type(value).__name__}")
+        def check_int(value: Any, where: str) -> int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            raise ProtocolError(f"{where}: expected an integer, got {type(value).__name__}")
+        return check_int
     if hint in (str, bool, bytes):
-        if type(value) is hint:
-            return value
-        raise ProtocolError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
-    raise ProtocolError(f"{where}: unsupported field type {hint}")
+        def check_exact(value: Any, where: str) -> Any:
+            if type(value) is hint:
+                return value
+            raise ProtocolError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
+        return check_exact
+
+    def unsupported(value: Any, where: str) -> Any:
+        raise ProtocolError(f"{where}: unsupported field type {hint}")
+    return unsupported
