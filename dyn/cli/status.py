@@ -88,7 +88,21 @@ def planner_lines(payload: dict[str, Any], num_decisions: int = 5) -> list[str]:
             out.append(f"  {pair['prefill']} -> {pair['decode']}: {pair['transport']}{hop} ({pair['reason']})")
         if paths.get("error"):
             out.append(f"  error: {paths['error']}")
+        for w in payload.get("workers", []):
+            used = (w.get("shuttle") or {})
+            if used.get("pulls"):
+                moved = ", ".join(f"{t} {_size(b)}" for t, b in used.get("bytes_by_transport", {}).items())
+                out.append(f"  {w['id']} pulled: {moved or 'nothing'} ({used['pulls']:.0f} pulls, "
+                           f"{used.get('pull_failures', 0):.0f} failed, {used.get('local_fallbacks', 0):.0f} "
+                           f"prefilled locally)")
     return out
+
+
+def _size(num_bytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes:.0f} B"
 
 
 def _clock(wall_time) -> str:

@@ -32,6 +32,9 @@ def slot_status(slot: ProcessSlot, now: float, topology: "Topology | None" = Non
     for key in _SHOWN_METRICS:
         if key in slot.metrics:
             entry[key] = slot.metrics[key]
+    shuttle = shuttle_counters(slot.metrics)
+    if shuttle:
+        entry["shuttle"] = shuttle
     weights = slot.info.get("weights") if isinstance(slot.info, dict) else None
     if isinstance(weights, dict):  # how it got its weights (fast replica start) and how long it took
         entry["weights"] = {k: weights.get(k) for k in ("source", "peer", "transport", "load_s", "ready_s",
@@ -40,6 +43,17 @@ def slot_status(slot: ProcessSlot, now: float, topology: "Topology | None" = Non
         entry["metrics"], entry["info"] = dict(slot.metrics), dict(slot.info)
         entry["domain"] = topology.domain_of(slot.node, slot.gpus[0]) if slot.gpus else None
     return entry
+
+
+def shuttle_counters(metrics: dict[str, float]) -> dict[str, Any]:
+    """What a worker's KV pulls really did (empty for a worker that never pulls): with
+    `shuttle_paths`, an operator sees whether each pair moves its KV the planned way."""
+    if "kv_pulls" not in metrics:
+        return {}
+    prefix = "shuttle_bytes."
+    return {"pulls": metrics["kv_pulls"], "pull_failures": metrics.get("kv_pull_failures", 0.0),
+            "local_fallbacks": metrics.get("kv_local_fallbacks", 0.0),
+            "bytes_by_transport": {k[len(prefix):]: v for k, v in sorted(metrics.items()) if k.startswith(prefix)}}
 
 
 def status_payload(*, name: str, phase: str, started_at: float, wall_now: float, now: float,

@@ -9,7 +9,7 @@ import pytest
 from dyn.cli.status import planner_lines
 from dyn.config.loader import load_topology, parse_recipe
 from dyn.planner.health import ProcessSlot
-from dyn.planner.report import shuttle_paths
+from dyn.planner.report import shuttle_paths, slot_status
 from dyn.shuttle.transports import nixl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,3 +59,19 @@ def test_status_shows_the_port_a_frontend_took_when_the_recipe_asked_for_any():
                              frontend_url="http://127.0.0.1:0", config_hash="h", slots=[front], events=[],
                              daemon={}, error=None)
     assert payload["frontend_url"] == "http://127.0.0.1:41234"
+
+
+def test_status_shows_what_each_decode_worker_really_pulled_by_transport(monkeypatch):
+    monkeypatch.setattr(nixl, "is_available", lambda: False)
+    slots = _slots()
+    slots[1].metrics.update({"kv_pulls": 3.0, "kv_pull_failures": 1.0, "kv_local_fallbacks": 1.0,
+                             "shuttle_bytes.tcp": 3 * 2.0**20, "shuttle_gbps.tcp": 1.5})
+    slots[2].metrics.update({"requests_total": 4.0})  # heard nothing about pulls yet: no block
+    workers = [slot_status(s, 0.0) for s in slots]
+    assert workers[1]["shuttle"] == {"pulls": 3.0, "pull_failures": 1.0, "local_fallbacks": 1.0,
+                                     "bytes_by_transport": {"tcp": 3 * 2.0**20}}
+    assert "shuttle" not in workers[2]
+    paths = shuttle_paths(load_topology(ROOT / "topologies/gb200-nvl72x4.yaml"), RECIPE, slots)
+    lines = planner_lines({"shuttle_paths": paths, "workers": workers})
+    assert "  decode-0 pulled: tcp 3.0 MiB (3 pulls, 1 failed, 1 prefilled locally)" in lines
+    assert not any("decode-1 pulled" in line for line in lines)
