@@ -38,6 +38,9 @@ def main() -> None:
     args = parser.parse_args()
     block_bytes = args.block_kib << 10
     transports = args.transports or _usable_transports()
+    import uvloop  # both sides on the event loop dyn's workers run (dyn.cli.process)
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     if args.serve:
         asyncio.run(_serve(block_bytes, max(args.sizes_mib), transports, args.chunk_mib))
         return
