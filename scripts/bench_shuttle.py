@@ -23,7 +23,8 @@ import time
 import numpy as np
 
 from dyn.shuttle import OfferDescriptor, ReceiverConfig, SenderConfig, ShuttleReceiver, ShuttleSender
-from dyn.shuttle.ring import sweep_stale_segments
+from dyn.shuttle.blocks import copy_checksum
+from dyn.shuttle.ring import ShmRing, sweep_stale_segments
 
 
 def main() -> None:
@@ -87,7 +88,8 @@ async def _measure(block_bytes: int, sizes_mib: list[int], transports: list[str]
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         dest = np.ones(((max(sizes_mib) << 20) // block_bytes, block_bytes), dtype=np.uint8)
-        rows = [dict(zip(("memcpy", "memcpy/cpu"), _memcpy(mib << 20, repeats)), mib=mib) for mib in sizes_mib]
+        rows = [dict(zip(("memcpy", "memcpy/cpu"), _memcpy(mib << 20, repeats)), mib=mib,
+                     floor=_copy_checksum_floor(mib << 20, block_bytes, repeats)) for mib in sizes_mib]
         async with ShuttleReceiver(config=ReceiverConfig(credit_bytes=32 << 20)) as rx:
             # Transport by transport, nixl last: its progress threads poll and would slow the others.
             for transport in sorted(transports, key=lambda t: t == "nixl"):
@@ -132,6 +134,27 @@ def _memcpy(num_bytes: int, repeats: int) -> tuple[float, float]:
     return statistics.median(samples[1:]), statistics.median(cpu_samples[1:])
 
 
+def _copy_checksum_floor(num_bytes: int, block_bytes: int, repeats: int) -> float:
+    """GB per CPU second of the receiver's own work alone: copy_checksum of every block out of a
+    /dev/shm ring into private memory, in a loop with no messages (what shm could reach if its
+    control path cost nothing)."""
+    ring = ShmRing(num_bytes, 1)
+    try:
+        ring.array[:] = np.random.default_rng(2).integers(0, 256, num_bytes, dtype=np.uint8)
+        src = ring.slot_array(0).reshape(-1, block_bytes)
+        dst = np.ones_like(src)
+        cpu_samples = []
+        for _ in range(repeats + 1):
+            cpu_start = time.process_time()
+            for i in range(len(src)):
+                copy_checksum(dst[i], src[i])
+            cpu_s = time.process_time() - cpu_start
+            cpu_samples.append(num_bytes / cpu_s / 1e9 if cpu_s > 0 else float("inf"))
+        return statistics.median(cpu_samples[1:])
+    finally:
+        ring.close()
+
+
 def _print_table(rows: list[dict[str, float]], transports: list[str], args: argparse.Namespace) -> None:
     print(f"shuttle bandwidth, GB/s (1e9 B/s), median of {args.repeats}; block {args.block_kib} KiB; "
           f"sender in a child process")
@@ -144,10 +167,13 @@ def _print_table(rows: list[dict[str, float]], transports: list[str], args: argp
         print(line)
     print("receiver process alone: ms of its CPU per GB received, all threads (the cost of one side "
           "when it is not starved of cores; nixl includes its polling progress thread); "
-          "%memcpy = memcpy's CPU ms/GB over the receiver's")
-    print(f"{'size':>8} {'memcpy':>8}" + "".join(f" {t:>9} {'%memcpy':>8}" for t in transports))
+          "%memcpy = memcpy's CPU ms/GB over the receiver's; floor = the receiver's copy_checksum of the "
+          "same blocks from a shm ring in a plain loop, no messages")
+    print(f"{'size':>8} {'memcpy':>8} {'floor':>9} {'%memcpy':>8}"
+          + "".join(f" {t:>9} {'%memcpy':>8}" for t in transports))
     for row in rows:
-        line = f"{row['mib']:>5} MiB {1000 / row['memcpy/cpu']:>8.1f}"
+        line = (f"{row['mib']:>5} MiB {1000 / row['memcpy/cpu']:>8.1f} {1000 / row['floor']:>9.1f}"
+                f" {100 * row['floor'] / row['memcpy/cpu']:>7.0f}%")
         for t in transports:
             line += f" {1000 / row[t + '/cpu']:>9.1f} {100 * row[t + '/cpu'] / row['memcpy/cpu']:>7.0f}%"
         print(line)
