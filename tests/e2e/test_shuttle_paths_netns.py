@@ -112,7 +112,7 @@ def test_status_reports_the_topology_transport_per_pair_and_the_kv_moves_by_it(t
                 moved = {d: workers[d].get("shuttle", {}) for d in decode}
                 return moved if all(m.get("bytes_by_transport", {}).get(expected[d], 0) > 0
                                     for d, m in moved.items()) else None
-            moved = wait_for(pulled, 60, "KV pulled by both decode workers", period_s=0.1)
+            moved = wait_for(pulled, 90, "KV pulled by both decode workers", period_s=0.1)
             for d, used in moved.items():
                 others = {t: b for t, b in used["bytes_by_transport"].items() if t != expected[d] and b}
                 assert others == {}, (d, used)  # the topology's transport, and no other
