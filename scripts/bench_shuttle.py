@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from dyn.config.recipe import ShuttleSpec
 from dyn.shuttle import OfferDescriptor, ReceiverConfig, SenderConfig, ShuttleReceiver, ShuttleSender
 from dyn.shuttle.blocks import copy_checksum
 from dyn.shuttle.ring import ShmRing, sweep_stale_segments
@@ -34,6 +35,9 @@ def main() -> None:
     parser.add_argument("--transports", nargs="+", default=None, help="default: every usable one")
     parser.add_argument("--chunk-mib", type=int, default=None,
                         help="sender payload per message (default: SenderConfig's)")
+    parser.add_argument("--inflight-mib", type=int, default=ShuttleSpec().max_inflight_mib,
+                        help="recipe shuttle.max_inflight_mib: the sender's shm ring and the receiver's credit "
+                             "(default: the recipe default)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -43,9 +47,10 @@ def main() -> None:
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     if args.serve:
-        asyncio.run(_serve(block_bytes, max(args.sizes_mib), transports, args.chunk_mib))
+        asyncio.run(_serve(block_bytes, max(args.sizes_mib), transports, args.chunk_mib, args.inflight_mib))
         return
-    rows = asyncio.run(_measure(block_bytes, args.sizes_mib, transports, args.repeats, args.chunk_mib))
+    rows = asyncio.run(_measure(block_bytes, args.sizes_mib, transports, args.repeats, args.chunk_mib,
+                                args.inflight_mib))
     _print_table(rows, transports, args)
 
 
@@ -63,13 +68,14 @@ def _usable_transports() -> list[str]:
     return names
 
 
-async def _serve(block_bytes: int, max_mib: int, transports: list[str], chunk_mib: int | None) -> None:
+async def _serve(block_bytes: int, max_mib: int, transports: list[str], chunk_mib: int | None,
+                 inflight_mib: int) -> None:
     """Child: offer the first N blocks of one pool whenever the parent asks on stdin."""
     num_blocks = (max_mib << 20) // block_bytes
     pool = np.random.default_rng(0).integers(0, 256, (num_blocks, block_bytes), dtype=np.uint8)
     views = [memoryview(b) for b in pool]
     hashes = list(range(1, num_blocks + 1))
-    config = SenderConfig(pin_timeout_s=60.0, transports=tuple(transports))
+    config = SenderConfig(pin_timeout_s=60.0, transports=tuple(transports), ring_bytes=inflight_mib << 20)
     if chunk_mib is not None:
         config = dataclasses.replace(config, chunk_bytes=chunk_mib << 20)
     loop = asyncio.get_running_loop()
@@ -81,8 +87,9 @@ async def _serve(block_bytes: int, max_mib: int, transports: list[str], chunk_mi
 
 
 async def _measure(block_bytes: int, sizes_mib: list[int], transports: list[str],
-                   repeats: int, chunk_mib: int | None) -> list[dict[str, float]]:
+                   repeats: int, chunk_mib: int | None, inflight_mib: int) -> list[dict[str, float]]:
     chunk = ["--chunk-mib", str(chunk_mib)] if chunk_mib is not None else []
+    chunk += ["--inflight-mib", str(inflight_mib)]
     child = subprocess.Popen([sys.executable, __file__, "--serve", "--block-kib", str(block_bytes >> 10),
                               "--sizes-mib", str(max(sizes_mib)), *chunk, "--transports", *transports],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -90,7 +97,8 @@ async def _measure(block_bytes: int, sizes_mib: list[int], transports: list[str]
         dest = np.ones(((max(sizes_mib) << 20) // block_bytes, block_bytes), dtype=np.uint8)
         rows = [dict(zip(("memcpy", "memcpy/cpu"), _memcpy(mib << 20, repeats)), mib=mib,
                      floor=_copy_checksum_floor(mib << 20, block_bytes, repeats)) for mib in sizes_mib]
-        async with ShuttleReceiver(config=ReceiverConfig(credit_bytes=32 << 20)) as rx:
+        receiver_config = ReceiverConfig.from_spec(ShuttleSpec(max_inflight_mib=inflight_mib))
+        async with ShuttleReceiver(config=receiver_config) as rx:
             # Transport by transport, nixl last: its progress threads poll and would slow the others.
             for transport in sorted(transports, key=lambda t: t == "nixl"):
                 rx.prepare([transport])
@@ -157,7 +165,7 @@ def _copy_checksum_floor(num_bytes: int, block_bytes: int, repeats: int) -> floa
 
 def _print_table(rows: list[dict[str, float]], transports: list[str], args: argparse.Namespace) -> None:
     print(f"shuttle bandwidth, GB/s (1e9 B/s), median of {args.repeats}; block {args.block_kib} KiB; "
-          f"sender in a child process")
+          f"max_inflight_mib {args.inflight_mib}; sender in a child process")
     header = f"{'size':>8} {'memcpy':>8}" + "".join(f" {t:>9} {'%memcpy':>8}" for t in transports)
     print(header)
     for row in rows:

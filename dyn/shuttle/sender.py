@@ -234,6 +234,7 @@ class ShuttleSender:
                       block_idx=list(pull.missing_idx), block_hashes=offer.descriptor.block_hashes,
                       block_views=offer.block_views, block_bytes=self.block_bytes,
                       chunk_bytes=min(self.config.chunk_bytes, pull.credit_bytes),
+                      window_bytes=pull.credit_bytes,
                       stall_timeout_s=self.config.stall_timeout_s,
                       send=lambda parts, ident=identity: self._send(ident, parts))
         job.grant(pull.credit_bytes)

@@ -11,7 +11,7 @@ import zmq
 import zmq.asyncio
 
 from dyn.shuttle import ReceiverConfig, SenderConfig, ShuttleReceiver, ShuttleSender, TransferError
-from dyn.shuttle.wire import CODEC, Blocks, Pull
+from dyn.shuttle.wire import CODEC, Blocks, Credit, Pull
 
 BLOCK_BYTES = 2048
 
@@ -262,3 +262,36 @@ def test_withdrawn_offer_stops_its_transfer_and_the_receiver_hears_so() -> None:
     err, num_pinned = asyncio.run(run())
     assert err.reason == "rejected" and "withdrawn" in str(err)
     assert released == [("cancelled", False)] and num_pinned == 0
+
+
+def test_a_big_ring_sends_whole_bigger_slots_up_to_the_receivers_window() -> None:
+    hashes, data = _data(64, seed=5)
+
+    async def run(credit_blocks: int) -> tuple[list[int], int]:
+        # A 64-block ring with 1-block chunks: slots grow to 64 / MIN_SLOTS (16) = 4 blocks.
+        config = SenderConfig(ring_bytes=64 * BLOCK_BYTES, chunk_bytes=BLOCK_BYTES)
+        async with ShuttleSender(BLOCK_BYTES, config=config) as tx:
+            offer = tx.offer("r", hashes, list(map(memoryview, data)))
+            ctx = zmq.asyncio.Context()
+            sock = ctx.socket(zmq.DEALER)
+            sock.connect(tx.address)
+            try:
+                await sock.send(CODEC.encode(Pull(offer_id=offer.descriptor.offer_id, transfer_id="t",
+                                                  missing_idx=list(range(12)), transport="shm",
+                                                  credit_bytes=credit_blocks * BLOCK_BYTES, host_id=tx.host_id)))
+                blocks_per_message: list[int] = []
+                while sum(blocks_per_message) < 12 and await sock.poll(5000):
+                    msg = CODEC.decode((await sock.recv_multipart())[0])
+                    assert isinstance(msg, Blocks), msg
+                    blocks_per_message.append(len(msg.block_idx))
+                    await sock.send(CODEC.encode(Credit(transfer_id="t", slot=msg.slot,
+                                                        num_bytes=len(msg.block_idx) * BLOCK_BYTES)))
+                return blocks_per_message, tx._transports["shm"].slot_bytes
+            finally:
+                sock.close(linger=0)
+                ctx.term()
+
+    chunks, slot_bytes = asyncio.run(run(credit_blocks=8))
+    assert slot_bytes == 4 * BLOCK_BYTES and chunks == [4, 4, 4]  # whole slots, not 1-block chunks
+    chunks, _ = asyncio.run(run(credit_blocks=3))
+    assert chunks == [3, 3, 3, 3]  # never more than the receiver's window in one message

@@ -37,6 +37,8 @@ class SendJob:
     send: Callable[[list[Any]], Awaitable[None]]
     """Sends [Blocks message, *payload frames] to this receiver."""
     credit: int = 0
+    window_bytes: int = 0
+    """The receiver's whole credit window (Pull.credit_bytes): no chunk may be larger."""
     held_slots: set[int] = field(default_factory=set)
     credit_changed: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Future[Any] | None = None

@@ -18,10 +18,21 @@ from dyn.shuttle.transports.base import RecvTransport, SendJob, SendTransport
 from dyn.shuttle.wire import Blocks
 
 
+MIN_SLOTS = 16
+"""A ring bigger than MIN_SLOTS x the chunk size gets bigger slots, but never fewer than this
+many: slots are what concurrent small transfers share."""
+MAX_SLOT_BYTES = 16 << 20
+"""Each slot costs a Blocks message, a Credit and an event-loop turn on both sides; 16 MiB
+slots instead of 4 MiB cut the receiver's CPU per GB by ~20% at 64 MiB pulls (load ~20:
+117 -> 92 ms/GB, interleaved pulls), and larger ones lose more pipelining than they save."""
+
+
 class ShmSender(SendTransport):
     name = "shm"
 
     def __init__(self, block_bytes: int, ring_bytes: int, slot_bytes: int) -> None:
+        """`slot_bytes` (the sender's chunk size) is the smallest slot; see MIN_SLOTS."""
+        slot_bytes = max(slot_bytes, min(MAX_SLOT_BYTES, ring_bytes // MIN_SLOTS))
         blocks_per_slot = max(1, slot_bytes // block_bytes)
         self.slot_bytes = blocks_per_slot * block_bytes
         self._num_slots = max(2, ring_bytes // self.slot_bytes)
@@ -40,7 +51,8 @@ class ShmSender(SendTransport):
 
     async def send(self, job: SendJob) -> None:
         ring = self.ring
-        job.chunk_bytes = min(job.chunk_bytes, self.slot_bytes)
+        # A whole slot per message when the receiver's window allows it (fewer round trips).
+        job.chunk_bytes = min(self.slot_bytes, max(job.chunk_bytes, job.window_bytes))
         for seq, chunk in enumerate(job.chunks()):
             num_bytes = len(chunk) * job.block_bytes
             await job.spend(num_bytes)
