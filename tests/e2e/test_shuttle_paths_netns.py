@@ -60,6 +60,14 @@ def _complete(url: str, prompt: list[int], max_tokens: int = 4) -> dict:
         return json.loads(response.read())
 
 
+def _pull_warnings(log_path: str) -> list[str]:
+    """The worker's own words for each failed pull (what to read when the assertion fails)."""
+    try:
+        return [line[:400] for line in Path(log_path).read_text().splitlines() if "KV pull failed" in line]
+    except OSError as exc:
+        return [f"log unreadable: {exc}"]
+
+
 def test_status_reports_the_topology_transport_per_pair_and_the_kv_moves_by_it(tmp_path, model_dir):
     why = netns_unavailable()
     if why:
@@ -113,10 +121,12 @@ def test_status_reports_the_topology_transport_per_pair_and_the_kv_moves_by_it(t
                 return moved if all(m.get("bytes_by_transport", {}).get(expected[d], 0) > 0
                                     for d, m in moved.items()) else None
             moved = wait_for(pulled, 90, "KV pulled by both decode workers", period_s=0.1)
+            logs = {w["id"]: w["log_path"] for w in cli.status(name)["workers"]}
             for d, used in moved.items():
                 others = {t: b for t, b in used["bytes_by_transport"].items() if t != expected[d] and b}
                 assert others == {}, (d, used)  # the topology's transport, and no other
-                assert used["pulls"] >= 1 and used["pull_failures"] == 0 and used["local_fallbacks"] == 0, (d, used)
+                assert used["pulls"] >= 1 and used["pull_failures"] == 0 and used["local_fallbacks"] == 0, \
+                    (d, used, _pull_warnings(logs[d]))
             text = cli("status", "--name", name).stdout
             assert all(f"{d} pulled: {expected[d]}" in text for d in decode), text
 
