@@ -145,3 +145,46 @@ def test_an_unreachable_sender_times_out_quickly() -> None:
 
     err = asyncio.run(run())
     assert err.reason == "timeout" and "silent for 0.2s" in str(err) and err.peer == "tcp://127.0.0.1:9"
+
+
+def test_a_clean_pulls_socket_is_kept_and_a_failed_ones_is_not() -> None:
+    from dyn.shuttle.wire import Reject
+
+    hashes, data = _blocks(5)
+    seen: list[tuple[bytes, str]] = []  # (receiver socket identity, transfer id) of each Blocks message
+
+    async def run():
+        # credit of 4 blocks -> 4 blocks per chunk: _tamper's third chunk exists
+        async with ShuttleSender(BLOCK_BYTES) as tx, \
+                ShuttleReceiver(config=ReceiverConfig(credit_bytes=4 * BLOCK_BYTES)) as rx:
+            real_send = tx._send
+
+            async def send(identity: bytes, parts: list[object]) -> None:
+                if isinstance(parts[0], Blocks):
+                    seen.append((identity, parts[0].transfer_id))
+                await real_send(identity, parts)
+            tx._send = send  # type: ignore[method-assign]
+
+            async def pull(request_id: str) -> np.ndarray:
+                offer = tx.offer(request_id, hashes, list(map(memoryview, data)))
+                dest = np.zeros_like(data)
+                await rx.pull(offer.descriptor, list(range(NUM_BLOCKS)), list(map(memoryview, dest)), 5,
+                              transport="tcp")
+                return dest
+
+            assert (await pull("a") == data).all()
+            first_socket, first_transfer = seen[-1]
+            # A late word about the finished transfer, on the kept socket: the next pull skips it.
+            tx._send_nowait(first_socket, Reject(transfer_id=first_transfer, reason="late"))
+            assert (await pull("b") == data).all()
+            second_socket = seen[-1][0]
+            _tamper(tx, "c", _flip_payload)
+            with pytest.raises(TransferError):
+                await pull("c")
+            failed_socket = seen[-1][0]
+            assert (await pull("d") == data).all()
+            return first_socket, second_socket, failed_socket, seen[-1][0]
+
+    first, second, failed, after = asyncio.run(run())
+    assert first == second == failed  # one connection for the clean pulls (and the one that then failed)
+    assert after != failed  # the socket of a failed transfer is closed, never reused
