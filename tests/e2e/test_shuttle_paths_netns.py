@@ -31,7 +31,7 @@ mode: disaggregated
 workers:
   prefill: {{replicas: 1, max_batch_size: 4, max_num_batched_tokens: 256, cpu_threads: 1}}
   decode: {{replicas: 2, max_batch_size: 4, max_num_batched_tokens: 256, cpu_threads: 1}}
-router: {{policy: kv, disagg_threshold_tokens: 16}}
+router: {{policy: kv, disagg_threshold_tokens: 16, stall_timeout_s: 30}}  # a loaded CI's first NIXL pull
 planner: {{enabled: false}}
 frontend: {{host: 127.0.0.1, port: {port}}}
 """
