@@ -16,6 +16,15 @@ Field map (recipe -> vLLM EngineArgs):
     workers.R.kv_memory_gib      -> kv_cache_memory_bytes (GPU) / VLLM_CPU_KVCACHE_SPACE (CPU)
     model.engine_args            -> passed through (checked against EngineArgs)
     mode: disaggregated          -> kv_transfer_config: NixlConnector (kv_buffer_device cpu on CPU)
+    (always)                     -> scheduling_policy: priority (engine_args may set fcfs)
+
+Priority: dyn's request priority (agent hints, speculative prefills) is
+"higher runs first", as in the torch engine's scheduler; vLLM's is "lower
+value first" and is ignored unless scheduling_policy is "priority" (fcfs
+drops it silently). So every vLLM worker gets the priority policy, and each
+request goes in as vllm_priority(dyn priority) = -priority. Ties keep
+arrival order in both engines; under KV pressure vLLM preempts the
+lowest-priority running request, as the torch engine does.
 """
 
 from __future__ import annotations
@@ -76,6 +85,7 @@ def engine_kwargs(spec: ModelSpec, group: WorkerGroup, *, device: str, disaggreg
         "max_num_seqs": group.max_batch_size,
         "max_num_batched_tokens": group.max_num_batched_tokens,
         "gpu_memory_utilization": spec.gpu_memory_utilization,
+        "scheduling_policy": "priority",
     }
     if device != "cpu" and group.kv_memory_gib is not None:
         kwargs["kv_cache_memory_bytes"] = int(group.kv_memory_gib * 2**30)
@@ -95,6 +105,11 @@ def engine_kwargs(spec: ModelSpec, group: WorkerGroup, *, device: str, disaggreg
                       distributed_executor_backend="mp")
     kwargs.update(dict(spec.engine_args))
     return kwargs
+
+
+def vllm_priority(priority: int) -> int:
+    """vLLM's priority for dyn's: dyn runs higher first, vLLM runs lower first."""
+    return -priority
 
 
 def engine_env(group: WorkerGroup, *, device: str, gpus: tuple[int, ...] = (),

@@ -27,6 +27,7 @@ from typing import Any
 
 from dyn.engine.backend import (Backend, EngineRequest, EngineStats, KvExport, KvImport,
                                 TokenOutput)
+from dyn.engine.vllm_args import vllm_priority
 from dyn.errors import EngineError, RequestError
 
 log = logging.getLogger(__name__)
@@ -252,7 +253,7 @@ class VllmEngine(Backend):
         try:
             internal = rid if internal_id is None else internal_id
             self._engine.add_request(internal, prompt, params,
-                                     priority=-request.priority if request.priority else 0)
+                                     priority=vllm_priority(request.priority))
         except ValueError as exc:  # too long for max_model_len and similar input errors
             raise RequestError(str(exc), field="prompt") from None
         self._live[rid] = internal

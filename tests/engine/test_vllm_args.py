@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dyn.config.loader import load_recipe, load_topology, parse_recipe
-from dyn.engine.vllm_args import cli_flags, engine_env, engine_kwargs, worker_commands
+from dyn.engine.vllm_args import cli_flags, engine_env, engine_kwargs, vllm_priority, worker_commands
 from dyn.topology.placement import place
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +28,19 @@ def test_recipe_fields_map_onto_engine_args() -> None:
     assert kwargs == {"model": "/models/x", "served_model_name": ["x"], "dtype": "float16", "block_size": 32,
                       "max_model_len": 4096, "enable_prefix_caching": False, "tensor_parallel_size": 4,
                       "max_num_seqs": 96, "max_num_batched_tokens": 1024, "gpu_memory_utilization": 0.8,
-                      "kv_cache_memory_bytes": 20 * 2**30, "kv_cache_dtype": "fp8"}
+                      "kv_cache_memory_bytes": 20 * 2**30, "kv_cache_dtype": "fp8",
+                      "scheduling_policy": "priority"}
+
+
+def test_priority_scheduling_is_on_and_dyn_priorities_map_onto_vllm_order() -> None:
+    recipe = _recipe()
+    assert engine_kwargs(recipe.model, recipe.workers[0], device="cpu")["scheduling_policy"] == "priority"
+    fcfs = _recipe("  engine_args: {scheduling_policy: fcfs}\n")  # an operator may opt out
+    assert engine_kwargs(fcfs.model, fcfs.workers[0], device="cpu")["scheduling_policy"] == "fcfs"
+    # dyn: higher runs first (agent hint 5 > default 0 > speculative prefill -1); vLLM: lower first.
+    dyn_order = [5, 1, 0, -1, -3]
+    assert sorted(dyn_order, key=vllm_priority) == dyn_order
+    assert vllm_priority(0) == 0
 
 
 def test_cpu_workers_get_eager_mode_a_bounded_kv_space_and_no_thread_pinning() -> None:
