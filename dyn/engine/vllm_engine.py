@@ -167,6 +167,10 @@ class VllmEngine(Backend):
     def stats(self) -> EngineStats:
         return dataclasses.replace(self._stats)
 
+    def close(self) -> None:
+        """Stop vLLM's executor processes now (`dyn profile` runs one role's engine after another)."""
+        self._engine.engine_core.shutdown()
+
     # -- disaggregation through vLLM's KV connector ---------------------------------------------
 
     def take_transfer_params(self, request_id: str) -> dict:
