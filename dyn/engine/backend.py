@@ -130,6 +130,11 @@ class Backend(ABC):
     def has_work(self) -> bool:
         """True while any request is waiting or running."""
 
+    def is_waiting_on_transfers(self) -> bool:
+        """True when the last step computed nothing because every unfinished request waits on a KV
+        transfer from elsewhere; stepping again only polls it, so the caller may pause briefly."""
+        return False
+
     @abstractmethod
     def stats(self) -> EngineStats:
         """A snapshot of counters and gauges."""

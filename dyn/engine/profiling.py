@@ -128,7 +128,7 @@ def profile_recipe(recipe: Recipe, topology: Topology | None = None, *, device: 
             step_s: StepTimer = lambda e: e.last_step_duration_s  # noqa: E731
         else:
             on = _device(device, spec.device)
-            with _engine_env(spec, group, on):
+            with engine_env_for(spec, group, on):
                 engine = _WallTimed(create_engine(spec, group, device=on, cpu_threads=group.cpu_threads),
                                     _time.perf_counter)
             step_s = lambda e: e.last_wall_s  # noqa: E731
@@ -148,24 +148,8 @@ def profile_recipe(recipe: Recipe, topology: Topology | None = None, *, device: 
                          datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
-class _WallTimed:
-    """Wraps an engine so each step's wall time is readable as `last_wall_s`."""
-
-    def __init__(self, engine: Any, clock: Any) -> None:
-        self._engine, self._clock, self.last_wall_s = engine, clock, 0.0
-
-    def step(self) -> Any:
-        started = self._clock()
-        out = self._engine.step()
-        self.last_wall_s = self._clock() - started
-        return out
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
-
-
 @contextlib.contextmanager
-def _engine_env(spec: Any, group: Any, device: str) -> Iterator[None]:
+def engine_env_for(spec: Any, group: Any, device: str) -> Iterator[None]:
     """vLLM reads its settings (KV space, OpenMP threads) from the environment its workers start with."""
     if spec.engine != "vllm":
         yield
@@ -183,6 +167,22 @@ def _engine_env(spec: Any, group: Any, device: str) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+class _WallTimed:
+    """Wraps an engine so each step's wall time is readable as `last_wall_s`."""
+
+    def __init__(self, engine: Any, clock: Any) -> None:
+        self._engine, self._clock, self.last_wall_s = engine, clock, 0.0
+
+    def step(self) -> Any:
+        started = self._clock()
+        out = self._engine.step()
+        self.last_wall_s = self._clock() - started
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
 
 
 def _device(requested: str, recipe_device: str) -> str:

@@ -137,6 +137,7 @@ class VllmEngine(Backend):
         self._reruns = 0
         self._remote: dict[str, _RemoteDecode] = {}
         self._transfer_params: dict[str, dict] = {}
+        self._stepped_idle = False
 
     # -- Backend ---------------------------------------------------------------------------------
 
@@ -145,6 +146,7 @@ class VllmEngine(Backend):
 
     def step(self) -> list[TokenOutput]:
         outputs: list[TokenOutput] = []
+        self._stepped_idle = False
         if self._remote:
             self._expire_remote(time.monotonic())
         if self._engine.has_unfinished_requests():
@@ -152,7 +154,13 @@ class VllmEngine(Backend):
                 converted = self._convert(out)
                 if converted is not None:
                     outputs.append(converted)
+            # vLLM counts a request whose prompt KV is still in flight (WAITING_FOR_REMOTE_KVS) as
+            # waiting, not running: nothing running after a step means nothing was computed.
+            self._stepped_idle = not outputs and self._stats.num_running == 0
         return outputs
+
+    def is_waiting_on_transfers(self) -> bool:
+        return self._stepped_idle and self.disaggregated and self._engine.has_unfinished_requests()
 
     def abort(self, request_id: str) -> None:
         self._remote.pop(request_id, None)

@@ -4,6 +4,15 @@ Every call into the engine (add, abort, stats, export, import) runs on this
 thread between two steps, so the engine needs no locks and the asyncio side
 never blocks. When the engine has nothing to do the thread sleeps on the
 queue; a cancel therefore takes effect before the next step.
+
+An engine can have work and still nothing to compute: a vLLM decode worker
+whose requests all wait for their prompt KV from a prefill worker. Stepping
+it is what polls the transfer, but back to back that burns two cores (the
+loop and vLLM's executor, ~400 empty steps/s measured on CPU). So while
+`is_waiting_on_transfers()` says so, the loop waits on its queue between
+steps: a quarter of the time waited so far, 1 ms to 10 ms. A transfer is
+thus noticed at most 25% (and 10 ms) late; new work or an abort still wakes
+the loop at once.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
@@ -20,6 +30,9 @@ from dyn.engine.backend import Backend, TokenOutput
 log = logging.getLogger(__name__)
 
 OutputSink = Callable[[list[TokenOutput]], None]
+TRANSFER_POLL_MIN_S = 0.001
+TRANSFER_POLL_MAX_S = 0.010
+"""Bounds of the wait between two steps of an engine that only waits on KV transfers."""
 
 
 class EngineLoop:
@@ -30,6 +43,8 @@ class EngineLoop:
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.num_steps = 0
+        self.num_transfer_waits = 0
+        """Waits between two steps because the engine only waited on KV transfers."""
         self.fatal_error: BaseException | None = None
 
     def start(self) -> None:
@@ -55,9 +70,19 @@ class EngineLoop:
         return self._thread.is_alive()
 
     def _run(self) -> None:
+        waiting_since: float | None = None  # when the engine began to wait on transfers only
         try:
             while not self._stopped.is_set():
-                self._drain_inbox(block=not self.engine.has_work())
+                if not self.engine.has_work():
+                    timeout_s: float | None = None
+                elif waiting_since is None:
+                    timeout_s = 0.0
+                else:
+                    waited_s = time.monotonic() - waiting_since
+                    timeout_s = min(TRANSFER_POLL_MAX_S, max(TRANSFER_POLL_MIN_S, waited_s / 4))
+                    self.num_transfer_waits += 1
+                if self._drain_inbox(timeout_s):
+                    waiting_since = None  # new work or an abort: step right away
                 if self._stopped.is_set():
                     break
                 if self.engine.has_work():
@@ -65,6 +90,11 @@ class EngineLoop:
                     self.num_steps += 1
                     if outputs:
                         self._on_outputs(outputs)
+                        waiting_since = None
+                    elif self.engine.is_waiting_on_transfers():
+                        waiting_since = waiting_since or time.monotonic()
+                    else:
+                        waiting_since = None
         except BaseException as exc:  # the worker reports this and exits; never die silently
             self.fatal_error = exc
             log.exception("engine loop crashed")
@@ -72,8 +102,18 @@ class EngineLoop:
         finally:
             self._fail_pending()
 
-    def _drain_inbox(self, *, block: bool) -> None:
-        item = self._inbox.get() if block else _get_nowait(self._inbox)
+    def _drain_inbox(self, timeout_s: float | None) -> bool:
+        """Run every queued call; wait up to timeout_s for the first (None: forever). True if any ran."""
+        if timeout_s is None:
+            item = self._inbox.get()
+        elif timeout_s > 0:
+            try:
+                item = self._inbox.get(timeout=timeout_s)
+            except queue.Empty:
+                return False
+        else:
+            item = _get_nowait(self._inbox)
+        ran = item is not None
         while item is not None:
             fn, future = item
             if future.set_running_or_notify_cancel():
@@ -82,6 +122,7 @@ class EngineLoop:
                 except Exception as exc:  # delivered to the caller, not raised here
                     future.set_exception(exc)
             item = _get_nowait(self._inbox)
+        return ran
 
     def _fail_pending(self) -> None:
         while (item := _get_nowait(self._inbox)) is not None:
