@@ -91,7 +91,7 @@ def engine_kwargs(spec: ModelSpec, group: WorkerGroup, *, device: str, disaggreg
         kwargs["kv_cache_memory_bytes"] = int(group.kv_memory_gib * 2**30)
     if device == "cpu":
         kwargs["enforce_eager"] = True  # no CUDA graphs; torch.compile on CPU costs minutes per start
-    if disaggregated:
+    if disaggregated:  # kv_both: see serves_either_role
         kwargs["kv_transfer_config"] = {"kv_connector": "NixlConnector", "kv_role": "kv_both",
                                         "kv_buffer_device": "cpu" if device == "cpu" else "cuda",
                                         "kv_load_failure_policy": "recompute"}
@@ -105,6 +105,20 @@ def engine_kwargs(spec: ModelSpec, group: WorkerGroup, *, device: str, disaggreg
                       distributed_executor_backend="mp")
     kwargs.update(dict(spec.engine_args))
     return kwargs
+
+
+def serves_either_role(kwargs: dict[str, Any]) -> bool:
+    """Whether an engine built from `kwargs` can both hand KV out and pull it in.
+
+    Prefill and decode workers of a disaggregated recipe all get NixlConnector
+    with kv_role "kv_both": one engine serves prefill_only requests (it keeps
+    their blocks for a remote pull) and remote decodes (it pulls). So the
+    planner flips a vLLM worker's role in place, weights and KV cache kept,
+    as it does a torch worker. A one-sided role (kv_producer / kv_consumer),
+    or no connector at all, could not: such a worker is relaunched instead.
+    """
+    config = kwargs.get("kv_transfer_config")
+    return isinstance(config, dict) and config.get("kv_role") == "kv_both"
 
 
 def vllm_priority(priority: int) -> int:

@@ -14,6 +14,12 @@ Retire (no request lost):
       +-- not ready yet (never served): killed at once
 
 A retiring slot is not "active": its exit is planned, not a failure to repair.
+
+Flip: a set_role command; the worker keeps its engine, weights and KV cache
+(torch workers run both ends of the shuttle, vLLM workers a kv_both
+NixlConnector). Where the engine could not serve the new role
+(flips_in_place), the worker is retired as above and one of the new role
+launched.
 """
 
 from __future__ import annotations
@@ -184,12 +190,22 @@ class Scaler:
     # ---- flip -------------------------------------------------------------------------------
 
     async def set_role(self, action: ScalingAction) -> bool:
-        """Flip a ready worker's role in place (weights stay loaded; its requests finish)."""
+        """Flip a ready worker's role in place (weights stay loaded; its requests finish).
+
+        Where the engine cannot serve the new role (flips_in_place is False), the
+        worker is drained and stopped and one of the new role launched instead.
+        """
         slot = self.fleet.slots.get(action.worker_id or "")
         if slot is None or not action.role or slot.state != "ready" or slot.id in self.in_progress:
             self.log.action("set_role", action.worker_id or "", action.role or "", "skipped",
                             "not a ready worker")
             return False
+        if not flips_in_place(self.recipe):
+            reason = f"{action.reason}; {self.recipe.model.engine} workers cannot change role in place"
+            self.fleet.note(f"{slot.id}: relaunching as {action.role} ({reason})")
+            if not await self.remove(replace(action, kind="remove", role=slot.role, reason=reason)):
+                return False
+            return await self.add(replace(action, kind="add", worker_id=None, reason=reason)) is not None
         before = slot.role
         await self._send(slot.id, Command("set_role", {"role": action.role}))
         slot.role = action.role
@@ -218,3 +234,21 @@ class Scaler:
                           if s.role in PAIRS.get(role, ()) and s.gpus and s.state not in GONE_STATES)
         domains.pop(None, None)
         return domains.most_common(1)[0][0] if domains else None
+
+
+def flips_in_place(recipe: "Recipe") -> bool:
+    """Whether a worker of `recipe` can take the other role without a restart.
+
+    torch and mock workers start the shuttle's sender and receiver whatever
+    their role (dyn.worker.process_startup.start_handoff). vLLM workers can
+    when every group's engine serves either role (vllm_args.serves_either_role:
+    NixlConnector kv_both, what dyn sets for disaggregated recipes), which is
+    checked against the very arguments the workers are built from.
+    """
+    if recipe.model.engine != "vllm":
+        return True
+    from dyn.engine.vllm_args import engine_kwargs, serves_either_role
+
+    disaggregated = recipe.mode == "disaggregated"
+    return all(serves_either_role(engine_kwargs(recipe.model, group, device=device, disaggregated=disaggregated))
+               for group in recipe.workers for device in ("cpu", "cuda"))
