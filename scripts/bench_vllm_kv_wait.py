@@ -11,14 +11,22 @@ both alike:
     transfer  a prefill engine in a child process, real NIXL pulls over UCX: the time from
               add_remote_decode to the first streamed token
 
+Roles are swapped on purpose: the decoding engine is built from the recipe's prefill group
+and the prefilling one from its decode group, i.e. two workers the planner flipped in place
+(dyn.planner.scaling.flips_in_place); the pulls succeeding shows a flip needs no restart.
+
     .venv/bin/python scripts/bench_vllm_kv_wait.py --model DIR      # a SmolLM2 HF dir (dyn model pull)
 
-Measured here (SmolLM2-135M bf16, 1 OpenMP thread, 2 shared cores; `--pulls 10`, load 7-10):
-    idle      spin: 275-296 steps/s, dyn's engine process 5.3-5.7% of a core, abort 0.5-2 ms
-              wait:  68-91 steps/s,  dyn's engine process 2.7%,             abort 0.2 ms
-              vLLM's executor process: 93-99% (spin), 63-122% (wait): the same, within noise
-    transfer  first token after a real pull, median of 10: spin 69.7 ms, wait 61.6 ms (41-107 ms
-              spread; no cost measurable)
+Measured here (SmolLM2-135M bf16, 1 OpenMP thread, 2 cores shared by 8 engineers, load 7-20),
+five runs of `--pulls 6..10`:
+    idle      spin: 125-2755 steps/s, dyn's engine thread 2-34% of a core
+              wait:  31-91 steps/s,   dyn's engine thread 0.6-3.7%
+              vLLM's executor processes: 25-122% each in both modes: the same, within noise
+              abort: spin 0.2-12.6 ms; wait 0.2-3.9 ms in 7 of 11 samples, 53-155 ms in 4 (loads
+              10-20; the split into queued/run time was added after them; a later run and 6
+              aborts of a dedicated probe stayed under 3 ms: not explained)
+    transfer  first token after a real pull, medians of 6-10: spin 69.7 / 138 / 113 / 108 / 83 ms,
+              wait 61.6 / 99 / 99.5 / 140 / 81 ms: no cost beyond the noise
   With vLLM's in-process executor (VLLM_ENABLE_V1_MULTIPROCESSING=0, what a tp=1 GPU worker
   uses), the step runs on dyn's engine thread: 8.5-26% of a core spinning, 0.3-0.8% waiting
   (load 12-27, `--pulls 6`).
@@ -41,6 +49,8 @@ import tempfile
 import time
 from pathlib import Path
 
+HANDSHAKE_TIMEOUT_S = 5.0
+"""vLLM's NIXL handshake gives up after this long (a fixed receive timeout in its connector)."""
 RECIPE = """name: kv-wait
 model:
   path: {model}
@@ -49,8 +59,10 @@ model:
   dtype: bfloat16
   block_size: 32
   max_context: 1024
+mode: disaggregated
 workers:
-  both: {{max_batch_size: 8, max_num_batched_tokens: 512, kv_memory_gib: 1, cpu_threads: 1}}
+  prefill: {{max_batch_size: 4, max_num_batched_tokens: 512, kv_memory_gib: 1, cpu_threads: 1}}
+  decode: {{max_batch_size: 8, max_num_batched_tokens: 256, kv_memory_gib: 1, cpu_threads: 1}}
 """
 
 
@@ -73,9 +85,9 @@ def main() -> None:
 
     ctx = mp.get_context("spawn")
     here, there = ctx.Pipe()
-    child = ctx.Process(target=_prefill_worker, args=(str(recipe), there))
+    child = ctx.Process(target=_prefill_worker, args=(str(recipe), there))  # built as a decode worker
     child.start()
-    engine = _engine(str(recipe))
+    engine = _engine(str(recipe), "prefill")  # decodes, built as a prefill worker
     outputs: list = []
     loop = EngineLoop(engine, outputs.extend)
     loop.start()
@@ -83,11 +95,12 @@ def main() -> None:
         assert here.recv() == "ready"
         idle = [{"mode": mode, **_idle(loop, here, use, mode, k)} for k, mode in enumerate(["spin", "wait"] * 2)]
         first: dict[str, list[float]] = {"spin": [], "wait": []}
+        handshake_ms = _pull(loop, here, outputs, "warm-up", 99)  # the first pull also does NIXL's handshake
         for i in range(2 * args.pulls):
             mode = ("spin", "wait")[i % 2]
             use(mode)
             first[mode].append(_pull(loop, here, outputs, f"x{i}", i))
-        print(json.dumps({"idle": idle, "first_token_ms": first,
+        print(json.dumps({"idle": idle, "first_pull_with_handshake_ms": handshake_ms, "first_token_ms": first,
                           "first_token_median_ms": {m: statistics.median(v) for m, v in first.items()},
                           "connector": {"transferred_tokens": engine.connector.prompt_tokens_transferred,
                                         "failed": engine.connector.failed_transfers},
@@ -99,14 +112,14 @@ def main() -> None:
         engine.close()
 
 
-def _engine(recipe_path: str):
+def _engine(recipe_path: str, role: str):
     from dyn.config.loader import load_recipe
     from dyn.engine.profiling import engine_env_for
     from dyn.engine.vllm_args import engine_kwargs
     from dyn.engine.vllm_engine import VllmEngine
 
     recipe = load_recipe(recipe_path)
-    group = recipe.workers[0]
+    group = recipe.group(role)
     os.environ["VLLM_NIXL_SIDE_CHANNEL_HOST"] = "127.0.0.1"
     os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(_free_port())
     with engine_env_for(recipe.model, group, "cpu"):
@@ -117,7 +130,7 @@ def _prefill_worker(recipe_path: str, conn) -> None:
     """Child process: prefill what the parent sends, answer with (first token, transfer params)."""
     from dyn.engine.backend import EngineRequest, SamplingParams
 
-    engine = _engine(recipe_path)
+    engine = _engine(recipe_path, "decode")
     conn.send("ready")
     while (msg := conn.recv()) is not None:
         rid, prompt = msg
@@ -141,6 +154,7 @@ def _idle(loop, conn, use, mode: str, k: int) -> dict:
     ghost = {**params, "remote_port": _free_port(), "remote_engine_id": f"ghost-{k}"}  # nobody answers
     loop.submit(lambda e: e.add_remote_decode(EngineRequest(f"i{k}", prompt, SamplingParams(max_tokens=2)),
                                               ghost, first)).result()
+    added = time.monotonic()
     time.sleep(0.5)
     me = psutil.Process()
     procs = {"dyn engine process": me, **{f"{c.name()} {c.pid}": c for c in me.children(recursive=True)}}
@@ -153,9 +167,21 @@ def _idle(loop, conn, use, mode: str, k: int) -> dict:
     cpu = {name: round(100 * (sum(p.cpu_times()[:2]) - cpu0[name]) / elapsed, 1) for name, p in procs.items()}
     cpu["dyn engine thread"] = round(100 * (_thread_cpu_s(me, engine_tid) - thread0) / elapsed, 1)
     steps_per_s = round((loop.num_steps - steps0) / elapsed, 1)
+    ran: list[float] = []
+
+    def abort(e) -> None:
+        ran.append(time.perf_counter())
+        e.abort(f"i{k}")
+        ran.append(time.perf_counter())
+
     t = time.perf_counter()
-    loop.submit(lambda e: e.abort(f"i{k}")).result()
-    return {"cpu_percent": cpu, "steps_per_s": steps_per_s, "abort_ms": round((time.perf_counter() - t) * 1e3, 2)}
+    loop.submit(abort).result()
+    done = time.perf_counter()
+    # queued: until the engine thread took it (a step in progress, or waking up); run: vLLM's abort
+    abort_ms = {"total": round((done - t) * 1e3, 2), "queued": round((ran[0] - t) * 1e3, 2),
+                "run": round((ran[1] - ran[0]) * 1e3, 2)}
+    time.sleep(max(0.0, added + HANDSHAKE_TIMEOUT_S + 0.5 - time.monotonic()))  # its failure lands in no later window
+    return {"cpu_percent": cpu, "steps_per_s": steps_per_s, "abort_ms": abort_ms}
 
 
 def _pull(loop, conn, outputs: list, rid: str, i: int) -> float:

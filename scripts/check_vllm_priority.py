@@ -36,7 +36,8 @@ def main() -> int:
     engine_args = "  engine_args: {scheduling_policy: fcfs}\n" if args.policy == "fcfs" else ""
     recipe = parse_recipe(f"name: priority\nmodel:\n  path: {os.path.abspath(args.model)}\n  engine: vllm\n"
                           f"  device: cpu\n  block_size: 32\n  max_context: 512\n{engine_args}workers:\n"
-                          "  both: {max_batch_size: 1, max_num_batched_tokens: 256, kv_memory_gib: 1, cpu_threads: 1}\n",
+                          "  both: {max_batch_size: 1, max_num_batched_tokens: 256, kv_memory_gib: 1,"
+                          " cpu_threads: 1}\n",
                           "priority.yaml")
     group = recipe.workers[0]
     with engine_env_for(recipe.model, group, "cpu"):

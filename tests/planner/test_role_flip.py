@@ -140,7 +140,8 @@ def _setup(tmp_path: Path):
 
     store = StateStore("flip", root=tmp_path)
     store.dir.mkdir(parents=True, exist_ok=True)
-    scaler = Scaler(fleet, load_topology(ROOT / "topologies/hgx-h100x8.yaml"), recipe, None, store,  # type: ignore[arg-type]
+    topology = load_topology(ROOT / "topologies/hgx-h100x8.yaml")
+    scaler = Scaler(fleet, topology, recipe, None, store,  # type: ignore[arg-type]
                     Security.from_keys(None), Deadlines(heartbeat_interval_s=0.05, stop_s=3.0), DecisionLog(),
                     send=send, push_workers=push, budget={"max_restarts": 3, "window_s": 600.0})
     return fleet, scaler, sent
