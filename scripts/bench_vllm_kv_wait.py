@@ -17,16 +17,18 @@ and the prefilling one from its decode group, i.e. two workers the planner flipp
 
     .venv/bin/python scripts/bench_vllm_kv_wait.py --model DIR      # a SmolLM2 HF dir (dyn model pull)
 
-Measured here (SmolLM2-135M bf16, 1 OpenMP thread, 2 cores shared by 8 engineers, load 7-20),
-five runs of `--pulls 6..10`:
-    idle      spin: 125-2755 steps/s, dyn's engine thread 2-34% of a core
-              wait:  31-91 steps/s,   dyn's engine thread 0.6-3.7%
-              vLLM's executor processes: 25-122% each in both modes: the same, within noise
-              abort: spin 0.2-12.6 ms; wait 0.2-3.9 ms in 7 of 11 samples, 53-155 ms in 4 (loads
-              10-20; the split into queued/run time was added after them; a later run and 6
-              aborts of a dedicated probe stayed under 3 ms: not explained)
-    transfer  first token after a real pull, medians of 6-10: spin 69.7 / 138 / 113 / 108 / 83 ms,
-              wait 61.6 / 99 / 99.5 / 140 / 81 ms: no cost beyond the noise
+Measured here (SmolLM2-135M bf16, 1 OpenMP thread, 2 cores shared by 8 engineers).
+Quietest run (load 2-3, `--pulls 10`):
+    idle      spin: 200-230 steps/s, dyn's engine thread 6.7-10.3% of a core; abort queued
+                    2.3-6.2 ms behind the step in flight
+              wait:  76-80 steps/s,  dyn's engine thread 2.0-2.3%; abort queued 0.08 ms
+              vLLM's executor processes (decoder and prefiller): 89-106% each in both modes
+    transfer  first token after a real pull, median of 10: spin 78.6 ms, wait 68.7 ms
+              (43-124 ms spread)
+Five runs at load 7-20: the same picture (spin 125-2755 steps/s and 2-34%, wait 31-91 steps/s
+and 0.6-3.7%; first-token medians spin 70-138 ms, wait 62-140 ms), except 4 of 11 aborts while
+waiting at 53-155 ms under load 10-20 (a thread woken at nice 10 among ~12 runnable ones; none
+at load 2-3).
   With vLLM's in-process executor (VLLM_ENABLE_V1_MULTIPROCESSING=0, what a tp=1 GPU worker
   uses), the step runs on dyn's engine thread: 8.5-26% of a core spinning, 0.3-0.8% waiting
   (load 12-27, `--pulls 6`).
