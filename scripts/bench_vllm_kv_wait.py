@@ -32,10 +32,14 @@ at load 2-3).
   With vLLM's in-process executor (VLLM_ENABLE_V1_MULTIPROCESSING=0, what a tp=1 GPU worker
   uses), the step runs on dyn's engine thread: 8.5-26% of a core spinning, 0.3-0.8% waiting
   (load 12-27, `--pulls 6`).
-What stays, and dominates on CPU: vLLM's executor process spins while any step came within the
-last second (its shared-memory queue busy-waits 1 s after each message, a fixed constant), and
-NIXL's progress thread keeps most of a core busy in every engine with the NixlConnector even
-with no request at all (44% at load 11; 0% without the connector). Neither is dyn's loop.
+What stays, and dominates on CPU (neither is dyn's loop):
+  * NIXL's UCX progress thread (gdb: nixlUcxSharedThread::run -> poll(timeout=0)) takes a whole
+    core in every engine with the NixlConnector, with no request at all: 97-100% measured on an
+    idle engine at load 2 (0% without the connector; kv_connector_extra_config num_threads 1 or
+    4: the same). vLLM builds NIXL's agent config itself, and NIXL's Python config does not
+    expose the progress thread's delay (pthrDelay), so dyn cannot set it without patching them.
+  * vLLM's executor process spins while any step came within the last second (its
+    shared-memory queue busy-waits 1 s after each message, a fixed constant).
 """
 
 from __future__ import annotations
