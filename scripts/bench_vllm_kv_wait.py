@@ -36,8 +36,10 @@ What stays, and dominates on CPU (neither is dyn's loop):
   * NIXL's UCX progress thread (gdb: nixlUcxSharedThread::run -> poll(timeout=0)) takes a whole
     core in every engine with the NixlConnector, with no request at all: 97-100% measured on an
     idle engine at load 2 (0% without the connector; kv_connector_extra_config num_threads 1 or
-    4: the same). vLLM builds NIXL's agent config itself, and NIXL's Python config does not
-    expose the progress thread's delay (pthrDelay), so dyn cannot set it without patching them.
+    4: the same). It is the agent's progress thread: a bare nixl_agent idles at 96.7% of a core
+    with enable_prog_thread=True (NIXL's default, which vLLM keeps) and 0.0% with False. vLLM
+    builds that config itself (no option), so turning it off (transfers then progress only when
+    the engine polls) needs a vLLM change or a connector subclass: not done here.
   * vLLM's executor process spins while any step came within the last second (its
     shared-memory queue busy-waits 1 s after each message, a fixed constant).
 """
