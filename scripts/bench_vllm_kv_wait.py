@@ -25,10 +25,12 @@ Quietest run (load 2-3, `--pulls 10`):
               vLLM's executor processes (decoder and prefiller): 89-106% each in both modes
     transfer  first token after a real pull, median of 10: spin 78.6 ms, wait 68.7 ms
               (43-124 ms spread)
-Five runs at load 7-20: the same picture (spin 125-2755 steps/s and 2-34%, wait 31-91 steps/s
-and 0.6-3.7%; first-token medians spin 70-138 ms, wait 62-140 ms), except 4 of 11 aborts while
+Six runs at load 7-20: the same picture (spin 125-2755 steps/s and 2-34%, wait 31-91 steps/s
+and 0.6-3.7%; first-token medians spin 70-138 ms, wait 62-167 ms), except 4 of 11 aborts while
 waiting at 53-155 ms under load 10-20 (a thread woken at nice 10 among ~12 runnable ones; none
-at load 2-3).
+at load 2-3). A run after rebasing on main (load 7-12, `--pulls 4`): first token spin 87-103 ms,
+wait 94-445 ms (median 93 vs 214): on an oversubscribed CPU a thread that sleeps waits for a
+core again when woken, a thread that spins keeps it. The quiet run shows no such cost.
   With vLLM's in-process executor (VLLM_ENABLE_V1_MULTIPROCESSING=0, what a tp=1 GPU worker
   uses), the step runs on dyn's engine thread: 8.5-26% of a core spinning, 0.3-0.8% waiting
   (load 12-27, `--pulls 6`).
