@@ -172,6 +172,19 @@ def _client(d: VllmDeployment) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"http://127.0.0.1:{d.port}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
+def test_an_aggregated_deployment_answers_vllm_generate_greedy_tokens(tmp_path, model_dir, prompts, reference):
+    """mode: aggregated, one vLLM worker with the shipped recipe's engine settings. Runs before the
+    module's disaggregated deployment starts: each of its NIXL engines keeps a core busy (NIXL's
+    progress thread), which would slow this one's start on a 2-core machine."""
+    d = VllmDeployment(tmp_path, model_dir, mode="aggregated")
+    try:
+        d.up()
+        assert [w["role"] for w in d.status()["workers"] if w["role"] != "frontend"] == ["both"]
+        assert _greedy_texts(d, prompts[:SERVED]) == _decoded(model_dir, reference[:SERVED])
+    finally:
+        d.down()
+
+
 def test_greedy_tokens_equal_vllm_generate_locally_and_through_the_nixl_handoff(deployment, model_dir, prompts,
                                                                                 reference):
     prompts, reference = prompts[:SERVED], reference[:SERVED]
@@ -295,14 +308,3 @@ async def _decode_directly(d: VllmDeployment, worker_id: str, prompt: list[int],
     finally:
         pool.close()
         ctx.destroy(linger=0)
-
-
-def test_an_aggregated_deployment_answers_vllm_generate_greedy_tokens(tmp_path, model_dir, prompts, reference):
-    """mode: aggregated, one vLLM worker with the shipped recipe's engine settings."""
-    d = VllmDeployment(tmp_path, model_dir, mode="aggregated")
-    try:
-        d.up()
-        assert [w["role"] for w in d.status()["workers"] if w["role"] != "frontend"] == ["both"]
-        assert _greedy_texts(d, prompts[:SERVED]) == _decoded(model_dir, reference[:SERVED])
-    finally:
-        d.down()
