@@ -57,12 +57,13 @@ class DynSystem:
         self.recipe = state / f"{self.name}.yaml"
         self.recipe.write_text(RECIPE.format(name=self.name, model=peer / "model", port=port, replicas=replicas,
                                              workers=workers, kv_blocks=kv_blocks, policy=policy))
+        self.workers = workers
         self.frontend_pids: list[int] = []
         self.worker_pids: list[int] = []
 
     def start(self) -> None:
         up = subprocess.run([DYN, "up", "-t", str(ROOT / "topologies" / "local.yaml"), "-r", str(self.recipe)],
-                            env=self.env, capture_output=True, text=True, timeout=180)
+                            env=self.env, capture_output=True, text=True, timeout=180 + 10 * self.workers)
         if up.returncode:
             raise SystemExit(f"dyn up failed: {up.stdout}{up.stderr}")
         status = json.loads(subprocess.run([DYN, "status", "--name", self.name, "--json"], env=self.env,
@@ -72,7 +73,7 @@ class DynSystem:
 
     def stop(self) -> None:
         subprocess.run([DYN, "down", "--name", self.name, "--force"], env=self.env, capture_output=True,
-                       timeout=120)
+                       timeout=120 + 2 * self.workers)
 
 
 class DynamoSystem:
@@ -87,7 +88,7 @@ class DynamoSystem:
 
     def start(self) -> None:
         subprocess.run([str(self.peer / "run_peer.sh"), "start", str(self.workers)], env=self.env, check=True,
-                       capture_output=True, timeout=180)
+                       capture_output=True, timeout=180 + 2 * self.workers)
         self.frontend_pids = [int((self.peer / "frontend.pid").read_text())]
         self.worker_pids = [int((self.peer / "mocker.pid").read_text())]
 

@@ -209,20 +209,24 @@ class RequestServer:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
-            if out.token_ids:
-                stream.num_completion_tokens += len(out.token_ids)
-                self._send_frame(stream.client, encode_token_chunk(out.request_id, list(out.token_ids),
-                                                                   out.logprobs, out.num_cached_tokens))
+            stream.num_completion_tokens += len(out.token_ids)
+            finish = None
             if out.finished:
                 self._streams.pop(out.request_id, None)
                 self._speculative.discard(out.request_id)
+                exports = stream.prefill_only and self.export_kv is not None and out.finish_reason != "abort"
+                if not out.error and not exports:
+                    finish = (out.finish_reason or "stop", stream.num_prompt_tokens, stream.num_completion_tokens)
+            if out.token_ids:  # the Finish rides on the last chunk
+                self._send_frame(stream.client, encode_token_chunk(out.request_id, list(out.token_ids),
+                                                                   out.logprobs, out.num_cached_tokens, finish))
+            elif finish is not None:
+                self._send(stream.client, Finish(out.request_id, *finish))
+            if out.finished and finish is None:
                 if out.error:
                     self._fail(stream.client, out.request_id, "internal", out.error, True)
-                elif stream.prefill_only and self.export_kv is not None and out.finish_reason != "abort":
-                    asyncio.ensure_future(self._finish_prefill(stream, out))
                 else:
-                    self._send(stream.client, Finish(out.request_id, out.finish_reason or "stop",
-                                                     stream.num_prompt_tokens, stream.num_completion_tokens))
+                    asyncio.ensure_future(self._finish_prefill(stream, out))
 
     async def _finish_prefill(self, stream: Stream, out: TokenOutput) -> None:
         try:
@@ -304,12 +308,16 @@ def _log_send_error(future: asyncio.Future) -> None:
 
 
 def encode_token_chunk(request_id: str, token_ids: list[int], logprobs: list[float] | None,
-                       num_cached_tokens: int) -> bytes:
-    """REQUEST_CODEC.encode(TokenChunk(...)), byte for byte, without the generic field walk
-    (one of these per token per request)."""
+                       num_cached_tokens: int, finish: tuple[str, int, int] | None = None) -> bytes:
+    """REQUEST_CODEC.encode(TokenChunk(..., finish=Finish(request_id, *finish))), byte for byte,
+    without the generic field walk (one of these per token per request)."""
+    finish_fields = None if finish is None else {
+        "request_id": request_id, "reason": finish[0], "num_prompt_tokens": finish[1],
+        "num_completion_tokens": finish[2], "kv_offer": None}
     return msgpack.packb([PROTOCOL_VERSION, "token_chunk",
                           {"request_id": request_id, "token_ids": token_ids, "logprobs": logprobs,
-                           "num_cached_tokens": num_cached_tokens}], use_bin_type=True)
+                           "num_cached_tokens": num_cached_tokens, "finish": finish_fields}],
+                         use_bin_type=True)
 
 
 def engine_request(msg: GenerateRequest) -> EngineRequest:
