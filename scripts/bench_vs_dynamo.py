@@ -49,9 +49,11 @@ frontend: {{host: 127.0.0.1, port: {port}, replicas: {replicas}}}
 
 class DynSystem:
     def __init__(self, state: Path, peer: Path, port: int, replicas: int, workers: int, kv_blocks: int,
-                 policy: str = "kv") -> None:
-        self.name = f"vs-r{replicas}-{policy.replace('_', '-')}"
-        self.label = f"dyn ({replicas} frontend{'s' if replicas > 1 else ''}{'' if policy == 'kv' else ', ' + policy})"
+                 policy: str = "kv", dyn: str = DYN, tag: str = "") -> None:
+        self.dyn = dyn
+        self.name = f"vs-r{replicas}-{policy.replace('_', '-')}{'-' + tag if tag else ''}"
+        self.label = (f"dyn{' ' + tag if tag else ''} ({replicas} frontend{'s' if replicas > 1 else ''}"
+                      f"{'' if policy == 'kv' else ', ' + policy})")
         self.url = f"http://127.0.0.1:{port}"
         self.env = {**os.environ, "DYN_STATE_DIR": str(state / "state"), "DYN_NODE_STATE_DIR": str(state / "nodes")}
         self.recipe = state / f"{self.name}.yaml"
@@ -62,17 +64,17 @@ class DynSystem:
         self.worker_pids: list[int] = []
 
     def start(self) -> None:
-        up = subprocess.run([DYN, "up", "-t", str(ROOT / "topologies" / "local.yaml"), "-r", str(self.recipe)],
+        up = subprocess.run([self.dyn, "up", "-t", str(ROOT / "topologies" / "local.yaml"), "-r", str(self.recipe)],
                             env=self.env, capture_output=True, text=True, timeout=180 + 10 * self.workers)
         if up.returncode:
             raise SystemExit(f"dyn up failed: {up.stdout}{up.stderr}")
-        status = json.loads(subprocess.run([DYN, "status", "--name", self.name, "--json"], env=self.env,
+        status = json.loads(subprocess.run([self.dyn, "status", "--name", self.name, "--json"], env=self.env,
                                            capture_output=True, text=True, timeout=30, check=True).stdout)
         self.frontend_pids = [w["pid"] for w in status["workers"] if w["role"] == "frontend"]
         self.worker_pids = [w["pid"] for w in status["workers"] if w["role"] != "frontend"]
 
     def stop(self) -> None:
-        subprocess.run([DYN, "down", "--name", self.name, "--force"], env=self.env, capture_output=True,
+        subprocess.run([self.dyn, "down", "--name", self.name, "--force"], env=self.env, capture_output=True,
                        timeout=120 + 2 * self.workers)
 
 
@@ -156,6 +158,9 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=18431, help="first dyn port (one per replica count)")
     ap.add_argument("--dynamo-port", type=int, default=18430)
     ap.add_argument("--no-dynamo", action="store_true", help="measure dyn only")
+    ap.add_argument("--before-dyn", default=None,
+                    help="also run another dyn checkout's CLI (e.g. /work/main/.venv/bin/dyn), labelled "
+                         "'dyn before', same replica counts: an interleaved A/B of a change")
     ap.add_argument("--out", type=Path, default=None, help="also write every run as JSON here")
     a = ap.parse_args()
     if not (a.peer_dir / "venv").is_dir() or not (a.peer_dir / "model" / "tokenizer.json").is_file():
@@ -163,6 +168,9 @@ def main() -> None:
     state = Path(tempfile.mkdtemp(prefix="dyn-vs-"))
     systems: list = [DynSystem(state, a.peer_dir, a.port + i, int(r), a.workers, a.kv_blocks)
                      for i, r in enumerate(a.replicas.split(","))]
+    if a.before_dyn:
+        systems += [DynSystem(state, a.peer_dir, a.port + len(systems) + i, int(r), a.workers, a.kv_blocks,
+                              dyn=a.before_dyn, tag="before") for i, r in enumerate(a.replicas.split(","))]
     if a.baseline_policy:
         systems.append(DynSystem(state, a.peer_dir, a.port + len(systems), 1, a.workers, a.kv_blocks,
                                  a.baseline_policy))

@@ -17,7 +17,7 @@ import enum
 from dataclasses import dataclass, field
 
 from dyn.engine.backend import EngineRequest, FinishReason, SamplingParams
-from dyn.kv.hashing import hash_block
+from dyn.kv.hashing import hash_blocks
 
 
 class SequenceStatus(enum.Enum):
@@ -106,11 +106,10 @@ class Sequence:
 
     def extend_hashes(self, block_size: int) -> None:
         """Hash every newly full block (incremental: one hash per new block)."""
-        salt = self.request.salt
-        for idx in range(len(self.block_hashes), len(self.all_token_ids) // block_size):
+        start = len(self.block_hashes) * block_size
+        if len(self.all_token_ids) - start >= block_size:  # (one packing pass for a whole prompt)
             parent = self.block_hashes[-1] if self.block_hashes else None
-            tokens = self.all_token_ids[idx * block_size:(idx + 1) * block_size]
-            self.block_hashes.append(hash_block(parent, tokens, salt))
+            self.block_hashes += hash_blocks(self.all_token_ids[start:], block_size, self.request.salt, parent)
 
     def reset_for_recompute(self) -> None:
         """Preempted: drop all KV progress; the tokens themselves are kept."""
