@@ -17,7 +17,7 @@ import enum
 from dataclasses import dataclass, field
 
 from dyn.engine.backend import EngineRequest, FinishReason, SamplingParams
-from dyn.kv.hashing import hash_blocks
+from dyn.kv.hashing import BlockHashCache, hash_blocks
 
 
 class SequenceStatus(enum.Enum):
@@ -51,11 +51,16 @@ class Sequence:
     exported_at_s: float = 0.0
 
     @classmethod
-    def from_request(cls, request: EngineRequest, arrival_idx: int, block_size: int) -> "Sequence":
+    def from_request(cls, request: EngineRequest, arrival_idx: int, block_size: int,
+                     hashes: BlockHashCache | None = None) -> "Sequence":
+        """`hashes`: a cache for the prompt's block hashes (prompts share prefixes)."""
         seq = cls(request=request, arrival_idx=arrival_idx,
                   all_token_ids=list(request.prompt_token_ids),
                   num_prompt_tokens=len(request.prompt_token_ids))
-        seq.extend_hashes(block_size)
+        if hashes is None:
+            seq.extend_hashes(block_size)
+        else:
+            seq.block_hashes = hashes.hash_blocks(seq.all_token_ids, block_size, request.salt)
         return seq
 
     @property

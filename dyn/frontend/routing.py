@@ -16,7 +16,7 @@ from dyn.frontend.admission import Admission
 from dyn.frontend.breaker import BreakerBoard
 from dyn.frontend.protocol import ApiError, Hints
 from dyn.frontend.workers import DECODE_ROLES, PREFILL_ROLES, WorkerHandle, WorkerPool
-from dyn.kv.hashing import hash_blocks
+from dyn.kv.hashing import BlockHashCache
 from dyn.router.errors import NoWorkerError
 from dyn.router.router import Router
 from dyn.router.types import RouteChoice, RouteHints, RouteRequest, WorkerLoad
@@ -43,6 +43,8 @@ class Routing:
         self.admission = admission
         self.clock = clock
         """The router's `now` (the simulator-equivalence test passes virtual time)."""
+        self._hashes = BlockHashCache()
+        """Block hashes of prefixes seen before (shared system prompts hash once)."""
 
     def choose_workers(self, prompt_token_ids: Sequence[int], hints: Hints, *,
                        exclude: frozenset[str] = frozenset(), salt: int = 0,
@@ -55,8 +57,8 @@ class Routing:
             raise ApiError("no decode worker is ready (or every one has its circuit breaker open after "
                            "repeated failures); retry later", status=503, code="no_workers",
                            type="service_unavailable", retry_after_s=RETRY_AFTER_S * 5)
-        request = RouteRequest(hash_blocks(prompt_token_ids, self.block_size, salt), len(prompt_token_ids),
-                               _route_hints(hints))
+        block_hashes = self._hashes.hash_blocks(prompt_token_ids, self.block_size, salt)
+        request = RouteRequest(block_hashes, len(prompt_token_ids), _route_hints(hints))
         prefill = self._loads(PREFILL_ROLES - {"both"}, exclude) if self.mode == "disaggregated" else []
         try:
             choice = self.router.route(request, prefill, decode, self.clock(),
