@@ -56,6 +56,8 @@ class WorkerHandle:
     state: str = "ready"
     gpus: tuple[int, ...] = ()
     metrics: dict[str, float] = field(default_factory=dict)
+    """The last heartbeat's metrics: replaced by each update, never edited in place (routing
+    keeps each worker's load until this object or the in-flight counts change)."""
     kv_events_address: str | None = None
     """The worker's KV-event PUB socket (None: it publishes none; the router predicts)."""
     nvlink_domain: str | None = None
