@@ -11,6 +11,11 @@ with the load average during each run. Not part of the test suite; needs the pee
     cp -r /work/shared/peers /tmp/peer-dynamo && (cd /tmp/peer-dynamo && ./run_peer.sh install)
     .venv/bin/python scripts/bench_vs_dynamo.py --peer-dir /tmp/peer-dynamo --replicas 1,2 --rounds 3
 
+A change measured against the code before it, in the same interleaved rounds: add
+`--before-dyn /path/to/other/checkout/.venv/bin/dyn` (rows "dyn before"). A rack's worth of
+mock workers, where the frontend's routing over every worker is what is measured:
+`--workers 72 --replicas 1` (each side runs 72 zero-time workers; ~130 MB per dyn mock worker).
+
 No Dynamo code is part of dyn: the kit installs it into its own venv.
 """
 
