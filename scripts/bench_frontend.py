@@ -171,7 +171,7 @@ async def direct_client(keys_path: str, addresses: list[str], concurrency: int, 
                 if entry is not None:
                     if not entry[1]:
                         entry[1].append(time.perf_counter())
-                    if tag == Finish.TYPE:
+                    if tag == Finish.TYPE or fields.get("finish") is not None:  # (a last chunk carries it)
                         entry[0].set_result(None)
                 try:
                     data = raw.recv(zmq.NOBLOCK)

@@ -11,6 +11,11 @@ with the load average during each run. Not part of the test suite; needs the pee
     cp -r /work/shared/peers /tmp/peer-dynamo && (cd /tmp/peer-dynamo && ./run_peer.sh install)
     .venv/bin/python scripts/bench_vs_dynamo.py --peer-dir /tmp/peer-dynamo --replicas 1,2 --rounds 3
 
+A change measured against the code before it, in the same interleaved rounds: add
+`--before-dyn /path/to/other/checkout/.venv/bin/dyn` (rows "dyn before"). A rack's worth of
+mock workers, where the frontend's routing over every worker is what is measured:
+`--workers 72 --replicas 1` (each side runs 72 zero-time workers; ~130 MB per dyn mock worker).
+
 No Dynamo code is part of dyn: the kit installs it into its own venv.
 """
 
@@ -49,30 +54,33 @@ frontend: {{host: 127.0.0.1, port: {port}, replicas: {replicas}}}
 
 class DynSystem:
     def __init__(self, state: Path, peer: Path, port: int, replicas: int, workers: int, kv_blocks: int,
-                 policy: str = "kv") -> None:
-        self.name = f"vs-r{replicas}-{policy.replace('_', '-')}"
-        self.label = f"dyn ({replicas} frontend{'s' if replicas > 1 else ''}{'' if policy == 'kv' else ', ' + policy})"
+                 policy: str = "kv", dyn: str = DYN, tag: str = "") -> None:
+        self.dyn = dyn
+        self.name = f"vs-r{replicas}-{policy.replace('_', '-')}{'-' + tag if tag else ''}"
+        self.label = (f"dyn{' ' + tag if tag else ''} ({replicas} frontend{'s' if replicas > 1 else ''}"
+                      f"{'' if policy == 'kv' else ', ' + policy})")
         self.url = f"http://127.0.0.1:{port}"
         self.env = {**os.environ, "DYN_STATE_DIR": str(state / "state"), "DYN_NODE_STATE_DIR": str(state / "nodes")}
         self.recipe = state / f"{self.name}.yaml"
         self.recipe.write_text(RECIPE.format(name=self.name, model=peer / "model", port=port, replicas=replicas,
                                              workers=workers, kv_blocks=kv_blocks, policy=policy))
+        self.workers = workers
         self.frontend_pids: list[int] = []
         self.worker_pids: list[int] = []
 
     def start(self) -> None:
-        up = subprocess.run([DYN, "up", "-t", str(ROOT / "topologies" / "local.yaml"), "-r", str(self.recipe)],
-                            env=self.env, capture_output=True, text=True, timeout=180)
+        up = subprocess.run([self.dyn, "up", "-t", str(ROOT / "topologies" / "local.yaml"), "-r", str(self.recipe)],
+                            env=self.env, capture_output=True, text=True, timeout=180 + 10 * self.workers)
         if up.returncode:
             raise SystemExit(f"dyn up failed: {up.stdout}{up.stderr}")
-        status = json.loads(subprocess.run([DYN, "status", "--name", self.name, "--json"], env=self.env,
+        status = json.loads(subprocess.run([self.dyn, "status", "--name", self.name, "--json"], env=self.env,
                                            capture_output=True, text=True, timeout=30, check=True).stdout)
         self.frontend_pids = [w["pid"] for w in status["workers"] if w["role"] == "frontend"]
         self.worker_pids = [w["pid"] for w in status["workers"] if w["role"] != "frontend"]
 
     def stop(self) -> None:
-        subprocess.run([DYN, "down", "--name", self.name, "--force"], env=self.env, capture_output=True,
-                       timeout=120)
+        subprocess.run([self.dyn, "down", "--name", self.name, "--force"], env=self.env, capture_output=True,
+                       timeout=120 + 2 * self.workers)
 
 
 class DynamoSystem:
@@ -87,7 +95,7 @@ class DynamoSystem:
 
     def start(self) -> None:
         subprocess.run([str(self.peer / "run_peer.sh"), "start", str(self.workers)], env=self.env, check=True,
-                       capture_output=True, timeout=180)
+                       capture_output=True, timeout=180 + 2 * self.workers)
         self.frontend_pids = [int((self.peer / "frontend.pid").read_text())]
         self.worker_pids = [int((self.peer / "mocker.pid").read_text())]
 
@@ -155,6 +163,9 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=18431, help="first dyn port (one per replica count)")
     ap.add_argument("--dynamo-port", type=int, default=18430)
     ap.add_argument("--no-dynamo", action="store_true", help="measure dyn only")
+    ap.add_argument("--before-dyn", default=None,
+                    help="also run another dyn checkout's CLI (e.g. /work/main/.venv/bin/dyn), labelled "
+                         "'dyn before', same replica counts: an interleaved A/B of a change")
     ap.add_argument("--out", type=Path, default=None, help="also write every run as JSON here")
     a = ap.parse_args()
     if not (a.peer_dir / "venv").is_dir() or not (a.peer_dir / "model" / "tokenizer.json").is_file():
@@ -162,6 +173,9 @@ def main() -> None:
     state = Path(tempfile.mkdtemp(prefix="dyn-vs-"))
     systems: list = [DynSystem(state, a.peer_dir, a.port + i, int(r), a.workers, a.kv_blocks)
                      for i, r in enumerate(a.replicas.split(","))]
+    if a.before_dyn:
+        systems += [DynSystem(state, a.peer_dir, a.port + len(systems) + i, int(r), a.workers, a.kv_blocks,
+                              dyn=a.before_dyn, tag="before") for i, r in enumerate(a.replicas.split(","))]
     if a.baseline_policy:
         systems.append(DynSystem(state, a.peer_dir, a.port + len(systems), 1, a.workers, a.kv_blocks,
                                  a.baseline_policy))

@@ -80,8 +80,23 @@ class Codec:
 
 def _fields(obj: Any) -> dict[str, Any]:
     """A dataclass as a map of its fields; nested dataclasses (e.g. SamplingParams) become maps too."""
-    return {f.name: _fields(v) if dataclasses.is_dataclass(v := getattr(obj, f.name)) else v
-            for f in dataclasses.fields(obj)}
+    return {name: _fields(v) if nested and dataclasses.is_dataclass(v := getattr(obj, name))
+            else getattr(obj, name) for name, nested in _encode_plan(type(obj))}
+
+
+@functools.cache
+def _encode_plan(cls: type) -> tuple[tuple[str, bool], ...]:
+    """Per field of `cls`: its name and whether its value may be a dataclass (from the hints, once:
+    the frontend encodes a GenerateRequest per request, and the per-field is_dataclass test on
+    every value was a third of that)."""
+    hints = _hints(cls)
+    return tuple((f.name, _may_hold_dataclass(hints[f.name])) for f in dataclasses.fields(cls))
+
+
+def _may_hold_dataclass(hint: Any) -> bool:
+    if hint is Any or dataclasses.is_dataclass(hint):
+        return True
+    return get_origin(hint) in (Union, types.UnionType) and any(_may_hold_dataclass(a) for a in get_args(hint))
 
 
 @functools.cache

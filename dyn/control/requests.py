@@ -1,7 +1,7 @@
 """Request-plane messages: frontend (DEALER) <-> worker (ROUTER).
 
 One GenerateRequest yields a stream of TokenChunk and ends with exactly one
-Finish or RequestFailed. Cancel may be sent at any time; the worker then
+Finish (on its own or carried by the last TokenChunk) or RequestFailed. Cancel may be sent at any time; the worker then
 ends the stream with Finish(reason="abort").
 """
 
@@ -43,15 +43,6 @@ class GenerateRequest(Message):
 
 
 @dataclass(slots=True)
-class TokenChunk(Message):
-    TYPE: ClassVar[str] = "token_chunk"
-    request_id: str
-    token_ids: list[int]
-    logprobs: list[float] | None = None
-    num_cached_tokens: int = 0
-
-
-@dataclass(slots=True)
 class Finish(Message):
     TYPE: ClassVar[str] = "finish"
     request_id: str
@@ -61,6 +52,19 @@ class Finish(Message):
     num_completion_tokens: int = 0
     kv_offer: dict[str, Any] | None = None
     """prefill_only requests: the shuttle offer the decode worker pulls from."""
+
+
+@dataclass(slots=True)
+class TokenChunk(Message):
+    TYPE: ClassVar[str] = "token_chunk"
+    request_id: str
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    num_cached_tokens: int = 0
+    finish: Finish | None = None
+    """The stream's Finish, when it ends with these tokens: the receiver takes the chunk and
+    then this Finish, as if they came as two messages (one message less per request; a short
+    request on a fast engine is often one chunk)."""
 
 
 @dataclass(slots=True)

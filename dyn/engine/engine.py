@@ -21,6 +21,7 @@ from dyn.engine.scheduler import Scheduler
 from dyn.engine.sequence import Sequence, SequenceStatus
 from dyn.errors import EngineError, RequestError
 from dyn.kv.events import KvEvent
+from dyn.kv.hashing import BlockHashCache
 
 Detokenize = Callable[[list[int]], str]
 MAX_TRACKED_SESSIONS = 100_000
@@ -51,6 +52,8 @@ class Engine(Backend):
                                    max_num_batched_tokens=max_num_batched_tokens,
                                    tier_probe=self._tier_probe, tier_fetch=self._tier_fetch)
         self._seqs: dict[str, Sequence] = {}
+        self._hashes = BlockHashCache()
+        """Prompt block hashes seen before (shared prefixes hash once)."""
         self._pending: list[TokenOutput] = []
         self._num_arrivals = 0
         self.num_computed_tokens = 0
@@ -234,7 +237,7 @@ class Engine(Backend):
     def _new_sequence(self, request: EngineRequest) -> Sequence:
         _check_request(request, self.runner, self._seqs)
         self._num_arrivals += 1
-        return Sequence.from_request(request, self._num_arrivals, self.block_size)
+        return Sequence.from_request(request, self._num_arrivals, self.block_size, self._hashes)
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         sampling = seq.sampling

@@ -90,6 +90,9 @@ class MockRunner(ModelRunner):
     def step_time_s(self, work: list[SeqWork]) -> float:
         """Modelled time of one step (see MockTiming); a mixed batch pays both parts."""
         t = self.timing
+        if not (t.prefill_base_s or t.prefill_s_per_token or t.decode_base_s or t.decode_s_per_seq
+                or t.decode_s_per_ctx_token):
+            return 0.0  # a zero-time mock (router benchmarks): no per-step accounting
         decodes = [w for w in work if len(w.token_ids) == 1 and w.num_generated > 0]
         num_prefill = sum(len(w.token_ids) for w in work) - len(decodes)
         duration = 0.0

@@ -17,7 +17,7 @@ import enum
 from dataclasses import dataclass, field
 
 from dyn.engine.backend import EngineRequest, FinishReason, SamplingParams
-from dyn.kv.hashing import hash_block
+from dyn.kv.hashing import BlockHashCache, hash_blocks
 
 
 class SequenceStatus(enum.Enum):
@@ -51,11 +51,16 @@ class Sequence:
     exported_at_s: float = 0.0
 
     @classmethod
-    def from_request(cls, request: EngineRequest, arrival_idx: int, block_size: int) -> "Sequence":
+    def from_request(cls, request: EngineRequest, arrival_idx: int, block_size: int,
+                     hashes: BlockHashCache | None = None) -> "Sequence":
+        """`hashes`: a cache for the prompt's block hashes (prompts share prefixes)."""
         seq = cls(request=request, arrival_idx=arrival_idx,
                   all_token_ids=list(request.prompt_token_ids),
                   num_prompt_tokens=len(request.prompt_token_ids))
-        seq.extend_hashes(block_size)
+        if hashes is None:
+            seq.extend_hashes(block_size)
+        else:
+            seq.block_hashes = hashes.hash_blocks(seq.all_token_ids, block_size, request.salt)
         return seq
 
     @property
@@ -106,11 +111,10 @@ class Sequence:
 
     def extend_hashes(self, block_size: int) -> None:
         """Hash every newly full block (incremental: one hash per new block)."""
-        salt = self.request.salt
-        for idx in range(len(self.block_hashes), len(self.all_token_ids) // block_size):
+        start = len(self.block_hashes) * block_size
+        if len(self.all_token_ids) - start >= block_size:  # (one packing pass for a whole prompt)
             parent = self.block_hashes[-1] if self.block_hashes else None
-            tokens = self.all_token_ids[idx * block_size:(idx + 1) * block_size]
-            self.block_hashes.append(hash_block(parent, tokens, salt))
+            self.block_hashes += hash_blocks(self.all_token_ids[start:], block_size, self.request.salt, parent)
 
     def reset_for_recompute(self) -> None:
         """Preempted: drop all KV progress; the tokens themselves are kept."""

@@ -167,9 +167,11 @@ class _Handlers:
         s, extra = fe.settings, {"request_id": rid}
         req = req.for_prompt(len(prompt_ids), s.max_context)
         salt = 0 if fe.api_keys is None or s.share_cache_across_tenants else tenant_salt(tenant.name)
-        log.info("request received: %s, %d prompt tokens, max_tokens %s, tenant %s, priority %d%s",
-                 req.kind, len(prompt_ids), req.sampling.max_tokens, tenant.name, req.hints.priority,
-                 f", prompt {_prompt_text(req)!r}" if s.log_prompts else "", extra=extra)
+        # debug: the "finished" line below repeats all of it (one info line per request: at
+        # thousands of requests/s each log line is a measurable share of the frontend's CPU)
+        log.debug("request received: %s, %d prompt tokens, max_tokens %s, tenant %s, priority %d",
+                  req.kind, len(prompt_ids), req.sampling.max_tokens, tenant.name, req.hints.priority,
+                  extra=extra)
         if req.hints.expected_output_tokens is not None:
             fe.metrics.num_osl_requests += 1
             fe.metrics.num_osl_tokens += req.hints.expected_output_tokens
@@ -196,13 +198,15 @@ class _Handlers:
             fe.metrics.cached_tokens.inc(usage.num_cached_tokens)
         elapsed = time.perf_counter() - start
         fe.metrics.e2e.observe(elapsed)
-        output = f", output {fe.tokenizer.decode(usage.token_ids)!r}" if s.log_prompts else ""
-        # One line per request besides "received" (routing and first-token lines are debug: at
-        # thousands of requests/s each log line is a measurable share of the frontend's CPU).
-        log.info("request finished: %s, %d tokens in %.1f ms (first after %.1f ms, %d prompt tokens cached), "
-                 "%d migrations, workers %s/%s%s", usage.finish_reason, len(usage.token_ids), elapsed * 1000,
-                 (usage.ttft_s or 0.0) * 1000, usage.num_cached_tokens, usage.num_migrations,
-                 usage.prefill_worker or "-", usage.decode_worker, output, extra=extra)
+        texts = (f", prompt {_prompt_text(req)!r}, output {fe.tokenizer.decode(usage.token_ids)!r}"
+                 if s.log_prompts else "")
+        # The one info line of a request (received, routing and first-token lines are debug).
+        log.info("request finished: %s %s, %d prompt tokens (%d cached), %d of max %d tokens in %.1f ms "
+                 "(first after %.1f ms), tenant %s, priority %d, %d migrations, workers %s/%s%s",
+                 req.kind, usage.finish_reason, len(prompt_ids), usage.num_cached_tokens, len(usage.token_ids),
+                 req.sampling.max_tokens, elapsed * 1000, (usage.ttft_s or 0.0) * 1000, tenant.name,
+                 req.hints.priority, usage.num_migrations, usage.prefill_worker or "-", usage.decode_worker,
+                 texts, extra=extra)
         return response
 
     def _request_id(self, request: web.Request) -> str:

@@ -84,8 +84,11 @@ class BreakerBoard:
         return breaker is None or breaker.allows(self.clock())
 
     def blocked(self, worker_ids) -> frozenset[str]:
-        """The workers among `worker_ids` that must not get a new request now."""
-        return frozenset(w for w in worker_ids if not self.allows(w))
+        """The workers among `worker_ids` (a set or dict) that must not get a new request now."""
+        if not self.breakers:
+            return frozenset()
+        now = self.clock()  # (one pass over the breakers, not over a rack's workers)
+        return frozenset(w for w, b in self.breakers.items() if w in worker_ids and not b.allows(now))
 
     def on_sent(self, worker_id: str) -> None:
         self.get(worker_id).on_sent()

@@ -22,6 +22,7 @@ import msgpack
 import zmq
 import zmq.asyncio
 
+from dyn.control.client import wait_event
 from dyn.control.sockets import BadMessages, Security, client_socket, server_socket
 from dyn.frontend.workers import WorkerPool
 
@@ -83,10 +84,7 @@ class PeerLoad:
         last_sent = 0.0
         changed = self._pool.load_changed
         while True:
-            try:
-                await asyncio.wait_for(changed.wait(), KEEPALIVE_S)
-            except TimeoutError:
-                pass
+            await wait_event(changed, KEEPALIVE_S)  # (no task per wake-up, unlike wait_for)
             await asyncio.sleep(self._interval_s)  # batch the changes of a burst into one message
             changed.clear()
             if not self._peers:

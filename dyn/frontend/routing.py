@@ -16,7 +16,7 @@ from dyn.frontend.admission import Admission
 from dyn.frontend.breaker import BreakerBoard
 from dyn.frontend.protocol import ApiError, Hints
 from dyn.frontend.workers import DECODE_ROLES, PREFILL_ROLES, WorkerHandle, WorkerPool
-from dyn.kv.hashing import hash_blocks
+from dyn.kv.hashing import BlockHashCache
 from dyn.router.errors import NoWorkerError
 from dyn.router.router import Router
 from dyn.router.types import RouteChoice, RouteHints, RouteRequest, WorkerLoad
@@ -43,6 +43,10 @@ class Routing:
         self.admission = admission
         self.clock = clock
         """The router's `now` (the simulator-equivalence test passes virtual time)."""
+        self._load_cache: dict[str, tuple] = {}
+        """Per worker: (handle, its metrics dict, in-flight counts, WorkerLoad built from them)."""
+        self._hashes = BlockHashCache()
+        """Block hashes of prefixes seen before (shared system prompts hash once)."""
 
     def choose_workers(self, prompt_token_ids: Sequence[int], hints: Hints, *,
                        exclude: frozenset[str] = frozenset(), salt: int = 0,
@@ -55,8 +59,8 @@ class Routing:
             raise ApiError("no decode worker is ready (or every one has its circuit breaker open after "
                            "repeated failures); retry later", status=503, code="no_workers",
                            type="service_unavailable", retry_after_s=RETRY_AFTER_S * 5)
-        request = RouteRequest(hash_blocks(prompt_token_ids, self.block_size, salt), len(prompt_token_ids),
-                               _route_hints(hints))
+        block_hashes = self._hashes.hash_blocks(prompt_token_ids, self.block_size, salt)
+        request = RouteRequest(block_hashes, len(prompt_token_ids), _route_hints(hints))
         prefill = self._loads(PREFILL_ROLES - {"both"}, exclude) if self.mode == "disaggregated" else []
         try:
             choice = self.router.route(request, prefill, decode, self.clock(),
@@ -83,8 +87,24 @@ class Routing:
         self.admission.check(handle.id, handle.role, waiting, uncached, priority)  # type: ignore[union-attr]
 
     def _loads(self, roles: frozenset[str], exclude: frozenset[str]) -> list[WorkerLoad]:
-        return [_load(h, self.block_size) for h in self.pool.workers.values()
-                if h.role in roles and h.is_ready and h.id not in exclude]
+        """The candidates' loads. A worker's load is rebuilt only when what it is made of changed
+        (its heartbeat metrics, which the pool replaces and never edits, or the in-flight counts):
+        with a rack's 72 workers, building every load for every request was most of the
+        frontend's routing time."""
+        loads, cache, bs = [], self._load_cache, self.block_size
+        for h in self.pool.workers.values():
+            if h.role not in roles or not h.is_ready or h.id in exclude:
+                continue
+            counts = (h.in_flight, h.peer_in_flight, h.in_flight_tokens, h.peer_in_flight_tokens,
+                      h.role, h.nvlink_domain)
+            hit = cache.get(h.id)
+            if hit is None or hit[0] is not h or hit[1] is not h.metrics or hit[2] != counts:
+                hit = cache[h.id] = (h, h.metrics, counts, _load(h, bs))
+            loads.append(hit[3])
+        if len(cache) > 2 * len(self.pool.workers) + 16:  # workers come and go: drop the departed
+            for wid in [w for w in cache if w not in self.pool.workers]:
+                del cache[wid]
+        return loads
 
 
 def _load(handle: WorkerHandle, block_size: int) -> WorkerLoad:

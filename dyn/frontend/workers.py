@@ -21,7 +21,7 @@ import zmq.asyncio
 
 from dyn import PROTOCOL_VERSION
 from dyn.control.kv_events import KvSnapshot, KvSnapshotRequest
-from dyn.control.requests import REQUEST_CODEC, Cancel, GenerateRequest, RequestFailed, TokenChunk
+from dyn.control.requests import REQUEST_CODEC, Cancel, Finish, GenerateRequest, RequestFailed, TokenChunk
 from dyn.control.sockets import BadMessages, Security, client_socket, decode_or_record
 from dyn.errors import ProtocolError
 
@@ -56,6 +56,8 @@ class WorkerHandle:
     state: str = "ready"
     gpus: tuple[int, ...] = ()
     metrics: dict[str, float] = field(default_factory=dict)
+    """The last heartbeat's metrics: replaced by each update, never edited in place (routing
+    keeps each worker's load until this object or the in-flight counts change)."""
     kv_events_address: str | None = None
     """The worker's KV-event PUB socket (None: it publishes none; the router predicts)."""
     nvlink_domain: str | None = None
@@ -241,6 +243,8 @@ class WorkerPool:
                             entry.awaiting_first = False
                             handle.pending_prefill_tokens -= entry.num_tokens
                         entry.queue.put_nowait(message)
+                        if type(message) is TokenChunk and message.finish is not None:
+                            entry.queue.put_nowait(message.finish)  # the stream's end, carried along
                 elif isinstance(message, KvSnapshot) and message.worker_id == wid:
                     if self.on_snapshot is not None:
                         self.on_snapshot(message)
@@ -262,7 +266,8 @@ class _Stream:
 
 
 _MAX_DRAIN = 512
-_CHUNK_FIELDS = frozenset({"request_id", "token_ids", "logprobs", "num_cached_tokens"})
+_CHUNK_FIELDS = frozenset({"request_id", "token_ids", "logprobs", "num_cached_tokens", "finish"})
+_FINISH_FIELDS = frozenset({"request_id", "reason", "num_prompt_tokens", "num_completion_tokens", "kv_offer"})
 
 
 def _decode(data: memoryview, bad: BadMessages):
@@ -280,14 +285,29 @@ def _decode(data: memoryview, bad: BadMessages):
         if type(fields) is dict and fields.keys() <= _CHUNK_FIELDS:
             rid, ids = fields.get("request_id"), fields.get("token_ids")
             logprobs, cached = fields.get("logprobs"), fields.get("num_cached_tokens", 0)
+            finish = _finish(fields.get("finish"))
             if (type(rid) is str and type(ids) is list and all(type(t) is int for t in ids)
-                    and type(cached) is int
+                    and type(cached) is int and finish is not False
                     and (logprobs is None or (type(logprobs) is list
                                               and all(type(x) in (float, int) for x in logprobs)))):
                 if logprobs is not None:
                     logprobs = [float(x) for x in logprobs]
-                return TokenChunk(rid, ids, logprobs, cached)
+                return TokenChunk(rid, ids, logprobs, cached, finish)
     return decode_or_record(REQUEST_CODEC, data, bad)
+
+
+def _finish(fields: Any) -> Finish | None | bool:
+    """A chunk's Finish (fast path: plain fields, no KV offer); None when absent, False when
+    anything else (the codec's general path then checks it)."""
+    if fields is None:
+        return None
+    if type(fields) is not dict or not fields.keys() <= _FINISH_FIELDS or fields.get("kv_offer") is not None:
+        return False
+    rid, reason = fields.get("request_id"), fields.get("reason")
+    num_prompt, num_completion = fields.get("num_prompt_tokens", 0), fields.get("num_completion_tokens", 0)
+    if type(rid) is str and type(reason) is str and type(num_prompt) is int and type(num_completion) is int:
+        return Finish(rid, reason, num_prompt, num_completion)
+    return False
 
 
 def _log_send_error(future: asyncio.Future, request_id: str, worker_id: str) -> None:

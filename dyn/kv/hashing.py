@@ -67,6 +67,47 @@ def hash_blocks(token_ids: Sequence[int], block_size: int, salt: int = 0,
     return hashes
 
 
+class BlockHashCache:
+    """`hash_blocks` with a memory of blocks already hashed after the same parent.
+
+    Traffic repeats long prefixes (system prompts, conversation history): a block
+    seen before under the same parent and salt is a dict lookup on its 4*block_size
+    bytes instead of a blake2b (about a fifth of the cost per block). The result is
+    the same as hash_blocks' by construction (the key is all the hash's input);
+    the memory is cleared when it holds `max_entries` blocks.
+    """
+
+    def __init__(self, max_entries: int = 1 << 15) -> None:
+        self._memo: dict[tuple[int, int, bytes], int] = {}
+        self._max_entries = max_entries
+
+    def hash_blocks(self, token_ids: Sequence[int], block_size: int, salt: int = 0) -> list[int]:
+        if not isinstance(block_size, int) or block_size < 1:
+            return hash_blocks(token_ids, block_size, salt)  # raises the same RequestError
+        num_blocks = len(token_ids) // block_size
+        if num_blocks == 0:
+            return []
+        root = _header(None, salt)  # validates salt
+        packed = _pack(token_ids[: num_blocks * block_size])
+        step = 4 * block_size
+        memo, pack, from_bytes = self._memo, _HEADER.pack, int.from_bytes
+        parent = -1
+        hashes: list[int] = []
+        for start in range(0, num_blocks * step, step):
+            key = (parent, salt, packed[start:start + step])
+            value = memo.get(key)
+            if value is None:
+                h = blake2b(root if parent < 0 else pack(1, parent, salt), digest_size=8, person=_PERSON)
+                h.update(key[2])
+                value = from_bytes(h.digest(), "little") & HASH_MASK
+                if len(memo) >= self._max_entries:
+                    memo.clear()
+                memo[key] = value
+            hashes.append(value)
+            parent = value
+        return hashes
+
+
 def _header(parent: int | None, salt: int) -> bytes:
     if not isinstance(salt, int) or not 0 <= salt <= _U64:
         raise RequestError(f"salt must be an int in [0, 2**64), got {salt!r}", field="salt")

@@ -1,7 +1,9 @@
 """Publishes the worker's KV events in batches and answers snapshot requests.
 
 The engine calls `listener` on its own thread; events are queued and sent by
-an asyncio task every `flush_interval_s` (or sooner when a batch is full).
+an asyncio task `flush_interval_s` after the first of them (sooner when a batch
+is full). An idle worker's task sleeps until an event comes (no timer ticking
+100 times a second in each of a rack's workers).
 A mirror of what each tier holds, kept from the same events, answers
 snapshots without asking the engine thread.
 """
@@ -39,6 +41,9 @@ class KvEventPublisher:
         self._held: dict[str, set[int]] = {tier: set() for tier in TIER_CODES}
         self._flush_interval_s = flush_interval_s
         self._wake = asyncio.Event()
+        """Set when the queue goes from empty to non-empty."""
+        self._full = asyncio.Event()
+        """Set when the queue holds a full batch."""
         self._aio = asyncio.get_running_loop()
         self.events_published = 0
 
@@ -46,9 +51,11 @@ class KvEventPublisher:
         """Engine-thread callback (KvEventListener)."""
         with self._lock:
             self._pending.append(event)
-            full = len(self._pending) >= MAX_BATCH_RUNS
-        if full:
+            num = len(self._pending)
+        if num == 1:
             self._aio.call_soon_threadsafe(self._wake.set)
+        elif num == MAX_BATCH_RUNS:
+            self._aio.call_soon_threadsafe(self._full.set)
 
     def snapshot(self) -> KvSnapshot:
         """What every tier holds as of the last published batch."""
@@ -57,8 +64,11 @@ class KvEventPublisher:
 
     async def run(self) -> None:
         while True:
-            await wait_event(self._wake, self._flush_interval_s)
+            await self._wake.wait()
+            # Gather the next steps' events into the same batch, unless it is full already.
+            await wait_event(self._full, self._flush_interval_s)
             self._wake.clear()
+            self._full.clear()
             await self.flush()
 
     async def flush(self) -> None:

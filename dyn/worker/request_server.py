@@ -152,35 +152,43 @@ class RequestServer:
         except RequestError as exc:
             self._fail(client, rid, "bad_request", str(exc), False)
             return
-        stats = await asyncio.wrap_future(self._loop.submit(lambda e: e.stats()))
-        if stats.num_waiting >= self._max_waiting:
-            self._fail(client, rid, "overloaded", f"{stats.num_waiting} requests waiting", True)
+        stream = Stream(rid, client, len(msg.prompt_token_ids), prefill_only=msg.prefill_only)
+        self._streams[rid] = stream  # before the engine sees it: its outputs look the stream up
+        if msg.speculative:
+            self._speculative.add(rid)
+        imports = msg.kv_source is not None and self.import_kv is not None
+        try:
+            # One hop to the engine thread for a plain request: check the queue and add it together.
+            refusal, num_waiting = await asyncio.wrap_future(self._loop.submit(
+                lambda e: _admit(e, None if imports else request, self._max_waiting, msg.speculative)))
+        except DynError as exc:
+            self._streams.pop(rid, None)
+            self._speculative.discard(rid)
+            code = "bad_request" if isinstance(exc, RequestError) else "internal"
+            self._fail(client, rid, code, str(exc), code != "bad_request")
             return
-        if msg.speculative and stats.num_waiting > 0:
-            self.speculative_refused += 1
-            self._fail(client, rid, "overloaded", f"speculative prefill refused: {stats.num_waiting} "
-                       "requests waiting", False)
+        if refusal is not None:
+            self._streams.pop(rid, None)
+            self._speculative.discard(rid)
+            message, retryable = refusal
+            self.speculative_refused += not retryable
+            self._fail(client, rid, "overloaded", message, retryable)
             return
-        if not msg.speculative and stats.num_waiting > 0 and self._speculative:
+        if not msg.speculative and self._speculative and num_waiting > 0:
             # Real work is queueing: speculative prefills give way (they only warm a cache).
             for spec_id in list(self._speculative):
                 self.speculative_cancelled += 1
                 await self._cancel(spec_id)
-        stream = Stream(rid, client, len(msg.prompt_token_ids), prefill_only=msg.prefill_only)
-        self._streams[rid] = stream
-        if msg.speculative:
-            self._speculative.add(rid)
         self.requests_total += 1
         # debug: the frontend logs each request's arrival, this worker logs its end (dyn/worker/process.py)
         log.debug("request started: %d prompt tokens%s%s", len(msg.prompt_token_ids),
-                 ", prefill only" if msg.prefill_only else "",
-                 ", salted" if msg.salt else "", extra={"request_id": rid})
+                  ", prefill only" if msg.prefill_only else "",
+                  ", salted" if msg.salt else "", extra={"request_id": rid})
+        if not imports:
+            return
         try:
-            if msg.kv_source is not None and self.import_kv is not None:
-                log.info("KV pull from %s", _kv_origin(msg.kv_source), extra={"request_id": rid})
-                await self.import_kv(stream, msg)  # adds the request itself
-            else:
-                await asyncio.wrap_future(self._loop.submit(lambda e: e.add_request(request)))
+            log.info("KV pull from %s", _kv_origin(msg.kv_source), extra={"request_id": rid})
+            await self.import_kv(stream, msg)  # adds the request itself
         except DynError as exc:
             self._streams.pop(rid, None)
             code = "bad_request" if isinstance(exc, RequestError) else "internal"
@@ -201,20 +209,24 @@ class RequestServer:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
-            if out.token_ids:
-                stream.num_completion_tokens += len(out.token_ids)
-                self._send_frame(stream.client, encode_token_chunk(out.request_id, list(out.token_ids),
-                                                                   out.logprobs, out.num_cached_tokens))
+            stream.num_completion_tokens += len(out.token_ids)
+            finish = None
             if out.finished:
                 self._streams.pop(out.request_id, None)
                 self._speculative.discard(out.request_id)
+                exports = stream.prefill_only and self.export_kv is not None and out.finish_reason != "abort"
+                if not out.error and not exports:
+                    finish = (out.finish_reason or "stop", stream.num_prompt_tokens, stream.num_completion_tokens)
+            if out.token_ids:  # the Finish rides on the last chunk
+                self._send_frame(stream.client, encode_token_chunk(out.request_id, list(out.token_ids),
+                                                                   out.logprobs, out.num_cached_tokens, finish))
+            elif finish is not None:
+                self._send(stream.client, Finish(out.request_id, *finish))
+            if out.finished and finish is None:
                 if out.error:
                     self._fail(stream.client, out.request_id, "internal", out.error, True)
-                elif stream.prefill_only and self.export_kv is not None and out.finish_reason != "abort":
-                    asyncio.ensure_future(self._finish_prefill(stream, out))
                 else:
-                    self._send(stream.client, Finish(out.request_id, out.finish_reason or "stop",
-                                                     stream.num_prompt_tokens, stream.num_completion_tokens))
+                    asyncio.ensure_future(self._finish_prefill(stream, out))
 
     async def _finish_prefill(self, stream: Stream, out: TokenOutput) -> None:
         try:
@@ -275,18 +287,37 @@ def _merge_outputs(outputs: list[TokenOutput]) -> list[TokenOutput]:
     return merged
 
 
+def _admit(engine, request: EngineRequest | None, max_waiting: int,
+           speculative: bool) -> tuple[tuple[str, bool] | None, int]:
+    """On the engine thread: refuse when the queue is full (or, for a speculative prefill, not
+    empty), else add `request` (None: the KV import adds it later). Returns (refusal message
+    and whether a retry may succeed, or None; the number of requests that were waiting)."""
+    num_waiting = engine.stats().num_waiting
+    if num_waiting >= max_waiting:
+        return (f"{num_waiting} requests waiting", True), num_waiting
+    if speculative and num_waiting > 0:
+        return (f"speculative prefill refused: {num_waiting} requests waiting", False), num_waiting
+    if request is not None:
+        engine.add_request(request)
+    return None, num_waiting
+
+
 def _log_send_error(future: asyncio.Future) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.warning("reply not sent: %s", future.exception())
 
 
 def encode_token_chunk(request_id: str, token_ids: list[int], logprobs: list[float] | None,
-                       num_cached_tokens: int) -> bytes:
-    """REQUEST_CODEC.encode(TokenChunk(...)), byte for byte, without the generic field walk
-    (one of these per token per request)."""
+                       num_cached_tokens: int, finish: tuple[str, int, int] | None = None) -> bytes:
+    """REQUEST_CODEC.encode(TokenChunk(..., finish=Finish(request_id, *finish))), byte for byte,
+    without the generic field walk (one of these per token per request)."""
+    finish_fields = None if finish is None else {
+        "request_id": request_id, "reason": finish[0], "num_prompt_tokens": finish[1],
+        "num_completion_tokens": finish[2], "kv_offer": None}
     return msgpack.packb([PROTOCOL_VERSION, "token_chunk",
                           {"request_id": request_id, "token_ids": token_ids, "logprobs": logprobs,
-                           "num_cached_tokens": num_cached_tokens}], use_bin_type=True)
+                           "num_cached_tokens": num_cached_tokens, "finish": finish_fields}],
+                         use_bin_type=True)
 
 
 def engine_request(msg: GenerateRequest) -> EngineRequest:

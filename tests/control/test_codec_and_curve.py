@@ -50,6 +50,20 @@ def test_mistyped_sampling_is_a_protocol_error(sampling, reason):
         REQUEST_CODEC.decode(frame)
 
 
+@pytest.mark.parametrize("token_ids, reason", [
+    ([1, 2.0], r"generate\.prompt_token_ids: expected an integer, got float"),
+    ([1, True], r"generate\.prompt_token_ids: expected an integer, got bool"),
+    ([1, None], r"generate\.prompt_token_ids: expected an integer, got NoneType"),
+    ({"0": 1}, r"generate\.prompt_token_ids: expected a list, got dict"),
+])
+def test_token_ids_are_checked_item_by_item(token_ids, reason):
+    frame = msgpack.packb([PROTOCOL_VERSION, "generate", {"request_id": "r", "prompt_token_ids": token_ids}])
+    with pytest.raises(ProtocolError, match=reason):
+        REQUEST_CODEC.decode(frame)
+    ok = msgpack.packb([PROTOCOL_VERSION, "generate", {"request_id": "r", "prompt_token_ids": [0, 2**40, 7]}])
+    assert REQUEST_CODEC.decode(ok).prompt_token_ids == [0, 2**40, 7]  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("frame, reason", [
     (b"\xc1garbage", "undecodable"),
     (msgpack.packb([99, "heartbeat", {}]), "protocol version"),

@@ -56,6 +56,9 @@ def test_fast_decode_matches_the_codec():
     assert _decode(memoryview(REQUEST_CODEC.encode(chunk)), bad) == chunk
     finish = Finish("r1", "stop", 3, 4, kv_offer={"a": 1})
     assert _decode(memoryview(REQUEST_CODEC.encode(finish)), bad) == finish
+    for last in (TokenChunk("r1", [9], None, 0, Finish("r1", "length", 3, 4)),
+                 TokenChunk("r1", [9], None, 0, finish)):  # an offer takes the codec's path, same result
+        assert _decode(memoryview(REQUEST_CODEC.encode(last)), bad) == last
     assert bad.total == 0
 
 
@@ -67,6 +70,12 @@ def test_fast_decode_rejects_what_the_codec_rejects():
         [PROTOCOL_VERSION, "token_chunk", {"request_id": 7, "token_ids": [1]}],
         [PROTOCOL_VERSION + 1, "token_chunk", {"request_id": "r", "token_ids": [1]}],
         [PROTOCOL_VERSION, "token_chunk", {"request_id": "r", "token_ids": [1], "logprobs": ["x"]}],
+        [PROTOCOL_VERSION, "token_chunk", {"request_id": "r", "token_ids": [1], "finish": {"request_id": "r"}}],
+        [PROTOCOL_VERSION, "token_chunk", {"request_id": "r", "token_ids": [1],
+                                           "finish": {"request_id": "r", "reason": "stop", "num_prompt_tokens": True}}],
+        [PROTOCOL_VERSION, "token_chunk", {"request_id": "r", "token_ids": [1],
+                                           "finish": {"request_id": "r", "reason": "stop", "evil": 1}}],
+        [PROTOCOL_VERSION, "token_chunk", {"request_id": "r", "token_ids": [1], "finish": "stop"}],
     ]
     for frame in frames:
         assert _decode(memoryview(msgpack.packb(frame)), bad) is None

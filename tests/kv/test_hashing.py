@@ -6,7 +6,7 @@ import time
 import pytest
 
 from dyn.errors import RequestError
-from dyn.kv.hashing import HASH_MASK, hash_block, hash_blocks
+from dyn.kv.hashing import HASH_MASK, BlockHashCache, hash_block, hash_blocks
 
 TOKENS = list(range(100, 140))
 
@@ -88,3 +88,23 @@ def test_speed_is_sane():
     hash_blocks(tokens, 16)
     ns_per_block = (time.perf_counter() - start) / 2000 * 1e9
     assert ns_per_block < 50_000  # ~1 us/block measured; generous for a loaded CI box
+
+
+def test_cache_gives_hash_blocks_results_over_shared_prefixes_salts_and_clears():
+    import random
+
+    rng = random.Random(3)
+    cache = BlockHashCache(max_entries=64)  # small: the memory is cleared many times over
+    prefixes = [[rng.randrange(2**32) for _ in range(16 * 5)] for _ in range(3)]
+    for _ in range(300):
+        tokens = rng.choice(prefixes) + [rng.randrange(50_000) for _ in range(rng.randrange(40))]
+        salt = rng.choice([0, 7, 2**64 - 1])
+        assert cache.hash_blocks(tokens, 16, salt) == hash_blocks(tokens, 16, salt)
+        assert len(cache._memo) <= 64
+    assert cache.hash_blocks(TOKENS[:15], 16) == []
+    for kwargs, field in (({"block_size": 0}, "block_size"), ({"block_size": 2, "salt": -1}, "salt")):
+        with pytest.raises(RequestError) as err:
+            cache.hash_blocks([1, 2, 3, 4], **kwargs)
+        assert err.value.field == field
+    with pytest.raises(RequestError, match="index 1"):
+        cache.hash_blocks([1, -1, 3, 4], 2)

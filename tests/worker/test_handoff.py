@@ -26,6 +26,8 @@ async def _generate(sock, msg: GenerateRequest) -> tuple[list[int], Finish]:
         reply = REQUEST_CODEC.decode(await asyncio.wait_for(sock.recv(), 20))
         if isinstance(reply, TokenChunk):
             tokens += reply.token_ids
+            if reply.finish is not None:  # the stream's end, carried by its last chunk
+                return tokens, reply.finish
         else:
             assert isinstance(reply, Finish), reply
             return tokens, reply

@@ -94,6 +94,8 @@ async def _collect(sock, request_id: str) -> tuple[list[int], object]:
         assert msg.request_id == request_id
         if isinstance(msg, TokenChunk):
             tokens.extend(msg.token_ids)
+            if msg.finish is not None:  # the stream's end, carried by its last chunk
+                return tokens, msg.finish
         else:
             return tokens, msg
 
@@ -196,8 +198,14 @@ def test_token_chunk_fast_encoding_is_the_codecs_byte_for_byte():
     from dyn.control.requests import REQUEST_CODEC, TokenChunk
     from dyn.worker.request_server import encode_token_chunk
 
-    for chunk in (TokenChunk("r-1", [5, 6], None, 0), TokenChunk("ü", [1], [-0.5], 12)):
-        data = encode_token_chunk(chunk.request_id, chunk.token_ids, chunk.logprobs, chunk.num_cached_tokens)
+    from dyn.control.requests import Finish
+
+    for chunk in (TokenChunk("r-1", [5, 6], None, 0), TokenChunk("ü", [1], [-0.5], 12),
+                  TokenChunk("r-2", [3], None, 4, Finish("r-2", "length", 20, 7))):
+        finish = chunk.finish
+        data = encode_token_chunk(chunk.request_id, chunk.token_ids, chunk.logprobs, chunk.num_cached_tokens,
+                                  None if finish is None else (finish.reason, finish.num_prompt_tokens,
+                                                               finish.num_completion_tokens))
         assert data == REQUEST_CODEC.encode(chunk) and REQUEST_CODEC.decode(data) == chunk
 
 
