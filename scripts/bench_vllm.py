@@ -11,13 +11,14 @@ process, with fixed token-id prompts, greedy, ignore_eos, so both sides do ident
     .venv/bin/python scripts/bench_vllm.py --model DIR                      # both parts, short
     .venv/bin/python scripts/bench_vllm.py --model DIR --part overhead --requests 64 --concurrency 4
 
-Measured here (SmolLM2-135M bf16, 1 OpenMP thread per engine, concurrency 4, 32 output tokens; a
-2-core machine shared by 8 engineers, load average 8-18): noise dominates and the two runs disagree.
-    16 requests, load 11-18: vllm serve  62.3 tok/s, TTFT p50 608 ms | dyn 121.8 tok/s, 186 ms
-    24 requests, load 8-9:   vllm serve 121.2 tok/s, TTFT p50 241 ms | dyn  76.0 tok/s, 290 ms
-    routing, 16 requests:    kv hit rate 80.8%, TTFT p99 1888 ms | round-robin 63.5%, 3055 ms
-The overhead target (dyn within 3% of vllm serve, TTFT p50 within +5 ms) is not shown by these
-figures; it needs a quiet machine (or a GPU) and longer traces.
+Measured here (SmolLM2-135M bf16, 1 OpenMP thread per engine, concurrency 4, 32 output tokens, 64-256
+token prompts; 2-core machine, no GPU):
+    nice -n -5 .venv/bin/python scripts/bench_vllm.py --model DIR --part overhead --requests 48 --rounds 5
+    quiet machine (load 4.1 -> 2.5), medians of 5 interleaved rounds of 48 requests:
+      vllm serve  125.6 tok/s, TTFT p50 304 ms, server CPU 490 ms/request
+      dyn         126.9 tok/s, TTFT p50 190 ms, server CPU 486 ms/request (frontend + worker + daemon)
+    (at load 7-10 the same run spread 65-142 tok/s per round: only a quiet machine shows 3%)
+    routing, 16 requests, load 8-9: kv hit rate 80.8%, TTFT p99 1888 ms | round-robin 63.5%, 3055 ms
 """
 
 from __future__ import annotations
