@@ -56,11 +56,16 @@ def test_cut_node_migrates_its_requests_and_is_replaced_when_back(tmp_path):
             victim = next(w for w in status["workers"] if w["node"] == "tray1")
             survivor = next(w for w in status["workers"] if w["node"] == "tray2")
 
-            traffic = Traffic(url, concurrency=4, shape=(10, 60))
+            # Prompts distinct per request (a 10-character prompt is the same for every request of a
+            # client, so KV routing could keep every client on one worker and leave the node to cut
+            # idle); the cut comes while the victim reports requests running.
+            traffic = Traffic(url, concurrency=4, shape=(40, 60))
             handle = start_traffic(traffic)
             wait_for(lambda: traffic.ok >= 4 and all(
                 w.get("requests_total", 0) > 0 for w in cli.status("partition")["workers"] if w["role"] == "both"),
                 30, "traffic on both nodes")
+            wait_for(lambda: {w["id"]: w for w in cli.status("partition")["workers"]}[victim["id"]].get(
+                "num_running", 0) > 0, 30, "requests running on the node to cut", period_s=0.1)
 
             lab.cut(0)
             cut_at = time.monotonic()
