@@ -194,20 +194,20 @@ def test_greedy_tokens_equal_vllm_generate_locally_and_through_the_nixl_handoff(
     long_prompts = [p for p in prompts if len(p) > 32]
     assert len(long_prompts) == len(LONG)
     assert after["remote_prefills"] - before.get("remote_prefills", 0) == len(LONG)
-    pulled = after["successful_transfers"] - before.get("successful_transfers", 0)
-    failed = after["failed_transfers"] - before.get("failed_transfers", 0)
-    assert pulled >= len(LONG) and failed == 0, \
-        f"decode-0 connector counters {after} (before {before})\n{deployment.connector_log()}"
+    delta = {key: value - before.get(key, 0) for key, value in after.items()}
+
+    def why() -> str:  # evaluated only when an assertion fails
+        return f"decode-0 connector counters, this test's share: {delta}\n{deployment.connector_log()}"
+
+    assert delta["failed_transfers"] == 0 and delta["expired_leases"] == 0, why()
     # The decode worker loaded (did not compute) the prompt KV: at most the last partial block is
-    # recomputed locally (vLLM recomputes the last prompt token for its logits).
-    loaded = after["external_hit_tokens"] - before.get("external_hit_tokens", 0)
-    assert loaded >= sum(len(p) - 32 for p in long_prompts)
-    # vLLM's own accounting on the decode worker: the long prompts' tokens arrived over the connector;
-    # what it computed locally is the short prompts plus at most one block per long prompt.
-    transferred = after["prompt_tokens_transferred"] - before.get("prompt_tokens_transferred", 0)
-    computed = after["prompt_tokens_computed"] - before.get("prompt_tokens_computed", 0)
-    assert transferred >= sum(len(p) - 32 for p in long_prompts)
-    assert computed <= sum(len(p) for p in prompts if len(p) <= 32) + 32 * len(long_prompts)
+    # recomputed locally (vLLM recomputes the last prompt token for its logits). vLLM's own
+    # accounting is the proof (PromptTokenStats: tokens whose KV arrived over the connector vs
+    # computed here); NIXL's transfer telemetry (successful_transfers) is reported, not required.
+    assert delta["external_hit_tokens"] >= sum(len(p) - 32 for p in long_prompts), why()
+    assert delta["prompt_tokens_transferred"] >= sum(len(p) - 32 for p in long_prompts), why()
+    assert delta["prompt_tokens_computed"] <= (sum(len(p) for p in prompts if len(p) <= 32)
+                                               + 32 * len(long_prompts)), why()
 
 
 
