@@ -53,8 +53,9 @@ class _RemoteDecode:
     """Prompt + first token, run locally if vLLM samples a different first token or the KV never comes."""
     deadline: float
     """time.monotonic() by which the KV must have arrived (the first output), else the prompt is
-    prefilled here: vLLM retries a failed NIXL handshake without end (measured on 0.32), so a vanished
-    prefill worker would otherwise leave the request waiting forever."""
+    prefilled here. vLLM recomputes after a failed pull it notices, but not every failure reaches it:
+    on 0.32 an offer with flat block ids makes its handshake-failure callback raise, and the request
+    waited forever (measured)."""
 
 
 @dataclasses.dataclass(slots=True)
