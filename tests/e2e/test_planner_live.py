@@ -111,7 +111,14 @@ def test_load_step_launches_flip_moves_and_drop_drains(sshd_hosts, tmp_path):
             ws = cli.status("planner-live")["workers"]
             left = [w for w in ws if w["role"] == "prefill"]
             return left if len(left) == 1 else None
-        (kept,) = wait_for(one_prefill_left, 90, "the planner to drain and stop a prefill worker")
+        try:
+            (kept,) = wait_for(one_prefill_left, 90, "the planner to drain and stop a prefill worker")
+        except AssertionError:
+            status = cli.status("planner-live")
+            raise AssertionError({"workers": [(w["id"], w["role"], w["state"], w.get("num_running"))
+                                              for w in status["workers"]],
+                                  "decisions": status["decisions"][-6:], "actions": status["planner"]["actions"][-6:],
+                                  "events": status["events"]}) from None
         (gone,) = [wid for wid in prefill_now if wid != kept["id"]]
         wait_for(lambda: not alive(prefill_now[gone]), 15, f"{gone} (pid {prefill_now[gone]}) to exit")
         status = cli.status("planner-live")
