@@ -163,7 +163,7 @@ class _Run(WorkerStream):
                 log.warning("remote prefill on %s failed (%s); prefilling on %s", choice.prefill,
                             exc.failure.message, choice.decode, extra=extra)
             if offer is not None:
-                d.metrics.prefill_paths.labels("remote").inc()
+                d.metrics.prefilled["remote"].inc()
                 try:
                     async with aclosing(self._decode(choice.decode, offer)) as pieces:
                         async for piece in pieces:
@@ -176,9 +176,9 @@ class _Run(WorkerStream):
                     if failure.code != "kv_transfer":  # the decode worker itself is in trouble
                         await self._after_failure(choice.decode, failure)
                         worker, lost = None, failure
-            d.metrics.prefill_paths.labels("fallback").inc()
+            d.metrics.prefilled["fallback"].inc()
         else:
-            d.metrics.prefill_paths.labels("local").inc()
+            d.metrics.prefilled["local"].inc()
         async with aclosing(self._plain(worker, lost)) as pieces:
             async for piece in pieces:
                 yield piece

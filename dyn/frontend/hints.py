@@ -63,8 +63,14 @@ class Hints:
     ignore_eos: bool | None = None
 
 
+NO_HINTS = Hints()
+"""A body without `dyn` or `nvext` (frozen, so one instance serves every such request)."""
+
+
 def parse_hints(body: dict) -> tuple[Hints, tuple[str, ...]]:
     """Hints from a request body; returns (hints, unknown field paths)."""
+    if "dyn" not in body and "nvext" not in body:  # most requests: every field at its default
+        return NO_HINTS, ()
     unknown: list[str] = []
     ext = _object(body, "dyn", "dyn")
     nvext = _object(body, "nvext", "nvext")

@@ -9,7 +9,7 @@ Shuttle figures come from worker heartbeat metrics named
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -47,6 +47,8 @@ class FrontendMetrics:
                                      "Prompt tokens served from a worker's prefix cache", registry=r)
         self.prefill_paths = Counter("dyn_frontend_prefill", "Where prompts were prefilled",
                                      ["path"], registry=r)
+        self.prefilled = {path: self.prefill_paths.labels(path) for path in ("local", "remote", "fallback")}
+        """`prefill_paths` by path, bound once (one is counted per request)."""
         self.rejected = Counter("dyn_frontend_rejected", "Requests refused by backpressure",
                                 registry=r)
         self.cancelled = Counter("dyn_frontend_cancelled", "Requests cancelled on a worker "
@@ -69,13 +71,19 @@ class FrontendMetrics:
         self.num_osl_tokens = 0
         """Requests with an expected-output-length hint and their sum (heartbeat -> planner)."""
         self.num_rejected = 0
+        self._request_counters: dict[tuple[str, int], Any] = {}
+        """`requests` children by (endpoint, status): `labels()` takes a lock and checks its
+        arguments on every call, and this is counted once per HTTP request."""
 
     def count_request(self, endpoint: str, status: int) -> None:
         self.num_requests += 1
         if status in (429, 503):
             self.num_rejected += 1
             self.rejected.inc()
-        self.requests.labels(endpoint, str(status)).inc()
+        child = self._request_counters.get((endpoint, status))
+        if child is None:
+            child = self._request_counters[(endpoint, status)] = self.requests.labels(endpoint, str(status))
+        child.inc()
 
     def latency_buckets(self) -> dict[str, float]:
         """Cumulative TTFT/ITL histogram buckets as `ttft_le.<bound>` counts (the planner takes deltas)."""

@@ -6,8 +6,10 @@ request (~25% of its CPU on a 450-token shared-prefix workload). A Hugging
 Face tokenizer cuts the text at special added tokens before it normalizes or
 pre-tokenizes anything, so the text between two special tokens encodes the
 same on its own as inside the whole prompt. This encoder splits a rendered
-prompt there, takes long pieces from an LRU cache, and encodes the rest in
-one call.
+prompt there, joins the short pieces between long ones, and takes every such
+segment from an LRU cache: long pieces are shared system prompts, short ones
+mostly the template's role headers (`<|start_header_id|>user<|end_header_id|>`),
+each an encode call of ~6 us for a dict lookup.
 
 Exactness is not assumed: the split is used only for special tokens that
 strip nothing and are matched unnormalized, and the first `verify_calls`
@@ -25,7 +27,8 @@ from typing import Any, Callable
 log = logging.getLogger(__name__)
 
 MIN_CACHED_CHARS = 256
-"""Pieces shorter than this are encoded with their neighbours (a cache lookup would not pay)."""
+"""Pieces shorter than this are joined with their short neighbours into one segment (one encode
+call on a miss; the cache key is the joined text)."""
 
 
 class SegmentEncoder:
@@ -69,11 +72,11 @@ class SegmentEncoder:
                 pending.append(piece)
                 continue
             if pending:
-                ids += self._whole("".join(pending))
+                ids += self._cached("".join(pending))
                 pending.clear()
             ids += self._cached(piece)
         if pending:
-            ids += self._whole("".join(pending))
+            ids += self._cached("".join(pending))
         return ids
 
     def _cached(self, piece: str) -> list[int]:

@@ -38,3 +38,12 @@ def test_bad_sampling_is_refused_at_the_edge_naming_the_field(field, value):
     with pytest.raises(ApiError) as err:
         parse_chat({**CHAT, field: value})
     assert err.value.param == field and err.value.status == 400
+
+
+def test_a_body_without_hint_objects_gets_the_same_hints_as_empty_ones():
+    from dyn.frontend.hints import Hints, parse_hints
+
+    plain = parse_hints({"model": "m"})
+    assert plain == (Hints(), ())
+    assert plain == parse_hints({"model": "m", "dyn": {}, "nvext": {"agent_hints": {}, "session_control": {}}})
+    assert parse_hints({"model": "m", "dyn": None, "nvext": None}) == plain

@@ -41,6 +41,33 @@ def test_cached_pieces_give_the_tokenizers_ids_and_hit_on_shared_system_prompts(
     assert enc.hits >= 200 - 4  # each system prompt tokenized once (long user turns are misses)
 
 
+class _CountingTokenizer:
+    """The Hugging Face tokenizer, counting encode calls."""
+
+    def __init__(self, hf) -> None:
+        self.hf, self.calls = hf, 0
+
+    def get_added_tokens_decoder(self):
+        return self.hf.get_added_tokens_decoder()
+
+    def encode(self, text, add_special_tokens=True):
+        self.calls += 1
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+
+def test_role_headers_between_pieces_are_cached_so_a_seen_system_prompt_leaves_one_encode(tiny_tokenizer):
+    counting = _CountingTokenizer(tiny_tokenizer.hf_tokenizer)
+    enc = SegmentEncoder(counting, verify_calls=0)
+    rng = random.Random(11)
+    system = " ".join(rng.choice(WORDS) for _ in range(300))
+    enc.encode(_chat(tiny_tokenizer, rng, system))  # system prompt and role headers: misses
+    for _ in range(20):
+        text = _chat(tiny_tokenizer, rng, system)
+        before = counting.calls
+        assert enc.encode(text) == tiny_tokenizer.hf_tokenizer.encode(text, add_special_tokens=False).ids
+        assert counting.calls - before <= 1  # only the new user turn (with its headers when it is short)
+
+
 def test_a_tokenizer_whose_pieces_interact_falls_back_to_whole_encoding():
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
