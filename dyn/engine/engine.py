@@ -24,6 +24,7 @@ from dyn.kv.events import KvEvent
 from dyn.kv.hashing import BlockHashCache
 
 Detokenize = Callable[[list[int]], str]
+_INT_ONLY = frozenset((int,))
 MAX_TRACKED_SESSIONS = 100_000
 """Sessions whose retained blocks the engine remembers for release_session."""
 
@@ -103,30 +104,31 @@ class Engine(Backend):
         if not batch:
             self.last_step_duration_s = 0.0
             return outputs
-        work = [SeqWork(request_id=s.request_id,
-                        token_ids=s.all_token_ids[s.num_computed:s.num_computed + num],
-                        start_pos=s.num_computed, block_ids=s.block_ids, sample=sample,
-                        sampling=s.sampling, num_generated=s.num_generated,
-                        all_token_ids=s.all_token_ids)
+        work = [SeqWork(s.request.request_id, s.all_token_ids[s.num_computed:s.num_computed + num],
+                        s.num_computed, s.block_ids, sample, s.request.sampling,
+                        len(s.all_token_ids) - s.num_prompt_tokens, s.all_token_ids)
                 for s, num, sample in batch]
         result = self.runner.execute(work)
         self.last_step_duration_s = result.duration_s
+        advance, sampled, logprobs = self.scheduler.advance, result.sampled, result.logprobs
+        block_size, finish_reason = self.block_size, self._finish_reason
         for seq, num, sample in batch:
-            self.scheduler.advance(seq, num)
+            advance(seq, num)
             self.num_computed_tokens += num
             if not sample:
                 continue
-            token = result.sampled.get(seq.request_id)
+            rid = seq.request.request_id
+            token = sampled.get(rid)
             if token is None:
-                raise EngineError(f"runner returned no token for request {seq.request_id!r}")
-            seq.append_token(token, self.block_size)
+                raise EngineError(f"runner returned no token for request {rid!r}")
+            seq.append_token(token, block_size)
             self.num_generated_tokens += 1
-            reason = self._finish_reason(seq, token)
-            logprob = result.logprobs.get(seq.request_id) if result.logprobs else None
+            reason = finish_reason(seq, token)
+            logprob = logprobs.get(rid) if logprobs else None
             outputs.append(TokenOutput(
-                seq.request_id, [token], finished=reason is not None, finish_reason=reason,
-                logprobs=[logprob] if seq.sampling.logprobs and logprob is not None else None,
-                num_cached_tokens=seq.num_cached_tokens if seq.is_first_output else 0))
+                rid, [token], reason is not None, reason, None,
+                [logprob] if logprob is not None and seq.request.sampling.logprobs else None,
+                seq.num_cached_tokens if seq.is_first_output else 0))
             seq.is_first_output = False
             if reason is not None:
                 self._finish(seq, reason)
@@ -240,16 +242,18 @@ class Engine(Backend):
         return Sequence.from_request(request, self._num_arrivals, self.block_size, self._hashes)
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
-        sampling = seq.sampling
+        request = seq.request
+        sampling = request.sampling
         if not sampling.ignore_eos and token in self.runner.eos_token_ids:
             return "stop"
-        if token in sampling.stop_token_ids:
+        if sampling.stop_token_ids and token in sampling.stop_token_ids:
             return "stop"
         if sampling.stop and self.detokenize is not None and self._hit_stop_string(seq):
             return "stop"
-        if seq.num_generated >= sampling.max_tokens or seq.request.prefill_only:
+        num_tokens = len(seq.all_token_ids)
+        if num_tokens - seq.num_prompt_tokens >= sampling.max_tokens or request.prefill_only:
             return "length"
-        if seq.num_tokens >= self.runner.max_context:
+        if num_tokens >= self.runner.max_context:
             return "length"
         return None
 
@@ -328,10 +332,12 @@ def _check_request(request: EngineRequest, runner: ModelRunner,
         raise RequestError(f"request {rid!r}: prompt_token_ids must be a non-empty list of ints",
                            field="prompt_token_ids")
     vocab = runner.vocab_size
-    for idx, tok in enumerate(prompt):
-        if type(tok) is not int or not 0 <= tok < vocab:
-            raise RequestError(f"request {rid!r}: prompt_token_ids[{idx}] = {tok!r} is not a "
-                               f"token id in [0, {vocab})", field="prompt_token_ids")
+    if not (_INT_ONLY.issuperset(map(type, prompt)) and min(prompt) >= 0 and max(prompt) < vocab):
+        # (the check above runs in C; this loop only names the first bad token)
+        for idx, tok in enumerate(prompt):
+            if type(tok) is not int or not 0 <= tok < vocab:
+                raise RequestError(f"request {rid!r}: prompt_token_ids[{idx}] = {tok!r} is not a "
+                                   f"token id in [0, {vocab})", field="prompt_token_ids")
     if len(prompt) >= runner.max_context:
         raise RequestError(f"request {rid!r}: prompt has {len(prompt)} tokens; the model's "
                            f"context is {runner.max_context} including at least one generated "

@@ -67,6 +67,8 @@ class MockRunner(ModelRunner):
             raise EngineError("the mock engine reads its KV payloads as little-endian words; this host is not")
         self._u64 = self._view.cast("Q")
         self._stride = payload_bytes // 8
+        self._prefix_mix: dict[str, tuple[list[int], int, int]] = {}
+        """request id -> (its block_ids list, blocks in context, sum over all but the last); see _pick_token."""
 
     def block_view(self, block_id: int) -> memoryview:
         start = block_id * self.block_bytes
@@ -74,17 +76,19 @@ class MockRunner(ModelRunner):
 
     def execute(self, work: list[SeqWork]) -> StepResult:
         sampled: dict[str, int] = {}
+        bs = self.block_size
         for item in work:
             tokens = item.all_token_ids
             if tokens is None:
                 raise EngineError("MockRunner needs SeqWork.all_token_ids")
             end = item.start_pos + len(item.token_ids)
-            bs = self.block_size
             for idx in range(item.start_pos // bs, -(-end // bs)):
-                chunk = tokens[idx * bs:min(end, (idx + 1) * bs)]
-                self._write_payload(item.block_ids[idx], idx, chunk)
+                self._write_payload(item.block_ids[idx], idx, tokens[idx * bs:min(end, (idx + 1) * bs)])
             if item.sample:
                 sampled[item.request_id] = self._pick_token(item, end)
+        if len(self._prefix_mix) > 4 * len(work) + 64:  # finished requests' entries
+            self._prefix_mix = {item.request_id: self._prefix_mix[item.request_id] for item in work
+                                if item.request_id in self._prefix_mix}
         return StepResult(sampled=sampled, duration_s=self.step_time_s(work))
 
     def step_time_s(self, work: list[SeqWork]) -> float:
@@ -108,18 +112,28 @@ class MockRunner(ModelRunner):
         digest = blake2b(array("I", tokens).tobytes(), digest_size=64, person=b"dyn-mock",
                          salt=block_idx.to_bytes(8, "little")).digest()
         size = self.block_bytes
-        payload = (digest * (size // 64 + 1))[:size]
         start = block_id * size
-        self._pool[start:start + size] = payload
+        self._pool[start:start + size] = digest if size == 64 else (digest * (size // 64 + 1))[:size]
 
     def _pick_token(self, item: SeqWork, end: int) -> int:
         # sum(first word of block i * (2i + 1)) mod 2**64, in plain ints: for the ~30 blocks of a
         # typical context this costs a third of the numpy gather + multiply + sum it replaces.
+        # The sum over the full blocks before the last is kept per request until the context
+        # reaches a new block (then read again, so a block changed under a running request still
+        # changes its tokens within one block of steps): a decode step reads one block, not all.
         words, stride = self._u64, self._stride
-        mix, weight = 0, 1
-        for block_id in item.block_ids[:-(-end // self.block_size)]:
-            mix += words[block_id * stride] * weight
-            weight += 2
+        block_ids = item.block_ids
+        num_blocks = -(-end // self.block_size)
+        cached = self._prefix_mix.get(item.request_id)
+        if cached is not None and cached[0] is block_ids and cached[1] == num_blocks:
+            mix = cached[2]
+        else:
+            mix, weight = 0, 1
+            for block_id in block_ids[:num_blocks - 1]:
+                mix += words[block_id * stride] * weight
+                weight += 2
+            self._prefix_mix[item.request_id] = (block_ids, num_blocks, mix)
+        mix += words[block_ids[num_blocks - 1] * stride] * (2 * num_blocks - 1)
         mix &= _M64
         mix ^= end * 0x9E3779B97F4A7C15
         if item.sampling.temperature > 0 and item.sampling.seed is not None:

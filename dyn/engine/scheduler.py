@@ -19,6 +19,7 @@ a lower tier, and are only charged for the rest.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence as Seq
+from operator import attrgetter
 from typing import NamedTuple
 
 from dyn.engine.block_manager import BlockManager
@@ -28,6 +29,9 @@ TierProbe = Callable[[Seq[int]], int]
 """Number of leading hashes a lower tier holds."""
 TierFetch = Callable[[Seq[int], Seq[int]], int]
 """(hashes, block_ids) -> number of leading blocks fetched into the pool."""
+
+
+_ORDER = attrgetter("order")
 
 
 class ScheduledSeq(NamedTuple):
@@ -66,40 +70,48 @@ class Scheduler:
     def schedule(self) -> list[ScheduledSeq]:
         """Pick this step's work; allocates blocks and may preempt."""
         budget = self.max_num_batched_tokens
-        reserved = sum(1 for s in self.running if s.num_uncomputed == 1)
+        running_status, bs = SequenceStatus.RUNNING, self.block_size
+        running = self.running
+        reserved = sum(1 for s in running if len(s.all_token_ids) - s.num_computed == 1)
         preempted: set[int] = set()
         waiting_blocked = False
         batch: list[ScheduledSeq] = []
-        for seq in sorted(self.running + self.waiting, key=Sequence.sort_key):
+        # (The order is by (-priority, arrival); a decode step of every running sequence, the
+        # common case, touches only plain attributes: this loop runs once per sequence per step.)
+        for seq in sorted(running + self.waiting, key=_ORDER):
             if budget <= 0:
                 break
             if id(seq) in preempted:
                 continue
-            is_decode = seq.status is SequenceStatus.RUNNING and seq.num_uncomputed == 1
+            is_running = seq.status is running_status
+            num_uncomputed = len(seq.all_token_ids) - seq.num_computed
+            is_decode = is_running and num_uncomputed == 1
             if is_decode:
                 reserved -= 1
             avail = budget if is_decode else budget - reserved
             if avail <= 0:
                 continue
-            if seq.status is SequenceStatus.RUNNING:
-                num = min(seq.num_uncomputed, avail)
-                if not self._grow(seq, num, preempted, victims_below=None):
+            if is_running:
+                num = min(num_uncomputed, avail)
+                if (-(-(seq.num_computed + num) // bs) > len(seq.block_ids)
+                        and not self._grow(seq, num, preempted, victims_below=None)):
                     continue
             else:
-                if waiting_blocked or len(self.running) >= self.max_batch_size:
+                if waiting_blocked or len(running) >= self.max_batch_size:
                     continue
                 num = self._admit(seq, avail, preempted)
                 if num == 0:
                     waiting_blocked = True
                     continue
-            batch.append(ScheduledSeq(seq, num, seq.num_computed + num == seq.num_tokens))
+            batch.append(ScheduledSeq(seq, num, seq.num_computed + num == len(seq.all_token_ids)))
             budget -= num
         return batch
 
     def advance(self, seq: Sequence, num_tokens: int) -> None:
         """The runner computed `num_tokens` more of `seq`: cache its newly full blocks."""
         seq.num_computed += num_tokens
-        self.register_computed(seq)
+        if seq.num_computed // self.block_size > seq.num_registered_blocks:  # (most decode steps: none)
+            self.register_computed(seq)
 
     def register_computed(self, seq: Sequence) -> None:
         full = min(seq.num_computed // self.block_size, len(seq.block_hashes))

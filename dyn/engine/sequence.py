@@ -49,6 +49,11 @@ class Sequence:
     is_first_output: bool = True
     finish_reason: FinishReason | None = None
     exported_at_s: float = 0.0
+    order: tuple[int, int] = (0, 0)
+    """Scheduling order: (-priority, arrival_idx), set once (see sort_key)."""
+
+    def __post_init__(self) -> None:
+        self.order = (-self.request.priority, self.arrival_idx)
 
     @classmethod
     def from_request(cls, request: EngineRequest, arrival_idx: int, block_size: int,
@@ -102,7 +107,7 @@ class Sequence:
 
     def sort_key(self) -> tuple[int, int]:
         """Scheduling order: higher priority first, then earlier arrival."""
-        return (-self.request.priority, self.arrival_idx)
+        return self.order
 
     def append_token(self, token_id: int, block_size: int) -> None:
         self.all_token_ids.append(token_id)
