@@ -113,6 +113,10 @@ class Backend(ABC):
     block_size: int
     block_bytes: int
     """Bytes of one KV block payload (all layers, K and V)."""
+    steps_in_interpreter: bool = False
+    """True when a step is Python only and holds the GIL throughout (the mock): a worker then steps
+    it on its event loop's thread (dyn.worker.inline_loop), since a thread of its own would only
+    add hand-offs; engines whose steps run outside the interpreter (torch ops, vLLM) keep one."""
 
     @abstractmethod
     def add_request(self, request: EngineRequest) -> None:

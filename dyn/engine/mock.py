@@ -147,6 +147,8 @@ class MockRunner(ModelRunner):
 class MockEngine(Engine):
     """Engine(MockRunner) with a live or virtual clock."""
 
+    steps_in_interpreter = True
+
     def __init__(self, timing: MockTiming | None = None, *, block_size: int = 16,
                  vocab_size: int = 32000, eos_token_ids: tuple[int, ...] = (2,),
                  max_context: int = 4096, num_blocks: int | None = None,
@@ -162,6 +164,11 @@ class MockEngine(Engine):
         self.virtual_time_s = 0.0
         """Sum of modelled step times (both clocks)."""
         self._sleep = sleep
+        self.pace_inline = False
+        """Set by a loop that steps this engine on an event loop (dyn.worker.inline_loop): a live
+        step then returns at once and leaves its modelled time still to pass in `step_left_s`,
+        for the loop to wait without blocking, instead of sleeping it."""
+        self.step_left_s = 0.0
         now = time.monotonic if clock == "live" else (lambda: self.virtual_time_s)
         super().__init__(runner, max_batch_size=max_batch_size,
                          max_num_batched_tokens=max_num_batched_tokens,
@@ -171,10 +178,14 @@ class MockEngine(Engine):
         started = time.perf_counter()
         outputs = super().step()
         self.virtual_time_s += self.last_step_duration_s
-        if self.clock_mode == "live":
+        self.step_left_s = 0.0
+        if self.clock_mode == "live" and self.last_step_duration_s > 0:
             left = self.last_step_duration_s - (time.perf_counter() - started)
             if left > 0:
-                self._sleep(left)
+                if self.pace_inline:
+                    self.step_left_s = left
+                else:
+                    self._sleep(left)
         return outputs
 
 

@@ -45,17 +45,21 @@ class KvEventPublisher:
         self._full = asyncio.Event()
         """Set when the queue holds a full batch."""
         self._aio = asyncio.get_running_loop()
+        self._thread_id = threading.get_ident()
         self.events_published = 0
 
     def listener(self, event: KvEvent) -> None:
-        """Engine-thread callback (KvEventListener)."""
+        """Engine-thread callback (KvEventListener); also called on the event loop's thread
+        (an engine stepped there, dyn.worker.inline_loop), which needs no wake-up call."""
         with self._lock:
             self._pending.append(event)
             num = len(self._pending)
-        if num == 1:
-            self._aio.call_soon_threadsafe(self._wake.set)
-        elif num == MAX_BATCH_RUNS:
-            self._aio.call_soon_threadsafe(self._full.set)
+        if num == 1 or num == MAX_BATCH_RUNS:
+            flag = self._wake if num == 1 else self._full
+            if threading.get_ident() == self._thread_id:
+                flag.set()
+            else:
+                self._aio.call_soon_threadsafe(flag.set)
 
     def snapshot(self) -> KvSnapshot:
         """What every tier holds as of the last published batch."""

@@ -63,6 +63,7 @@ class RequestServer:
         self.export_kv: KvHook | None = None
         self.kv_snapshot: Callable[[], KvSnapshot] | None = None
         self._aio = asyncio.get_running_loop()
+        self._thread_id = threading.get_ident()
         self._outbox: asyncio.Queue[list[bytes]] = asyncio.Queue()
         self._pending: list[TokenOutput] = []
         self._pending_lock = threading.Lock()
@@ -83,7 +84,12 @@ class RequestServer:
 
         Steps that end while the loop has not yet taken the previous ones are handed over
         together (one wake-up), and a request's tokens from those steps go out as one chunk:
-        a fast engine (short steps, the mock) costs a message per burst, not per token."""
+        a fast engine (short steps, the mock) costs a message per burst, not per token.
+        From the event loop's own thread (an engine stepped there, dyn.worker.inline_loop, hands
+        over a burst of steps at once), the outputs are delivered at once."""
+        if threading.get_ident() == self._thread_id:
+            self._deliver(_merge_outputs(outputs) if len(outputs) > 1 else outputs)
+            return
         with self._pending_lock:
             self._pending.extend(outputs)
             if self._wake_scheduled:
