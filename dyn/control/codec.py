@@ -26,6 +26,7 @@ MAX_STR_CHARS = 1 << 20
 MAX_ITEMS = 1 << 22
 
 M = TypeVar("M")
+_INT_ONLY = frozenset((int,))
 
 
 class Message:
@@ -111,13 +112,20 @@ def _build(cls: type, fields: Any, where: str) -> Any:
     names, plan = _plan(cls)
     if not names.issuperset(fields):
         raise ProtocolError(f"{where}: unknown fields {sorted(set(fields) - names)}")
+    wheres = _field_wheres.get((cls, where))
+    if wheres is None:  # (the paths come from message classes and tags, never from a frame's content)
+        wheres = _field_wheres[(cls, where)] = tuple(f"{where}.{name}" for name, _, _ in plan)
     values = {}
-    for name, check, required in plan:
+    for (name, check, required), field_where in zip(plan, wheres):
         if name in fields:
-            values[name] = check(fields[name], f"{where}.{name}")
+            values[name] = check(fields[name], field_where)
         elif required:
             raise ProtocolError(f"{where}: missing field {name!r}")
     return cls(**values)
+
+
+_field_wheres: dict[tuple[type, str], tuple[str, ...]] = {}
+"""Per (message class, path): each field's path for error messages, built once, not per field per receipt."""
 
 
 Check = typing.Callable[[Any, str], Any]
@@ -151,8 +159,11 @@ def _checker(hint: Any) -> Check:
         return lambda value, where: _build(hint, value, where)
     if origin in (Union, types.UnionType):
         options = [_checker(option) for option in get_args(hint)]
+        optional = type(None) in get_args(hint)
 
         def check_union(value: Any, where: str) -> Any:
+            if value is None and optional:  # most optional fields are unset: no failed check first
+                return None
             for option in options:
                 try:
                     return option(value, where)
@@ -183,7 +194,7 @@ def _checker(hint: Any) -> Check:
         def check_list(value: Any, where: str) -> Any:
             if not isinstance(value, list):
                 raise ProtocolError(f"{where}: expected a list, got {type(value).__name__}")
-            if item_hint is int and all(type(v) is int for v in value):  # the common case, in one pass
+            if item_hint is int and _INT_ONLY.issuperset(map(type, value)):  # the common case, in C
                 return tuple(value) if as_tuple else value
             checked = [item(v, where) for v in value]
             return tuple(checked) if as_tuple else checked
