@@ -143,6 +143,10 @@ class Backend(ABC):
     def stats(self) -> EngineStats:
         """A snapshot of counters and gauges."""
 
+    def num_waiting(self) -> int:
+        """Requests queued and not yet running (admission asks this for every request)."""
+        return self.stats().num_waiting
+
     @abstractmethod
     def export_kv(self, request_id: str) -> KvExport:
         """KV of a finished prefill_only request; its blocks stay pinned until release_export."""

@@ -134,6 +134,9 @@ class Engine(Backend):
                 self._finish(seq, reason)
         return outputs
 
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
     def stats(self) -> EngineStats:
         sched = self.scheduler
         return EngineStats(

@@ -67,6 +67,11 @@ class MockRunner(ModelRunner):
             raise EngineError("the mock engine reads its KV payloads as little-endian words; this host is not")
         self._u64 = self._view.cast("Q")
         self._stride = payload_bytes // 8
+        t = self.timing
+        self._zero_time = not (t.prefill_base_s or t.prefill_s_per_token or t.decode_base_s
+                               or t.decode_s_per_seq or t.decode_s_per_ctx_token)
+        self._salts: list[bytes] = []
+        """Block index -> its 8-byte blake2b salt (made once)."""
         self._prefix_mix: dict[str, tuple[list[int], int, int]] = {}
         """request id -> (its block_ids list, blocks in context, sum over all but the last); see _pick_token."""
 
@@ -76,26 +81,27 @@ class MockRunner(ModelRunner):
 
     def execute(self, work: list[SeqWork]) -> StepResult:
         sampled: dict[str, int] = {}
-        bs = self.block_size
+        bs, write, pick = self.block_size, self._write_payload, self._pick_token
         for item in work:
             tokens = item.all_token_ids
             if tokens is None:
                 raise EngineError("MockRunner needs SeqWork.all_token_ids")
-            end = item.start_pos + len(item.token_ids)
-            for idx in range(item.start_pos // bs, -(-end // bs)):
-                self._write_payload(item.block_ids[idx], idx, tokens[idx * bs:min(end, (idx + 1) * bs)])
+            start = item.start_pos
+            end = start + len(item.token_ids)
+            block_ids = item.block_ids
+            for idx in range(start // bs, -(-end // bs)):
+                write(block_ids[idx], idx, tokens[idx * bs:min(end, idx * bs + bs)])
             if item.sample:
-                sampled[item.request_id] = self._pick_token(item, end)
+                sampled[item.request_id] = pick(item, end)
         if len(self._prefix_mix) > 4 * len(work) + 64:  # finished requests' entries
             self._prefix_mix = {item.request_id: self._prefix_mix[item.request_id] for item in work
                                 if item.request_id in self._prefix_mix}
-        return StepResult(sampled=sampled, duration_s=self.step_time_s(work))
+        return StepResult(sampled, None, 0.0 if self._zero_time else self.step_time_s(work))
 
     def step_time_s(self, work: list[SeqWork]) -> float:
         """Modelled time of one step (see MockTiming); a mixed batch pays both parts."""
         t = self.timing
-        if not (t.prefill_base_s or t.prefill_s_per_token or t.decode_base_s or t.decode_s_per_seq
-                or t.decode_s_per_ctx_token):
+        if self._zero_time:
             return 0.0  # a zero-time mock (router benchmarks): no per-step accounting
         decodes = [w for w in work if len(w.token_ids) == 1 and w.num_generated > 0]
         num_prefill = sum(len(w.token_ids) for w in work) - len(decodes)
@@ -109,8 +115,11 @@ class MockRunner(ModelRunner):
         return duration
 
     def _write_payload(self, block_id: int, block_idx: int, tokens: list[int]) -> None:
+        salts = self._salts
+        while block_idx >= len(salts):
+            salts.append(len(salts).to_bytes(8, "little"))
         digest = blake2b(array("I", tokens).tobytes(), digest_size=64, person=b"dyn-mock",
-                         salt=block_idx.to_bytes(8, "little")).digest()
+                         salt=salts[block_idx]).digest()
         size = self.block_bytes
         start = block_id * size
         self._pool[start:start + size] = digest if size == 64 else (digest * (size // 64 + 1))[:size]

@@ -69,6 +69,10 @@ class Scheduler:
 
     def schedule(self) -> list[ScheduledSeq]:
         """Pick this step's work; allocates blocks and may preempt."""
+        if not self.waiting:
+            batch = self._schedule_decodes()
+            if batch is not None:
+                return batch
         budget = self.max_num_batched_tokens
         running_status, bs = SequenceStatus.RUNNING, self.block_size
         running = self.running
@@ -105,6 +109,31 @@ class Scheduler:
                     continue
             batch.append(ScheduledSeq(seq, num, seq.num_computed + num == len(seq.all_token_ids)))
             budget -= num
+        return batch
+
+    def _schedule_decodes(self) -> list[ScheduledSeq] | None:
+        """The common step, when nothing waits: every running sequence decodes one token and the
+        pool has the blocks they need. The same batch (and the same block ids, allocated in the
+        same order) as the general pass in schedule(), without its per-sequence bookkeeping;
+        None when that pass is needed (a prefill chunk, the token budget, a pool too full)."""
+        running = self.running
+        if len(running) > self.max_num_batched_tokens:
+            return None
+        bs = self.block_size
+        ordered = sorted(running, key=_ORDER) if len(running) > 1 else running
+        needed = 0
+        for seq in ordered:
+            num_computed = seq.num_computed
+            if len(seq.all_token_ids) - num_computed != 1:
+                return None
+            needed += num_computed // bs + 1 > len(seq.block_ids)  # (the next token starts a new block)
+        if needed and not self.blocks.can_allocate(needed):
+            return None
+        batch = []
+        for seq in ordered:
+            if seq.num_computed // bs + 1 > len(seq.block_ids):
+                seq.block_ids.extend(self.blocks.allocate(1))
+            batch.append(ScheduledSeq(seq, 1, True))
         return batch
 
     def advance(self, seq: Sequence, num_tokens: int) -> None:

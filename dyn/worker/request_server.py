@@ -298,7 +298,7 @@ def _admit(engine, request: EngineRequest | None, max_waiting: int,
     """On the engine thread: refuse when the queue is full (or, for a speculative prefill, not
     empty), else add `request` (None: the KV import adds it later). Returns (refusal message
     and whether a retry may succeed, or None; the number of requests that were waiting)."""
-    num_waiting = engine.stats().num_waiting
+    num_waiting = engine.num_waiting()
     if num_waiting >= max_waiting:
         return (f"{num_waiting} requests waiting", True), num_waiting
     if speculative and num_waiting > 0:
