@@ -135,7 +135,12 @@ async def receive_routed(sock: zmq.asyncio.Socket, codec: Codec, bad: BadMessage
     A wrong frame count or an undecodable frame is counted in `bad` and gives None (never
     raises on peer input). The frame is decoded in place (no copy of large payloads).
     """
-    frames = await sock.recv_multipart(copy=False)
+    return routed_from_frames(await sock.recv_multipart(copy=False), codec, bad)
+
+
+def routed_from_frames(frames: list[zmq.Frame], codec: Codec, bad: BadMessages) -> Routed | None:
+    """[identity, frame] as a Routed message; None (counted in `bad`) for a wrong frame count or
+    an undecodable frame. The frame is decoded in place (no copy of large payloads)."""
     if len(frames) != 2:
         bad.record(f"frame count: {len(frames)} frames")
         return None

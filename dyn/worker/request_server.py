@@ -21,7 +21,8 @@ from dyn import PROTOCOL_VERSION
 from dyn.control.kv_events import KvSnapshot, KvSnapshotRequest
 from dyn.control.requests import (REQUEST_CODEC, Cancel, CloseSession, Finish, GenerateRequest,
                                   RequestFailed)
-from dyn.control.sockets import BadMessages, Security, receive_routed, server_socket
+from dyn.control.loop_router import LoopRouter
+from dyn.control.sockets import BadMessages, Security
 from dyn.engine.backend import EngineRequest, TokenOutput
 from dyn.errors import DynError, RequestError
 from dyn.kv.retention import Retention
@@ -46,8 +47,8 @@ class Stream:
 class RequestServer:
     def __init__(self, ctx: zmq.asyncio.Context, bind_host: str, security: Security, loop: EngineLoop | None,
                  *, max_waiting: int = 256, process_id: str = "worker") -> None:
-        self._sock = server_socket(ctx, zmq.ROUTER, f"tcp://{bind_host}:*", security)
-        self.address = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._router = LoopRouter(ctx, f"tcp://{bind_host}:*", security)
+        self.address = self._router.address
         self._loop = loop
         self._max_waiting = max_waiting
         self._streams: dict[str, Stream] = {}
@@ -64,12 +65,9 @@ class RequestServer:
         self.kv_snapshot: Callable[[], KvSnapshot] | None = None
         self._aio = asyncio.get_running_loop()
         self._thread_id = threading.get_ident()
-        self._outbox: asyncio.Queue[list[bytes]] = asyncio.Queue()
         self._pending: list[TokenOutput] = []
         self._pending_lock = threading.Lock()
         self._wake_scheduled = False
-        self._in_flight: asyncio.Future | None = None
-        """The last send, while it has not completed (see _send_frame)."""
 
     def attach(self, loop: EngineLoop) -> None:
         """Start feeding an engine loop (requests before this are refused as overloaded)."""
@@ -104,25 +102,21 @@ class RequestServer:
         self._deliver(_merge_outputs(outputs) if len(outputs) > 1 else outputs)
 
     async def serve(self) -> None:
-        sender = asyncio.create_task(self._send_loop())
-        try:
-            while True:
-                received = await receive_routed(self._sock, REQUEST_CODEC, self.bad)
-                if received is None:
-                    continue
-                client, message = received
-                if isinstance(message, GenerateRequest):
-                    await self._start(client, message)
-                elif isinstance(message, Cancel) and self._loop is not None:
-                    await self._cancel(message.request_id)
-                elif isinstance(message, CloseSession) and self._loop is not None:
-                    self._loop.submit(lambda e, sid=message.session_id: e.release_session(sid))
-                elif isinstance(message, KvSnapshotRequest) and self.kv_snapshot is not None:
-                    self._send(client, self.kv_snapshot())
-                else:
-                    self.bad.record(f"unexpected {type(message).__name__}")
-        finally:
-            sender.cancel()
+        while True:
+            received = await self._router.receive(REQUEST_CODEC, self.bad)
+            if received is None:
+                continue
+            client, message = received
+            if isinstance(message, GenerateRequest):
+                await self._start(client, message)
+            elif isinstance(message, Cancel) and self._loop is not None:
+                await self._cancel(message.request_id)
+            elif isinstance(message, CloseSession) and self._loop is not None:
+                self._loop.submit(lambda e, sid=message.session_id: e.release_session(sid))
+            elif isinstance(message, KvSnapshotRequest) and self.kv_snapshot is not None:
+                self._send(client, self.kv_snapshot())
+            else:
+                self.bad.record(f"unexpected {type(message).__name__}")
 
     async def fail_all(self, message: str, *, code: str = "internal", retryable: bool = True) -> None:
         """End every open stream explicitly (shutdown), aborting it in the engine."""
@@ -138,11 +132,10 @@ class RequestServer:
         return not self._streams
 
     async def flush(self) -> None:
-        while not self._outbox.empty():
-            await asyncio.sleep(0.01)
+        """Replies are sent as they are made (nothing queues here); kept for the shutdown sequence."""
 
     def close(self) -> None:
-        self._sock.close(linger=500)
+        self._router.close(linger_ms=500)
 
     async def _start(self, client: bytes, msg: GenerateRequest) -> None:
         rid = msg.request_id
@@ -253,24 +246,7 @@ class RequestServer:
         self._send_frame(client, REQUEST_CODEC.encode(message))
 
     def _send_frame(self, client: bytes, data: bytes) -> None:
-        """Send at once when nothing is queued ahead (a ROUTER send completes without waiting,
-        so no task switch per token), else behind the queue, so a stream keeps its order.
-        (The asyncio socket's own send: a send on a shadow socket would eat the edge-triggered
-        event its receive waits for.)"""
-        if self._outbox.empty() and (self._in_flight is None or self._in_flight.done()):
-            self._in_flight = self._sock.send_multipart([client, data])
-            self._in_flight.add_done_callback(_log_send_error)
-            return
-        self._outbox.put_nowait([client, data])
-
-    async def _send_loop(self) -> None:
-        while True:
-            frames = await self._outbox.get()
-            if self._in_flight is not None and not self._in_flight.done():
-                await asyncio.shield(self._in_flight)
-            self._in_flight = self._sock.send_multipart(frames)
-            self._in_flight.add_done_callback(_log_send_error)
-            await asyncio.shield(self._in_flight)
+        self._router.send(client, data)
 
 
 def _merge_outputs(outputs: list[TokenOutput]) -> list[TokenOutput]:
@@ -306,11 +282,6 @@ def _admit(engine, request: EngineRequest | None, max_waiting: int,
     if request is not None:
         engine.add_request(request)
     return None, num_waiting
-
-
-def _log_send_error(future: asyncio.Future) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.warning("reply not sent: %s", future.exception())
 
 
 def encode_token_chunk(request_id: str, token_ids: list[int], logprobs: list[float] | None,
