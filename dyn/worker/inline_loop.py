@@ -25,7 +25,9 @@ engine core) and overlap the event loop's I/O.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import threading
 import time
 from typing import Any, Callable
 
@@ -44,6 +46,7 @@ class InlineEngineLoop:
         self.name = name
         self._on_outputs = on_outputs
         self._aio: asyncio.AbstractEventLoop | None = None
+        self._thread_id = 0
         self._handle: asyncio.Handle | asyncio.TimerHandle | None = None
         """The scheduled next burst (None: idle, or stepping right now)."""
         self._stepping = False
@@ -61,11 +64,17 @@ class InlineEngineLoop:
 
     def start(self) -> None:
         self._aio = asyncio.get_running_loop()
+        self._thread_id = threading.get_ident()
         self._kick()
 
-    def submit(self, fn: Callable[[Backend], Any]) -> asyncio.Future:
+    def submit(self, fn: Callable[[Backend], Any]) -> asyncio.Future | concurrent.futures.Future:
         """Run fn(engine) now, between two steps; the result (or error) in a done future.
-        Call from the event loop's thread (everything in a worker does)."""
+        (Everything in a worker calls this on the event loop's thread; from another thread the
+        call is handed to the loop and a concurrent future returned, as EngineLoop does.)"""
+        if self._aio is not None and threading.get_ident() != self._thread_id:
+            handed: concurrent.futures.Future = concurrent.futures.Future()
+            self._aio.call_soon_threadsafe(_chain, self.submit, fn, handed)
+            return handed
         aio = self._aio or asyncio.get_running_loop()
         future = aio.create_future()
         if self._stopped:
@@ -158,6 +167,15 @@ class InlineEngineLoop:
         while self._deferred and not self._stopped:
             fn, future = self._deferred.pop(0)
             _run_into(fn, self.engine, future)
+
+
+def _chain(submit: Callable, fn: Callable[[Backend], Any], handed: concurrent.futures.Future) -> None:
+    """On the loop: run a call handed over from another thread, result into its concurrent future."""
+    future = submit(fn)
+    if future.exception() is not None:
+        handed.set_exception(future.exception())
+    else:
+        handed.set_result(future.result())
 
 
 def _run_into(fn: Callable[[Backend], Any], engine: Backend, future: asyncio.Future) -> None:

@@ -155,7 +155,6 @@ class WorkerProcess(ProcessMetrics):
         alive = self.loop is not None and self.loop.is_alive
         if not await self.server.wait_drained(SHUTDOWN_GRACE_S if alive else 0):
             await self.server.fail_all("worker shut down before the request finished")
-        await self.server.flush()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

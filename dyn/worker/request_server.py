@@ -131,9 +131,6 @@ class RequestServer:
             await asyncio.sleep(0.05)
         return not self._streams
 
-    async def flush(self) -> None:
-        """Replies are sent as they are made (nothing queues here); kept for the shutdown sequence."""
-
     def close(self) -> None:
         self._router.close(linger_ms=500)
 

@@ -66,6 +66,9 @@ def test_zero_time_steps_give_the_engines_tokens_in_bursts() -> None:
         steps = loop.num_steps
         await asyncio.sleep(0.05)
         assert loop.num_steps == steps and loop.is_alive  # idle: no steps without work
+        # from another thread, the call is handed to the loop (a concurrent future, as EngineLoop's)
+        stats = await asyncio.to_thread(lambda: loop.submit(lambda e: e.stats()).result(5))
+        assert stats.num_generated_tokens == 6 * 40
         loop.stop()
         assert not loop.is_alive
         with pytest.raises(RuntimeError, match="stopped"):
