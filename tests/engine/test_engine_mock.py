@@ -461,3 +461,25 @@ def test_retention_survives_pressure_until_the_session_is_released():
     for i in range(3):
         run(f"g{i}", list(range(400 + 20 * i, 417 + 20 * i)))
     assert run("k3", kept) == 0
+
+
+def test_a_prefix_block_changed_under_a_running_request_changes_its_next_block_of_tokens():
+    """The mock reads a request's earlier blocks again each time its context reaches a new block,
+    so KV that changes under it (a wrong block id, a bad write) shows in its tokens within one block."""
+    def run(corrupt_after: int | None) -> list[int]:
+        eng = engine()
+        eng.add_request(req("r", range(1, 41), max_tokens=60))  # blocks 0, 1 full; 2 partial
+        tokens: list[int] = []
+        while eng.has_work():
+            for out in eng.step():
+                tokens += out.token_ids
+            if len(tokens) == corrupt_after:
+                seq = eng._seqs["r"]
+                view = eng.runner.block_view(seq.block_ids[0])
+                view[:8] = bytes(b ^ 0xFF for b in view[:8])
+        return tokens
+
+    clean, corrupted = run(None), run(5)
+    assert corrupted[:5] == clean[:5]
+    first_diff = next(i for i, (a, b) in enumerate(zip(clean, corrupted)) if a != b)
+    assert first_diff <= 5 + BS

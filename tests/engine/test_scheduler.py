@@ -159,3 +159,26 @@ def test_lower_tier_blocks_are_fetched_not_recomputed():
     assert plan(sched.schedule()) == [("a", 5, True)]
     assert fetched == list(zip(s.block_hashes[:2], [0, 1]))
     assert sched.num_tier_hit_blocks == 2 and sched.blocks.match_prefix(s.block_hashes) == [0, 1]
+
+
+def _twin_runs(num_blocks: int, fast: bool) -> list:
+    """Four sequences decoding across block boundaries in a pool that runs out; every step's
+    plan, block ids and preemptions, with the all-decode shortcut on or off."""
+    sched = make(num_blocks=num_blocks, batch=8, budget=64)
+    if not fast:
+        sched._schedule_decodes = lambda: None  # type: ignore[method-assign]
+    seqs = [seq(f"s{i}", 5 + i, priority=i % 2, start=10 * i) for i in range(4)]
+    for s in seqs:
+        sched.add(s)
+    trace = []
+    for _ in range(30):
+        batch = sched.schedule()
+        trace.append((plan(batch), [list(s.block_ids) for s in seqs], sched.num_preemptions))
+        run(sched, batch)
+    return trace
+
+
+def test_the_all_decode_shortcut_plans_exactly_as_the_general_pass():
+    for num_blocks in (64, 12, 9):  # room to spare, then pools where decodes must preempt
+        assert _twin_runs(num_blocks, fast=True) == _twin_runs(num_blocks, fast=False)
+    assert _twin_runs(9, fast=False)[-1][2] > 0  # the small pool did preempt
