@@ -144,24 +144,31 @@ class InlineEngineLoop:
         if modelled_s > 0:
             self._handle = self._aio.call_later(modelled_s, self._after_delay, outputs)
             return
-        self._deliver(outputs)
-        self._run_deferred()
-        if poll_s > 0 and self._handle is None and not self._stopped:
-            # Only waiting on KV transfers: poll again a little later; new work cancels the wait.
-            self._handle = self._aio.call_later(poll_s, self._burst)
-            self._polling = True
-        else:
-            self._kick()
+        try:
+            self._deliver(outputs)
+        finally:
+            if poll_s > 0 and self._handle is None and not self._stopped:
+                # Only waiting on KV transfers: poll again a little later; new work cancels the wait.
+                self._handle = self._aio.call_later(poll_s, self._burst)
+                self._polling = True
+            else:
+                self._kick()
 
     def _after_delay(self, outputs: list[TokenOutput]) -> None:
         self._handle = None
-        self._deliver(outputs)
-        self._run_deferred()
-        self._kick()
+        try:
+            self._deliver(outputs)
+        finally:
+            self._kick()
 
     def _deliver(self, outputs: list[TokenOutput]) -> None:
-        if outputs:
-            self._on_outputs(outputs)
+        """Hand the outputs over, then run calls submitted during the steps. (An error in the
+        sink is the event loop's to log, as for EngineLoop's hand-off; the steps go on.)"""
+        try:
+            if outputs:
+                self._on_outputs(outputs)
+        finally:
+            self._run_deferred()
 
     def _run_deferred(self) -> None:
         while self._deferred and not self._stopped:

@@ -194,3 +194,24 @@ def test_an_engine_waiting_on_a_transfer_is_polled_at_a_bounded_rate() -> None:
         loop.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_sink_that_raises_does_not_stall_the_steps() -> None:
+    async def scenario() -> None:
+        seen: list[TokenOutput] = []
+
+        def sink(outputs: list[TokenOutput]) -> None:
+            seen.extend(outputs)
+            raise RuntimeError("sink bug")
+
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: None)  # expected errors
+        loop = InlineEngineLoop(MockEngine(ZERO), sink)
+        loop.start()
+        loop.submit(lambda e: e.add_request(_request("a", 2000)))  # many bursts' worth of steps
+        deadline = time.monotonic() + 10
+        while not any(o.finished for o in seen) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert sum(len(o.token_ids) for o in seen) == 2000 and seen[-1].finished and loop.is_alive
+        loop.stop()
+
+    asyncio.run(scenario())
