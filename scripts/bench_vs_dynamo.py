@@ -42,7 +42,7 @@ model:
   name: tiny-llama
   block_size: 16
   max_context: 8192
-  mock: {{prefill_base_s: 0.0, prefill_s_per_token: 0.0, decode_base_s: 0.0, decode_s_per_seq: 0.0,
+{mock_stream_line}  mock: {{prefill_base_s: 0.0, prefill_s_per_token: 0.0, decode_base_s: 0.0, decode_s_per_seq: 0.0,
          num_kv_blocks: {kv_blocks}}}
 mode: aggregated
 workers:
@@ -54,7 +54,7 @@ frontend: {{host: 127.0.0.1, port: {port}, replicas: {replicas}}}
 
 class DynSystem:
     def __init__(self, state: Path, peer: Path, port: int, replicas: int, workers: int, kv_blocks: int,
-                 policy: str = "kv", dyn: str = DYN, tag: str = "") -> None:
+                 policy: str = "kv", dyn: str = DYN, tag: str = "", mock_stream: str = "coalesced") -> None:
         self.dyn = dyn
         self.name = f"vs-r{replicas}-{policy.replace('_', '-')}{'-' + tag if tag else ''}"
         self.label = (f"dyn{' ' + tag if tag else ''} ({replicas} frontend{'s' if replicas > 1 else ''}"
@@ -63,7 +63,9 @@ class DynSystem:
         self.env = {**os.environ, "DYN_STATE_DIR": str(state / "state"), "DYN_NODE_STATE_DIR": str(state / "nodes")}
         self.recipe = state / f"{self.name}.yaml"
         self.recipe.write_text(RECIPE.format(name=self.name, model=peer / "model", port=port, replicas=replicas,
-                                             workers=workers, kv_blocks=kv_blocks, policy=policy))
+                                             workers=workers, kv_blocks=kv_blocks, policy=policy,
+                                             mock_stream_line=("" if mock_stream == "coalesced"
+                                                               else f"  mock_stream: {mock_stream}\n")))
         self.workers = workers
         self.frontend_pids: list[int] = []
         self.worker_pids: list[int] = []
@@ -177,18 +179,23 @@ def main() -> None:
                     help="also run another dyn checkout's CLI (e.g. /work/main/.venv/bin/dyn), labelled "
                          "'dyn before', same replica counts: an interleaved A/B of a change")
     ap.add_argument("--out", type=Path, default=None, help="also write every run as JSON here")
+    ap.add_argument("--mock-stream", choices=("coalesced", "per_step"), default="coalesced",
+                    help="dyn's mock hands over each step's tokens on their own (per_step: one SSE event per "
+                         "token, as Dynamo's mocker streams) or back-to-back steps' together (coalesced)")
     a = ap.parse_args()
     if not (a.peer_dir / "venv").is_dir() or not (a.peer_dir / "model" / "tokenizer.json").is_file():
         raise SystemExit(f"{a.peer_dir}: install the peer kit first (see this script's docstring)")
     state = Path(tempfile.mkdtemp(prefix="dyn-vs-"))
-    systems: list = [DynSystem(state, a.peer_dir, a.port + i, int(r), a.workers, a.kv_blocks)
+    systems: list = [DynSystem(state, a.peer_dir, a.port + i, int(r), a.workers, a.kv_blocks,
+                               mock_stream=a.mock_stream)
                      for i, r in enumerate(a.replicas.split(","))]
-    if a.before_dyn:
+    if a.before_dyn:  # (a checkout without model.mock_stream refuses per_step: its dyn up names the key)
         systems += [DynSystem(state, a.peer_dir, a.port + len(systems) + i, int(r), a.workers, a.kv_blocks,
-                              dyn=a.before_dyn, tag="before") for i, r in enumerate(a.replicas.split(","))]
+                              dyn=a.before_dyn, tag="before", mock_stream=a.mock_stream)
+                    for i, r in enumerate(a.replicas.split(","))]
     if a.baseline_policy:
         systems.append(DynSystem(state, a.peer_dir, a.port + len(systems), 1, a.workers, a.kv_blocks,
-                                 a.baseline_policy))
+                                 a.baseline_policy, mock_stream=a.mock_stream))
     if not a.no_dynamo:
         systems.append(DynamoSystem(a.peer_dir, a.dynamo_port, a.workers))
     results: list[dict] = []

@@ -48,6 +48,12 @@ class ModelSpec:
     name: str | None = None
     """Served model name (OpenAI `model` field); default: the directory name."""
     mock: MockTiming = field(default_factory=MockTiming)
+    mock_stream: Literal["coalesced", "per_step"] = "coalesced"
+    """engine mock: how a worker hands its tokens over. coalesced: the tokens of back-to-back
+    zero-time steps go out together (a message per request per burst of at most 2 ms, as the event
+    loop wakes once for them); per_step: each step's tokens on their own, as an engine whose steps
+    take real time streams them (and NVIDIA Dynamo's mocker): for like-for-like streaming benchmarks.
+    Steps and tokens are the same either way; a mock step with modelled time always goes out alone."""
     gpu_memory_utilization: float = 0.9
     """engine vllm: share of each GPU's memory vLLM may take (weights + activations + KV)."""
     enable_prefix_caching: bool = True

@@ -41,8 +41,11 @@ MAX_BURST_S = 0.002
 
 
 class InlineEngineLoop:
-    def __init__(self, engine: Backend, on_outputs: OutputSink, *, name: str = "engine") -> None:
+    def __init__(self, engine: Backend, on_outputs: OutputSink, *, name: str = "engine",
+                 max_burst_s: float = MAX_BURST_S) -> None:
         self.engine = engine
+        self.max_burst_s = max_burst_s
+        """0: every step's outputs are handed over on their own (recipe model.mock_stream: per_step)."""
         self.name = name
         self._on_outputs = on_outputs
         self._aio: asyncio.AbstractEventLoop | None = None
@@ -116,7 +119,7 @@ class InlineEngineLoop:
         modelled_s = poll_s = 0.0
         self._stepping = True
         try:
-            deadline = time.perf_counter() + MAX_BURST_S
+            deadline = time.perf_counter() + self.max_burst_s
             while engine.has_work():
                 step_outputs = engine.step()
                 self.num_steps += 1

@@ -31,7 +31,7 @@ from dyn.metrics.server import MetricsServer
 from dyn.metrics.worker import worker_registry
 from dyn.worker.engine_loop import EngineLoop, sweep_expired
 from dyn.worker.handoff import KvHandoff
-from dyn.worker.inline_loop import InlineEngineLoop
+from dyn.worker.inline_loop import MAX_BURST_S, InlineEngineLoop
 from dyn.worker.kv_publisher import KvEventPublisher
 from dyn.worker.process_metrics import ProcessMetrics
 from dyn.worker.process_startup import build_tiers, create_engine_for, load_files, start_handoff, start_vllm_bridge
@@ -116,8 +116,12 @@ class WorkerProcess(ProcessMetrics):
             self.tiers = build_tiers(recipe, topology, cfg, self.engine.block_bytes, self.kv_events.listener)
             if self.tiers is not None:
                 self.engine.set_lower_tier(self.tiers)
-            loop_class = InlineEngineLoop if self.engine.steps_in_interpreter else EngineLoop
-            self.loop = loop_class(self.engine, _log_finished(self.server.on_outputs))
+            sink = _log_finished(self.server.on_outputs)
+            if self.engine.steps_in_interpreter:
+                burst_s = 0.0 if recipe.model.mock_stream == "per_step" else MAX_BURST_S
+                self.loop = InlineEngineLoop(self.engine, sink, max_burst_s=burst_s)
+            else:
+                self.loop = EngineLoop(self.engine, sink)
             if recipe.model.engine == "vllm":
                 from dyn.worker.vllm_handoff import VllmHandoff
 

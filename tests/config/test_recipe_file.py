@@ -30,6 +30,14 @@ def test_mock_model_path_is_optional_and_named() -> None:
     assert recipe.model.path == "mock" and recipe.model.mock.num_kv_blocks == 64
 
 
+def test_mock_stream_is_coalesced_unless_asked_per_step() -> None:
+    base = "name: m\nmodel: {engine: mock%s}\nworkers: {both: {}}\n"
+    assert parse_recipe(base % "", "m.yaml").model.mock_stream == "coalesced"
+    assert parse_recipe(base % ", mock_stream: per_step", "m.yaml").model.mock_stream == "per_step"
+    with pytest.raises(ConfigError, match="mock_stream"):
+        parse_recipe(base % ", mock_stream: per_token", "m.yaml")
+
+
 def test_line_of_finds_keys_and_parents() -> None:
     recipe = parse_recipe("name: m\nmodel:\n  path: /m\nworkers:\n  both:\n    replicas: 2\n", "m.yaml")
     assert recipe.line_of("workers.both.replicas") == 6

@@ -215,3 +215,26 @@ def test_a_sink_that_raises_does_not_stall_the_steps() -> None:
         loop.stop()
 
     asyncio.run(scenario())
+
+
+def test_per_step_hand_over_sends_each_steps_tokens_on_their_own() -> None:
+    requests = [_request(f"r{i}", 20) for i in range(3)]
+    expected = _reference_tokens(requests)
+
+    async def scenario() -> None:
+        sink: list[list[TokenOutput]] = []
+        loop = InlineEngineLoop(MockEngine(ZERO), sink.append, max_burst_s=0.0)  # model.mock_stream: per_step
+        loop.start()
+        for request in requests:
+            loop.submit(lambda e, r=request: e.add_request(r))
+        await _collect(loop, sink, {r.request_id for r in requests})
+        assert len(sink) == loop.num_steps  # one hand-over per step
+        assert all(len(out.token_ids) == 1 for batch in sink for out in batch)  # one token per request each
+        got: dict[str, list[int]] = {}
+        for batch in sink:
+            for out in batch:
+                got.setdefault(out.request_id, []).extend(out.token_ids)
+        assert got == expected
+        loop.stop()
+
+    asyncio.run(scenario())
