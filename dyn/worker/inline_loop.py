@@ -42,10 +42,11 @@ MAX_BURST_S = 0.002
 
 class InlineEngineLoop:
     def __init__(self, engine: Backend, on_outputs: OutputSink, *, name: str = "engine",
-                 max_burst_s: float = MAX_BURST_S) -> None:
+                 each_step: bool = False) -> None:
         self.engine = engine
-        self.max_burst_s = max_burst_s
-        """0: every step's outputs are handed over on their own (recipe model.mock_stream: per_step)."""
+        self.each_step = each_step
+        """Hand every step's outputs over on their own, as the step ends (recipe model.mock_stream:
+        per_step), instead of once per burst."""
         self.name = name
         self._on_outputs = on_outputs
         self._aio: asyncio.AbstractEventLoop | None = None
@@ -119,13 +120,16 @@ class InlineEngineLoop:
         modelled_s = poll_s = 0.0
         self._stepping = True
         try:
-            deadline = time.perf_counter() + self.max_burst_s
+            deadline = time.perf_counter() + MAX_BURST_S
             while engine.has_work():
                 step_outputs = engine.step()
                 self.num_steps += 1
                 if step_outputs:
-                    outputs += step_outputs
                     self._waiting_since = None
+                    if self.each_step and not getattr(engine, "step_left_s", 0.0):
+                        self._deliver(step_outputs)  # (between two steps: submits from the sink run now)
+                    else:
+                        outputs += step_outputs
                 elif engine.is_waiting_on_transfers():
                     now = time.monotonic()
                     self._waiting_since = self._waiting_since or now
@@ -165,11 +169,13 @@ class InlineEngineLoop:
             self._kick()
 
     def _deliver(self, outputs: list[TokenOutput]) -> None:
-        """Hand the outputs over, then run calls submitted during the steps. (An error in the
-        sink is the event loop's to log, as for EngineLoop's hand-off; the steps go on.)"""
+        """Hand the outputs over, then run calls submitted during the steps. An error in the sink
+        is logged and the steps go on (as with EngineLoop, whose hand-off runs as a loop callback)."""
         try:
             if outputs:
                 self._on_outputs(outputs)
+        except Exception:
+            log.exception("handing engine outputs over failed")
         finally:
             self._run_deferred()
 

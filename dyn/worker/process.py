@@ -31,7 +31,7 @@ from dyn.metrics.server import MetricsServer
 from dyn.metrics.worker import worker_registry
 from dyn.worker.engine_loop import EngineLoop, sweep_expired
 from dyn.worker.handoff import KvHandoff
-from dyn.worker.inline_loop import MAX_BURST_S, InlineEngineLoop
+from dyn.worker.inline_loop import InlineEngineLoop
 from dyn.worker.kv_publisher import KvEventPublisher
 from dyn.worker.process_metrics import ProcessMetrics
 from dyn.worker.process_startup import build_tiers, create_engine_for, load_files, start_handoff, start_vllm_bridge
@@ -118,8 +118,7 @@ class WorkerProcess(ProcessMetrics):
                 self.engine.set_lower_tier(self.tiers)
             sink = _log_finished(self.server.on_outputs)
             if self.engine.steps_in_interpreter:
-                burst_s = 0.0 if recipe.model.mock_stream == "per_step" else MAX_BURST_S
-                self.loop = InlineEngineLoop(self.engine, sink, max_burst_s=burst_s)
+                self.loop = InlineEngineLoop(self.engine, sink, each_step=recipe.model.mock_stream == "per_step")
             else:
                 self.loop = EngineLoop(self.engine, sink)
             if recipe.model.engine == "vllm":

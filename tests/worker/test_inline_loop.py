@@ -204,7 +204,6 @@ def test_a_sink_that_raises_does_not_stall_the_steps() -> None:
             seen.extend(outputs)
             raise RuntimeError("sink bug")
 
-        asyncio.get_running_loop().set_exception_handler(lambda loop, context: None)  # expected errors
         loop = InlineEngineLoop(MockEngine(ZERO), sink)
         loop.start()
         loop.submit(lambda e: e.add_request(_request("a", 2000)))  # many bursts' worth of steps
@@ -223,7 +222,7 @@ def test_per_step_hand_over_sends_each_steps_tokens_on_their_own() -> None:
 
     async def scenario() -> None:
         sink: list[list[TokenOutput]] = []
-        loop = InlineEngineLoop(MockEngine(ZERO), sink.append, max_burst_s=0.0)  # model.mock_stream: per_step
+        loop = InlineEngineLoop(MockEngine(ZERO), sink.append, each_step=True)  # model.mock_stream: per_step
         loop.start()
         for request in requests:
             loop.submit(lambda e, r=request: e.add_request(r))
