@@ -11,6 +11,12 @@ with the load average during each run. Not part of the test suite; needs the pee
     cp -r /work/shared/peers /tmp/peer-dynamo && (cd /tmp/peer-dynamo && ./run_peer.sh install)
     .venv/bin/python scripts/bench_vs_dynamo.py --peer-dir /tmp/peer-dynamo --replicas 1,2 --rounds 3
 
+Like for like: dyn's mock hands each engine step's tokens over on their own by default
+(`--mock-stream per_step`), as Dynamo's mocker does (32 SSE events per streamed request, the
+"stream events/req" column). `--mock-stream coalesced` lets back-to-back zero-time steps go out
+together, which only an engine faster than the event loop does: a row measured that way is
+not comparable with Dynamo's.
+
 A change measured against the code before it, in the same interleaved rounds: add
 `--before-dyn /path/to/other/checkout/.venv/bin/dyn` (rows "dyn before"). A rack's worth of
 mock workers, where the frontend's routing over every worker is what is measured:
@@ -179,9 +185,11 @@ def main() -> None:
                     help="also run another dyn checkout's CLI (e.g. /work/main/.venv/bin/dyn), labelled "
                          "'dyn before', same replica counts: an interleaved A/B of a change")
     ap.add_argument("--out", type=Path, default=None, help="also write every run as JSON here")
-    ap.add_argument("--mock-stream", choices=("coalesced", "per_step"), default="coalesced",
-                    help="dyn's mock hands over each step's tokens on their own (per_step: one SSE event per "
-                         "token, as Dynamo's mocker streams) or back-to-back steps' together (coalesced)")
+    ap.add_argument("--mock-stream", choices=("coalesced", "per_step"), default="per_step",
+                    help="dyn's mock hands over each step's tokens on their own (per_step, the default: one "
+                         "message and SSE event per token, as Dynamo's mocker and any engine whose steps take "
+                         "time) or back-to-back zero-time steps' together (coalesced: what dyn does when "
+                         "steps are faster than its event loop; not like for like with Dynamo)")
     a = ap.parse_args()
     if not (a.peer_dir / "venv").is_dir() or not (a.peer_dir / "model" / "tokenizer.json").is_file():
         raise SystemExit(f"{a.peer_dir}: install the peer kit first (see this script's docstring)")
