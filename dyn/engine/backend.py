@@ -117,6 +117,10 @@ class Backend(ABC):
     """True when a step is Python only and holds the GIL throughout (the mock): a worker then steps
     it on its event loop's thread (dyn.worker.inline_loop), since a thread of its own would only
     add hand-offs; engines whose steps run outside the interpreter (torch ops, vLLM) keep one."""
+    kv_on_cuda: bool = False
+    """Whether the block views are CUDA memory (what cuda_ipc moves); False: host memory. The KV
+    hand-off picks its transports by this, not by the GPUs a placement names (a mock worker
+    placed on GPUs still holds host memory)."""
 
     @abstractmethod
     def add_request(self, request: EngineRequest) -> None:

@@ -41,6 +41,7 @@ class Engine(Backend):
         self.runner = runner
         self.block_size = runner.block_size
         self.block_bytes = runner.block_bytes
+        self.kv_on_cuda = runner.kv_on_cuda
         self.detokenize = detokenize
         self.clock = clock
         self._kv_event_listener = None

@@ -55,6 +55,8 @@ class ModelRunner(ABC):
     num_blocks: int
     """KV pool size, fixed at construction from a memory budget."""
     block_bytes: int
+    kv_on_cuda: bool = False
+    """Whether block_view returns CUDA tensors (Backend.kv_on_cuda)."""
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     max_context: int

@@ -46,6 +46,7 @@ class TorchModelRunner(ModelRunner):
         self.vocab_size = c.vocab_size
         self.eos_token_ids = tuple(eos_token_ids)
         self.device = model.device
+        self.kv_on_cuda = self.device.type == "cuda"
         self.pool = torch.zeros((num_blocks, 2, c.num_layers, block_size, c.num_kv_heads, c.head_dim),
                                 dtype=model.dtype, device=model.device)
         self.block_bytes = self.pool[0].numel() * self.pool.element_size()

@@ -76,7 +76,7 @@ async def start_handoff(ctx, security: Security, recipe, topology, cfg: ProcessC
     if recipe.mode != "disaggregated" or engine.block_bytes <= 0:
         return KvHandoff(loop, sender=None, receiver=None, pull_timeout_s=recipe.shuttle.pull_timeout_s)
     sweep_stale_segments()
-    cuda = recipe.model.device == "cuda" or (recipe.model.device == "auto" and bool(cfg.gpus))
+    cuda = engine.kv_on_cuda  # where the pool is, not what the placement names: a mock on GPUs holds host memory
     nixl = nixl_available()
     paths = TopologyPaths(topology, Endpoint(cfg.node, tuple(cfg.gpus)), recipe.shuttle.transport,
                           cuda_available=cuda, nixl_available=nixl)

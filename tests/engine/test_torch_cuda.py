@@ -29,6 +29,7 @@ def test_cuda_engine_matches_transformers(variant, hf_checkpoint, hf_model):
                                               num_blocks=128, max_context=256)
     runner.capture_logits = True
     engine = Engine(runner, max_batch_size=8, max_num_batched_tokens=32)
+    assert engine.kv_on_cuda  # the KV hand-off may offer cuda_ipc for its blocks
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (5, 19, 40)]
     for i, prompt in enumerate(prompts):

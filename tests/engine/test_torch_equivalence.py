@@ -73,6 +73,7 @@ def test_batch_with_chunked_prefill_matches_transformers(variant, hf_checkpoint,
     # 32 tokens per step against 103 prompt tokens: prompts are split into chunks and
     # later prompts prefill while earlier ones decode.
     engine = Engine(runner, max_batch_size=8, max_num_batched_tokens=32)
+    assert not engine.kv_on_cuda  # host memory: the KV hand-off offers no cuda_ipc for it
     prompts = _prompts([5, 17, 33, 48])
     for i, p in enumerate(prompts):
         engine.add_request(_greedy(p, f"r{i}"))
