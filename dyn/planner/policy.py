@@ -111,6 +111,8 @@ class LoadWindow:
     """Measured launch -> serving time of a new worker (from a live peer when one can serve its
     weights, else from disk); 0: unknown. A worker added now helps only after this long, so
     the planner sizes for the load forecast that far ahead."""
+    num_decoding: int = 0
+    """Sequences running on decode workers at the end of the window (0: none or unknown)."""
 
     @property
     def request_rate(self) -> float:
@@ -170,8 +172,10 @@ class SloPlanner:
     Changes: up at once (unless a scale-down of that role is inside its
     cooldown); never down for a role that missed its target in the window; down only after `down_intervals` intervals in a row that would
     still need fewer workers at (1 + band) x the load, outside the cooldown, by
-    at most `max_step_down`. A role flip replaces a down+up pair when both roles
-    use the same GPUs per worker.
+    at most `max_step_down`; never below the decode workers the sequences decoding
+    now need at the ITL batch b (long requests arrive in bursts: a window without
+    arrivals is no surplus while they decode). A role flip replaces a down+up pair
+    when both roles use the same GPUs per worker.
     """
 
     def __init__(self, spec: PlannerSpec, profile: EngineProfile, *, gpus_per_worker: dict[str, int],
@@ -208,6 +212,9 @@ class SloPlanner:
         backlog_s = window.queued_prefill_tokens / max(self.spec.interval_s, 1e-9)
         need_up = self._needs(load, backlog_s)
         need_down = self._needs(_scaled(load, 1.0 + self.band), backlog_s)
+        in_use = min(self._decoding_need(load, window.num_decoding), self.spec.max_decode)
+        if in_use > need_down.decode:
+            need_down = need_down.with_role("decode", in_use)
         missed = self._missed(window)
         inputs = self._inputs(window, forecast, need_up)
         if window.time_to_ready_s > 0:
@@ -258,13 +265,25 @@ class SloPlanner:
         role = self.profile.role("decode")
         if load.request_rate <= 0:
             return 0
-        context = load.input_tokens + load.output_tokens / 2
-        batch = role.max_decode_batch(0.9 * self.spec.itl_ms / 1000.0, context, self.profile.block_size)
+        context, batch = self._decode_batch(load)
         if batch == 0:
             return self.spec.max_decode
         step_s = role.decode_step_s(batch, int(batch * context))
         in_flight = load.request_rate * load.output_tokens * step_s * self._gain["decode"]
         return math.ceil(in_flight / (0.9 * batch))
+
+    def _decoding_need(self, load: LoadForecast, num_decoding: int) -> int:
+        """Decode workers that the sequences decoding now fill at the ITL batch (a floor for scale-down)."""
+        if num_decoding <= 0:
+            return 0
+        batch = self._decode_batch(load)[1]
+        return self.spec.max_decode if batch == 0 else math.ceil(num_decoding / batch)
+
+    def _decode_batch(self, load: LoadForecast) -> tuple[float, int]:
+        """(mean context per sequence, the largest batch whose step fits 0.9 x ITL; 0: none fits)."""
+        context = load.input_tokens + load.output_tokens / 2
+        role = self.profile.role("decode")
+        return context, role.max_decode_batch(0.9 * self.spec.itl_ms / 1000.0, context, self.profile.block_size)
 
     def _missed(self, window: LoadWindow) -> dict[str, bool]:
         """Roles whose target was missed in the window: those never scale down on it."""
@@ -358,7 +377,7 @@ class SloPlanner:
                "input_tokens": round(forecast.input_tokens, 1), "output_tokens": round(forecast.output_tokens, 1),
                "hit_rate": round(forecast.hit_rate, 3), "need_prefill": need.prefill, "need_decode": need.decode,
                "gain_prefill": round(self._gain["prefill"], 3), "gain_decode": round(self._gain["decode"], 3),
-               "num_waiting": window.num_waiting}
+               "num_waiting": window.num_waiting, "num_decoding": window.num_decoding}
         if window.ttft_s:
             out["ttft_p95_s"] = round(_p95(window.ttft_s), 4)
         if window.itl_s:

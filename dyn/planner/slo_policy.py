@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from dyn.config.scaling import domain_units, is_scaled, scale_to_topology
 from dyn.engine.profile import EngineProfile, ProfileError, load_profile, mock_profile, profile_path
-from dyn.planner.actions import counts_of, scaling_actions
+from dyn.planner.actions import COUNTED_STATES, counts_of, scaling_actions
 from dyn.planner.policy import (Decision, LoadWindow, ScalingAction, ScalingPolicy, SloPlanner, StaticPolicy,
                                 WorkerView)
 
@@ -179,6 +179,8 @@ class SloPolicy:
                           num_waiting=int(sum(w.metrics.get("num_waiting", 0.0) for w in live)),
                           queued_prefill_tokens=int(sum(w.metrics.get("waiting_prefill_tokens", 0.0)
                                                         for w in live if w.role == "prefill")),
+                          num_decoding=int(sum(w.metrics.get("num_running", 0.0) for w in live
+                                               if w.role in ("decode", "both") and w.state in COUNTED_STATES)),
                           # the frontend's measured means over the window (None: nothing measured)
                           ttft_s=_samples(latency, "ttft"), itl_s=_samples(latency, "itl"),
                           time_to_ready_s=expected_time_to_ready(live, self.weights_source)[0])

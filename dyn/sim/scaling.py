@@ -24,7 +24,9 @@ class SimScaling:
     def _tick(self, _: Any) -> None:
         queued = sum(j.todo_tokens for w in self.workers.values() if w.role == "prefill"
                      for j in (*w.waiting, *w.prefilling))
-        window = self._window.close(self.now, self._num_waiting(), queued)
+        running = sum(len(w.prefilling) + len(w.decoding) for w in self.workers.values()
+                      if w.role in ("decode", "both") and w.state == "ready")  # the live num_running
+        window = self._window.close(self.now, self._num_waiting(), queued, running)
         views = self._views()
         current = counts_of(views)
         step = self.planner.plan(window, current, self.now)

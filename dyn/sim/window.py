@@ -37,12 +37,13 @@ class ObservationWindow:
         if req.output_tokens > 1 and req.first_token_s is not None:
             self.itl.append((req.finish_s - req.first_token_s) / (req.output_tokens - 1))  # type: ignore[operator]
 
-    def close(self, now: float, num_waiting: int, queued_tokens: int) -> LoadWindow:
+    def close(self, now: float, num_waiting: int, queued_tokens: int, num_decoding: int = 0) -> LoadWindow:
         if self.num_finished:
             self.mean_output = self.out_tokens / self.num_finished
         window = LoadWindow(now - self.start_s, self.num, self.input_tokens,
                             round(self.mean_output * self.num), self.cached_tokens,
-                            tuple(self.ttft), tuple(self.itl), num_waiting, queued_tokens)
+                            tuple(self.ttft), tuple(self.itl), num_waiting, queued_tokens,
+                            num_decoding=num_decoding)
         self.last = {"rate": window.request_rate,
                      "ttft_p90_s": _pct(self.ttft, 0.9), "itl_p90_s": _pct(self.itl, 0.9),
                      "hit_rate": self.cached_tokens / self.input_tokens if self.input_tokens else 0.0}

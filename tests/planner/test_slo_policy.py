@@ -146,6 +146,40 @@ def test_load_step_flip_and_drop_become_add_set_role_and_remove():
     assert counts_of(load.views()) == Counts(1, 1)
 
 
+def test_no_decode_scale_down_while_the_running_sequences_fill_both_workers():
+    """Long outputs from closed-loop clients arrive in bursts: windows without arrivals while the
+    sequences decode are no surplus (tests/e2e/test_planner_live.py lost its flip that way: decode
+    was scaled down before prefill needed the worker). Once they finish, decode scales down."""
+    policy = choose_policy(_recipe(), TOPOLOGY, "/nowhere/scale.yaml").policy
+    load, now = Load(), 0.0
+    policy.decide(load.views(), now)
+    now += 1.0
+    load.step(6, prompt=10, output=40)
+    actions = policy.decide(load.views(), now)
+    assert [(a.kind, a.role) for a in actions] == [("add", "decode")]
+    load.apply(actions)
+    for _ in range(3):  # the scale-up's cooldown (3 s) passes at the same load
+        now += 1.0
+        load.step(6, prompt=10, output=40)
+        policy.decide(load.views(), now)
+    decode = [w for w, (role, _) in load.workers.items() if role == "decode"]
+    for wid in decode:  # 3 sequences each: the batch that meets the ITL target (0.02 + 0.02 x 3 <= 0.09 s)
+        load.counters[wid]["num_running"] = 3.0
+    for _ in range(8):  # no arrivals while they decode
+        now += 1.0
+        load.step(0, prompt=0, output=0)
+        assert policy.decide(load.views(), now) == []
+        assert policy.last_window.num_decoding == 6
+    for wid in decode:
+        load.counters[wid]["num_running"] = 0.0
+    removed = []
+    for _ in range(4):
+        now += 1.0
+        load.step(0, prompt=0, output=0)
+        removed += [a for a in policy.decide(load.views(), now) if a.kind == "remove"]
+    assert [a.role for a in removed] == ["decode"]
+
+
 def test_restarted_counters_count_from_zero_and_a_new_daemon_baselines():
     policy = choose_policy(_recipe(), TOPOLOGY, "/nowhere/scale.yaml").policy
     load = Load()
