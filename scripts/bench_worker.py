@@ -51,6 +51,7 @@ model:
   name: mock
   block_size: 16
   max_context: 8192
+  mock_stream: {mock_stream}
   mock: {{prefill_base_s: 0.0, prefill_s_per_token: 0.0, decode_base_s: 0.0, decode_s_per_seq: 0.0,
          num_kv_blocks: {kv_blocks}}}
 mode: aggregated
@@ -98,9 +99,10 @@ class Worker:
     """One `dyn worker` process of a given CLI, registered with the fake daemon."""
 
     def __init__(self, dyn: str, label: str, tmp: Path, keys: DeploymentKeys, process_id: str,
-                 kv_blocks: int) -> None:
+                 kv_blocks: int, mock_stream: str = "coalesced") -> None:
         self.dyn, self.label, self.tmp, self.keys, self.process_id = dyn, label, tmp, keys, process_id
         self.kv_blocks = kv_blocks
+        self.mock_stream = mock_stream
         self.proc: subprocess.Popen | None = None
         self.address = ""
 
@@ -108,7 +110,8 @@ class Worker:
         keys_path = self.tmp / f"{self.process_id}.keys"
         write_private(keys_path, self.keys.for_process(self.process_id).to_json())
         cfg = ProcessConfig(deployment="bench", process_id=self.process_id, role="both", node="local",
-                            daemon_address=daemon.address, recipe_text=RECIPE.format(kv_blocks=self.kv_blocks),
+                            daemon_address=daemon.address, recipe_text=RECIPE.format(kv_blocks=self.kv_blocks,
+                                                                                 mock_stream=self.mock_stream),
                             topology_text=(ROOT / "topologies" / "local.yaml").read_text(),
                             keys_path=str(keys_path), run_dir=str(self.tmp))
         cfg_path = self.tmp / f"{self.process_id}.json"
@@ -193,7 +196,8 @@ async def main_async(a: argparse.Namespace) -> list[dict]:
     labels = [("dyn", a.dyn)] + ([("dyn before", a.before_dyn)] if a.before_dyn else [])
     keys = DeploymentKeys.generate(["daemon", "frontend"] + [f"worker-{i}" for i in range(len(labels))])
     ctx = zmq.asyncio.Context()
-    workers = [Worker(cli, label, tmp, keys, f"worker-{i}", a.kv_blocks) for i, (label, cli) in enumerate(labels)]
+    workers = [Worker(cli, label, tmp, keys, f"worker-{i}", a.kv_blocks, a.mock_stream)
+               for i, (label, cli) in enumerate(labels)]
     results: list[dict] = []
     daemon = FakeDaemon(ctx, keys)
     try:
@@ -241,6 +245,9 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=8)
     ap.add_argument("--kv-blocks", type=int, default=8192)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--mock-stream", choices=("coalesced", "per_step"), default="coalesced",
+                    help="recipe model.mock_stream: per_step sends every step's tokens on their own, as an "
+                         "engine whose steps take time (both checkouts must know the field)")
     ap.add_argument("--idle-s", type=float, default=5.0, help="idle CPU measured this long after each run")
     a = ap.parse_args()
     results = asyncio.run(main_async(a))

@@ -49,10 +49,13 @@ class LoopRouter:
                 continue
             return routed_from_frames(frames, codec, bad)
 
-    def send(self, identity: bytes, data: bytes) -> None:
-        """Send one reply now (never waits; a closed socket or a dropped peer is logged)."""
+    def send(self, identity: bytes, *frames: bytes) -> None:
+        """Send replies now (never waits; a closed socket or a dropped peer is logged). Several
+        frames go as one multipart message, which the peer's DEALER reads a frame at a time, each
+        a message of its own: one send (and one wake-up of ZMQ's I/O thread) for a whole step's
+        replies to one frontend."""
         try:
-            self._sock.send_multipart([identity, data], zmq.NOBLOCK)
+            self._sock.send_multipart([identity, *frames], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # Again cannot happen on a ROUTER without ROUTER_MANDATORY
             self.sends_dropped += 1
             log.warning("reply not sent: %s", exc)

@@ -201,6 +201,9 @@ class RequestServer:
                                              stream.num_completion_tokens))
 
     def _deliver(self, outputs: list[TokenOutput]) -> None:
+        """Send what a step (or a burst of steps) produced: every reply to one frontend goes in one
+        multipart message, in order (a batch of 32 decoding requests is one send, not 32)."""
+        replies: dict[bytes, list[bytes]] = {}
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
@@ -213,16 +216,20 @@ class RequestServer:
                 exports = stream.prefill_only and self.export_kv is not None and out.finish_reason != "abort"
                 if not out.error and not exports:
                     finish = (out.finish_reason or "stop", stream.num_prompt_tokens, stream.num_completion_tokens)
+            frames = replies.setdefault(stream.client, [])
             if out.token_ids:  # the Finish rides on the last chunk
-                self._send_frame(stream.client, encode_token_chunk(out.request_id, list(out.token_ids),
-                                                                   out.logprobs, out.num_cached_tokens, finish))
+                frames.append(encode_token_chunk(out.request_id, list(out.token_ids), out.logprobs,
+                                                 out.num_cached_tokens, finish))
             elif finish is not None:
-                self._send(stream.client, Finish(out.request_id, *finish))
+                frames.append(REQUEST_CODEC.encode(Finish(out.request_id, *finish)))
             if out.finished and finish is None:
                 if out.error:
-                    self._fail(stream.client, out.request_id, "internal", out.error, True)
+                    frames.append(REQUEST_CODEC.encode(RequestFailed(out.request_id, "internal", out.error, True)))
                 else:
                     asyncio.ensure_future(self._finish_prefill(stream, out))
+        for client, frames in replies.items():
+            if frames:
+                self._router.send(client, *frames)
 
     async def _finish_prefill(self, stream: Stream, out: TokenOutput) -> None:
         try:
@@ -240,10 +247,7 @@ class RequestServer:
         self._send(client, RequestFailed(rid, code, message, retryable))
 
     def _send(self, client: bytes, message) -> None:
-        self._send_frame(client, REQUEST_CODEC.encode(message))
-
-    def _send_frame(self, client: bytes, data: bytes) -> None:
-        self._router.send(client, data)
+        self._router.send(client, REQUEST_CODEC.encode(message))
 
 
 def _merge_outputs(outputs: list[TokenOutput]) -> list[TokenOutput]:

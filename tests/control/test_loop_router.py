@@ -72,3 +72,35 @@ def test_close_ends_a_waiting_receive() -> None:
         ctx.destroy(linger=0)
 
     asyncio.run(scenario())
+
+
+def test_several_replies_go_as_one_multipart_message_that_a_dealer_reads_as_messages_in_order() -> None:
+    """The worker sends a step's replies to one frontend in one send; the frontend's DEALER reads
+    each frame as a message of its own (recv by recv), in the order they were sent."""
+    keys = DeploymentKeys.generate(["server", "client"])
+
+    async def scenario() -> None:
+        ctx = zmq.asyncio.Context()
+        server_sec = Security.from_keys(keys.for_process("server"))
+        router = LoopRouter(ctx, "tcp://127.0.0.1:*", server_sec)
+        client = client_socket(ctx, zmq.DEALER, router.address, Security.from_keys(keys.for_process("client")))
+        bad = BadMessages("test")
+        try:
+            await client.send(REQUEST_CODEC.encode(Cancel("hello")))
+            routed = await asyncio.wait_for(router.receive(REQUEST_CODEC, bad), 10)
+            router.send(routed.identity, *(REQUEST_CODEC.encode(Finish(f"r{i}", "stop")) for i in range(5)))
+            router.send(routed.identity, REQUEST_CODEC.encode(Finish("single", "stop")))
+            got, more = [], []
+            for _ in range(6):
+                got.append(REQUEST_CODEC.decode(await asyncio.wait_for(client.recv(), 10)).request_id)
+                more.append(bool(client.getsockopt(zmq.RCVMORE)))
+            assert got == ["r0", "r1", "r2", "r3", "r4", "single"]
+            assert more == [True, True, True, True, False, False]  # one message of five frames, then one
+            assert router.sends_dropped == 0
+        finally:
+            client.close(linger=0)
+            router.close(linger_ms=0)
+            server_sec.stop()
+            ctx.destroy(linger=0)
+
+    asyncio.run(scenario())
