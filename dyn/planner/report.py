@@ -159,7 +159,7 @@ def shuttle_paths(topology: "Topology", recipe: "Recipe", slots: list[ProcessSlo
         for d_id, d_end in decode.items():
             try:  # the same choice the decode worker makes for its pulls (dyn.worker.kv_path)
                 paths[p_id, d_id] = choose_path(topology, p_end, d_end, recipe.shuttle.transport,
-                                                cuda_available=recipe.model.device != "cpu",
+                                                cuda_available=_kv_on_cuda(recipe),
                                                 nixl_available=nixl)
             except DynError as exc:
                 paths[p_id, d_id] = PathChoice("none", str(exc))
@@ -187,3 +187,9 @@ def relaunch_time_s(slots: list[ProcessSlot]) -> float | None:
     frontend should expect a relaunching worker to take. None before any worker was ready."""
     times = [s.ready_after_s for s in slots if s.role != "frontend" and s.ready_after_s is not None]
     return max(times) if times else None
+
+
+def _kv_on_cuda(recipe: "Recipe") -> bool:
+    """Whether the workers' KV blocks live in GPU memory, as the workers decide it
+    (Backend.kv_on_cuda): the mock keeps its KV in host memory even when placed on GPUs."""
+    return recipe.model.engine != "mock" and recipe.model.device != "cpu"

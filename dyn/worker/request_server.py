@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 import msgpack
-import zmq
 import zmq.asyncio
 
 from dyn import PROTOCOL_VERSION

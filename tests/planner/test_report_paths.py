@@ -13,7 +13,7 @@ from dyn.planner.report import shuttle_paths, slot_status
 from dyn.shuttle.transports import nixl
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPE = parse_recipe("name: r\nmodel: {engine: mock}\nmode: disaggregated\n"
+RECIPE = parse_recipe("name: r\nmodel: {engine: torch, path: /models/m}\nmode: disaggregated\n"
                       "workers: {prefill: {replicas: 1}, decode: {replicas: 2}}\n", "r.yaml")
 
 
@@ -48,6 +48,20 @@ def test_cpu_workers_on_one_node_use_shm(device):
     slots = [ProcessSlot("prefill-0", "prefill", "local", ()), ProcessSlot("decode-0", "decode", "local", ())]
     paths = shuttle_paths(load_topology(ROOT / "topologies/local.yaml"), recipe, slots)
     assert paths["pairs"][0]["transport"] == "shm" and paths["pairs"][0]["hop"] == "same_node"
+
+
+def test_mock_workers_on_gpus_are_shown_moving_host_memory_as_they_do():
+    """The mock keeps its KV in host memory wherever it is placed (Backend.kv_on_cuda): status
+    shows the shm / host-network paths its workers really take, not CUDA IPC."""
+    recipe = parse_recipe("name: r\nmodel: {engine: mock}\nmode: disaggregated\n"
+                          "workers: {prefill: {replicas: 1}, decode: {replicas: 2}}\n", "r.yaml")
+    slots = [ProcessSlot("prefill-0", "prefill", "a-tray01", (0,)),
+             ProcessSlot("decode-0", "decode", "a-tray01", (1,)),
+             ProcessSlot("decode-1", "decode", "a-tray02", (0,))]
+    paths = shuttle_paths(load_topology(ROOT / "topologies/gb200-nvl72x4.yaml"), recipe, slots)
+    pairs = {(p["prefill"], p["decode"]): p["transport"] for p in paths["pairs"]}
+    assert pairs[("prefill-0", "decode-0")] == "shm"
+    assert pairs[("prefill-0", "decode-1")] in ("nixl", "tcp")
 
 
 def test_status_shows_the_port_a_frontend_took_when_the_recipe_asked_for_any():
