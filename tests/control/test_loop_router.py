@@ -4,6 +4,7 @@ stall, including when a send takes the descriptor's signal for a message already
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import zmq
 import zmq.asyncio
@@ -14,16 +15,28 @@ from dyn.control.requests import REQUEST_CODEC, Cancel, Finish
 from dyn.control.sockets import BadMessages, Security, client_socket
 
 
-def test_echo_under_interleaved_sends_and_receives_with_curve() -> None:
+@contextlib.asynccontextmanager
+async def _router_and_client():
+    """A LoopRouter and a DEALER connected to it, both with CURVE, as a worker and a frontend."""
     keys = DeploymentKeys.generate(["server", "client"])
+    ctx = zmq.asyncio.Context()
+    server_sec = Security.from_keys(keys.for_process("server"))
+    router = LoopRouter(ctx, "tcp://127.0.0.1:*", server_sec)
+    client = client_socket(ctx, zmq.DEALER, router.address, Security.from_keys(keys.for_process("client")))
+    try:
+        yield router, client
+    finally:
+        client.close(linger=0)
+        router.close(linger_ms=0)
+        server_sec.stop()
+        ctx.destroy(linger=0)
 
+
+def test_echo_under_interleaved_sends_and_receives_with_curve() -> None:
     async def scenario() -> None:
-        ctx = zmq.asyncio.Context()
-        server_sec = Security.from_keys(keys.for_process("server"))
-        router = LoopRouter(ctx, "tcp://127.0.0.1:*", server_sec)
-        client = client_socket(ctx, zmq.DEALER, router.address, Security.from_keys(keys.for_process("client")))
-        bad = BadMessages("test")
-        try:
+        async with _router_and_client() as (router, client):
+            bad = BadMessages("test")
+
             async def serve() -> None:
                 while True:
                     routed = await router.receive(REQUEST_CODEC, bad)
@@ -48,11 +61,6 @@ def test_echo_under_interleaved_sends_and_receives_with_curve() -> None:
             assert REQUEST_CODEC.decode(await asyncio.wait_for(client.recv(), 10)).request_id == "after"
             assert bad.total == 2 and router.sends_dropped == 0
             server.cancel()
-        finally:
-            client.close(linger=0)
-            router.close(linger_ms=0)
-            server_sec.stop()
-            ctx.destroy(linger=0)
 
     asyncio.run(scenario())
 
@@ -77,15 +85,9 @@ def test_close_ends_a_waiting_receive() -> None:
 def test_several_replies_go_as_one_multipart_message_that_a_dealer_reads_as_messages_in_order() -> None:
     """The worker sends a step's replies to one frontend in one send; the frontend's DEALER reads
     each frame as a message of its own (recv by recv), in the order they were sent."""
-    keys = DeploymentKeys.generate(["server", "client"])
-
     async def scenario() -> None:
-        ctx = zmq.asyncio.Context()
-        server_sec = Security.from_keys(keys.for_process("server"))
-        router = LoopRouter(ctx, "tcp://127.0.0.1:*", server_sec)
-        client = client_socket(ctx, zmq.DEALER, router.address, Security.from_keys(keys.for_process("client")))
-        bad = BadMessages("test")
-        try:
+        async with _router_and_client() as (router, client):
+            bad = BadMessages("test")
             await client.send(REQUEST_CODEC.encode(Cancel("hello")))
             routed = await asyncio.wait_for(router.receive(REQUEST_CODEC, bad), 10)
             router.send(routed.identity, *(REQUEST_CODEC.encode(Finish(f"r{i}", "stop")) for i in range(5)))
@@ -97,10 +99,5 @@ def test_several_replies_go_as_one_multipart_message_that_a_dealer_reads_as_mess
             assert got == ["r0", "r1", "r2", "r3", "r4", "single"]
             assert more == [True, True, True, True, False, False]  # one message of five frames, then one
             assert router.sends_dropped == 0
-        finally:
-            client.close(linger=0)
-            router.close(linger_ms=0)
-            server_sec.stop()
-            ctx.destroy(linger=0)
 
     asyncio.run(scenario())

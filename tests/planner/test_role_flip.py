@@ -14,13 +14,11 @@ from pathlib import Path
 import pytest
 
 import dyn.engine.vllm_args as vllm_args
-from dyn.config.loader import load_recipe, load_topology, parse_recipe
-from dyn.control.sockets import Security
-from dyn.planner.decisions import DecisionLog
-from dyn.planner.health import Deadlines, ProcessSlot
+from dyn.config.loader import load_recipe, parse_recipe
+from dyn.planner.health import ProcessSlot
 from dyn.planner.policy import ScalingAction
-from dyn.planner.scaling import Scaler, flips_in_place
-from dyn.planner.state import StateStore
+from dyn.planner.scaling import flips_in_place
+from scaler_fakes import recording_scaler
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_RECIPES = ["smollm2-vllm-local", "llama-3.1-8b-hgx", "llama-3.1-70b-nvl72", "deepseek-r1-nvl72"]
@@ -130,18 +128,5 @@ def _setup(tmp_path: Path):
              ProcessSlot("decode-0", "decode", "hgx01", (1,), state="ready", pid=701, registered=True),
              ProcessSlot("decode-1", "decode", "hgx01", (2,), state="ready", pid=702, registered=True)]
     fleet = _Fleet(slots)
-    sent: list[tuple[str, str, dict]] = []
-
-    async def send(process_id: str, command) -> None:
-        sent.append((process_id, command.action, dict(command.args)))
-
-    async def push() -> None:
-        sent.append(("frontend", "update_workers", {}))
-
-    store = StateStore("flip", root=tmp_path)
-    store.dir.mkdir(parents=True, exist_ok=True)
-    topology = load_topology(ROOT / "topologies/hgx-h100x8.yaml")
-    scaler = Scaler(fleet, topology, recipe, None, store,  # type: ignore[arg-type]
-                    Security.from_keys(None), Deadlines(heartbeat_interval_s=0.05, stop_s=3.0), DecisionLog(),
-                    send=send, push_workers=push, budget={"max_restarts": 3, "window_s": 600.0})
+    scaler, sent, _ = recording_scaler(fleet, tmp_path, recipe, heartbeat_interval_s=0.05, stop_s=3.0)
     return fleet, scaler, sent

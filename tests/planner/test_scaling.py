@@ -13,14 +13,12 @@ from pathlib import Path
 
 from dyn.config.loader import load_topology, parse_recipe
 from dyn.control.keys import DeploymentKeys
-from dyn.control.sockets import Security
 from dyn.planner.adoption import worker_slots
-from dyn.planner.decisions import DecisionLog
-from dyn.planner.health import Deadlines, ProcessSlot
+from dyn.planner.health import ProcessSlot
 from dyn.planner.policy import ScalingAction
-from dyn.planner.scaling import Scaler
-from dyn.planner.state import ProcessRecord, Snapshot, StateStore
+from dyn.planner.state import ProcessRecord, Snapshot
 from dyn.topology.placement import place
+from scaler_fakes import recording_scaler
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = parse_recipe("""name: s
@@ -72,20 +70,7 @@ def _slot(wid: str, role: str, node: str, gpu: int, state: str = "ready", pid: i
 
 
 def _scaler(fleet: FakeFleet, tmp_path: Path, keys: DeploymentKeys | None = None, **deadlines):
-    sent: list[tuple[str, str, dict]] = []
-
-    async def send(pid: str, command) -> None:
-        sent.append((pid, command.action, dict(command.args)))
-
-    async def push() -> None:
-        sent.append(("frontend", "update_workers", {}))
-
-    store = StateStore("s", root=tmp_path)
-    store.dir.mkdir(parents=True, exist_ok=True)
-    scaler = Scaler(fleet, load_topology(ROOT / "topologies/hgx-h100x8.yaml"), RECIPE, keys, store,  # type: ignore[arg-type]
-                    Security.from_keys(None), Deadlines(**deadlines), DecisionLog(), send=send, push_workers=push,
-                    budget={"max_restarts": 3, "window_s": 600.0})
-    return scaler, sent, store
+    return recording_scaler(fleet, tmp_path, RECIPE, keys, **deadlines)
 
 
 def test_new_worker_pairs_in_its_partners_domain_with_a_fresh_id(tmp_path):
