@@ -1,9 +1,17 @@
 #!/usr/bin/env python
-"""Shuttle bandwidth per transport against a single-process memcpy of the same size.
+"""Shuttle bandwidth per transport against a single-process memcpy of the same size, in one run.
 
 The sender runs in a child process (a real prefill worker's position) and
 offers a pre-faulted pool; this process pulls into a pre-faulted destination
 pool, as a decode worker would. Each cell is the median of --repeats pulls.
+End to end = rx.pull() from its call (the offer in hand) until the last block
+has landed in the destination and been verified. shm runs once per integrity
+mode: "shm" (the ring slot's generation fence) and "shm+xxh3" (content
+checksums on both sides, the mode before the fence).
+
+Two processes each make one copy (source -> ring, ring -> destination), on the
+two cores at once; the 2-thread memcpy column is the figure to hold that
+against, the 1-thread one is the issue's target.
 
     .venv/bin/python scripts/bench_shuttle.py [--sizes-mib 1 16 64 256] [--block-kib 512]
 """
@@ -18,6 +26,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -26,6 +35,9 @@ from dyn.config.recipe import ShuttleSpec
 from dyn.shuttle import OfferDescriptor, ReceiverConfig, SenderConfig, ShuttleReceiver, ShuttleSender
 from dyn.shuttle.blocks import copy_checksum
 from dyn.shuttle.ring import ShmRing, sweep_stale_segments
+from dyn.shuttle.wire import CHECKSUM, GENERATION
+
+SHM_COLUMNS = {GENERATION: "shm", CHECKSUM: "shm+xxh3"}
 
 
 def main() -> None:
@@ -38,6 +50,8 @@ def main() -> None:
     parser.add_argument("--inflight-mib", type=int, default=ShuttleSpec().max_inflight_mib,
                         help="recipe shuttle.max_inflight_mib: the sender's shm ring and the receiver's credit "
                              "(default: the recipe default)")
+    parser.add_argument("--shm-integrity", nargs="+", default=[GENERATION, CHECKSUM], choices=list(SHM_COLUMNS),
+                        help="shm integrity modes to measure, a column each")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -49,9 +63,13 @@ def main() -> None:
     if args.serve:
         asyncio.run(_serve(block_bytes, max(args.sizes_mib), transports, args.chunk_mib, args.inflight_mib))
         return
-    rows = asyncio.run(_measure(block_bytes, args.sizes_mib, transports, args.repeats, args.chunk_mib,
+    load_before = os.getloadavg()
+    columns = [(SHM_COLUMNS[mode] if t == "shm" else t, t, mode if t == "shm" else CHECKSUM)
+               for t in sorted(transports, key=lambda t: t == "nixl")  # nixl last: its threads poll
+               for mode in (args.shm_integrity if t == "shm" else [CHECKSUM])]
+    rows = asyncio.run(_measure(block_bytes, args.sizes_mib, transports, columns, args.repeats, args.chunk_mib,
                                 args.inflight_mib))
-    _print_table(rows, transports, args)
+    _print_table(rows, [label for label, _, _ in columns], args, load_before)
 
 
 def _usable_transports() -> list[str]:
@@ -86,7 +104,7 @@ async def _serve(block_bytes: int, max_mib: int, transports: list[str], chunk_mi
             print(json.dumps(offer.descriptor.to_dict()), flush=True)
 
 
-async def _measure(block_bytes: int, sizes_mib: list[int], transports: list[str],
+async def _measure(block_bytes: int, sizes_mib: list[int], transports: list[str], columns: list[tuple[str, str, str]],
                    repeats: int, chunk_mib: int | None, inflight_mib: int) -> list[dict[str, float]]:
     chunk = ["--chunk-mib", str(chunk_mib)] if chunk_mib is not None else []
     chunk += ["--inflight-mib", str(inflight_mib)]
@@ -95,12 +113,16 @@ async def _measure(block_bytes: int, sizes_mib: list[int], transports: list[str]
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         dest = np.ones(((max(sizes_mib) << 20) // block_bytes, block_bytes), dtype=np.uint8)
-        rows = [dict(zip(("memcpy", "memcpy/cpu"), _memcpy(mib << 20, repeats)), mib=mib,
-                     floor=_copy_checksum_floor(mib << 20, block_bytes, repeats)) for mib in sizes_mib]
-        receiver_config = ReceiverConfig.from_spec(ShuttleSpec(max_inflight_mib=inflight_mib))
-        async with ShuttleReceiver(config=receiver_config) as rx:
-            # Transport by transport, nixl last: its progress threads poll and would slow the others.
-            for transport in sorted(transports, key=lambda t: t == "nixl"):
+        rows = []
+        for mib in sizes_mib:
+            wall, cpu = _memcpy(mib << 20, repeats)
+            rows.append({"mib": mib, "memcpy": wall, "memcpy/cpu": cpu, "memcpy2": _memcpy_2_threads(mib << 20, repeats),
+                         "floor": _ring_floor(mib << 20, block_bytes, repeats, checksum=False),
+                         "floor+xxh3": _ring_floor(mib << 20, block_bytes, repeats, checksum=True)})
+        for label, transport, integrity in columns:
+            config = dataclasses.replace(ReceiverConfig.from_spec(ShuttleSpec(max_inflight_mib=inflight_mib)),
+                                         shm_integrity=integrity if transport == "shm" else GENERATION)
+            async with ShuttleReceiver(config=config) as rx:
                 rx.prepare([transport])
                 for row in rows:
                     num_blocks = (row["mib"] << 20) // block_bytes
@@ -111,13 +133,13 @@ async def _measure(block_bytes: int, sizes_mib: list[int], transports: list[str]
                         child.stdin.flush()
                         desc = OfferDescriptor.from_dict(json.loads(child.stdout.readline()))
                         views = [memoryview(d) for d in dest[:num_blocks]]
-                        cpu_start = time.process_time()
+                        cpu_start, start = time.process_time(), time.perf_counter()
                         stats = await rx.pull(desc, list(range(num_blocks)), views, 60, transport=transport)
-                        cpu_s = time.process_time() - cpu_start
-                        samples.append(stats.gbps)
+                        wall_s, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+                        samples.append(stats.num_bytes / wall_s / 1e9)
                         cpu_samples.append(stats.num_bytes / cpu_s / 1e9 if cpu_s > 0 else float("inf"))
-                    row[transport] = statistics.median(samples[1:])
-                    row[f"{transport}/cpu"] = statistics.median(cpu_samples[1:])
+                    row[label] = statistics.median(samples[1:])
+                    row[f"{label}/cpu"] = statistics.median(cpu_samples[1:])
         return rows
     finally:
         try:
@@ -142,20 +164,39 @@ def _memcpy(num_bytes: int, repeats: int) -> tuple[float, float]:
     return statistics.median(samples[1:]), statistics.median(cpu_samples[1:])
 
 
-def _copy_checksum_floor(num_bytes: int, block_bytes: int, repeats: int) -> float:
-    """GB per CPU second of the receiver's own work alone: copy_checksum of every block out of a
-    /dev/shm ring into private memory, in a loop with no messages (what shm could reach if its
-    control path cost nothing)."""
+def _memcpy_2_threads(num_bytes: int, repeats: int) -> float:
+    """Wall GB/s of the same copy split in two halves on two threads (numpy drops the GIL)."""
+    src = np.random.default_rng(1).integers(0, 256, num_bytes, dtype=np.uint8)
+    dst = np.ones(num_bytes, dtype=np.uint8)
+    half = num_bytes // 2
+    samples = []
+    for _ in range(repeats + 1):
+        other = threading.Thread(target=np.copyto, args=(dst[half:], src[half:]))
+        start = time.perf_counter()
+        other.start()
+        np.copyto(dst[:half], src[:half])
+        other.join()
+        samples.append(num_bytes / (time.perf_counter() - start) / 1e9)
+    return statistics.median(samples[1:])
+
+
+def _ring_floor(num_bytes: int, block_bytes: int, repeats: int, *, checksum: bool) -> float:
+    """GB per CPU second of the receiver's own work alone: every block copied (copy_checksum'd
+    with `checksum`) out of a /dev/shm ring into private memory, in a loop with no messages
+    (what shm could reach if its control path cost nothing)."""
     ring = ShmRing(num_bytes, 1)
     try:
-        ring.array[:] = np.random.default_rng(2).integers(0, 256, num_bytes, dtype=np.uint8)
+        ring.slot_array(0)[:] = np.random.default_rng(2).integers(0, 256, num_bytes, dtype=np.uint8)
         src = ring.slot_array(0).reshape(-1, block_bytes)
         dst = np.ones_like(src)
         cpu_samples = []
         for _ in range(repeats + 1):
             cpu_start = time.process_time()
             for i in range(len(src)):
-                copy_checksum(dst[i], src[i])
+                if checksum:
+                    copy_checksum(dst[i], src[i])
+                else:
+                    np.copyto(dst[i], src[i])
             cpu_s = time.process_time() - cpu_start
             cpu_samples.append(num_bytes / cpu_s / 1e9 if cpu_s > 0 else float("inf"))
         return statistics.median(cpu_samples[1:])
@@ -163,29 +204,30 @@ def _copy_checksum_floor(num_bytes: int, block_bytes: int, repeats: int) -> floa
         ring.close()
 
 
-def _print_table(rows: list[dict[str, float]], transports: list[str], args: argparse.Namespace) -> None:
-    print(f"shuttle bandwidth, GB/s (1e9 B/s), median of {args.repeats}; block {args.block_kib} KiB; "
-          f"max_inflight_mib {args.inflight_mib}; sender in a child process")
-    header = f"{'size':>8} {'memcpy':>8}" + "".join(f" {t:>9} {'%memcpy':>8}" for t in transports)
-    print(header)
+def _print_table(rows: list[dict[str, float]], labels: list[str], args: argparse.Namespace,
+                 load_before: tuple[float, float, float]) -> None:
+    print(f"shuttle end to end (pull called -> last block landed and verified), GB/s (1e9 B/s), median of "
+          f"{args.repeats}; block {args.block_kib} KiB; max_inflight_mib {args.inflight_mib}; sender in a child "
+          f"process; %memcpy = of the 1-thread memcpy")
+    print(f"{'size':>8} {'memcpy':>8} {'memcpy2t':>9}" + "".join(f" {t:>9} {'%memcpy':>8}" for t in labels))
     for row in rows:
-        line = f"{row['mib']:>5} MiB {row['memcpy']:>8.2f}"
-        for t in transports:
+        line = f"{row['mib']:>5} MiB {row['memcpy']:>8.2f} {row['memcpy2']:>9.2f}"
+        for t in labels:
             line += f" {row[t]:>9.2f} {100 * row[t] / row['memcpy']:>7.0f}%"
         print(line)
     print("receiver process alone: ms of its CPU per GB received, all threads (the cost of one side "
           "when it is not starved of cores; nixl includes its polling progress thread); "
-          "%memcpy = memcpy's CPU ms/GB over the receiver's; floor = the receiver's copy_checksum of the "
-          "same blocks from a shm ring in a plain loop, no messages")
-    print(f"{'size':>8} {'memcpy':>8} {'floor':>9} {'%memcpy':>8}"
-          + "".join(f" {t:>9} {'%memcpy':>8}" for t in transports))
+          "%memcpy = memcpy's CPU ms/GB over the receiver's; floor = the receiver's copy (floor+x: "
+          "copy_checksum) of the same blocks from a shm ring in a plain loop, no messages")
+    print(f"{'size':>8} {'memcpy':>8} {'floor':>9} {'%memcpy':>8} {'floor+x':>9} {'%memcpy':>8}"
+          + "".join(f" {t:>9} {'%memcpy':>8}" for t in labels))
     for row in rows:
-        line = (f"{row['mib']:>5} MiB {1000 / row['memcpy/cpu']:>8.1f} {1000 / row['floor']:>9.1f}"
-                f" {100 * row['floor'] / row['memcpy/cpu']:>7.0f}%")
-        for t in transports:
-            line += f" {1000 / row[t + '/cpu']:>9.1f} {100 * row[t + '/cpu'] / row['memcpy/cpu']:>7.0f}%"
+        line = f"{row['mib']:>5} MiB {1000 / row['memcpy/cpu']:>8.1f}"
+        for key in ("floor", "floor+xxh3", *(t + "/cpu" for t in labels)):
+            line += f" {1000 / row[key]:>9.1f} {100 * row[key] / row['memcpy/cpu']:>7.0f}%"
         print(line)
-    print(f"load average (1, 5, 15 min): {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
+    load = " ".join(f"{x:.1f}" for x in load_before)
+    print(f"load average (1, 5, 15 min): {load} before, {' '.join(f'{x:.1f}' for x in os.getloadavg())} after, "
           f"on {os.cpu_count()} CPUs")
 
 

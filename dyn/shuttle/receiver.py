@@ -9,9 +9,10 @@
         backend.commit_import(req.request_id, first_token)
 
 Every block is checked before and after it lands: its index must be the next
-one asked for, its hash the one the offer promised, its payload checksum
-(computed on the destination after the copy) the one the sender computed.
-Any mismatch, a Reject, a stall or the deadline ends the pull with a
+one asked for, its hash the one the offer promised, and its payload either
+checksummed (computed on the destination after the copy, against the sender's)
+or, on shm, copied out of a ring slot whose generation did not change across
+the copy (dyn.shuttle.ring; ReceiverConfig.shm_integrity). Any mismatch, a Reject, a stall or the deadline ends the pull with a
 TransferError; the destination views are then partly written and must be
 released with cancel_import. Each pull has a socket to itself, so a broken
 transfer never touches another request's; a socket whose transfer ended
@@ -40,7 +41,8 @@ from dyn.shuttle.errors import TransferError
 from dyn.shuttle.hosts import local_host_id
 from dyn.shuttle.transports import make_receiver
 from dyn.shuttle.transports.base import RecvTransport
-from dyn.shuttle.wire import CODEC, MAX_CONTROL_BYTES, Blocks, Credit, Done, End, OfferDescriptor, Pull, Reject
+from dyn.shuttle.wire import (CODEC, GENERATION, INTEGRITY_MODES, MAX_CONTROL_BYTES, Blocks, Credit, Done, End,
+                              OfferDescriptor, Pull, Reject)
 
 
 DEFAULT_CONCURRENT_PULLS = 8
@@ -76,6 +78,13 @@ class ReceiverConfig:
     """A pull that hears nothing from the sender for this long fails."""
     max_concurrent_pulls: int = DEFAULT_CONCURRENT_PULLS
     """With credit_bytes, bounds this side's receive memory."""
+    shm_integrity: str = GENERATION
+    """How shm payloads are verified when the sender serves it: "generation" (the ring slot's
+    fence, no work per byte) or "xxh3_64" (hash every block on both sides, as tcp does)."""
+
+    def __post_init__(self) -> None:
+        if self.shm_integrity not in INTEGRITY_MODES:
+            raise ValueError(f"shm_integrity {self.shm_integrity!r} is not one of {list(INTEGRITY_MODES)}")
 
     @classmethod
     def from_spec(cls, spec: ShuttleSpec) -> "ReceiverConfig":
@@ -148,15 +157,27 @@ class ShuttleReceiver:
         if name not in offer.transports:
             raise TransferError(f"transport {name!r} not offered (sender serves {offer.transports})",
                                 reason="rejected", request_id=rid, peer=offer.address)
+        integrity = self._integrity(offer, name)
         deadline = time.monotonic() + timeout_s
         async with self._slots:
             started = time.perf_counter()
-            await self._run(offer, missing_idx, dest_views, name, deadline)
+            await self._run(offer, missing_idx, dest_views, name, integrity, deadline)
             seconds = time.perf_counter() - started
         return TransferStats(len(missing_idx) * offer.block_bytes, seconds, name, len(missing_idx))
 
+    def _integrity(self, offer: OfferDescriptor, transport: str) -> str:
+        """This transfer's integrity mode: the configured one on shm when the sender serves it."""
+        if transport != "shm":
+            return CHECKSUM
+        for mode in (self.config.shm_integrity, CHECKSUM):
+            if mode in offer.shm_integrity:
+                return mode
+        raise TransferError(f"the sender serves shm with integrity {offer.shm_integrity}, none of "
+                            f"{list(INTEGRITY_MODES)}", reason="rejected", request_id=offer.request_id,
+                            peer=offer.address)
+
     async def _run(self, offer: OfferDescriptor, missing_idx: list[int], dest_views: Sequence[object],
-                   name: str, deadline: float) -> None:
+                   name: str, integrity: str, deadline: float) -> None:
         rid = offer.request_id
         mover = self._transport(name)
         block_bytes = offer.block_bytes
@@ -170,7 +191,8 @@ class ShuttleReceiver:
         try:
             await sock.send(CODEC.encode(Pull(offer_id=offer.offer_id, transfer_id=transfer_id,
                                               missing_idx=missing_idx, transport=name,
-                                              credit_bytes=credit, host_id=self.host_id)))
+                                              credit_bytes=credit, host_id=self.host_id,
+                                              integrity=integrity)))
             pos = 0
             seq = 0
             while True:
@@ -197,7 +219,7 @@ class ShuttleReceiver:
                 if not isinstance(msg, Blocks):
                     raise TransferError(f"unexpected {type(msg).__name__}", reason="protocol",
                                         request_id=rid, peer=offer.address)
-                n = _check_chunk(msg, seq, pos, missing_idx, offer)
+                n = _check_chunk(msg, seq, pos, missing_idx, offer, integrity)
                 await mover.deliver(msg, frames[1:], dest_views[pos:pos + n], block_bytes, rid)
                 pos += n
                 seq += 1
@@ -269,6 +291,10 @@ class ShuttleReceiver:
         if offer.checksum != CHECKSUM:
             raise TransferError(f"offer uses checksum {offer.checksum!r}; this worker speaks {CHECKSUM!r}",
                                 reason="rejected", request_id=rid, peer=offer.address)
+        if not offer.shm_integrity:
+            raise TransferError("offer declares no shm integrity modes: its sender runs an older dyn "
+                                "(run one version on every worker)", reason="rejected", request_id=rid,
+                                peer=offer.address)
         if len(missing_idx) != len(dest_views):
             raise TransferError(f"{len(missing_idx)} missing indices but {len(dest_views)} destination views",
                                 reason="bad_view", request_id=rid)
@@ -290,13 +316,20 @@ class ShuttleReceiver:
                                     reason="hash_mismatch", request_id=rid)
 
 
-def _check_chunk(msg: Blocks, seq: int, pos: int, missing_idx: list[int], offer: OfferDescriptor) -> int:
+def _check_chunk(msg: Blocks, seq: int, pos: int, missing_idx: list[int], offer: OfferDescriptor,
+                 integrity: str) -> int:
     """Validate a chunk's header against what was asked for; return its block count."""
     rid = offer.request_id
     n = len(msg.block_idx)
-    if msg.seq != seq or n == 0 or len(msg.block_hashes) != n or len(msg.checksums) != n:
+    if msg.seq != seq or n == 0 or len(msg.block_hashes) != n:
         raise TransferError(f"malformed chunk (seq {msg.seq}, expected {seq})", reason="protocol",
                             request_id=rid, peer=offer.address)
+    fenced = integrity == GENERATION
+    if (len(msg.checksums) != (0 if fenced else n)) or (msg.generation >= 0) != fenced \
+            or (fenced and msg.generation % 2):
+        raise TransferError(f"chunk {msg.seq} does not carry what integrity {integrity!r} needs "
+                            f"({len(msg.checksums)} checksums, generation {msg.generation})",
+                            reason="protocol", request_id=rid, peer=offer.address)
     if pos + n > len(missing_idx):
         raise TransferError(f"sender sent more than the {len(missing_idx)} blocks asked for",
                             reason="protocol", request_id=rid, peer=offer.address)

@@ -30,11 +30,15 @@ from dyn.errors import ProtocolError
 from dyn.shuttle.blocks import CHECKSUM, check_views
 from dyn.shuttle.errors import TransferError
 from dyn.shuttle.hosts import local_host_id
+from dyn.shuttle.ring import FENCE_SOUND
 from dyn.shuttle.transports import make_senders
 from dyn.shuttle.transports.base import SendJob, SendTransport
-from dyn.shuttle.wire import CODEC, MAX_CONTROL_BYTES, Credit, Done, End, OfferDescriptor, Pull, Reject
+from dyn.shuttle.wire import CODEC, GENERATION, MAX_CONTROL_BYTES, Credit, Done, End, OfferDescriptor, Pull, Reject
 
 log = logging.getLogger(__name__)
+
+SHM_INTEGRITY = (GENERATION, CHECKSUM) if FENCE_SOUND else (CHECKSUM,)
+"""Integrity modes served on shm, best first (dyn.shuttle.ring: where the slot fence is sound)."""
 
 ReleaseCallback = Callable[[str, bool], None]
 """(request_id, delivered): unpin the export (Backend.release_export)."""
@@ -162,6 +166,7 @@ class ShuttleSender:
                                block_hashes=list(block_hashes), block_bytes=self.block_bytes,
                                address=self.address, host_id=self.host_id,
                                transports=list(self._transports), checksum=CHECKSUM,
+                               shm_integrity=list(SHM_INTEGRITY),
                                node=self.config.node, gpus=list(self.config.gpus))
         loop = asyncio.get_running_loop()
         offer = Offer(desc, list(block_views), loop.create_future())
@@ -235,7 +240,7 @@ class ShuttleSender:
                       block_views=offer.block_views, block_bytes=self.block_bytes,
                       chunk_bytes=min(self.config.chunk_bytes, pull.credit_bytes),
                       window_bytes=pull.credit_bytes,
-                      stall_timeout_s=self.config.stall_timeout_s,
+                      stall_timeout_s=self.config.stall_timeout_s, integrity=pull.integrity,
                       send=lambda parts, ident=identity: self._send(ident, parts))
         job.grant(pull.credit_bytes)
         job.done = asyncio.get_running_loop().create_future()
@@ -256,6 +261,10 @@ class ShuttleSender:
         if pull.transport in ("shm", "cuda_ipc") and pull.host_id != self.host_id:
             raise ProtocolError(f"{pull.transport} needs one host; receiver is on {pull.host_id!r}, "
                                 f"sender on {self.host_id!r}")
+        served = SHM_INTEGRITY if pull.transport == "shm" else (CHECKSUM,)
+        if pull.integrity not in served:
+            raise ProtocolError(f"integrity {pull.integrity!r} is not served on {pull.transport} "
+                                f"(this sender serves {list(served)})")
         if pull.credit_bytes < self.block_bytes:
             raise ProtocolError(f"credit_bytes={pull.credit_bytes} is below one block ({self.block_bytes})")
         num = len(offer.descriptor.block_hashes)

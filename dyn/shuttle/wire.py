@@ -4,8 +4,8 @@ One transfer on one DEALER(receiver) <-> ROUTER(sender) connection:
 
     receiver                                  sender
     Pull(offer_id, missing_idx, transport,
-         credit_bytes)                 --->
-                                       <---   Blocks(seq, idx, hashes, checksums, ...)
+         credit_bytes, integrity)      --->
+                                       <---   Blocks(seq, idx, hashes, checksums | generation)
                                               [+ payload frames on tcp; a ring slot on shm]
     Credit(bytes, slot)                --->   (frees in-flight budget / the ring slot)
                                        <---   End(num_blocks)      or Reject(reason)
@@ -13,6 +13,15 @@ One transfer on one DEALER(receiver) <-> ROUTER(sender) connection:
 
 The OfferDescriptor travels separately, inside the request plane's
 GenerateRequest.kv_source, as a plain dict (to_dict / from_dict).
+
+Integrity is explicit: the offer lists the modes its sender serves on shm
+(`shm_integrity`), the Pull names the one this transfer uses, and each Blocks
+carries what that mode needs. "xxh3_64": a content checksum per block,
+recomputed where the block landed (tcp and nixl always: those bytes cross a
+wire). "generation": shm only; the slot's generation fence (dyn.shuttle.ring)
+proves the slot was not rewritten while the receiver copied it. A peer of
+another dyn version fails clearly: an old receiver refuses the new offer
+field, a new receiver refuses an offer that declares no shm integrity.
 """
 
 from __future__ import annotations
@@ -25,6 +34,10 @@ import msgpack
 from dyn import PROTOCOL_VERSION
 from dyn.control.codec import Codec, Message
 from dyn.errors import ProtocolError
+from dyn.shuttle.blocks import CHECKSUM
+
+GENERATION = "generation"
+INTEGRITY_MODES = (GENERATION, CHECKSUM)
 
 MAX_CONTROL_BYTES = 16 * 1024 * 1024
 """A control frame lists at most a few hundred thousand blocks; payloads are separate frames."""
@@ -46,7 +59,11 @@ class OfferDescriptor(Message):
     """Identifies the sender's host: shm and cuda_ipc need the receiver on the same one."""
     transports: list[str] = field(default_factory=list)
     """Transports this sender can serve."""
-    checksum: str = "xxh3_64"
+    checksum: str = CHECKSUM
+    """Content checksum of payloads that cross a wire (tcp, nixl), and of shm on request."""
+    shm_integrity: list[str] = field(default_factory=list)
+    """Integrity modes this sender serves on shm, best first; empty from a sender that predates
+    them (the receiver then refuses the offer rather than guess)."""
     node: str = ""
     """Topology node of the sending worker ("": unknown; the receiver then picks by host id)."""
     gpus: list[int] = field(default_factory=list)
@@ -82,6 +99,8 @@ class Pull(Message):
     credit_bytes: int
     """Payload bytes the sender may have in flight before the next Credit."""
     host_id: str
+    integrity: str = CHECKSUM
+    """How this transfer's payloads are verified (INTEGRITY_MODES; "generation" only on shm)."""
 
 
 @dataclass(slots=True)
@@ -94,12 +113,15 @@ class Blocks(Message):
     block_idx: list[int]
     block_hashes: list[int]
     checksums: list[int]
+    """One per block in "xxh3_64" mode; empty in "generation" mode."""
     segment: str = ""
     """shm: the ring's /dev/shm name."""
     slot: int = -1
     """shm: ring slot holding the payloads back to back; -1 on tcp."""
     offset: int = 0
     """shm: byte offset of the slot in the segment."""
+    generation: int = -1
+    """shm "generation" mode: the slot's (even) generation once the sender had written it."""
     handles: list[Any] = field(default_factory=list)
     """cuda_ipc / nixl: transport-specific source locations, one per block."""
     metadata: bytes = b""

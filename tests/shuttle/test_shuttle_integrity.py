@@ -1,4 +1,4 @@
-"""Integrity: a wrong hash or a corrupted payload fails that one hand-off, cleanly."""
+"""Integrity: a wrong hash, a corrupted payload or a rewritten shm slot fails that one hand-off, cleanly."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from dyn.shuttle import ReceiverConfig, ShuttleReceiver, ShuttleSender, TransferError
+from dyn.shuttle.ring import FENCE_SOUND
 from dyn.shuttle.wire import Blocks
+
+fence_only = pytest.mark.skipif(not FENCE_SOUND, reason="the shm slot fence is served on x86-64 only")
 
 BLOCK_BYTES = 4096
 NUM_BLOCKS = 24
@@ -53,17 +56,27 @@ def _flip_payload(tx: ShuttleSender, parts: list[object]) -> None:
         parts[2] = bad
 
 
-@pytest.mark.parametrize("transport", ["shm", "tcp"])
-@pytest.mark.parametrize("edit,reason,bad_block", [(_wrong_hash, "hash_mismatch", 8),
-                                                   (_flip_payload, "checksum_mismatch", 9)])
-def test_corruption_fails_only_the_victim(transport: str, edit, reason: str, bad_block: int) -> None:
+def _sender_dies_mid_write(tx: ShuttleSender, parts: list[object]) -> None:
+    """The slot is taken for another write that never ends, as a sender killed mid-copy leaves it."""
+    tx._transports["shm"].ring.begin_write(parts[0].slot)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("transport,shm_integrity,edit,reason,bad_block", [
+    ("tcp", "xxh3_64", _wrong_hash, "hash_mismatch", 8),
+    ("tcp", "xxh3_64", _flip_payload, "checksum_mismatch", 9),
+    ("shm", "generation", _wrong_hash, "hash_mismatch", 8),
+    ("shm", "xxh3_64", _flip_payload, "checksum_mismatch", 9),
+    pytest.param("shm", "generation", _sender_dies_mid_write, "slot_reused", 8, marks=fence_only),
+])
+def test_corruption_fails_only_the_victim(transport: str, shm_integrity: str, edit, reason: str,
+                                          bad_block: int) -> None:
     victim_hashes, victim_data = _blocks(1)
     other_hashes, other_data = _blocks(2)
     released: dict[str, bool] = {}
 
     async def run():
         # credit of 4 blocks -> 4 blocks per chunk: the third victim chunk carries blocks 8..11.
-        rx_config = ReceiverConfig(credit_bytes=4 * BLOCK_BYTES)
+        rx_config = ReceiverConfig(credit_bytes=4 * BLOCK_BYTES, shm_integrity=shm_integrity)
         async with ShuttleSender(BLOCK_BYTES, on_release=released.__setitem__) as tx, \
                 ShuttleReceiver(config=rx_config) as rx:
             _tamper(tx, "victim", edit)
@@ -87,6 +100,55 @@ def test_corruption_fails_only_the_victim(transport: str, edit, reason: str, bad
     assert released == {"victim": False, "other": True} and num_pinned == 0
 
 
+@fence_only
+def test_a_shm_slot_rewritten_while_the_receiver_copies_it_fails_that_pull(monkeypatch) -> None:
+    """The sender gave up on a transfer and reused its slot while the receiver was still copying
+    out of it: the slot's generation changed across the copy, so the pull fails, and the sender's
+    next transfer through the same slot goes through."""
+    from dyn.shuttle.transports import shm
+
+    hashes, data = _blocks(6)
+    real_write = shm.write_block
+    rewrites: list[int] = []
+
+    async def run():
+        async with ShuttleSender(BLOCK_BYTES) as tx, \
+                ShuttleReceiver(config=ReceiverConfig(credit_bytes=4 * BLOCK_BYTES)) as rx:
+            ring = tx._transports["shm"].ring  # type: ignore[attr-defined]
+
+            sent_slots: list[int] = []
+            real_send = tx._send
+
+            async def send(identity: bytes, parts: list[object]) -> None:
+                if isinstance(parts[0], Blocks):
+                    sent_slots.append(parts[0].slot)
+                await real_send(identity, parts)
+            tx._send = send  # type: ignore[method-assign]
+
+            def write_block(view, payload):  # the receiver's copy of one block
+                real_write(view, payload)
+                if not rewrites:  # another transfer's bytes land in the slot mid-copy
+                    ring.begin_write(sent_slots[0])
+                    ring.slot_array(sent_slots[0])[:] = 0xEE
+                    rewrites.append(ring.end_write(sent_slots[0]))
+
+            monkeypatch.setattr(shm, "write_block", write_block)
+            offer = tx.offer("r", hashes, list(map(memoryview, data)))
+            dest = np.zeros_like(data)
+            with pytest.raises(TransferError) as info:
+                await rx.pull(offer.descriptor, list(range(NUM_BLOCKS)), list(map(memoryview, dest)), 5,
+                              transport="shm")
+            again = tx.offer("r2", hashes, list(map(memoryview, data)))
+            stats = await rx.pull(again.descriptor, list(range(NUM_BLOCKS)), list(map(memoryview, dest)), 5,
+                                  transport="shm")
+            return info.value, await offer.delivered, stats, dest
+
+    err, delivered, stats, dest = asyncio.run(run())
+    assert err.reason == "slot_reused" and "rewritten during the copy" in str(err) and err.block_idx == 0
+    assert delivered is False and len(rewrites) == 1
+    assert stats.num_blocks == NUM_BLOCKS and np.array_equal(dest, data)
+
+
 def test_offer_whose_hashes_differ_from_the_prompt_is_refused_before_any_copy() -> None:
     hashes, data = _blocks(3)
 
@@ -104,6 +166,35 @@ def test_offer_whose_hashes_differ_from_the_prompt_is_refused_before_any_copy() 
     err, dest = asyncio.run(run())
     assert err.reason == "hash_mismatch" and err.block_idx == 5
     assert not dest.any()
+
+
+def test_integrity_is_agreed_explicitly_and_a_version_mismatch_fails_clearly() -> None:
+    """An offer from a sender that predates integrity modes is refused up front (no silent guess);
+    a Pull asking for a mode the sender does not serve on that transport is rejected by name."""
+    from dyn.shuttle import OfferDescriptor
+
+    hashes, data = _blocks(7)
+
+    async def run():
+        async with ShuttleSender(BLOCK_BYTES) as tx, ShuttleReceiver() as rx:
+            offer = tx.offer("r", hashes, list(map(memoryview, data)))
+            old = offer.descriptor.to_dict()
+            del old["shm_integrity"]
+            dest = [memoryview(bytearray(BLOCK_BYTES))]
+            errors = []
+            with pytest.raises(TransferError) as info:
+                await rx.pull(OfferDescriptor.from_dict(old), [0], dest, 5)
+            errors.append(info.value)
+            rx._integrity = lambda offer, transport: "generation"  # type: ignore[method-assign]
+            with pytest.raises(TransferError) as info:
+                await rx.pull(offer.descriptor, [0], dest, 5, transport="tcp")
+            errors.append(info.value)
+            return errors, offer.descriptor.shm_integrity
+
+    (old_sender, bad_mode), served = asyncio.run(run())
+    assert old_sender.reason == "rejected" and "older dyn" in str(old_sender)
+    assert bad_mode.reason == "rejected" and "integrity 'generation' is not served on tcp" in str(bad_mode)
+    assert served == (["generation", "xxh3_64"] if FENCE_SOUND else ["xxh3_64"])
 
 
 def test_a_stream_that_ends_early_is_partial_not_success(monkeypatch) -> None:
@@ -135,7 +226,8 @@ def test_an_unreachable_sender_times_out_quickly() -> None:
     from dyn.shuttle import OfferDescriptor
 
     desc = OfferDescriptor(request_id="r", offer_id="x", block_hashes=[1], block_bytes=BLOCK_BYTES,
-                           address="tcp://127.0.0.1:9", host_id="elsewhere", transports=["tcp"])
+                           address="tcp://127.0.0.1:9", host_id="elsewhere", transports=["tcp"],
+                           shm_integrity=["xxh3_64"])
 
     async def run():
         async with ShuttleReceiver(config=ReceiverConfig(stall_timeout_s=0.2)) as rx:

@@ -25,7 +25,7 @@ def test_slots_are_bounded_and_waiters_get_freed_slots() -> None:
             ring.free(a)
             got = await waiter
             ring.slot_array(b)[:] = 7
-            view = ShmAttachments().region(ring.name, b * 4096, 4096)
+            view = ShmAttachments().region(ring.name, ring.slot_offset(b), 4096)
             return {a, b}, got, a, bytes(view[:3]), ring.path
         finally:
             ring.close()
@@ -41,8 +41,30 @@ def test_attachments_refuse_foreign_names_and_out_of_range_regions() -> None:
     try:
         with pytest.raises(ValueError, match="not a dyn shuttle ring"):
             maps.region("../etc/passwd", 0, 1)
-        with pytest.raises(ValueError, match=r"region \[8000, 9000\) outside segment"):
-            maps.region(ring.name, 8000, 1000)
+        end = ring.slot_offset(2)
+        with pytest.raises(ValueError, match=rf"region \[{end - 10}, {end + 990}\) outside segment"):
+            maps.region(ring.name, end - 10, 1000)
+    finally:
+        ring.close()
+
+
+def test_a_fenced_slot_is_read_live_and_only_at_a_slot_start() -> None:
+    """The receiver sees the sender's generation change without remapping, and a chunk that names
+    an offset other than its slot's start (or more bytes than a slot) is refused."""
+    ring = ShmRing(4096, 3)
+    maps = ShmAttachments()
+    try:
+        ring.begin_write(1)
+        ring.slot_array(1)[:] = 5
+        generation = ring.end_write(1)
+        region, gens = maps.fenced_slot(ring.name, 1, ring.slot_offset(1), 4096)
+        assert generation == 2 and int(gens[1]) == 2 and region[0] == 5
+        ring.begin_write(1)
+        assert int(gens[1]) == 3  # odd: mid-write
+        for slot, offset, size in ((1, ring.slot_offset(1) + 8, 8), (3, ring.slot_offset(2) + 4096, 8),
+                                   (1, ring.slot_offset(1), 4097)):
+            with pytest.raises(ValueError, match="is not a slot of"):
+                maps.fenced_slot(ring.name, slot, offset, size)
     finally:
         ring.close()
 

@@ -4,8 +4,10 @@ The sender core (dyn.shuttle.sender) owns sockets, offers and credit
 accounting; a transport only decides how payload bytes get from the source
 views to the receiver: frames on the socket (tcp), a shared ring (shm), IPC
 handles (cuda_ipc), RDMA/UCX (nixl). The receiver core checks order and
-hashes before a transport touches a destination view, and every transport
-checks payload checksums after writing.
+hashes before a transport touches a destination view, and that each chunk
+carries what the transfer's integrity mode needs; every transport then
+verifies it: payload checksums after writing, or shm's slot generation
+around the copy.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dyn.shuttle.blocks import CHECKSUM
 from dyn.shuttle.errors import TransferError
 from dyn.shuttle.wire import Blocks
 
@@ -36,6 +39,8 @@ class SendJob:
     stall_timeout_s: float
     send: Callable[[list[Any]], Awaitable[None]]
     """Sends [Blocks message, *payload frames] to this receiver."""
+    integrity: str = CHECKSUM
+    """The receiver's Pull.integrity: what each Blocks message must carry."""
     credit: int = 0
     window_bytes: int = 0
     """The receiver's whole credit window (Pull.credit_bytes): no chunk may be larger."""
@@ -104,7 +109,7 @@ class RecvTransport(ABC):
     async def deliver(self, msg: Blocks, frames: Sequence[Any], dest_views: Sequence[object],
                 block_bytes: int, request_id: str) -> None:
         """Write the payloads of `msg` into `dest_views` (one per block, in order) and
-        verify each against msg.checksums; TransferError on any mismatch."""
+        verify them (msg.checksums, or shm's msg.generation); TransferError on any mismatch."""
 
     def prepare(self) -> None:
         """Pay start-up costs (a NIXL agent) before the first pull instead of during it."""

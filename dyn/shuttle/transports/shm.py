@@ -4,6 +4,14 @@ One copy each side: source view -> ring slot (sender), ring slot ->
 destination view (receiver). The receiver's Credit names the slot it has
 finished with, which frees it; the ring's size bounds the sender's memory
 and a full ring is the backpressure.
+
+Integrity ("generation" mode, the default): the slot's generation fence is
+checked before and after the receiver's copy, so a plain copy is all the
+work per byte. The bytes never leave the host's memory, so the only failures
+to catch are a slot rewritten under the receiver (the sender gave up on the
+transfer and reused it) and a sender that died mid-write; the fence catches
+both. "xxh3_64" mode (on request, and where the fence is not sound) hashes
+each block on both sides as tcp does.
 """
 
 from __future__ import annotations
@@ -11,11 +19,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from dyn.shuttle.blocks import copy_checksum, read_block, write_verified
+import numpy as np
+
+from dyn.shuttle.blocks import copy_checksum, read_block, write_block, write_verified
 from dyn.shuttle.errors import TransferError
-from dyn.shuttle.ring import ShmAttachments, ShmRing
+from dyn.shuttle.ring import ShmAttachments, ShmRing, fence
 from dyn.shuttle.transports.base import RecvTransport, SendJob, SendTransport
-from dyn.shuttle.wire import Blocks
+from dyn.shuttle.wire import GENERATION, Blocks
 
 
 MIN_SLOTS = 16
@@ -64,13 +74,20 @@ class ShmSender(SendTransport):
                                     reason="timeout", request_id=job.request_id) from None
             job.held_slots.add(slot)
             dest = ring.slot_array(slot)
+            fenced = job.integrity == GENERATION
             sums = []
+            ring.begin_write(slot)
             for k, i in enumerate(chunk):
                 region = dest[k * job.block_bytes:(k + 1) * job.block_bytes]
-                sums.append(copy_checksum(region, read_block(job.block_views[i])))
+                if fenced:
+                    np.copyto(region, read_block(job.block_views[i]), casting="no")
+                else:
+                    sums.append(copy_checksum(region, read_block(job.block_views[i])))
+            generation = ring.end_write(slot)
             msg = Blocks(transfer_id=job.transfer_id, seq=seq, block_idx=chunk,
                          block_hashes=[job.block_hashes[i] for i in chunk], checksums=sums,
-                         segment=ring.name, slot=slot, offset=slot * ring.slot_bytes)
+                         segment=ring.name, slot=slot, offset=ring.slot_offset(slot),
+                         generation=generation if fenced else -1)
             await job.send([msg])
 
     def on_credit(self, job: SendJob, slot: int) -> None:
@@ -100,14 +117,35 @@ class ShmReceiver(RecvTransport):
         if frames or msg.slot < 0:
             raise TransferError(f"shm chunk {msg.seq} without a ring slot", reason="protocol",
                                 request_id=request_id)
+        num_bytes = len(msg.block_idx) * block_bytes
         try:
-            region = self._maps.region(msg.segment, msg.offset, len(msg.block_idx) * block_bytes)
+            if msg.generation >= 0:
+                region, generations = self._maps.fenced_slot(msg.segment, msg.slot, msg.offset, num_bytes)
+            else:
+                region, generations = self._maps.region(msg.segment, msg.offset, num_bytes), None
         except (OSError, ValueError) as exc:
             raise TransferError(f"cannot read shm ring {msg.segment!r}: {exc}", reason="protocol",
                                 request_id=request_id) from None
-        for k, (view, idx, expected) in enumerate(zip(dest_views, msg.block_idx, msg.checksums)):
-            payload = region[k * block_bytes:(k + 1) * block_bytes]
-            write_verified(view, payload, expected, block_idx=idx, request_id=request_id)
+        if generations is None:
+            for k, (view, idx, expected) in enumerate(zip(dest_views, msg.block_idx, msg.checksums)):
+                payload = region[k * block_bytes:(k + 1) * block_bytes]
+                write_verified(view, payload, expected, block_idx=idx, request_id=request_id)
+            return
+        self._check_generation(msg, generations, "before", request_id)
+        fence()
+        for k, view in enumerate(dest_views):
+            write_block(view, region[k * block_bytes:(k + 1) * block_bytes])
+        fence()
+        self._check_generation(msg, generations, "during", request_id)
+
+    @staticmethod
+    def _check_generation(msg: Blocks, generations: np.ndarray, when: str, request_id: str) -> None:
+        now = int(generations[msg.slot])
+        if now != msg.generation:
+            state = "left mid-write (the sender died or is rewriting it)" if now % 2 else "rewritten"
+            raise TransferError(f"ring slot {msg.slot} {state} {when} the copy: generation {now}, "
+                                f"chunk promised {msg.generation}", reason="slot_reused",
+                                request_id=request_id, block_idx=msg.block_idx[0])
 
     def close(self) -> None:
         self._maps.close()
