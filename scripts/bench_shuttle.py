@@ -5,13 +5,12 @@ The sender runs in a child process (a real prefill worker's position) and
 offers a pre-faulted pool; this process pulls into a pre-faulted destination
 pool, as a decode worker would. Each cell is the median of --repeats pulls.
 End to end = rx.pull() from its call (the offer in hand) until the last block
-has landed in the destination and been verified. shm runs once per integrity
-mode: "shm" (the ring slot's generation fence) and "shm+xxh3" (content
-checksums on both sides, the mode before the fence).
-
-Two processes each make one copy (source -> ring, ring -> destination), on the
-two cores at once; the 2-thread memcpy column is the figure to hold that
-against, the 1-thread one is the issue's target.
+has landed in the destination and been verified. shm runs once per mode
+(dyn.shuttle.wire): "shm" is "direct" (the receiver reads the sender's blocks
+with process_vm_readv: one copy, on the receiver's core), "shm:ring" the
+fenced ring (a copy in each process, on both cores at once: hold it against
+the 2-thread memcpy too), "shm:ring+xxh3" the ring with checksums (the mode
+before this change).
 
     .venv/bin/python scripts/bench_shuttle.py [--sizes-mib 1 16 64 256] [--block-kib 512]
 """
@@ -35,9 +34,9 @@ from dyn.config.recipe import ShuttleSpec
 from dyn.shuttle import OfferDescriptor, ReceiverConfig, SenderConfig, ShuttleReceiver, ShuttleSender
 from dyn.shuttle.blocks import copy_checksum
 from dyn.shuttle.ring import ShmRing, sweep_stale_segments
-from dyn.shuttle.wire import CHECKSUM, GENERATION
+from dyn.shuttle.wire import SHM_DIRECT, SHM_MODES, SHM_RING, SHM_RING_XXH3
 
-SHM_COLUMNS = {GENERATION: "shm", CHECKSUM: "shm+xxh3"}
+SHM_COLUMNS = {SHM_DIRECT: "shm", SHM_RING: "shm:ring", SHM_RING_XXH3: "shm:ring+xxh3"}
 
 
 def main() -> None:
@@ -50,8 +49,8 @@ def main() -> None:
     parser.add_argument("--inflight-mib", type=int, default=ShuttleSpec().max_inflight_mib,
                         help="recipe shuttle.max_inflight_mib: the sender's shm ring and the receiver's credit "
                              "(default: the recipe default)")
-    parser.add_argument("--shm-integrity", nargs="+", default=[GENERATION, CHECKSUM], choices=list(SHM_COLUMNS),
-                        help="shm integrity modes to measure, a column each")
+    parser.add_argument("--shm-modes", nargs="+", default=list(SHM_MODES), choices=list(SHM_MODES),
+                        help="shm modes to measure, a column each")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -64,9 +63,9 @@ def main() -> None:
         asyncio.run(_serve(block_bytes, max(args.sizes_mib), transports, args.chunk_mib, args.inflight_mib))
         return
     load_before = os.getloadavg()
-    columns = [(SHM_COLUMNS[mode] if t == "shm" else t, t, mode if t == "shm" else CHECKSUM)
+    columns = [(SHM_COLUMNS[mode] if t == "shm" else t, t, mode)
                for t in sorted(transports, key=lambda t: t == "nixl")  # nixl last: its threads poll
-               for mode in (args.shm_integrity if t == "shm" else [CHECKSUM])]
+               for mode in (args.shm_modes if t == "shm" else [SHM_DIRECT])]
     rows = asyncio.run(_measure(block_bytes, args.sizes_mib, transports, columns, args.repeats, args.chunk_mib,
                                 args.inflight_mib))
     _print_table(rows, [label for label, _, _ in columns], args, load_before)
@@ -104,7 +103,8 @@ async def _serve(block_bytes: int, max_mib: int, transports: list[str], chunk_mi
             print(json.dumps(offer.descriptor.to_dict()), flush=True)
 
 
-async def _measure(block_bytes: int, sizes_mib: list[int], transports: list[str], columns: list[tuple[str, str, str]],
+async def _measure(block_bytes: int, sizes_mib: list[int], transports: list[str],
+                   columns: list[tuple[str, str, str]],
                    repeats: int, chunk_mib: int | None, inflight_mib: int) -> list[dict[str, float]]:
     chunk = ["--chunk-mib", str(chunk_mib)] if chunk_mib is not None else []
     chunk += ["--inflight-mib", str(inflight_mib)]
@@ -116,30 +116,39 @@ async def _measure(block_bytes: int, sizes_mib: list[int], transports: list[str]
         rows = []
         for mib in sizes_mib:
             wall, cpu = _memcpy(mib << 20, repeats)
-            rows.append({"mib": mib, "memcpy": wall, "memcpy/cpu": cpu, "memcpy2": _memcpy_2_threads(mib << 20, repeats),
+            rows.append({"mib": mib, "memcpy": wall, "memcpy/cpu": cpu,
+                         "memcpy2": _memcpy_2_threads(mib << 20, repeats),
                          "floor": _ring_floor(mib << 20, block_bytes, repeats, checksum=False),
                          "floor+xxh3": _ring_floor(mib << 20, block_bytes, repeats, checksum=True)})
-        for label, transport, integrity in columns:
+        for label, transport, shm_mode in columns:
             config = dataclasses.replace(ReceiverConfig.from_spec(ShuttleSpec(max_inflight_mib=inflight_mib)),
-                                         shm_integrity=integrity if transport == "shm" else GENERATION)
+                                         shm_mode=shm_mode)
             async with ShuttleReceiver(config=config) as rx:
                 rx.prepare([transport])
                 for row in rows:
                     num_blocks = (row["mib"] << 20) // block_bytes
                     samples, cpu_samples = [], []
-                    for _ in range(repeats + 1):  # the first pull warms sockets and mappings
+                    sender_ns, received = 0, 0
+                    for i in range(repeats + 1):  # the first pull warms sockets and mappings
                         assert child.stdin is not None and child.stdout is not None
                         child.stdin.write(f"{num_blocks}\n")
                         child.stdin.flush()
                         desc = OfferDescriptor.from_dict(json.loads(child.stdout.readline()))
                         views = [memoryview(d) for d in dest[:num_blocks]]
+                        sender_start = _process_cpu_ns(child.pid)
                         cpu_start, start = time.process_time(), time.perf_counter()
                         stats = await rx.pull(desc, list(range(num_blocks)), views, 60, transport=transport)
                         wall_s, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+                        if i:
+                            sender_ns += _process_cpu_ns(child.pid) - sender_start
+                            received += stats.num_bytes
+                        if transport == "shm" and stats.shm_mode != shm_mode:
+                            raise SystemExit(f"asked for shm mode {shm_mode}, got {stats.shm_mode}")
                         samples.append(stats.num_bytes / wall_s / 1e9)
                         cpu_samples.append(stats.num_bytes / cpu_s / 1e9 if cpu_s > 0 else float("inf"))
                     row[label] = statistics.median(samples[1:])
                     row[f"{label}/cpu"] = statistics.median(cpu_samples[1:])
+                    row[f"{label}/sender"] = sender_ns / received  # ns per byte = s per GB
         return rows
     finally:
         try:
@@ -162,6 +171,18 @@ def _memcpy(num_bytes: int, repeats: int) -> tuple[float, float]:
         samples.append(num_bytes / wall_s / 1e9)
         cpu_samples.append(num_bytes / cpu_s / 1e9 if cpu_s > 0 else float("inf"))
     return statistics.median(samples[1:]), statistics.median(cpu_samples[1:])
+
+
+def _process_cpu_ns(pid: int) -> int:
+    """CPU time of every thread of `pid` so far, in ns (schedstat: finer than /proc/pid/stat's ticks)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
 
 
 def _memcpy_2_threads(num_bytes: int, repeats: int) -> float:
@@ -226,6 +247,11 @@ def _print_table(rows: list[dict[str, float]], labels: list[str], args: argparse
         for key in ("floor", "floor+xxh3", *(t + "/cpu" for t in labels)):
             line += f" {1000 / row[key]:>9.1f} {100 * row[key] / row['memcpy/cpu']:>7.0f}%"
         print(line)
+    print("sender process (child): ms of its CPU per GB sent, all threads, over the same pulls "
+          "(not its offer, made before each pull)")
+    print(f"{'size':>8}" + "".join(f" {t:>9}" for t in labels))
+    for row in rows:
+        print(f"{row['mib']:>5} MiB" + "".join(f" {1000 * row[t + '/sender']:>9.1f}" for t in labels))
     load = " ".join(f"{x:.1f}" for x in load_before)
     print(f"load average (1, 5, 15 min): {load} before, {' '.join(f'{x:.1f}' for x in os.getloadavg())} after, "
           f"on {os.cpu_count()} CPUs")

@@ -4,9 +4,10 @@ A block view (dyn.engine.backend) is a `memoryview` over host memory or a
 1-D uint8 torch tensor. Host transports move bytes through numpy, which
 shares memory with both; CUDA tensors are staged through host memory.
 
-The block *hash* names KV content by its tokens, not its bytes, so each
-payload also carries a checksum: xxh3_64 runs at ~18 GB/s here against
-~2.5 GB/s for zlib.crc32, which keeps integrity checks off the critical path.
+The block *hash* names KV content by its tokens, not its bytes, so a payload
+that crosses a wire (tcp, nixl, shm's "ring+xxh3_64" mode) also carries a
+checksum: xxh3_64 runs at ~18 GB/s here against ~2.5 GB/s for zlib.crc32.
+shm's fenced modes need none (dyn.shuttle.wire).
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@
 Every block is checked before and after it lands: its index must be the next
 one asked for, its hash the one the offer promised, and its payload either
 checksummed (computed on the destination after the copy, against the sender's)
-or, on shm, copied out of a ring slot whose generation did not change across
-the copy (dyn.shuttle.ring; ReceiverConfig.shm_integrity). Any mismatch, a Reject, a stall or the deadline ends the pull with a
+or, on shm, read under a generation fence that did not change across the copy
+(dyn.shuttle.wire: shm modes; ReceiverConfig.shm_mode). Any mismatch, a
+Reject, a stall or the deadline ends the pull with a
 TransferError; the destination views are then partly written and must be
 released with cancel_import. Each pull has a socket to itself, so a broken
 transfer never touches another request's; a socket whose transfer ended
@@ -41,7 +42,8 @@ from dyn.shuttle.errors import TransferError
 from dyn.shuttle.hosts import local_host_id
 from dyn.shuttle.transports import make_receiver
 from dyn.shuttle.transports.base import RecvTransport
-from dyn.shuttle.wire import (CODEC, GENERATION, INTEGRITY_MODES, MAX_CONTROL_BYTES, Blocks, Credit, Done, End,
+from dyn.shuttle import cma
+from dyn.shuttle.wire import (CODEC, MAX_CONTROL_BYTES, SHM_DIRECT, SHM_MODES, SHM_RING, Blocks, Credit, Done, End,
                               OfferDescriptor, Pull, Reject)
 
 
@@ -63,6 +65,8 @@ class TransferStats(NamedTuple):
     seconds: float
     transport: str
     num_blocks: int
+    shm_mode: str = ""
+    """shm: the mode the transfer used (dyn.shuttle.wire.SHM_MODES)."""
 
     @property
     def gbps(self) -> float:
@@ -78,13 +82,14 @@ class ReceiverConfig:
     """A pull that hears nothing from the sender for this long fails."""
     max_concurrent_pulls: int = DEFAULT_CONCURRENT_PULLS
     """With credit_bytes, bounds this side's receive memory."""
-    shm_integrity: str = GENERATION
-    """How shm payloads are verified when the sender serves it: "generation" (the ring slot's
-    fence, no work per byte) or "xxh3_64" (hash every block on both sides, as tcp does)."""
+    shm_mode: str = SHM_DIRECT
+    """The best shm mode to use (dyn.shuttle.wire.SHM_MODES): "direct" (one copy, read from the
+    sender's memory), "ring" (through its ring, fenced) or "ring+xxh3_64" (through the ring,
+    checksummed as tcp is); a pull uses this one or the next one down that both sides can do."""
 
     def __post_init__(self) -> None:
-        if self.shm_integrity not in INTEGRITY_MODES:
-            raise ValueError(f"shm_integrity {self.shm_integrity!r} is not one of {list(INTEGRITY_MODES)}")
+        if self.shm_mode not in SHM_MODES:
+            raise ValueError(f"shm_mode {self.shm_mode!r} is not one of {list(SHM_MODES)}")
 
     @classmethod
     def from_spec(cls, spec: ShuttleSpec) -> "ReceiverConfig":
@@ -105,6 +110,8 @@ class ShuttleReceiver:
         self._ctx = ctx or zmq.asyncio.Context()
         self._slots = asyncio.Semaphore(config.max_concurrent_pulls)
         self._transports: dict[str, RecvTransport] = {}
+        self._can_read_direct: bool | None = None
+        """Whether this process may use process_vm_readv (probed on the first shm pull)."""
         self._idle: dict[tuple[str, int], list[_Conn]] = {}
         """Sockets of cleanly finished pulls, per (sender address, message size limit)."""
 
@@ -157,27 +164,30 @@ class ShuttleReceiver:
         if name not in offer.transports:
             raise TransferError(f"transport {name!r} not offered (sender serves {offer.transports})",
                                 reason="rejected", request_id=rid, peer=offer.address)
-        integrity = self._integrity(offer, name)
+        shm_mode = self._shm_mode(offer, dest_views) if name == "shm" else ""
         deadline = time.monotonic() + timeout_s
         async with self._slots:
             started = time.perf_counter()
-            await self._run(offer, missing_idx, dest_views, name, integrity, deadline)
+            await self._run(offer, missing_idx, dest_views, name, shm_mode, deadline)
             seconds = time.perf_counter() - started
-        return TransferStats(len(missing_idx) * offer.block_bytes, seconds, name, len(missing_idx))
+        return TransferStats(len(missing_idx) * offer.block_bytes, seconds, name, len(missing_idx), shm_mode)
 
-    def _integrity(self, offer: OfferDescriptor, transport: str) -> str:
-        """This transfer's integrity mode: the configured one on shm when the sender serves it."""
-        if transport != "shm":
-            return CHECKSUM
-        for mode in (self.config.shm_integrity, CHECKSUM):
-            if mode in offer.shm_integrity:
+    def _shm_mode(self, offer: OfferDescriptor, dest_views: Sequence[object]) -> str:
+        """The configured shm mode, or the next one down, that the sender serves and this side can do."""
+        for mode in SHM_MODES[SHM_MODES.index(self.config.shm_mode):]:
+            if mode == SHM_DIRECT:
+                if self._can_read_direct is None:
+                    self._can_read_direct = cma.receiver_can()
+                if not self._can_read_direct or any(map(is_cuda, dest_views)):
+                    continue
+            if mode in offer.shm_modes:
                 return mode
-        raise TransferError(f"the sender serves shm with integrity {offer.shm_integrity}, none of "
-                            f"{list(INTEGRITY_MODES)}", reason="rejected", request_id=offer.request_id,
-                            peer=offer.address)
+        raise TransferError(f"the sender serves shm modes {offer.shm_modes}; this receiver uses "
+                            f"{list(SHM_MODES[SHM_MODES.index(self.config.shm_mode):])}", reason="rejected",
+                            request_id=offer.request_id, peer=offer.address)
 
     async def _run(self, offer: OfferDescriptor, missing_idx: list[int], dest_views: Sequence[object],
-                   name: str, integrity: str, deadline: float) -> None:
+                   name: str, shm_mode: str, deadline: float) -> None:
         rid = offer.request_id
         mover = self._transport(name)
         block_bytes = offer.block_bytes
@@ -192,7 +202,7 @@ class ShuttleReceiver:
             await sock.send(CODEC.encode(Pull(offer_id=offer.offer_id, transfer_id=transfer_id,
                                               missing_idx=missing_idx, transport=name,
                                               credit_bytes=credit, host_id=self.host_id,
-                                              integrity=integrity)))
+                                              shm_mode=shm_mode)))
             pos = 0
             seq = 0
             while True:
@@ -219,12 +229,13 @@ class ShuttleReceiver:
                 if not isinstance(msg, Blocks):
                     raise TransferError(f"unexpected {type(msg).__name__}", reason="protocol",
                                         request_id=rid, peer=offer.address)
-                n = _check_chunk(msg, seq, pos, missing_idx, offer, integrity)
+                n = _check_chunk(msg, seq, pos, missing_idx, offer, shm_mode)
                 await mover.deliver(msg, frames[1:], dest_views[pos:pos + n], block_bytes, rid)
                 pos += n
                 seq += 1
-                await sock.send(CODEC.encode(Credit(transfer_id=transfer_id, num_bytes=n * block_bytes,
-                                                    slot=msg.slot)))
+                if pos < len(missing_idx):  # after the last chunk, End and Done settle everything
+                    await sock.send(CODEC.encode(Credit(transfer_id=transfer_id, num_bytes=n * block_bytes,
+                                                        slot=msg.slot)))
         except TransferError as exc:
             reason = exc.reason
             raise
@@ -291,8 +302,8 @@ class ShuttleReceiver:
         if offer.checksum != CHECKSUM:
             raise TransferError(f"offer uses checksum {offer.checksum!r}; this worker speaks {CHECKSUM!r}",
                                 reason="rejected", request_id=rid, peer=offer.address)
-        if not offer.shm_integrity:
-            raise TransferError("offer declares no shm integrity modes: its sender runs an older dyn "
+        if not offer.shm_modes:
+            raise TransferError("offer declares no shm modes: its sender runs an older dyn "
                                 "(run one version on every worker)", reason="rejected", request_id=rid,
                                 peer=offer.address)
         if len(missing_idx) != len(dest_views):
@@ -317,19 +328,19 @@ class ShuttleReceiver:
 
 
 def _check_chunk(msg: Blocks, seq: int, pos: int, missing_idx: list[int], offer: OfferDescriptor,
-                 integrity: str) -> int:
+                 shm_mode: str) -> int:
     """Validate a chunk's header against what was asked for; return its block count."""
     rid = offer.request_id
     n = len(msg.block_idx)
     if msg.seq != seq or n == 0 or len(msg.block_hashes) != n:
         raise TransferError(f"malformed chunk (seq {msg.seq}, expected {seq})", reason="protocol",
                             request_id=rid, peer=offer.address)
-    fenced = integrity == GENERATION
+    fenced = shm_mode in (SHM_DIRECT, SHM_RING)
     if (len(msg.checksums) != (0 if fenced else n)) or (msg.generation >= 0) != fenced \
-            or (fenced and msg.generation % 2):
-        raise TransferError(f"chunk {msg.seq} does not carry what integrity {integrity!r} needs "
-                            f"({len(msg.checksums)} checksums, generation {msg.generation})",
-                            reason="protocol", request_id=rid, peer=offer.address)
+            or (fenced and msg.generation % 2) or (shm_mode == SHM_DIRECT and len(msg.handles) != n):
+        raise TransferError(f"chunk {msg.seq} does not carry what {shm_mode or offer.checksum!r} needs "
+                            f"({len(msg.checksums)} checksums, generation {msg.generation}, "
+                            f"{len(msg.handles)} handles)", reason="protocol", request_id=rid, peer=offer.address)
     if pos + n > len(missing_idx):
         raise TransferError(f"sender sent more than the {len(missing_idx)} blocks asked for",
                             reason="protocol", request_id=rid, peer=offer.address)

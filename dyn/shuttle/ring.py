@@ -202,6 +202,14 @@ class ShmAttachments:
         self._headers.clear()
 
 
+def segment_pid(name: str) -> int:
+    """The pid of the process that created segment `name`; ValueError for a foreign name."""
+    match = _NAME.match(name)
+    if match is None:
+        raise ValueError(f"segment name {name!r} is not a dyn shuttle ring")
+    return int(match.group(1))
+
+
 def sweep_stale_segments(shm_dir: str = SHM_DIR) -> list[str]:
     """Unlink rings whose owning process is gone (a killed sender cannot clean up)."""
     removed = []

@@ -27,18 +27,18 @@ import zmq.asyncio
 from dyn.config.recipe import ShuttleSpec
 from dyn.control.sockets import BadMessages, Security, receive_routed, server_socket
 from dyn.errors import ProtocolError
-from dyn.shuttle.blocks import CHECKSUM, check_views
+from dyn.shuttle import cma
+from dyn.shuttle.blocks import CHECKSUM, check_views, is_cuda
 from dyn.shuttle.errors import TransferError
 from dyn.shuttle.hosts import local_host_id
 from dyn.shuttle.ring import FENCE_SOUND
 from dyn.shuttle.transports import make_senders
 from dyn.shuttle.transports.base import SendJob, SendTransport
-from dyn.shuttle.wire import CODEC, GENERATION, MAX_CONTROL_BYTES, Credit, Done, End, OfferDescriptor, Pull, Reject
+from dyn.shuttle.wire import (CODEC, MAX_CONTROL_BYTES, SHM_DIRECT, SHM_RING, SHM_RING_XXH3, Credit, Done, End,
+                              OfferDescriptor, Pull, Reject)
 
 log = logging.getLogger(__name__)
 
-SHM_INTEGRITY = (GENERATION, CHECKSUM) if FENCE_SOUND else (CHECKSUM,)
-"""Integrity modes served on shm, best first (dyn.shuttle.ring: where the slot fence is sound)."""
 
 ReleaseCallback = Callable[[str, bool], None]
 """(request_id, delivered): unpin the export (Backend.release_export)."""
@@ -103,6 +103,14 @@ class SenderStats:
     failures: dict[str, int] = field(default_factory=dict)
 
 
+def fenced_shm_modes() -> tuple[str, ...]:
+    """The fenced shm modes this host allows, best first (dyn.shuttle.ring: where the generation
+    fence is sound; dyn.shuttle.cma: whether a same-user process may read this one's memory)."""
+    if not FENCE_SOUND:
+        return ()
+    return ((SHM_DIRECT,) if cma.sender_allows() else ()) + (SHM_RING,)
+
+
 class ShuttleSender:
     """Serves offers over one ROUTER socket; use as `async with ShuttleSender(...)`."""
 
@@ -121,6 +129,7 @@ class ShuttleSender:
         self._on_release = on_release
         self._transports: dict[str, SendTransport] = make_senders(config.transports, block_bytes, config)
         self._offers: dict[str, Offer] = {}
+        self._fenced_modes = fenced_shm_modes()
         self._jobs: dict[str, _Running] = {}
         self._bad = BadMessages("shuttle sender")
         self._sock: zmq.asyncio.Socket | None = None
@@ -141,6 +150,11 @@ class ShuttleSender:
         for transport in self._transports.values():
             transport.prepare()
         self._loop_task = asyncio.create_task(self._serve_forever(), name="shuttle-sender")
+
+    def _shm_modes(self, views: Sequence[object]) -> list[str]:
+        """The shm modes an offer of these views is served in, best first ("direct" reads host memory)."""
+        fenced = [m for m in self._fenced_modes if m != SHM_DIRECT or not any(map(is_cuda, views))]
+        return [*fenced, SHM_RING_XXH3]
 
     @property
     def num_pinned(self) -> int:
@@ -166,7 +180,7 @@ class ShuttleSender:
                                block_hashes=list(block_hashes), block_bytes=self.block_bytes,
                                address=self.address, host_id=self.host_id,
                                transports=list(self._transports), checksum=CHECKSUM,
-                               shm_integrity=list(SHM_INTEGRITY),
+                               shm_modes=self._shm_modes(block_views),
                                node=self.config.node, gpus=list(self.config.gpus))
         loop = asyncio.get_running_loop()
         offer = Offer(desc, list(block_views), loop.create_future())
@@ -240,7 +254,7 @@ class ShuttleSender:
                       block_views=offer.block_views, block_bytes=self.block_bytes,
                       chunk_bytes=min(self.config.chunk_bytes, pull.credit_bytes),
                       window_bytes=pull.credit_bytes,
-                      stall_timeout_s=self.config.stall_timeout_s, integrity=pull.integrity,
+                      stall_timeout_s=self.config.stall_timeout_s, shm_mode=pull.shm_mode,
                       send=lambda parts, ident=identity: self._send(ident, parts))
         job.grant(pull.credit_bytes)
         job.done = asyncio.get_running_loop().create_future()
@@ -261,10 +275,10 @@ class ShuttleSender:
         if pull.transport in ("shm", "cuda_ipc") and pull.host_id != self.host_id:
             raise ProtocolError(f"{pull.transport} needs one host; receiver is on {pull.host_id!r}, "
                                 f"sender on {self.host_id!r}")
-        served = SHM_INTEGRITY if pull.transport == "shm" else (CHECKSUM,)
-        if pull.integrity not in served:
-            raise ProtocolError(f"integrity {pull.integrity!r} is not served on {pull.transport} "
-                                f"(this sender serves {list(served)})")
+        served = offer.descriptor.shm_modes if pull.transport == "shm" else [""]
+        if pull.shm_mode not in served:
+            raise ProtocolError(f"shm mode {pull.shm_mode!r} is not served on {pull.transport} for this "
+                                f"offer (serving {served})")
         if pull.credit_bytes < self.block_bytes:
             raise ProtocolError(f"credit_bytes={pull.credit_bytes} is below one block ({self.block_bytes})")
         num = len(offer.descriptor.block_hashes)

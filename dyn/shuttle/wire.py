@@ -4,9 +4,10 @@ One transfer on one DEALER(receiver) <-> ROUTER(sender) connection:
 
     receiver                                  sender
     Pull(offer_id, missing_idx, transport,
-         credit_bytes, integrity)      --->
+         credit_bytes, shm_mode)       --->
                                        <---   Blocks(seq, idx, hashes, checksums | generation)
-                                              [+ payload frames on tcp; a ring slot on shm]
+                                              [+ payload frames on tcp; a ring slot or the
+                                               pinned blocks' addresses on shm]
     Credit(bytes, slot)                --->   (frees in-flight budget / the ring slot)
                                        <---   End(num_blocks)      or Reject(reason)
     Done(ok, reason)                   --->   (the offer is unpinned either way)
@@ -14,14 +15,19 @@ One transfer on one DEALER(receiver) <-> ROUTER(sender) connection:
 The OfferDescriptor travels separately, inside the request plane's
 GenerateRequest.kv_source, as a plain dict (to_dict / from_dict).
 
-Integrity is explicit: the offer lists the modes its sender serves on shm
-(`shm_integrity`), the Pull names the one this transfer uses, and each Blocks
-carries what that mode needs. "xxh3_64": a content checksum per block,
-recomputed where the block landed (tcp and nixl always: those bytes cross a
-wire). "generation": shm only; the slot's generation fence (dyn.shuttle.ring)
-proves the slot was not rewritten while the receiver copied it. A peer of
-another dyn version fails clearly: an old receiver refuses the new offer
-field, a new receiver refuses an offer that declares no shm integrity.
+Integrity is explicit: payloads that cross a wire (tcp, nixl) carry an
+xxh3_64 checksum per block, recomputed where the block landed (the offer's
+`checksum`). On shm the offer lists the modes its sender serves
+(`shm_modes`, best first) and the Pull names the one this transfer uses:
+  "direct"        the receiver reads the pinned blocks with process_vm_readv
+                  (dyn.shuttle.cma), one copy; a per-transfer generation fence
+                  proves the sender did not unpin them during the read;
+  "ring"          through the sender's ring; the slot's generation fence
+                  (dyn.shuttle.ring) proves it was not rewritten during the copy;
+  "ring+xxh3_64"  through the ring, with content checksums as on tcp.
+Each Blocks carries what its mode needs. A peer of another dyn version fails
+clearly: an old receiver refuses the new offer field, a new receiver refuses
+an offer that declares no shm modes.
 """
 
 from __future__ import annotations
@@ -36,8 +42,11 @@ from dyn.control.codec import Codec, Message
 from dyn.errors import ProtocolError
 from dyn.shuttle.blocks import CHECKSUM
 
-GENERATION = "generation"
-INTEGRITY_MODES = (GENERATION, CHECKSUM)
+SHM_DIRECT = "direct"
+SHM_RING = "ring"
+SHM_RING_XXH3 = "ring+xxh3_64"
+SHM_MODES = (SHM_DIRECT, SHM_RING, SHM_RING_XXH3)
+"""Best first; a receiver asks for its configured mode or the next one down the sender serves."""
 
 MAX_CONTROL_BYTES = 16 * 1024 * 1024
 """A control frame lists at most a few hundred thousand blocks; payloads are separate frames."""
@@ -60,9 +69,9 @@ class OfferDescriptor(Message):
     transports: list[str] = field(default_factory=list)
     """Transports this sender can serve."""
     checksum: str = CHECKSUM
-    """Content checksum of payloads that cross a wire (tcp, nixl), and of shm on request."""
-    shm_integrity: list[str] = field(default_factory=list)
-    """Integrity modes this sender serves on shm, best first; empty from a sender that predates
+    """Content checksum of payloads that cross a wire (tcp, nixl), and of shm's "ring+xxh3_64"."""
+    shm_modes: list[str] = field(default_factory=list)
+    """SHM_MODES this sender serves for this offer, best first; empty from a sender that predates
     them (the receiver then refuses the offer rather than guess)."""
     node: str = ""
     """Topology node of the sending worker ("": unknown; the receiver then picks by host id)."""
@@ -99,8 +108,8 @@ class Pull(Message):
     credit_bytes: int
     """Payload bytes the sender may have in flight before the next Credit."""
     host_id: str
-    integrity: str = CHECKSUM
-    """How this transfer's payloads are verified (INTEGRITY_MODES; "generation" only on shm)."""
+    shm_mode: str = ""
+    """shm: how this transfer moves and verifies payloads (SHM_MODES); "" on other transports."""
 
 
 @dataclass(slots=True)
@@ -113,17 +122,18 @@ class Blocks(Message):
     block_idx: list[int]
     block_hashes: list[int]
     checksums: list[int]
-    """One per block in "xxh3_64" mode; empty in "generation" mode."""
+    """One per block, except in shm's fenced modes ("direct", "ring")."""
     segment: str = ""
     """shm: the ring's /dev/shm name."""
     slot: int = -1
-    """shm: ring slot holding the payloads back to back; -1 on tcp."""
+    """shm: ring slot holding the payloads back to back ("direct": the transfer's fence slot in
+    the sender's fence table, named by segment); -1 on tcp."""
     offset: int = 0
     """shm: byte offset of the slot in the segment."""
     generation: int = -1
-    """shm "generation" mode: the slot's (even) generation once the sender had written it."""
+    """shm "ring": the slot's (even) generation once written; "direct": the transfer's fence."""
     handles: list[Any] = field(default_factory=list)
-    """cuda_ipc / nixl: transport-specific source locations, one per block."""
+    """cuda_ipc / nixl / shm "direct": transport-specific source locations, one per block."""
     metadata: bytes = b""
     """cuda_ipc / nixl: what the receiver needs once per transfer (IPC handles, agent metadata)."""
 

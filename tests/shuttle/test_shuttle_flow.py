@@ -11,6 +11,7 @@ import zmq
 import zmq.asyncio
 
 from dyn.shuttle import ReceiverConfig, SenderConfig, ShuttleReceiver, ShuttleSender, TransferError
+from dyn.shuttle.sender import fenced_shm_modes
 from dyn.shuttle.wire import CODEC, Blocks, Credit, Pull
 
 BLOCK_BYTES = 2048
@@ -35,7 +36,7 @@ def test_sender_sends_no_more_than_the_credit_and_gives_up_on_a_silent_receiver(
             sock.connect(tx.address)
             try:
                 await sock.send(CODEC.encode(Pull(offer_id=offer.descriptor.offer_id, transfer_id="t",
-                                                  missing_idx=list(range(16)), transport="shm",
+                                                  missing_idx=list(range(16)), transport="shm", shm_mode="ring",
                                                   credit_bytes=3 * BLOCK_BYTES, host_id=tx.host_id)))
                 chunks = []
                 while await sock.poll(300 if chunks else 5000):
@@ -55,14 +56,17 @@ def test_sender_sends_no_more_than_the_credit_and_gives_up_on_a_silent_receiver(
     assert delivered is False and ring_free and released == [("r", False)]
 
 
-@pytest.mark.parametrize("transport", ["shm", "tcp"])
-def test_many_blocks_through_a_tiny_ring_and_credit(transport: str) -> None:
+@pytest.mark.parametrize("transport,shm_mode", [
+    ("shm", "ring"), ("tcp", ""),
+    pytest.param("shm", "direct", marks=pytest.mark.skipif("direct" not in fenced_shm_modes(),
+                                                            reason="process_vm_readv not allowed here"))])
+def test_many_blocks_through_a_tiny_ring_and_credit(transport: str, shm_mode: str) -> None:
     hashes, data = _data(200, seed=4)
 
     async def run():
         config = SenderConfig(ring_bytes=2 * 3 * BLOCK_BYTES, chunk_bytes=3 * BLOCK_BYTES)
-        async with ShuttleSender(BLOCK_BYTES, config=config) as tx, \
-                ShuttleReceiver(config=ReceiverConfig(credit_bytes=5 * BLOCK_BYTES)) as rx:
+        rx_config = ReceiverConfig(credit_bytes=5 * BLOCK_BYTES, shm_mode=shm_mode or "direct")
+        async with ShuttleSender(BLOCK_BYTES, config=config) as tx, ShuttleReceiver(config=rx_config) as rx:
             offer = tx.offer("r", hashes, list(map(memoryview, data)))
             dest = np.zeros_like(data)
             stats = await rx.pull(offer.descriptor, list(range(200)), list(map(memoryview, dest)), 10,
@@ -71,7 +75,7 @@ def test_many_blocks_through_a_tiny_ring_and_credit(transport: str) -> None:
 
     stats, dest, num_slots = asyncio.run(run())
     assert np.array_equal(dest, data) and stats.num_bytes == 200 * BLOCK_BYTES
-    assert num_slots == 2
+    assert num_slots == 2 and stats.shm_mode == shm_mode
 
 
 def test_unpulled_offer_expires_and_is_then_refused() -> None:
@@ -277,7 +281,7 @@ def test_a_big_ring_sends_whole_bigger_slots_up_to_the_receivers_window() -> Non
             sock.connect(tx.address)
             try:
                 await sock.send(CODEC.encode(Pull(offer_id=offer.descriptor.offer_id, transfer_id="t",
-                                                  missing_idx=list(range(12)), transport="shm",
+                                                  missing_idx=list(range(12)), transport="shm", shm_mode="ring",
                                                   credit_bytes=credit_blocks * BLOCK_BYTES, host_id=tx.host_id)))
                 blocks_per_message: list[int] = []
                 while sum(blocks_per_message) < 12 and await sock.poll(5000):

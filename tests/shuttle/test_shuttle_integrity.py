@@ -10,9 +10,12 @@ import pytest
 
 from dyn.shuttle import ReceiverConfig, ShuttleReceiver, ShuttleSender, TransferError
 from dyn.shuttle.ring import FENCE_SOUND
+from dyn.shuttle.sender import fenced_shm_modes
 from dyn.shuttle.wire import Blocks
 
 fence_only = pytest.mark.skipif(not FENCE_SOUND, reason="the shm slot fence is served on x86-64 only")
+direct_only = pytest.mark.skipif("direct" not in fenced_shm_modes(),
+                                 reason="this host does not allow process_vm_readv (Yama, or not x86-64)")
 
 BLOCK_BYTES = 4096
 NUM_BLOCKS = 24
@@ -61,14 +64,14 @@ def _sender_dies_mid_write(tx: ShuttleSender, parts: list[object]) -> None:
     tx._transports["shm"].ring.begin_write(parts[0].slot)  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("transport,shm_integrity,edit,reason,bad_block", [
-    ("tcp", "xxh3_64", _wrong_hash, "hash_mismatch", 8),
-    ("tcp", "xxh3_64", _flip_payload, "checksum_mismatch", 9),
-    ("shm", "generation", _wrong_hash, "hash_mismatch", 8),
-    ("shm", "xxh3_64", _flip_payload, "checksum_mismatch", 9),
-    pytest.param("shm", "generation", _sender_dies_mid_write, "slot_reused", 8, marks=fence_only),
+@pytest.mark.parametrize("transport,shm_mode,edit,reason,bad_block", [
+    ("tcp", "direct", _wrong_hash, "hash_mismatch", 8),
+    ("tcp", "direct", _flip_payload, "checksum_mismatch", 9),
+    ("shm", "direct", _wrong_hash, "hash_mismatch", 8),
+    ("shm", "ring+xxh3_64", _flip_payload, "checksum_mismatch", 9),
+    pytest.param("shm", "ring", _sender_dies_mid_write, "slot_reused", 8, marks=fence_only),
 ])
-def test_corruption_fails_only_the_victim(transport: str, shm_integrity: str, edit, reason: str,
+def test_corruption_fails_only_the_victim(transport: str, shm_mode: str, edit, reason: str,
                                           bad_block: int) -> None:
     victim_hashes, victim_data = _blocks(1)
     other_hashes, other_data = _blocks(2)
@@ -76,7 +79,7 @@ def test_corruption_fails_only_the_victim(transport: str, shm_integrity: str, ed
 
     async def run():
         # credit of 4 blocks -> 4 blocks per chunk: the third victim chunk carries blocks 8..11.
-        rx_config = ReceiverConfig(credit_bytes=4 * BLOCK_BYTES, shm_integrity=shm_integrity)
+        rx_config = ReceiverConfig(credit_bytes=4 * BLOCK_BYTES, shm_mode=shm_mode)
         async with ShuttleSender(BLOCK_BYTES, on_release=released.__setitem__) as tx, \
                 ShuttleReceiver(config=rx_config) as rx:
             _tamper(tx, "victim", edit)
@@ -113,7 +116,7 @@ def test_a_shm_slot_rewritten_while_the_receiver_copies_it_fails_that_pull(monke
 
     async def run():
         async with ShuttleSender(BLOCK_BYTES) as tx, \
-                ShuttleReceiver(config=ReceiverConfig(credit_bytes=4 * BLOCK_BYTES)) as rx:
+                ShuttleReceiver(config=ReceiverConfig(credit_bytes=4 * BLOCK_BYTES, shm_mode="ring")) as rx:
             ring = tx._transports["shm"].ring  # type: ignore[attr-defined]
 
             sent_slots: list[int] = []
@@ -168,9 +171,65 @@ def test_offer_whose_hashes_differ_from_the_prompt_is_refused_before_any_copy() 
     assert not dest.any()
 
 
+@direct_only
+def test_a_direct_read_that_overlaps_the_senders_release_fails_that_pull(monkeypatch) -> None:
+    """The sender ended the transfer (and so unpinned the blocks, which its engine may reuse) while
+    the receiver was still reading them: the transfer's fence moved across the read."""
+    from dyn.shuttle.transports import shm
+
+    hashes, data = _blocks(8)
+    real_read = shm.cma.read_into
+
+    async def run():
+        async with ShuttleSender(BLOCK_BYTES) as tx, \
+                ShuttleReceiver(config=ReceiverConfig(credit_bytes=4 * BLOCK_BYTES)) as rx:
+            fences = tx._transports["shm"].fences  # type: ignore[attr-defined]
+
+            def read_into(pid, dests, sources):
+                real_read(pid, dests, sources)
+                for running in tx._jobs.values():  # none for the receiver's own probe read
+                    fences.begin_write(running.job.fence_slot)  # the sender's release, before it unpins
+                    fences.end_write(running.job.fence_slot)
+
+            monkeypatch.setattr(shm.cma, "read_into", read_into)
+            offer = tx.offer("r", hashes, list(map(memoryview, data)))
+            dest = np.zeros_like(data)
+            with pytest.raises(TransferError) as info:
+                await rx.pull(offer.descriptor, list(range(NUM_BLOCKS)), list(map(memoryview, dest)), 5,
+                              transport="shm")
+            return info.value, await offer.delivered
+
+    err, delivered = asyncio.run(run())
+    assert err.reason == "slot_reused" and "transfer fence" in str(err) and err.block_idx == 0
+    assert delivered is False
+
+
+@direct_only
+def test_a_direct_reader_refuses_a_pid_that_is_not_the_sender(monkeypatch) -> None:
+    """The first chunk names a token in the sender's memory; a pid that does not hold it (reused,
+    or from another pid namespace) is never read from."""
+    from dyn.shuttle.transports.shm import ShmSender
+
+    hashes, data = _blocks(9)
+    real_identity = ShmSender._identity
+    monkeypatch.setattr(ShmSender, "_identity", lambda self: real_identity(self)[:8] + bytes(16))
+
+    async def run():
+        async with ShuttleSender(BLOCK_BYTES) as tx, ShuttleReceiver() as rx:
+            offer = tx.offer("r", hashes, list(map(memoryview, data)))
+            dest = np.zeros_like(data)
+            with pytest.raises(TransferError) as info:
+                await rx.pull(offer.descriptor, list(range(NUM_BLOCKS)), list(map(memoryview, dest)), 5,
+                              transport="shm")
+            return info.value, dest
+
+    err, dest = asyncio.run(run())
+    assert err.reason == "cma" and "is not the sender" in str(err) and not dest.any()
+
+
 def test_integrity_is_agreed_explicitly_and_a_version_mismatch_fails_clearly() -> None:
-    """An offer from a sender that predates integrity modes is refused up front (no silent guess);
-    a Pull asking for a mode the sender does not serve on that transport is rejected by name."""
+    """An offer from a sender that predates shm modes is refused up front (no silent guess); a
+    Pull asking for a mode the sender does not serve is rejected by name."""
     from dyn.shuttle import OfferDescriptor
 
     hashes, data = _blocks(7)
@@ -179,22 +238,22 @@ def test_integrity_is_agreed_explicitly_and_a_version_mismatch_fails_clearly() -
         async with ShuttleSender(BLOCK_BYTES) as tx, ShuttleReceiver() as rx:
             offer = tx.offer("r", hashes, list(map(memoryview, data)))
             old = offer.descriptor.to_dict()
-            del old["shm_integrity"]
+            del old["shm_modes"]
             dest = [memoryview(bytearray(BLOCK_BYTES))]
             errors = []
             with pytest.raises(TransferError) as info:
                 await rx.pull(OfferDescriptor.from_dict(old), [0], dest, 5)
             errors.append(info.value)
-            rx._integrity = lambda offer, transport: "generation"  # type: ignore[method-assign]
+            rx._shm_mode = lambda offer, views: "bogus"  # type: ignore[method-assign]
             with pytest.raises(TransferError) as info:
-                await rx.pull(offer.descriptor, [0], dest, 5, transport="tcp")
+                await rx.pull(offer.descriptor, [0], dest, 5, transport="shm")
             errors.append(info.value)
-            return errors, offer.descriptor.shm_integrity
+            return errors, offer.descriptor.shm_modes
 
     (old_sender, bad_mode), served = asyncio.run(run())
     assert old_sender.reason == "rejected" and "older dyn" in str(old_sender)
-    assert bad_mode.reason == "rejected" and "integrity 'generation' is not served on tcp" in str(bad_mode)
-    assert served == (["generation", "xxh3_64"] if FENCE_SOUND else ["xxh3_64"])
+    assert bad_mode.reason == "rejected" and "shm mode 'bogus' is not served on shm" in str(bad_mode)
+    assert served == [*fenced_shm_modes(), "ring+xxh3_64"] and served[-1] == "ring+xxh3_64"
 
 
 def test_a_stream_that_ends_early_is_partial_not_success(monkeypatch) -> None:
@@ -227,7 +286,7 @@ def test_an_unreachable_sender_times_out_quickly() -> None:
 
     desc = OfferDescriptor(request_id="r", offer_id="x", block_hashes=[1], block_bytes=BLOCK_BYTES,
                            address="tcp://127.0.0.1:9", host_id="elsewhere", transports=["tcp"],
-                           shm_integrity=["xxh3_64"])
+                           shm_modes=["ring+xxh3_64"])
 
     async def run():
         async with ShuttleReceiver(config=ReceiverConfig(stall_timeout_s=0.2)) as rx:

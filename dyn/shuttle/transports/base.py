@@ -5,7 +5,7 @@ accounting; a transport only decides how payload bytes get from the source
 views to the receiver: frames on the socket (tcp), a shared ring (shm), IPC
 handles (cuda_ipc), RDMA/UCX (nixl). The receiver core checks order and
 hashes before a transport touches a destination view, and that each chunk
-carries what the transfer's integrity mode needs; every transport then
+carries what the transfer's integrity mode needs (dyn.shuttle.wire); every transport then
 verifies it: payload checksums after writing, or shm's slot generation
 around the copy.
 """
@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dyn.shuttle.blocks import CHECKSUM
 from dyn.shuttle.errors import TransferError
 from dyn.shuttle.wire import Blocks
 
@@ -39,12 +38,14 @@ class SendJob:
     stall_timeout_s: float
     send: Callable[[list[Any]], Awaitable[None]]
     """Sends [Blocks message, *payload frames] to this receiver."""
-    integrity: str = CHECKSUM
-    """The receiver's Pull.integrity: what each Blocks message must carry."""
+    shm_mode: str = ""
+    """The receiver's Pull.shm_mode (shm only): how payloads move and what each Blocks carries."""
     credit: int = 0
     window_bytes: int = 0
     """The receiver's whole credit window (Pull.credit_bytes): no chunk may be larger."""
     held_slots: set[int] = field(default_factory=set)
+    fence_slot: int = -1
+    """shm "direct": this transfer's slot in the sender's fence table."""
     credit_changed: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Future[Any] | None = None
     """Resolved with the receiver's Done message."""

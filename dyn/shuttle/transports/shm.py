@@ -1,31 +1,47 @@
-"""shm: same host, through the sender's pre-faulted ring (dyn.shuttle.ring).
+"""shm: same host, through host memory, in one of three modes (dyn.shuttle.wire).
 
-One copy each side: source view -> ring slot (sender), ring slot ->
+"direct" (one copy): the sender names the addresses of the pinned blocks, and
+the receiver copies them straight into its destination views with
+process_vm_readv (dyn.shuttle.cma); the sender does nothing per byte. The
+sender's fence table (a small ring of 8-byte slots, only their generations
+used) holds one generation per running transfer; the sender bumps it when
+the transfer ends, before the offer is unpinned and the blocks can be reused,
+and the receiver checks it is unchanged after each read (and that the
+sender's pid, held by a pidfd, is still the same live process).
+
+"ring" (two copies): source view -> ring slot (sender), ring slot ->
 destination view (receiver). The receiver's Credit names the slot it has
 finished with, which frees it; the ring's size bounds the sender's memory
-and a full ring is the backpressure.
+and a full ring is the backpressure. The slot's generation fence is checked
+before and after the receiver's copy, so a plain copy is all the work per
+byte. The bytes never leave the host's memory, so the failures to catch are
+a slot rewritten under the receiver (the sender gave up on the transfer and
+reused it) and a sender that died mid-write; the fence catches both.
 
-Integrity ("generation" mode, the default): the slot's generation fence is
-checked before and after the receiver's copy, so a plain copy is all the
-work per byte. The bytes never leave the host's memory, so the only failures
-to catch are a slot rewritten under the receiver (the sender gave up on the
-transfer and reused it) and a sender that died mid-write; the fence catches
-both. "xxh3_64" mode (on request, and where the fence is not sound) hashes
-each block on both sides as tcp does.
+"ring+xxh3_64": the ring, with each block hashed on both sides as on tcp
+(on request, and where the fence is not sound).
 """
 
 from __future__ import annotations
 
+import errno
+import secrets
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from dyn.shuttle.blocks import copy_checksum, read_block, write_block, write_verified
+from dyn.shuttle import cma
+from dyn.shuttle.blocks import copy_checksum, host_array, is_cuda, read_block, write_block, write_verified
 from dyn.shuttle.errors import TransferError
-from dyn.shuttle.ring import ShmAttachments, ShmRing, fence
+from dyn.shuttle.ring import ShmAttachments, ShmRing, fence, segment_pid
 from dyn.shuttle.transports.base import RecvTransport, SendJob, SendTransport
-from dyn.shuttle.wire import GENERATION, Blocks
+from dyn.shuttle.wire import SHM_DIRECT, SHM_RING, Blocks
+
+FENCE_SLOTS = 1024
+"""Direct transfers one sender can run at once (one fence generation each)."""
+MAX_SENDERS = 64
+"""Senders a receiver keeps a pidfd to."""
 
 
 MIN_SLOTS = 16
@@ -47,6 +63,18 @@ class ShmSender(SendTransport):
         self.slot_bytes = blocks_per_slot * block_bytes
         self._num_slots = max(2, ring_bytes // self.slot_bytes)
         self._ring: ShmRing | None = None
+        self._fences: ShmRing | None = None
+        self._token = np.frombuffer(secrets.token_bytes(16), dtype=np.uint8).copy()
+        """Random bytes in this process's memory: a direct reader reads them first, to prove the
+        pid it reads from is this process (not another that reuses the pid, or shares the number
+        from another pid namespace)."""
+
+    @property
+    def fences(self) -> ShmRing:
+        """The direct mode's fence table, created on first use."""
+        if self._fences is None:
+            self._fences = ShmRing(8, FENCE_SLOTS)
+        return self._fences
 
     @property
     def ring(self) -> ShmRing:
@@ -60,6 +88,9 @@ class ShmSender(SendTransport):
         later flip to prefill) should not hold `max_inflight_mib` of /dev/shm."""
 
     async def send(self, job: SendJob) -> None:
+        if job.shm_mode == SHM_DIRECT:
+            await self._send_direct(job)
+            return
         ring = self.ring
         # A whole slot per message when the receiver's window allows it (fewer round trips).
         job.chunk_bytes = min(self.slot_bytes, max(job.chunk_bytes, job.window_bytes))
@@ -74,7 +105,7 @@ class ShmSender(SendTransport):
                                     reason="timeout", request_id=job.request_id) from None
             job.held_slots.add(slot)
             dest = ring.slot_array(slot)
-            fenced = job.integrity == GENERATION
+            fenced = job.shm_mode == SHM_RING
             sums = []
             ring.begin_write(slot)
             for k, i in enumerate(chunk):
@@ -90,20 +121,54 @@ class ShmSender(SendTransport):
                          generation=generation if fenced else -1)
             await job.send([msg])
 
+    async def _send_direct(self, job: SendJob) -> None:
+        fences = self.fences
+        try:
+            slot = await fences.allocate(job.stall_timeout_s)
+        except TimeoutError:
+            raise TransferError(f"{fences.num_slots} direct transfers already running for "
+                                f"{job.stall_timeout_s:.1f}s", reason="timeout", request_id=job.request_id) from None
+        job.fence_slot = slot
+        generation = fences.generation(slot)
+        job.chunk_bytes = max(job.chunk_bytes, job.window_bytes)  # nothing to pace: a window per message
+        for seq, chunk in enumerate(job.chunks()):
+            await job.spend(len(chunk) * job.block_bytes)
+            handles = []
+            for i in chunk:
+                if is_cuda(job.block_views[i]):
+                    raise TransferError("direct shm reads host memory; block views are on a GPU",
+                                        reason="bad_view", request_id=job.request_id)
+                handles.append([cma.address_of(host_array(job.block_views[i], writable=False)), job.block_bytes])
+            await job.send([Blocks(transfer_id=job.transfer_id, seq=seq, block_idx=chunk,
+                                   block_hashes=[job.block_hashes[i] for i in chunk], checksums=[],
+                                   segment=fences.name, slot=slot, offset=fences.slot_offset(slot),
+                                   generation=generation, handles=handles,
+                                   metadata=self._identity())])
+
+    def _identity(self) -> bytes:
+        return cma.address_of(self._token).to_bytes(8, "little") + self._token.tobytes()
+
     def on_credit(self, job: SendJob, slot: int) -> None:
         if slot in job.held_slots:
             job.held_slots.discard(slot)
             self.ring.free(slot)
 
     def release(self, job: SendJob) -> None:
+        """Called before the offer is unpinned: a direct reader still at work sees its fence move."""
+        if job.fence_slot >= 0:
+            self.fences.begin_write(job.fence_slot)
+            self.fences.end_write(job.fence_slot)
+            self.fences.free(job.fence_slot)
+            job.fence_slot = -1
         for slot in job.held_slots:
             self.ring.free(slot)
         job.held_slots.clear()
 
     def close(self) -> None:
-        if self._ring is not None:
-            self._ring.close()
-            self._ring = None
+        for ring in (self._ring, self._fences):
+            if ring is not None:
+                ring.close()
+        self._ring = self._fences = None
 
 
 class ShmReceiver(RecvTransport):
@@ -111,12 +176,17 @@ class ShmReceiver(RecvTransport):
 
     def __init__(self) -> None:
         self._maps = ShmAttachments()
+        self._targets: dict[str, tuple[cma.Target, bytes]] = {}
+        """Per sender (fence table segment): the process, held by a pidfd and proven by its token."""
 
     async def deliver(self, msg: Blocks, frames: Sequence[Any], dest_views: Sequence[object],
                 block_bytes: int, request_id: str) -> None:
         if frames or msg.slot < 0:
             raise TransferError(f"shm chunk {msg.seq} without a ring slot", reason="protocol",
                                 request_id=request_id)
+        if msg.handles:
+            self._read_direct(msg, dest_views, block_bytes, request_id)
+            return
         num_bytes = len(msg.block_idx) * block_bytes
         try:
             if msg.generation >= 0:
@@ -142,10 +212,68 @@ class ShmReceiver(RecvTransport):
     def _check_generation(msg: Blocks, generations: np.ndarray, when: str, request_id: str) -> None:
         now = int(generations[msg.slot])
         if now != msg.generation:
-            state = "left mid-write (the sender died or is rewriting it)" if now % 2 else "rewritten"
-            raise TransferError(f"ring slot {msg.slot} {state} {when} the copy: generation {now}, "
-                                f"chunk promised {msg.generation}", reason="slot_reused",
+            if msg.handles:
+                what = f"transfer fence {msg.slot} moved (the sender ended the transfer, unpinning its blocks)"
+            else:
+                state = "left mid-write (the sender died or is rewriting it)" if now % 2 else "rewritten"
+                what = f"ring slot {msg.slot} {state}"
+            raise TransferError(f"{what} {when} the copy: generation {now}, chunk promised {msg.generation}",
+                                reason="slot_reused", request_id=request_id, block_idx=msg.block_idx[0])
+
+    def _read_direct(self, msg: Blocks, dest_views: Sequence[object], block_bytes: int, request_id: str) -> None:
+        try:
+            _, generations = self._maps.fenced_slot(msg.segment, msg.slot, msg.offset, 0)
+            cached = self._targets.get(msg.segment)
+            if cached is not None and cached[1] == msg.metadata and cached[0].alive():
+                target = cached[0]
+            else:
+                target = self._attach(msg, request_id)
+            sources = [(int(address), int(size)) for address, size in msg.handles]
+            dests = [host_array(view, writable=True) for view in dest_views]
+        except (OSError, ValueError, TypeError) as exc:
+            raise TransferError(f"cannot read from the sender of shm segment {msg.segment!r}: {exc}",
+                                reason="protocol", request_id=request_id) from None
+        if any(size != block_bytes for _, size in sources):
+            raise TransferError(f"direct chunk {msg.seq} names sources that are not {block_bytes}-byte blocks",
+                                reason="protocol", request_id=request_id)
+        self._check_generation(msg, generations, "before", request_id)
+        fence()
+        try:
+            cma.read_into(target.pid, dests, sources)
+        except cma.CmaError as exc:
+            raise TransferError(str(exc), reason="sender_gone" if exc.errno == errno.ESRCH else "cma",
+                                request_id=request_id, block_idx=msg.block_idx[0]) from None
+        fence()
+        self._check_generation(msg, generations, "during", request_id)
+        if not target.alive():
+            raise TransferError(f"sender pid {target.pid} exited during the read", reason="sender_gone",
                                 request_id=request_id, block_idx=msg.block_idx[0])
 
+    def _attach(self, msg: Blocks, request_id: str) -> cma.Target:
+        """The sending process, proven by reading the token its chunks name."""
+        if len(msg.metadata) != 24:
+            raise TransferError(f"direct chunk {msg.seq} does not name the sender's token", reason="protocol",
+                                request_id=request_id)
+        old = self._targets.pop(msg.segment, None)
+        if old is not None:
+            old[0].close()
+        target = cma.Target(segment_pid(msg.segment))
+        token = np.zeros(16, dtype=np.uint8)
+        try:
+            cma.read_into(target.pid, [token], [(int.from_bytes(msg.metadata[:8], "little"), 16)])
+        except cma.CmaError:
+            token[:] = 0
+        if token.tobytes() != msg.metadata[8:]:
+            target.close()
+            raise TransferError(f"pid {target.pid} of shm segment {msg.segment!r} is not the sender (another "
+                                f"pid namespace?); use shm_mode 'ring'", reason="cma", request_id=request_id)
+        if len(self._targets) >= MAX_SENDERS:  # senders restart; don't hold their pidfds forever
+            self._targets.pop(next(iter(self._targets)))[0].close()
+        self._targets[msg.segment] = (target, msg.metadata)
+        return target
+
     def close(self) -> None:
+        for target, _ in self._targets.values():
+            target.close()
+        self._targets.clear()
         self._maps.close()
