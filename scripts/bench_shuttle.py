@@ -113,10 +113,12 @@ async def _measure(block_bytes: int, sizes_mib: list[int], transports: list[str]
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         dest = np.ones(((max(sizes_mib) << 20) // block_bytes, block_bytes), dtype=np.uint8)
+        copy_src = np.random.default_rng(3).integers(0, 256, max(sizes_mib) << 20, dtype=np.uint8)
+        copy_dst = np.ones_like(copy_src)
         rows = []
         for mib in sizes_mib:
-            wall, cpu = _memcpy(mib << 20, repeats)
-            rows.append({"mib": mib, "memcpy": wall, "memcpy/cpu": cpu,
+            alone, cpu = _memcpy(mib << 20, repeats)
+            rows.append({"mib": mib, "memcpy/alone": alone, "memcpy/cpu": cpu,
                          "memcpy2": _memcpy_2_threads(mib << 20, repeats),
                          "floor": _ring_floor(mib << 20, block_bytes, repeats, checksum=False),
                          "floor+xxh3": _ring_floor(mib << 20, block_bytes, repeats, checksum=True)})
@@ -127,7 +129,7 @@ async def _measure(block_bytes: int, sizes_mib: list[int], transports: list[str]
                 rx.prepare([transport])
                 for row in rows:
                     num_blocks = (row["mib"] << 20) // block_bytes
-                    samples, cpu_samples = [], []
+                    samples, cpu_samples, copies = [], [], []
                     sender_ns, received = 0, 0
                     for i in range(repeats + 1):  # the first pull warms sockets and mappings
                         assert child.stdin is not None and child.stdout is not None
@@ -135,6 +137,11 @@ async def _measure(block_bytes: int, sizes_mib: list[int], transports: list[str]
                         child.stdin.flush()
                         desc = OfferDescriptor.from_dict(json.loads(child.stdout.readline()))
                         views = [memoryview(d) for d in dest[:num_blocks]]
+                        # memcpy of the same size right before each pull: both see the same load
+                        size = num_blocks * block_bytes
+                        copy_start = time.perf_counter()
+                        np.copyto(copy_dst[:size], copy_src[:size])
+                        copies.append(size / (time.perf_counter() - copy_start) / 1e9)
                         sender_start = _process_cpu_ns(child.pid)
                         cpu_start, start = time.process_time(), time.perf_counter()
                         stats = await rx.pull(desc, list(range(num_blocks)), views, 60, transport=transport)
@@ -147,8 +154,12 @@ async def _measure(block_bytes: int, sizes_mib: list[int], transports: list[str]
                         samples.append(stats.num_bytes / wall_s / 1e9)
                         cpu_samples.append(stats.num_bytes / cpu_s / 1e9 if cpu_s > 0 else float("inf"))
                     row[label] = statistics.median(samples[1:])
+                    row[f"{label}/memcpy"] = statistics.median(copies[1:])
+                    row.setdefault("memcpy/all", []).extend(copies[1:])  # type: ignore[attr-defined]
                     row[f"{label}/cpu"] = statistics.median(cpu_samples[1:])
                     row[f"{label}/sender"] = sender_ns / received  # ns per byte = s per GB
+        for row in rows:
+            row["memcpy"] = statistics.median(row.pop("memcpy/all"))  # type: ignore[arg-type]
         return rows
     finally:
         try:
@@ -160,7 +171,7 @@ async def _measure(block_bytes: int, sizes_mib: list[int], transports: list[str]
 
 
 def _memcpy(num_bytes: int, repeats: int) -> tuple[float, float]:
-    """(wall GB/s, GB per CPU second) of one np.copyto of the whole size, medians."""
+    """(wall GB/s, GB per CPU second) of one np.copyto of the whole size, alone, medians."""
     src = np.random.default_rng(1).integers(0, 256, num_bytes, dtype=np.uint8)
     dst = np.ones(num_bytes, dtype=np.uint8)
     samples, cpu_samples = [], []
@@ -229,12 +240,14 @@ def _print_table(rows: list[dict[str, float]], labels: list[str], args: argparse
                  load_before: tuple[float, float, float]) -> None:
     print(f"shuttle end to end (pull called -> last block landed and verified), GB/s (1e9 B/s), median of "
           f"{args.repeats}; block {args.block_kib} KiB; max_inflight_mib {args.inflight_mib}; sender in a child "
-          f"process; %memcpy = of the 1-thread memcpy")
-    print(f"{'size':>8} {'memcpy':>8} {'memcpy2t':>9}" + "".join(f" {t:>9} {'%memcpy':>8}" for t in labels))
+          f"process; memcpy = a 1-thread np.copyto of the same size right before each pull (median over all "
+          f"pulls); %memcpy = the column's median over the median of the copies made beside its own pulls; "
+          f"alone = the same memcpy in a loop before any pull; 2 threads = that copy split over both cores")
+    print(f"{'size':>8} {'memcpy':>8} {'alone':>8} {'2threads':>8}" + "".join(f" {t:>9} {'%memcpy':>8}" for t in labels))
     for row in rows:
-        line = f"{row['mib']:>5} MiB {row['memcpy']:>8.2f} {row['memcpy2']:>9.2f}"
+        line = f"{row['mib']:>5} MiB {row['memcpy']:>8.2f} {row['memcpy/alone']:>8.2f} {row['memcpy2']:>8.2f}"
         for t in labels:
-            line += f" {row[t]:>9.2f} {100 * row[t] / row['memcpy']:>7.0f}%"
+            line += f" {row[t]:>9.2f} {100 * row[t] / row[t + '/memcpy']:>7.0f}%"
         print(line)
     print("receiver process alone: ms of its CPU per GB received, all threads (the cost of one side "
           "when it is not starved of cores; nixl includes its polling progress thread); "

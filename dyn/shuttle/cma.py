@@ -70,30 +70,60 @@ def receiver_can() -> bool:
     src = np.arange(8, dtype=np.uint8)
     dst = np.zeros(8, dtype=np.uint8)
     try:
-        read_into(os.getpid(), [dst], [(src.ctypes.data, 8)])
+        read_into(os.getpid(), [(address_of(dst), 8)], [(address_of(src), 8)])
     except CmaError:
         return False
     return bool((src == dst).all())
 
 
-def address_of(array: np.ndarray) -> int:
-    return int(array.ctypes.data)
+def address_of(view: object) -> int:
+    """The address of a host block view's first byte (memoryview, numpy array, bytearray or CPU
+    tensor); c_char.from_buffer takes ~0.2 us where ndarray.ctypes.data takes ~0.7."""
+    data_ptr = getattr(view, "data_ptr", None)
+    if data_ptr is not None:
+        return int(data_ptr())
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))  # type: ignore[arg-type]
+    except TypeError:  # a read-only buffer
+        return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)  # type: ignore[call-overload]
 
 
-def read_into(pid: int, dests: Sequence[np.ndarray], sources: Sequence[tuple[int, int]]) -> None:
-    """Copy each remote (address, length) of process `pid` into the matching writable 1-D uint8
-    array, in calls of at most IOV_MAX blocks; CmaError unless every byte arrived."""
-    assert _LIBC is not None and len(dests) == len(sources)
-    for start in range(0, len(dests), IOV_MAX):
-        part = range(start, min(start + IOV_MAX, len(dests)))
-        local = (_Iovec * len(part))(*(_Iovec(dests[i].ctypes.data, dests[i].size) for i in part))
-        remote = (_Iovec * len(part))(*(_Iovec(*sources[i]) for i in part))
-        want = sum(dests[i].size for i in part)
-        got = _LIBC.process_vm_readv(pid, local, len(part), remote, len(part), 0)
-        if got != want:
-            code = ctypes.get_errno() if got < 0 else errno.EFAULT
-            raise CmaError(code, f"process_vm_readv from pid {pid}: {os.strerror(code)} "
-                                 f"({max(got, 0)} of {want} bytes)")
+def read_into(pid: int, dests: Sequence[tuple[int, int]], sources: Sequence[tuple[int, int]]) -> None:
+    """Copy the remote (address, length) regions of process `pid`, in order, into the local ones
+    (the same total); runs of adjacent blocks on either side become one iovec. CmaError unless
+    every byte arrived."""
+    assert _LIBC is not None
+    local, remote = _runs(dests), _runs(sources)
+    if len(local) <= IOV_MAX and len(remote) <= IOV_MAX:
+        _readv(pid, local, remote)
+        return
+    assert len(dests) == len(sources)
+    for start in range(0, len(dests), IOV_MAX):  # fragmented: block by block, IOV_MAX at a time
+        _readv(pid, dests[start:start + IOV_MAX], sources[start:start + IOV_MAX])
+
+
+def _runs(regions: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for address, size in regions:
+        if runs and runs[-1][0] + runs[-1][1] == address:
+            runs[-1] = (runs[-1][0], runs[-1][1] + size)
+        else:
+            runs.append((address, size))
+    return runs
+
+
+def _readv(pid: int, local: Sequence[tuple[int, int]], remote: Sequence[tuple[int, int]]) -> None:
+    want = sum(size for _, size in local)
+    if want != sum(size for _, size in remote):
+        raise CmaError(errno.EINVAL, f"process_vm_readv: {want} local bytes for "
+                                     f"{sum(size for _, size in remote)} remote")
+    lvec = (_Iovec * len(local))(*(_Iovec(a, n) for a, n in local))
+    rvec = (_Iovec * len(remote))(*(_Iovec(a, n) for a, n in remote))
+    assert _LIBC is not None
+    got = _LIBC.process_vm_readv(pid, lvec, len(local), rvec, len(remote), 0)
+    if got != want:
+        code = ctypes.get_errno() if got < 0 else errno.EFAULT
+        raise CmaError(code, f"process_vm_readv from pid {pid}: {os.strerror(code)} ({max(got, 0)} of {want} bytes)")
 
 
 class Target:

@@ -42,9 +42,10 @@ from dyn.shuttle.errors import TransferError
 from dyn.shuttle.hosts import local_host_id
 from dyn.shuttle.transports import make_receiver
 from dyn.shuttle.transports.base import RecvTransport
+from dyn.shuttle.transports.shm import ShmReceiver
 from dyn.shuttle import cma
 from dyn.shuttle.wire import (CODEC, MAX_CONTROL_BYTES, SHM_DIRECT, SHM_MODES, SHM_RING, Blocks, Credit, Done, End,
-                              OfferDescriptor, Pull, Reject)
+                              OfferDescriptor, Pull, Reject, Taken)
 
 
 DEFAULT_CONCURRENT_PULLS = 8
@@ -124,7 +125,7 @@ class ShuttleReceiver:
     async def close(self) -> None:
         for conns in self._idle.values():
             for conn in conns:
-                conn.sock.close(linger=0)
+                conn.sock.close(linger=200)  # a last Done or Taken may still be queued
         self._idle.clear()
         for transport in self._transports.values():
             transport.close()
@@ -164,11 +165,17 @@ class ShuttleReceiver:
         if name not in offer.transports:
             raise TransferError(f"transport {name!r} not offered (sender serves {offer.transports})",
                                 reason="rejected", request_id=rid, peer=offer.address)
+        if name in ("shm", "cuda_ipc") and offer.host_id != self.host_id:
+            raise TransferError(f"{name} needs one host; receiver is on {self.host_id!r}, sender on "
+                                f"{offer.host_id!r}", reason="rejected", request_id=rid, peer=offer.address)
         shm_mode = self._shm_mode(offer, dest_views) if name == "shm" else ""
         deadline = time.monotonic() + timeout_s
         async with self._slots:
             started = time.perf_counter()
-            await self._run(offer, missing_idx, dest_views, name, shm_mode, deadline)
+            if shm_mode == SHM_DIRECT and offer.direct:
+                self._take_direct(offer, missing_idx, dest_views)
+            else:
+                await self._run(offer, missing_idx, dest_views, name, shm_mode, deadline)
             seconds = time.perf_counter() - started
         return TransferStats(len(missing_idx) * offer.block_bytes, seconds, name, len(missing_idx), shm_mode)
 
@@ -185,6 +192,29 @@ class ShuttleReceiver:
         raise TransferError(f"the sender serves shm modes {offer.shm_modes}; this receiver uses "
                             f"{list(SHM_MODES[SHM_MODES.index(self.config.shm_mode):])}", reason="rejected",
                             request_id=offer.request_id, peer=offer.address)
+
+    def _take_direct(self, offer: OfferDescriptor, missing_idx: list[int], dest_views: Sequence[object]) -> None:
+        """Read the blocks through the offer's direct plan now (no round trip), then tell the sender
+        (Taken), which unpins the offer; on failure too, so it never waits for its pin timeout."""
+        mover = self._transport("shm")
+        assert isinstance(mover, ShmReceiver)
+        ok, reason = False, "aborted"
+        try:
+            mover.read_plan(offer.direct, missing_idx, offer.block_hashes, dest_views, offer.block_bytes,
+                            offer.request_id)
+            ok, reason = True, ""
+        except TransferError as exc:
+            reason = exc.reason
+            raise
+        finally:
+            key = (offer.address, max(MAX_CONTROL_BYTES, offer.block_bytes + 1024))
+            conn = self._connect(key)
+            try:
+                conn.sock.send(CODEC.encode(Taken(offer_id=offer.offer_id, ok=ok, num_blocks=len(missing_idx),
+                                                  reason=reason)), zmq.NOBLOCK)
+                self._keep(key, conn, offer.offer_id)
+            except zmq.ZMQError:
+                conn.sock.close(linger=0)  # the sender's pin timeout releases the offer instead
 
     async def _run(self, offer: OfferDescriptor, missing_idx: list[int], dest_views: Sequence[object],
                    name: str, shm_mode: str, deadline: float) -> None:

@@ -105,6 +105,13 @@ class ShmRing:
         async with asyncio.timeout(timeout_s):  # not wait_for: on 3.11 it can swallow a cancel
             return await self._free.get()
 
+    def try_allocate(self) -> int | None:
+        """A free slot now, or None."""
+        try:
+            return self._free.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
     def free(self, slot: int) -> None:
         assert 0 <= slot < self.num_slots
         self._free.put_nowait(slot)

@@ -34,8 +34,9 @@ from dyn.shuttle.hosts import local_host_id
 from dyn.shuttle.ring import FENCE_SOUND
 from dyn.shuttle.transports import make_senders
 from dyn.shuttle.transports.base import SendJob, SendTransport
+from dyn.shuttle.transports.shm import ShmSender
 from dyn.shuttle.wire import (CODEC, MAX_CONTROL_BYTES, SHM_DIRECT, SHM_RING, SHM_RING_XXH3, Credit, Done, End,
-                              OfferDescriptor, Pull, Reject)
+                              OfferDescriptor, Pull, Reject, Taken)
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ class Offer:
     delivered: asyncio.Future[bool]
     expiry: asyncio.TimerHandle | None = None
     busy: bool = False
+    fence_slot: int = -1
+    """The shm fence of the offer's direct-read plan (moved before the offer is unpinned)."""
 
     @property
     def request_id(self) -> str:
@@ -176,14 +179,19 @@ class ShuttleSender:
             raise TransferError(f"{len(self._offers)} offers already pinned (max_offers="
                                 f"{self.config.max_offers}); prefill faster than decode pulls",
                                 reason="overloaded", request_id=request_id)
+        shm_modes = self._shm_modes(block_views)
+        fence_slot, direct = -1, []
+        shm = self._transports.get("shm")
+        if SHM_DIRECT in shm_modes and isinstance(shm, ShmSender):
+            fence_slot, direct = shm.plan_direct(block_views, self.block_bytes)
         desc = OfferDescriptor(request_id=request_id, offer_id=secrets.token_hex(8),
                                block_hashes=list(block_hashes), block_bytes=self.block_bytes,
                                address=self.address, host_id=self.host_id,
                                transports=list(self._transports), checksum=CHECKSUM,
-                               shm_modes=self._shm_modes(block_views),
+                               shm_modes=shm_modes, direct=direct,
                                node=self.config.node, gpus=list(self.config.gpus))
         loop = asyncio.get_running_loop()
-        offer = Offer(desc, list(block_views), loop.create_future())
+        offer = Offer(desc, list(block_views), loop.create_future(), fence_slot=fence_slot)
         offer.expiry = loop.call_later(self.config.pin_timeout_s, self._expire, desc.offer_id)
         self._offers[desc.offer_id] = offer
         return offer
@@ -231,6 +239,8 @@ class ShuttleSender:
                     if msg.slot >= 0:
                         running.transport.on_credit(running.job, msg.slot)
                     running.job.grant(max(0, msg.num_bytes))
+            elif isinstance(msg, Taken):
+                self._on_taken(msg)
             elif isinstance(msg, Done):
                 running = self._jobs.get(msg.transfer_id)
                 if running is not None and running.identity == identity:
@@ -239,6 +249,18 @@ class ShuttleSender:
                     running.on_done(msg)
             elif msg is not None:
                 self._bad.record(f"unexpected: {type(msg).__name__}")
+
+    def _on_taken(self, msg: Taken) -> None:
+        """A receiver read an offer through its direct plan (or failed to): unpin it."""
+        offer = self._offers.get(msg.offer_id)
+        if offer is None or offer.busy or offer.fence_slot < 0:
+            return
+        self.stats.num_pulls += 1
+        if msg.ok:
+            self.stats.num_bytes += msg.num_blocks * self.block_bytes
+        else:
+            self._count_failure(msg.reason or "receiver")
+        self._release(offer, msg.ok)
 
     async def _on_pull(self, identity: bytes, pull: Pull) -> None:
         self.stats.num_pulls += 1
@@ -344,6 +366,11 @@ class ShuttleSender:
     def _release(self, offer: Offer, delivered: bool) -> None:
         if self._offers.pop(offer.descriptor.offer_id, None) is None:
             return
+        if offer.fence_slot >= 0:  # before the views are unpinned: a reader still at work fails
+            shm = self._transports["shm"]
+            assert isinstance(shm, ShmSender)
+            shm.drop_fence(offer.fence_slot)
+            offer.fence_slot = -1
         if offer.expiry is not None:
             offer.expiry.cancel()
         if delivered:

@@ -13,7 +13,9 @@ One transfer on one DEALER(receiver) <-> ROUTER(sender) connection:
     Done(ok, reason)                   --->   (the offer is unpinned either way)
 
 The OfferDescriptor travels separately, inside the request plane's
-GenerateRequest.kv_source, as a plain dict (to_dict / from_dict).
+GenerateRequest.kv_source, as a plain dict (to_dict / from_dict). On one
+host an offer can carry a direct-read plan (`direct`): the receiver then
+reads the blocks at once and only sends Taken(offer_id, ok) afterwards.
 
 Integrity is explicit: payloads that cross a wire (tcp, nixl) carry an
 xxh3_64 checksum per block, recomputed where the block landed (the offer's
@@ -73,6 +75,9 @@ class OfferDescriptor(Message):
     shm_modes: list[str] = field(default_factory=list)
     """SHM_MODES this sender serves for this offer, best first; empty from a sender that predates
     them (the receiver then refuses the offer rather than guess)."""
+    direct: list[Any] = field(default_factory=list)
+    """shm "direct" without a round trip: [fence segment, fence slot, its offset, its generation,
+    the sender's identity token (hex), one source address per block]; empty when not offered."""
     node: str = ""
     """Topology node of the sending worker ("": unknown; the receiver then picks by host id)."""
     gpus: list[int] = field(default_factory=list)
@@ -161,6 +166,18 @@ class Reject(Message):
 
 
 @dataclass(slots=True)
+class Taken(Message):
+    """shm "direct" from the offer's plan: the receiver read the blocks itself (or failed to);
+    the sender unpins the offer. No Pull, no reply."""
+
+    TYPE: ClassVar[str] = "shuttle.taken"
+    offer_id: str
+    ok: bool
+    num_blocks: int
+    reason: str = ""
+
+
+@dataclass(slots=True)
 class Done(Message):
     TYPE: ClassVar[str] = "shuttle.done"
     transfer_id: str
@@ -168,5 +185,5 @@ class Done(Message):
     reason: str = ""
 
 
-CODEC = Codec([OfferDescriptor, Pull, Blocks, Credit, End, Reject, Done],
+CODEC = Codec([OfferDescriptor, Pull, Blocks, Credit, End, Reject, Done, Taken],
               max_message_bytes=MAX_CONTROL_BYTES)

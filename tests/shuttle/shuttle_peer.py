@@ -61,7 +61,9 @@ async def run_sender(args: argparse.Namespace) -> None:
 async def run_receiver(args: argparse.Namespace) -> None:
     desc = OfferDescriptor.from_dict(json.loads(args.offer))
     dest = np.zeros((len(desc.block_hashes), desc.block_bytes), dtype=np.uint8)
-    async with ShuttleReceiver(config=ReceiverConfig(credit_bytes=args.chunk_bytes)) as rx:
+    # A receiver that dies after K chunks reads through the ring: a direct read has no chunks.
+    shm_mode = "ring" if args.die_after_chunks >= 0 else "direct"
+    async with ShuttleReceiver(config=ReceiverConfig(credit_bytes=args.chunk_bytes, shm_mode=shm_mode)) as rx:
         if args.die_after_chunks >= 0:
             for name in ("shm", "tcp", "nixl"):
                 rx._transports[name] = _DyingReceiver(name, args.die_after_chunks)

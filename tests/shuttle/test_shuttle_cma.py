@@ -26,16 +26,17 @@ def test_reads_a_live_process_and_fails_clearly_once_it_is_gone() -> None:
         assert child.stdout is not None
         address = int(child.stdout.readline())
         target = cma.Target(child.pid)
-        dests = [np.zeros(1 << 17, dtype=np.uint8), np.zeros(1 << 17, dtype=np.uint8)]
-        cma.read_into(child.pid, dests, [(address, 1 << 17), (address + (1 << 17), 1 << 17)])
+        dest = np.zeros(1 << 18, dtype=np.uint8)
+        halves = [(cma.address_of(dest[1 << 17:]), 1 << 17), (cma.address_of(dest[:1 << 17]), 1 << 17)]
+        cma.read_into(child.pid, halves, [(address + (1 << 17), 1 << 17), (address, 1 << 17)])
         expected = np.arange(1 << 16, dtype=np.uint32).view(np.uint8)
-        assert np.array_equal(np.concatenate(dests), expected) and target.alive()
+        assert np.array_equal(dest, expected) and target.alive()
         with pytest.raises(cma.CmaError) as bad_address:
-            cma.read_into(child.pid, [dests[0]], [(8, 1 << 17)])
+            cma.read_into(child.pid, halves[:1], [(8, 1 << 17)])
         child.communicate("", timeout=10)  # exits and is reaped
         assert not target.alive()
         with pytest.raises(cma.CmaError) as gone:
-            cma.read_into(child.pid, [dests[0]], [(address, 1 << 17)])
+            cma.read_into(child.pid, halves[:1], [(address, 1 << 17)])
         target.close()
     finally:
         if child.poll() is None:

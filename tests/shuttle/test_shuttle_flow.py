@@ -71,11 +71,13 @@ def test_many_blocks_through_a_tiny_ring_and_credit(transport: str, shm_mode: st
             dest = np.zeros_like(data)
             stats = await rx.pull(offer.descriptor, list(range(200)), list(map(memoryview, dest)), 10,
                                   transport=transport)
-            return stats, dest, tx._transports["shm"].ring.num_slots
+            delivered = await asyncio.wait_for(offer.delivered, 5)  # direct: Taken, no Done
+            return stats, dest, tx._transports["shm"].ring.num_slots, delivered, tx.num_pinned
 
-    stats, dest, num_slots = asyncio.run(run())
+    stats, dest, num_slots, delivered, num_pinned = asyncio.run(run())
     assert np.array_equal(dest, data) and stats.num_bytes == 200 * BLOCK_BYTES
     assert num_slots == 2 and stats.shm_mode == shm_mode
+    assert delivered is True and num_pinned == 0
 
 
 def test_unpulled_offer_expires_and_is_then_refused() -> None:

@@ -67,7 +67,7 @@ def _sender_dies_mid_write(tx: ShuttleSender, parts: list[object]) -> None:
 @pytest.mark.parametrize("transport,shm_mode,edit,reason,bad_block", [
     ("tcp", "direct", _wrong_hash, "hash_mismatch", 8),
     ("tcp", "direct", _flip_payload, "checksum_mismatch", 9),
-    ("shm", "direct", _wrong_hash, "hash_mismatch", 8),
+    ("shm", "ring", _wrong_hash, "hash_mismatch", 8),
     ("shm", "ring+xxh3_64", _flip_payload, "checksum_mismatch", 9),
     pytest.param("shm", "ring", _sender_dies_mid_write, "slot_reused", 8, marks=fence_only),
 ])
@@ -172,13 +172,17 @@ def test_offer_whose_hashes_differ_from_the_prompt_is_refused_before_any_copy() 
 
 
 @direct_only
-def test_a_direct_read_that_overlaps_the_senders_release_fails_that_pull(monkeypatch) -> None:
-    """The sender ended the transfer (and so unpinned the blocks, which its engine may reuse) while
-    the receiver was still reading them: the transfer's fence moved across the read."""
+@pytest.mark.parametrize("planned", [True, False], ids=["offer_plan", "pull"])
+def test_a_direct_read_that_overlaps_the_senders_release_fails_that_pull(monkeypatch, planned: bool) -> None:
+    """The sender released the offer (unpinning the blocks, which its engine may then reuse) while
+    the receiver was still reading them: the fence moved across the read. Both ways of a direct
+    read: from the offer's plan (no round trip) and after a Pull (when no plan was made)."""
     from dyn.shuttle.transports import shm
 
     hashes, data = _blocks(8)
     real_read = shm.cma.read_into
+    if not planned:
+        monkeypatch.setattr(shm.ShmSender, "plan_direct", lambda self, views, block_bytes: (-1, []))
 
     async def run():
         async with ShuttleSender(BLOCK_BYTES) as tx, \
@@ -187,9 +191,12 @@ def test_a_direct_read_that_overlaps_the_senders_release_fails_that_pull(monkeyp
 
             def read_into(pid, dests, sources):
                 real_read(pid, dests, sources)
-                for running in tx._jobs.values():  # none for the receiver's own probe read
-                    fences.begin_write(running.job.fence_slot)  # the sender's release, before it unpins
-                    fences.end_write(running.job.fence_slot)
+                if len(dests) > 1:  # not the one-token identity read: what release does before unpinning
+                    slots = [o.fence_slot for o in tx._offers.values()] + \
+                        [r.job.fence_slot for r in tx._jobs.values()]
+                    for slot in (s for s in slots if s >= 0):
+                        fences.begin_write(slot)
+                        fences.end_write(slot)
 
             monkeypatch.setattr(shm.cma, "read_into", read_into)
             offer = tx.offer("r", hashes, list(map(memoryview, data)))
@@ -197,11 +204,11 @@ def test_a_direct_read_that_overlaps_the_senders_release_fails_that_pull(monkeyp
             with pytest.raises(TransferError) as info:
                 await rx.pull(offer.descriptor, list(range(NUM_BLOCKS)), list(map(memoryview, dest)), 5,
                               transport="shm")
-            return info.value, await offer.delivered
+            return info.value, await offer.delivered, bool(offer.descriptor.direct)
 
-    err, delivered = asyncio.run(run())
-    assert err.reason == "slot_reused" and "transfer fence" in str(err) and err.block_idx == 0
-    assert delivered is False
+    err, delivered, has_plan = asyncio.run(run())
+    assert err.reason == "slot_reused" and "fence" in str(err) and err.block_idx == 0
+    assert delivered is False and has_plan is planned
 
 
 @direct_only

@@ -1,13 +1,17 @@
 """shm: same host, through host memory, in one of three modes (dyn.shuttle.wire).
 
-"direct" (one copy): the sender names the addresses of the pinned blocks, and
-the receiver copies them straight into its destination views with
-process_vm_readv (dyn.shuttle.cma); the sender does nothing per byte. The
-sender's fence table (a small ring of 8-byte slots, only their generations
-used) holds one generation per running transfer; the sender bumps it when
-the transfer ends, before the offer is unpinned and the blocks can be reused,
-and the receiver checks it is unchanged after each read (and that the
-sender's pid, held by a pidfd, is still the same live process).
+"direct" (one copy): the receiver copies the sender's pinned blocks straight
+into its destination views with process_vm_readv (dyn.shuttle.cma); the
+sender does nothing per byte. The offer itself carries the blocks' addresses
+and a fence (plan_direct -> OfferDescriptor.direct), so the read starts the
+moment the decode worker has the offer, and a Taken message afterwards lets
+the sender unpin it; without a plan (every fence slot held) the same read
+follows a Pull, with a fence per transfer. Fences live in the sender's fence
+table (a small ring of 8-byte slots, only their generations used); the sender
+moves one before the blocks it guards are unpinned (and may be reused), and
+the receiver checks it is unchanged before and after each read, and that the
+sender's pid (held by a pidfd, proven by a token read from its memory) is
+still the same live process.
 
 "ring" (two copies): source view -> ring slot (sender), ring slot ->
 destination view (receiver). The receiver's Credit names the slot it has
@@ -32,14 +36,15 @@ from typing import Any
 import numpy as np
 
 from dyn.shuttle import cma
-from dyn.shuttle.blocks import copy_checksum, host_array, is_cuda, read_block, write_block, write_verified
+from dyn.shuttle.blocks import copy_checksum, is_cuda, read_block, write_block, write_verified
 from dyn.shuttle.errors import TransferError
 from dyn.shuttle.ring import ShmAttachments, ShmRing, fence, segment_pid
 from dyn.shuttle.transports.base import RecvTransport, SendJob, SendTransport
 from dyn.shuttle.wire import SHM_DIRECT, SHM_RING, Blocks
 
-FENCE_SLOTS = 1024
-"""Direct transfers one sender can run at once (one fence generation each)."""
+FENCE_SLOTS = 8192
+"""Offers with a direct-read plan plus direct transfers one sender holds at once (one fence
+generation each; SenderConfig.max_offers is 4096)."""
 MAX_SENDERS = 64
 """Senders a receiver keeps a pidfd to."""
 
@@ -138,12 +143,29 @@ class ShmSender(SendTransport):
                 if is_cuda(job.block_views[i]):
                     raise TransferError("direct shm reads host memory; block views are on a GPU",
                                         reason="bad_view", request_id=job.request_id)
-                handles.append([cma.address_of(host_array(job.block_views[i], writable=False)), job.block_bytes])
+                handles.append([cma.address_of(job.block_views[i]), job.block_bytes])
             await job.send([Blocks(transfer_id=job.transfer_id, seq=seq, block_idx=chunk,
                                    block_hashes=[job.block_hashes[i] for i in chunk], checksums=[],
                                    segment=fences.name, slot=slot, offset=fences.slot_offset(slot),
                                    generation=generation, handles=handles,
                                    metadata=self._identity())])
+
+    def plan_direct(self, views: Sequence[object], block_bytes: int) -> tuple[int, list[Any]]:
+        """(fence slot, OfferDescriptor.direct) for an offer its receiver may read in place without
+        a round trip; (-1, []) when every fence slot is held. drop_fence(slot) before unpinning."""
+        slot = self.fences.try_allocate()
+        if slot is None:
+            return -1, []
+        fences = self.fences
+        addresses = [cma.address_of(view) for view in views]
+        return slot, [fences.name, slot, fences.slot_offset(slot), fences.generation(slot),
+                      self._identity().hex(), addresses]
+
+    def drop_fence(self, slot: int) -> None:
+        """Move a fence (a reader still at work then fails) and free its slot."""
+        self.fences.begin_write(slot)
+        self.fences.end_write(slot)
+        self.fences.free(slot)
 
     def _identity(self) -> bytes:
         return cma.address_of(self._token).to_bytes(8, "little") + self._token.tobytes()
@@ -156,9 +178,7 @@ class ShmSender(SendTransport):
     def release(self, job: SendJob) -> None:
         """Called before the offer is unpinned: a direct reader still at work sees its fence move."""
         if job.fence_slot >= 0:
-            self.fences.begin_write(job.fence_slot)
-            self.fences.end_write(job.fence_slot)
-            self.fences.free(job.fence_slot)
+            self.drop_fence(job.fence_slot)
             job.fence_slot = -1
         for slot in job.held_slots:
             self.ring.free(slot)
@@ -212,6 +232,9 @@ class ShmReceiver(RecvTransport):
     def _check_generation(msg: Blocks, generations: np.ndarray, when: str, request_id: str) -> None:
         now = int(generations[msg.slot])
         if now != msg.generation:
+            if msg.handles and when == "before":
+                raise TransferError("the sender no longer pins this offer (expired, withdrawn or taken)",
+                                    reason="rejected", request_id=request_id)
             if msg.handles:
                 what = f"transfer fence {msg.slot} moved (the sender ended the transfer, unpinning its blocks)"
             else:
@@ -219,6 +242,22 @@ class ShmReceiver(RecvTransport):
                 what = f"ring slot {msg.slot} {state}"
             raise TransferError(f"{what} {when} the copy: generation {now}, chunk promised {msg.generation}",
                                 reason="slot_reused", request_id=request_id, block_idx=msg.block_idx[0])
+
+    def read_plan(self, plan: list[Any], missing_idx: Sequence[int], block_hashes: Sequence[int],
+                  dest_views: Sequence[object], block_bytes: int, request_id: str) -> None:
+        """Read an offer's direct plan (OfferDescriptor.direct) into `dest_views`, fenced."""
+        try:
+            segment, slot, offset, generation, identity, addresses = plan
+            msg = Blocks(transfer_id="", seq=0, block_idx=list(missing_idx),
+                         block_hashes=[block_hashes[i] for i in missing_idx], checksums=[], segment=str(segment),
+                         slot=int(slot), offset=int(offset), generation=int(generation),
+                         handles=[[int(addresses[i]), block_bytes] for i in missing_idx],
+                         metadata=bytes.fromhex(identity))
+            if len(addresses) != len(block_hashes) or msg.generation < 0 or msg.generation % 2:
+                raise ValueError("plan does not match the offer")
+        except (ValueError, TypeError, IndexError) as exc:
+            raise TransferError(f"malformed direct plan: {exc}", reason="protocol", request_id=request_id) from None
+        self._read_direct(msg, dest_views, block_bytes, request_id)
 
     def _read_direct(self, msg: Blocks, dest_views: Sequence[object], block_bytes: int, request_id: str) -> None:
         try:
@@ -229,7 +268,7 @@ class ShmReceiver(RecvTransport):
             else:
                 target = self._attach(msg, request_id)
             sources = [(int(address), int(size)) for address, size in msg.handles]
-            dests = [host_array(view, writable=True) for view in dest_views]
+            dests = [(cma.address_of(view), block_bytes) for view in dest_views]
         except (OSError, ValueError, TypeError) as exc:
             raise TransferError(f"cannot read from the sender of shm segment {msg.segment!r}: {exc}",
                                 reason="protocol", request_id=request_id) from None
@@ -260,7 +299,7 @@ class ShmReceiver(RecvTransport):
         target = cma.Target(segment_pid(msg.segment))
         token = np.zeros(16, dtype=np.uint8)
         try:
-            cma.read_into(target.pid, [token], [(int.from_bytes(msg.metadata[:8], "little"), 16)])
+            cma.read_into(target.pid, [(cma.address_of(token), 16)], [(int.from_bytes(msg.metadata[:8], "little"), 16)])
         except cma.CmaError:
             token[:] = 0
         if token.tobytes() != msg.metadata[8:]:
