@@ -173,7 +173,7 @@ class ShuttleReceiver:
         async with self._slots:
             started = time.perf_counter()
             if shm_mode == SHM_DIRECT and offer.direct:
-                self._take_direct(offer, missing_idx, dest_views)
+                await self._take_direct(offer, missing_idx, dest_views)
             else:
                 await self._run(offer, missing_idx, dest_views, name, shm_mode, deadline)
             seconds = time.perf_counter() - started
@@ -193,14 +193,14 @@ class ShuttleReceiver:
                             f"{list(SHM_MODES[SHM_MODES.index(self.config.shm_mode):])}", reason="rejected",
                             request_id=offer.request_id, peer=offer.address)
 
-    def _take_direct(self, offer: OfferDescriptor, missing_idx: list[int], dest_views: Sequence[object]) -> None:
+    async def _take_direct(self, offer: OfferDescriptor, missing_idx: list[int], dest_views: Sequence[object]) -> None:
         """Read the blocks through the offer's direct plan now (no round trip), then tell the sender
         (Taken), which unpins the offer; on failure too, so it never waits for its pin timeout."""
         mover = self._transport("shm")
         assert isinstance(mover, ShmReceiver)
         ok, reason = False, "aborted"
         try:
-            mover.read_plan(offer.direct, missing_idx, offer.block_hashes, dest_views, offer.block_bytes,
+            await mover.read_plan(offer.direct, missing_idx, offer.block_hashes, dest_views, offer.block_bytes,
                             offer.request_id)
             ok, reason = True, ""
         except TransferError as exc:

@@ -28,6 +28,7 @@ reused it) and a sender that died mid-write; the fence catches both.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import secrets
 from collections.abc import Sequence
@@ -47,6 +48,9 @@ FENCE_SLOTS = 8192
 generation each; SenderConfig.max_offers is 4096)."""
 MAX_SENDERS = 64
 """Senders a receiver keeps a pidfd to."""
+READ_PIECE_BYTES = 16 << 20
+"""A direct read runs on the receiver's event loop in pieces of this size (~1 ms each), as ring
+slots do: a 1 GiB hand-off never stalls the worker's loop (heartbeats, requests) for its whole copy."""
 
 
 MIN_SLOTS = 16
@@ -205,7 +209,7 @@ class ShmReceiver(RecvTransport):
             raise TransferError(f"shm chunk {msg.seq} without a ring slot", reason="protocol",
                                 request_id=request_id)
         if msg.handles:
-            self._read_direct(msg, dest_views, block_bytes, request_id)
+            await self._read_direct(msg, dest_views, block_bytes, request_id)
             return
         num_bytes = len(msg.block_idx) * block_bytes
         try:
@@ -243,7 +247,7 @@ class ShmReceiver(RecvTransport):
             raise TransferError(f"{what} {when} the copy: generation {now}, chunk promised {msg.generation}",
                                 reason="slot_reused", request_id=request_id, block_idx=msg.block_idx[0])
 
-    def read_plan(self, plan: list[Any], missing_idx: Sequence[int], block_hashes: Sequence[int],
+    async def read_plan(self, plan: list[Any], missing_idx: Sequence[int], block_hashes: Sequence[int],
                   dest_views: Sequence[object], block_bytes: int, request_id: str) -> None:
         """Read an offer's direct plan (OfferDescriptor.direct) into `dest_views`, fenced."""
         try:
@@ -257,9 +261,9 @@ class ShmReceiver(RecvTransport):
                 raise ValueError("plan does not match the offer")
         except (ValueError, TypeError, IndexError) as exc:
             raise TransferError(f"malformed direct plan: {exc}", reason="protocol", request_id=request_id) from None
-        self._read_direct(msg, dest_views, block_bytes, request_id)
+        await self._read_direct(msg, dest_views, block_bytes, request_id)
 
-    def _read_direct(self, msg: Blocks, dest_views: Sequence[object], block_bytes: int, request_id: str) -> None:
+    async def _read_direct(self, msg: Blocks, dest_views: Sequence[object], block_bytes: int, request_id: str) -> None:
         try:
             _, generations = self._maps.fenced_slot(msg.segment, msg.slot, msg.offset, 0)
             cached = self._targets.get(msg.segment)
@@ -277,8 +281,12 @@ class ShmReceiver(RecvTransport):
                                 reason="protocol", request_id=request_id)
         self._check_generation(msg, generations, "before", request_id)
         fence()
+        per_piece = max(1, READ_PIECE_BYTES // block_bytes)
         try:
-            cma.read_into(target.pid, dests, sources)
+            for start in range(0, len(dests), per_piece):
+                if start:
+                    await asyncio.sleep(0)  # the worker's event loop runs between pieces
+                cma.read_into(target.pid, dests[start:start + per_piece], sources[start:start + per_piece])
         except cma.CmaError as exc:
             raise TransferError(str(exc), reason="sender_gone" if exc.errno == errno.ESRCH else "cma",
                                 request_id=request_id, block_idx=msg.block_idx[0]) from None
