@@ -243,7 +243,8 @@ def _print_table(rows: list[dict[str, float]], labels: list[str], args: argparse
           f"process; memcpy = a 1-thread np.copyto of the same size right before each pull (median over all "
           f"pulls); %memcpy = the column's median over the median of the copies made beside its own pulls; "
           f"alone = the same memcpy in a loop before any pull; 2 threads = that copy split over both cores")
-    print(f"{'size':>8} {'memcpy':>8} {'alone':>8} {'2threads':>8}" + "".join(f" {t:>9} {'%memcpy':>8}" for t in labels))
+    print(f"{'size':>8} {'memcpy':>8} {'alone':>8} {'2threads':>8}"
+          + "".join(f" {t:>9} {'%memcpy':>8}" for t in labels))
     for row in rows:
         line = f"{row['mib']:>5} MiB {row['memcpy']:>8.2f} {row['memcpy/alone']:>8.2f} {row['memcpy2']:>8.2f}"
         for t in labels:

@@ -24,6 +24,7 @@ handshake cost about half the CPU of a small pull), a failed one is closed.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from collections import deque
@@ -47,6 +48,8 @@ from dyn.shuttle import cma
 from dyn.shuttle.wire import (CODEC, MAX_CONTROL_BYTES, SHM_DIRECT, SHM_MODES, SHM_RING, Blocks, Credit, Done, End,
                               OfferDescriptor, Pull, Reject, Taken)
 
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CONCURRENT_PULLS = 8
 MAX_KEPT_SENDERS = 64
@@ -193,6 +196,13 @@ class ShuttleReceiver:
                             f"{list(SHM_MODES[SHM_MODES.index(self.config.shm_mode):])}", reason="rejected",
                             request_id=offer.request_id, peer=offer.address)
 
+    def _after_direct_failure(self, exc: TransferError) -> None:
+        """A read the kernel refused (another user, a ptrace rule) would fail every later pull too:
+        this receiver goes through the ring from now on."""
+        if exc.reason == "cma":
+            self._can_read_direct = False
+            log.warning("direct shm reads refused (%s); using the ring from now on", exc)
+
     async def _take_direct(self, offer: OfferDescriptor, missing_idx: list[int], dest_views: Sequence[object]) -> None:
         """Read the blocks through the offer's direct plan now (no round trip), then tell the sender
         (Taken), which unpins the offer; on failure too, so it never waits for its pin timeout."""
@@ -205,6 +215,7 @@ class ShuttleReceiver:
             ok, reason = True, ""
         except TransferError as exc:
             reason = exc.reason
+            self._after_direct_failure(exc)
             raise
         finally:
             key = (offer.address, max(MAX_CONTROL_BYTES, offer.block_bytes + 1024))
@@ -268,6 +279,8 @@ class ShuttleReceiver:
                                                         slot=msg.slot)))
         except TransferError as exc:
             reason = exc.reason
+            if shm_mode == SHM_DIRECT:
+                self._after_direct_failure(exc)
             raise
         except (ValueError, TypeError, OSError, zmq.ZMQError) as exc:
             reason = "internal"

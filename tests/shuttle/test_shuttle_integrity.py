@@ -234,6 +234,39 @@ def test_a_direct_reader_refuses_a_pid_that_is_not_the_sender(monkeypatch) -> No
     assert err.reason == "cma" and "is not the sender" in str(err) and not dest.any()
 
 
+@direct_only
+def test_a_receiver_the_kernel_refuses_direct_reads_goes_through_the_ring(monkeypatch) -> None:
+    """process_vm_readv refused (another user, a stricter ptrace rule): that pull fails (and is
+    prefilled locally), and every later one goes through the ring instead of failing the same way."""
+    import errno
+
+    from dyn.shuttle import cma
+    from dyn.shuttle.transports import shm
+
+    hashes, data = _blocks(10)
+
+    def refused(pid, dests, sources):
+        raise cma.CmaError(errno.EPERM, "process_vm_readv: Operation not permitted")
+
+    async def run():
+        async with ShuttleSender(BLOCK_BYTES) as tx, ShuttleReceiver() as rx:
+            rx._can_read_direct = True  # probed before the kernel started refusing
+            monkeypatch.setattr(shm.cma, "read_into", refused)
+            results = []
+            for rid in ("first", "second"):
+                offer = tx.offer(rid, hashes, list(map(memoryview, data)))
+                dest = np.zeros_like(data)
+                try:
+                    stats = await rx.pull(offer.descriptor, list(range(NUM_BLOCKS)), list(map(memoryview, dest)), 5,
+                                          transport="shm")
+                    results.append((stats.shm_mode, np.array_equal(dest, data)))
+                except TransferError as exc:
+                    results.append((exc.reason, False))
+            return results
+
+    assert asyncio.run(run()) == [("cma", False), ("ring", True)]
+
+
 def test_integrity_is_agreed_explicitly_and_a_version_mismatch_fails_clearly() -> None:
     """An offer from a sender that predates shm modes is refused up front (no silent guess); a
     Pull asking for a mode the sender does not serve is rejected by name."""
