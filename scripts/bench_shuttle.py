@@ -154,6 +154,7 @@ async def _measure(block_bytes: int, sizes_mib: list[int], transports: list[str]
                         samples.append(stats.num_bytes / wall_s / 1e9)
                         cpu_samples.append(stats.num_bytes / cpu_s / 1e9 if cpu_s > 0 else float("inf"))
                     row[label] = statistics.median(samples[1:])
+                    row[f"{label}/first"], row[f"{label}/first_cpu"] = samples[0], cpu_samples[0]
                     row[f"{label}/memcpy"] = statistics.median(copies[1:])
                     row.setdefault("memcpy/all", []).extend(copies[1:])  # type: ignore[attr-defined]
                     row[f"{label}/cpu"] = statistics.median(cpu_samples[1:])
@@ -261,6 +262,12 @@ def _print_table(rows: list[dict[str, float]], labels: list[str], args: argparse
         for key in ("floor", "floor+xxh3", *(t + "/cpu" for t in labels)):
             line += f" {1000 / row[key]:>9.1f} {100 * row[key] / row['memcpy/cpu']:>7.0f}%"
         print(line)
+    print("the first pull of each cell (a new receiver: its socket to the sender, mappings, the direct "
+          "read's pidfd and token; one sample, not a median): GB/s end to end, receiver CPU ms/GB")
+    print(f"{'size':>8}" + "".join(f" {t:>9} {'cpu':>8}" for t in labels))
+    for row in rows:
+        print(f"{row['mib']:>5} MiB" + "".join(f" {row[t + '/first']:>9.2f} {1000 / row[t + '/first_cpu']:>8.1f}"
+                                           for t in labels))
     print("sender process (child): ms of its CPU per GB sent, all threads, over the same pulls "
           "(not its offer, made before each pull)")
     print(f"{'size':>8}" + "".join(f" {t:>9}" for t in labels))
