@@ -8,7 +8,8 @@ One transfer on one DEALER(receiver) <-> ROUTER(sender) connection:
                                        <---   Blocks(seq, idx, hashes, checksums | generation)
                                               [+ payload frames on tcp; a ring slot or the
                                                pinned blocks' addresses on shm]
-    Credit(bytes, slot)                --->   (frees in-flight budget / the ring slot)
+    Credit(bytes, slot)                --->   (frees in-flight budget / the ring slot;
+                                               none after the last chunk)
                                        <---   End(num_blocks)      or Reject(reason)
     Done(ok, reason)                   --->   (the offer is unpinned either way)
 
@@ -22,8 +23,9 @@ xxh3_64 checksum per block, recomputed where the block landed (the offer's
 `checksum`). On shm the offer lists the modes its sender serves
 (`shm_modes`, best first) and the Pull names the one this transfer uses:
   "direct"        the receiver reads the pinned blocks with process_vm_readv
-                  (dyn.shuttle.cma), one copy; a per-transfer generation fence
-                  proves the sender did not unpin them during the read;
+                  (dyn.shuttle.cma), one copy; a generation fence per offer
+                  (its plan) or per transfer (after a Pull) proves the sender
+                  did not unpin them during the read;
   "ring"          through the sender's ring; the slot's generation fence
                   (dyn.shuttle.ring) proves it was not rewritten during the copy;
   "ring+xxh3_64"  through the ring, with content checksums as on tcp.
