@@ -54,13 +54,19 @@ class CmaError(OSError):
 
 def sender_allows() -> bool:
     """Whether a process on this host may read this one's memory (Yama permits same-user reads)."""
+    return not sender_refusal()
+
+
+def sender_refusal() -> str:
+    """Why no other process may read this one's memory ("" when a same-user one may)."""
     if _LIBC is None or not hasattr(os, "pidfd_open"):
-        return False
+        return "process_vm_readv or pidfd_open is missing on this platform"
     try:
         with open(_YAMA) as f:
-            return f.read().strip() == "0"
+            scope = f.read().strip()
     except OSError:
-        return True  # no Yama: the ordinary same-user ptrace rule applies
+        return ""  # no Yama: the ordinary same-user ptrace rule applies
+    return "" if scope == "0" else f"Yama's kernel.yama.ptrace_scope is {scope}, not 0"
 
 
 def receiver_can() -> bool:

@@ -296,6 +296,27 @@ def test_integrity_is_agreed_explicitly_and_a_version_mismatch_fails_clearly() -
     assert served == [*fenced_shm_modes(), "ring+xxh3_64"] and served[-1] == "ring+xxh3_64"
 
 
+@pytest.mark.skipif(not FENCE_SOUND, reason="shm offers direct reads only on x86-64")
+def test_a_host_that_forbids_direct_reads_is_named_and_its_offers_go_through_the_ring(
+        monkeypatch, tmp_path, caplog) -> None:
+    """Yama's ptrace_scope 1 (Ubuntu's default) forbids sibling processes' reads: the sender says
+    why at start (an operator sees why hand-offs run at half speed) and offers no direct mode."""
+    from dyn.shuttle import cma
+
+    yama = tmp_path / "ptrace_scope"
+    yama.write_text("1\n")
+    monkeypatch.setattr(cma, "_YAMA", str(yama))
+    hashes, data = _blocks(3)
+
+    async def run():
+        async with ShuttleSender(BLOCK_BYTES) as tx:
+            return tx.offer("r", hashes, list(map(memoryview, data))).descriptor.shm_modes
+
+    with caplog.at_level("INFO", logger="dyn.shuttle.sender"):
+        assert asyncio.run(run()) == ["ring", "ring+xxh3_64"]
+    assert "kernel.yama.ptrace_scope is 1, not 0" in caplog.text
+
+
 def test_a_stream_that_ends_early_is_partial_not_success(monkeypatch) -> None:
     from dyn.shuttle.transports.tcp import TcpSender
 
