@@ -31,6 +31,7 @@ import time
 import numpy as np
 
 from dyn.config.recipe import ShuttleSpec
+from dyn.engine.host_memory import host_pool
 from dyn.shuttle import OfferDescriptor, ReceiverConfig, SenderConfig, ShuttleReceiver, ShuttleSender
 from dyn.shuttle.blocks import copy_checksum
 from dyn.shuttle.ring import ShmRing, sweep_stale_segments
@@ -89,7 +90,9 @@ async def _serve(block_bytes: int, max_mib: int, transports: list[str], chunk_mi
                  inflight_mib: int) -> None:
     """Child: offer the first N blocks of one pool whenever the parent asks on stdin."""
     num_blocks = (max_mib << 20) // block_bytes
-    pool = np.random.default_rng(0).integers(0, 256, (num_blocks, block_bytes), dtype=np.uint8)
+    # allocated as the engines allocate their KV pools (dyn.engine.host_memory: huge pages asked for)
+    pool = np.frombuffer(host_pool(num_blocks * block_bytes), dtype=np.uint8).reshape(num_blocks, block_bytes)
+    pool[:] = np.random.default_rng(0).integers(0, 256, (num_blocks, block_bytes), dtype=np.uint8)
     views = [memoryview(b) for b in pool]
     hashes = list(range(1, num_blocks + 1))
     config = SenderConfig(pin_timeout_s=60.0, transports=tuple(transports), ring_bytes=inflight_mib << 20)
@@ -112,7 +115,9 @@ async def _measure(block_bytes: int, sizes_mib: list[int], transports: list[str]
                               "--sizes-mib", str(max(sizes_mib)), *chunk, "--transports", *transports],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        dest = np.ones(((max(sizes_mib) << 20) // block_bytes, block_bytes), dtype=np.uint8)
+        max_blocks = (max(sizes_mib) << 20) // block_bytes  # the decode pool, as an engine allocates it
+        dest = np.frombuffer(host_pool(max_blocks * block_bytes), dtype=np.uint8).reshape(max_blocks, block_bytes)
+        dest[:] = 1
         copy_src = np.random.default_rng(3).integers(0, 256, max(sizes_mib) << 20, dtype=np.uint8)
         copy_dst = np.ones_like(copy_src)
         rows = []

@@ -29,6 +29,7 @@ from typing import Literal
 from dyn.config.recipe import MockTiming
 from dyn.engine.backend import TokenOutput
 from dyn.engine.engine import Detokenize, Engine
+from dyn.engine.host_memory import host_pool
 from dyn.engine.runner import ModelRunner, SeqWork, StepResult
 from dyn.errors import EngineError
 
@@ -60,7 +61,7 @@ class MockRunner(ModelRunner):
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(eos_token_ids)
         self.max_context = max_context
-        self._pool = bytearray(num_blocks * payload_bytes)
+        self._pool = host_pool(num_blocks * payload_bytes)
         self._view = memoryview(self._pool)
         # Each block's first 8 bytes as a little-endian uint64 (what _pick_token mixes).
         if sys.byteorder != "little":
