@@ -6,7 +6,9 @@ a time. Over 4 KiB pages that read ran at 6 GB/s here, over huge pages at 18 GB/
 20 GB/s). Most distributions set transparent huge pages to "madvise", so a pool gets them only
 by asking (MADV_HUGEPAGE); where the kernel has none left, or none at all, the pool still works
 on small pages. The pool is written once at allocation, as torch.zeros would, so its pages are
-resident before the first request rather than faulted in under load.
+resident before the first request rather than faulted in under load. Measured for a 780 MiB
+pool: 0.09 s (torch.zeros: 0.34 s); once, on a host whose free memory was fragmented, 2.4 s
+while the kernel compacted it (THP defrag "madvise": a start-up cost, never one per request).
 """
 
 from __future__ import annotations
