@@ -6,7 +6,8 @@ the frontend (one DEALER, CURVE on as in a deployment, GenerateRequests of the b
 workload: 8 shared ~450-token prefixes + a unique 45-token suffix, 32 output tokens), and a fake
 daemon answers registration and heartbeats. CPU time comes from /proc for the worker's PID, so the
 client's own work is not counted. Reports, per run: req/s, worker CPU ms per request, reply
-messages per request, and the worker's idle CPU (percent of a core) over --idle-s seconds after
+messages per request (a request's chunks, each its step's tokens), frames per request (a worker
+of protocol 4 sends a step's chunks for one frontend in one frame), and the worker's idle CPU (percent of a core) over --idle-s seconds after
 the load.
 
     .venv/bin/python scripts/bench_worker.py --requests 4000 --concurrency 32 --rounds 3 \\
@@ -35,7 +36,6 @@ import zmq
 import zmq.asyncio
 
 from dyn.control.keys import DeploymentKeys, write_private
-from dyn.control.messages import CONTROL_CODEC, Register, RegisterAck
 from dyn.control.requests import REQUEST_CODEC, GenerateRequest
 from dyn.control.sampling import SamplingParams
 from dyn.control.sockets import Security, client_socket, server_socket
@@ -68,7 +68,9 @@ def cpu_ticks(pid: int) -> int:
 
 class FakeDaemon:
     """The daemon's side of the control plane, enough for workers: every message is acked
-    (registration, heartbeats); remembers each worker's request address and readiness."""
+    (registration, heartbeats); remembers each worker's request address, readiness and protocol
+    version (frames are read and answered by hand, in the worker's own version, so a
+    --before-dyn checkout of an older protocol runs too)."""
 
     def __init__(self, ctx: zmq.asyncio.Context, keys: DeploymentKeys) -> None:
         self.security = Security.from_keys(keys.for_process("daemon"))
@@ -77,17 +79,19 @@ class FakeDaemon:
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.addresses: dict[str, str] = {}
         self.ready: dict[str, asyncio.Event] = {}
+        self.versions: dict[str, int] = {}
         self.task = asyncio.create_task(self._ack())
 
     async def _ack(self) -> None:
         while True:
             ident, data = await self.sock.recv_multipart()
-            msg = CONTROL_CODEC.decode(data)
-            if isinstance(msg, Register):
-                self.addresses[msg.process_id] = msg.addresses["request"]
-            elif getattr(msg, "state", "") == "ready":
-                self.ready.setdefault(msg.process_id, asyncio.Event()).set()
-            await self.sock.send_multipart([ident, CONTROL_CODEC.encode(RegisterAck(ok=True))])
+            version, kind, fields = msgpack.unpackb(data, raw=False)
+            if kind == "register":
+                self.addresses[fields["process_id"]] = fields["addresses"]["request"]
+                self.versions[fields["process_id"]] = version
+            elif fields.get("state") == "ready":
+                self.ready.setdefault(fields["process_id"], asyncio.Event()).set()
+            await self.sock.send_multipart([ident, msgpack.packb([version, "register_ack", {"ok": True}])])
 
     def close(self) -> None:
         self.task.cancel()
@@ -121,6 +125,7 @@ class Worker:
                                      stderr=subprocess.STDOUT)
         await asyncio.wait_for(daemon.ready.setdefault(self.process_id, asyncio.Event()).wait(), 120)
         self.address = daemon.addresses[self.process_id]
+        self.version = daemon.versions[self.process_id]
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -142,20 +147,25 @@ async def run_load(ctx: zmq.asyncio.Context, worker: Worker, keys: DeploymentKey
                    concurrency: int, max_tokens: int, tag: str) -> dict:
     sock = client_socket(ctx, zmq.DEALER, worker.address, Security.from_keys(keys.for_process("frontend")))
     waiters: dict[str, asyncio.Future] = {}
-    counts = {"messages": 0, "tokens": 0}
+    counts = {"messages": 0, "frames": 0, "tokens": 0}
 
     async def receive() -> None:
         while True:
+            # By hand, not with this checkout's codec: a --before-dyn worker may speak an older
+            # protocol version (3: a frame per chunk; 4: a step's chunks in one token_chunks frame).
             _, kind, body = msgpack.unpackb(await sock.recv(), raw=False)
-            counts["messages"] += 1
-            rid = body["request_id"]
-            if kind == "token_chunk":
-                counts["tokens"] += len(body["token_ids"])
-                if body["finish"] is None:
-                    continue
-            elif kind != "finish":
-                raise SystemExit(f"worker answered {kind}: {body}")
-            waiters.pop(rid).set_result(None)
+            counts["frames"] += 1
+            for kind, body in ([("token_chunk", c) for c in body["chunks"]] if kind == "token_chunks"
+                               else [(kind, body)]):
+                counts["messages"] += 1
+                rid = body["request_id"]
+                if kind == "token_chunk":
+                    counts["tokens"] += len(body["token_ids"])
+                    if body["finish"] is None:
+                        continue
+                elif kind != "finish":
+                    raise SystemExit(f"worker answered {kind}: {body}")
+                waiters.pop(rid).set_result(None)
 
     queue = list(enumerate(prompts))
     queue.reverse()
@@ -166,8 +176,9 @@ async def run_load(ctx: zmq.asyncio.Context, worker: Worker, keys: DeploymentKey
             rid = f"{tag}-{i}"
             done = asyncio.get_running_loop().create_future()
             waiters[rid] = done
-            await sock.send(REQUEST_CODEC.encode(GenerateRequest(
+            _, kind, fields = msgpack.unpackb(REQUEST_CODEC.encode(GenerateRequest(
                 rid, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True))))
+            await sock.send(msgpack.packb([worker.version, kind, fields]))  # (same fields in protocols 3-4)
             await done
 
     receiver = asyncio.create_task(receive())
@@ -181,7 +192,8 @@ async def run_load(ctx: zmq.asyncio.Context, worker: Worker, keys: DeploymentKey
     n = len(prompts)
     return {"system": worker.label, "requests": n, "concurrency": concurrency, "wall_s": round(wall, 3),
             "req_per_s": round(n / wall, 1), "worker_cpu_ms_per_req": round(1e3 * (c1 - c0) / HZ / n, 3),
-            "messages_per_req": round(counts["messages"] / n, 2), "tokens_per_req": round(counts["tokens"] / n, 2),
+            "messages_per_req": round(counts["messages"] / n, 2), "frames_per_req": round(counts["frames"] / n, 2),
+            "tokens_per_req": round(counts["tokens"] / n, 2),
             "load_avg": round((load0 + os.getloadavg()[0]) / 2, 2)}
 
 
@@ -222,15 +234,15 @@ async def main_async(a: argparse.Namespace) -> list[dict]:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| system | req/s (median, range) | worker CPU ms/req (median, range) | messages/req | idle CPU % "
-            "| load avg | runs |", "|---|---|---|---|---|---|---|"]
+    rows = ["| system | req/s (median, range) | worker CPU ms/req (median, range) | messages/req | frames/req "
+            "| idle CPU % | load avg | runs |", "|---|---|---|---|---|---|---|---|"]
     for system in dict.fromkeys(r["system"] for r in results):
         rs = [r for r in results if r["system"] == system]
         med = lambda k: statistics.median(r[k] for r in rs)  # noqa: E731
         rng = lambda k: f"{min(r[k] for r in rs):g}-{max(r[k] for r in rs):g}"  # noqa: E731
         idle = [r["idle_cpu_percent"] for r in rs if r["idle_cpu_percent"] is not None]
         rows.append(f"| {system} | {med('req_per_s'):.0f} ({rng('req_per_s')}) | {med('worker_cpu_ms_per_req'):.3f} "
-                    f"({rng('worker_cpu_ms_per_req')}) | {med('messages_per_req'):.2f} | "
+                    f"({rng('worker_cpu_ms_per_req')}) | {med('messages_per_req'):.2f} | {med('frames_per_req'):.2f} | "
                     f"{statistics.median(idle) if idle else float('nan'):.2f} | {med('load_avg'):.1f} | {len(rs)} |")
     return "\n".join(rows)
 

@@ -80,18 +80,33 @@ class Codec:
 
 
 def _fields(obj: Any) -> dict[str, Any]:
-    """A dataclass as a map of its fields; nested dataclasses (e.g. SamplingParams) become maps too."""
-    return {name: _fields(v) if nested and dataclasses.is_dataclass(v := getattr(obj, name))
-            else getattr(obj, name) for name, nested in _encode_plan(type(obj))}
+    """A dataclass as a map of its fields; nested dataclasses (e.g. SamplingParams, a list of
+    TokenChunks) become maps too."""
+    return {name: getattr(obj, name) if not nested else _wire(getattr(obj, name), nested)
+            for name, nested in _encode_plan(type(obj))}
+
+
+def _wire(value: Any, nested: str) -> Any:
+    """A field's value in its wire form: `nested` is "one" (the value may be a dataclass) or
+    "list" (a list of dataclasses)."""
+    if nested == "list" and isinstance(value, (list, tuple)):
+        return [_fields(v) if dataclasses.is_dataclass(v) else v for v in value]
+    return _fields(value) if dataclasses.is_dataclass(value) else value
 
 
 @functools.cache
-def _encode_plan(cls: type) -> tuple[tuple[str, bool], ...]:
-    """Per field of `cls`: its name and whether its value may be a dataclass (from the hints, once:
-    the frontend encodes a GenerateRequest per request, and the per-field is_dataclass test on
-    every value was a third of that)."""
+def _encode_plan(cls: type) -> tuple[tuple[str, str], ...]:
+    """Per field of `cls`: its name and whether its value may be a dataclass ("one"), a list of
+    them ("list") or neither ("") (from the hints, once: the frontend encodes a GenerateRequest
+    per request, and the per-field is_dataclass test on every value was a third of that)."""
     hints = _hints(cls)
-    return tuple((f.name, _may_hold_dataclass(hints[f.name])) for f in dataclasses.fields(cls))
+    return tuple((f.name, _nesting(hints[f.name])) for f in dataclasses.fields(cls))
+
+
+def _nesting(hint: Any) -> str:
+    if get_origin(hint) in (list, tuple) and any(dataclasses.is_dataclass(a) for a in get_args(hint)):
+        return "list"
+    return "one" if _may_hold_dataclass(hint) else ""
 
 
 def _may_hold_dataclass(hint: Any) -> bool:

@@ -21,7 +21,8 @@ import zmq.asyncio
 
 from dyn import PROTOCOL_VERSION
 from dyn.control.kv_events import KvSnapshot, KvSnapshotRequest
-from dyn.control.requests import REQUEST_CODEC, Cancel, Finish, GenerateRequest, RequestFailed, TokenChunk
+from dyn.control.requests import (REQUEST_CODEC, Cancel, Finish, GenerateRequest, RequestFailed, TokenChunk,
+                                  TokenChunks)
 from dyn.control.sockets import BadMessages, Security, client_socket, decode_or_record
 from dyn.errors import ProtocolError
 
@@ -235,21 +236,22 @@ class WorkerPool:
             handle.last_heard = time.monotonic()
             for _ in range(_MAX_DRAIN):
                 message = _decode(frame.buffer, bad)
-                rid = getattr(message, "request_id", None)
-                if rid is not None:
-                    entry = streams.get(rid)
-                    if entry is not None and entry.worker_id == wid:
-                        if entry.awaiting_first:
-                            entry.awaiting_first = False
-                            handle.pending_prefill_tokens -= entry.num_tokens
-                        entry.queue.put_nowait(message)
-                        if type(message) is TokenChunk and message.finish is not None:
-                            entry.queue.put_nowait(message.finish)  # the stream's end, carried along
-                elif isinstance(message, KvSnapshot) and message.worker_id == wid:
-                    if self.on_snapshot is not None:
-                        self.on_snapshot(message)
-                elif message is not None:
-                    bad.record(f"unexpected {type(message).__name__} from {wid}")
+                for message in message.chunks if type(message) is TokenChunks else (message,):
+                    rid = getattr(message, "request_id", None)
+                    if rid is not None:
+                        entry = streams.get(rid)
+                        if entry is not None and entry.worker_id == wid:
+                            if entry.awaiting_first:
+                                entry.awaiting_first = False
+                                handle.pending_prefill_tokens -= entry.num_tokens
+                            entry.queue.put_nowait(message)
+                            if type(message) is TokenChunk and message.finish is not None:
+                                entry.queue.put_nowait(message.finish)  # the stream's end, carried along
+                    elif isinstance(message, KvSnapshot) and message.worker_id == wid:
+                        if self.on_snapshot is not None:
+                            self.on_snapshot(message)
+                    elif message is not None:
+                        bad.record(f"unexpected {type(message).__name__} from {wid}")
                 try:
                     frame = raw.recv(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
@@ -266,12 +268,14 @@ class _Stream:
 
 
 _MAX_DRAIN = 512
+_BATCH_FIELDS = frozenset({"chunks"})
 _CHUNK_FIELDS = frozenset({"request_id", "token_ids", "logprobs", "num_cached_tokens", "finish"})
 _FINISH_FIELDS = frozenset({"request_id", "reason", "num_prompt_tokens", "num_completion_tokens", "kv_offer"})
 
 
 def _decode(data: memoryview, bad: BadMessages):
-    """REQUEST_CODEC.decode with a fast path for TokenChunk, the message sent once per token.
+    """REQUEST_CODEC.decode with a fast path for TokenChunks, the frame a worker sends once per
+    engine step with each request's tokens of that step.
 
     The fast path checks exactly what the codec checks for this type (version,
     tag, field names and types); anything else takes the codec's general path.
@@ -280,20 +284,30 @@ def _decode(data: memoryview, bad: BadMessages):
         frame = msgpack.unpackb(data, raw=False)
     except Exception:  # msgpack raises several unrelated types; the codec records why
         frame = None
-    if type(frame) is list and len(frame) == 3 and frame[1] == "token_chunk" and frame[0] == PROTOCOL_VERSION:
+    if type(frame) is list and len(frame) == 3 and frame[1] == "token_chunks" and frame[0] == PROTOCOL_VERSION:
         fields = frame[2]
-        if type(fields) is dict and fields.keys() <= _CHUNK_FIELDS:
-            rid, ids = fields.get("request_id"), fields.get("token_ids")
-            logprobs, cached = fields.get("logprobs"), fields.get("num_cached_tokens", 0)
-            finish = _finish(fields.get("finish"))
-            if (type(rid) is str and type(ids) is list and all(type(t) is int for t in ids)
-                    and type(cached) is int and finish is not False
-                    and (logprobs is None or (type(logprobs) is list
-                                              and all(type(x) in (float, int) for x in logprobs)))):
-                if logprobs is not None:
-                    logprobs = [float(x) for x in logprobs]
-                return TokenChunk(rid, ids, logprobs, cached, finish)
+        if type(fields) is dict and fields.keys() == _BATCH_FIELDS and type(fields["chunks"]) is list:
+            chunks = [_chunk(item) for item in fields["chunks"]]
+            if None not in chunks:
+                return TokenChunks(chunks)
     return decode_or_record(REQUEST_CODEC, data, bad)
+
+
+def _chunk(fields: Any) -> TokenChunk | None:
+    """One chunk of a TokenChunks frame (fast path); None when anything is off (the codec's
+    general path then checks the whole frame and says what)."""
+    if type(fields) is dict and fields.keys() <= _CHUNK_FIELDS:
+        rid, ids = fields.get("request_id"), fields.get("token_ids")
+        logprobs, cached = fields.get("logprobs"), fields.get("num_cached_tokens", 0)
+        finish = _finish(fields.get("finish"))
+        if (type(rid) is str and type(ids) is list and all(type(t) is int for t in ids)
+                and type(cached) is int and finish is not False
+                and (logprobs is None or (type(logprobs) is list
+                                          and all(type(x) in (float, int) for x in logprobs)))):
+            if logprobs is not None:
+                logprobs = [float(x) for x in logprobs]
+            return TokenChunk(rid, ids, logprobs, cached, finish)
+    return None
 
 
 def _finish(fields: Any) -> Finish | None | bool:

@@ -201,7 +201,10 @@ class RequestServer:
 
     def _deliver(self, outputs: list[TokenOutput]) -> None:
         """Send what a step (or a burst of steps) produced: every reply to one frontend goes in one
-        multipart message, in order (a batch of 32 decoding requests is one send, not 32)."""
+        multipart message, its token chunks first and together in one TokenChunks frame (a batch
+        of 32 decoding requests is one send of one frame, not 32), then any Finish or failure
+        without tokens, in order (a request's chunk precedes its end)."""
+        chunks: dict[bytes, list[dict]] = {}
         replies: dict[bytes, list[bytes]] = {}
         for out in outputs:
             stream = self._streams.get(out.request_id)
@@ -215,20 +218,25 @@ class RequestServer:
                 exports = stream.prefill_only and self.export_kv is not None and out.finish_reason != "abort"
                 if not out.error and not exports:
                     finish = (out.finish_reason or "stop", stream.num_prompt_tokens, stream.num_completion_tokens)
-            frames = replies.setdefault(stream.client, [])
             if out.token_ids:  # the Finish rides on the last chunk
-                frames.append(encode_token_chunk(out.request_id, list(out.token_ids), out.logprobs,
-                                                 out.num_cached_tokens, finish))
+                chunk = token_chunk_fields(out.request_id, list(out.token_ids), out.logprobs,
+                                           out.num_cached_tokens, finish)
+                if (batch := chunks.get(stream.client)) is None:
+                    chunks[stream.client] = [chunk]
+                else:
+                    batch.append(chunk)
             elif finish is not None:
-                frames.append(REQUEST_CODEC.encode(Finish(out.request_id, *finish)))
+                replies.setdefault(stream.client, []).append(REQUEST_CODEC.encode(Finish(out.request_id, *finish)))
             if out.finished and finish is None:
                 if out.error:
-                    frames.append(REQUEST_CODEC.encode(RequestFailed(out.request_id, "internal", out.error, True)))
+                    replies.setdefault(stream.client, []).append(
+                        REQUEST_CODEC.encode(RequestFailed(out.request_id, "internal", out.error, True)))
                 else:
                     asyncio.ensure_future(self._finish_prefill(stream, out))
+        for client, batch in chunks.items():
+            self._router.send(client, encode_token_chunks(batch), *replies.pop(client, ()))
         for client, frames in replies.items():
-            if frames:
-                self._router.send(client, *frames)
+            self._router.send(client, *frames)
 
     async def _finish_prefill(self, stream: Stream, out: TokenOutput) -> None:
         try:
@@ -284,17 +292,20 @@ def _admit(engine, request: EngineRequest | None, max_waiting: int,
     return None, num_waiting
 
 
-def encode_token_chunk(request_id: str, token_ids: list[int], logprobs: list[float] | None,
-                       num_cached_tokens: int, finish: tuple[str, int, int] | None = None) -> bytes:
-    """REQUEST_CODEC.encode(TokenChunk(..., finish=Finish(request_id, *finish))), byte for byte,
+def token_chunk_fields(request_id: str, token_ids: list[int], logprobs: list[float] | None,
+                       num_cached_tokens: int, finish: tuple[str, int, int] | None = None) -> dict:
+    """A TokenChunk(..., finish=Finish(request_id, *finish)) as the codec puts it on the wire,
     without the generic field walk (one of these per token per request)."""
     finish_fields = None if finish is None else {
         "request_id": request_id, "reason": finish[0], "num_prompt_tokens": finish[1],
         "num_completion_tokens": finish[2], "kv_offer": None}
-    return msgpack.packb([PROTOCOL_VERSION, "token_chunk",
-                          {"request_id": request_id, "token_ids": token_ids, "logprobs": logprobs,
-                           "num_cached_tokens": num_cached_tokens, "finish": finish_fields}],
-                         use_bin_type=True)
+    return {"request_id": request_id, "token_ids": token_ids, "logprobs": logprobs,
+            "num_cached_tokens": num_cached_tokens, "finish": finish_fields}
+
+
+def encode_token_chunks(chunks: list[dict]) -> bytes:
+    """REQUEST_CODEC.encode(TokenChunks([...])) byte for byte, from `token_chunk_fields` maps."""
+    return msgpack.packb([PROTOCOL_VERSION, "token_chunks", {"chunks": chunks}], use_bin_type=True)
 
 
 def engine_request(msg: GenerateRequest) -> EngineRequest:

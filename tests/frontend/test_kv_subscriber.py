@@ -10,7 +10,7 @@ import zmq.asyncio
 from dyn.config.recipe import RouterSpec
 from dyn.control.kv_events import KvSnapshot, KvSnapshotRequest
 from dyn.control.sampling import SamplingParams
-from dyn.control.requests import REQUEST_CODEC, Finish, GenerateRequest
+from dyn.control.requests import REQUEST_CODEC, Finish, GenerateRequest, unbatched
 from dyn.control.sockets import Security, client_socket, server_socket
 from dyn.frontend.kv_subscriber import KvEventSubscriber
 from dyn.kv.hashing import hash_blocks
@@ -34,8 +34,8 @@ def test_events_and_snapshots_track_a_live_worker(tmp_path):
             async def generate(rid: str, prompt: list[int]) -> None:
                 await requests.send(REQUEST_CODEC.encode(GenerateRequest(rid, prompt, SamplingParams(max_tokens=2))))
                 while True:
-                    reply = REQUEST_CODEC.decode(await asyncio.wait_for(requests.recv(), 20))
-                    if isinstance(reply, Finish) or getattr(reply, "finish", None) is not None:
+                    replies = unbatched(REQUEST_CODEC.decode(await asyncio.wait_for(requests.recv(), 20)))
+                    if any(isinstance(r, Finish) or getattr(r, "finish", None) is not None for r in replies):
                         break
 
             # the worker caches a prompt before anyone subscribes

@@ -8,7 +8,7 @@ import msgpack
 import zmq.asyncio
 
 from dyn import PROTOCOL_VERSION
-from dyn.control.requests import REQUEST_CODEC, Finish, TokenChunk
+from dyn.control.requests import REQUEST_CODEC, Finish, TokenChunk, TokenChunks
 from dyn.control.sockets import BadMessages, Security
 from dyn.frontend.workers import WorkerLimits, WorkerPool, _decode
 
@@ -52,35 +52,38 @@ def test_in_flight_counts_drive_queue_depth():
 
 def test_fast_decode_matches_the_codec():
     bad = BadMessages("t")
-    chunk = TokenChunk("r1", [1, 2, 3], [-0.5, -1.0, 0.0], 16)
-    assert _decode(memoryview(REQUEST_CODEC.encode(chunk)), bad) == chunk
     finish = Finish("r1", "stop", 3, 4, kv_offer={"a": 1})
-    assert _decode(memoryview(REQUEST_CODEC.encode(finish)), bad) == finish
-    for last in (TokenChunk("r1", [9], None, 0, Finish("r1", "length", 3, 4)),
-                 TokenChunk("r1", [9], None, 0, finish)):  # an offer takes the codec's path, same result
-        assert _decode(memoryview(REQUEST_CODEC.encode(last)), bad) == last
+    batches = [TokenChunks([TokenChunk("r1", [1, 2, 3], [-0.5, -1.0, 0.0], 16)]),
+               TokenChunks([TokenChunk("r1", [9], None, 0, Finish("r1", "length", 3, 4)), TokenChunk("r2", [7])]),
+               TokenChunks([TokenChunk("r1", [9], None, 0, finish)])]  # an offer takes the codec's path
+    for message in (*batches, finish, TokenChunk("r3", [5])):
+        assert _decode(memoryview(REQUEST_CODEC.encode(message)), bad) == message
     assert bad.total == 0
 
 
 def test_fast_decode_rejects_what_the_codec_rejects():
     bad = BadMessages("t")
-    frames = [
-        [PROTOCOL_VERSION, "token_chunk", {"request_id": "r", "token_ids": [True]}],
-        [PROTOCOL_VERSION, "token_chunk", {"request_id": "r", "token_ids": [1], "extra": 1}],
-        [PROTOCOL_VERSION, "token_chunk", {"request_id": 7, "token_ids": [1]}],
-        [PROTOCOL_VERSION + 1, "token_chunk", {"request_id": "r", "token_ids": [1]}],
-        [PROTOCOL_VERSION, "token_chunk", {"request_id": "r", "token_ids": [1], "logprobs": ["x"]}],
-        [PROTOCOL_VERSION, "token_chunk", {"request_id": "r", "token_ids": [1], "finish": {"request_id": "r"}}],
-        [PROTOCOL_VERSION, "token_chunk", {"request_id": "r", "token_ids": [1],
-                                           "finish": {"request_id": "r", "reason": "stop", "num_prompt_tokens": True}}],
-        [PROTOCOL_VERSION, "token_chunk", {"request_id": "r", "token_ids": [1],
-                                           "finish": {"request_id": "r", "reason": "stop", "evil": 1}}],
-        [PROTOCOL_VERSION, "token_chunk", {"request_id": "r", "token_ids": [1], "finish": "stop"}],
+    good = {"request_id": "r", "token_ids": [1]}
+    chunks = [
+        {"request_id": "r", "token_ids": [True]},
+        {"request_id": "r", "token_ids": [1], "extra": 1},
+        {"request_id": 7, "token_ids": [1]},
+        {"request_id": "r", "token_ids": [1], "logprobs": ["x"]},
+        {"request_id": "r", "token_ids": [1], "finish": {"request_id": "r"}},
+        {"request_id": "r", "token_ids": [1], "finish": {"request_id": "r", "reason": "stop", "num_prompt_tokens": True}},
+        {"request_id": "r", "token_ids": [1], "finish": {"request_id": "r", "reason": "stop", "evil": 1}},
+        {"request_id": "r", "token_ids": [1], "finish": "stop"},
+    ]
+    frames = [[PROTOCOL_VERSION, "token_chunks", {"chunks": [good, chunk]}] for chunk in chunks] + [
+        [PROTOCOL_VERSION - 1, "token_chunks", {"chunks": [good]}],  # a peer of another version
+        [PROTOCOL_VERSION, "token_chunks", {"chunks": [good], "extra": 1}],
+        [PROTOCOL_VERSION, "token_chunks", {"chunks": good}],
     ]
     for frame in frames:
         assert _decode(memoryview(msgpack.packb(frame)), bad) is None
     assert _decode(memoryview(b"\xc1garbage"), bad) is None
     assert bad.total == len(frames) + 1
+    assert bad.counts[f"protocol version {PROTOCOL_VERSION - 1}, expected {PROTOCOL_VERSION}"] == 1  # says both
 
 
 def test_kv_snapshots_ride_the_request_plane():

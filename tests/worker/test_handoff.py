@@ -9,7 +9,7 @@ import zmq
 import zmq.asyncio
 
 from dyn.control.sampling import SamplingParams
-from dyn.control.requests import REQUEST_CODEC, Finish, GenerateRequest, TokenChunk
+from dyn.control.requests import REQUEST_CODEC, Finish, GenerateRequest, TokenChunk, unbatched
 from dyn.control.sockets import Security, client_socket, server_socket
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -23,14 +23,14 @@ async def _generate(sock, msg: GenerateRequest) -> tuple[list[int], Finish]:
     await sock.send(REQUEST_CODEC.encode(msg))
     tokens: list[int] = []
     while True:
-        reply = REQUEST_CODEC.decode(await asyncio.wait_for(sock.recv(), 20))
-        if isinstance(reply, TokenChunk):
-            tokens += reply.token_ids
-            if reply.finish is not None:  # the stream's end, carried by its last chunk
-                return tokens, reply.finish
-        else:
-            assert isinstance(reply, Finish), reply
-            return tokens, reply
+        for reply in unbatched(REQUEST_CODEC.decode(await asyncio.wait_for(sock.recv(), 20))):
+            if isinstance(reply, TokenChunk):
+                tokens += reply.token_ids
+                if reply.finish is not None:  # the stream's end, carried by its last chunk
+                    return tokens, reply.finish
+            else:
+                assert isinstance(reply, Finish), reply
+                return tokens, reply
 
 
 @pytest.mark.parametrize("break_offer", [None, "unreachable", "unreadable"])

@@ -16,7 +16,8 @@ from dyn.config.process import ProcessConfig
 from dyn.control.keys import DeploymentKeys, write_private
 from dyn.control.messages import CONTROL_CODEC, Command, Heartbeat, Register, RegisterAck
 from dyn.control.sampling import SamplingParams
-from dyn.control.requests import REQUEST_CODEC, Cancel, Finish, GenerateRequest, RequestFailed, TokenChunk
+from dyn.control.requests import (REQUEST_CODEC, Cancel, Finish, GenerateRequest, RequestFailed, TokenChunk,
+                                  TokenChunks, unbatched)
 from dyn.control.sockets import Security, client_socket, server_socket
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,14 +91,14 @@ async def _ack_forever(daemon: zmq.asyncio.Socket) -> None:
 async def _collect(sock, request_id: str) -> tuple[list[int], object]:
     tokens: list[int] = []
     while True:
-        msg = REQUEST_CODEC.decode(await asyncio.wait_for(sock.recv(), 20))
-        assert msg.request_id == request_id
-        if isinstance(msg, TokenChunk):
-            tokens.extend(msg.token_ids)
-            if msg.finish is not None:  # the stream's end, carried by its last chunk
-                return tokens, msg.finish
-        else:
-            return tokens, msg
+        for msg in unbatched(REQUEST_CODEC.decode(await asyncio.wait_for(sock.recv(), 20))):
+            assert msg.request_id == request_id
+            if isinstance(msg, TokenChunk):
+                tokens.extend(msg.token_ids)
+                if msg.finish is not None:  # the stream's end, carried by its last chunk
+                    return tokens, msg.finish
+            else:
+                return tokens, msg
 
 
 def test_worker_registers_serves_cancels_and_stops(tmp_path):
@@ -132,7 +133,7 @@ def test_worker_registers_serves_cancels_and_stops(tmp_path):
             # cancel mid-stream ends the stream with reason abort
             await frontend.send(REQUEST_CODEC.encode(GenerateRequest("long", prompt, SamplingParams(max_tokens=2000))))
             first = REQUEST_CODEC.decode(await asyncio.wait_for(frontend.recv(), 20))
-            assert isinstance(first, TokenChunk)
+            assert isinstance(first, TokenChunks) and [c.request_id for c in first.chunks] == ["long"]
             await frontend.send(REQUEST_CODEC.encode(Cancel("long")))
             tokens, end = await _collect(frontend, "long")
             assert isinstance(end, Finish) and end.reason == "abort" and end.num_completion_tokens < 2000
@@ -181,7 +182,7 @@ def test_sigterm_fails_in_flight_requests_explicitly(tmp_path):
             frontend = client_socket(ctx, zmq.DEALER, reg.addresses["request"], Security())
             await frontend.send(REQUEST_CODEC.encode(GenerateRequest(
                 "r", [1, 2, 3], SamplingParams(max_tokens=100000, ignore_eos=True))))
-            assert isinstance(REQUEST_CODEC.decode(await asyncio.wait_for(frontend.recv(), 20)), TokenChunk)
+            assert isinstance(REQUEST_CODEC.decode(await asyncio.wait_for(frontend.recv(), 20)), TokenChunks)
             os.kill(proc.pid, signal.SIGTERM)
             _, end = await _collect(frontend, "r")
             assert isinstance(end, RequestFailed) and end.retryable
@@ -194,19 +195,16 @@ def test_sigterm_fails_in_flight_requests_explicitly(tmp_path):
     asyncio.run(scenario())
 
 
-def test_token_chunk_fast_encoding_is_the_codecs_byte_for_byte():
-    from dyn.control.requests import REQUEST_CODEC, TokenChunk
-    from dyn.worker.request_server import encode_token_chunk
+def test_token_chunks_fast_encoding_is_the_codecs_byte_for_byte():
+    from dyn.worker.request_server import encode_token_chunks, token_chunk_fields
 
-    from dyn.control.requests import Finish
-
-    for chunk in (TokenChunk("r-1", [5, 6], None, 0), TokenChunk("ü", [1], [-0.5], 12),
-                  TokenChunk("r-2", [3], None, 4, Finish("r-2", "length", 20, 7))):
-        finish = chunk.finish
-        data = encode_token_chunk(chunk.request_id, chunk.token_ids, chunk.logprobs, chunk.num_cached_tokens,
-                                  None if finish is None else (finish.reason, finish.num_prompt_tokens,
-                                                               finish.num_completion_tokens))
-        assert data == REQUEST_CODEC.encode(chunk) and REQUEST_CODEC.decode(data) == chunk
+    chunks = [TokenChunk("r-1", [5, 6], None, 0), TokenChunk("ü", [1], [-0.5], 12),
+              TokenChunk("r-2", [3], None, 4, Finish("r-2", "length", 20, 7))]
+    data = encode_token_chunks([token_chunk_fields(
+        c.request_id, c.token_ids, c.logprobs, c.num_cached_tokens,
+        None if c.finish is None else (c.finish.reason, c.finish.num_prompt_tokens, c.finish.num_completion_tokens))
+        for c in chunks])
+    assert data == REQUEST_CODEC.encode(TokenChunks(chunks)) and REQUEST_CODEC.decode(data) == TokenChunks(chunks)
 
 
 def test_outputs_of_several_steps_join_per_request_in_order():
