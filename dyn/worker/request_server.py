@@ -259,7 +259,10 @@ class RequestServer:
 
 def _merge_outputs(outputs: list[TokenOutput]) -> list[TokenOutput]:
     """Join each request's consecutive outputs into one (tokens and logprobs in order; the
-    finishing output's fields win); nothing joins an output that already finished."""
+    finishing output's fields win); nothing joins an output that already finished. Outputs of
+    one step (one per request, as a per-step hand-off delivers them) come back as they are."""
+    if len({out.request_id for out in outputs}) == len(outputs):
+        return outputs
     merged: list[TokenOutput] = []
     last: dict[str, TokenOutput] = {}
     for out in outputs:

@@ -220,3 +220,5 @@ def test_outputs_of_several_steps_join_per_request_in_order():
     assert merged[0].num_cached_tokens == 16 and steps[0].token_ids == [1]  # inputs untouched
     with_lp = _merge_outputs([TokenOutput("c", [1], logprobs=[-0.1]), TokenOutput("c", [2], logprobs=[-0.2])])
     assert with_lp[0].token_ids == [1, 2] and with_lp[0].logprobs == [-0.1, -0.2]
+    one_step = [TokenOutput("a", [4]), TokenOutput("b", [5], True, "stop")]
+    assert _merge_outputs(one_step) == [TokenOutput("a", [4]), TokenOutput("b", [5], True, "stop")]
