@@ -41,7 +41,7 @@ async def run_workers(keys_path: str, num: int) -> None:
     import zmq.asyncio
 
     from dyn.control.keys import DeploymentKeys
-    from dyn.control.requests import REQUEST_CODEC, Finish, GenerateRequest, TokenChunk
+    from dyn.control.requests import REQUEST_CODEC, Finish, GenerateRequest, TokenChunk, TokenChunks
     from dyn.control.sockets import Security, server_socket
 
     keys = DeploymentKeys.load(Path(keys_path))
@@ -55,7 +55,8 @@ async def run_workers(keys_path: str, num: int) -> None:
                 continue
             rid, n = msg.request_id, msg.sampling.max_tokens or 16
             for i in range(n):
-                sock.send_multipart([client, encode(TokenChunk(rid, [1000 + i]))])
+                # (as a worker sends a step's chunks: one TokenChunks frame, here of one request)
+                sock.send_multipart([client, encode(TokenChunks([TokenChunk(rid, [1000 + i])]))])
             await sock.send_multipart([client, encode(Finish(rid, "length", len(msg.prompt_token_ids), n))])
 
     addresses, tasks, securities = [], [], []
