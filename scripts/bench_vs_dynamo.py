@@ -22,6 +22,10 @@ spreads a request's tokens out (measured here: 0.4-1.4 ms between tokens at thes
 first token comes early; dyn's zero-time mock runs a request's steps back to back, so its requests
 wait before their first token and then finish within ~1-3 ms.
 
+Security differs by default: dyn authenticates and encrypts its request and event planes (CURVE),
+Dynamo 1.6.1's TCP request plane and ZMQ event plane are plaintext unless its TLS variables are
+set. `--plaintext` adds a dyn row with `auth: {curve: false}`, the like-for-like one on this point.
+
 A change measured against the code before it, in the same interleaved rounds: add
 `--before-dyn /path/to/other/checkout/.venv/bin/dyn` (rows "dyn before"). A rack's worth of
 mock workers, where the frontend's routing over every worker is what is measured:
@@ -59,21 +63,25 @@ workers:
   both: {{replicas: {workers}, max_batch_size: 64}}
 router: {{policy: {policy}}}
 frontend: {{host: 127.0.0.1, port: {port}, replicas: {replicas}}}
+auth: {{curve: {curve}}}
 """
 
 
 class DynSystem:
     def __init__(self, state: Path, peer: Path, port: int, replicas: int, workers: int, kv_blocks: int,
-                 policy: str = "kv", dyn: str = DYN, tag: str = "", mock_stream: str = "coalesced") -> None:
+                 policy: str = "kv", dyn: str = DYN, tag: str = "", mock_stream: str = "coalesced",
+                 curve: bool = True) -> None:
         self.dyn = dyn
-        self.name = f"vs-r{replicas}-{policy.replace('_', '-')}{'-' + tag if tag else ''}"
+        self.name = (f"vs-r{replicas}-{policy.replace('_', '-')}{'-' + tag if tag else ''}"
+                     f"{'' if curve else '-plain'}")
         self.label = (f"dyn{' ' + tag if tag else ''} ({replicas} frontend{'s' if replicas > 1 else ''}"
-                      f"{'' if policy == 'kv' else ', ' + policy})")
+                      f"{'' if policy == 'kv' else ', ' + policy}{'' if curve else ', no CURVE'})")
         self.url = f"http://127.0.0.1:{port}"
         self.env = {**os.environ, "DYN_STATE_DIR": str(state / "state"), "DYN_NODE_STATE_DIR": str(state / "nodes")}
         self.recipe = state / f"{self.name}.yaml"
         self.recipe.write_text(RECIPE.format(name=self.name, model=peer / "model", port=port, replicas=replicas,
                                              workers=workers, kv_blocks=kv_blocks, policy=policy,
+                                             curve="true" if curve else "false",
                                              mock_stream_line=("" if mock_stream == "coalesced"
                                                                else f"  mock_stream: {mock_stream}\n")))
         self.workers = workers
@@ -189,6 +197,9 @@ def main() -> None:
     ap.add_argument("--before-dyn", default=None,
                     help="also run another dyn checkout's CLI (e.g. /work/main/.venv/bin/dyn), labelled "
                          "'dyn before', same replica counts: an interleaved A/B of a change")
+    ap.add_argument("--plaintext", action="store_true",
+                    help="also run dyn with one frontend and auth.curve: false: dyn encrypts its request and "
+                         "event planes by default (CURVE), Dynamo's TCP request plane is plaintext")
     ap.add_argument("--out", type=Path, default=None, help="also write every run as JSON here")
     ap.add_argument("--mock-stream", choices=("coalesced", "per_step"), default="per_step",
                     help="dyn's mock hands over each step's tokens on their own (per_step, the default: one "
@@ -209,6 +220,9 @@ def main() -> None:
     if a.baseline_policy:
         systems.append(DynSystem(state, a.peer_dir, a.port + len(systems), 1, a.workers, a.kv_blocks,
                                  a.baseline_policy, mock_stream=a.mock_stream))
+    if a.plaintext:
+        systems.append(DynSystem(state, a.peer_dir, a.port + len(systems), 1, a.workers, a.kv_blocks,
+                                 mock_stream=a.mock_stream, curve=False))
     if not a.no_dynamo:
         systems.append(DynamoSystem(a.peer_dir, a.dynamo_port, a.workers))
     results: list[dict] = []
