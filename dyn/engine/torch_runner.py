@@ -51,8 +51,7 @@ class TorchModelRunner(ModelRunner):
         self.kv_on_cuda = self.device.type == "cuda"
         shape = (num_blocks, 2, c.num_layers, block_size, c.num_kv_heads, c.head_dim)
         if self.device.type == "cpu":  # huge pages: a same-host decode worker reads blocks ~3x faster
-            element_bytes = torch.empty((), dtype=model.dtype).element_size()
-            host = host_pool(math.prod(shape) * element_bytes)
+            host = host_pool(math.prod(shape) * model.dtype.itemsize)
             self.pool = torch.frombuffer(host, dtype=torch.uint8).view(model.dtype).view(shape)
         else:
             self.pool = torch.zeros(shape, dtype=model.dtype, device=model.device)
