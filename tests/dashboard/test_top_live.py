@@ -163,8 +163,15 @@ def test_metrics_endpoints_parse_and_counters_move(deployment):
     generated = sum(_total(after[w], "dyn_worker_generated_tokens_total") for w in engines)
     assert generated > sum(_total(before[w], "dyn_worker_generated_tokens_total") for w in engines)
     assert _total(after["frontend"], "dyn_frontend_ttft_seconds_count") >= 4
-    assert _total(after["daemon"], "dyn_daemon_control_messages_total") > \
-        _total(before["daemon"], "dyn_daemon_control_messages_total")
+    # The daemon counts control messages (heartbeats among them, one a second per process): the
+    # chats may all finish between two heartbeats, so wait for the next one (bounded).
+    control_before = _total(before["daemon"], "dyn_daemon_control_messages_total")
+    deadline = time.monotonic() + 5
+    while _total(after["daemon"], "dyn_daemon_control_messages_total") <= control_before \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+        after["daemon"] = _scrape(urls["daemon"])
+    assert _total(after["daemon"], "dyn_daemon_control_messages_total") > control_before
     assert _total(after["decode-0"], "process_cpu_seconds_total") > 0
 
 
