@@ -38,13 +38,13 @@ import zmq.asyncio
 from dyn.config.recipe import ShuttleSpec
 from dyn.control.sockets import Security, client_socket
 from dyn.errors import ProtocolError
+from dyn.shuttle import cma
 from dyn.shuttle.blocks import CHECKSUM, check_views, is_cuda
 from dyn.shuttle.errors import TransferError
 from dyn.shuttle.hosts import local_host_id
 from dyn.shuttle.transports import make_receiver
 from dyn.shuttle.transports.base import RecvTransport
 from dyn.shuttle.transports.shm import ShmReceiver
-from dyn.shuttle import cma
 from dyn.shuttle.wire import (CODEC, MAX_CONTROL_BYTES, SHM_DIRECT, SHM_MODES, SHM_RING, Blocks, Credit, Done, End,
                               OfferDescriptor, Pull, Reject, Taken)
 
@@ -218,7 +218,7 @@ class ShuttleReceiver:
             self._after_direct_failure(exc)
             raise
         finally:
-            key = (offer.address, max(MAX_CONTROL_BYTES, offer.block_bytes + 1024))
+            key = _conn_key(offer)
             conn = self._connect(key)
             try:
                 conn.sock.send(CODEC.encode(Taken(offer_id=offer.offer_id, ok=ok, num_blocks=len(missing_idx),
@@ -234,7 +234,7 @@ class ShuttleReceiver:
         block_bytes = offer.block_bytes
         credit = max(self.config.credit_bytes, block_bytes)
         transfer_id = secrets.token_hex(8)
-        key = (offer.address, max(MAX_CONTROL_BYTES, block_bytes + 1024))
+        key = _conn_key(offer)
         conn = self._connect(key)
         sock = conn.sock
         ok = False
@@ -368,6 +368,11 @@ class ShuttleReceiver:
             if len(expected_hashes) != num:
                 raise TransferError(f"offer has {num} blocks, this prompt {len(expected_hashes)}",
                                     reason="hash_mismatch", request_id=rid)
+
+
+def _conn_key(offer: OfferDescriptor) -> tuple[str, int]:
+    """Which idle sockets fit this offer's pulls: same sender, room for a block plus its header."""
+    return offer.address, max(MAX_CONTROL_BYTES, offer.block_bytes + 1024)
 
 
 def _check_chunk(msg: Blocks, seq: int, pos: int, missing_idx: list[int], offer: OfferDescriptor,

@@ -101,6 +101,7 @@ class ShmSender(SendTransport):
             await self._send_direct(job)
             return
         ring = self.ring
+        fenced = job.shm_mode == SHM_RING
         # A whole slot per message when the receiver's window allows it (fewer round trips).
         job.chunk_bytes = min(self.slot_bytes, max(job.chunk_bytes, job.window_bytes))
         for seq, chunk in enumerate(job.chunks()):
@@ -114,7 +115,6 @@ class ShmSender(SendTransport):
                                     reason="timeout", request_id=job.request_id) from None
             job.held_slots.add(slot)
             dest = ring.slot_array(slot)
-            fenced = job.shm_mode == SHM_RING
             sums = []
             ring.begin_write(slot)
             for k, i in enumerate(chunk):
