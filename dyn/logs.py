@@ -39,10 +39,10 @@ def setup_process_logging(deployment: str, process_id: str, *, level: int = logg
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # The JSON lines never show the caller's file/line, thread or process (the process is in
-    # every line already): skip gathering them for each record, as the logging HOWTO's
-    # "Optimization" section describes (a worker logs a line per finished request).
+    # The JSON lines never show the caller's file/line or thread: skip gathering them for each
+    # record, as the logging HOWTO's "Optimization" section describes (a worker logs a line per
+    # finished request). The pid stays: a library's own handler may print it with %(process)d
+    # (vLLM's does; None there fails every one of its lines).
     logging._srcfile = None
     logging.logThreads = False
-    logging.logProcesses = False
     logging.logMultiprocessing = False
