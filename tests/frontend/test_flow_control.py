@@ -101,7 +101,7 @@ def test_worker_refusal_retries_then_503():
 
 
 def test_health_is_503_without_decode_workers():
-    with Harness(make_recipe("disaggregated"), [("p0", "prefill")]) as h:
+    with Harness(make_recipe("disaggregated"), [("p0", "prefill")], stall_timeout_s=0.5) as h:
         async def go():
             async with aiohttp.ClientSession() as s:
                 async with s.get(f"http://127.0.0.1:{h.port}/health") as r:
