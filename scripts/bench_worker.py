@@ -144,7 +144,7 @@ def workload(n: int, groups: int, seed: int = 1) -> list[list[int]]:
 
 
 async def run_load(ctx: zmq.asyncio.Context, worker: Worker, keys: DeploymentKeys, prompts: list[list[int]],
-                   concurrency: int, max_tokens: int, tag: str) -> dict:
+                   concurrency: int, max_tokens: int, tag: str, hold_s: float = 0.0) -> dict:
     sock = client_socket(ctx, zmq.DEALER, worker.address, Security.from_keys(keys.for_process("frontend")))
     waiters: dict[str, asyncio.Future] = {}
     counts = {"messages": 0, "frames": 0, "tokens": 0}
@@ -177,8 +177,10 @@ async def run_load(ctx: zmq.asyncio.Context, worker: Worker, keys: DeploymentKey
             done = asyncio.get_running_loop().create_future()
             waiters[rid] = done
             _, kind, fields = msgpack.unpackb(REQUEST_CODEC.encode(GenerateRequest(
-                rid, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True))))
-            await sock.send(msgpack.packb([worker.version, kind, fields]))  # (same fields in protocols 3-4)
+                rid, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), hold_s=hold_s)))
+            if worker.version < 5:  # (the same fields in protocols 3-4; 5 added hold_s)
+                del fields["hold_s"]
+            await sock.send(msgpack.packb([worker.version, kind, fields]))
             await done
 
     receiver = asyncio.create_task(receive())
@@ -220,7 +222,7 @@ async def main_async(a: argparse.Namespace) -> list[dict]:
         for rnd in range(a.rounds):
             for w in (workers if rnd % 2 == 0 else workers[::-1]):
                 r = await run_load(ctx, w, keys, workload(a.requests, a.groups, seed=rnd), a.concurrency,
-                                   a.max_tokens, f"r{rnd}")
+                                   a.max_tokens, f"r{rnd}", a.hold_s)
                 r["idle_cpu_percent"] = await idle_cpu(w, a.idle_s) if a.idle_s > 0 else None
                 r["round"] = rnd
                 results.append(r)
@@ -260,6 +262,9 @@ def main() -> None:
     ap.add_argument("--mock-stream", choices=("coalesced", "per_step"), default="coalesced",
                     help="recipe model.mock_stream: per_step sends every step's tokens on their own, as an "
                          "engine whose steps take time (both checkouts must know the field)")
+    ap.add_argument("--hold-s", type=float, default=0.0,
+                    help="GenerateRequest.hold_s, as a frontend sets it for a non-streaming request (0.5); a "
+                         "worker of protocol 4 or older does not know the field and streams every step")
     ap.add_argument("--idle-s", type=float, default=5.0, help="idle CPU measured this long after each run")
     a = ap.parse_args()
     results = asyncio.run(main_async(a))

@@ -42,6 +42,12 @@ class GenerateRequest(Message):
     speculative: bool = False
     """A speculative next-turn prefill: refused when the worker has a queue (cancelled under
     pressure), runs at low priority."""
+    hold_s: float = 0.0
+    """The client reads only the whole answer (non-streaming, no stop strings): after the first
+    token the worker may keep this request's tokens back for up to hold_s and send them together,
+    one message per request instead of one per engine step. The first token still goes at once
+    (TTFT, and the router's view of which prompts are still queued for prefill), and a long
+    answer still arrives every hold_s, well inside the frontend's stall deadline."""
 
 
 @dataclass(slots=True)

@@ -46,6 +46,9 @@ UNMEASURED_RELAUNCH_S = 30.0
 """Relaunch time assumed before the daemon has measured one (a worker start on a loaded host)."""
 MAX_RELAUNCH_WAIT_S = 600.0
 """Cap of the derived wait for a relaunching worker (a client's patience, not the worker's)."""
+MAX_HOLD_S = 0.5
+"""Longest a worker keeps a non-streaming request's tokens back (GenerateRequest.hold_s); a
+quarter of router.stall_timeout_s when that is shorter, so a held answer never looks stalled."""
 _RETRYABLE = frozenset({"overloaded", "worker_lost", WORKER_GONE, "internal", "kv_transfer"})
 _LOST = frozenset({"worker_lost", WORKER_GONE})
 _UNHEALTHY = frozenset({"worker_lost", "internal"})
@@ -67,6 +70,7 @@ class Dispatcher:
         self.metrics = metrics
         self.max_context = max_context
         self.stall_timeout_s = stall_timeout_s
+        self.hold_s = min(MAX_HOLD_S, stall_timeout_s / 4)
         self.max_migrations = max_migrations
         self.relaunch_wait_s = relaunch_wait_s
         """router.relaunch_wait_s (None: derived from the daemon's measured relaunch time)."""
@@ -216,7 +220,8 @@ class _Run(WorkerStream):
 
     async def _decode(self, worker_id: str, offer: dict) -> AsyncIterator[Piece]:
         request = GenerateRequest(self.rid, self.prompt, self._sampling(), salt=self.salt,
-                                  kv_source=offer, first_token=self.emitted[0], **self._hint_fields())
+                                  kv_source=offer, first_token=self.emitted[0], hold_s=self._hold_s(),
+                                  **self._hint_fields())
         async with aclosing(self._follow(worker_id, request)) as pieces:
             async for piece in pieces:
                 yield piece
@@ -233,7 +238,7 @@ class _Run(WorkerStream):
             # Resume after what the client already has: same tokens under greedy decoding.
             request = GenerateRequest(self.rid, self.prompt + self.emitted,
                                       self._sampling(self.max_tokens - len(self.emitted)),
-                                      salt=self.salt, **self._hint_fields())
+                                      salt=self.salt, hold_s=self._hold_s(), **self._hint_fields())
             try:
                 async with aclosing(self._follow(worker_id, request)) as pieces:
                     async for piece in pieces:
@@ -316,6 +321,13 @@ class _Run(WorkerStream):
     def _hint_fields(self) -> dict:
         """The request's agent hints as GenerateRequest fields (priority, retention, session)."""
         return hint_fields(self.req, self.d.routing.block_size, self.d.kv_tiers)
+
+    def _hold_s(self) -> float:
+        """How long the worker may keep this request's tokens back: a client that reads only the
+        whole answer sees no difference (without stop strings, which are matched here as the
+        text grows, so a worker can be stopped early), and the request costs a message or two
+        instead of one per engine step on both ends."""
+        return 0.0 if self.req.stream or self.req.sampling.stop else self.d.hold_s
 
     def _note_failure(self, worker_id: str, failure: RequestFailed) -> None:
         if failure.code in _UNHEALTHY:

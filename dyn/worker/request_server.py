@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -41,6 +42,12 @@ class Stream:
     prefill_only: bool = False
     num_completion_tokens: int = 0
     kv_offer: dict | None = None
+    hold_s: float = 0.0
+    """GenerateRequest.hold_s: how long tokens after the first may be kept back."""
+    held: TokenOutput | None = None
+    """Tokens kept back (hold_s), oldest first; sent together when they have waited hold_s or
+    the request ends."""
+    held_since: float = 0.0
 
 
 class RequestServer:
@@ -147,7 +154,8 @@ class RequestServer:
         except RequestError as exc:
             self._fail(client, rid, "bad_request", str(exc), False)
             return
-        stream = Stream(rid, client, len(msg.prompt_token_ids), prefill_only=msg.prefill_only)
+        stream = Stream(rid, client, len(msg.prompt_token_ids), prefill_only=msg.prefill_only,
+                        hold_s=0.0 if msg.prefill_only else msg.hold_s)
         self._streams[rid] = stream  # before the engine sees it: its outputs look the stream up
         if msg.speculative:
             self._speculative.add(rid)
@@ -206,10 +214,16 @@ class RequestServer:
         without tokens, in order (a request's chunk precedes its end)."""
         chunks: dict[bytes, list[dict]] = {}
         replies: dict[bytes, list[bytes]] = {}
+        now = 0.0
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
+            if stream.hold_s and stream.num_completion_tokens:
+                now = now or time.monotonic()
+                out = _hold(stream, out, now)
+                if out is None:
+                    continue
             stream.num_completion_tokens += len(out.token_ids)
             finish = None
             if out.finished:
@@ -255,6 +269,28 @@ class RequestServer:
 
     def _send(self, client: bytes, message) -> None:
         self._router.send(client, REQUEST_CODEC.encode(message))
+
+
+def _hold(stream: Stream, out: TokenOutput, now: float) -> TokenOutput | None:
+    """A step's output of a request whose tokens may be kept back (hold_s, after its first token
+    went out): None while they are kept, else everything kept so far with this output, to send."""
+    held = stream.held
+    if held is None:
+        if out.finished:
+            return out
+        stream.held = TokenOutput(out.request_id, list(out.token_ids), False, None, None,
+                                  list(out.logprobs) if out.logprobs is not None else None,
+                                  out.num_cached_tokens)
+        stream.held_since = now
+        return None
+    held.token_ids.extend(out.token_ids)
+    if held.logprobs is not None and out.logprobs is not None:
+        held.logprobs.extend(out.logprobs)
+    if not out.finished and now - stream.held_since < stream.hold_s:
+        return None
+    held.finished, held.finish_reason, held.error = out.finished, out.finish_reason, out.error
+    stream.held = None
+    return held
 
 
 def _merge_outputs(outputs: list[TokenOutput]) -> list[TokenOutput]:

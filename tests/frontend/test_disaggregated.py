@@ -38,6 +38,8 @@ def test_long_prompt_prefills_remotely_and_matches_aggregated(stream):
                                      "num_tokens": len(LONG)}
         assert handoff.first_token == ord(text[0])
         assert handoff.prompt_token_ids == list(LONG.encode())
+        # a client that reads only the whole answer lets the decode worker hold its tokens back
+        assert (prefill.requests[0].hold_s, handoff.hold_s) == (0.0, 0.0 if stream else 0.5)
     with Harness(make_recipe("aggregated"), [("w0", "both")]) as agg:
         agg_text, agg_reason = _complete(agg, LONG, 12, stream)
     assert text == agg_text == _expected(LONG, 12)
@@ -69,3 +71,16 @@ def test_one_token_request_needs_no_decode_worker():
         text, reason = _complete(h, LONG, 1, False)
         assert text == _expected(LONG, 1) and reason == "length"
         assert h.workers["d0"].requests == []
+
+
+def test_only_a_client_reading_the_whole_answer_lets_the_worker_hold_tokens():
+    """hold_s: non-streaming without stop strings (those are matched here as the text grows);
+    a streaming client sees every step."""
+    with Harness(make_recipe("aggregated"), [("w0", "both")], stall_timeout_s=1.0) as h:
+        with openai.OpenAI(base_url=h.base_url, api_key="x", max_retries=0, timeout=10) as c:
+            whole = c.completions.create(model=MODEL, prompt=SHORT, max_tokens=6).choices[0].text
+            c.completions.create(model=MODEL, prompt=SHORT, max_tokens=6, stop=["zz"])
+            streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+                model=MODEL, prompt=SHORT, max_tokens=6, stream=True))
+        assert [r.hold_s for r in h.workers["w0"].requests] == [0.25, 0.0, 0.0]  # stall_timeout_s / 4
+        assert whole == streamed == _expected(SHORT, 6)

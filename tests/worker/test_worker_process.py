@@ -101,6 +101,17 @@ async def _collect(sock, request_id: str) -> tuple[list[int], object]:
                 return tokens, msg
 
 
+async def _chunk_sizes(sock, request_id: str) -> tuple[list[int], object]:
+    """The sizes of a request's token chunks as they arrived, and how it ended."""
+    sizes: list[int] = []
+    while True:
+        for msg in unbatched(REQUEST_CODEC.decode(await asyncio.wait_for(sock.recv(), 20))):
+            assert msg.request_id == request_id and isinstance(msg, TokenChunk)
+            sizes.append(len(msg.token_ids))
+            if msg.finish is not None:
+                return sizes, msg.finish
+
+
 def test_worker_registers_serves_cancels_and_stops(tmp_path):
     keys = DeploymentKeys.generate(["daemon", "worker-0", "frontend"])
 
@@ -124,6 +135,17 @@ def test_worker_registers_serves_cancels_and_stops(tmp_path):
             tokens, end = await _collect(frontend, "r1")
             assert len(tokens) == 5 and isinstance(end, Finish)
             assert (end.reason, end.num_prompt_tokens, end.num_completion_tokens) == ("length", 39, 5)
+
+            # a non-streaming client's request (hold_s): the first output at once, the rest together
+            await frontend.send(REQUEST_CODEC.encode(GenerateRequest("held", prompt, SamplingParams(max_tokens=40),
+                                                                     hold_s=30.0)))
+            sizes, end = await _chunk_sizes(frontend, "held")
+            assert len(sizes) == 2 and sum(sizes) == 40 and isinstance(end, Finish) and end.num_completion_tokens == 40
+            # ... and never longer than hold_s (40 steps of 2 ms, held 10 ms at a time)
+            await frontend.send(REQUEST_CODEC.encode(GenerateRequest("short", prompt, SamplingParams(max_tokens=40),
+                                                                     hold_s=0.01)))
+            sizes, end = await _chunk_sizes(frontend, "short")
+            assert sum(sizes) == 40 and 3 <= len(sizes) < 40 and end.num_completion_tokens == 40
 
             # a bad request is refused with a reason; the worker keeps serving
             await frontend.send(REQUEST_CODEC.encode(GenerateRequest("bad", prompt, SamplingParams(max_tokens=0))))
