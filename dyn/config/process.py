@@ -38,6 +38,10 @@ class ProcessConfig:
     heartbeat_interval_s: float = 1.0
     daemon_grace_s: float = 30.0
     """Exit on our own when the daemon has been silent this long."""
+    drain_grace_s: float = 10.0
+    """On stop (SIGTERM), how long requests in flight may finish; the rest are then failed as
+    retryable (the frontend moves them). The daemon sets half its stop deadline, so a process
+    says so itself before the daemon kills it."""
     extra: dict[str, str] = field(default_factory=dict)
     """Overrides (e.g. router policy from `dyn up --router`)."""
 

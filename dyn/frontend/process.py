@@ -36,8 +36,6 @@ from dyn.frontend.workers import WorkerLimits, WorkerPool
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_GRACE_S = 10.0
-
 
 def build_frontend(recipe: Recipe, pool: WorkerPool, *, tokenizer: TextTokenizer | None = None,
                    policy: str | None = None, seed: int | None = None,
@@ -150,7 +148,7 @@ async def run_frontend(config: ProcessConfig) -> int:
         if control is not None:
             control.set_state("stopping")
         log.info("frontend stopping; %d requests in flight", frontend.pool.num_open_streams)
-        await _wait_idle(frontend, SHUTDOWN_GRACE_S)
+        await _wait_idle(frontend, config.drain_grace_s)
         await runner.shutdown()
         await runner.cleanup()
         log.info("frontend stopped")

@@ -231,7 +231,8 @@ class Fleet:
             recipe_source=d.recipe_source, topology_source=d.topology_source, keys_path=keys_path,
             bind_host=self.topology.node(slot.node).bind_address, gpus=slot.gpus,
             cpu_threads=slot.cpu_threads, run_dir=slot.run_dir,
-            heartbeat_interval_s=self.heartbeat_interval_s, daemon_grace_s=self.daemon_grace_s, extra=extra)
+            heartbeat_interval_s=self.heartbeat_interval_s, daemon_grace_s=self.daemon_grace_s,
+            drain_grace_s=self.deadlines.stop_s / 2, extra=extra)
 
 
 def _timed_out(exc: BaseException) -> bool:

@@ -42,7 +42,6 @@ from dyn.worker.weights import (WeightReport, compute_key, corrupt_hook_blocks, 
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_GRACE_S = 10.0
 EXPIRY_SWEEP_S = 1.0
 """How often expired KV blocks (retention and tier TTLs) are dropped, with removal events."""
 PEER_WAIT_S = 120.0
@@ -156,7 +155,7 @@ class WorkerProcess(ProcessMetrics):
             self.control.set_state("stopping")
             await asyncio.sleep(0)
         alive = self.loop is not None and self.loop.is_alive
-        if not await self.server.wait_drained(SHUTDOWN_GRACE_S if alive else 0):
+        if not await self.server.wait_drained(self.config.drain_grace_s if alive else 0):
             await self.server.fail_all("worker shut down before the request finished")
         for task in tasks:
             task.cancel()

@@ -183,3 +183,19 @@ def test_a_second_daemon_refuses_to_run_beside_a_live_one(tmp_path):
     finally:
         other.kill()
         other.wait(timeout=5)
+
+
+def test_processes_drain_for_half_the_daemons_stop_deadline():
+    """A stopped process fails what is left (retryable) before the daemon would kill it."""
+    from dyn.planner.fleet import Fleet
+    from dyn.planner.health import Deadlines
+    from dyn.planner.state import Deployment
+
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "topologies" / "local.yaml").read_text()
+    deployment = Deployment("t", text, "name: t", "local.yaml", "t.yaml", "h", "local", ("dyn",), ("dyn",),
+                            "http://127.0.0.1:8000", 0.0)
+    fleet = Fleet(deployment, load_topology(root / "topologies" / "local.yaml"), None, None,  # type: ignore[arg-type]
+                  Deadlines(stop_s=6.0))
+    config = fleet._config(ProcessSlot("decode-0", "decode", "local", ()), None)
+    assert config.drain_grace_s == 3.0

@@ -39,7 +39,8 @@ auth: {curve: true}
 
 
 def _start_worker(tmp_path: Path, daemon_address: str = "", keys: DeploymentKeys | None = None, *,
-                  process_id: str = "worker-0", role: str = "both", recipe: str = RECIPE):
+                  process_id: str = "worker-0", role: str = "both", recipe: str = RECIPE,
+                  drain_grace_s: float = 10.0):
     keys_path = None
     if keys is not None:
         keys_path = tmp_path / f"{process_id}.keys"
@@ -48,7 +49,7 @@ def _start_worker(tmp_path: Path, daemon_address: str = "", keys: DeploymentKeys
     cfg = ProcessConfig(deployment="t", process_id=process_id, role=role, node="local",
                         daemon_address=daemon_address, recipe_text=recipe, topology_text=topology,
                         keys_path=str(keys_path) if keys_path else None, heartbeat_interval_s=0.2,
-                        daemon_grace_s=3.0)
+                        daemon_grace_s=3.0, drain_grace_s=drain_grace_s)
     cfg_path = tmp_path / f"{process_id}.json"
     cfg_path.write_text(cfg.to_json())
     log = open(tmp_path / f"{process_id}.log", "wb")
@@ -196,7 +197,7 @@ def test_sigterm_fails_in_flight_requests_explicitly(tmp_path):
         ctx = zmq.asyncio.Context()
         daemon = server_socket(ctx, zmq.ROUTER, "tcp://127.0.0.1:*", Security())
         slow = RECIPE.replace("decode_base_s: 0.002", "decode_base_s: 0.02")  # 4k tokens outlast the grace
-        proc = _start_worker(tmp_path, daemon.getsockopt_string(zmq.LAST_ENDPOINT), recipe=slow)
+        proc = _start_worker(tmp_path, daemon.getsockopt_string(zmq.LAST_ENDPOINT), recipe=slow, drain_grace_s=1.0)
         try:
             _, reg = await _register(daemon)
             await _until_ready(daemon)
@@ -205,9 +206,11 @@ def test_sigterm_fails_in_flight_requests_explicitly(tmp_path):
             await frontend.send(REQUEST_CODEC.encode(GenerateRequest(
                 "r", [1, 2, 3], SamplingParams(max_tokens=100000, ignore_eos=True))))
             assert isinstance(REQUEST_CODEC.decode(await asyncio.wait_for(frontend.recv(), 20)), TokenChunks)
+            stopped = time.monotonic()
             os.kill(proc.pid, signal.SIGTERM)
             _, end = await _collect(frontend, "r")
             assert isinstance(end, RequestFailed) and end.retryable
+            assert 1.0 <= time.monotonic() - stopped < 8  # after drain_grace_s, not the default 10 s
             assert await asyncio.to_thread(proc.wait, 30) == 0
             acker.cancel()
         finally:
