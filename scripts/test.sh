@@ -34,4 +34,4 @@ if ! .venv/bin/python -c 'import vllm, nixl' 2>/dev/null; then
     .venv/bin/pip install -q --disable-pip-version-check --no-deps nixl==1.5.1
     .venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q --durations=25 "$@"

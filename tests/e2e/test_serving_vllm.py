@@ -51,6 +51,7 @@ class VllmDeployment:
         recipe["name"] = self.name
         recipe["model"]["path"] = str(model_dir)
         recipe["frontend"]["port"] = self.port
+        recipe["shuttle"]["pull_timeout_s"] = 9.0  # > vLLM's 5 s NIXL handshake timeout (the failed-pull test)
         if mode == "aggregated":
             recipe["mode"] = "aggregated"
             recipe["workers"] = {"both": recipe["workers"]["decode"]}
@@ -264,7 +265,7 @@ def test_a_failed_kv_pull_is_recomputed_on_the_decode_worker_and_the_request_suc
 def test_a_pull_that_never_completes_is_given_up_after_the_pull_timeout(deployment, prompts, reference):
     """An offer vLLM 0.32 cannot handle (flat block ids, as from a prefill worker of another vLLM
     version): its handshake-failure callback raises, the request would wait forever. The decode
-    worker gives the pull up after shuttle.pull_timeout_s (15 s in the recipe) and prefills itself."""
+    worker gives the pull up after shuttle.pull_timeout_s (9 s here) and prefills itself."""
     prompt, want = prompts[SERVED + 1], reference[SERVED + 1]
     blocks = list(range(math.ceil(len(prompt) / 32)))
     before = deployment.worker_metrics("decode-0")
