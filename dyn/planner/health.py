@@ -32,7 +32,8 @@ class Deadlines:
     liveness_interval_s: float = 2.0
     """How often pids are checked on every node (catches SIGKILL before the heartbeat deadline)."""
     stop_s: float = 20.0
-    """Drain + stop before processes are killed."""
+    """Drain + stop before processes are killed; a stopped process drains for half of it
+    (ProcessConfig.drain_grace_s), then fails what is left as retryable."""
     heartbeat_interval_s: float = 1.0
     """Handed to every process; also the period of the frontend's worker-list push."""
     daemon_grace_s: float = 30.0
