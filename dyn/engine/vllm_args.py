@@ -137,6 +137,14 @@ def engine_env(group: WorkerGroup, *, device: str, gpus: tuple[int, ...] = (),
         env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
         if cpu_threads:
             env["OMP_NUM_THREADS"] = str(cpu_threads)
+        if group.tp == 1:
+            # The model runs on the worker's engine thread (vLLM's in-process executor, which a
+            # tp=1 GPU worker has anyway) instead of an executor process that vLLM's CPU platform
+            # would spawn: one vLLM import and one process less per worker, and no executor
+            # process spinning a core between steps (89-106% measured, bench_vllm_kv_wait.py).
+            # Measured here: a profiled engine start 47 -> 34 s, a disaggregated test
+            # deployment with its reference run 138 -> 84 s.
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     elif gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
     return env

@@ -1,8 +1,8 @@
 """vLLM's V1 engine behind dyn's Backend: the worker's engine thread steps it like the torch engine.
 
 Which vLLM API, and why: `LLMEngine` with an in-process engine core
-(`multiprocess_mode=False`). Its `step()` schedules, runs the model (in the
-executor's worker process) and returns the new tokens synchronously, which
+(`multiprocess_mode=False`). Its `step()` schedules, runs the model (on this
+thread at tp=1, in the executor's worker processes beyond) and returns the new tokens synchronously, which
 is exactly the Backend contract: the worker's EngineLoop adds, aborts and
 reads stats between two steps, so a cancel lands before the next step and
 nothing needs a lock. AsyncLLM would instead own its own output loop on the

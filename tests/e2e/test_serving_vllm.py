@@ -131,7 +131,8 @@ def reference(tmp_path_factory, model_dir, prompts) -> list[list[int]]:
     tmp = tmp_path_factory.mktemp("reference")
     (tmp / "in.json").write_text(json.dumps({"prompts": prompts, "max_tokens": MAX_TOKENS}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
+           "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # in one process, as dyn's CPU workers run vLLM
     result = subprocess.run([sys.executable, str(Path(__file__).with_name("vllm_reference.py")), str(model_dir),
                              str(tmp / "in.json"), str(tmp / "out.json")], env=env, capture_output=True,
                             text=True, timeout=300)

@@ -53,6 +53,9 @@ def test_cpu_workers_get_eager_mode_a_bounded_kv_space_and_no_thread_pinning() -
     env = engine_env(group, device="cpu", cpu_threads=2)
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
     assert env["OMP_NUM_THREADS"] == "2" and "CUDA_VISIBLE_DEVICES" not in env
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # tp=1: the model on the engine thread
+    wide = _recipe(mode="aggregated", group="both: {tp: 2}").workers[0]
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in engine_env(wide, device="cpu")
     assert engine_env(group, device="cuda", gpus=(4, 5))["CUDA_VISIBLE_DEVICES"] == "4,5"
 
 
