@@ -2,12 +2,13 @@
 
 Which vLLM API, and why: `LLMEngine` with an in-process engine core
 (`multiprocess_mode=False`). Its `step()` schedules, runs the model (on this
-thread at tp=1, in the executor's worker processes beyond) and returns the new tokens synchronously, which
-is exactly the Backend contract: the worker's EngineLoop adds, aborts and
-reads stats between two steps, so a cancel lands before the next step and
-nothing needs a lock. AsyncLLM would instead own its own output loop on the
-worker's event loop and bypass EngineLoop (cancel, drain, stats, hand-off
-would each need a second path); the multiprocess core would make `step()`
+thread at tp=1, in the executor's worker processes beyond) and returns the
+new tokens synchronously, which is exactly the Backend contract: the
+worker's EngineLoop adds, aborts and reads stats between two steps, so a
+cancel lands before the next step and nothing needs a lock. AsyncLLM would
+instead own its own output loop on the worker's event loop and bypass
+EngineLoop (cancel, drain, stats, hand-off would each need a second path);
+the multiprocess core would make `step()`
 block in `get_output()` while nothing is scheduled (e.g. a request waiting
 for remote KV), stalling aborts behind it. Detokenization is off: the
 frontend owns text and stop strings, the worker moves token ids only.
