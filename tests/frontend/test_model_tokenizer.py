@@ -65,3 +65,41 @@ def test_chat_request_uses_the_template(checkpoint):
             with pytest.raises(openai.BadRequestError) as err:
                 c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}] * 3000)
             assert err.value.body["param"] == "messages"
+
+
+def test_stepped_decoding_streams_what_the_window_decoding_streams(checkpoint):
+    """Hugging Face's DecodeStream (one token at a time, in Rust) against TextStream's own window
+    decoding, on random token sequences (split characters, special tokens) in random chunks,
+    with and without stop strings: the same text in the same pieces, and the same stop."""
+    import random
+
+    tok = load_tokenizer(ModelSpec(path=str(checkpoint), engine="torch"))
+
+    class WindowOnly:  # the same tokenizer without an incremental decoder
+        eos_token_ids = tok.eos_token_ids
+        encode, decode = tok.encode, tok.decode
+
+    assert TextStream(tok)._step is not None and TextStream(WindowOnly())._step is None
+    vocab = Tokenizer.from_dir(checkpoint).hf_tokenizer.get_vocab_size()
+    rng = random.Random(7)
+    num_stepped = num_stopped = 0
+    for trial in range(300):
+        prompt = [rng.randrange(vocab) for _ in range(rng.randrange(0, 8))]
+        ids = [rng.randrange(vocab) for _ in range(rng.randrange(1, 40))]
+        at = rng.randrange(len(ids))
+        stop = [tok.decode(ids[at:at + 2])] if trial % 3 == 0 else []  # (some never match: split characters)
+        stepped, window = TextStream(tok, stop, prefix_ids=prompt), TextStream(WindowOnly(), stop, prefix_ids=prompt)
+        num_stepped += stepped._step is not None  # (not after a prompt that ends inside a character)
+        out: dict[str, list[str]] = {"stepped": [], "window": []}
+        at = 0
+        while at < len(ids):
+            n = rng.randrange(1, 5)
+            out["stepped"].append(stepped.add(ids[at:at + n]))
+            out["window"].append(window.add(ids[at:at + n]))
+            at += n
+        out["stepped"].append(stepped.flush())
+        out["window"].append(window.flush())
+        assert "".join(out["stepped"]) == "".join(out["window"]), (prompt, ids, stop, out)
+        assert stepped.stopped == window.stopped, (prompt, ids, stop)
+        num_stopped += stepped.stopped
+    assert num_stepped > 200 and num_stopped > 30, (num_stepped, num_stopped)
