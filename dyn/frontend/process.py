@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 
 import zmq
@@ -92,6 +93,9 @@ async def run_frontend(config: ProcessConfig) -> int:
     from dyn.control.client import ControlClient
 
     recipe = parse_recipe(config.recipe_text, config.recipe_source)
+    # Each prompt is one encode on the event loop's thread (or one off-loop thread for a long one):
+    # a thread pool per encode call would only add a hand-off to each (dyn.frontend.token_cache).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     host = config.extra.get("http_host", recipe.frontend.host)
     try:
         port = int(config.extra.get("http_port", recipe.frontend.port))
