@@ -21,6 +21,7 @@ import zmq.asyncio
 
 from dyn import PROTOCOL_VERSION
 from dyn.control.kv_events import KvSnapshot, KvSnapshotRequest
+from dyn.control.loop_socket import LoopSocket
 from dyn.control.requests import (REQUEST_CODEC, Cancel, Finish, GenerateRequest, RequestFailed, TokenChunk,
                                   TokenChunks)
 from dyn.control.sockets import BadMessages, Security, client_socket, decode_or_record
@@ -74,7 +75,9 @@ class WorkerHandle:
     peer_in_flight_tokens: int = 0
     last_heard: float = 0.0
     """time.monotonic() of the last message from the worker (stall detection)."""
-    sock: Any = None
+    sock: LoopSocket | None = None
+    """The DEALER to the worker's request ROUTER, driven from the event loop (no asyncio future
+    per message: a streamed answer is a message per engine step)."""
     reader: asyncio.Task | None = None
 
     @property
@@ -97,7 +100,8 @@ class WorkerPool:
 
     def __init__(self, ctx: zmq.asyncio.Context, security: Security,
                  limits: dict[str, WorkerLimits] | None = None) -> None:
-        self._ctx = ctx
+        self._ctx = zmq.Context.shadow(ctx.underlying)
+        """Plain sockets (see WorkerHandle.sock) on the process's context."""
         self._security = security
         self._limits = limits or {}
         self.workers: dict[str, WorkerHandle] = {}
@@ -143,7 +147,7 @@ class WorkerPool:
     def add(self, worker_id: str, role: str, address: str, *, node: str = "", state: str = "ready",
             gpus: tuple[int, ...] = ()) -> WorkerHandle:
         """Connect to one worker (the daemon's update path, and tests without a daemon)."""
-        sock = client_socket(self._ctx, zmq.DEALER, address, self._security)
+        sock = LoopSocket(client_socket(self._ctx, zmq.DEALER, address, self._security))
         handle = WorkerHandle(worker_id, role, node, address, self._limits.get(role, WorkerLimits()),
                               state=state, gpus=gpus, sock=sock)
         handle.reader = asyncio.create_task(self._read(handle), name=f"read-{worker_id}")
@@ -165,7 +169,7 @@ class WorkerPool:
         self.load_changed.set()
         handle.pending_prefill_tokens += num_tokens
         try:
-            await handle.sock.send(REQUEST_CODEC.encode(request), copy=False)
+            await handle.sock.send(REQUEST_CODEC.encode(request))
         except zmq.ZMQError as exc:
             self.close_stream(request.request_id)
             queue.put_nowait(RequestFailed(request.request_id, "internal", f"send failed: {exc}", True))
@@ -200,7 +204,7 @@ class WorkerPool:
         if entry.awaiting_first:
             handle.pending_prefill_tokens -= entry.num_tokens
         if cancel:
-            sent = handle.sock.send(REQUEST_CODEC.encode(Cancel(request_id)))
+            sent = asyncio.ensure_future(handle.sock.send(REQUEST_CODEC.encode(Cancel(request_id))))
             sent.add_done_callback(lambda f, rid=request_id, wid=handle.id: _log_send_error(f, rid, wid))
             self.num_cancels_sent += 1
 
@@ -219,7 +223,7 @@ class WorkerPool:
         self._fail_streams(worker_id, reason)
         if handle.reader is not None:
             handle.reader.cancel()
-        handle.sock.close(linger=0)
+        handle.sock.close()
 
     def _fail_streams(self, worker_id: str, reason: str) -> None:
         for rid, entry in list(self._streams.items()):
@@ -228,11 +232,8 @@ class WorkerPool:
 
     async def _read(self, handle: WorkerHandle) -> None:
         sock, streams, bad, wid = handle.sock, self._streams, self.bad, handle.id
-        # A plain socket over the same ZMQ socket drains what has already arrived
-        # without one asyncio future per message (a stream is one message per token).
-        raw = zmq.Socket.shadow(sock.underlying)
         while True:
-            frame = await sock.recv(copy=False)
+            frame = await sock.recv()
             handle.last_heard = time.monotonic()
             for _ in range(_MAX_DRAIN):
                 message = _decode(frame.buffer, bad)
@@ -252,9 +253,8 @@ class WorkerPool:
                             self.on_snapshot(message)
                     elif message is not None:
                         bad.record(f"unexpected {type(message).__name__} from {wid}")
-                try:
-                    frame = raw.recv(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
+                frame = sock.try_recv()  # drain what has already arrived in one wake-up
+                if frame is None:
                     break
 
 
