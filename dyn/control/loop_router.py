@@ -33,15 +33,7 @@ class LoopRouter:
 
     async def receive(self, codec: Codec, bad: BadMessages) -> Routed | None:
         """The next [identity, frame] message decoded (None: a bad one, counted in `bad`)."""
-        loop_sock = self._loop_sock
-        while True:
-            if not loop_sock.events() & zmq.POLLIN:
-                await loop_sock.wait(zmq.POLLIN)
-            try:
-                frames = loop_sock.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                continue
-            return routed_from_frames(frames, codec, bad)
+        return routed_from_frames(await self._loop_sock.recv(multipart=True), codec, bad)
 
     def send(self, identity: bytes, *frames: bytes) -> None:
         """Send replies now (never waits; a closed socket or a dropped peer is logged). Several

@@ -72,10 +72,11 @@ class ModelTokenizer:
         `prefix_ids`: each call takes one token and returns its new text, or None while a
         character is incomplete. It decodes as TextStream's window does, in Rust: 1.6 us a token
         here, against 3.8 us for the two window decodes in Python (a streamed answer decodes
-        every token). None when the tokenizer has none (an old `tokenizers`)."""
+        every token). None where TextStream decodes its window instead: no Hugging Face tokenizer,
+        one without DecodeStream(ids=...), or a prefix that ends inside a character."""
         hf = getattr(self._inner, "hf_tokenizer", None)
         if hf is None or self.decode(prefix_ids).endswith(_REPLACEMENT):
-            return None  # (a prefix that ends inside a character: DecodeStream would send it as text)
+            return None  # (DecodeStream would send such a prefix's text as new)
         try:
             from tokenizers.decoders import DecodeStream
 
