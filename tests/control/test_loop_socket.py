@@ -115,3 +115,39 @@ def test_close_ends_a_waiting_receive() -> None:
         ctx.destroy(linger=0)
 
     asyncio.run(scenario())
+
+
+def test_whoever_reads_the_events_wakes_every_waiter_whose_event_is_there(monkeypatch) -> None:
+    """Reading ZMQ_EVENTS clears the descriptor's signal: a receive's look at the events must not
+    swallow the signal a waiting send needed (and the other way round), or that waiter sleeps
+    until some later, unrelated signal. The events are faked to hold both at once."""
+    import dyn.control.loop_socket as loop_socket
+
+    fake = {"events": 0}
+    monkeypatch.setattr(loop_socket, "_get_option", lambda sock, option: fake["events"])
+
+    async def scenario() -> None:
+        ctx = zmq.Context()
+        sock = LoopSocket(ctx.socket(zmq.DEALER))  # connected to nothing: its descriptor never fires
+        try:
+            reading = asyncio.create_task(sock.wait(zmq.POLLIN))
+            sending = asyncio.create_task(sock.wait(zmq.POLLOUT))
+            await asyncio.sleep(0.05)
+            assert not reading.done() and not sending.done()
+            fake["events"] = zmq.POLLIN | zmq.POLLOUT  # (no descriptor signal comes with it)
+            assert sock.try_recv() is None  # reads the events; the fake socket has nothing to give
+            await asyncio.wait_for(asyncio.gather(reading, sending), 0.2)  # (before the periodic check)
+            assert sock.lost_signals == 0
+
+            # A signal nobody reads (lost): the waiter's own periodic look finds the event and counts it.
+            fake["events"] = 0
+            late = asyncio.create_task(sock.wait(zmq.POLLIN))
+            await asyncio.sleep(0.05)
+            fake["events"] = zmq.POLLIN
+            await asyncio.wait_for(late, 2 * loop_socket.SIGNAL_CHECK_S)
+            assert sock.lost_signals == 1
+        finally:
+            sock.close()
+            ctx.destroy(linger=0)
+
+    asyncio.run(scenario())
