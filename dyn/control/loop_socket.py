@@ -56,10 +56,6 @@ class LoopSocket:
         """Waits ended by the periodic check rather than the descriptor (0 unless a signal was lost)."""
         self._aio.add_reader(self._fd, self._look)
 
-    @property
-    def closed(self) -> bool:
-        return self.sock.closed
-
     def events(self) -> int:
         """ZMQ_EVENTS now. Reading them also clears the descriptor's signal, which may have been
         meant for someone else waiting (a receive while a send waits for room, or the other way
@@ -142,7 +138,7 @@ class LoopSocket:
 
     def _check_signal(self, waiter: asyncio.Future, event: int) -> None:
         """A waiter still waiting after SIGNAL_CHECK_S: if its event is there, a signal was lost
-        (counted, logged once); look again later while it waits."""
+        (counted, logged once); either way it is woken, and wait() looks and waits anew."""
         if waiter.done() or self.sock.closed:
             return
         if self.events() & event:  # (which wakes it)
@@ -150,8 +146,8 @@ class LoopSocket:
             if self.lost_signals == 1:
                 log.warning("ZMQ socket event found by the periodic check, not by its signal; "
                             "further ones are only counted (lost_signals)")
-            return
-        self._aio.call_later(SIGNAL_CHECK_S, self._check_signal, waiter, event)
+        elif not waiter.done():
+            waiter.set_result(None)
 
     def _look(self) -> None:
         """The descriptor fired, or a call may have taken its signal: read the events, which wakes

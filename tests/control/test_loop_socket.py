@@ -111,7 +111,7 @@ def test_close_ends_a_waiting_receive() -> None:
             await asyncio.wait_for(waiting, 2)
         except asyncio.CancelledError:
             pass
-        assert waiting.done() and sock.closed
+        assert waiting.done() and sock.sock.closed
         ctx.destroy(linger=0)
 
     asyncio.run(scenario())
