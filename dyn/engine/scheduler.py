@@ -196,8 +196,7 @@ class Scheduler:
         num_cached = (len(hit) + num_tier) * bs
         num = min(seq.num_tokens - num_cached, avail)
         num_new = -(-(num_cached + num) // bs) - len(hit)
-        num_hit_free = sum(1 for b in hit if self.blocks.ref_count(b) == 0)
-        if not self._make_room(seq, num_new + num_hit_free, preempted, seq.priority):
+        if not self._make_room(seq, num_new, preempted, seq.priority, hits=hit):
             return 0
         self.blocks.lock(hit)
         if seq.request.retention is not None:
@@ -227,13 +226,17 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
 
     def _make_room(self, seq: Sequence, needed: int, preempted: set[int],
-                   victims_below: int | None) -> bool:
+                   victims_below: int | None, hits: Seq[int] = ()) -> bool:
         """Preempt running sequences after `seq` in the order until `needed` blocks are free.
 
         `victims_below`: only preempt sequences of priority strictly lower
         (for admissions). A running `seq` that still can't fit preempts itself.
+        `hits`: cached blocks `seq` is about to lock. Those free now leave the
+        free count when locked, so they count against the room, and a victim
+        that shared them frees them into that count: recounted per victim.
         """
-        while not self.blocks.can_allocate(needed):
+        ref_count = self.blocks.ref_count
+        while not self.blocks.can_allocate(needed + sum(1 for b in hits if ref_count(b) == 0)):
             victim = self._pick_victim(seq, victims_below)
             if victim is None:
                 if seq.status is SequenceStatus.RUNNING:

@@ -182,3 +182,23 @@ def test_the_all_decode_shortcut_plans_exactly_as_the_general_pass():
     for num_blocks in (64, 12, 9):  # room to spare, then pools where decodes must preempt
         assert _twin_runs(num_blocks, fast=True) == _twin_runs(num_blocks, fast=False)
     assert _twin_runs(9, fast=False)[-1][2] > 0  # the small pool did preempt
+
+
+def test_admission_that_preempts_the_holder_of_its_prefix_counts_the_freed_hits():
+    # Preempting `low` frees the two prefix blocks `high` is about to lock: they joined the free
+    # count, and locking takes them out of it again, so they cannot also pay for high's new blocks.
+    sched = make(num_blocks=6)
+    keeper, low = seq("keeper", 7, priority=1, start=100), seq("low", 11)
+    sched.add(keeper)
+    sched.add(low)
+    run(sched, sched.schedule())  # keeper 2 blocks, low 3 (its first 2 cached): 1 free
+    high = seq("high", 20, priority=1)  # shares low's first 8 tokens: 2 hits + 3 new blocks
+    sched.add(high)
+    batch = sched.schedule()  # before the fix: AssertionError "allocate(3) with 2 free"
+    assert plan(batch) == [("keeper", 1, True)]
+    assert high.status is SequenceStatus.WAITING and low.status is SequenceStatus.WAITING
+    assert sched.blocks.num_free_blocks == 4
+    run(sched, batch)
+    sched.remove(keeper)  # now high fits: its 2 hits and 3 new blocks of 6
+    batch = sched.schedule()
+    assert plan(batch)[0] == ("high", 12, True) and high.num_cached_tokens == 8
