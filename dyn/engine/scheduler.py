@@ -11,7 +11,10 @@ every decode further down the order, so a long prefill never stalls decodes.
 When a sequence needs a block and the pool is full, the sequence latest in
 the order is preempted by recompute (blocks freed, progress reset, back to
 waiting); if that is the sequence itself, it waits. A waiting sequence may
-only preempt running sequences of strictly lower priority. New sequences
+only preempt running sequences of strictly lower priority. A waiting
+sequence that holds blocks (an imported prompt not yet started) gives them
+up to any sequence before it in the order: otherwise imports that each wait
+for one more block, holding the blocks the others need, stall forever. New sequences
 reuse cached prefix blocks and, through the tier hooks, blocks offloaded to
 a lower tier, and are only charged for the rest.
 """
@@ -246,15 +249,19 @@ class Scheduler:
         return True
 
     def _pick_victim(self, seq: Sequence, victims_below: int | None) -> Sequence | None:
+        """The latest in the order of: running sequences after `seq` (of priority below
+        `victims_below`, if given) and waiting ones after `seq` that hold blocks (imports)."""
         key = seq.sort_key()
         candidates = [s for s in self.running if s is not seq and s.sort_key() > key
                       and (victims_below is None or s.priority < victims_below)]
+        candidates += [s for s in self.waiting if s.block_ids and s is not seq and s.sort_key() > key]
         return max(candidates, key=Sequence.sort_key, default=None)
 
     def _preempt(self, seq: Sequence, preempted: set[int]) -> None:
-        self.running.remove(seq)
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self.waiting.append(seq)
         self.release_blocks(seq)
         seq.reset_for_recompute()
-        self.waiting.append(seq)
         preempted.add(id(seq))
         self.num_preemptions += 1

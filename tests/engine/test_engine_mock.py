@@ -357,11 +357,13 @@ def test_evicted_blocks_go_to_the_tier_and_come_back_instead_of_recompute():
 
 # -- whole-engine properties -------------------------------------------------------------
 
-def test_random_mix_with_aborts_matches_solo_runs_and_leaks_nothing():
+@pytest.mark.parametrize("seed, num_blocks", [(7, 12), (22, 8), (33, 8), (5, 10)])
+def test_random_mix_with_aborts_matches_solo_runs_and_leaks_nothing(seed, num_blocks):
+    # (22, 8) and (33, 8) admit a high-priority request by preempting the holder of its prefix
     import random
 
-    rng = random.Random(7)
-    eng = engine(num_blocks=12, max_batch_size=4, max_num_batched_tokens=48)
+    rng = random.Random(seed)
+    eng = engine(num_blocks=num_blocks, max_batch_size=4, max_num_batched_tokens=48)
     prompts, max_tokens, aborted = {}, {}, set()
     shared = PROMPT[:40]
     tokens: dict[str, list[int]] = {}
@@ -383,8 +385,76 @@ def test_random_mix_with_aborts_matches_solo_runs_and_leaks_nothing():
         if rid not in aborted:
             assert tokens[rid] == solo(prompt, max_tokens[rid]), rid
     assert eng.stats().num_kv_blocks_used == 0
-    assert eng.blocks.num_free_blocks == 12
+    assert eng.blocks.num_free_blocks == num_blocks
     assert eng.stats().num_preemptions > 0 and eng.stats().prefix_hit_blocks > 0
+
+
+@pytest.mark.parametrize("seed", [26, 113, 198, 3, 17])
+def test_random_disaggregated_mix_with_a_tier_and_sessions_matches_solo_runs_and_leaks_nothing(seed):
+    # A prefill engine exports into a small decode engine with a host tier, beside local requests,
+    # aborts, cancelled imports, retention, expiry and closed sessions. Seeds 26, 113 and 198 stalled
+    # (imports waiting for a block, each holding the blocks the others needed) before the fix.
+    import random
+
+    from dyn.kv.host_tier import HostTier
+    from dyn.kv.retention import Retention
+
+    rng = random.Random(seed)
+    eng = engine(num_blocks=rng.choice([8, 10, 14]), max_batch_size=4, max_num_batched_tokens=48)
+    pre = engine(num_blocks=16, max_batch_size=4, max_num_batched_tokens=48)
+    if tier_blocks := rng.choice([0, 4, 16]):
+        eng.set_lower_tier(HostTier(eng.block_bytes, eng.block_bytes * tier_blocks,
+                                    clock=lambda: eng.virtual_time_s))
+    shared = PROMPT[:rng.choice([20, 40, 64])]
+    prompts, max_tokens, dropped, tokens, exporting = {}, {}, set(), {}, {}
+    for step in range(600):
+        r = rng.random()
+        if step < 80 and r < 0.3:
+            rid = f"r{step}"
+            prompts[rid] = shared[:rng.randint(0, len(shared))] + [rng.randint(3, 999) for _ in range(rng.randint(1, 30))]
+            max_tokens[rid] = rng.randint(1, 25)
+            kw = {}
+            if rng.random() < 0.3:
+                kw = dict(retention=Retention(rng.randint(0, 3), rng.choice([None, 0.01, 1.0])),
+                          session_id=rng.choice(["s1", "s2"]))
+            if rng.random() < 0.3:
+                pre.add_request(req(rid, prompts[rid], 1, prefill_only=True, **kw))
+                exporting[rid] = kw
+            else:
+                eng.add_request(req(rid, prompts[rid], max_tokens[rid], priority=rng.randint(0, 2), **kw))
+        if r > 0.97 and tokens:
+            dropped.add(victim := rng.choice(sorted(tokens)))
+            eng.abort(victim)
+        if r < 0.02:
+            eng.expire()
+        if 0.5 < r < 0.52:
+            eng.release_session(rng.choice(["s1", "s2"]))
+        for out in pre.step():
+            rid = out.request_id
+            export = pre.export_kv(rid)
+            try:
+                imp = eng.begin_import(req(rid, prompts[rid], max_tokens[rid], **exporting.pop(rid)),
+                                       export.block_hashes)
+            except RequestError:  # pool full: the frontend would prefill locally
+                dropped.add(rid)
+                pre.release_export(rid)
+                continue
+            for idx, view in zip(imp.missing_idx, imp.dest_views):
+                view[:] = export.block_views[idx]
+            pre.release_export(rid)
+            if rng.random() < 0.1:
+                eng.cancel_import(rid)
+                dropped.add(rid)
+            else:
+                tokens[rid] = [export.first_token]
+                eng.commit_import(rid, export.first_token)
+        for out in eng.step():
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+    assert not eng.has_work() and not pre.has_work() and not exporting
+    for rid, prompt in prompts.items():
+        if rid not in dropped:
+            assert tokens[rid] == solo(prompt, max_tokens[rid]), rid
+    assert eng.stats().num_kv_blocks_used == 0 and pre.stats().num_kv_blocks_used == 0
 
 
 def test_engine_core_does_not_import_torch():

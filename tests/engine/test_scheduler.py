@@ -202,3 +202,30 @@ def test_admission_that_preempts_the_holder_of_its_prefix_counts_the_freed_hits(
     sched.remove(keeper)  # now high fits: its 2 hits and 3 new blocks of 6
     batch = sched.schedule()
     assert plan(batch)[0] == ("high", 12, True) and high.num_cached_tokens == 8
+
+
+def imported(sched, rid, n_prompt, start):
+    """A sequence as Engine.commit_import leaves it: prompt blocks held and computed, first token in."""
+    s = seq(rid, n_prompt, start=start)
+    s.block_ids = sched.blocks.allocate(n_prompt // BS)
+    s.num_computed = n_prompt
+    s.append_token(7, BS)
+    sched.register_computed(s)
+    sched.add(s)
+    return s
+
+
+def test_imports_waiting_for_a_block_take_it_from_later_imports_instead_of_stalling():
+    # Each import holds 3 of the 6 blocks and needs a 4th for its first decode: before, neither
+    # could start and the engine stalled for good. The later one gives its blocks up (recompute).
+    sched = make(num_blocks=6)
+    first, second = imported(sched, "first", 12, 0), imported(sched, "second", 12, 100)
+    assert sched.blocks.num_free_blocks == 0
+    batch = sched.schedule()
+    assert plan(batch) == [("first", 1, True)]
+    assert second.status is SequenceStatus.WAITING and second.block_ids == [] and second.num_computed == 0
+    assert sched.num_preemptions == 1
+    run(sched, batch)
+    sched.remove(first)
+    # its prompt blocks stayed cached, but for the last, evicted for first's new block
+    assert plan(sched.schedule()) == [("second", 5, True)] and second.num_cached_tokens == 8
