@@ -392,19 +392,25 @@ def test_random_mix_with_aborts_matches_solo_runs_and_leaks_nothing(seed, num_bl
 @pytest.mark.parametrize("seed", [26, 113, 198, 3, 17])
 def test_random_disaggregated_mix_with_a_tier_and_sessions_matches_solo_runs_and_leaks_nothing(seed):
     # A prefill engine exports into a small decode engine with a host tier, beside local requests,
-    # aborts, cancelled imports, retention, expiry and closed sessions. Seeds 26, 113 and 198 stalled
+    # aborts, cancelled imports, retention, expiry and closed sessions; the decode engine's and
+    # the tier's events are replayed into a router index at the end. Seeds 26, 113 and 198 stalled
     # (imports waiting for a block, each holding the blocks the others needed) before the fix.
     import random
 
     from dyn.kv.host_tier import HostTier
     from dyn.kv.retention import Retention
+    from dyn.router.index import KvIndex
 
     rng = random.Random(seed)
     eng = engine(num_blocks=rng.choice([8, 10, 14]), max_batch_size=4, max_num_batched_tokens=48)
     pre = engine(num_blocks=16, max_batch_size=4, max_num_batched_tokens=48)
+    events: list[KvEvent] = []
+    eng.set_kv_event_listener(events.append)
+    tier = None
     if tier_blocks := rng.choice([0, 4, 16]):
-        eng.set_lower_tier(HostTier(eng.block_bytes, eng.block_bytes * tier_blocks,
-                                    clock=lambda: eng.virtual_time_s))
+        tier = HostTier(eng.block_bytes, eng.block_bytes * tier_blocks, listener=events.append,
+                        clock=lambda: eng.virtual_time_s)
+        eng.set_lower_tier(tier)
     shared = PROMPT[:rng.choice([20, 40, 64])]
     prompts, max_tokens, dropped, tokens, exporting = {}, {}, set(), {}, {}
     for step in range(600):
@@ -455,6 +461,14 @@ def test_random_disaggregated_mix_with_a_tier_and_sessions_matches_solo_runs_and
         if rid not in dropped:
             assert tokens[rid] == solo(prompt, max_tokens[rid]), rid
     assert eng.stats().num_kv_blocks_used == 0 and pre.stats().num_kv_blocks_used == 0
+    # what a router rebuilds from the events is what the pool and the tier hold
+    index = KvIndex()
+    for event in events:
+        (index.store if event.kind == "stored" else index.remove)("w", event.tier, event.block_hashes)
+    seen = index.blocks_of("w")
+    assert len(seen["device"]) == eng.blocks.num_cached_blocks
+    assert all(eng.blocks.lookup(h) is not None for h in seen["device"])
+    assert len(seen["host"]) == (len(tier) if tier else 0) and all(tier.contains(h) for h in seen["host"])
 
 
 def test_engine_core_does_not_import_torch():
