@@ -120,6 +120,30 @@ class ControlClient:
                 self.bad.record(f"unexpected {type(message).__name__}")
 
 
+class EssentialTasks:
+    """The tasks a process cannot serve without (its request plane, its KV events). One that ends
+    while the process is not stopping is logged with its error and sets `stop`: the process exits
+    non-zero and the daemon relaunches it, instead of heartbeating on while deaf or blind."""
+
+    def __init__(self, stop: asyncio.Event) -> None:
+        self._stop = stop
+        self.error = ""
+        """Which task ended and why (empty: none did)."""
+
+    def start(self, coro: Awaitable[None], name: str) -> asyncio.Task:
+        task = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+        task.add_done_callback(self._ended)
+        return task
+
+    def _ended(self, task: asyncio.Task) -> None:
+        if task.cancelled() or self._stop.is_set():
+            return  # (stopping: tasks are cancelled or see their sockets close)
+        exc = task.exception()
+        self.error = f"{task.get_name()} stopped: {exc!r}" if exc else f"{task.get_name()} returned"
+        log.error("%s; the process exits to be relaunched", self.error, exc_info=exc)
+        self._stop.set()
+
+
 async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
     """Wait for an event at most timeout_s; unlike wait_for, never swallows a cancel."""
     try:

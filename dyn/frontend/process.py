@@ -90,7 +90,7 @@ def worker_limits(recipe: Recipe) -> dict[str, WorkerLimits]:
 async def run_frontend(config: ProcessConfig) -> int:
     """Run until stopped; returns the exit code."""
     from dyn.config.loader import parse_recipe
-    from dyn.control.client import ControlClient
+    from dyn.control.client import ControlClient, EssentialTasks
 
     recipe = parse_recipe(config.recipe_text, config.recipe_source)
     # Each prompt is one encode on the event loop's thread (or one off-loop thread for a long one):
@@ -122,11 +122,12 @@ async def run_frontend(config: ProcessConfig) -> int:
     # The router's KV index follows the workers' KV events; snapshots ride the request plane.
     kv_events = KvEventSubscriber(ctx, security, frontend.dispatcher.routing.router, pool.request_snapshot)
     pool.on_snapshot = kv_events.on_snapshot
-    tasks: list[asyncio.Task] = [asyncio.create_task(kv_events.run())]
+    essential = EssentialTasks(stop)
+    tasks: list[asyncio.Task] = [essential.start(kv_events.run(), "KV event subscriber")]
     peers = None
     if recipe.frontend.replicas > 1:
         peers = PeerLoad(ctx, security, pool, config.process_id, config.bind_host)
-        tasks.append(asyncio.create_task(peers.run()))
+        tasks.append(essential.start(peers.run(), "peer load"))
     control = None
     if config.daemon_address:
         control = ControlClient(ctx, daemon_address=config.daemon_address, security=security,
@@ -169,7 +170,7 @@ async def run_frontend(config: ProcessConfig) -> int:
             control.close()
         security.stop()
         ctx.term()
-    return 0
+    return 1 if essential.error else 0
 
 
 async def _apply_command(command: Command, frontend: Frontend, kv_events: KvEventSubscriber,

@@ -20,7 +20,7 @@ import zmq
 import zmq.asyncio
 
 from dyn.config.process import ProcessConfig
-from dyn.control.client import ControlClient, wait_event
+from dyn.control.client import ControlClient, EssentialTasks, wait_event
 from dyn.control.keys import load_process_keys
 from dyn.control.messages import Command
 from dyn.control.sockets import Security
@@ -52,6 +52,7 @@ class WorkerProcess(ProcessMetrics):
     def __init__(self, config: ProcessConfig) -> None:
         self.config = config
         self._stop = asyncio.Event()
+        self.essential = EssentialTasks(self._stop)
         self._started_at = time.monotonic()
         self.engine: Backend | None = None
         self.loop: EngineLoop | None = None
@@ -84,7 +85,8 @@ class WorkerProcess(ProcessMetrics):
                                     process_id=cfg.process_id)
         self.kv_events = KvEventPublisher(ctx, cfg.bind_host, security, cfg.process_id)
         self.server.kv_snapshot = self.kv_events.snapshot
-        tasks = [asyncio.create_task(self.server.serve()), asyncio.create_task(self.kv_events.run())]
+        tasks = [self.essential.start(self.server.serve(), "request plane"),
+                 self.essential.start(self.kv_events.run(), "KV event publisher")]
         self.metrics_server = MetricsServer(
             worker_registry(lambda: self._scraped, lambda: {"process": cfg.process_id, "role": self.config.role}),
             cfg.bind_host, refresh=self._refresh_scrape)
@@ -140,7 +142,7 @@ class WorkerProcess(ProcessMetrics):
             await self._wait_stop()
         finally:
             await self._shutdown(tasks, security, ctx)
-        return 1 if self.loop.fatal_error else 0
+        return 1 if self.loop.fatal_error or self.essential.error else 0
 
     async def _wait_stop(self) -> None:
         while not self._stop.is_set():

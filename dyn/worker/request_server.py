@@ -62,6 +62,8 @@ class RequestServer:
         self.accepting = True
         self.requests_total = 0
         self.cancels_total = 0
+        self.errors_total = 0
+        """Messages whose handling raised (logged; the request, if any, failed)."""
         self._speculative: set[str] = set()
         """Request ids of running speculative prefills (cancelled when real work queues)."""
         self.speculative_refused = 0
@@ -113,16 +115,35 @@ class RequestServer:
             if received is None:
                 continue
             client, message = received
-            if isinstance(message, GenerateRequest):
-                await self._start(client, message)
-            elif isinstance(message, Cancel) and self._loop is not None:
-                await self._cancel(message.request_id)
-            elif isinstance(message, CloseSession) and self._loop is not None:
-                self._loop.submit(lambda e, sid=message.session_id: e.release_session(sid))
-            elif isinstance(message, KvSnapshotRequest) and self.kv_snapshot is not None:
-                self._send(client, self.kv_snapshot())
-            else:
-                self.bad.record(f"unexpected {type(message).__name__}")
+            try:
+                await self._handle(client, message)
+            except Exception as exc:  # a bug met by one message must not stop the worker serving
+                self._handling_failed(client, message, exc)
+
+    async def _handle(self, client: bytes, message: object) -> None:
+        if isinstance(message, GenerateRequest):
+            await self._start(client, message)
+        elif isinstance(message, Cancel) and self._loop is not None:
+            await self._cancel(message.request_id)
+        elif isinstance(message, CloseSession) and self._loop is not None:
+            self._loop.submit(lambda e, sid=message.session_id: e.release_session(sid))
+        elif isinstance(message, KvSnapshotRequest) and self.kv_snapshot is not None:
+            self._send(client, self.kv_snapshot())
+        else:
+            self.bad.record(f"unexpected {type(message).__name__}")
+
+    def _handling_failed(self, client: bytes, message: object, exc: Exception) -> None:
+        """Log the error; a request it hit is aborted and failed (retryable: another worker may
+        not meet it, and the frontend's migration limit bounds the retries)."""
+        self.errors_total += 1
+        rid = getattr(message, "request_id", None)
+        log.error("handling %s failed: %s: %s", type(message).__name__, type(exc).__name__, exc,
+                  exc_info=exc, extra={"request_id": rid} if rid else None)
+        if not isinstance(message, GenerateRequest) or self._streams.pop(rid, None) is None:
+            return
+        self._speculative.discard(rid)
+        self._loop.submit(lambda e: e.abort(rid))  # (an error here lands in the returned future)
+        self._fail(client, rid, "internal", f"worker error: {type(exc).__name__}: {exc}", True)
 
     async def fail_all(self, message: str, *, code: str = "internal", retryable: bool = True) -> None:
         """End every open stream explicitly (shutdown), aborting it in the engine."""

@@ -1,0 +1,74 @@
+"""RequestServer on its own: a bug met by one request fails that request and the worker serves on."""
+
+from __future__ import annotations
+
+import asyncio
+
+import zmq
+import zmq.asyncio
+
+from dyn.config.recipe import MockTiming
+from dyn.control.requests import REQUEST_CODEC, Finish, GenerateRequest, RequestFailed, TokenChunks
+from dyn.control.sampling import SamplingParams
+from dyn.control.sockets import Security, client_socket
+from dyn.engine.mock import MockEngine
+from dyn.worker.inline_loop import InlineEngineLoop
+from dyn.worker.request_server import RequestServer
+
+ZERO = MockTiming(prefill_base_s=0.0, prefill_s_per_token=0.0, decode_base_s=0.0, decode_s_per_seq=0.0,
+                  num_kv_blocks=64)
+
+
+class BuggyEngine(MockEngine):
+    """Adding request "poison" raises what no handler expects (as an engine bug would)."""
+
+    def add_request(self, request) -> None:
+        if request.request_id == "poison":
+            raise KeyError("a bug")
+        super().add_request(request)
+
+
+def _request(rid: str) -> bytes:
+    return REQUEST_CODEC.encode(GenerateRequest(rid, [5, 6, 7, 8], SamplingParams(max_tokens=3)))
+
+
+async def _replies(dealer: zmq.asyncio.Socket, until: str) -> list:
+    """Messages received until `until`'s request ends (a TokenChunks frame is unpacked)."""
+    got: list = []
+    async with asyncio.timeout(10):
+        while True:
+            message = REQUEST_CODEC.decode(await dealer.recv())
+            got += message.chunks if isinstance(message, TokenChunks) else [message]
+            last = got[-1]
+            finish = last if isinstance(last, (Finish, RequestFailed)) else getattr(last, "finish", None)
+            if finish is not None and finish.request_id == until:
+                return got
+
+
+def test_a_request_that_hits_a_bug_fails_alone_and_the_next_is_served() -> None:
+    async def scenario() -> None:
+        ctx = zmq.asyncio.Context()
+        security = Security()
+        server = RequestServer(ctx, "127.0.0.1", security, None)
+        loop = InlineEngineLoop(BuggyEngine(ZERO), server.on_outputs)
+        loop.start()
+        server.attach(loop)
+        serving = asyncio.create_task(server.serve())
+        dealer = client_socket(ctx, zmq.DEALER, server.address, security)
+        try:
+            await dealer.send(_request("poison"))
+            failed = (await _replies(dealer, "poison"))[-1]
+            assert isinstance(failed, RequestFailed) and failed.code == "internal" and failed.retryable
+            assert "KeyError" in failed.message and server.errors_total == 1
+            await dealer.send(_request("fine"))
+            chunks = await _replies(dealer, "fine")
+            assert sum(len(c.token_ids) for c in chunks) == 3 and chunks[-1].finish.reason == "length"
+            assert not serving.done() and server.num_in_flight == 0
+        finally:
+            serving.cancel()
+            dealer.close(linger=0)
+            server.close()
+            ctx.destroy(linger=0)
+
+    asyncio.run(scenario())
+
