@@ -139,10 +139,11 @@ class RequestServer:
         rid = getattr(message, "request_id", None)
         log.error("handling %s failed: %s: %s", type(message).__name__, type(exc).__name__, exc,
                   exc_info=exc, extra={"request_id": rid} if rid else None)
-        if not isinstance(message, GenerateRequest) or self._streams.pop(rid, None) is None:
+        if not isinstance(message, GenerateRequest):
             return
-        self._speculative.discard(rid)
-        self._loop.submit(lambda e: e.abort(rid))  # (an error here lands in the returned future)
+        if self._streams.pop(rid, None) is not None:  # (else it failed before the engine saw it)
+            self._speculative.discard(rid)
+            self._loop.submit(lambda e: e.abort(rid))  # (an error here lands in the returned future)
         self._fail(client, rid, "internal", f"worker error: {type(exc).__name__}: {exc}", True)
 
     async def fail_all(self, message: str, *, code: str = "internal", retryable: bool = True) -> None:

@@ -13,7 +13,8 @@ from dyn.control.sampling import SamplingParams
 from dyn.control.sockets import Security, client_socket
 from dyn.engine.mock import MockEngine
 from dyn.worker.inline_loop import InlineEngineLoop
-from dyn.worker.request_server import RequestServer
+from dyn.worker import request_server
+from dyn.worker.request_server import RequestServer, engine_request
 
 ZERO = MockTiming(prefill_base_s=0.0, prefill_s_per_token=0.0, decode_base_s=0.0, decode_s_per_seq=0.0,
                   num_kv_blocks=64)
@@ -26,6 +27,13 @@ class BuggyEngine(MockEngine):
         if request.request_id == "poison":
             raise KeyError("a bug")
         super().add_request(request)
+
+
+def _buggy_engine_request(msg):
+    """engine_request, failing for request "early" before the worker registers its stream."""
+    if msg.request_id == "early":
+        raise ValueError("a bug")
+    return engine_request(msg)
 
 
 def _request(rid: str) -> bytes:
@@ -45,7 +53,9 @@ async def _replies(dealer: zmq.asyncio.Socket, until: str) -> list:
                 return got
 
 
-def test_a_request_that_hits_a_bug_fails_alone_and_the_next_is_served() -> None:
+def test_a_request_that_hits_a_bug_fails_alone_and_the_next_is_served(monkeypatch) -> None:
+    monkeypatch.setattr(request_server, "engine_request", _buggy_engine_request)
+
     async def scenario() -> None:
         ctx = zmq.asyncio.Context()
         security = Security()
@@ -60,6 +70,9 @@ def test_a_request_that_hits_a_bug_fails_alone_and_the_next_is_served() -> None:
             failed = (await _replies(dealer, "poison"))[-1]
             assert isinstance(failed, RequestFailed) and failed.code == "internal" and failed.retryable
             assert "KeyError" in failed.message and server.errors_total == 1
+            await dealer.send(_request("early"))
+            failed = (await _replies(dealer, "early"))[-1]
+            assert isinstance(failed, RequestFailed) and "ValueError" in failed.message
             await dealer.send(_request("fine"))
             chunks = await _replies(dealer, "fine")
             assert sum(len(c.token_ids) for c in chunks) == 3 and chunks[-1].finish.reason == "length"
