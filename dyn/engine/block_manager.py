@@ -96,11 +96,12 @@ class BlockManager:
 
     def lock(self, block_ids: Sequence[int]) -> None:
         """Take a reference on cached blocks (prefix hits); they leave the LRU."""
+        ref, uncache = self._ref, self._free_cached.remove  # (a prefix hit locks every block of it)
         for block_id in block_ids:
-            if self._ref[block_id] == 0:
+            if not ref[block_id]:
                 assert self._hash[block_id] is not None, f"block {block_id} is free and uncached"
-                self._free_cached.remove(block_id)
-            self._ref[block_id] += 1
+                uncache(block_id)
+            ref[block_id] += 1
 
     def allocate(self, num: int) -> list[int]:
         """Take `num` fresh blocks (ref 1), evicting least recently used cached blocks."""
@@ -126,14 +127,17 @@ class BlockManager:
 
     def free(self, block_ids: Sequence[int]) -> None:
         """Drop one reference on each block; last-first, so tails are evicted first."""
+        ref, hashes, retention = self._ref, self._hash, self._retention  # (every block of a finished request)
+        free_empty, add_cached = self._free_empty.append, self._free_cached.add
         for block_id in reversed(block_ids):
-            assert self._ref[block_id] > 0, f"double free of block {block_id}"
-            self._ref[block_id] -= 1
-            if self._ref[block_id] == 0:
-                if self._hash[block_id] is None:
-                    self._free_empty.append(block_id)
+            left = ref[block_id] - 1
+            assert left >= 0, f"double free of block {block_id}"
+            ref[block_id] = left
+            if not left:
+                if hashes[block_id] is None:
+                    free_empty(block_id)
                 else:
-                    self._free_cached.add(block_id, *self._retention[block_id])
+                    add_cached(block_id, *retention[block_id])
 
     def retain(self, block_ids: Sequence[int], retention: Retention) -> None:
         """Raise held blocks to `retention` (a later request that hit them asks for more).

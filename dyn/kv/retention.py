@@ -58,8 +58,14 @@ class RetentionLru(Generic[K]):
 
     def add(self, key: K, priority: int = 0, expires_at: float | None = None) -> None:
         """Insert (or move) `key` as the most recently used of its priority level."""
-        self.remove(key)
-        self._levels.setdefault(priority, OrderedDict())[key] = expires_at
+        # (an engine adds every block of a finished request: the common case, a key not in
+        # yet going to an existing level, is two dict lookups and two stores)
+        if key in self._level_of:
+            self.remove(key)
+        lru = self._levels.get(priority)
+        if lru is None:
+            lru = self._levels[priority] = OrderedDict()
+        lru[key] = expires_at
         self._level_of[key] = priority
         if expires_at is not None:
             heapq.heappush(self._heap, (expires_at, next(self._seq), key))
