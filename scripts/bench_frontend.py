@@ -147,7 +147,7 @@ async def direct_client(keys_path: str, addresses: list[str], concurrency: int, 
     import zmq.asyncio
 
     from dyn.control.keys import DeploymentKeys
-    from dyn.control.requests import REQUEST_CODEC, Finish, GenerateRequest
+    from dyn.control.requests import REQUEST_CODEC, Finish, GenerateRequest, TokenChunks
     from dyn.control.sampling import SamplingParams
     from dyn.control.sockets import Security, client_socket
 
@@ -168,12 +168,13 @@ async def direct_client(keys_path: str, addresses: list[str], concurrency: int, 
             data = await sock.recv()
             while True:
                 _, tag, fields = msgpack.unpackb(data)
-                entry = waiting.get(fields["request_id"])
-                if entry is not None:
-                    if not entry[1]:
-                        entry[1].append(time.perf_counter())
-                    if tag == Finish.TYPE or fields.get("finish") is not None:  # (a last chunk carries it)
-                        entry[0].set_result(None)
+                for item in fields["chunks"] if tag == TokenChunks.TYPE else (fields,):
+                    entry = waiting.get(item["request_id"])
+                    if entry is not None:
+                        if not entry[1]:
+                            entry[1].append(time.perf_counter())
+                        if tag == Finish.TYPE or item.get("finish") is not None:  # (a last chunk carries it)
+                            entry[0].set_result(None)
                 try:
                     data = raw.recv(zmq.NOBLOCK)
                 except zmq.Again:

@@ -29,6 +29,7 @@ class LoopRouter:
                              max_message_bytes=max_message_bytes, hwm=hwm)
         self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._loop_sock = LoopSocket(sock)
+        self._ctx_owner = ctx  # (the socket's shadow context does not keep `ctx` alive)
         self.sends_dropped = 0
 
     async def receive(self, codec: Codec, bad: BadMessages) -> Routed | None:
