@@ -24,6 +24,8 @@ WORKER_SPECS: tuple[MetricSpec, ...] = (
                label="tier"),
     MetricSpec("requests_total", "dyn_worker_requests", "counter", "Requests accepted"),
     MetricSpec("cancels_total", "dyn_worker_cancelled_requests", "counter", "Requests cancelled"),
+    MetricSpec("request_errors_total", "dyn_worker_request_errors", "counter",
+               "Request-plane messages whose handling raised (logged; the request failed, retryable)"),
     MetricSpec("num_generated_tokens", "dyn_worker_generated_tokens", "counter", "Tokens sampled"),
     MetricSpec("num_computed_tokens", "dyn_worker_computed_tokens", "counter",
                "Tokens run through the model (prefill and decode)"),

@@ -74,6 +74,7 @@ class ProcessMetrics:
             "waiting_prefill_tokens": stats.num_waiting_prefill_tokens,
             "num_preemptions": stats.num_preemptions, "tier_hit_blocks": stats.num_tier_hit_blocks,
             "requests_total": self.server.requests_total, "cancels_total": self.server.cancels_total,
+            "request_errors_total": self.server.errors_total,
             "kv_events_published": self.kv_events.events_published,
             "in_flight": self.server.num_in_flight, "bad_messages": self.server.bad.total,
             "uptime_s": time.monotonic() - self._started_at,
