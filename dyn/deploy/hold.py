@@ -46,6 +46,8 @@ def hold(name: str, stop: threading.Event, *, poll_s: float = 2.0, restart_every
         if not store.exists():
             return HoldResult(name, "down", "removed by `dyn down`", restarts)
         phase = snapshot.phase if snapshot is not None else "unknown"
+        if phase == "stopped" and _removed_within(store, stop, down_timeout_s):
+            return HoldResult(name, "down", "removed by `dyn down`", restarts)
         if phase in ("running", "degraded") and time.monotonic() - last_restart >= restart_every_s:
             start_local_daemon(store, store.load_deployment().dyn_command)
             restarts, last_restart = restarts + 1, time.monotonic()
@@ -53,3 +55,14 @@ def hold(name: str, stop: threading.Event, *, poll_s: float = 2.0, restart_every
         how = "ended" if phase in ("ended", "stopped") else "failed"
         return HoldResult(name, how, f"daemon exited, phase {phase}" +
                           (f": {snapshot.error}" if snapshot is not None and snapshot.error else ""), restarts)
+
+
+def _removed_within(store: StateStore, stop: threading.Event, timeout_s: float) -> bool:
+    """A daemon that stopped every process and exited is most often `dyn down` at work, which
+    removes the state only after it has cleaned up (leftover processes, Slurm steps): wait for
+    that instead of calling the deployment ended (exit 1) in the gap."""
+    deadline = time.monotonic() + timeout_s
+    while store.exists():
+        if time.monotonic() >= deadline or stop.wait(0.2):
+            return not store.exists()
+    return True

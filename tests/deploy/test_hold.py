@@ -58,3 +58,38 @@ def test_wait_holds_restarts_the_daemon_and_sigterm_takes_it_down(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
         subprocess.run([DYN, "down", "--name", "held", "--force"], env=env, capture_output=True, timeout=60)
+
+
+def _stopped_deployment(tmp_path, monkeypatch):
+    """A deployment's state as a daemon leaves it after stopping everything and exiting."""
+    from dyn.planner.state import Snapshot, StateStore
+
+    monkeypatch.setenv("DYN_STATE_DIR", str(tmp_path / "state"))
+    store = StateStore("held")
+    store.dir.mkdir(parents=True)
+    store.deployment_path.write_text("{}")
+    store.save_snapshot(Snapshot(None, "stopped"))
+    return store
+
+
+def test_wait_returns_down_when_dyn_down_removes_the_state_after_the_daemon_exited(tmp_path, monkeypatch):
+    # `dyn down` removes the state only after its clean-up (Slurm steps): a poll in that gap saw a
+    # stopped daemon and called the deployment ended (exit 1), which failed test_slurm once.
+    import threading
+
+    from dyn.deploy.hold import hold
+
+    store = _stopped_deployment(tmp_path, monkeypatch)
+    threading.Timer(0.5, store.remove).start()
+    result = hold("held", threading.Event(), poll_s=0.05)
+    assert (result.how, result.detail) == ("down", "removed by `dyn down`")
+
+
+def test_wait_calls_a_stopped_deployment_ended_when_its_state_stays(tmp_path, monkeypatch):
+    import threading
+
+    from dyn.deploy.hold import hold
+
+    _stopped_deployment(tmp_path, monkeypatch)
+    result = hold("held", threading.Event(), poll_s=0.05, down_timeout_s=0.5)
+    assert result.how == "ended" and "phase stopped" in result.detail
