@@ -101,9 +101,8 @@ class WorkerPool:
     def __init__(self, ctx: zmq.asyncio.Context, security: Security,
                  limits: dict[str, WorkerLimits] | None = None) -> None:
         self._ctx = zmq.Context.shadow(ctx.underlying)
-        self._ctx_owner = ctx  # (a shadow does not keep its context alive: without this, a pool
-        # given a context nobody else holds had its sockets fail with "Bad address")
         """Plain sockets (see WorkerHandle.sock) on the process's context."""
+        self._ctx_owner = ctx  # (a shadow does not keep its context alive: sockets would fail, "Bad address")
         self._security = security
         self._limits = limits or {}
         self.workers: dict[str, WorkerHandle] = {}
