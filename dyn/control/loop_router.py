@@ -15,7 +15,7 @@ import zmq
 import zmq.asyncio
 
 from dyn.control.codec import MAX_MESSAGE_BYTES, Codec
-from dyn.control.loop_socket import LoopSocket
+from dyn.control.loop_socket import LoopSocket, plain_context
 from dyn.control.sockets import BadMessages, Routed, Security, routed_from_frames, server_socket
 
 log = logging.getLogger(__name__)
@@ -25,11 +25,10 @@ class LoopRouter:
     def __init__(self, ctx: zmq.asyncio.Context, address: str, security: Security, *,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, hwm: int = 10000) -> None:
         security.start(ctx)  # CURVE's ZAP handler runs on the asyncio context
-        sock = server_socket(zmq.Context.shadow(ctx.underlying), zmq.ROUTER, address, security,
+        sock = server_socket(plain_context(ctx), zmq.ROUTER, address, security,
                              max_message_bytes=max_message_bytes, hwm=hwm)
         self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._loop_sock = LoopSocket(sock)
-        self._ctx_owner = ctx  # (the socket's shadow context does not keep `ctx` alive)
         self.sends_dropped = 0
 
     async def receive(self, codec: Codec, bad: BadMessages) -> Routed | None:

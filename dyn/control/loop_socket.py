@@ -42,6 +42,20 @@ _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
 
 
+class _PlainContext(zmq.Context):
+    _owner: object = None
+    """The asyncio context this one shadows: a bare shadow does not keep it alive, and sockets on
+    a shadow of a collected context fail with "Bad address"."""
+
+
+def plain_context(ctx: zmq.Context) -> zmq.Context:
+    """A plain (not asyncio) context on `ctx`'s ZMQ context, for LoopSockets; it and every socket
+    made on it keep `ctx` alive."""
+    shadow = _PlainContext.shadow(ctx.underlying)
+    shadow._owner = ctx
+    return shadow
+
+
 class LoopSocket:
     """A plain (not asyncio) zmq.Socket on the running event loop; one owner per socket."""
 
@@ -146,7 +160,7 @@ class LoopSocket:
             if self.lost_signals == 1:
                 log.warning("ZMQ socket event found by the periodic check, not by its signal; "
                             "further ones are only counted (lost_signals)")
-        elif not waiter.done():
+        else:
             waiter.set_result(None)
 
     def _look(self) -> None:

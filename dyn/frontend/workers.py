@@ -21,7 +21,7 @@ import zmq.asyncio
 
 from dyn import PROTOCOL_VERSION
 from dyn.control.kv_events import KvSnapshot, KvSnapshotRequest
-from dyn.control.loop_socket import LoopSocket
+from dyn.control.loop_socket import LoopSocket, plain_context
 from dyn.control.requests import (REQUEST_CODEC, Cancel, Finish, GenerateRequest, RequestFailed, TokenChunk,
                                   TokenChunks)
 from dyn.control.sockets import BadMessages, Security, client_socket, decode_or_record
@@ -100,9 +100,8 @@ class WorkerPool:
 
     def __init__(self, ctx: zmq.asyncio.Context, security: Security,
                  limits: dict[str, WorkerLimits] | None = None) -> None:
-        self._ctx = zmq.Context.shadow(ctx.underlying)
+        self._ctx = plain_context(ctx)
         """Plain sockets (see WorkerHandle.sock) on the process's context."""
-        self._ctx_owner = ctx  # (a shadow does not keep its context alive: sockets would fail, "Bad address")
         self._security = security
         self._limits = limits or {}
         self.workers: dict[str, WorkerHandle] = {}
