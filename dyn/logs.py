@@ -7,23 +7,37 @@ Pass `request_id=` through `extra` to tag a line with a request.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import sys
 import time
+from typing import TextIO
 
 _ENCODER = json.JSONEncoder(default=str)
 """json.dumps(entry, default=str) without building an encoder per line."""
+
+_HOSTED = contextvars.ContextVar[str | None]("dyn_hosted_process", default=None)
+"""The worker a line comes from, in a process hosting several (dyn.worker.host): set in the
+context each hosted worker runs in, so its tasks, callbacks and threads inherit it."""
+
+
+def hosted_context(process_id: str) -> contextvars.Context:
+    """A copy of the current context whose log lines belong to `process_id` (its file, its name)."""
+    context = contextvars.copy_context()
+    context.run(_HOSTED.set, process_id)
+    return context
 
 
 class JsonFormatter(logging.Formatter):
     def __init__(self, deployment: str, process_id: str) -> None:
         super().__init__()
-        self._static = {"deployment": deployment, "process": process_id}
+        self._deployment = deployment
+        self._process = process_id
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": round(time.time(), 6), "level": record.levelname.lower(), **self._static,
-                 "logger": record.name, "msg": record.getMessage()}
+        entry = {"ts": round(time.time(), 6), "level": record.levelname.lower(), "deployment": self._deployment,
+                 "process": _HOSTED.get() or self._process, "logger": record.name, "msg": record.getMessage()}
         request_id = getattr(record, "request_id", None)
         if request_id is not None:
             entry["request_id"] = request_id
@@ -32,9 +46,33 @@ class JsonFormatter(logging.Formatter):
         return _ENCODER.encode(entry)
 
 
-def setup_process_logging(deployment: str, process_id: str, *, level: int = logging.INFO) -> None:
-    """Route the root logger to stderr as JSON lines (the launcher sends stderr to the log file)."""
-    handler = logging.StreamHandler(sys.stderr)
+class _HostedStreams(logging.StreamHandler):
+    """stderr, except for the lines of a hosted worker that has a log file of its own."""
+
+    def __init__(self, files: dict[str, TextIO]) -> None:
+        super().__init__(sys.stderr)
+        self._files = files
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stream = self._files.get(_HOSTED.get() or "")
+        if stream is None:
+            super().emit(record)
+            return
+        try:
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def setup_process_logging(deployment: str, process_id: str, *, level: int = logging.INFO,
+                          hosted_logs: dict[str, str] | None = None) -> None:
+    """Route the root logger to stderr as JSON lines (the launcher sends stderr to the log file).
+    `hosted_logs`: {process id: log path} of the other workers this process hosts; their lines
+    (those logged in their `hosted_context`) go to their own files, where `dyn logs` and the
+    daemon look for them."""
+    handler = _HostedStreams({pid: open(path, "a", encoding="utf-8")  # noqa: SIM115 (open for the process's life)
+                              for pid, path in (hosted_logs or {}).items()})
     handler.setFormatter(JsonFormatter(deployment, process_id))
     root = logging.getLogger()
     root.handlers[:] = [handler]

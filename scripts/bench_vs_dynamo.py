@@ -56,7 +56,7 @@ model:
   name: tiny-llama
   block_size: 16
   max_context: 8192
-{mock_stream_line}  mock: {{prefill_base_s: 0.0, prefill_s_per_token: 0.0, decode_base_s: 0.0, decode_s_per_seq: 0.0,
+{mock_stream_line}{per_process_line}  mock: {{prefill_base_s: 0.0, prefill_s_per_token: 0.0, decode_base_s: 0.0, decode_s_per_seq: 0.0,
          num_kv_blocks: {kv_blocks}}}
 mode: aggregated
 workers:
@@ -70,18 +70,21 @@ auth: {{curve: {curve}}}
 class DynSystem:
     def __init__(self, state: Path, peer: Path, port: int, replicas: int, workers: int, kv_blocks: int,
                  policy: str = "kv", dyn: str = DYN, tag: str = "", mock_stream: str = "coalesced",
-                 curve: bool = True) -> None:
+                 curve: bool = True, per_process: int = 1) -> None:
         self.dyn = dyn
         self.name = (f"vs-r{replicas}-{policy.replace('_', '-')}{'-' + tag if tag else ''}"
-                     f"{'' if curve else '-plain'}")
+                     f"{'' if curve else '-plain'}{f'-h{per_process}' if per_process > 1 else ''}")
         self.label = (f"dyn{' ' + tag if tag else ''} ({replicas} frontend{'s' if replicas > 1 else ''}"
-                      f"{'' if policy == 'kv' else ', ' + policy}{'' if curve else ', no CURVE'})")
+                      f"{'' if policy == 'kv' else ', ' + policy}{'' if curve else ', no CURVE'}"
+                      f"{f', {per_process} workers a process' if per_process > 1 else ''})")
         self.url = f"http://127.0.0.1:{port}"
         self.env = {**os.environ, "DYN_STATE_DIR": str(state / "state"), "DYN_NODE_STATE_DIR": str(state / "nodes")}
         self.recipe = state / f"{self.name}.yaml"
         self.recipe.write_text(RECIPE.format(name=self.name, model=peer / "model", port=port, replicas=replicas,
                                              workers=workers, kv_blocks=kv_blocks, policy=policy,
                                              curve="true" if curve else "false",
+                                             per_process_line=(f"  mock_workers_per_process: {per_process}\n"
+                                                               if per_process > 1 else ""),
                                              mock_stream_line=("" if mock_stream == "coalesced"
                                                                else f"  mock_stream: {mock_stream}\n")))
         self.workers = workers
@@ -96,7 +99,8 @@ class DynSystem:
         status = json.loads(subprocess.run([self.dyn, "status", "--name", self.name, "--json"], env=self.env,
                                            capture_output=True, text=True, timeout=30, check=True).stdout)
         self.frontend_pids = [w["pid"] for w in status["workers"] if w["role"] == "frontend"]
-        self.worker_pids = [w["pid"] for w in status["workers"] if w["role"] != "frontend"]
+        # (hosted mock workers share a pid: count each process once)
+        self.worker_pids = sorted({w["pid"] for w in status["workers"] if w["role"] != "frontend"})
 
     def stop(self) -> None:
         subprocess.run([self.dyn, "down", "--name", self.name, "--force"], env=self.env, capture_output=True,
@@ -200,6 +204,9 @@ def main() -> None:
     ap.add_argument("--plaintext", action="store_true",
                     help="also run dyn with one frontend and auth.curve: false: dyn encrypts its request and "
                          "event planes by default (CURVE), Dynamo's TCP request plane is plaintext")
+    ap.add_argument("--hosted", type=int, default=None, metavar="K",
+                    help="also run dyn (same replica counts) with its mock workers K to a process "
+                         "(model.mock_workers_per_process), as Dynamo's mocker hosts all its engines in one")
     ap.add_argument("--out", type=Path, default=None, help="also write every run as JSON here")
     ap.add_argument("--mock-stream", choices=("coalesced", "per_step"), default="per_step",
                     help="dyn's mock hands over each step's tokens on their own (per_step, the default: one "
@@ -223,6 +230,10 @@ def main() -> None:
     if a.plaintext:
         systems.append(DynSystem(state, a.peer_dir, a.port + len(systems), 1, a.workers, a.kv_blocks,
                                  mock_stream=a.mock_stream, curve=False))
+    if a.hosted:
+        systems += [DynSystem(state, a.peer_dir, a.port + len(systems) + i, int(r), a.workers, a.kv_blocks,
+                              mock_stream=a.mock_stream, per_process=a.hosted)
+                    for i, r in enumerate(a.replicas.split(","))]
     if not a.no_dynamo:
         systems.append(DynamoSystem(a.peer_dir, a.dynamo_port, a.workers))
     results: list[dict] = []

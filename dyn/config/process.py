@@ -35,6 +35,9 @@ class ProcessConfig:
     cpu_threads: int | None = None
     run_dir: str = "."
     """Per-deployment directory on the node (logs, keys, tier files)."""
+    log_path: str = ""
+    """The file the launcher sends this process's output to; a worker hosted by another's process
+    (model.mock_workers_per_process) writes its lines there itself."""
     heartbeat_interval_s: float = 1.0
     daemon_grace_s: float = 30.0
     """Exit on our own when the daemon has been silent this long."""

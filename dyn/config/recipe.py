@@ -54,6 +54,11 @@ class ModelSpec:
     loop wakes once for them); per_step: each step's tokens on their own, as an engine whose steps
     take real time streams them (and NVIDIA Dynamo's mocker): for like-for-like streaming benchmarks.
     Steps and tokens are the same either way; a mock step with modelled time always goes out alone."""
+    mock_workers_per_process: int = 1
+    """engine mock: workers hosted by one process on a node (dyn.worker.host), as NVIDIA Dynamo's
+    mocker runs its engines, so a bench of many zero-time workers measures the router rather than
+    many interpreters. Each stays a whole worker (request plane, KV events, heartbeats, log); they
+    share the process's fate: one that ends stops the others, and each comes back on its own."""
     gpu_memory_utilization: float = 0.9
     """engine vllm: share of each GPU's memory vLLM may take (weights + activations + KV)."""
     enable_prefix_caching: bool = True

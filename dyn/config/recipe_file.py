@@ -77,6 +77,11 @@ def _model(doc: LocatedDoc, raw: Any) -> ModelSpec:
                 "decode_s_per_ctx_token"):
         _at_least(doc, f"model.mock.{key}", getattr(timing, key), 0.0)
     _positive(doc, "model.mock.num_kv_blocks", timing.num_kv_blocks)
+    _positive(doc, "model.mock_workers_per_process", model.mock_workers_per_process)
+    if model.mock_workers_per_process > 1 and model.engine != "mock":
+        raise doc.error("model.mock_workers_per_process",
+                        f"only engine mock hosts several workers in one process (engine is {model.engine!r})",
+                        hint="remove mock_workers_per_process: a real engine's worker has a process of its own")
     if model.name is not None and not model.name.strip():
         raise doc.error("model.name", "served model name must not be blank")
     return model
@@ -180,6 +185,10 @@ def _check_planner(doc: LocatedDoc, r: Recipe) -> None:
     if not 0 < planner.restart_window_s <= 7 * 86400:
         raise doc.error("planner.restart_window_s", f"must be > 0 and at most 604800 seconds (a week), "
                         f"got {planner.restart_window_s:g}")
+    if planner.enabled and r.model.mock_workers_per_process > 1:
+        raise doc.error("model.mock_workers_per_process",
+                        "the planner starts and stops single workers; co-hosted mock workers share a process",
+                        hint="set mock_workers_per_process: 1, or planner.enabled: false")
     raw_planner = doc.data.get("planner") or {}
     for role in ("prefill", "decode"):
         _check_planner_bounds(doc, planner, raw_planner, role, r.group(role))

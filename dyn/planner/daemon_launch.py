@@ -22,6 +22,14 @@ log = logging.getLogger("dyn.planner.daemon")
 LAUNCH_CONCURRENCY = 8
 
 
+def host_groups(slots: list[ProcessSlot], per_process: int) -> list[list[ProcessSlot]]:
+    """One node's slots as processes to start: each frontend alone, workers `per_process` to a
+    process in their order (recipe model.mock_workers_per_process; 1: a process each)."""
+    workers = [s for s in slots if s.role != "frontend"]
+    return ([[s] for s in slots if s.role == "frontend"]
+            + [workers[i:i + per_process] for i in range(0, len(workers), max(1, per_process))])
+
+
 class DaemonLaunching:
     """Launching, failing (relaunch through dyn.planner.repair) and stopping the fleet's processes."""
 
@@ -53,19 +61,21 @@ class DaemonLaunching:
                     return []
             return slots
 
-        async def start(slot: ProcessSlot) -> None:
+        async def start(group: list[ProcessSlot]) -> None:
             async with gate:
                 while sum(1 for s in self.fleet.slots.values() if s.state in ("launching", "starting")) >= limit:
                     await asyncio.sleep(0.05)
                     if self._stop.is_set():
                         return
-                await self.fleet.launch(slot, files_written=True)
+                await self.fleet.launch(group[0], files_written=True, hosted=group[1:])
 
         # frontend first, then workers interleaved across nodes (every node starts early)
         prepared = await asyncio.gather(*(prepare(n, s) for n, s in by_node.items()))
-        order = sorted((slot for slots in prepared for slot in slots),
-                       key=lambda s: (s.role != "frontend", [x.id for x in by_node[s.node]].index(s.id)))
-        await asyncio.gather(*(start(s) for s in order), return_exceptions=True)
+        groups = [group for slots in prepared
+                  for group in host_groups(slots, self._recipe.model.mock_workers_per_process)]
+        order = sorted(groups, key=lambda g: (g[0].role != "frontend",
+                                              [x.id for x in by_node[g[0].node]].index(g[0].id)))
+        await asyncio.gather(*(start(g) for g in order), return_exceptions=True)
 
     async def _stop_everything(self) -> None:
         """Drain, stop, then SIGTERM and SIGKILL whatever is still alive; every step has a deadline."""

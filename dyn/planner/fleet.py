@@ -12,7 +12,7 @@ import asyncio
 import logging
 import signal
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from dyn.config.process import ProcessConfig
 from dyn.errors import DynError, LaunchError
@@ -97,34 +97,44 @@ class Fleet:
             files[slot.config_path] = self._config(slot, keys_path).to_json()
         await self.nodes.put_files(node, files)
 
-    async def launch(self, slot: ProcessSlot, *, files_written: bool = False) -> None:
-        """Start the process (writing its files first unless done in bulk); failures mark the slot failed."""
+    async def launch(self, slot: ProcessSlot, *, files_written: bool = False,
+                     hosted: Sequence[ProcessSlot] = ()) -> None:
+        """Start the process (writing its files first unless done in bulk); failures mark the slot failed.
+        `hosted`: workers on the same node that this one's process also runs (mock workers,
+        dyn.worker.host); they share its pid, and its fate."""
+        group = (slot, *hosted)
         now = self.clock()
-        slot.set_state("launching", now)
-        slot.registered, slot.last_heard, slot.error, slot.log_tail = False, None, "", ""
-        slot.metrics, slot.addresses, slot.adopted_state = {}, {}, None
+        for member in group:
+            member.set_state("launching", now)
+            member.registered, member.last_heard, member.error, member.log_tail = False, None, "", ""
+            member.metrics, member.addresses, member.adopted_state = {}, {}, None
         sent_start = False
         try:
             if not files_written:
-                await self.write_files(slot.node, [slot])
+                await self.write_files(slot.node, list(group))
             command = "frontend" if slot.role == "frontend" else "worker"
-            argv = (*self._dyn_command(slot.node), command, "--config", slot.config_path)
+            argv = (*self._dyn_command(slot.node), command,
+                    *(arg for member in group for arg in ("--config", member.config_path)))
             sent_start = True
-            slot.pid = await self.nodes.start(slot.node, f"{self.deployment.name}-{slot.id}", argv,
-                                              slot.log_path, {"PYTHONUNBUFFERED": "1"})
+            pid = await self.nodes.start(slot.node, f"{self.deployment.name}-{slot.id}", argv,
+                                         slot.log_path, {"PYTHONUNBUFFERED": "1"})
         except (DynError, OSError, asyncio.TimeoutError) as exc:
-            if sent_start and _timed_out(exc):
-                # The start command may have run and only its answer was late (overloaded node):
-                # wait for the registration deadline instead of failing a process that may be up.
-                slot.pid = None
-                slot.set_state("starting", self.clock())
-                self.note(f"{slot.id}: start on {slot.node} did not answer in time ({exc}); "
-                          "waiting for it to register")
-                return
-            self.fail_launch(slot, exc)
+            for member in group:
+                if sent_start and _timed_out(exc):
+                    # The start command may have run and only its answer was late (overloaded node):
+                    # wait for the registration deadline instead of failing a process that may be up.
+                    member.pid = None
+                    member.set_state("starting", self.clock())
+                    self.note(f"{member.id}: start on {slot.node} did not answer in time ({exc}); "
+                              "waiting for it to register")
+                else:
+                    self.fail_launch(member, exc)
             return
-        slot.set_state("starting", self.clock())
-        self.note(f"{slot.id}: started on {slot.node} as pid {slot.pid}")
+        for member in group:
+            member.pid = pid
+            member.set_state("starting", self.clock())
+        self.note(f"{slot.id}: started on {slot.node} as pid {pid}"
+                  + (f", hosting {', '.join(m.id for m in hosted)}" if hosted else ""))
 
     def fail_launch(self, slot: ProcessSlot, exc: BaseException) -> None:
         slot.set_state("failed", self.clock(), f"launch on {slot.node} failed: {exc}")
@@ -230,7 +240,7 @@ class Fleet:
             daemon_address=self.daemon_address, recipe_text=d.recipe_text, topology_text=d.topology_text,
             recipe_source=d.recipe_source, topology_source=d.topology_source, keys_path=keys_path,
             bind_host=self.topology.node(slot.node).bind_address, gpus=slot.gpus,
-            cpu_threads=slot.cpu_threads, run_dir=slot.run_dir,
+            cpu_threads=slot.cpu_threads, run_dir=slot.run_dir, log_path=slot.log_path,
             heartbeat_interval_s=self.heartbeat_interval_s, daemon_grace_s=self.daemon_grace_s,
             drain_grace_s=self.deadlines.stop_s / 2, extra=extra)
 

@@ -49,8 +49,10 @@ PEER_WAIT_S = 120.0
 
 
 class WorkerProcess(ProcessMetrics):
-    def __init__(self, config: ProcessConfig) -> None:
+    def __init__(self, config: ProcessConfig, *, own_signals: bool = True) -> None:
         self.config = config
+        self.own_signals = own_signals
+        """SIGTERM/SIGINT stop this worker (False: a host handles them for all it runs)."""
         self._stop = asyncio.Event()
         self.essential = EssentialTasks(self._stop)
         self._started_at = time.monotonic()
@@ -77,8 +79,9 @@ class WorkerProcess(ProcessMetrics):
         ctx = zmq.asyncio.Context()
         security = Security.from_keys(load_process_keys(cfg.keys_path) if cfg.keys_path else None)
         aio = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            aio.add_signal_handler(sig, self._stop.set)
+        if self.own_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                aio.add_signal_handler(sig, self.stop)
 
         self.security = security
         self.server = RequestServer(ctx, cfg.bind_host, security, None, max_waiting=group.max_queue,
@@ -143,6 +146,10 @@ class WorkerProcess(ProcessMetrics):
         finally:
             await self._shutdown(tasks, security, ctx)
         return 1 if self.loop.fatal_error or self.essential.error else 0
+
+    def stop(self) -> None:
+        """Begin the shutdown: stop accepting, drain, exit (as the daemon's stop command does)."""
+        self._stop.set()
 
     async def _wait_stop(self) -> None:
         while not self._stop.is_set():

@@ -38,6 +38,18 @@ def test_mock_stream_is_coalesced_unless_asked_per_step() -> None:
         parse_recipe(base % ", mock_stream: per_token", "m.yaml")
 
 
+def test_mock_workers_per_process_only_for_the_mock_and_a_fixed_fleet() -> None:
+    base = "name: m\nmodel: {path: /m, engine: %s, mock_workers_per_process: %d}\nworkers: {both: {replicas: 4}}\n%s"
+    assert parse_recipe(base % ("mock", 4, ""), "m.yaml").model.mock_workers_per_process == 4
+    assert parse_recipe("name: m\nmodel: {engine: mock}\nworkers: {both: {}}\n").model.mock_workers_per_process == 1
+    with pytest.raises(ConfigError, match="model.mock_workers_per_process.*must be at least 1"):
+        parse_recipe(base % ("mock", 0, ""), "m.yaml")
+    with pytest.raises(ConfigError, match="only engine mock hosts several workers in one process"):
+        parse_recipe(base % ("torch", 2, ""), "m.yaml")
+    with pytest.raises(ConfigError, match="the planner starts and stops single workers"):
+        parse_recipe(base % ("mock", 2, "planner: {enabled: true}\n"), "m.yaml")
+
+
 def test_line_of_finds_keys_and_parents() -> None:
     recipe = parse_recipe("name: m\nmodel:\n  path: /m\nworkers:\n  both:\n    replicas: 2\n", "m.yaml")
     assert recipe.line_of("workers.both.replicas") == 6

@@ -8,6 +8,7 @@ refusals on the control plane. Every pid seen is killed in `finally`.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -19,12 +20,14 @@ import zmq
 import zmq.asyncio
 
 from dyn.control.keys import DeploymentKeys, write_private
-from dyn.control.messages import CONTROL_CODEC, Heartbeat, Register, RegisterAck
+from dyn.control.messages import CONTROL_CODEC, Command, Heartbeat, Register, RegisterAck
 from dyn.control.sockets import Security, client_socket
 from dyn.deploy.client import request
 from dyn.launch.local import pid_alive
 from dyn.errors import DeploymentError
 from dyn.planner.daemon import PlannerDaemon
+from dyn.planner.daemon_launch import host_groups
+from dyn.planner.health import ProcessSlot
 from dyn.planner.state import Deployment, StateStore
 
 DYN = str(Path(sys.executable).with_name("dyn"))
@@ -46,14 +49,14 @@ shuttle: {max_inflight_mib: 4}
 """
 
 
-def _store(tmp_path: Path, **timeouts: float) -> StateStore:
+def _store(tmp_path: Path, recipe: str = RECIPE, workers: int = 2, **timeouts: float) -> StateStore:
     store = StateStore("d", root=tmp_path / "state")
-    keys = DeploymentKeys.generate(["daemon", "cli", "frontend", "worker-0", "worker-1"])
+    keys = DeploymentKeys.generate(["daemon", "cli", "frontend", *(f"worker-{i}" for i in range(workers))])
     store.dir.mkdir(parents=True)
     keys.save(store.keys_path)
     write_private(store.cli_keys_path, keys.for_process("cli").to_json())
     store.save_deployment(Deployment(
-        name="d", topology_text=TOPOLOGY, recipe_text=RECIPE, topology_source="t.yaml", recipe_source="r.yaml",
+        name="d", topology_text=TOPOLOGY, recipe_text=recipe, topology_source="t.yaml", recipe_source="r.yaml",
         config_hash="x", head="local", dyn_command=(DYN,), remote_dyn_command=(DYN,),
         frontend_url="http://127.0.0.1:1", created_at=time.time(), node_state_root=str(tmp_path / "nodes"),
         timeouts={"heartbeat_s": 3.0, "register_s": 30.0, "restart_backoff_s": 0.2, **timeouts}))
@@ -135,6 +138,68 @@ def test_heartbeat_deadline_relaunch_budget_and_adoption(tmp_path):
             await asyncio.wait_for(task, 30)
             assert daemon2.phase == "stopped"
             assert not any(pid_alive(p) for p in pids)
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        _kill(pids)
+
+
+def test_host_groups_put_workers_k_to_a_process_and_frontends_alone():
+    slots = [ProcessSlot("frontend", "frontend", "n", ())] + [ProcessSlot(f"w{i}", "both", "n", ()) for i in range(5)]
+    assert [[s.id for s in g] for g in host_groups(slots, 2)] == [["frontend"], ["w0", "w1"], ["w2", "w3"], ["w4"]]
+    assert [[s.id for s in g] for g in host_groups(slots, 1)] == [["frontend"], ["w0"], ["w1"], ["w2"], ["w3"],
+                                                                  ["w4"]]
+
+
+HOSTED_RECIPE = """name: d
+model: {engine: mock, mock_workers_per_process: 2}
+mode: aggregated
+workers:
+  both: {replicas: 3}
+frontend: {port: 1}
+"""
+
+
+def test_hosted_mock_workers_share_a_process_and_its_fate_then_come_back_alone(tmp_path):
+    """model.mock_workers_per_process: 2 of 3 workers in one process, each with its own log; one
+    of them stopped ends its host (the other drains too), and the daemon relaunches both alone."""
+    store = _store(tmp_path, HOSTED_RECIPE, workers=3)
+    pids: set[int] = set()
+
+    async def scenario():
+        daemon = _WorkersOnly(store)
+        task = asyncio.create_task(daemon.run())
+        try:
+            await _until(lambda: daemon.phase != "starting", 40, "three workers ready")
+            assert daemon.phase == "running", (daemon.error, daemon.fleet.events)
+            w0, w1, w2 = (daemon.fleet.slots[f"worker-{i}"] for i in range(3))
+            pids.update((w0.pid, w2.pid))
+            assert w0.pid == w1.pid != w2.pid
+            assert "hosting worker-1" in " ".join(daemon.fleet.events)
+            for slot in (w0, w1):  # each hosted worker's lines are in its own log, under its name
+                lines = [json.loads(line) for line in Path(slot.log_path).read_text().splitlines()
+                         if line.startswith("{")]
+                ready = [e for e in lines if e["msg"].startswith("worker ") and " ready in " in e["msg"]]
+                assert [e["process"] for e in ready] == [slot.id], lines
+                assert {e["process"] for e in lines if e["logger"].startswith("dyn.worker.process")} == {slot.id}
+
+            host = w0.pid
+            await daemon._send("worker-1", Command("stop"))
+            await _until(lambda: not pid_alive(host), 20, "the host exits with its stopped worker")
+            await _until(lambda: all(s.state == "ready" and s.num_restarts == 1 for s in (w0, w1)), 40,
+                         "both hosted workers relaunched")
+            pids.update((w0.pid, w1.pid))
+            assert len({w0.pid, w1.pid, w2.pid, host}) == 4  # each alone now; worker-2 untouched
+            assert w2.num_restarts == 0
+
+            await request(store, "down")
+            await asyncio.wait_for(task, 30)
+            assert daemon.phase == "stopped" and not any(pid_alive(p) for p in pids)
         finally:
             if not task.done():
                 task.cancel()
