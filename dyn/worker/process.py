@@ -49,10 +49,13 @@ PEER_WAIT_S = 120.0
 
 
 class WorkerProcess(ProcessMetrics):
-    def __init__(self, config: ProcessConfig, *, own_signals: bool = True) -> None:
+    def __init__(self, config: ProcessConfig, *, own_signals: bool = True,
+                 detokenizers: dict | None = None) -> None:
         self.config = config
         self.own_signals = own_signals
         """SIGTERM/SIGINT stop this worker (False: a host handles them for all it runs)."""
+        self.detokenizers = detokenizers
+        """Tokenizers already loaded in this process, shared by the workers it hosts."""
         self._stop = asyncio.Event()
         self.essential = EssentialTasks(self._stop)
         self._started_at = time.monotonic()
@@ -107,7 +110,8 @@ class WorkerProcess(ProcessMetrics):
         try:
             try:
                 fill = await self._weights_plan(recipe, cfg, security)
-                self.engine = await asyncio.to_thread(create_engine_for, recipe, group, cfg, fill)
+                self.engine = await asyncio.to_thread(create_engine_for, recipe, group, cfg, fill,
+                                                      self.detokenizers)
             except Exception as exc:  # report why, then exit non-zero
                 log.error("engine failed to load: %s", exc)
                 self.load_error = str(exc)

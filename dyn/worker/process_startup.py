@@ -26,8 +26,9 @@ def load_files(cfg: ProcessConfig):
             parse_topology(cfg.topology_text, cfg.topology_source))
 
 
-def create_engine_for(recipe, group, cfg: ProcessConfig, fill_weights=None) -> Backend:
-    """The engine for this worker's group on the recipe's device, restricted to the placement's GPUs."""
+def create_engine_for(recipe, group, cfg: ProcessConfig, fill_weights=None, detokenizers=None) -> Backend:
+    """The engine for this worker's group on the recipe's device, restricted to the placement's GPUs
+    (`detokenizers`: see dyn.engine.factory.create_engine)."""
     from dyn.engine.factory import create_engine
 
     device = recipe.model.device
@@ -43,7 +44,8 @@ def create_engine_for(recipe, group, cfg: ProcessConfig, fill_weights=None) -> B
     kv_bytes = int(group.kv_memory_gib * 2**30) if group.kv_memory_gib else None
     vllm_kwargs = vllm_setup(recipe, group, cfg, device) if recipe.model.engine == "vllm" else None
     return create_engine(recipe.model, group, device=device, kv_memory_bytes=kv_bytes,
-                         cpu_threads=cfg.cpu_threads, fill_weights=fill_weights, vllm_kwargs=vllm_kwargs)
+                         cpu_threads=cfg.cpu_threads, fill_weights=fill_weights, vllm_kwargs=vllm_kwargs,
+                         detokenizers=detokenizers)
 
 
 def vllm_setup(recipe, group, cfg: ProcessConfig, device: str) -> dict:

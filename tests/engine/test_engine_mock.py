@@ -567,3 +567,18 @@ def test_a_prefix_block_changed_under_a_running_request_changes_its_next_block_o
     assert corrupted[:5] == clean[:5]
     first_diff = next(i for i, (a, b) in enumerate(zip(clean, corrupted)) if a != b)
     assert first_diff <= 5 + BS
+
+
+def test_mock_engines_of_one_host_share_one_loaded_tokenizer(tmp_path):
+    """Hosted mock workers (dyn.worker.host) pass one `detokenizers` map: the checkpoint's
+    tokenizer is loaded once for all of them (72 loads took ~9 s on one thread, long enough
+    to starve the host's heartbeats)."""
+    from dyn.config.recipe import ModelSpec, WorkerGroup
+    from dyn.engine.factory import create_engine
+    from dyn.engine.tiny import write_tiny_checkpoint
+
+    path = str(write_tiny_checkpoint(tmp_path / "m", seed=1))
+    spec, group, loaded = ModelSpec(path=path, engine="mock"), WorkerGroup("both"), {}
+    a, b = (create_engine(spec, group, device="cpu", detokenizers=loaded) for _ in range(2))
+    assert list(loaded) == [path] and a.detokenize is b.detokenize is not None
+    assert create_engine(spec, group, device="cpu").detokenize is not a.detokenize  # alone: its own
