@@ -108,6 +108,15 @@ class BadMessages:
             log.warning("%s: dropped bad message (%s); further ones of this kind are only counted",
                         self.where, error)
 
+    def record_failure(self, what: str, exc: Exception) -> None:
+        """A message whose handling raised (a bug, dropped so the loop serves on): counted by
+        kind, the first of each kind logged with its traceback."""
+        kind = f"{what}: {type(exc).__name__}"[:80]
+        self.counts[kind] += 1
+        if self.counts[kind] == 1:
+            log.error("%s: handling %s failed; further ones of this kind are only counted", self.where, what,
+                      exc_info=exc)
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())

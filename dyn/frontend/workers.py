@@ -237,22 +237,25 @@ class WorkerPool:
             handle.last_heard = time.monotonic()
             for _ in range(_MAX_DRAIN):
                 message = _decode(frame.buffer, bad)
-                for message in message.chunks if type(message) is TokenChunks else (message,):
-                    rid = getattr(message, "request_id", None)
-                    if rid is not None:
-                        entry = streams.get(rid)
-                        if entry is not None and entry.worker_id == wid:
-                            if entry.awaiting_first:
-                                entry.awaiting_first = False
-                                handle.pending_prefill_tokens -= entry.num_tokens
-                            entry.queue.put_nowait(message)
-                            if type(message) is TokenChunk and message.finish is not None:
-                                entry.queue.put_nowait(message.finish)  # the stream's end, carried along
-                    elif isinstance(message, KvSnapshot) and message.worker_id == wid:
-                        if self.on_snapshot is not None:
-                            self.on_snapshot(message)
-                    elif message is not None:
-                        bad.record(f"unexpected {type(message).__name__} from {wid}")
+                try:
+                    for message in message.chunks if type(message) is TokenChunks else (message,):
+                        rid = getattr(message, "request_id", None)
+                        if rid is not None:
+                            entry = streams.get(rid)
+                            if entry is not None and entry.worker_id == wid:
+                                if entry.awaiting_first:
+                                    entry.awaiting_first = False
+                                    handle.pending_prefill_tokens -= entry.num_tokens
+                                entry.queue.put_nowait(message)
+                                if type(message) is TokenChunk and message.finish is not None:
+                                    entry.queue.put_nowait(message.finish)  # the stream's end, carried along
+                        elif isinstance(message, KvSnapshot) and message.worker_id == wid:
+                            if self.on_snapshot is not None:
+                                self.on_snapshot(message)
+                        elif message is not None:
+                            bad.record(f"unexpected {type(message).__name__} from {wid}")
+                except Exception as exc:  # a bug met by one frame must not silence this worker's streams
+                    bad.record_failure(f"{type(message).__name__} from {wid}", exc)
                 frame = sock.try_recv()  # drain what has already arrived in one wake-up
                 if frame is None:
                     break

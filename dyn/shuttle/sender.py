@@ -235,24 +235,30 @@ class ShuttleSender:
             if received is None:
                 continue
             identity, msg = received
-            if isinstance(msg, Pull):
-                await self._on_pull(identity, msg)
-            elif isinstance(msg, Credit):
-                running = self._jobs.get(msg.transfer_id)
-                if running is not None and running.identity == identity:
-                    if msg.slot >= 0:
-                        running.transport.on_credit(running.job, msg.slot)
-                    running.job.grant(max(0, msg.num_bytes))
-            elif isinstance(msg, Taken):
-                self._on_taken(msg)
-            elif isinstance(msg, Done):
-                running = self._jobs.get(msg.transfer_id)
-                if running is not None and running.identity == identity:
-                    if not msg.ok:
-                        self._count_failure(msg.reason or "receiver")
-                    running.on_done(msg)
-            elif msg is not None:
-                self._bad.record(f"unexpected: {type(msg).__name__}")
+            try:
+                await self._handle(identity, msg)
+            except Exception as exc:  # a bug met by one message must cost that hand-off, not the sender
+                self._bad.record_failure(type(msg).__name__, exc)
+
+    async def _handle(self, identity: bytes, msg: object) -> None:
+        if isinstance(msg, Pull):
+            await self._on_pull(identity, msg)
+        elif isinstance(msg, Credit):
+            running = self._jobs.get(msg.transfer_id)
+            if running is not None and running.identity == identity:
+                if msg.slot >= 0:
+                    running.transport.on_credit(running.job, msg.slot)
+                running.job.grant(max(0, msg.num_bytes))
+        elif isinstance(msg, Taken):
+            self._on_taken(msg)
+        elif isinstance(msg, Done):
+            running = self._jobs.get(msg.transfer_id)
+            if running is not None and running.identity == identity:
+                if not msg.ok:
+                    self._count_failure(msg.reason or "receiver")
+                running.on_done(msg)
+        elif msg is not None:
+            self._bad.record(f"unexpected: {type(msg).__name__}")
 
     def _on_taken(self, msg: Taken) -> None:
         """A receiver read an offer through its direct plan (or failed to): unpin it."""

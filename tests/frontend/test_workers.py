@@ -115,6 +115,44 @@ def test_kv_snapshots_ride_the_request_plane():
     asyncio.run(go())
 
 
+def test_a_frame_whose_handling_raises_is_counted_and_the_worker_is_still_heard():
+    """A bug met by one frame (here the snapshot hook) used to end this worker's reader: every
+    stream on it then stalled until its deadline. Now the frame is counted, the first such
+    failure logged with its traceback, and the next frames are handled."""
+    from dyn.control.kv_events import KvSnapshot
+    from dyn.control.sockets import server_socket
+
+    async def go():
+        ctx = zmq.asyncio.Context()
+        server = server_socket(ctx, zmq.ROUTER, "tcp://127.0.0.1:*", Security())
+        pool = WorkerPool(ctx, Security())
+        pool.add("w", "decode", server.getsockopt_string(zmq.LAST_ENDPOINT))
+        got: list[KvSnapshot] = []
+
+        def on_snapshot(snap: KvSnapshot) -> None:
+            if snap.epoch == 1:
+                raise ValueError("a bug")
+            got.append(snap)
+
+        pool.on_snapshot = on_snapshot
+        await pool.request_snapshot("w")
+        client, _ = await asyncio.wait_for(server.recv_multipart(), 5)
+        for epoch in (1, 2):
+            await server.send_multipart([client, REQUEST_CODEC.encode(KvSnapshot("w", epoch, 1))])
+            await asyncio.sleep(0.05)  # (two wake-ups: the second frame is not drained with the first)
+        for _ in range(100):
+            if got:
+                break
+            await asyncio.sleep(0.01)
+        assert got == [KvSnapshot("w", 2, 1)]
+        assert pool.bad.counts == {"KvSnapshot from w: ValueError": 1}
+        pool.close()
+        server.close(linger=0)
+        await asyncio.sleep(0)
+        ctx.term()
+    asyncio.run(go())
+
+
 def test_opening_a_stream_on_a_worker_that_just_left_fails_it_as_gone():
     """Routing picked a worker that a relaunch removed before the send: the stream fails with
     worker_gone (the dispatcher re-routes it), not a KeyError that became a 500."""

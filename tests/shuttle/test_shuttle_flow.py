@@ -205,6 +205,35 @@ def test_garbage_on_the_sender_socket_is_counted_not_fatal() -> None:
     assert num_bad == 2 and np.array_equal(dest, data)
 
 
+def test_a_message_whose_handling_raises_is_counted_and_the_sender_serves_on(monkeypatch) -> None:
+    """A bug met by one message used to end the sender's loop: every later pull of this worker's
+    offers went unanswered (decode recomputed them). Now it is counted and the loop serves on."""
+    from dyn.shuttle.wire import Taken
+
+    hashes, data = _data(2)
+
+    def broken(msg: Taken) -> None:
+        raise KeyError("a bug")
+
+    async def run():
+        async with ShuttleSender(BLOCK_BYTES) as tx, ShuttleReceiver() as rx:
+            monkeypatch.setattr(tx, "_on_taken", broken)
+            ctx = zmq.asyncio.Context()
+            sock = ctx.socket(zmq.DEALER)
+            sock.connect(tx.address)
+            await sock.send(CODEC.encode(Taken("nobody", True, 1)))
+            await asyncio.sleep(0.05)
+            sock.close(linger=0)
+            ctx.term()
+            offer = tx.offer("r", hashes, list(map(memoryview, data)))
+            dest = np.zeros_like(data)
+            await rx.pull(offer.descriptor, [0, 1], list(map(memoryview, dest)), 5)
+            return dict(tx._bad.counts), dest
+
+    counts, dest = asyncio.run(run())
+    assert counts == {"Taken: KeyError": 1} and np.array_equal(dest, data)
+
+
 def test_a_sender_bug_costs_one_hand_off_not_the_sender(monkeypatch) -> None:
     from dyn.shuttle.transports.tcp import TcpSender
 
