@@ -207,6 +207,9 @@ def main() -> None:
     ap.add_argument("--hosted", type=int, default=None, metavar="K",
                     help="also run dyn (same replica counts) with its mock workers K to a process "
                          "(model.mock_workers_per_process), as Dynamo's mocker hosts all its engines in one")
+    ap.add_argument("--hosted-only", action="store_true",
+                    help="with --hosted: no rows of a process per worker (72 of them idle load the box "
+                         "for every other row of the run)")
     ap.add_argument("--out", type=Path, default=None, help="also write every run as JSON here")
     ap.add_argument("--mock-stream", choices=("coalesced", "per_step"), default="per_step",
                     help="dyn's mock hands over each step's tokens on their own (per_step, the default: one "
@@ -217,9 +220,11 @@ def main() -> None:
     if not (a.peer_dir / "venv").is_dir() or not (a.peer_dir / "model" / "tokenizer.json").is_file():
         raise SystemExit(f"{a.peer_dir}: install the peer kit first (see this script's docstring)")
     state = Path(tempfile.mkdtemp(prefix="dyn-vs-"))
-    systems: list = [DynSystem(state, a.peer_dir, a.port + i, int(r), a.workers, a.kv_blocks,
-                               mock_stream=a.mock_stream)
-                     for i, r in enumerate(a.replicas.split(","))]
+    systems: list = [] if a.hosted_only else [DynSystem(state, a.peer_dir, a.port + i, int(r), a.workers,
+                                                        a.kv_blocks, mock_stream=a.mock_stream)
+                                              for i, r in enumerate(a.replicas.split(","))]
+    if a.hosted_only and not a.hosted:
+        raise SystemExit("--hosted-only needs --hosted K")
     if a.before_dyn:  # (a checkout without model.mock_stream refuses per_step: its dyn up names the key)
         systems += [DynSystem(state, a.peer_dir, a.port + len(systems) + i, int(r), a.workers, a.kv_blocks,
                               dyn=a.before_dyn, tag="before", mock_stream=a.mock_stream)
