@@ -231,34 +231,41 @@ class WorkerPool:
                 entry.queue.put_nowait(RequestFailed(rid, WORKER_GONE, f"worker {worker_id}: {reason}", True))
 
     async def _read(self, handle: WorkerHandle) -> None:
+        """Every frame this worker sends, as it comes: all that has arrived in one wake-up, up
+        to _MAX_DRAIN before the rest of the loop gets a turn."""
         sock, streams, bad, wid = handle.sock, self._streams, self.bad, handle.id
+        drained = 0
         while True:
-            frame = await sock.recv()
+            frame = sock.try_recv()
+            if frame is None:
+                drained = 0
+                await sock.park(_POLLIN)  # (try_recv has just looked at the events)
+                continue
+            drained += 1
+            if drained == _MAX_DRAIN:
+                drained = 0
+                await asyncio.sleep(0)
             handle.last_heard = time.monotonic()
-            for _ in range(_MAX_DRAIN):
-                message = _decode(frame.buffer, bad)
-                try:
-                    for message in message.chunks if type(message) is TokenChunks else (message,):
-                        rid = getattr(message, "request_id", None)
-                        if rid is not None:
-                            entry = streams.get(rid)
-                            if entry is not None and entry.worker_id == wid:
-                                if entry.awaiting_first:
-                                    entry.awaiting_first = False
-                                    handle.pending_prefill_tokens -= entry.num_tokens
-                                entry.queue.put_nowait(message)
-                                if type(message) is TokenChunk and message.finish is not None:
-                                    entry.queue.put_nowait(message.finish)  # the stream's end, carried along
-                        elif isinstance(message, KvSnapshot) and message.worker_id == wid:
-                            if self.on_snapshot is not None:
-                                self.on_snapshot(message)
-                        elif message is not None:
-                            bad.record(f"unexpected {type(message).__name__} from {wid}")
-                except Exception as exc:  # a bug met by one frame must not silence this worker's streams
-                    bad.record_failure(f"{type(message).__name__} from {wid}", exc)
-                frame = sock.try_recv()  # drain what has already arrived in one wake-up
-                if frame is None:
-                    break
+            message = _decode(frame.buffer, bad)
+            try:
+                for message in message.chunks if type(message) is TokenChunks else (message,):
+                    rid = getattr(message, "request_id", None)
+                    if rid is not None:
+                        entry = streams.get(rid)
+                        if entry is not None and entry.worker_id == wid:
+                            if entry.awaiting_first:
+                                entry.awaiting_first = False
+                                handle.pending_prefill_tokens -= entry.num_tokens
+                            entry.queue.put_nowait(message)
+                            if type(message) is TokenChunk and message.finish is not None:
+                                entry.queue.put_nowait(message.finish)  # the stream's end, carried along
+                    elif isinstance(message, KvSnapshot) and message.worker_id == wid:
+                        if self.on_snapshot is not None:
+                            self.on_snapshot(message)
+                    elif message is not None:
+                        bad.record(f"unexpected {type(message).__name__} from {wid}")
+            except Exception as exc:  # a bug met by one frame must not silence this worker's streams
+                bad.record_failure(f"{type(message).__name__} from {wid}", exc)
 
 
 @dataclass(slots=True)
@@ -271,6 +278,7 @@ class _Stream:
 
 
 _MAX_DRAIN = 512
+_POLLIN = int(zmq.POLLIN)
 _BATCH_FIELDS = frozenset({"chunks"})
 _CHUNK_FIELDS = frozenset({"request_id", "token_ids", "logprobs", "num_cached_tokens", "finish"})
 _FINISH_FIELDS = frozenset({"request_id", "reason", "num_prompt_tokens", "num_completion_tokens", "kv_offer"})
