@@ -119,16 +119,17 @@ class Fleet:
             pid = await self.nodes.start(slot.node, f"{self.deployment.name}-{slot.id}", argv,
                                          slot.log_path, {"PYTHONUNBUFFERED": "1"})
         except (DynError, OSError, asyncio.TimeoutError) as exc:
+            late = sent_start and _timed_out(exc)
             for member in group:
-                if sent_start and _timed_out(exc):
-                    # The start command may have run and only its answer was late (overloaded node):
-                    # wait for the registration deadline instead of failing a process that may be up.
-                    member.pid = None
-                    member.set_state("starting", self.clock())
-                    self.note(f"{member.id}: start on {slot.node} did not answer in time ({exc}); "
-                              "waiting for it to register")
-                else:
+                if not late:
                     self.fail_launch(member, exc)
+                    continue
+                # The start command may have run and only its answer was late (overloaded node):
+                # wait for the registration deadline instead of failing a process that may be up.
+                member.pid = None
+                member.set_state("starting", self.clock())
+                self.note(f"{member.id}: start on {slot.node} did not answer in time ({exc}); "
+                          "waiting for it to register")
             return
         for member in group:
             member.pid = pid

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import msgpack
 import zmq.asyncio
@@ -86,32 +87,51 @@ def test_fast_decode_rejects_what_the_codec_rejects():
     assert bad.counts[f"protocol version {PROTOCOL_VERSION - 1}, expected {PROTOCOL_VERSION}"] == 1  # says both
 
 
-def test_kv_snapshots_ride_the_request_plane():
-    from dyn.control.kv_events import KvSnapshot, KvSnapshotRequest
+@contextlib.asynccontextmanager
+async def _asked_for_a_snapshot(on_snapshot):
+    """A WorkerPool whose worker "w" (a bare ROUTER here) it has asked for a KV snapshot: yields
+    the pool, the request frame, and `answer(message)`, which replies on that connection."""
     from dyn.control.sockets import server_socket
 
-    async def go():
-        ctx = zmq.asyncio.Context()
-        server = server_socket(ctx, zmq.ROUTER, "tcp://127.0.0.1:*", Security())
-        pool = WorkerPool(ctx, Security())
-        pool.add("w", "decode", server.getsockopt_string(zmq.LAST_ENDPOINT))
-        got: list[KvSnapshot] = []
-        pool.on_snapshot = got.append
+    ctx = zmq.asyncio.Context()
+    server = server_socket(ctx, zmq.ROUTER, "tcp://127.0.0.1:*", Security())
+    pool = WorkerPool(ctx, Security())
+    pool.add("w", "decode", server.getsockopt_string(zmq.LAST_ENDPOINT))
+    pool.on_snapshot = on_snapshot
+    try:
         await pool.request_snapshot("w")
         client, data = await asyncio.wait_for(server.recv_multipart(), 5)
-        assert REQUEST_CODEC.decode(data) == KvSnapshotRequest("w")
-        for snap in (KvSnapshot("someone-else", 1, 1), KvSnapshot("w", 7, 3, {"device": [11, 12]})):
-            await server.send_multipart([client, REQUEST_CODEC.encode(snap)])
-        for _ in range(100):
-            if got:
-                break
-            await asyncio.sleep(0.01)
-        assert got == [KvSnapshot("w", 7, 3, {"device": [11, 12]})]
-        assert pool.bad.total == 1  # a worker may only speak for itself
+
+        async def answer(message) -> None:
+            await server.send_multipart([client, REQUEST_CODEC.encode(message)])
+
+        yield pool, data, answer
+    finally:
         pool.close()
         server.close(linger=0)
         await asyncio.sleep(0)
         ctx.term()
+
+
+async def _until_any(got: list) -> None:
+    for _ in range(100):
+        if got:
+            return
+        await asyncio.sleep(0.01)
+
+
+def test_kv_snapshots_ride_the_request_plane():
+    from dyn.control.kv_events import KvSnapshot, KvSnapshotRequest
+
+    async def go():
+        got: list[KvSnapshot] = []
+        async with _asked_for_a_snapshot(got.append) as (pool, request, answer):
+            assert REQUEST_CODEC.decode(request) == KvSnapshotRequest("w")
+            for snap in (KvSnapshot("someone-else", 1, 1), KvSnapshot("w", 7, 3, {"device": [11, 12]})):
+                await answer(snap)
+            await _until_any(got)
+            assert got == [KvSnapshot("w", 7, 3, {"device": [11, 12]})]
+            assert pool.bad.total == 1  # a worker may only speak for itself
     asyncio.run(go())
 
 
@@ -120,13 +140,8 @@ def test_a_frame_whose_handling_raises_is_counted_and_the_worker_is_still_heard(
     stream on it then stalled until its deadline. Now the frame is counted, the first such
     failure logged with its traceback, and the next frames are handled."""
     from dyn.control.kv_events import KvSnapshot
-    from dyn.control.sockets import server_socket
 
     async def go():
-        ctx = zmq.asyncio.Context()
-        server = server_socket(ctx, zmq.ROUTER, "tcp://127.0.0.1:*", Security())
-        pool = WorkerPool(ctx, Security())
-        pool.add("w", "decode", server.getsockopt_string(zmq.LAST_ENDPOINT))
         got: list[KvSnapshot] = []
 
         def on_snapshot(snap: KvSnapshot) -> None:
@@ -134,22 +149,13 @@ def test_a_frame_whose_handling_raises_is_counted_and_the_worker_is_still_heard(
                 raise ValueError("a bug")
             got.append(snap)
 
-        pool.on_snapshot = on_snapshot
-        await pool.request_snapshot("w")
-        client, _ = await asyncio.wait_for(server.recv_multipart(), 5)
-        for epoch in (1, 2):
-            await server.send_multipart([client, REQUEST_CODEC.encode(KvSnapshot("w", epoch, 1))])
-            await asyncio.sleep(0.05)  # (two wake-ups: the second frame is not drained with the first)
-        for _ in range(100):
-            if got:
-                break
-            await asyncio.sleep(0.01)
-        assert got == [KvSnapshot("w", 2, 1)]
-        assert pool.bad.counts == {"KvSnapshot from w: ValueError": 1}
-        pool.close()
-        server.close(linger=0)
-        await asyncio.sleep(0)
-        ctx.term()
+        async with _asked_for_a_snapshot(on_snapshot) as (pool, _, answer):
+            for epoch in (1, 2):
+                await answer(KvSnapshot("w", epoch, 1))
+                await asyncio.sleep(0.05)  # (two wake-ups: the second frame is not drained with the first)
+            await _until_any(got)
+            assert got == [KvSnapshot("w", 2, 1)]
+            assert pool.bad.counts == {"KvSnapshot from w: ValueError": 1}
     asyncio.run(go())
 
 

@@ -183,25 +183,32 @@ def test_torch_cpu_tensor_views_and_empty_pulls(transport: str) -> None:
     assert torch.equal(dest_pool[[1, 4, 5]], pool[[1, 4, 5]]) and not dest_pool[[0, 2, 3]].any()
 
 
-def test_garbage_on_the_sender_socket_is_counted_not_fatal() -> None:
+async def _raw_then_pull(tx: ShuttleSender, rx: ShuttleReceiver,
+                         *messages: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Send `messages` (each a list of frames) to the sender from a bare DEALER, then pull two
+    offered blocks through it: (the blocks offered, what the receiver got)."""
     hashes, data = _data(2)
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(tx.address)
+    for frames in messages:
+        await sock.send_multipart(frames)
+    await asyncio.sleep(0.05)
+    sock.close(linger=0)
+    ctx.term()
+    offer = tx.offer("r", hashes, list(map(memoryview, data)))
+    dest = np.zeros_like(data)
+    await rx.pull(offer.descriptor, [0, 1], list(map(memoryview, dest)), 5)
+    return data, dest
 
+
+def test_garbage_on_the_sender_socket_is_counted_not_fatal() -> None:
     async def run():
         async with ShuttleSender(BLOCK_BYTES) as tx, ShuttleReceiver() as rx:
-            ctx = zmq.asyncio.Context()
-            sock = ctx.socket(zmq.DEALER)
-            sock.connect(tx.address)
-            await sock.send(b"\xc1 not msgpack")
-            await sock.send_multipart([b"two", b"frames"])
-            await asyncio.sleep(0.05)
-            sock.close(linger=0)
-            ctx.term()
-            offer = tx.offer("r", hashes, list(map(memoryview, data)))
-            dest = np.zeros_like(data)
-            await rx.pull(offer.descriptor, [0, 1], list(map(memoryview, dest)), 5)
-            return tx._bad.total, dest
+            data, dest = await _raw_then_pull(tx, rx, [b"\xc1 not msgpack"], [b"two", b"frames"])
+            return tx._bad.total, data, dest
 
-    num_bad, dest = asyncio.run(run())
+    num_bad, data, dest = asyncio.run(run())
     assert num_bad == 2 and np.array_equal(dest, data)
 
 
@@ -210,27 +217,16 @@ def test_a_message_whose_handling_raises_is_counted_and_the_sender_serves_on(mon
     offers went unanswered (decode recomputed them). Now it is counted and the loop serves on."""
     from dyn.shuttle.wire import Taken
 
-    hashes, data = _data(2)
-
     def broken(msg: Taken) -> None:
         raise KeyError("a bug")
 
     async def run():
         async with ShuttleSender(BLOCK_BYTES) as tx, ShuttleReceiver() as rx:
             monkeypatch.setattr(tx, "_on_taken", broken)
-            ctx = zmq.asyncio.Context()
-            sock = ctx.socket(zmq.DEALER)
-            sock.connect(tx.address)
-            await sock.send(CODEC.encode(Taken("nobody", True, 1)))
-            await asyncio.sleep(0.05)
-            sock.close(linger=0)
-            ctx.term()
-            offer = tx.offer("r", hashes, list(map(memoryview, data)))
-            dest = np.zeros_like(data)
-            await rx.pull(offer.descriptor, [0, 1], list(map(memoryview, dest)), 5)
-            return dict(tx._bad.counts), dest
+            data, dest = await _raw_then_pull(tx, rx, [CODEC.encode(Taken("nobody", True, 1))])
+            return dict(tx._bad.counts), data, dest
 
-    counts, dest = asyncio.run(run())
+    counts, data, dest = asyncio.run(run())
     assert counts == {"Taken: KeyError": 1} and np.array_equal(dest, data)
 
 
