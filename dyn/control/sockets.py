@@ -38,29 +38,72 @@ class Authorizer:
 
 
 @dataclass
-class Security:
-    """CURVE settings of one process; keys=None disables CURVE (recipe auth.curve: false)."""
+class ZapHandler:
+    """The ZAP handler of one ZMQ context (a context has at most one): admits the CURVE clients
+    its Authorizer lists."""
 
-    keys: ProcessKeys | None = None
     authorizer: Authorizer = field(default_factory=Authorizer)
     _auth: AsyncioAuthenticator | None = None
 
-    @classmethod
-    def from_keys(cls, keys: ProcessKeys | None) -> "Security":
-        return cls(keys=keys, authorizer=Authorizer(keys.authorized if keys else ()))
-
     def start(self, ctx: zmq.asyncio.Context) -> None:
-        """Start the ZAP handler (needs a running event loop); idempotent."""
-        if self.keys is None or self._auth is not None:
-            return
-        self._auth = AsyncioAuthenticator(ctx)
-        self._auth.start()
-        self._auth.configure_curve_callback(domain="dyn", credentials_provider=self.authorizer)
+        """Start it (needs a running event loop); idempotent."""
+        if self._auth is None:
+            self._auth = AsyncioAuthenticator(ctx)
+            self._auth.start()
+            self._auth.configure_curve_callback(domain="dyn", credentials_provider=self.authorizer)
 
     def stop(self) -> None:
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
+
+
+@dataclass
+class Security:
+    """CURVE settings of one process; keys=None disables CURVE (recipe auth.curve: false)."""
+
+    keys: ProcessKeys | None = None
+    zap: ZapHandler = field(default_factory=ZapHandler)
+
+    @classmethod
+    def from_keys(cls, keys: ProcessKeys | None) -> "Security":
+        return cls(keys=keys, zap=ZapHandler(Authorizer(keys.authorized if keys else ())))
+
+    @property
+    def authorizer(self) -> Authorizer:
+        return self.zap.authorizer
+
+    def start(self, ctx: zmq.asyncio.Context) -> None:
+        """Start the ZAP handler (needs a running event loop); idempotent."""
+        if self.keys is not None:
+            self.zap.start(ctx)
+
+    def stop(self) -> None:
+        self.zap.stop()
+
+
+@dataclass
+class SharedContext:
+    """One ZMQ context and its ZAP handler for the sockets of several workers in one process
+    (mock workers hosted K to a process): one ZMQ I/O thread for them all instead of one each.
+    Those threads took a third of a 72-worker host's CPU under streaming load; with one, the host's
+    CPU per streamed request fell 12-19% (scripts/bench_vs_dynamo.py --before-dyn). Each worker
+    keeps its own client keys; every process of a deployment binds with the same server keys and
+    admits the same clients, so one handler admits for all of them."""
+
+    ctx: zmq.asyncio.Context = field(default_factory=zmq.asyncio.Context)
+    zap: ZapHandler = field(default_factory=ZapHandler)
+
+    def security(self, keys: ProcessKeys | None) -> Security:
+        """A hosted worker's Security: its keys, the shared handler (admitting its clients too)."""
+        if keys is not None:
+            self.zap.authorizer.add(keys.authorized)
+        return Security(keys=keys, zap=self.zap)
+
+    def close(self) -> None:
+        """After every worker on it has closed its sockets."""
+        self.zap.stop()
+        self.ctx.term()
 
 
 def server_socket(ctx: zmq.asyncio.Context, kind: int, address: str, security: Security,

@@ -5,7 +5,8 @@ as 72 Python processes on a small box measure the processes (interpreters, a ZMQ
 each, idle heartbeats, context switches between them), not the router in front: NVIDIA Dynamo's
 mocker runs all its engines in one process for the same reason. Here each hosted worker is still
 a whole worker (its own config, request plane, KV events, heartbeats, metrics and log file, in
-its own logging context); only the process and its event loop are shared.
+its own logging context); only the process, its event loop and its ZMQ context (one I/O
+thread, one ZAP handler) are shared.
 
 Fate is shared, and said so: when one hosted worker ends (its engine loop died, the daemon went
 silent, an essential task ended, it was stopped), the host stops the others (they drain) and
@@ -19,6 +20,7 @@ import logging
 import signal
 
 from dyn.config.process import ProcessConfig
+from dyn.control.sockets import SharedContext
 from dyn.errors import ConfigError
 from dyn.logs import hosted_context
 from dyn.worker.process import WorkerProcess
@@ -40,7 +42,9 @@ def check_hosted(configs: list[ProcessConfig]) -> None:
 async def run_hosted(configs: list[ProcessConfig]) -> int:
     """Run every worker on this event loop until one ends, then stop the rest; the worst exit code."""
     detokenizers: dict = {}  # one tokenizer load for them all (else ~0.13 s each, serially)
-    workers = [WorkerProcess(cfg, own_signals=False, detokenizers=detokenizers) for cfg in configs]
+    shared = SharedContext()
+    workers = [WorkerProcess(cfg, own_signals=False, detokenizers=detokenizers, shared=shared)
+               for cfg in configs]
 
     def stop_all() -> None:
         for worker in workers:
@@ -58,7 +62,9 @@ async def run_hosted(configs: list[ProcessConfig]) -> int:
              len(tasks) - 1)
     stop_all()
     codes = []
-    for task, outcome in zip(tasks, await asyncio.gather(*tasks, return_exceptions=True)):
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    shared.close()
+    for task, outcome in zip(tasks, outcomes):
         if isinstance(outcome, BaseException):
             log.error("hosted worker %s failed: %r", task.get_name(), outcome, exc_info=outcome)
             outcome = 1

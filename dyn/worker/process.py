@@ -23,7 +23,7 @@ from dyn.config.process import ProcessConfig
 from dyn.control.client import ControlClient, EssentialTasks, wait_event
 from dyn.control.keys import load_process_keys
 from dyn.control.messages import Command
-from dyn.control.sockets import Security
+from dyn.control.sockets import Security, SharedContext
 from dyn.engine.backend import Backend
 from dyn.kv.disk_tier import DiskTier
 from dyn.kv.host_tier import HostTier
@@ -50,12 +50,14 @@ PEER_WAIT_S = 120.0
 
 class WorkerProcess(ProcessMetrics):
     def __init__(self, config: ProcessConfig, *, own_signals: bool = True,
-                 detokenizers: dict | None = None) -> None:
+                 detokenizers: dict | None = None, shared: SharedContext | None = None) -> None:
         self.config = config
         self.own_signals = own_signals
         """SIGTERM/SIGINT stop this worker (False: a host handles them for all it runs)."""
         self.detokenizers = detokenizers
         """Tokenizers already loaded in this process, shared by the workers it hosts."""
+        self.shared = shared
+        """The ZMQ context of the process hosting this worker (None: a context of its own)."""
         self._stop = asyncio.Event()
         self.essential = EssentialTasks(self._stop)
         self._started_at = time.monotonic()
@@ -79,8 +81,11 @@ class WorkerProcess(ProcessMetrics):
         cfg = self.config
         recipe, topology = load_files(cfg)
         group = recipe.group(cfg.role) or recipe.workers[0]
-        ctx = zmq.asyncio.Context()
-        security = Security.from_keys(load_process_keys(cfg.keys_path) if cfg.keys_path else None)
+        keys = load_process_keys(cfg.keys_path) if cfg.keys_path else None
+        if self.shared is None:
+            ctx, security = zmq.asyncio.Context(), Security.from_keys(keys)
+        else:
+            ctx, security = self.shared.ctx, self.shared.security(keys)
         aio = asyncio.get_running_loop()
         if self.own_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -193,8 +198,9 @@ class WorkerProcess(ProcessMetrics):
             self.tiers.below.close()
         if self.control:
             self.control.close()
-        security.stop()
-        ctx.term()
+        if self.shared is None:  # (else the host closes them once every worker it runs has ended)
+            security.stop()
+            ctx.term()
 
     async def _on_command(self, command: Command) -> None:
         log.info("command %s", command.action)

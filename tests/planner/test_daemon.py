@@ -20,7 +20,9 @@ import zmq
 import zmq.asyncio
 
 from dyn.control.keys import DeploymentKeys, write_private
+from dyn.control.kv_events import KvSnapshot, KvSnapshotRequest
 from dyn.control.messages import CONTROL_CODEC, Command, Heartbeat, Register, RegisterAck
+from dyn.control.requests import REQUEST_CODEC
 from dyn.control.sockets import Security, client_socket
 from dyn.deploy.client import request
 from dyn.launch.local import pid_alive
@@ -181,6 +183,9 @@ def test_hosted_mock_workers_share_a_process_and_its_fate_then_come_back_alone(t
             pids.update((w0.pid, w2.pid))
             assert w0.pid == w1.pid != w2.pid
             assert "hosting worker-1" in " ".join(daemon.fleet.events)
+            assert _zmq_io_threads(w0.pid) == 1  # one ZMQ context for both (and one ZAP handler):
+            for slot in (w0, w1):  # a CURVE client (the frontend's keys) is admitted by each
+                assert await _kv_snapshot(store, slot.addresses["request"]) == slot.id
             for slot in (w0, w1):  # each hosted worker's lines are in its own log, under its name
                 lines = [json.loads(line) for line in Path(slot.log_path).read_text().splitlines()
                          if line.startswith("{")]
@@ -209,6 +214,26 @@ def test_hosted_mock_workers_share_a_process_and_its_fate_then_come_back_alone(t
         asyncio.run(scenario())
     finally:
         _kill(pids)
+
+
+def _zmq_io_threads(pid: int) -> int:
+    return sum(Path(f"/proc/{pid}/task/{t}/comm").read_text().startswith("ZMQbg/IO")
+               for t in os.listdir(f"/proc/{pid}/task"))
+
+
+async def _kv_snapshot(store: StateStore, address: str) -> str:
+    """Ask a worker's request plane for its KV snapshot as the frontend would; the worker id in it."""
+    keys = DeploymentKeys.load(store.keys_path).for_process("frontend")
+    ctx = zmq.asyncio.Context()
+    sock = client_socket(ctx, zmq.DEALER, address, Security.from_keys(keys))
+    try:
+        await sock.send(REQUEST_CODEC.encode(KvSnapshotRequest("?")))
+        reply = REQUEST_CODEC.decode(await asyncio.wait_for(sock.recv(), 10))
+        assert isinstance(reply, KvSnapshot)
+        return reply.worker_id
+    finally:
+        sock.close(linger=0)
+        ctx.term()
 
 
 async def _refusals(daemon: PlannerDaemon, store: StateStore) -> None:
