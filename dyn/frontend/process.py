@@ -20,7 +20,7 @@ from dyn.config.process import ProcessConfig
 from dyn.config.recipe import Recipe
 from dyn.control.keys import load_process_keys
 from dyn.control.messages import Command
-from dyn.control.sockets import Security
+from dyn.control.sockets import Security, batch_io_context
 from dyn.engine.profile import EngineProfile, ProfileError, load_profile, mock_profile, profile_path
 from dyn.errors import ConfigError
 from dyn.frontend.admission import Admission
@@ -102,7 +102,7 @@ async def run_frontend(config: ProcessConfig) -> int:
     except ValueError:
         raise ConfigError(f"extra.http_port must be an integer, got {config.extra['http_port']!r}",
                           path=config.process_id) from None
-    ctx = zmq.asyncio.Context()
+    ctx = batch_io_context()
     security = Security.from_keys(load_process_keys(config.keys_path) if config.keys_path else None)
     pool = WorkerPool(ctx, security, worker_limits(recipe))
     frontend = build_frontend(recipe, pool, policy=config.extra.get("router_policy"))

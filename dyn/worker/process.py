@@ -23,7 +23,7 @@ from dyn.config.process import ProcessConfig
 from dyn.control.client import ControlClient, EssentialTasks, wait_event
 from dyn.control.keys import load_process_keys
 from dyn.control.messages import Command
-from dyn.control.sockets import Security, SharedContext
+from dyn.control.sockets import Security, SharedContext, batch_io_context
 from dyn.engine.backend import Backend
 from dyn.kv.disk_tier import DiskTier
 from dyn.kv.host_tier import HostTier
@@ -83,7 +83,9 @@ class WorkerProcess(ProcessMetrics):
         group = recipe.group(cfg.role) or recipe.workers[0]
         keys = load_process_keys(cfg.keys_path) if cfg.keys_path else None
         if self.shared is None:
-            ctx, security = zmq.asyncio.Context(), Security.from_keys(keys)
+            # (a mock engine steps on the event loop; a real one computes on threads of its own)
+            ctx = batch_io_context() if recipe.model.engine == "mock" else zmq.asyncio.Context()
+            security = Security.from_keys(keys)
         else:
             ctx, security = self.shared.ctx, self.shared.security(keys)
         aio = asyncio.get_running_loop()
