@@ -14,14 +14,7 @@ from dyn.deploy.teardown import down_async
 from dyn.launch.local import pid_alive
 from dyn.planner.state import Deployment, ProcessRecord, Snapshot, StateStore
 
-TOPOLOGY = """name: t
-head: local
-racks:
-  - name: r
-    nodes:
-      - name: local
-        address: local
-"""
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _process(*config_paths: Path) -> subprocess.Popen:
@@ -48,7 +41,8 @@ def test_force_down_kills_a_host_of_several_workers_once_and_counts_processes(tm
         store = StateStore("d")
         store.dir.mkdir(parents=True)
         store.save_deployment(Deployment(
-            name="d", topology_text=TOPOLOGY, recipe_text="", topology_source="t.yaml", recipe_source="r.yaml",
+            name="d", topology_text=(ROOT / "topologies" / "local.yaml").read_text(), recipe_text="",
+            topology_source="local.yaml", recipe_source="r.yaml",
             config_hash="x", head="local", dyn_command=("dyn",), remote_dyn_command=("dyn",),
             frontend_url="http://127.0.0.1:1", created_at=time.time(), node_state_root=str(tmp_path / "nodes")))
         records = (_record("worker-0", host.pid, configs[0]), _record("worker-1", host.pid, configs[1]),
