@@ -120,9 +120,9 @@ class SharedContext:
         return Security(keys=keys, zap=self.zap)
 
     def close(self) -> None:
-        """After every worker on it has closed its sockets."""
+        """After every worker on it has ended (a socket one left open is closed here, not waited for)."""
         self.zap.stop()
-        self.ctx.term()
+        self.ctx.destroy(linger=0)
 
 
 def server_socket(ctx: zmq.asyncio.Context, kind: int, address: str, security: Security,
