@@ -19,7 +19,7 @@ from dyn.deploy.client import DaemonUnreachable, request
 from dyn.errors import DeploymentError, DynError
 from dyn.launch.local import pid_alive
 from dyn.planner.daemon_proc import daemon_pid, kill_local
-from dyn.planner.state import ProcessRecord, StateStore
+from dyn.planner.state import ProcessRecord, StateStore, one_per_process
 
 
 class DownResult(NamedTuple):
@@ -80,11 +80,11 @@ async def _kill_leftovers(store: StateStore) -> int:
                         node_state_root=deployment.node_state_root, deployment=deployment.name)
     async with nodes:
         alive, unreachable = await _owned(nodes, records)
-        killed = len(_processes(alive))
+        killed = len(one_per_process(alive))
         for sig, grace_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 3.0)):
             if not alive:
                 break
-            await asyncio.gather(*(nodes.kill(node, pid, sig) for node, pid in _processes(alive)),
+            await asyncio.gather(*(nodes.kill(r.node, r.pid, sig) for r in one_per_process(alive)),
                                  return_exceptions=True)
             deadline = time.monotonic() + grace_s
             while alive and time.monotonic() < deadline:
@@ -116,11 +116,6 @@ async def _end_slurm_steps(store: StateStore) -> int:
         except DynError as exc:
             raise DeploymentError(f"deployment {store.name!r}: cannot check its Slurm steps ({exc}); "
                                   "the state is kept so `dyn down --force` can retry") from None
-
-
-def _processes(records: list[ProcessRecord]) -> set[tuple[str, int]]:
-    """The distinct (node, pid) of these records: mock workers hosted in one process share its pid."""
-    return {(r.node, r.pid) for r in records}
 
 
 async def _owned(nodes, records: list[ProcessRecord]) -> tuple[list[ProcessRecord], dict[str, str]]:

@@ -15,6 +15,7 @@ from dyn.control.messages import Command
 from dyn.errors import DynError
 from dyn.planner.health import ProcessSlot
 from dyn.planner.repair import mark_failed, repair
+from dyn.planner.state import one_per_process
 
 log = logging.getLogger("dyn.planner.daemon")
 """The daemon logs under one name, as before daemon.py was split."""
@@ -91,7 +92,7 @@ class DaemonLaunching:
         for sig, grace_s in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 2.0)):
             if not alive:
                 break
-            await asyncio.gather(*(self.fleet.kill(s, sig) for s in alive))
+            await asyncio.gather(*(self.fleet.kill(s, sig) for s in one_per_process(alive)))
             alive = await self._wait_gone(time.monotonic() + grace_s)
         for slot in self.fleet.slots.values():
             slot.set_state("exited" if slot not in alive else "stopping", time.monotonic())

@@ -21,7 +21,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Protocol, TypeVar
 
 from dyn.errors import DeploymentError
 
@@ -111,6 +111,23 @@ class ProcessRecord:
     state: str = "pending"
     addresses: dict[str, str] = field(default_factory=dict)
     num_restarts: int = 0
+
+
+class _Launched(Protocol):
+    node: str
+    pid: int | None
+
+
+L = TypeVar("L", bound=_Launched)
+
+
+def one_per_process(launched: Iterable[L]) -> list[L]:
+    """The first of each distinct (node, pid): mock workers hosted in one process share its pid, and
+    that process is signalled and counted once."""
+    seen: dict[tuple[str, int | None], L] = {}
+    for item in launched:
+        seen.setdefault((item.node, item.pid), item)
+    return list(seen.values())
 
 
 @dataclass(frozen=True)
