@@ -209,7 +209,8 @@ def main() -> None:
                          "(model.mock_workers_per_process), as Dynamo's mocker hosts all its engines in one")
     ap.add_argument("--hosted-only", action="store_true",
                     help="with --hosted: no rows of a process per worker (72 of them idle load the box "
-                         "for every other row of the run); --before-dyn rows are hosted too")
+                         "for every other row of the run); --before-dyn, --baseline-policy and --plaintext "
+                         "rows are hosted too")
     ap.add_argument("--out", type=Path, default=None, help="also write every run as JSON here")
     ap.add_argument("--mock-stream", choices=("coalesced", "per_step"), default="per_step",
                     help="dyn's mock hands over each step's tokens on their own (per_step, the default: one "
@@ -225,17 +226,18 @@ def main() -> None:
                                               for i, r in enumerate(a.replicas.split(","))]
     if a.hosted_only and not a.hosted:
         raise SystemExit("--hosted-only needs --hosted K")
+    compared = a.hosted if a.hosted_only else 1  # workers a process in the before/baseline/plaintext rows
     if a.before_dyn:  # (a checkout without model.mock_stream refuses per_step: its dyn up names the key)
         systems += [DynSystem(state, a.peer_dir, a.port + len(systems) + i, int(r), a.workers, a.kv_blocks,
                               dyn=a.before_dyn, tag="before", mock_stream=a.mock_stream,
-                              per_process=a.hosted if a.hosted_only else 1)
+                              per_process=compared)
                     for i, r in enumerate(a.replicas.split(","))]
     if a.baseline_policy:
         systems.append(DynSystem(state, a.peer_dir, a.port + len(systems), 1, a.workers, a.kv_blocks,
-                                 a.baseline_policy, mock_stream=a.mock_stream))
+                                 a.baseline_policy, mock_stream=a.mock_stream, per_process=compared))
     if a.plaintext:
         systems.append(DynSystem(state, a.peer_dir, a.port + len(systems), 1, a.workers, a.kv_blocks,
-                                 mock_stream=a.mock_stream, curve=False))
+                                 mock_stream=a.mock_stream, curve=False, per_process=compared))
     if a.hosted:
         systems += [DynSystem(state, a.peer_dir, a.port + len(systems) + i, int(r), a.workers, a.kv_blocks,
                               mock_stream=a.mock_stream, per_process=a.hosted)
