@@ -43,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +91,7 @@ class DynSystem:
         self.workers = workers
         self.frontend_pids: list[int] = []
         self.worker_pids: list[int] = []
+        self.replica_urls: list[str] = []
 
     def start(self) -> None:
         up = subprocess.run([self.dyn, "up", "-t", str(ROOT / "topologies" / "local.yaml"), "-r", str(self.recipe)],
@@ -99,6 +101,7 @@ class DynSystem:
         status = json.loads(subprocess.run([self.dyn, "status", "--name", self.name, "--json"], env=self.env,
                                            capture_output=True, text=True, timeout=30, check=True).stdout)
         self.frontend_pids = [w["pid"] for w in status["workers"] if w["role"] == "frontend"]
+        self.replica_urls = [f["replica_url"] for f in status.get("frontends", []) if f["replica_url"]]
         # (hosted mock workers share a pid: count each process once)
         self.worker_pids = sorted({w["pid"] for w in status["workers"] if w["role"] != "frontend"})
 
@@ -116,6 +119,7 @@ class DynamoSystem:
         self.env = {**os.environ, "PEER_DIR": str(peer), "PORT": str(port), "SPEEDUP": "100000"}
         self.frontend_pids: list[int] = []
         self.worker_pids: list[int] = []
+        self.replica_urls: list[str] = []
 
     def start(self) -> None:
         subprocess.run([str(self.peer / "run_peer.sh"), "start", str(self.workers)], env=self.env, check=True,
@@ -135,7 +139,9 @@ def run_load(peer: Path, system, n: int, concurrency: int, stream: bool, groups:
     if not stream:
         cmd.append("--no-stream")
     load_before = os.getloadavg()[0]
+    served_before = [served(u) for u in system.replica_urls]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    split = [served(u) - b for u, b in zip(system.replica_urls, served_before)]
     if out.returncode:
         raise SystemExit(f"loadgen failed: {out.stderr[-2000:]}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -154,7 +160,18 @@ def run_load(peer: Path, system, n: int, concurrency: int, stream: bool, groups:
             # Dynamo's mocker sends each step's token on its own; dyn's zero-time mock hands over the tokens
             # of back-to-back steps together, so its frontend handles fewer events per request.
             "events_per_req": round(r["out_tok_per_s"] / r["req_per_s"], 2) if stream and r["req_per_s"] else None,
-            "load_avg": round((load_before + os.getloadavg()[0]) / 2, 2)}
+            "load_avg": round((load_before + os.getloadavg()[0]) / 2, 2),
+            # requests each frontend replica answered (the kernel deals connections over replicas that
+            # share a port; the load generator keeps `concurrency` connections open)
+            "replica_split": split if len(split) > 1 else None}
+
+
+def served(replica_url: str) -> int:
+    """Chat completions one frontend replica has answered so far (from its own /metrics)."""
+    with urllib.request.urlopen(replica_url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("dyn_frontend_requests_total{") and "chat" in line))
 
 
 def table(results: list[dict]) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 from aiohttp import web
 
 from dyn.frontend.auth import DEFAULT_TENANT, ApiKeys, Tenant, tenant_salt
+from dyn.frontend.balance import ConnectionBalancer
 from dyn.frontend.generate import Dispatcher
 from dyn.frontend.metrics import CONTENT_TYPE, FrontendMetrics
 from dyn.frontend.hints import RetentionHint, with_session
@@ -77,6 +78,15 @@ class Frontend:
         self.created = int(time.time())
         self.accepting = True
         """False while draining: new generation requests get 503."""
+        self.balancer: ConnectionBalancer | None = None
+        """Set when replicas share this one's port: it says which responses close their connection."""
+
+    def keep_alive(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
+        """Before `response` is prepared: close the connection after it when this replica holds
+        more than its share of the shared port's connections (the client reconnects elsewhere)."""
+        if self.balancer is not None and self.balancer.should_close(request):
+            response.force_close()
+            self.metrics.rebalanced.inc()
 
     def is_ready(self) -> bool:
         """Ready for traffic: not draining, and a decode-capable worker is ready."""
@@ -185,7 +195,7 @@ class _Handlers:
                 if req.stream:
                     response = await self._stream(request, req, public_id, pieces, usage)
                 else:
-                    response = await self._collect(req, public_id, pieces, usage)
+                    response = await self._collect(request, req, public_id, pieces, usage)
         except ApiError as exc:
             log.info("request refused: %d %s: %s", exc.status, exc.code, exc.message, extra=extra)
             raise
@@ -260,7 +270,8 @@ class _Handlers:
         retention = req.hints.retention or RetentionHint()
         return replace(req, hints=replace(req.hints, retention=retention), retain_tokens=common)
 
-    async def _collect(self, req: GenerationRequest, public_id: str, pieces, usage: Usage) -> web.Response:
+    async def _collect(self, request: web.Request, req: GenerationRequest, public_id: str, pieces,
+                       usage: Usage) -> web.Response:
         texts: list[str] = []
         token_ids: list[int] = []
         logprobs: list[float] = []
@@ -281,8 +292,9 @@ class _Handlers:
             lp = ({"content": chat_logprobs(tok, token_ids, logprobs)} if req.kind == "chat"
                   else completion_logprobs(tok, token_ids, logprobs))
         body = full_response(req.kind, public_id, req.model, "".join(texts), reason, usage, lp)
-        return web.Response(body=body, content_type=_JSON,
-                            headers={REQUEST_ID_HEADER: _rid_of(public_id)})
+        response = web.Response(body=body, content_type=_JSON, headers={REQUEST_ID_HEADER: _rid_of(public_id)})
+        self.fe.keep_alive(request, response)
+        return response
 
     async def _stream(self, request: web.Request, req: GenerationRequest, public_id: str, pieces,
                       usage: Usage) -> web.StreamResponse:
@@ -292,6 +304,7 @@ class _Handlers:
         # (503 + Retry-After, 400) still get a proper HTTP status.
         first = await anext(pieces, None)
         response = web.StreamResponse(headers={**_SSE_HEADERS, REQUEST_ID_HEADER: _rid_of(public_id)})
+        self.fe.keep_alive(request, response)
         await response.prepare(request)
         try:
             out = fmt.first()

@@ -64,6 +64,11 @@ class FrontendMetrics:
         self.speculative_prefills = Counter("dyn_frontend_speculative_prefills", "Next-turn prefills "
                                             "sent after a turn (agent hint), by outcome", ["outcome"],
                                             registry=r)
+        self.open_connections = Gauge("dyn_frontend_open_connections", "HTTP connections open on this "
+                                      "replica (set when replicas share its port)", registry=r)
+        self.rebalanced = Counter("dyn_frontend_connections_rebalanced", "Connections closed after a "
+                                  "response because this replica held more than its share of the shared "
+                                  "port's (the client reconnects and the kernel deals again)", registry=r)
         if pool is not None:
             r.register(_PoolCollector(pool, router, breakers))
         self.num_requests = 0

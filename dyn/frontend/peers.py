@@ -5,7 +5,8 @@ no shared state is needed for correctness), but a replica alone sees only its
 own open requests; heartbeats tell every replica about the workers' queues
 once a second. To close that gap each replica publishes, on a PUB socket, its
 open requests per worker when they change (one message per `interval_s` at most),
-and adds what its peers last published to its own counts.
+and adds what its peers last published to its own counts. Replicas that share a port also
+publish their open connections on it (dyn.frontend.balance spreads those).
 
 A message is the sender's whole state, not a start/finish delta: a lost or
 late message is corrected by the next one, and a peer that dies stops
@@ -49,8 +50,10 @@ class PeerLoad:
         self._sub: zmq.asyncio.Socket | None = None
         self._peers: dict[str, str] = {}
         """peer replica id -> its PUB address."""
-        self._seen: dict[str, tuple[float, dict[str, tuple[int, int]]]] = {}
-        """peer id -> (time received, {worker id: (in flight, prompt tokens)})."""
+        self._seen: dict[str, tuple[float, dict[str, tuple[int, int]], str, int]] = {}
+        """peer id -> (time received, {worker id: (in flight, prompt tokens)}, shared url, connections)."""
+        self._shared: tuple[str, int] = ("", 0)
+        """This replica's shared url ("" if none) and its open connections there."""
         self.bad = BadMessages("frontend peer load")
         self.num_received = 0
 
@@ -75,12 +78,24 @@ class PeerLoad:
             self._peers[pid] = addr
         self._apply()
 
+    def set_connections(self, url: str, count: int) -> None:
+        """This replica serves `url` together with the peers that publish the same one."""
+        if (url, count) != self._shared:
+            self._shared = (url, count)
+            self._pool.load_changed.set()
+
+    def peer_connections(self, url: str) -> list[int]:
+        """Open connections of each live peer that shares `url`."""
+        now = time.monotonic()
+        return [conns for at, _, peer_url, conns in self._seen.values()
+                if peer_url == url and now - at <= self._expire_s]
+
     async def run(self) -> None:
         """Publish on change (and as a keepalive); apply what peers send."""
         await asyncio.gather(self._publish_loop(), self._receive_loop())
 
     async def _publish_loop(self) -> None:
-        last: dict[str, tuple[int, int]] | None = None
+        last: tuple | None = None
         last_sent = 0.0
         changed = self._pool.load_changed
         while True:
@@ -89,12 +104,12 @@ class PeerLoad:
             changed.clear()
             if not self._peers:
                 continue
-            state = {wid: (h.in_flight, h.in_flight_tokens) for wid, h in self._pool.workers.items()
-                     if h.in_flight}
+            state = ({wid: (h.in_flight, h.in_flight_tokens) for wid, h in self._pool.workers.items()
+                      if h.in_flight}, *self._shared)
             now = time.monotonic()
             if state != last or now - last_sent >= KEEPALIVE_S:
                 try:
-                    self._pub.send(msgpack.packb([self.replica_id, state]), zmq.NOBLOCK)
+                    self._pub.send(msgpack.packb([self.replica_id, *state]), zmq.NOBLOCK)
                 except zmq.Again:
                     pass  # best effort: the next change or keepalive carries the same information
                 last, last_sent = state, now
@@ -106,13 +121,14 @@ class PeerLoad:
                 continue
             frame = await self._sub.recv()
             try:
-                peer, state = msgpack.unpackb(frame, raw=False)
+                peer, state, url, conns = msgpack.unpackb(frame, raw=False)
                 parsed = {str(w): (int(v[0]), int(v[1])) for w, v in state.items()}
+                url, conns = str(url), int(conns)
             except Exception as exc:  # any malformed frame: counted and dropped
                 self.bad.record(f"bad peer load frame: {type(exc).__name__}")
                 continue
             if peer in self._peers:
-                self._seen[peer] = (time.monotonic(), parsed)
+                self._seen[peer] = (time.monotonic(), parsed, url, conns)
                 self.num_received += 1
                 self._apply()
 
@@ -120,7 +136,7 @@ class PeerLoad:
         """Set every worker's peer counts to the sum over live peers."""
         now = time.monotonic()
         totals: dict[str, list[int]] = {}
-        for peer, (at, state) in list(self._seen.items()):
+        for peer, (at, state, _, _) in list(self._seen.items()):
             if now - at > self._expire_s:
                 del self._seen[peer]
                 continue

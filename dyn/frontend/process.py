@@ -26,6 +26,7 @@ from dyn.errors import ConfigError
 from dyn.frontend.admission import Admission
 from dyn.frontend.app import ApiSettings, Frontend, add_site, build_app, start_site
 from dyn.frontend.auth import load_api_keys
+from dyn.frontend.balance import ConnectionBalancer
 from dyn.frontend.breaker import BreakerBoard
 from dyn.frontend.generate import Dispatcher
 from dyn.frontend.kv_subscriber import KvEventSubscriber
@@ -128,6 +129,10 @@ async def run_frontend(config: ProcessConfig) -> int:
     if recipe.frontend.replicas > 1:
         peers = PeerLoad(ctx, security, pool, config.process_id, config.bind_host)
         tasks.append(essential.start(peers.run(), "peer load"))
+        if reuse_port:  # keep-alive clients spread over the replicas that share the port
+            frontend.balancer = ConnectionBalancer(runner.server, url, bound, peers)
+            frontend.metrics.open_connections.set_function(frontend.balancer.open_connections)
+            tasks.append(essential.start(frontend.balancer.run(), "connection balancer"))
     control = None
     if config.daemon_address:
         control = ControlClient(ctx, daemon_address=config.daemon_address, security=security,

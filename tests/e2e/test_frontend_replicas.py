@@ -1,6 +1,6 @@
 """Two frontend replicas on one port (issue 18): SO_REUSEPORT spreads requests over both; a
-SIGKILLed replica is relaunched by the daemon while the other keeps serving, and a client that
-retries loses nothing; KV routing through either replica sends a repeated prefix to the same worker."""
+SIGKILLed replica is relaunched by the daemon while the other keeps serving, a client that
+retries loses nothing and its keep-alive connections spread back over both; KV routing through either replica sends a repeated prefix to the same worker."""
 
 from __future__ import annotations
 
@@ -144,6 +144,10 @@ def test_two_replicas_share_a_port_survive_sigkill_and_route_prefixes_alike(tmp_
             assert len(during) >= 5, "the surviving replica stopped serving"
             done = len(clients.ok)
             wait_for(lambda: len(clients.ok) >= done + 20, 30, "traffic after the relaunch")
+            # the clients' keep-alive connections all sit on the survivor now; it sheds those over
+            # its share (Connection: close) and their reconnects reach the relaunched replica too
+            wait_for(lambda: _requests_served(back["replica_url"]) >= 5, 30,
+                     "the keep-alive clients to reach the relaunched replica")
         assert clients.lost == [] and clients.short == [], (clients.lost[:3], clients.short[:3])
         assert alive(fronts["frontend"]["pid"])  # the other replica was never touched
         before = _requests_served(back["replica_url"])

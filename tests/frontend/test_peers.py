@@ -51,6 +51,11 @@ def test_replicas_see_each_others_load_and_forget_a_silent_peer():
             # B's router now sees w0 busy: queue beyond the batch limit, KV blocks in use
             load = _load(seen, block_size=16)
             assert load.num_running == 4 and load.num_waiting == 2 and load.active_decode_blocks == 600 // 16
+            # replicas that share a port publish their open connections on it (dyn.frontend.balance)
+            a.set_connections("http://127.0.0.1:8000", 6)
+            await _until(lambda: b.peer_connections("http://127.0.0.1:8000") == [6])
+            assert b.peer_connections("http://127.0.0.1:9000") == []
+            assert a.peer_connections("http://127.0.0.1:8000") == []  # a replica never counts itself
             # finishing requests is published as well
             handle.in_flight, handle.in_flight_tokens = 1, 100
             pool_a.load_changed.set()
