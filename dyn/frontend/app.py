@@ -122,6 +122,15 @@ async def start_site(app: web.Application, host: str, port: int, *,
     return runner, bound
 
 
+async def stop_listening(runner: web.AppRunner, port: int) -> None:
+    """Accept no more connections on `port`; the open ones are served on. A draining replica
+    does this to the port it shares, so that new connections go to the other replicas."""
+    for site in list(runner.sites):
+        server = site._server  # type: ignore[attr-defined]  # (aiohttp keeps the listener private)
+        if server is not None and any(sock.getsockname()[1] == port for sock in server.sockets):
+            await site.stop()
+
+
 async def add_site(runner: web.AppRunner, host: str, port: int = 0) -> int:
     """One more listener for the same app (a replica's own address beside the shared port)."""
     site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
@@ -158,8 +167,9 @@ class _Handlers:
     async def _generate(self, request: web.Request, req: GenerationRequest) -> web.StreamResponse:
         fe = self.fe
         if not fe.accepting:
+            # closed after the answer: a keep-alive client would retry over this connection, here again
             raise ApiError("this frontend is draining; retry on another", status=503, code="draining",
-                           type="service_unavailable", retry_after_s=1.0)
+                           type="service_unavailable", retry_after_s=1.0, close_connection=True)
         if req.model != fe.settings.served_model:
             raise ApiError(f"model {req.model!r} does not exist; this server serves "
                            f"{fe.settings.served_model!r}", status=404, param="model", code="model_not_found")

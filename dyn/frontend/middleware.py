@@ -87,5 +87,8 @@ def _error_response(exc: ApiError) -> web.Response:
     headers = {}
     if exc.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
-    return web.Response(body=json.dumps(exc.body()).encode(), status=exc.status, content_type=_JSON,
-                        headers=headers)
+    response = web.Response(body=json.dumps(exc.body()).encode(), status=exc.status, content_type=_JSON,
+                            headers=headers)
+    if exc.close_connection:
+        response.force_close()
+    return response

@@ -24,7 +24,7 @@ from dyn.control.sockets import Security, batch_io_context
 from dyn.engine.profile import EngineProfile, ProfileError, load_profile, mock_profile, profile_path
 from dyn.errors import ConfigError
 from dyn.frontend.admission import Admission
-from dyn.frontend.app import ApiSettings, Frontend, add_site, build_app, start_site
+from dyn.frontend.app import ApiSettings, Frontend, add_site, build_app, start_site, stop_listening
 from dyn.frontend.auth import load_api_keys
 from dyn.frontend.balance import ConnectionBalancer
 from dyn.frontend.breaker import BreakerBoard
@@ -158,6 +158,8 @@ async def run_frontend(config: ProcessConfig) -> int:
         if control is not None:
             control.set_state("stopping")
         log.info("frontend stopping; %d requests in flight", frontend.pool.num_open_streams)
+        if reuse_port:  # new connections to the shared port go to the other replicas from now on
+            await stop_listening(runner, bound)
         await _wait_idle(frontend, config.drain_grace_s)
         await runner.shutdown()
         await runner.cleanup()
