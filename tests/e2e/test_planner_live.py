@@ -102,24 +102,30 @@ def test_load_step_launches_flip_moves_and_drop_drains(sshd_hosts, tmp_path):
         assert "flip" in text and "decisions" in text, text
 
         # 3. the load drops to a trickle: one prefill worker is drained and stopped, nothing lost
-        prefill_now = {w["id"]: w["pid"] for w in status["workers"] if w["role"] == "prefill"}
         traffic.shape, traffic.active = (100, 4), 1
         time.sleep(2)  # requests of phase 2 still queued may be turned away (429); from here on none
         drop = time.monotonic()
+        # (read now, not with phase 2's status: under phase 2's load the planner may still have
+        # changed the prefill set after that status was taken)
+        prefill_now = {w["id"]: w["pid"] for w in cli.status("planner-live")["workers"] if w["role"] == "prefill"}
 
         def one_prefill_left():
             ws = cli.status("planner-live")["workers"]
             left = [w for w in ws if w["role"] == "prefill"]
             return left if len(left) == 1 else None
+        def explain() -> dict:
+            status = cli.status("planner-live")
+            return {"prefill at the drop": prefill_now,
+                    "workers": [(w["id"], w["role"], w["state"], w.get("num_running")) for w in status["workers"]],
+                    "decisions": status["decisions"][-6:], "actions": status["planner"]["actions"][-6:],
+                    "events": status["events"]}
         try:
             (kept,) = wait_for(one_prefill_left, 90, "the planner to drain and stop a prefill worker")
         except AssertionError:
-            status = cli.status("planner-live")
-            raise AssertionError({"workers": [(w["id"], w["role"], w["state"], w.get("num_running"))
-                                              for w in status["workers"]],
-                                  "decisions": status["decisions"][-6:], "actions": status["planner"]["actions"][-6:],
-                                  "events": status["events"]}) from None
-        (gone,) = [wid for wid in prefill_now if wid != kept["id"]]
+            raise AssertionError(explain()) from None
+        gone_ids = [wid for wid in prefill_now if wid != kept["id"]]
+        assert len(gone_ids) == 1, explain()
+        gone = gone_ids[0]
         wait_for(lambda: not alive(prefill_now[gone]), 15, f"{gone} (pid {prefill_now[gone]}) to exit")
         status = cli.status("planner-live")
         assert any(a["kind"] == "remove" and a["worker"] == gone and a["outcome"] == "ok"

@@ -40,6 +40,11 @@ LONG = ["Summarize the history of Paris. " * 12, "Explain how a bicycle works, s
 FAILED_PULL = ["Describe the ocean in detail. " * 10, "Tell me about mountains and rivers. " * 10]
 """Sent to the decode worker only, with offers whose pull fails: fresh prompts (no cached blocks)."""
 SERVED = len(SHORT) + len(LONG)
+DTYPE = "float32"
+"""Not the shipped recipe's bfloat16: equal greedy tokens is the oracle, and in bf16 the decode
+worker's first step after a hand-off (prompt KV loaded, the last partial block recomputed) rounds
+differently from one whole prefill, so a near tie can pick another token (seen on an AVX-512 CPU
+without BF16 instructions: one of the six prompts). float32 keeps those paths within ~1e-6."""
 
 
 class VllmDeployment:
@@ -50,6 +55,7 @@ class VllmDeployment:
         recipe = yaml.safe_load((ROOT / "recipes" / "smollm2-vllm-local.yaml").read_text())
         recipe["name"] = self.name
         recipe["model"]["path"] = str(model_dir)
+        recipe["model"]["dtype"] = DTYPE
         recipe["frontend"]["port"] = self.port
         recipe["shuttle"]["pull_timeout_s"] = 9.0  # > vLLM's 5 s NIXL handshake timeout (the failed-pull test)
         if mode == "aggregated":
@@ -129,7 +135,7 @@ def prompts(model_dir) -> list[list[int]]:
 def reference(tmp_path_factory, model_dir, prompts) -> list[list[int]]:
     """vLLM's own greedy tokens, from LLM.generate in a separate process (before the deployment starts)."""
     tmp = tmp_path_factory.mktemp("reference")
-    (tmp / "in.json").write_text(json.dumps({"prompts": prompts, "max_tokens": MAX_TOKENS}))
+    (tmp / "in.json").write_text(json.dumps({"prompts": prompts, "max_tokens": MAX_TOKENS, "dtype": DTYPE}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
            "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1",
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # in one process, as dyn's CPU workers run vLLM

@@ -2,7 +2,7 @@
 
 A script, not test code: vLLM starts its workers with spawn, which needs a
 real `__main__`. Each prompt runs alone (as the deployment sees them in turn)
-with the engine settings of recipes/smollm2-vllm-local.yaml.
+with the engine settings of recipes/smollm2-vllm-local.yaml (the dtype is the test's).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     spec = json.loads(open(src).read())
-    llm = LLM(model=model_dir, dtype="bfloat16", block_size=32, max_model_len=2048, enforce_eager=True,
+    llm = LLM(model=model_dir, dtype=spec["dtype"], block_size=32, max_model_len=2048, enforce_eager=True,
               enable_prefix_caching=True, max_num_seqs=16, max_num_batched_tokens=512)
     params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0, ignore_eos=True, detokenize=False)
     outputs = [llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0].outputs[0].token_ids
