@@ -36,7 +36,7 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> Path:
     recipe = tmp / "smollm2-vllm-profile.yaml"
     recipe.write_text(
         f"name: smollm2-vllm-profile\nmodel:\n  path: {model}\n  name: smollm2\n  engine: vllm\n  device: cpu\n"
-        f"  dtype: bfloat16\n  block_size: {BLOCK}\n  max_context: 512\n"
+        f"  dtype: float32\n  block_size: {BLOCK}\n  max_context: 512\n"
         f"workers:\n  both:\n    max_batch_size: {BATCH}\n    max_num_batched_tokens: {BUDGET}\n"
         "    kv_memory_gib: 1\n    cpu_threads: 1\nplanner:\n  enabled: true\n  ttft_ms: 2000\n  itl_ms: 200\n")
     result = subprocess.run([DYN, "profile", "-r", str(recipe)], capture_output=True, text=True, timeout=540,
@@ -65,10 +65,10 @@ def test_profile_of_a_vllm_worker_grows_with_the_work_and_holds_the_recipe_kv_sp
     assert t.decode_base_s > 0
     assert role.decode_step_s(BATCH, BATCH * 256) > role.decode_step_s(1, 256)
     # KV capacity is vLLM's own block count for kv_memory_gib: 1 (the worker's VLLM_CPU_KVCACHE_SPACE),
-    # not vLLM's 4 GiB default: bf16 K and V of every layer, BLOCK tokens a block.
+    # not vLLM's 4 GiB default: float32 K and V of every layer, BLOCK tokens a block.
     config = json.loads((Path(recipe.model.path) / "config.json").read_text())
     head_dim = config["hidden_size"] // config["num_attention_heads"]
-    block_bytes = BLOCK * config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * head_dim * 2
+    block_bytes = BLOCK * config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * head_dim * 4
     assert t.num_kv_blocks == 2**30 // block_bytes
 
 
