@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
 import msgpack
 import zmq
@@ -32,6 +33,18 @@ log = logging.getLogger(__name__)
 PUBLISH_INTERVAL_S = 0.005
 KEEPALIVE_S = 1.0
 EXPIRE_S = 3.0
+
+
+@dataclass
+class _PeerState:
+    """What a peer last published, and when it arrived."""
+
+    at: float
+    load: dict[str, tuple[int, int]]
+    """{worker id: (in flight, prompt tokens)}"""
+    url: str
+    """The URL it shares with other replicas ("" if none)."""
+    connections: int
 
 
 class PeerLoad:
@@ -50,8 +63,7 @@ class PeerLoad:
         self._sub: zmq.asyncio.Socket | None = None
         self._peers: dict[str, str] = {}
         """peer replica id -> its PUB address."""
-        self._seen: dict[str, tuple[float, dict[str, tuple[int, int]], str, int]] = {}
-        """peer id -> (time received, {worker id: (in flight, prompt tokens)}, shared url, connections)."""
+        self._seen: dict[str, _PeerState] = {}
         self._shared: tuple[str, int] = ("", 0)
         """This replica's shared url ("" if none) and its open connections there."""
         self.bad = BadMessages("frontend peer load")
@@ -87,8 +99,7 @@ class PeerLoad:
     def peer_connections(self, url: str) -> list[int]:
         """Open connections of each live peer that shares `url`."""
         now = time.monotonic()
-        return [conns for at, _, peer_url, conns in self._seen.values()
-                if peer_url == url and now - at <= self._expire_s]
+        return [p.connections for p in self._seen.values() if p.url == url and now - p.at <= self._expire_s]
 
     async def run(self) -> None:
         """Publish on change (and as a keepalive); apply what peers send."""
@@ -128,7 +139,7 @@ class PeerLoad:
                 self.bad.record(f"bad peer load frame: {type(exc).__name__}")
                 continue
             if peer in self._peers:
-                self._seen[peer] = (time.monotonic(), parsed, url, conns)
+                self._seen[peer] = _PeerState(time.monotonic(), parsed, url, conns)
                 self.num_received += 1
                 self._apply()
 
@@ -136,11 +147,11 @@ class PeerLoad:
         """Set every worker's peer counts to the sum over live peers."""
         now = time.monotonic()
         totals: dict[str, list[int]] = {}
-        for peer, (at, state, _, _) in list(self._seen.items()):
-            if now - at > self._expire_s:
+        for peer, seen in list(self._seen.items()):
+            if now - seen.at > self._expire_s:
                 del self._seen[peer]
                 continue
-            for wid, (n, tokens) in state.items():
+            for wid, (n, tokens) in seen.load.items():
                 t = totals.setdefault(wid, [0, 0])
                 t[0] += n
                 t[1] += tokens

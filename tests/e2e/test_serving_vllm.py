@@ -41,8 +41,8 @@ FAILED_PULL = ["Describe the ocean in detail. " * 10, "Tell me about mountains a
 """Sent to the decode worker only, with offers whose pull fails: fresh prompts (no cached blocks)."""
 SERVED = len(SHORT) + len(LONG)
 DTYPE = "float32"
-"""The shipped recipe's, and whatever it becomes, the test's: equal greedy tokens is the oracle, and
-in bf16 the decode worker's first step after a hand-off (prompt KV loaded, the last partial block
+"""Pinned here, whatever the shipped recipe says: equal greedy tokens is the oracle, and in bf16
+the decode worker's first step after a hand-off (prompt KV loaded, the last partial block
 recomputed) rounds differently from one whole prefill, so a near tie can pick another token (seen
 on an AVX-512 CPU without BF16 instructions: one of the six prompts)."""
 

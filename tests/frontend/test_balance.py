@@ -12,6 +12,9 @@ from aiohttp import web
 from dyn.frontend.balance import ConnectionBalancer, excess_connections
 from sshd import free_port
 
+URL = "http://127.0.0.1:9000"
+"""The URL the replicas serve together (what they publish their counts under)."""
+
 
 @pytest.mark.parametrize("mine, peers, excess", [
     (5, [3], 1), (4, [4], 0), (5, [4], 0), (8, [0], 4), (0, [8], 0), (6, [1, 1], 3), (3, [], 0)])
@@ -41,7 +44,7 @@ class _View:
 
 
 async def _replica(port: int, shares: _View, served: list[str], name: str):
-    """A server on the shared port whose responses follow its balancer, as the frontend's do."""
+    """A server on the common port whose responses follow its balancer, as the frontend's do."""
     balancer: ConnectionBalancer | None = None
 
     async def handle(request: web.Request) -> web.Response:
@@ -56,7 +59,7 @@ async def _replica(port: int, shares: _View, served: list[str], name: str):
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port, reuse_port=True).start()
-    balancer = ConnectionBalancer(runner.server, "shared", port, shares, interval_s=0.02)
+    balancer = ConnectionBalancer(runner.server, URL, port, shares, interval_s=0.02)
     return runner, balancer
 
 
@@ -107,12 +110,12 @@ class _Server:
     connections = [object()] * 6
 
 
-def test_only_the_excess_closes_and_only_on_the_shared_port():
+def test_only_the_excess_closes_and_only_on_the_common_port():
     board = _Board()
-    board.view("peer").set_connections("shared", 2)
+    board.view("peer").set_connections(URL, 2)
     board.view("elsewhere").set_connections("another host's url", 0)
-    balancer = ConnectionBalancer(_Server(), "shared", 9000, board.view("me"))
+    balancer = ConnectionBalancer(_Server(), URL, 9000, board.view("me"))
     balancer.rebalance()  # 6 here, 2 on the peer: 2 over the share of 4
-    assert board.counts[("me", "shared")] == 6
+    assert board.counts[("me", URL)] == 6
     assert not balancer.should_close(_Request(9001))  # the replica's own port: never
     assert [balancer.should_close(_Request(9000)) for _ in range(3)] == [True, True, False]
