@@ -8,14 +8,19 @@ Pass `request_id=` through `extra` to tag a line with a request.
 from __future__ import annotations
 
 import contextvars
+import faulthandler
 import json
 import logging
+import signal
 import sys
 import time
 from typing import TextIO
 
 _ENCODER = json.JSONEncoder(default=str)
 """json.dumps(entry, default=str) without building an encoder per line."""
+
+STACK_DUMP_SIGNAL = signal.SIGUSR1
+"""Asks a dyn process to write every thread's stack to its log (dyn.planner.stack_dump)."""
 
 _HOSTED = contextvars.ContextVar[str | None]("dyn_hosted_process", default=None)
 """The worker a line comes from, in a process hosting several (dyn.worker.host): set in the
@@ -84,3 +89,10 @@ def setup_process_logging(deployment: str, process_id: str, *, level: int = logg
     logging._srcfile = None
     logging.logThreads = False
     logging.logMultiprocessing = False
+
+
+def dump_stacks_on_signal() -> None:
+    """On STACK_DUMP_SIGNAL, write every thread's stack to stderr (the log file). faulthandler does it
+    from the signal handler in C, so a process stuck in a C call, or holding the GIL in a loop, still
+    answers; the daemon asks before it kills a process that stopped making progress."""
+    faulthandler.register(STACK_DUMP_SIGNAL, file=sys.stderr, all_threads=True)

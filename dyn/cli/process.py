@@ -20,7 +20,7 @@ def run_processes(config_paths: list[str], main: Callable[[list[ProcessConfig]],
                   check: Callable[[list[ProcessConfig]], None] | None = None) -> None:
     """run_process for a process that hosts several (the first config's log is the process's own
     output; every other one's lines go to its own log_path)."""
-    from dyn.logs import setup_process_logging
+    from dyn.logs import dump_stacks_on_signal, setup_process_logging
 
     with errors_to_exit(exit_code=2):
         configs = [ProcessConfig.load(path) for path in config_paths]
@@ -29,6 +29,7 @@ def run_processes(config_paths: list[str], main: Callable[[list[ProcessConfig]],
     first = configs[0]
     setup_process_logging(first.deployment, first.process_id,
                           hosted_logs={cfg.process_id: cfg.log_path for cfg in configs[1:]})
+    dump_stacks_on_signal()
     _use_uvloop()
     with errors_to_exit():
         code = asyncio.run(main(configs))

@@ -35,8 +35,10 @@ def up(
                                                       "the allocation, as `dyn topo from-slurm` does)."),
     wait: bool = typer.Option(False, "--wait", help="Stay until the deployment ends (last line of an sbatch "
                                                     "script); SIGTERM/SIGINT take it down first."),
-    timeouts: Optional[str] = typer.Option(None, "--timeouts", envvar="DYN_TIMEOUTS", hidden=True,
-                                           help="Daemon deadline overrides, e.g. heartbeat_s=3,load_s=60."),
+    timeouts: Optional[str] = typer.Option(
+        None, "--timeouts", envvar="DYN_TIMEOUTS",
+        help="Daemon deadlines in seconds, e.g. load_s=1800 for a model slow to load: register_s (launch "
+             "to register, default 120), load_s (register to ready, 900), heartbeat_s (6), stop_s (20)."),
 ) -> None:
     """Start a deployment and wait until every process is ready.
 

@@ -187,11 +187,25 @@ async def _watch(store: StateStore, deadlines: Deadlines, options: UpOptions,
                 w.get("state") in ("ready", "gave_up") for w in status.get("workers", ())):
             return status
         if status.get("state") == "failed" or time.monotonic() > deadline:
-            failures = _failures(status, limit_s)
+            failures = _failures(await _with_log_tails(store, status), limit_s)
             if not options.keep_partial:
                 await down_async(store.name, force=False, timeout_s=deadlines.stop_s + 10)
             raise BringupFailed(store.name, failures, stopped=not options.keep_partial)
         await asyncio.sleep(0.5)
+
+
+async def _with_log_tails(store: StateStore, status: dict[str, Any], wait_s: float = 5.0) -> dict[str, Any]:
+    """The daemon reads a failed process's log tail (over SSH for a remote node) just after marking it
+    failed: wait a moment for it, so the report shows why without the operator going to find the log."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and any(
+            not w.get("log_tail") for w in status.get("workers", ()) if w.get("state") in ("failed", "gave_up")):
+        await asyncio.sleep(0.25)
+        try:
+            status = await request(store, "status", timeout_s=5.0)
+        except DaemonUnreachable:
+            break
+    return status
 
 
 def _failures(status: dict[str, Any], limit_s: float) -> list[LaunchError]:

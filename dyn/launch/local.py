@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 from collections.abc import Sequence
 
@@ -70,6 +71,23 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (OSError, IndexError):
         return False
+
+
+def remove_files_of_dead_processes(directory: str, name: re.Pattern[str]) -> list[str]:
+    """Unlink the files in `directory` whose name matches `name` and whose first group, the pid of
+    the process that made them, is no longer running here: what a SIGKILLed process could not clean
+    up (shared-memory rings, unix sockets). Returns the names removed."""
+    removed = []
+    for entry in os.listdir(directory):
+        match = name.match(entry)
+        if match is None or pid_alive(int(match.group(1))):
+            continue
+        try:
+            os.unlink(os.path.join(directory, entry))
+            removed.append(entry)
+        except (FileNotFoundError, PermissionError):  # gone meanwhile; another user's
+            pass
+    return removed
 
 
 def _kill_group(pid: int) -> None:

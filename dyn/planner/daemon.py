@@ -174,7 +174,7 @@ class PlannerDaemon(DaemonControl, DaemonLaunching):
             for slot in list(self.fleet.slots.values()):
                 reason = slot.overdue(now, self.deadlines)
                 if reason:
-                    self._fail(slot, reason)
+                    self._fail(slot, reason, hung=True)
             if now >= next_sweep:
                 next_sweep = now + self.deadlines.liveness_interval_s
                 if not self.store.deployment_path.exists():

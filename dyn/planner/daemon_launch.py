@@ -36,9 +36,10 @@ class DaemonLaunching:
 
     # -- failures and relaunch (dyn.planner.repair) ----------------------------------------------
 
-    def _fail(self, slot: ProcessSlot, reason: str) -> None:
+    def _fail(self, slot: ProcessSlot, reason: str, *, hung: bool = False) -> None:
+        """`hung`: alive but past a deadline (its report then says where it was stuck)."""
         if mark_failed(self.fleet, slot, reason):
-            self._spawn(repair(self.fleet, slot, self.deadlines,
+            self._spawn(repair(self.fleet, slot, self.deadlines, hung=hung,
                                can_relaunch=lambda: self.phase in ("running", "degraded") and not self._stop.is_set()))
 
     async def _launch_pending(self) -> None:

@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from dyn.config.process import ProcessConfig
 from dyn.errors import DynError, LaunchError
+from dyn.logs import STACK_DUMP_SIGNAL
 from dyn.planner.health import Deadlines, ProcessSlot, RestartBudget
 from dyn.planner.nodes import Nodes
+from dyn.planner.stack_dump import hung_stack_report
 from dyn.planner.state import Deployment, ProcessRecord
 
 if TYPE_CHECKING:
@@ -27,6 +29,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+
+STACK_DUMP_WAIT_S = 1.0
+"""How long a hung process gets to write its stacks before its log is read (faulthandler writes
+from the signal handler: milliseconds, plus the signal's trip over SSH)."""
 
 
 class Fleet:
@@ -164,19 +170,25 @@ class Fleet:
                     dead[slot.id] = f"process {slot.pid} on {node} is gone"
         return dead
 
-    async def fetch_tail(self, slot: ProcessSlot, num_lines: int = 20) -> None:
+    async def fetch_tail(self, slot: ProcessSlot, *, hung: bool = False) -> None:
+        """Keep the end of the slot's log for its failure report. `hung`: the process stopped making
+        progress; first ask it where it is (a stack dump into its log) and report that."""
         if not slot.log_path:
             return
+        if hung:
+            await self.kill(slot, STACK_DUMP_SIGNAL, timeout_s=3.0)  # a cut-off node: do not wait long
+            await asyncio.sleep(STACK_DUMP_WAIT_S)
         try:
-            slot.log_tail = await asyncio.wait_for(self.nodes.tail(slot.node, slot.log_path, num_lines), 10)
+            tail = await asyncio.wait_for(self.nodes.tail(slot.node, slot.log_path, 400 if hung else 20), 10)
+            slot.log_tail = hung_stack_report(tail) if hung else tail
         except Exception as exc:  # reporting a failure must survive a failing log read
             slot.log_tail = f"(could not read {slot.log_path}: {exc})"
 
-    async def kill(self, slot: ProcessSlot, sig: int = signal.SIGKILL) -> None:
+    async def kill(self, slot: ProcessSlot, sig: int = signal.SIGKILL, *, timeout_s: float = 10.0) -> None:
         if slot.pid is None:
             return
         try:
-            await asyncio.wait_for(self.nodes.kill(slot.node, slot.pid, sig), 10)
+            await asyncio.wait_for(self.nodes.kill(slot.node, slot.pid, sig), timeout_s)
         except Exception as exc:  # the pid may be gone, the node unreachable: report, carry on
             self.note(f"{slot.id}: signal {sig} to pid {slot.pid} on {slot.node} failed: {exc}")
 

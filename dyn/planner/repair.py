@@ -34,9 +34,10 @@ def mark_failed(fleet: "Fleet", slot: ProcessSlot, reason: str) -> bool:
 
 
 async def repair(fleet: "Fleet", slot: ProcessSlot, deadlines: Deadlines, *,
-                 can_relaunch: Callable[[], bool]) -> None:
-    """After `mark_failed`: fetch its log tail, kill it for sure, relaunch within the budget."""
-    await fleet.fetch_tail(slot)
+                 can_relaunch: Callable[[], bool], hung: bool = False) -> None:
+    """After `mark_failed`: fetch its log tail (`hung`: with where it was stuck), kill it for sure,
+    relaunch within the budget."""
+    await fleet.fetch_tail(slot, hung=hung)
     dead = await fleet.ensure_dead(slot)
     if not dead:
         dead = await _wait_reachable(fleet, slot, deadlines.partition_s, can_relaunch)

@@ -36,7 +36,7 @@ import threading
 
 import numpy as np
 
-from dyn.launch.local import pid_alive
+from dyn.launch.local import remove_files_of_dead_processes
 from dyn.shuttle.errors import TransferError
 
 SHM_DIR = "/dev/shm"
@@ -219,14 +219,4 @@ def segment_pid(name: str) -> int:
 
 def sweep_stale_segments(shm_dir: str = SHM_DIR) -> list[str]:
     """Unlink rings whose owning process is gone (a killed sender cannot clean up)."""
-    removed = []
-    for name in os.listdir(shm_dir):
-        match = _NAME.match(name)
-        if match is None or pid_alive(int(match.group(1))):
-            continue
-        try:
-            os.unlink(os.path.join(shm_dir, name))
-            removed.append(name)
-        except FileNotFoundError:
-            pass
-    return removed
+    return remove_files_of_dead_processes(shm_dir, _NAME)

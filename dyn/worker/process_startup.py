@@ -7,6 +7,7 @@ topology and the process config alone; none keeps state of its own.
 from __future__ import annotations
 
 import os
+import re
 
 from dyn.config.process import ProcessConfig
 from dyn.control.sockets import Security
@@ -16,6 +17,9 @@ from dyn.kv.events import KvEventListener
 from dyn.kv.host_tier import HostTier
 from dyn.worker.engine_loop import EngineLoop
 from dyn.worker.handoff import KvHandoff
+
+VLLM_KV_EVENTS_SOCKET = re.compile(r"^dyn-vllm-kv-(\d+)(-replay)?$")
+"""The unix sockets of a vLLM worker's KV events (publisher and replay), named by its pid."""
 
 
 def load_files(cfg: ProcessConfig):
@@ -56,12 +60,18 @@ def vllm_setup(recipe, group, cfg: ProcessConfig, device: str) -> dict:
         os.environ.setdefault(key, value)
     disaggregated = recipe.mode == "disaggregated"
     if disaggregated:  # NIXL's handshake side channel: one port per worker on a shared node
+        from dyn.worker.port_claim import claim_port
+
         os.environ["VLLM_NIXL_SIDE_CHANNEL_HOST"] = cfg.bind_host
-        os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(free_port(cfg.bind_host))
-    # KV events over IPC in the worker's run directory: no port, reachable only on this node.
+        os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(claim_port(cfg.bind_host))
+    # KV events over IPC: no port, reachable only on this node. In the temp dir, not the run
+    # directory: a unix socket path is capped at 107 bytes. A SIGKILLed worker leaves its sockets.
     import tempfile
 
-    events = f"ipc://{tempfile.gettempdir()}/dyn-vllm-kv-{os.getpid()}"  # short: unix socket paths are capped
+    from dyn.launch.local import remove_files_of_dead_processes
+
+    remove_files_of_dead_processes(tempfile.gettempdir(), VLLM_KV_EVENTS_SOCKET)
+    events = f"ipc://{tempfile.gettempdir()}/dyn-vllm-kv-{os.getpid()}"
     return engine_kwargs(recipe.model, group, device=device, disaggregated=disaggregated,
                          kv_events_endpoint=events)
 
@@ -121,11 +131,3 @@ def build_tiers(recipe, topology, cfg: ProcessConfig, block_bytes: int,
                         ttl_s=spec.ttl_s, listener=listener)
     return HostTier(block_bytes, int(spec.host_memory_gib * 2**30), below=disk, ttl_s=spec.ttl_s,
                     listener=listener)
-
-
-def free_port(host: str) -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]

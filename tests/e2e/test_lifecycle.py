@@ -253,3 +253,48 @@ def test_default_files_with_the_torch_engine(tmp_path):
         assert [p for p in cli.pids if pid_alive(p)] == []
     finally:
         cli.kill_all()
+
+
+@pytest.mark.parametrize("fault", ["truncated", "stalled"])
+def test_a_worker_that_cannot_load_fails_up_with_its_log_and_nothing_runs(tmp_path, fault):
+    """A broken checkpoint (the load raises) or one on a stalled file system (a FIFO: the read never
+    returns, the load deadline passes): `dyn up` names the worker and shows the end of its own log (the
+    operator should not have to go find it), then stops everything it started."""
+    from dyn.engine.tiny import write_tiny_checkpoint
+
+    root = Path(__file__).resolve().parents[2]
+    checkpoint = write_tiny_checkpoint(tmp_path / "tiny-llama", seed=0)
+    weights = Path(checkpoint) / "model.safetensors"
+    if fault == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        weights.unlink()
+        os.mkfifo(weights)  # no writer: open() blocks for good
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text((root / "recipes" / "tiny-local.yaml").read_text()
+                      .replace("name: tiny-local", "name: e2e-broken").replace("port: 8000", f"port: {free_port()}")
+                      .replace("~/.cache/dyn/models/tiny-llama", str(checkpoint)))
+    cli = Cli(tmp_path)
+    cli.env["DYN_TIMEOUTS"] = "register_s=30,load_s=8,heartbeat_s=5,stop_s=10"
+    try:
+        up = cli("up", "-t", str(root / "topologies" / "local.yaml"), "-r", str(recipe), timeout=150)
+        out = up.stdout + up.stderr
+        assert up.returncode != 0, out
+        assert "failed to come up (everything it started was stopped)" in out, out
+        reports = out.split("\n[local / ")[1:]
+        assert reports, out
+        for report in reports:
+            worker = report.split("]", 1)[0]
+            assert worker in ("prefill-0", "decode-0"), out
+            reason, tail = report.split("\n--- last log lines ---\n", 1)
+            if fault == "truncated":
+                assert "invalid header length" in reason and f'"process": "{worker}"' in tail, out
+            else:  # where it hung: the thread reading the weights, not the idle event loop
+                assert "did not become ready within 8 s" in reason, out
+                assert "(most recent call first)" in tail and "dyn/weights/" in tail, out
+                assert "threads were waiting for work" in tail, out
+        assert cli("ls").stdout.strip() == "no deployments"
+        procs = subprocess.run(["pgrep", "-f", str(tmp_path / "nodes")], capture_output=True, text=True).stdout
+        assert procs.strip() == ""
+    finally:
+        cli.kill_all()

@@ -21,7 +21,7 @@ class CutOffFleet:
     def note(self, text: str) -> None:
         self.events.append(text)
 
-    async def fetch_tail(self, slot: ProcessSlot) -> None:
+    async def fetch_tail(self, slot: ProcessSlot, *, hung: bool = False) -> None:
         slot.log_tail = "(unreachable)"
 
     async def ensure_dead(self, slot: ProcessSlot, attempts: int = 3) -> bool:
