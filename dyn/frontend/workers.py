@@ -204,9 +204,20 @@ class WorkerPool:
         if entry.awaiting_first:
             handle.pending_prefill_tokens -= entry.num_tokens
         if cancel:
-            sent = asyncio.ensure_future(handle.sock.send(REQUEST_CODEC.encode(Cancel(request_id))))
-            sent.add_done_callback(lambda f, rid=request_id, wid=handle.id: _log_send_error(f, rid, wid))
             self.num_cancels_sent += 1
+            frame = REQUEST_CODEC.encode(Cancel(request_id))
+            # Sent now, not from a task: a migration may re-send the request to this same worker
+            # at once, and it must arrive behind the cancel (else the old one still runs there
+            # and the worker refuses the new one: "request id ... is already running").
+            try:
+                if handle.sock.send_now(frame):
+                    return
+            except zmq.ZMQError as exc:
+                log.warning("cancel of %s to %s not sent: %s", request_id, handle.id, exc)
+                return
+            # The worker's queue is full: wait for room (a request sent after it waits behind it).
+            sent = asyncio.ensure_future(handle.sock.send(frame))
+            sent.add_done_callback(lambda f, rid=request_id, wid=handle.id: _log_send_error(f, rid, wid))
 
     @property
     def num_open_streams(self) -> int:

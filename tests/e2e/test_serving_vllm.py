@@ -218,7 +218,6 @@ def test_greedy_tokens_equal_vllm_generate_locally_and_through_the_nixl_handoff(
                                                + 32 * len(long_prompts)), why()
 
 
-
 def test_openai_client_chat_streaming_usage_and_stop_strings(deployment):
     client = _client(deployment)
     chat = client.chat.completions.create(model=MODEL, max_tokens=24, temperature=0,

@@ -179,3 +179,31 @@ def test_opening_a_stream_on_a_worker_that_just_left_fails_it_as_gone():
         await asyncio.sleep(0)
         ctx.term()
     asyncio.run(go())
+
+
+def test_a_cancel_reaches_the_worker_before_the_same_request_sent_again():
+    """A migration may re-send a request to the worker it just cancelled it on (the only decode
+    worker left): the worker must see the cancel first, or it refuses the new one as a duplicate."""
+    from dyn.control.requests import Cancel, GenerateRequest
+    from dyn.control.sampling import SamplingParams
+
+    async def go():
+        ctx = zmq.asyncio.Context()
+        worker = ctx.socket(zmq.ROUTER)
+        port = worker.bind_to_random_port("tcp://127.0.0.1")
+        pool = WorkerPool(ctx, Security())
+        pool.add("d0", "decode", f"tcp://127.0.0.1:{port}")
+        request = GenerateRequest("r1", [1, 2, 3], SamplingParams(max_tokens=4))
+        await pool.open("d0", request)
+        pool.close_stream("r1", cancel=True)
+        await pool.open("d0", request)
+        seen = []
+        for _ in range(3):
+            _, frame = await asyncio.wait_for(worker.recv_multipart(), 5)
+            seen.append(type(REQUEST_CODEC.decode(frame)))
+        assert seen == [GenerateRequest, Cancel, GenerateRequest]
+        pool.close()
+        worker.close(linger=0)
+        await asyncio.sleep(0)
+        ctx.term()
+    asyncio.run(go())
