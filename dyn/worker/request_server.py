@@ -8,6 +8,7 @@ RequestFailed, including when the worker drains or shuts down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -48,6 +49,8 @@ class Stream:
     """Tokens kept back (hold_s), oldest first; sent together when they have waited hold_s or
     the request ends."""
     held_since: float = 0.0
+    kv_import: asyncio.Task | None = None
+    """The KV pull and decode start of a hand-off, running beside the request plane."""
 
 
 class RequestServer:
@@ -149,6 +152,8 @@ class RequestServer:
     async def fail_all(self, message: str, *, code: str = "internal", retryable: bool = True) -> None:
         """End every open stream explicitly (shutdown), aborting it in the engine."""
         for stream in list(self._streams.values()):
+            if stream.kv_import is not None:
+                stream.kv_import.cancel()
             self._loop.submit(lambda e, rid=stream.request_id: e.abort(rid))
             self._fail(stream.client, stream.request_id, code, message, retryable)
         self._streams.clear()
@@ -211,18 +216,39 @@ class RequestServer:
                   ", salted" if msg.salt else "", extra={"request_id": rid})
         if not imports:
             return
+        log.info("KV pull from %s", _kv_origin(msg.kv_source), extra={"request_id": rid})
+        # A task, not awaited here: a pull takes up to shuttle.pull_timeout_s (a prefill worker gone),
+        # and meanwhile this worker's other requests and cancels must not wait behind it.
+        stream.kv_import = asyncio.create_task(self._import(client, stream, msg))
+
+    async def _import(self, client: bytes, stream: Stream, msg: GenerateRequest) -> None:
+        rid = msg.request_id
         try:
-            log.info("KV pull from %s", _kv_origin(msg.kv_source), extra={"request_id": rid})
             await self.import_kv(stream, msg)  # adds the request itself
-        except DynError as exc:
-            self._streams.pop(rid, None)
-            code = "bad_request" if isinstance(exc, RequestError) else "internal"
-            self._fail(client, rid, code, str(exc), code != "bad_request")
+        except asyncio.CancelledError:
+            raise  # cancelled (dyn.worker.request_server._cancel): the import cleaned up after itself
+        except Exception as exc:
+            if self._streams.get(rid) is not stream:
+                return  # cancelled or failed meanwhile: already answered
+            if isinstance(exc, DynError):
+                self._streams.pop(rid, None)
+                code = "bad_request" if isinstance(exc, RequestError) else "internal"
+                self._fail(client, rid, code, str(exc), code != "bad_request")
+            else:
+                self._handling_failed(client, msg, exc)
+        finally:
+            stream.kv_import = None
 
     async def _cancel(self, rid: str) -> None:
-        """Abort in the engine (before its next step), then end the stream with reason abort."""
+        """Stop a KV import still under way (awaited, so the same id sent again next starts clean),
+        abort in the engine (before its next step), then end the stream with reason abort."""
         self.cancels_total += 1
         self._speculative.discard(rid)
+        importing = self._streams.get(rid)
+        if importing is not None and importing.kv_import is not None:
+            importing.kv_import.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await importing.kv_import
         await asyncio.wrap_future(self._loop.submit(lambda e: e.abort(rid)))
         stream = self._streams.pop(rid, None)
         if stream is not None:

@@ -85,3 +85,53 @@ def test_a_request_that_hits_a_bug_fails_alone_and_the_next_is_served(monkeypatc
 
     asyncio.run(scenario())
 
+
+
+def test_a_kv_pull_under_way_holds_up_no_other_request_and_a_cancel_stops_it() -> None:
+    """A hand-off's pull takes up to shuttle.pull_timeout_s (its prefill worker gone): meanwhile the
+    worker serves other requests, and a cancel stops the pull, ends the request as aborted and frees
+    its id (the frontend may send it again at once, to migrate it)."""
+    from dyn.control.requests import Cancel
+
+    pulls: list[str] = []
+    stopped = asyncio.Event()
+
+    async def pull_that_never_ends(stream, msg) -> None:
+        pulls.append(msg.request_id)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
+
+    async def scenario() -> None:
+        ctx = zmq.asyncio.Context()
+        security = Security()
+        server = RequestServer(ctx, "127.0.0.1", security, None)
+        loop = InlineEngineLoop(MockEngine(ZERO), server.on_outputs)
+        loop.start()
+        server.attach(loop)
+        server.import_kv = pull_that_never_ends
+        serving = asyncio.create_task(server.serve())
+        dealer = client_socket(ctx, zmq.DEALER, server.address, security)
+        try:
+            handoff = GenerateRequest("handoff", [5, 6, 7, 8], SamplingParams(max_tokens=3), first_token=9,
+                                      kv_source={"offer": "from a prefill worker that is gone"})
+            await dealer.send(REQUEST_CODEC.encode(handoff))
+            await dealer.send(_request("other"))
+            chunks = await _replies(dealer, "other")
+            assert chunks[-1].finish.reason == "length" and pulls == ["handoff"]
+            await dealer.send(REQUEST_CODEC.encode(Cancel("handoff")))
+            await dealer.send(_request("handoff"))  # the same id again, as a migration sends it
+            aborted = await _replies(dealer, "handoff")
+            assert aborted == [Finish("handoff", "abort", 4, 0)] and stopped.is_set()
+            served = await _replies(dealer, "handoff")
+            assert sum(len(c.token_ids) for c in served) == 3 and served[-1].finish.reason == "length"
+            assert server.num_in_flight == 0
+        finally:
+            serving.cancel()
+            dealer.close(linger=0)
+            server.close()
+            ctx.destroy(linger=0)
+
+    asyncio.run(scenario())
