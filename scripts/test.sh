@@ -34,6 +34,4 @@ if ! .venv/bin/python -c 'import vllm, nixl' 2>/dev/null; then
     .venv/bin/pip install -q --disable-pip-version-check --no-deps nixl==1.5.1
     .venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
-# Two lanes (pytest-xdist): the whole-deployment tests (marker e2e) one at a time in one, everything
-# else in the other (tests/conftest.py); the suite leaves half of 2 cores idle when run in one lane.
-exec .venv/bin/python -m pytest -q --durations=25 -n 2 --dist loadgroup "$@"
+exec .venv/bin/python -m pytest -q --durations=25 "$@"

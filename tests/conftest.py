@@ -25,13 +25,3 @@ def sshd_hosts(tmp_path_factory: pytest.TempPathFactory
             root = tmp_path_factory.mktemp("sshd")
             return stack.enter_context(start_sshd_hosts(root, num_hosts, distinct_addresses))
         yield factory
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (scripts/test.sh: `-n 2 --dist loadgroup`) the whole-deployment tests share
-    one lane and run one at a time, as they do alone: each starts a daemon, a frontend and workers
-    (vLLM engines among them) that expect the machine's cores, and some time their faults. The
-    other lane runs everything else; in-process tests mostly wait less than they compute."""
-    for item in items:
-        if item.get_closest_marker("e2e") is not None:
-            item.add_marker(pytest.mark.xdist_group("deployments"))
