@@ -1,7 +1,6 @@
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -80,14 +79,6 @@ def test_bad_arguments(kwargs, field):
     with pytest.raises(RequestError) as err:
         hash_blocks([1, 2, 3, 4], **kwargs)
     assert err.value.field == field
-
-
-def test_speed_is_sane():
-    tokens = list(range(16 * 2000))
-    start = time.perf_counter()
-    hash_blocks(tokens, 16)
-    ns_per_block = (time.perf_counter() - start) / 2000 * 1e9
-    assert ns_per_block < 50_000  # ~1 us/block measured; generous for a loaded CI box
 
 
 def test_cache_gives_hash_blocks_results_over_shared_prefixes_salts_and_clears():
