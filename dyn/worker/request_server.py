@@ -67,6 +67,7 @@ class RequestServer:
         self.cancels_total = 0
         self.errors_total = 0
         """Messages whose handling raised (logged; the request, if any, failed)."""
+        self._imports: set[asyncio.Task] = set()
         self._speculative: set[str] = set()
         """Request ids of running speculative prefills (cancelled when real work queues)."""
         self.speculative_refused = 0
@@ -219,15 +220,15 @@ class RequestServer:
         log.info("KV pull from %s", _kv_origin(msg.kv_source), extra={"request_id": rid})
         # A task, not awaited here: a pull takes up to shuttle.pull_timeout_s (a prefill worker gone),
         # and meanwhile this worker's other requests and cancels must not wait behind it.
-        stream.kv_import = asyncio.create_task(self._import(client, stream, msg))
+        stream.kv_import = task = asyncio.create_task(self._import(client, stream, msg))
+        self._imports.add(task)  # (the loop keeps only a weak reference to a task)
+        task.add_done_callback(self._imports.discard)
 
     async def _import(self, client: bytes, stream: Stream, msg: GenerateRequest) -> None:
         rid = msg.request_id
         try:
             await self.import_kv(stream, msg)  # adds the request itself
-        except asyncio.CancelledError:
-            raise  # cancelled (dyn.worker.request_server._cancel): the import cleaned up after itself
-        except Exception as exc:
+        except Exception as exc:  # (not a cancel: _cancel aborts it in the engine, freeing its blocks)
             if self._streams.get(rid) is not stream:
                 return  # cancelled or failed meanwhile: already answered
             if isinstance(exc, DynError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import zmq
 import zmq.asyncio
@@ -53,19 +54,32 @@ async def _replies(dealer: zmq.asyncio.Socket, until: str) -> list:
                 return got
 
 
+@contextlib.asynccontextmanager
+async def _serving(engine: MockEngine, import_kv=None):
+    """A RequestServer serving `engine` on an inline loop; yields (server, its task, a DEALER to it)."""
+    ctx = zmq.asyncio.Context()
+    security = Security()
+    server = RequestServer(ctx, "127.0.0.1", security, None)
+    loop = InlineEngineLoop(engine, server.on_outputs)
+    loop.start()
+    server.attach(loop)
+    server.import_kv = import_kv
+    serving = asyncio.create_task(server.serve())
+    dealer = client_socket(ctx, zmq.DEALER, server.address, security)
+    try:
+        yield server, serving, dealer
+    finally:
+        serving.cancel()
+        dealer.close(linger=0)
+        server.close()
+        ctx.destroy(linger=0)
+
+
 def test_a_request_that_hits_a_bug_fails_alone_and_the_next_is_served(monkeypatch) -> None:
     monkeypatch.setattr(request_server, "engine_request", _buggy_engine_request)
 
     async def scenario() -> None:
-        ctx = zmq.asyncio.Context()
-        security = Security()
-        server = RequestServer(ctx, "127.0.0.1", security, None)
-        loop = InlineEngineLoop(BuggyEngine(ZERO), server.on_outputs)
-        loop.start()
-        server.attach(loop)
-        serving = asyncio.create_task(server.serve())
-        dealer = client_socket(ctx, zmq.DEALER, server.address, security)
-        try:
+        async with _serving(BuggyEngine(ZERO)) as (server, serving, dealer):
             await dealer.send(_request("poison"))
             failed = (await _replies(dealer, "poison"))[-1]
             assert isinstance(failed, RequestFailed) and failed.code == "internal" and failed.retryable
@@ -77,14 +91,8 @@ def test_a_request_that_hits_a_bug_fails_alone_and_the_next_is_served(monkeypatc
             chunks = await _replies(dealer, "fine")
             assert sum(len(c.token_ids) for c in chunks) == 3 and chunks[-1].finish.reason == "length"
             assert not serving.done() and server.num_in_flight == 0
-        finally:
-            serving.cancel()
-            dealer.close(linger=0)
-            server.close()
-            ctx.destroy(linger=0)
 
     asyncio.run(scenario())
-
 
 
 def test_a_kv_pull_under_way_holds_up_no_other_request_and_a_cancel_stops_it() -> None:
@@ -105,16 +113,7 @@ def test_a_kv_pull_under_way_holds_up_no_other_request_and_a_cancel_stops_it() -
             raise
 
     async def scenario() -> None:
-        ctx = zmq.asyncio.Context()
-        security = Security()
-        server = RequestServer(ctx, "127.0.0.1", security, None)
-        loop = InlineEngineLoop(MockEngine(ZERO), server.on_outputs)
-        loop.start()
-        server.attach(loop)
-        server.import_kv = pull_that_never_ends
-        serving = asyncio.create_task(server.serve())
-        dealer = client_socket(ctx, zmq.DEALER, server.address, security)
-        try:
+        async with _serving(MockEngine(ZERO), pull_that_never_ends) as (server, _, dealer):
             handoff = GenerateRequest("handoff", [5, 6, 7, 8], SamplingParams(max_tokens=3), first_token=9,
                                       kv_source={"offer": "from a prefill worker that is gone"})
             await dealer.send(REQUEST_CODEC.encode(handoff))
@@ -128,10 +127,5 @@ def test_a_kv_pull_under_way_holds_up_no_other_request_and_a_cancel_stops_it() -
             served = await _replies(dealer, "handoff")
             assert sum(len(c.token_ids) for c in served) == 3 and served[-1].finish.reason == "length"
             assert server.num_in_flight == 0
-        finally:
-            serving.cancel()
-            dealer.close(linger=0)
-            server.close()
-            ctx.destroy(linger=0)
 
     asyncio.run(scenario())
