@@ -213,7 +213,7 @@ class WorkerPool:
                 if handle.sock.send_now(frame):
                     return
             except zmq.ZMQError as exc:
-                log.warning("cancel of %s to %s not sent: %s", request_id, handle.id, exc)
+                _cancel_not_sent(request_id, handle.id, exc)
                 return
             # The worker's queue is full: wait for room (a request sent after it waits behind it).
             sent = asyncio.ensure_future(handle.sock.send(frame))
@@ -348,8 +348,12 @@ def _finish(fields: Any) -> Finish | None | bool:
 
 def _log_send_error(future: asyncio.Future, request_id: str, worker_id: str) -> None:
     if not future.cancelled() and future.exception() is not None:
-        # The worker is gone or saturated: it aborts the request itself when it notices.
-        log.warning("cancel of %s to %s not sent: %s", request_id, worker_id, future.exception())
+        _cancel_not_sent(request_id, worker_id, future.exception())
+
+
+def _cancel_not_sent(request_id: str, worker_id: str, exc: BaseException) -> None:
+    # The worker is gone or saturated: it aborts the request itself when it notices.
+    log.warning("cancel of %s to %s not sent: %s", request_id, worker_id, exc)
 
 
 def _parse_entry(entry: Any):

@@ -195,8 +195,7 @@ class RequestServer:
         except DynError as exc:
             self._streams.pop(rid, None)
             self._speculative.discard(rid)
-            code = "bad_request" if isinstance(exc, RequestError) else "internal"
-            self._fail(client, rid, code, str(exc), code != "bad_request")
+            self._refuse(client, rid, exc)
             return
         if refusal is not None:
             self._streams.pop(rid, None)
@@ -233,8 +232,7 @@ class RequestServer:
                 return  # cancelled or failed meanwhile: already answered
             if isinstance(exc, DynError):
                 self._streams.pop(rid, None)
-                code = "bad_request" if isinstance(exc, RequestError) else "internal"
-                self._fail(client, rid, code, str(exc), code != "bad_request")
+                self._refuse(client, rid, exc)
             else:
                 self._handling_failed(client, msg, exc)
         finally:
@@ -315,6 +313,11 @@ class RequestServer:
 
     def _fail(self, client: bytes, rid: str, code: str, message: str, retryable: bool) -> None:
         self._send(client, RequestFailed(rid, code, message, retryable))
+
+    def _refuse(self, client: bytes, rid: str, exc: DynError) -> None:
+        """A request the engine refused: a bad one is final, anything else may go to another worker."""
+        code = "bad_request" if isinstance(exc, RequestError) else "internal"
+        self._fail(client, rid, code, str(exc), code != "bad_request")
 
     def _send(self, client: bytes, message) -> None:
         self._router.send(client, REQUEST_CODEC.encode(message))
