@@ -17,6 +17,11 @@ from dyn.control.kv_events import KvSnapshot, KvSnapshotRequest
 from dyn.control.sampling import SamplingParams
 
 
+ATTEMPT_SEPARATOR = "#"
+"""A request sent again to a worker that had it before goes as "<id>#<n>" (a fresh stream there:
+dyn.frontend.worker_stream); client ids cannot hold it."""
+
+
 @dataclass(slots=True)
 class GenerateRequest(Message):
     TYPE: ClassVar[str] = "generate"

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from dyn.control.requests import ATTEMPT_SEPARATOR
 from dyn.errors import DeploymentError
 from dyn.planner.state import StateStore
 
@@ -55,7 +56,8 @@ def request_ids(request_id: str) -> frozenset[str]:
 
 
 def request_lines(text: str, request_id: str, process: str) -> list[TraceLine]:
-    """The lines of one log that carry `request_id` (or its internal form, see request_ids)."""
+    """The lines of one log that carry `request_id` (or its internal form, see request_ids),
+    including a worker's lines of a later attempt there ("<id>#<n>", marked in the message)."""
     ids = request_ids(request_id)
     out = []
     for line in text.splitlines():
@@ -65,9 +67,13 @@ def request_lines(text: str, request_id: str, process: str) -> list[TraceLine]:
             entry = json.loads(line)
         except ValueError:
             continue
-        if isinstance(entry, dict) and entry.get("request_id") in ids:
+        if not isinstance(entry, dict) or not isinstance(rid := entry.get("request_id"), str):
+            continue
+        base, attempt, num = rid.partition(ATTEMPT_SEPARATOR)
+        if base in ids:
+            msg = str(entry.get("msg", "")) + (f" (attempt {attempt}{num} there)" if attempt else "")
             out.append(TraceLine(float(entry.get("ts") or 0.0), str(entry.get("process") or process),
-                                 str(entry.get("level", "")), str(entry.get("msg", "")), entry))
+                                 str(entry.get("level", "")), msg, entry))
     return out
 
 

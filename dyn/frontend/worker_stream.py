@@ -21,7 +21,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, AsyncIterator, Callable
 
-from dyn.control.requests import Finish, GenerateRequest, RequestFailed, TokenChunk
+from dyn.control.requests import ATTEMPT_SEPARATOR, Finish, GenerateRequest, RequestFailed, TokenChunk
 from dyn.control.sampling import SamplingParams
 from dyn.frontend.protocol import GenerationRequest
 from dyn.frontend.text import TextStream
@@ -90,6 +90,8 @@ class WorkerStream:
         self.finish_reason: str | None = None
         self.start = time.perf_counter()
         self.last = 0.0
+        self._num_sent: dict[str, int] = {}
+        """Attempts of this request sent to each worker (see _wire_id)."""
 
     async def _follow(self, worker_id: str, request: GenerateRequest,
                       on_finish: Callable[[Finish], Piece | None] | None = None) -> AsyncIterator[Piece]:
@@ -117,6 +119,9 @@ class WorkerStream:
     async def _messages(self, worker_id: str, request: GenerateRequest):
         """Messages of one request on one worker; cancels it there unless it ended by itself."""
         d, pool = self.d, self.d.pool
+        wire_id = self._wire_id(worker_id)
+        if wire_id != request.request_id:
+            request = replace(request, request_id=wire_id)
         queue = await pool.open(worker_id, request)
         ended = False
         # Without streaming nobody sees chunk boundaries: merge the chunks already
@@ -168,7 +173,18 @@ class WorkerStream:
             if cancel:
                 reason = "stop" if self.finish_reason else "stall" if stalled else "disconnect"
                 d.metrics.cancelled.labels(reason).inc()
-            pool.close_stream(self.rid, cancel=cancel)
+            pool.close_stream(wire_id, cancel=cancel)
+
+    def _wire_id(self, worker_id: str) -> str:
+        """The request's id on `worker_id` for this attempt: its own id the first time, then
+        `<id>#<n>` (ATTEMPT_SEPARATOR; no client X-Request-Id holds it). A worker sent this request before may still
+        send messages of the earlier attempt (tokens of a step before the cancel landed, the abort
+        that answers it, a Finish that crossed the cancel): under a fresh id they match no open
+        stream and are dropped, instead of ending or lengthening the new attempt, and the worker
+        does not refuse the new one as "already running"."""
+        num_sent = self._num_sent.get(worker_id, 0)
+        self._num_sent[worker_id] = num_sent + 1
+        return self.rid if num_sent == 0 else f"{self.rid}{ATTEMPT_SEPARATOR}{num_sent}"
 
     def _worker_alive(self, worker_id: str) -> bool:
         handle = self.d.pool.workers.get(worker_id)

@@ -207,8 +207,7 @@ class WorkerPool:
             self.num_cancels_sent += 1
             frame = REQUEST_CODEC.encode(Cancel(request_id))
             # Sent now, not from a task: a migration may re-send the request to this same worker
-            # at once, and it must arrive behind the cancel (else the old one still runs there
-            # and the worker refuses the new one: "request id ... is already running").
+            # at once, and the old attempt should stop before the new one starts, not beside it.
             try:
                 if handle.sock.send_now(frame):
                     return

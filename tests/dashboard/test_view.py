@@ -161,10 +161,12 @@ def test_trace_lines_filtered_and_merged_across_logs():
 
     frontend = log("frontend", (1.0, "accepted", "abc-1"), (1.5, "other", "abc-12"), (4.0, "done", "abc-1"))
     prefill = log("prefill-0", (2.0, "request finished: length", "abc-1"), (2.1, "idle", None))
-    decode = log("decode-3", (3.0, "request finished: stop", "abc-1"))
+    decode = log("decode-3", (3.0, "request finished: abort", "abc-1"), (3.5, "request finished: stop", "abc-1#1"),
+                 (3.6, "other", "abc-12#1"))
     lines = merge([request_lines(t, "chatcmpl-abc-1", p)
                    for t, p in ((frontend, "frontend"), (prefill, "prefill-0"), (decode, "decode-3"))])
     assert [(ln.process, ln.msg) for ln in lines] == [
         ("frontend", "accepted"), ("prefill-0", "request finished: length"),
-        ("decode-3", "request finished: stop"), ("frontend", "done")]
+        ("decode-3", "request finished: abort"), ("decode-3", "request finished: stop (attempt #1 there)"),
+        ("frontend", "done")]
     assert "prefill-0" in lines[1].render()

@@ -47,6 +47,8 @@ class FakeWorker:
     """Stop answering (without failing) after this many generated tokens: a wedged worker."""
     stall: bool = False
     """Set while streaming: every running request stops answering at its next token."""
+    wedged: set[str] = field(default_factory=set)
+    """Request ids that stop answering at their next token (a request sent later still runs)."""
     requests: list[GenerateRequest] = field(default_factory=list)
     cancels: list[str] = field(default_factory=list)
     finished: dict[str, str] = field(default_factory=dict)
@@ -76,6 +78,10 @@ class FakeWorker:
                 self.requests.append(msg)
                 if self.overloaded:
                     await self._send(client, RequestFailed(msg.request_id, "overloaded", "queue full", True))
+                    continue
+                if msg.request_id in self._tasks:  # as the real worker: an id is one stream at a time
+                    await self._send(client, RequestFailed(msg.request_id, "bad_request",
+                                                           f"request id {msg.request_id!r} is already running", False))
                     continue
                 self._tasks[msg.request_id] = asyncio.create_task(self._run(client, msg))
             elif isinstance(msg, Cancel):
@@ -116,7 +122,7 @@ class FakeWorker:
             while done < max_tokens:
                 if self.step_s:
                     await asyncio.sleep(self.step_s)
-                if self.stall or (self.stall_after is not None and done >= self.stall_after):
+                if self.stall or rid in self.wedged or (self.stall_after is not None and done >= self.stall_after):
                     await asyncio.Event().wait()  # until cancelled
                 tok = self._token(context, done)
                 if tok is None:

@@ -62,6 +62,28 @@ def test_stalled_worker_migrates_mid_stream_with_the_same_tokens():
         assert 'dyn_frontend_cancelled_total{reason="stall"} 1.0' in metrics
 
 
+def test_a_stalled_request_migrates_back_to_the_same_worker_under_a_new_id():
+    """The only worker wedges one request: the migration re-sends it to that same worker. The
+    worker answers the cancel with an abort of the old attempt, which must not end (or migrate
+    again) the new one: each attempt on a worker has its own id, and the text is exact."""
+    with Harness(_recipe(), [("w0", "both")], stall_timeout_s=0.3, step_s=0.01) as h:
+        worker = h.workers["w0"]
+        with openai.OpenAI(base_url=h.base_url, api_key="x", max_retries=0, timeout=20) as c:
+            stream = c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=30, stream=True)
+            text = []
+            for chunk in stream:
+                text.append(chunk.choices[0].text)
+                if len(text) == 5:
+                    worker.wedged = set(worker.active)
+        assert "".join(text) == _expected(30)
+        (first, again) = [r.request_id for r in worker.requests]
+        assert again == f"{first}#1" and worker.cancels == [first]
+        assert worker.finished == {first: "abort", again: "length"}
+        metrics = h.frontend.metrics.render().decode()
+        assert "dyn_requests_migrated_total 1.0" in metrics
+        assert h.pool.num_open_streams == 0
+
+
 def test_migration_limit_ends_the_stream_with_a_clear_error():
     with Harness(_recipe(max_migrations=1), [("w0", "both"), ("w1", "both")], stall_timeout_s=0.2,
                  stall_after=3) as h:

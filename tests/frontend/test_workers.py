@@ -183,7 +183,8 @@ def test_opening_a_stream_on_a_worker_that_just_left_fails_it_as_gone():
 
 def test_a_cancel_reaches_the_worker_before_the_same_request_sent_again():
     """A migration may re-send a request to the worker it just cancelled it on (the only decode
-    worker left): the worker must see the cancel first, or it refuses the new one as a duplicate."""
+    worker left): the worker must see the cancel first, so the old attempt stops before the new
+    one starts."""
     from dyn.control.requests import Cancel, GenerateRequest
     from dyn.control.sampling import SamplingParams
 
