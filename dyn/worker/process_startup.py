@@ -64,6 +64,11 @@ def vllm_setup(recipe, group, cfg: ProcessConfig, device: str) -> dict:
 
         os.environ["VLLM_NIXL_SIDE_CHANNEL_HOST"] = cfg.bind_host
         os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(claim_port(cfg.bind_host))
+        # Before vLLM's NixlConnector makes its agent (in this process at tp=1): its progress
+        # thread polls for UCX events instead of spinning a core (measured 0.98 -> 0.02 idle).
+        from dyn.shuttle.transports.nixl import load_api
+
+        load_api()
     # KV events over IPC: no port, reachable only on this node. In the temp dir, not the run
     # directory: a unix socket path is capped at 107 bytes. A SIGKILLed worker leaves its sockets.
     import tempfile

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import openai
 import pytest
 import yaml
 
+from cpu_ticks import TICKS_PER_S, thread_ticks
 from sshd import free_port
 from smollm2 import smollm2_checkpoint
 
@@ -216,6 +218,19 @@ def test_greedy_tokens_equal_vllm_generate_locally_and_through_the_nixl_handoff(
     assert delta["prompt_tokens_transferred"] >= sum(len(p) - 32 for p in long_prompts), why()
     assert delta["prompt_tokens_computed"] <= (sum(len(p) for p in prompts if len(p) <= 32)
                                                + 32 * len(long_prompts)), why()
+
+
+def test_idle_workers_do_not_spin(deployment):
+    """Between requests a worker's threads sleep: vLLM's NIXL agent included, whose progress
+    thread spun a core per worker until dyn set its poll timeout (measured 0.98 -> 0.02 cores)."""
+    pids = {w["id"]: w["pid"] for w in deployment.status()["workers"] if w["id"] in ("prefill-0", "decode-0")}
+    assert len(pids) == 2
+    start = {wid: sum(thread_ticks(pid).values()) for wid, pid in pids.items()}
+    began = time.monotonic()
+    time.sleep(2.0)
+    cores = {wid: (sum(thread_ticks(pid).values()) - start[wid]) / TICKS_PER_S / (time.monotonic() - began)
+             for wid, pid in pids.items()}
+    assert all(used < 0.3 for used in cores.values()), cores
 
 
 def test_openai_client_chat_streaming_usage_and_stop_strings(deployment):

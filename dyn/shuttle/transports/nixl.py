@@ -15,11 +15,11 @@ multi-node NVLink) and across domains. A source handle is the block's address
 GPU checksum (position-weighted word sums, no trip through host memory); the
 receiver recomputes the same sum where the block landed (GPU or host), so the
 kind of the source handle says which checksum the chunk carries.
-Agents start on first use only: NIXL's progress thread polls without
-sleeping (measured here: ~0.5 core per idle agent), so a worker that never
-pulls over NIXL never pays for it. Imported
-lazily; `is_available()` says whether the package is installed (the PyPI
-build is `nixl-cu12`, importable as `nixl_cu12`, or `nixl`). The first use
+Agents start on first use only, so a worker that never pulls over NIXL
+never pays for one (each has a progress thread, made to sleep between UCX
+events: dyn.shuttle.transports.nixl_progress). Imported lazily;
+`is_available()` says whether the package is installed (the PyPI build is
+`nixl-cu12`, importable as `nixl_cu12`, or `nixl`). The first use
 imports NIXL, and torch with it, on a worker thread: 10.8 s measured on a
 2-core host at load average 11 (0.55 s more for the agent), which on the event
 loop stopped the worker's heartbeats past the daemon's deadline.
@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 from dyn.shuttle.blocks import checksum, host_array, is_cuda, read_block
 from dyn.shuttle.errors import TransferError
 from dyn.shuttle.transports.base import RecvTransport, SendJob, SendTransport
+from dyn.shuttle.transports.nixl_progress import quiet_progress_threads
 from dyn.shuttle.wire import Blocks
 
 _MODULES = ("nixl._api", "nixl_cu12._api")
@@ -62,7 +63,7 @@ class _LazyAgent:
         self._starting = asyncio.Lock()
 
     async def _started(self) -> Any:
-        if self._agent is None:  # lazily: an agent's progress thread costs CPU even when idle
+        if self._agent is None:
             async with self._starting:
                 if self._agent is None:
                     self._agent = await asyncio.to_thread(_new_agent, self._prefix)
@@ -185,20 +186,23 @@ class NixlReceiver(_LazyAgent, RecvTransport):
         self._current.clear()
 
 
-def _api() -> Any:
+def load_api() -> Any:
+    """NIXL's Python API module (None: not installed), set up for this process: agents made
+    from now on poll instead of spinning (dyn.shuttle.transports.nixl_progress), and NIXL's
+    INFO lines stay out of stdout (it logs one on every agent start; library code never prints)."""
     for name in _MODULES:
         try:
             module = importlib.import_module(name)
         except ImportError:
             continue
-        # NIXL logs INFO lines to stdout on every agent start; library code here never prints.
         logging.getLogger("nixl").setLevel(logging.WARNING)
+        quiet_progress_threads(module)
         return module
     return None
 
 
 def _new_agent(prefix: str) -> Any:
-    api = _api()
+    api = load_api()
     if api is None:
         raise TransferError("the nixl package is not installed (pip install nixl-cu12)", reason="nixl")
     return api.nixl_agent(f"{prefix}-{secrets.token_hex(6)}", api.nixl_agent_config(backends=["UCX"]))
