@@ -177,11 +177,11 @@ class WorkerStream:
 
     def _wire_id(self, worker_id: str) -> str:
         """The request's id on `worker_id` for this attempt: its own id the first time, then
-        `<id>#<n>` (ATTEMPT_SEPARATOR; no client X-Request-Id holds it). A worker sent this request before may still
-        send messages of the earlier attempt (tokens of a step before the cancel landed, the abort
-        that answers it, a Finish that crossed the cancel): under a fresh id they match no open
-        stream and are dropped, instead of ending or lengthening the new attempt, and the worker
-        does not refuse the new one as "already running"."""
+        `<id>#<n>` (ATTEMPT_SEPARATOR; no client X-Request-Id holds it). A worker sent this
+        request before may still send messages of the earlier attempt (tokens of a step before
+        the cancel landed, the abort that answers it, a Finish that crossed the cancel): under a
+        fresh id they match no open stream and are dropped, instead of ending or lengthening the
+        new attempt, and the worker does not refuse the new one as "already running"."""
         num_sent = self._num_sent.get(worker_id, 0)
         self._num_sent[worker_id] = num_sent + 1
         return self.rid if num_sent == 0 else f"{self.rid}{ATTEMPT_SEPARATOR}{num_sent}"
