@@ -85,7 +85,10 @@ def test_up_serve_relaunch_down_and_allocation_end(cluster, tmp_path):
     port = free_port()
     recipe = _recipe(tmp_path, port)
     out = tmp_path / "salloc.out"
-    script = f'{DYN} up --slurm -r {recipe} --name {NAME} --wait; echo "WAIT rc=$?"; exec sleep 600'
+    # salloc runs the command in a process group of its own and outlives a SIGTERM while it runs:
+    # the command names its pid (its group) so the test can end it
+    script = f'echo "COMMAND pid=$$"; {DYN} up --slurm -r {recipe} --name {NAME} --wait; echo "WAIT rc=$?"; ' \
+             'exec sleep 600'
     with open(out, "wb") as handle:
         salloc = subprocess.Popen(["salloc", "-N2", "-J", "dyn-e2e", "sh", "-c", script], env=cli.env,
                                   stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
@@ -183,6 +186,7 @@ def test_up_serve_relaunch_down_and_allocation_end(cluster, tmp_path):
         if job is not None:
             cluster.run("scancel", job)
         cli("down", "--name", NAME, "--force", timeout=60)
+        _end_command_group(out.read_text())
         if salloc.poll() is None:
             os.killpg(salloc.pid, signal.SIGTERM)
             try:
@@ -190,6 +194,18 @@ def test_up_serve_relaunch_down_and_allocation_end(cluster, tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(salloc.pid, signal.SIGKILL)
                 salloc.wait(timeout=5)
+
+
+def _end_command_group(salloc_output: str) -> None:
+    """SIGKILL the process group of salloc's command (named in its output); then salloc exits."""
+    for line in salloc_output.splitlines():
+        if line.startswith("COMMAND pid="):
+            pid = int(line.removeprefix("COMMAND pid="))
+            try:
+                if os.getpgid(pid) == pid:
+                    os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_doctor_over_slurm_steps(cluster, tmp_path):
