@@ -123,6 +123,17 @@ def choose_path(topology: Topology, src: Endpoint, dst: Endpoint, forced: Transp
     return PathChoice("tcp", f"{hop_words}: NIXL is not installed, using TCP", hop, "network")
 
 
+def may_use_nixl(topology: Topology, forced: Transport = "auto", *, nixl_available: bool) -> bool:
+    """Whether any two workers of `topology` could move KV over NIXL (by the table above: only
+    between nodes, or when forced). A worker sets NIXL up before it is ready only then: the import
+    and agent start take ~3 s that a first hand-off would otherwise wait for."""
+    if not nixl_available:
+        return False
+    if forced != "auto":
+        return forced == "nixl"
+    return len(topology.nodes) > 1
+
+
 def plan_paths(topology: Topology, prefill: Mapping[str, Endpoint], decode: Mapping[str, Endpoint],
                forced: Transport = "auto", *, cuda_available: bool, nixl_available: bool,
                fabric_available: bool = False) -> dict[tuple[str, str], PathChoice]:

@@ -151,7 +151,7 @@ class ShuttleSender:
                                    max_message_bytes=MAX_CONTROL_BYTES)
         self.address = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         for transport in self._transports.values():
-            transport.prepare()
+            await asyncio.to_thread(transport.prepare)
         refusal = cma.sender_refusal() if "shm" in self._transports and FENCE_SOUND else ""
         if refusal:
             log.info("KV hand-offs on this host copy through the shm ring, not direct reads (one copy, "

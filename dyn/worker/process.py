@@ -152,7 +152,7 @@ class WorkerProcess(ProcessMetrics):
                 self.control.set_state("ready")
             log.info("worker %s ready in %.2fs (weights: %s, %.2fs): request plane %s", cfg.process_id,
                      self.weights.ready_s, self.weights.source or "n/a", self.weights.load_s, self.server.address)
-            tasks.append(asyncio.create_task(self._serve_weights(recipe, cfg, security, ctx)))
+            tasks.append(asyncio.create_task(self._serve_weights(recipe, topology, cfg, security, ctx)))
             await self._wait_stop()
         finally:
             await self._shutdown(tasks, security, ctx)
@@ -234,9 +234,10 @@ class WorkerProcess(ProcessMetrics):
                  f"peers {[p.process_id for p in peers]}" if peers else "no live peer, reading the checkpoint")
         return make_fill(self.weights.key, peers, cache_dir=cfg.run_dir, security=security, report=self.weights)
 
-    async def _serve_weights(self, recipe, cfg: ProcessConfig, security: Security, ctx) -> None:
+    async def _serve_weights(self, recipe, topology, cfg: ProcessConfig, security: Security, ctx) -> None:
         """Once ready: publish the manifest and offer this worker's weights to starting peers."""
         from dyn.shuttle import SenderConfig
+        from dyn.shuttle.path import may_use_nixl
         from dyn.shuttle.transports.nixl import is_available as nixl_available
         from dyn.weights.server import WeightServer
 
@@ -246,8 +247,9 @@ class WorkerProcess(ProcessMetrics):
         try:
             manifest = await publish_manifest(arena, self.weights, cache_dir=cfg.run_dir,
                                               engine=recipe.model.engine)
+            nixl = may_use_nixl(topology, recipe.shuttle.transport, nixl_available=nixl_available())
             transports = SenderConfig.from_spec(recipe.shuttle, address="", cuda_available=recipe.model.device == "cuda",
-                                                nixl_available=nixl_available()).transports
+                                                nixl_available=nixl).transports
             server = WeightServer(arena, manifest, share=recipe.weights.peer_bandwidth_share,
                                   bind_host=cfg.bind_host, transports=transports, security=security, ctx=ctx,
                                   corrupt_once=corrupt_hook_blocks())

@@ -6,6 +6,7 @@ topology and the process config alone; none keeps state of its own.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 
@@ -84,8 +85,10 @@ def vllm_setup(recipe, group, cfg: ProcessConfig, device: str) -> dict:
 async def start_handoff(ctx, security: Security, recipe, topology, cfg: ProcessConfig, engine: Backend,
                          loop: EngineLoop) -> KvHandoff:
     """Sender and receiver for every prefill/decode worker, so a role flip needs no restart;
-    pulls take the transport of the topology path between the two workers."""
+    pulls take the transport of the topology path between the two workers. Where that path
+    can be NIXL, both ends start their agents now rather than on the first hand-off."""
     from dyn.shuttle import Endpoint, ReceiverConfig, SenderConfig, ShuttleReceiver, ShuttleSender
+    from dyn.shuttle.path import may_use_nixl
     from dyn.shuttle.ring import sweep_stale_segments
     from dyn.shuttle.transports.nixl import is_available as nixl_available
     from dyn.worker.kv_path import TopologyPaths
@@ -95,11 +98,12 @@ async def start_handoff(ctx, security: Security, recipe, topology, cfg: ProcessC
     sweep_stale_segments()
     cuda = engine.kv_on_cuda  # where the pool is, not what the placement names: a mock on GPUs holds host memory
     nixl = nixl_available()
+    nixl_used = may_use_nixl(topology, recipe.shuttle.transport, nixl_available=nixl)
     paths = TopologyPaths(topology, Endpoint(cfg.node, tuple(cfg.gpus)), recipe.shuttle.transport,
                           cuda_available=cuda, nixl_available=nixl)
     handoff = KvHandoff(loop, sender=None, receiver=None, paths=paths, pull_timeout_s=recipe.shuttle.pull_timeout_s)
     sender_config = SenderConfig.from_spec(recipe.shuttle, address=f"tcp://{cfg.bind_host}:0",
-                                           cuda_available=cuda, nixl_available=nixl,
+                                           cuda_available=cuda, nixl_available=nixl_used,
                                            node=cfg.node, gpus=tuple(cfg.gpus))
     sender = ShuttleSender(engine.block_bytes, config=sender_config, security=security, ctx=ctx,
                            on_release=handoff.on_release)
@@ -107,6 +111,8 @@ async def start_handoff(ctx, security: Security, recipe, topology, cfg: ProcessC
     handoff.sender = sender
     handoff.receiver = ShuttleReceiver(config=ReceiverConfig.from_spec(recipe.shuttle), security=security,
                                        ctx=ctx)
+    if nixl_used:
+        await asyncio.to_thread(handoff.receiver.prepare, ["nixl"])
     return handoff
 
 

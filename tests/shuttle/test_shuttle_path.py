@@ -6,6 +6,7 @@ import pytest
 
 from dyn.config.topology import Gpu, Node, NvlinkDomain, Rack, SshTarget, Topology
 from dyn.shuttle import Endpoint, PathError, choose_path, plan_paths
+from dyn.shuttle.path import may_use_nixl
 
 
 def _node(name: str, num_gpus: int) -> Node:
@@ -77,6 +78,33 @@ def test_plan_paths_reports_every_prefill_decode_pair() -> None:
                       cuda_available=True, nixl_available=False)
     assert {pair: choice.transport for pair, choice in plan.items()} == {("p0", "d0"): "cuda_ipc",
                                                                          ("p0", "d1"): "tcp"}
+
+
+def _one_node(topology: Topology, name: str) -> Topology:
+    node = topology.node(name)
+    return Topology(name="one", racks=(Rack("r0", (name,)),), nodes=(node,),
+                    nvlink_domains=tuple(d for d in topology.nvlink_domains if d.name == name), head=name)
+
+
+@pytest.mark.parametrize("topology", [TOPO, _one_node(TOPO, "hgx-a"), _one_node(TOPO, "cpu")],
+                         ids=["five-nodes", "one-hgx", "one-cpu"])
+@pytest.mark.parametrize("forced", ["auto", "nixl", "tcp"])
+@pytest.mark.parametrize("installed", [True, False])
+def test_workers_start_nixl_exactly_where_a_path_can_choose_it(topology, forced, installed) -> None:
+    """may_use_nixl (workers start NIXL agents up front) holds for every pair of places the path
+    table could send over NIXL, and for no topology where none could."""
+    places = [Endpoint(n.name, gpus) for n in topology.nodes
+              for gpus in {(), tuple(g.index for g in n.gpus[:1]), tuple(g.index for g in n.gpus[1:2])}]
+    chosen = set()
+    for src in places:
+        for dst in places:
+            for cuda, fabric in ((False, False), (True, False), (True, True)):
+                try:
+                    chosen.add(choose_path(topology, src, dst, forced, cuda_available=cuda,
+                                           nixl_available=installed, fabric_available=fabric).transport)
+                except PathError:
+                    pass
+    assert may_use_nixl(topology, forced, nixl_available=installed) == ("nixl" in chosen)
 
 
 def test_an_nvlink_domain_hop_never_falls_back_to_tcp() -> None:

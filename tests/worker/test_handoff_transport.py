@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import pytest
 import zmq.asyncio
 
 from dyn.config.loader import parse_recipe, parse_topology
@@ -58,16 +59,20 @@ class Outputs:
         return self.finished.setdefault(request_id, threading.Event())
 
 
-def test_a_mock_worker_on_gpus_pulls_its_same_node_peers_kv_from_host_memory():
+def _hand_off_one_request(topology_text: str, places: dict[str, tuple[str, tuple[int, ...]]],
+                          between=None) -> tuple[object, object, object]:
+    """A prefill and a decode worker placed at `places` ({role: (node, gpus)}) hand one request's
+    KV over. `between()` runs after both have started and before the hand-off.
+    Returns (the prefill engine, the prefill hand-off's sender config, the decode hand-off's stats)."""
     recipe = parse_recipe(RECIPE, "r.yaml")
-    topology = parse_topology(TOPOLOGY, "t.yaml")
+    topology = parse_topology(topology_text, "t.yaml")
 
-    async def scenario() -> None:
+    async def scenario():
         ctx = zmq.asyncio.Context()
         sides = {}
         try:
-            for role, gpu in (("prefill", 0), ("decode", 1)):
-                cfg = ProcessConfig("d", f"{role}-0", role, "tray1", "", RECIPE, TOPOLOGY, gpus=(gpu,))
+            for role, (node, gpus) in places.items():
+                cfg = ProcessConfig("d", f"{role}-0", role, node, "", RECIPE, topology_text, gpus=gpus)
                 group = next(g for g in recipe.workers if g.role == role)
                 engine = create_engine_for(recipe, group, cfg)
                 outputs = Outputs()
@@ -75,6 +80,8 @@ def test_a_mock_worker_on_gpus_pulls_its_same_node_peers_kv_from_host_memory():
                 loop.start()
                 sides[role] = (engine, loop, outputs, await start_handoff(ctx, Security(), recipe, topology, cfg,
                                                                            engine, loop))
+            if between is not None:
+                between()
             engine, p_loop, p_out, p_handoff = sides["prefill"]
 
             prompt, sampling = list(range(5, 45)), SamplingParams(max_tokens=6, ignore_eos=True)
@@ -88,16 +95,54 @@ def test_a_mock_worker_on_gpus_pulls_its_same_node_peers_kv_from_host_memory():
             await d_handoff.import_and_decode(Stream("r1", b"frontend", len(prompt)), GenerateRequest(
                 "r1", prompt, sampling, kv_source=stream.kv_offer, first_token=first))
             assert await asyncio.to_thread(d_out.done("r1").wait, 10)
-            stats = d_handoff.stats
-            assert (stats.pulls, stats.pull_failures, stats.local_fallbacks) == (1, 0, 0)
-            assert set(stats.bytes_by_transport) == {"shm"} and stats.bytes_pulled == 10 * engine.block_bytes
             assert len(d_out.tokens["r1"]) == sampling.max_tokens - 1  # the first token came from the prefill
-            assert not engine.kv_on_cuda and "cuda_ipc" not in p_handoff.sender.config.transports
+            return engine, p_handoff.sender.config, d_handoff.stats
         finally:
             for _, loop, _, handoff in sides.values():
                 await handoff.close()
                 loop.stop()
             ctx.destroy(linger=0)
 
-    asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_a_mock_worker_on_gpus_pulls_its_same_node_peers_kv_from_host_memory():
+    engine, sender_config, stats = _hand_off_one_request(TOPOLOGY, {"prefill": ("tray1", (0,)),
+                                                                    "decode": ("tray1", (1,))})
+    assert (stats.pulls, stats.pull_failures, stats.local_fallbacks) == (1, 0, 0)
+    assert set(stats.bytes_by_transport) == {"shm"} and stats.bytes_pulled == 10 * engine.block_bytes
+    assert not engine.kv_on_cuda and "cuda_ipc" not in sender_config.transports
+
+
+TWO_TRAYS = TOPOLOGY + "      - {name: tray2, address: local, bind_address: 127.0.0.2}\n"
+
+
+def test_workers_on_two_nodes_start_their_nixl_agents_before_the_first_hand_off(monkeypatch):
+    """Importing NIXL and starting an agent took ~4 s of the first request between two nodes (and
+    stalled it past the frontend's deadline on a loaded host): both ends now start them up front."""
+    pytest.importorskip("nixl")
+    from dyn.shuttle.transports import nixl
+
+    made: list[str] = []
+    new_agent = nixl._new_agent
+    monkeypatch.setattr(nixl, "_new_agent", lambda prefix: made.append(prefix) or new_agent(prefix))
+    at_start: list[str] = []
+
+    engine, sender_config, stats = _hand_off_one_request(
+        TWO_TRAYS, {"prefill": ("tray1", ()), "decode": ("tray2", ())}, between=lambda: at_start.extend(made))
+
+    assert set(stats.bytes_by_transport) == {"nixl"} and stats.bytes_pulled == 10 * engine.block_bytes
+    assert sorted(at_start) == ["dyn-rx", "dyn-rx", "dyn-tx", "dyn-tx"]  # both workers, both ends
+    assert made == at_start  # none made during the hand-off
+
+
+def test_workers_of_one_node_start_no_nixl_agent(monkeypatch):
+    """On one node every path is shm (or CUDA IPC): NIXL is never imported nor advertised."""
+    from dyn.shuttle.transports import nixl
+
+    made: list[str] = []
+    monkeypatch.setattr(nixl, "_new_agent", lambda prefix: made.append(prefix))
+    _, sender_config, stats = _hand_off_one_request(TOPOLOGY, {"prefill": ("tray1", ()), "decode": ("tray1", ())})
+    assert set(stats.bytes_by_transport) == {"shm"}
+    assert made == [] and "nixl" not in sender_config.transports
 

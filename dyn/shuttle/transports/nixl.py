@@ -15,14 +15,15 @@ multi-node NVLink) and across domains. A source handle is the block's address
 GPU checksum (position-weighted word sums, no trip through host memory); the
 receiver recomputes the same sum where the block landed (GPU or host), so the
 kind of the source handle says which checksum the chunk carries.
-Agents start on first use only, so a worker that never pulls over NIXL
-never pays for one (each has a progress thread, made to sleep between UCX
-events: dyn.shuttle.transports.nixl_progress). Imported lazily;
-`is_available()` says whether the package is installed (the PyPI build is
-`nixl-cu12`, importable as `nixl_cu12`, or `nixl`). The first use
-imports NIXL, and torch with it, on a worker thread: 10.8 s measured on a
-2-core host at load average 11 (0.55 s more for the agent), which on the event
-loop stopped the worker's heartbeats past the daemon's deadline.
+Agents start when a worker starts whose topology has a path over NIXL
+(`prepare`, dyn.worker.process_startup), else on first use, so a worker that
+never pulls over NIXL never pays for one (each has a progress thread, made to
+sleep between UCX events: dyn.shuttle.transports.nixl_progress). Imported
+lazily; `is_available()` says whether the package is installed (the PyPI
+builds are `nixl-cu12`/`nixl-cu13`, importable as `nixl_cu12`/`nixl_cu13`,
+and the `nixl` meta package over them). With one backend installed it is
+imported directly: the meta package's CUDA probe imports torch (2.2 s of the
+2.4 s import measured here; 10.8 s once on a 2-core host at load average 11).
 """
 
 from __future__ import annotations
@@ -43,18 +44,28 @@ from dyn.shuttle.transports.base import RecvTransport, SendJob, SendTransport
 from dyn.shuttle.transports.nixl_progress import quiet_progress_threads
 from dyn.shuttle.wire import Blocks
 
-_MODULES = ("nixl._api", "nixl_cu12._api")
+_BACKENDS = ("nixl_cu13", "nixl_cu12", "nixl_rocm")
 _POLL_S = 0.0002
 
 
 def is_available() -> bool:
     """Whether a NIXL package is installed, without importing it: importing pulls in torch and
     its CUDA libraries (~500 MB RSS), which a worker should pay only when it really sends."""
-    return any(importlib.util.find_spec(name) is not None for name in ("nixl", "nixl_cu12"))
+    return any(importlib.util.find_spec(name) is not None for name in ("nixl", *_BACKENDS))
+
+
+def _api_modules() -> tuple[str, ...]:
+    """Where to import NIXL's API from, first choice first: the one installed backend itself,
+    else the meta package (it picks among several by the CUDA version)."""
+    installed = [name for name in _BACKENDS if importlib.util.find_spec(name) is not None]
+    if len(installed) == 1:
+        return (f"{installed[0]}._api", "nixl._api")
+    return ("nixl._api", *(f"{name}._api" for name in installed))
 
 
 class _LazyAgent:
-    """An agent made on first use, off the event loop, once however many transfers ask at once."""
+    """An agent made by prepare(), or else on first use, off the event loop, once however many
+    transfers ask at once."""
 
     _prefix = "dyn"
 
@@ -68,6 +79,12 @@ class _LazyAgent:
                 if self._agent is None:
                     self._agent = await asyncio.to_thread(_new_agent, self._prefix)
         return self._agent
+
+    def prepare(self) -> None:
+        """Start the agent now (blocking: importing NIXL and starting UCX take ~3 s on a small
+        host), so the first hand-off does not wait for it."""
+        if self._agent is None:
+            self._agent = _new_agent(self._prefix)
 
 
 class NixlSender(_LazyAgent, SendTransport):
@@ -121,10 +138,6 @@ class NixlReceiver(_LazyAgent, RecvTransport):
         self._remotes: dict[bytes, str] = {}
         self._current: dict[str, str] = {}
         self._xfer_timeout_s = xfer_timeout_s
-
-    def prepare(self) -> None:
-        if self._agent is None:
-            self._agent = _new_agent(self._prefix)
 
     async def deliver(self, msg: Blocks, frames: Sequence[Any], dest_views: Sequence[object],
                       block_bytes: int, request_id: str) -> None:
@@ -190,7 +203,7 @@ def load_api() -> Any:
     """NIXL's Python API module (None: not installed), set up for this process: agents made
     from now on poll instead of spinning (dyn.shuttle.transports.nixl_progress), and NIXL's
     INFO lines stay out of stdout (it logs one on every agent start; library code never prints)."""
-    for name in _MODULES:
+    for name in _api_modules():
         try:
             module = importlib.import_module(name)
         except ImportError:
