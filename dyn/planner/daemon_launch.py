@@ -80,14 +80,21 @@ class DaemonLaunching:
         await asyncio.gather(*(start(g) for g in order), return_exceptions=True)
 
     async def _stop_everything(self) -> None:
-        """Drain, stop, then SIGTERM and SIGKILL whatever is still alive; every step has a deadline."""
+        """Drain, stop, then SIGTERM and SIGKILL whatever is still alive; every step has a deadline.
+
+        A process that has not registered yet cannot be told to stop and holds no request: it
+        gets SIGTERM at once rather than after stop_s (a `dyn down` while models load)."""
         self.phase = "stopping"
         self._persist(force=True)
+        unregistered = []
         for slot in self.fleet.slots.values():
             if slot.registered:
                 await self._send(slot.id, Command("stop"))
+            elif slot.is_active and slot.pid is not None:
+                unregistered.append(slot)
             if slot.is_active:
                 slot.set_state("stopping", time.monotonic())
+        await asyncio.gather(*(self.fleet.kill(s, signal.SIGTERM) for s in one_per_process(unregistered)))
         deadline = time.monotonic() + self.deadlines.stop_s
         alive = await self._wait_gone(deadline)
         for sig, grace_s in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 2.0)):

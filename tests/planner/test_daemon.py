@@ -51,7 +51,8 @@ shuttle: {max_inflight_mib: 4}
 """
 
 
-def _store(tmp_path: Path, recipe: str = RECIPE, workers: int = 2, **timeouts: float) -> StateStore:
+def _store(tmp_path: Path, recipe: str = RECIPE, workers: int = 2, dyn_command: tuple[str, ...] = (DYN,),
+           **timeouts: float) -> StateStore:
     store = StateStore("d", root=tmp_path / "state")
     keys = DeploymentKeys.generate(["daemon", "cli", "frontend", *(f"worker-{i}" for i in range(workers))])
     store.dir.mkdir(parents=True)
@@ -59,7 +60,7 @@ def _store(tmp_path: Path, recipe: str = RECIPE, workers: int = 2, **timeouts: f
     write_private(store.cli_keys_path, keys.for_process("cli").to_json())
     store.save_deployment(Deployment(
         name="d", topology_text=TOPOLOGY, recipe_text=recipe, topology_source="t.yaml", recipe_source="r.yaml",
-        config_hash="x", head="local", dyn_command=(DYN,), remote_dyn_command=(DYN,),
+        config_hash="x", head="local", dyn_command=dyn_command, remote_dyn_command=dyn_command,
         frontend_url="http://127.0.0.1:1", created_at=time.time(), node_state_root=str(tmp_path / "nodes"),
         timeouts={"heartbeat_s": 3.0, "register_s": 30.0, "restart_backoff_s": 0.2, **timeouts}))
     return store
@@ -236,6 +237,36 @@ async def _kv_snapshot(store: StateStore, address: str) -> str:
     finally:
         sock.close(linger=0)
         ctx.term()
+
+
+def test_down_before_workers_register_stops_them_at_once(tmp_path):
+    """A process that has not registered cannot be told to stop, and holds no request: `down`
+    signals it at once instead of waiting out stop_s (a `dyn down` while models load)."""
+    never_registers = (sys.executable, "-c", "import time; time.sleep(300)")
+    store = _store(tmp_path, dyn_command=never_registers, register_s=120.0, stop_s=120.0)
+    pids: set[int] = set()
+
+    async def scenario():
+        daemon = _WorkersOnly(store)
+        task = asyncio.create_task(daemon.run())
+        try:
+            slots = await _until(lambda: (f := getattr(daemon, "fleet", None)) is not None and len(f.slots) == 2
+                                 and all(s.pid for s in f.slots.values()) and f.slots, 20, "both launched")
+            pids.update(s.pid for s in slots.values())
+            assert not any(s.registered for s in slots.values())
+            await request(store, "down")
+            await asyncio.wait_for(task, 30)
+            assert daemon.phase == "stopped"
+            assert not any(pid_alive(p) for p in pids)
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        _kill(pids)
 
 
 async def _refusals(daemon: PlannerDaemon, store: StateStore) -> None:
