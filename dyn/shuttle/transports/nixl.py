@@ -49,8 +49,9 @@ _POLL_S = 0.0002
 
 
 def is_available() -> bool:
-    """Whether a NIXL package is installed, without importing it: importing pulls in torch and
-    its CUDA libraries (~500 MB RSS), which a worker should pay only when it really sends."""
+    """Whether a NIXL package is installed, without importing it: importing loads UCX (and,
+    through the `nixl` meta package, torch: ~500 MB RSS), which a worker should pay only when
+    it may send over NIXL."""
     return any(importlib.util.find_spec(name) is not None for name in ("nixl", *_BACKENDS))
 
 
