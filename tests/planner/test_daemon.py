@@ -8,6 +8,7 @@ refusals on the control plane. Every pid seen is killed in `finally`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -74,6 +75,18 @@ class _WorkersOnly(PlannerDaemon):
         await super()._launch_pending()
 
 
+@contextlib.asynccontextmanager
+async def _running(daemon: PlannerDaemon):
+    """The daemon's run() as a task, cancelled on the way out unless it ended."""
+    task = asyncio.create_task(daemon.run())
+    try:
+        yield task
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
 async def _until(predicate, timeout_s: float, what: str):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -99,8 +112,7 @@ def test_heartbeat_deadline_relaunch_budget_and_adoption(tmp_path):
 
     async def scenario():
         daemon = _WorkersOnly(store)
-        task = asyncio.create_task(daemon.run())
-        try:
+        async with _running(daemon) as task:
             await _until(lambda: daemon.phase != "starting", 40, "both workers ready")
             assert daemon.phase == "running", (daemon.error, daemon.fleet.events)
             slots = daemon.fleet.slots
@@ -122,9 +134,9 @@ def test_heartbeat_deadline_relaunch_budget_and_adoption(tmp_path):
             survivor = slots["worker-1"].pid
             daemon._stop.set()  # SIGTERM path: daemon exits, processes stay
             await asyncio.wait_for(task, 20)
-            assert pid_alive(survivor)
-            daemon2 = _WorkersOnly(store)
-            task = asyncio.create_task(daemon2.run())
+        assert pid_alive(survivor)
+        daemon2 = _WorkersOnly(store)
+        async with _running(daemon2) as task:
             await _until(lambda: getattr(daemon2, "fleet", None) is not None
                          and daemon2.fleet.slots["worker-1"].state == "ready", 20, "adoption")
             assert daemon2.fleet.slots["worker-1"].pid == survivor
@@ -141,10 +153,6 @@ def test_heartbeat_deadline_relaunch_budget_and_adoption(tmp_path):
             await asyncio.wait_for(task, 30)
             assert daemon2.phase == "stopped"
             assert not any(pid_alive(p) for p in pids)
-        finally:
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
 
     try:
         asyncio.run(scenario())
@@ -176,8 +184,7 @@ def test_hosted_mock_workers_share_a_process_and_its_fate_then_come_back_alone(t
 
     async def scenario():
         daemon = _WorkersOnly(store)
-        task = asyncio.create_task(daemon.run())
-        try:
+        async with _running(daemon) as task:
             await _until(lambda: daemon.phase != "starting", 40, "three workers ready")
             assert daemon.phase == "running", (daemon.error, daemon.fleet.events)
             w0, w1, w2 = (daemon.fleet.slots[f"worker-{i}"] for i in range(3))
@@ -207,10 +214,6 @@ def test_hosted_mock_workers_share_a_process_and_its_fate_then_come_back_alone(t
             await request(store, "down")
             await asyncio.wait_for(task, 30)
             assert daemon.phase == "stopped" and not any(pid_alive(p) for p in pids)
-        finally:
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
 
     try:
         asyncio.run(scenario())
@@ -248,8 +251,7 @@ def test_down_before_workers_register_stops_them_at_once(tmp_path):
 
     async def scenario():
         daemon = _WorkersOnly(store)
-        task = asyncio.create_task(daemon.run())
-        try:
+        async with _running(daemon) as task:
             slots = await _until(lambda: (f := getattr(daemon, "fleet", None)) is not None and len(f.slots) == 2
                                  and all(s.pid for s in f.slots.values()) and f.slots, 20, "both launched")
             pids.update(s.pid for s in slots.values())
@@ -258,10 +260,6 @@ def test_down_before_workers_register_stops_them_at_once(tmp_path):
             await asyncio.wait_for(task, 30)
             assert daemon.phase == "stopped"
             assert not any(pid_alive(p) for p in pids)
-        finally:
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
 
     try:
         asyncio.run(scenario())
