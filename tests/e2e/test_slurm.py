@@ -186,8 +186,8 @@ def test_up_serve_relaunch_down_and_allocation_end(cluster, tmp_path):
         if job is not None:
             cluster.run("scancel", job)
         cli("down", "--name", NAME, "--force", timeout=60)
-        _end_command_group(out.read_text())
-        if salloc.poll() is None:
+        if salloc.poll() is None:  # (once salloc has exited, so has its command: its pid may be reused)
+            _end_command_group(out.read_text())
             os.killpg(salloc.pid, signal.SIGTERM)
             try:
                 salloc.wait(timeout=20)
