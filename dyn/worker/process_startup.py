@@ -97,13 +97,13 @@ async def start_handoff(ctx, security: Security, recipe, topology, cfg: ProcessC
         return KvHandoff(loop, sender=None, receiver=None, pull_timeout_s=recipe.shuttle.pull_timeout_s)
     sweep_stale_segments()
     cuda = engine.kv_on_cuda  # where the pool is, not what the placement names: a mock on GPUs holds host memory
-    nixl = nixl_available()
-    nixl_used = may_use_nixl(topology, recipe.shuttle.transport, nixl_available=nixl)
+    # NIXL where a path of this topology can take it (then the path table sees it installed)
+    nixl = may_use_nixl(topology, recipe.shuttle.transport, nixl_available=nixl_available())
     paths = TopologyPaths(topology, Endpoint(cfg.node, tuple(cfg.gpus)), recipe.shuttle.transport,
                           cuda_available=cuda, nixl_available=nixl)
     handoff = KvHandoff(loop, sender=None, receiver=None, paths=paths, pull_timeout_s=recipe.shuttle.pull_timeout_s)
     sender_config = SenderConfig.from_spec(recipe.shuttle, address=f"tcp://{cfg.bind_host}:0",
-                                           cuda_available=cuda, nixl_available=nixl_used,
+                                           cuda_available=cuda, nixl_available=nixl,
                                            node=cfg.node, gpus=tuple(cfg.gpus))
     sender = ShuttleSender(engine.block_bytes, config=sender_config, security=security, ctx=ctx,
                            on_release=handoff.on_release)
@@ -111,7 +111,7 @@ async def start_handoff(ctx, security: Security, recipe, topology, cfg: ProcessC
     handoff.sender = sender
     handoff.receiver = ShuttleReceiver(config=ReceiverConfig.from_spec(recipe.shuttle), security=security,
                                        ctx=ctx)
-    if nixl_used:
+    if nixl:
         await asyncio.to_thread(handoff.receiver.prepare, ["nixl"])
     return handoff
 
