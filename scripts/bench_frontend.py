@@ -5,7 +5,10 @@ with what it measures:
 
     workers   two request-plane ROUTERs (CURVE) that answer every request at
               once: `--tokens` TokenChunks (one per token, as a real worker
-              streams) and a Finish
+              streams) and a Finish; with `--step-ms`, one token per request
+              every step (all requests of a worker in one frame a step, as a
+              GPU engine's decode steps come), so each token reaches a
+              stream that is waiting for it
     frontend  the real dyn frontend (aiohttp on uvloop, WorkerPool, router)
     client    an aiohttp load generator at a fixed concurrency (HTTP), or a
               direct ZMQ DEALER client to the workers (the baseline)
@@ -14,6 +17,7 @@ Added latency = frontend latency - direct ZMQ latency, at the same percentile.
 
     .venv/bin/python scripts/bench_frontend.py                 # full matrix, ~1 min
     .venv/bin/python scripts/bench_frontend.py --duration 3 --concurrency 8
+    .venv/bin/python scripts/bench_frontend.py --step-ms 20 --concurrency 64   # paced like a GPU
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ MODEL = "bench-mock"
 
 # ---- workers ---------------------------------------------------------------
 
-async def run_workers(keys_path: str, num: int) -> None:
+async def run_workers(keys_path: str, num: int, step_s: float = 0.0) -> None:
     import zmq
     import zmq.asyncio
 
@@ -59,13 +63,38 @@ async def run_workers(keys_path: str, num: int) -> None:
                 sock.send_multipart([client, encode(TokenChunks([TokenChunk(rid, [1000 + i])]))])
             await sock.send_multipart([client, encode(Finish(rid, "length", len(msg.prompt_token_ids), n))])
 
+    async def serve_stepped(sock) -> None:
+        running: dict[str, list] = {}  # request id -> [client, tokens sent, max tokens, prompt tokens]
+
+        async def step() -> None:
+            while True:
+                await asyncio.sleep(step_s)
+                frames: dict[bytes, list] = {}
+                for rid, entry in list(running.items()):
+                    client, sent, n, prompt = entry
+                    finish = Finish(rid, "length", prompt, n) if sent + 1 == n else None
+                    frames.setdefault(client, []).append(TokenChunk(rid, [1000 + sent], finish=finish))
+                    entry[1] += 1
+                    if finish is not None:
+                        del running[rid]
+                for client, chunks in frames.items():
+                    sock.send_multipart([client, encode(TokenChunks(chunks))])
+
+        stepper = asyncio.create_task(step())
+        while True:
+            client, data = await sock.recv_multipart()
+            msg = decode(data)
+            if isinstance(msg, GenerateRequest):
+                running[msg.request_id] = [client, 0, msg.sampling.max_tokens or 16, len(msg.prompt_token_ids)]
+        del stepper
+
     addresses, tasks, securities = [], [], []
     for i in range(num):
         sec = Security.from_keys(keys.for_process(f"w{i}"))
         sock = server_socket(zmq.asyncio.Context(), zmq.ROUTER, "tcp://127.0.0.1:*", sec)
         securities.append(sec)
         addresses.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
-        tasks.append(asyncio.create_task(serve(sock)))
+        tasks.append(asyncio.create_task(serve_stepped(sock) if step_s > 0 else serve(sock)))
     print(json.dumps({"addresses": addresses}), flush=True)
     await asyncio.gather(*tasks)
 
@@ -252,12 +281,14 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per measurement")
     parser.add_argument("--tokens", type=int, default=32, help="output tokens per request")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--step-ms", type=float, default=0.0,
+                        help="pace the workers: one token per request every step (0: all at once)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     import uvloop
 
     if args.role == "workers":
-        uvloop.run(run_workers(args.keys, args.workers))
+        uvloop.run(run_workers(args.keys, args.workers, args.step_ms / 1000))
     elif args.role == "frontend":
         uvloop.run(run_frontend(args.keys, args.addresses.split(",")))
     elif args.role == "http":
@@ -279,7 +310,8 @@ def orchestrate(args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             keys_path = str(Path(tmp) / "keys.json")
             DeploymentKeys.generate(["frontend"] + [f"w{i}" for i in range(args.workers)]).save(Path(keys_path))
-            workers, info = _spawn(["--role", "workers", "--keys", keys_path, "--workers", str(args.workers)])
+            workers, info = _spawn(["--role", "workers", "--keys", keys_path, "--workers", str(args.workers),
+                                    "--step-ms", str(args.step_ms)])
             procs.append(workers)
             addresses = ",".join(info["addresses"])
             frontend, info = _spawn(["--role", "frontend", "--keys", keys_path, "--addresses", addresses])
