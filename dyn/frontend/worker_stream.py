@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 from dyn.control.requests import ATTEMPT_SEPARATOR, Finish, GenerateRequest, RequestFailed, TokenChunk
 from dyn.control.sampling import SamplingParams
+from dyn.frontend.inbox import Inbox
 from dyn.frontend.protocol import GenerationRequest
 from dyn.frontend.text import TextStream
 
@@ -257,7 +258,7 @@ class _StallWatch:
     not the worker. Once a whole wait passed with nothing queued, it queues _STALLED, which the
     consumer reads as the timeout."""
 
-    def __init__(self, queue: asyncio.Queue, wait_s: Callable[[], float]) -> None:
+    def __init__(self, queue: Inbox, wait_s: Callable[[], float]) -> None:
         self.loop = asyncio.get_running_loop()
         self.queue = queue
         self._wait = wait_s
@@ -280,7 +281,7 @@ class _StallWatch:
         self._handle.cancel()
 
 
-def _merge(first: TokenChunk, queue: asyncio.Queue) -> tuple[TokenChunk, object | None]:
+def _merge(first: TokenChunk, queue: Inbox) -> tuple[TokenChunk, object | None]:
     """`first` plus the TokenChunks queued right behind it; returns the first other message too."""
     ids = list(first.token_ids)
     logprobs = list(first.logprobs) if first.logprobs is not None else None

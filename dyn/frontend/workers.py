@@ -3,7 +3,7 @@
 The daemon pushes the list of workers (`update_workers`); the pool connects
 to each worker's request ROUTER once and multiplexes every request over that
 socket. A reader task per worker decodes replies and hands each to the
-asyncio queue of its request, so a request costs no socket and no task of
+inbox of its request (dyn.frontend.inbox), so a request costs no socket and no task of
 its own. A worker that leaves or fails ends its open streams explicitly.
 """
 
@@ -26,6 +26,7 @@ from dyn.control.requests import (REQUEST_CODEC, Cancel, Finish, GenerateRequest
                                   TokenChunks)
 from dyn.control.sockets import BadMessages, Security, client_socket, decode_or_record
 from dyn.errors import ProtocolError
+from dyn.frontend.inbox import Inbox
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +155,9 @@ class WorkerPool:
         self.workers[worker_id] = handle
         return handle
 
-    async def open(self, worker_id: str, request: GenerateRequest) -> asyncio.Queue:
-        """Send a request; its TokenChunk/Finish/RequestFailed messages arrive on the queue."""
-        queue: asyncio.Queue = asyncio.Queue()
+    async def open(self, worker_id: str, request: GenerateRequest) -> Inbox:
+        """Send a request; its TokenChunk/Finish/RequestFailed messages arrive in the inbox."""
+        queue = Inbox()
         handle = self.workers.get(worker_id)
         if handle is None:  # relaunched or gone between routing and sending: the caller re-routes
             queue.put_nowait(RequestFailed(request.request_id, WORKER_GONE,
@@ -281,7 +282,7 @@ class WorkerPool:
 @dataclass(slots=True)
 class _Stream:
     worker_id: str
-    queue: asyncio.Queue
+    queue: Inbox
     num_tokens: int
     awaiting_first: bool = True
     """No message back yet: its prompt still counts as queued prefill on the worker."""

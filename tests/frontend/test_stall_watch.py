@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 
+from dyn.frontend.inbox import Inbox
 from dyn.frontend.worker_stream import _STALLED, _StallWatch
 
 WAIT_S = 0.15
 
 
-async def _take(queue: asyncio.Queue, watch: _StallWatch) -> object:
+async def _take(queue: Inbox, watch: _StallWatch) -> object:
     message = await queue.get()
     watch.last = watch.loop.time()
     return message
@@ -18,7 +19,7 @@ async def _take(queue: asyncio.Queue, watch: _StallWatch) -> object:
 
 def test_a_stream_that_keeps_coming_never_stalls():
     async def scenario() -> list[object]:
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = Inbox()
         watch = _StallWatch(queue, lambda: WAIT_S)
         taken = []
         for n in range(10):  # 10 messages 0.05 s apart: 0.5 s in all, over three waits
@@ -35,7 +36,7 @@ def test_a_consumer_behind_its_queue_is_not_a_stall():
     """Messages wait in the queue while the consumer is busy (a saturated event loop, a slow
     client write) for longer than the wait: the worker is fine, nothing is declared stalled."""
     async def scenario() -> list[object]:
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = Inbox()
         watch = _StallWatch(queue, lambda: WAIT_S)
         queue.put_nowait("a")
         await asyncio.sleep(3 * WAIT_S)  # busy elsewhere, "a" waiting all along
@@ -51,7 +52,7 @@ def test_a_consumer_behind_its_queue_is_not_a_stall():
 def test_silence_for_a_whole_wait_queues_one_stall_in_time():
     async def scenario() -> tuple[bool, float, int]:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = Inbox()
         watch = _StallWatch(queue, lambda: WAIT_S)
         loop.call_later(0.1, queue.put_nowait, "a")
         await _take(queue, watch)  # the deadline moves to 0.1 + WAIT_S
@@ -72,7 +73,7 @@ def test_the_deadline_follows_the_worker_wait_as_it_changes():
     check asks again."""
     async def scenario() -> float:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = Inbox()
         waits = iter([0.05, 0.3, 0.3, 0.3])
         start = loop.time()
         watch = _StallWatch(queue, lambda: next(waits))
