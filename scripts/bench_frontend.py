@@ -80,13 +80,12 @@ async def run_workers(keys_path: str, num: int, step_s: float = 0.0) -> None:
                 for client, chunks in frames.items():
                     sock.send_multipart([client, encode(TokenChunks(chunks))])
 
-        stepper = asyncio.create_task(step())
-        while True:
+        stepper = asyncio.create_task(step())  # (referenced for as long as this coroutine runs)
+        while not stepper.done():
             client, data = await sock.recv_multipart()
             msg = decode(data)
             if isinstance(msg, GenerateRequest):
                 running[msg.request_id] = [client, 0, msg.sampling.max_tokens or 16, len(msg.prompt_token_ids)]
-        del stepper
 
     addresses, tasks, securities = [], [], []
     for i in range(num):

@@ -139,9 +139,6 @@ class WorkerStream:
                     message, pending = pending, None
                 elif watch is not None:
                     message = queue.get_nowait() if not queue.empty() else await queue.get()
-                    if message is _STALLED:
-                        stalled = True
-                        raise WorkerFailed(self._stall(worker_id, watch.wait_s))
                     watch.last = watch.loop.time()
                 else:  # the first message: prefill may queue behind others on a worker that keeps talking
                     wait_s = d.expected_wait_s(worker_id, num_tokens, first=True)
@@ -155,6 +152,9 @@ class WorkerStream:
                         stalled = True
                         raise WorkerFailed(self._stall(worker_id, wait_s)) from None
                     watch = _StallWatch(queue, lambda: d.expected_wait_s(worker_id, num_tokens, first=False))
+                if message is _STALLED:
+                    stalled = True
+                    raise WorkerFailed(self._stall(worker_id, watch.wait_s))
                 if coalesce and type(message) is TokenChunk and not queue.empty():
                     message, pending = _merge(message, queue)
                 if isinstance(message, RequestFailed):
