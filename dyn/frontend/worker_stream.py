@@ -139,7 +139,6 @@ class WorkerStream:
                     message, pending = pending, None
                 elif watch is not None:
                     message = queue.get_nowait() if not queue.empty() else await queue.get()
-                    watch.last = watch.loop.time()
                 else:  # the first message: prefill may queue behind others on a worker that keeps talking
                     wait_s = d.expected_wait_s(worker_id, num_tokens, first=True)
                     try:
@@ -152,6 +151,8 @@ class WorkerStream:
                         stalled = True
                         raise WorkerFailed(self._stall(worker_id, wait_s)) from None
                     watch = _StallWatch(queue, lambda: d.expected_wait_s(worker_id, num_tokens, first=False))
+                    if coalesce and not self.req.sampling.stop:
+                        queue.quiet = TokenChunk  # nobody sees tokens before the end: wake for the end only
                 if message is _STALLED:
                     stalled = True
                     raise WorkerFailed(self._stall(worker_id, watch.wait_s))
@@ -252,11 +253,10 @@ class _StallWatch:
     """A stream's stall deadline after its first message, without a timer per message.
 
     An `asyncio.timeout` around every wait starts and stops a timer for each streamed token
-    (~9 us here, a tenth of a streamed request's frontend CPU at 32 tokens). Here the consumer
-    only stamps the time it took a message (`last`); one timer looks at the deadline and re-arms
-    itself from the latest stamp. A queue that is not empty then means the consumer is behind,
-    not the worker. Once a whole wait passed with nothing queued, it queues _STALLED, which the
-    consumer reads as the timeout."""
+    (~9 us here, a tenth of a streamed request's frontend CPU at 32 tokens). Here the inbox
+    stamps each arrival and one timer looks at the deadline, re-arming itself from the latest
+    stamp; once the worker has sent nothing for a whole wait, it queues _STALLED, which the
+    consumer reads as the timeout (after whatever arrived before it)."""
 
     def __init__(self, queue: Inbox, wait_s: Callable[[], float]) -> None:
         self.loop = asyncio.get_running_loop()
@@ -264,16 +264,13 @@ class _StallWatch:
         self._wait = wait_s
         """The current deadline (a worker's role and profile may change mid-request)."""
         self.wait_s = wait_s()
-        self.last = self.loop.time()
-        self._handle = self.loop.call_at(self.last + self.wait_s, self._check)
+        self._handle = self.loop.call_at(queue.last_put + self.wait_s, self._check)
 
     def _check(self) -> None:
         self.wait_s = self._wait()
-        now = self.loop.time()
-        if not self.queue.empty():
-            self._handle = self.loop.call_at(now + self.wait_s, self._check)
-        elif now < self.last + self.wait_s:
-            self._handle = self.loop.call_at(self.last + self.wait_s, self._check)
+        deadline = self.queue.last_put + self.wait_s
+        if self.loop.time() < deadline:
+            self._handle = self.loop.call_at(deadline, self._check)
         else:
             self.queue.put_nowait(_STALLED)
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from dyn.frontend.inbox import Inbox
+from dyn.frontend.inbox import QUIET_MAX, Inbox
 
 
 def test_items_come_out_in_order_and_a_waiting_get_wakes():
@@ -40,3 +40,33 @@ def test_an_item_put_as_the_waiting_get_times_out_is_kept_for_the_next_get():
         return await asyncio.wait_for(inbox.get(), 1.0)
 
     assert asyncio.run(scenario()) == "late"
+
+
+def test_a_quiet_type_waits_unseen_until_another_item_or_the_cap():
+    """A non-streaming request's tokens do not wake its task one by one: its end does (or
+    QUIET_MAX waiting tokens, so a worker that never ends is still looked at)."""
+    async def scenario() -> tuple[list, list]:
+        inbox = Inbox()
+        inbox.quiet = int
+        getter = asyncio.ensure_future(inbox.get())
+        await asyncio.sleep(0)
+        for n in range(5):
+            inbox.put_nowait(n)
+        await asyncio.sleep(0.01)
+        woken_early = getter.done()
+        inbox.put_nowait("end")
+        first = await asyncio.wait_for(getter, 1.0)
+        ends = [woken_early, first, [inbox.get_nowait() for _ in range(inbox.qsize())]]
+
+        capped = asyncio.ensure_future(inbox.get())
+        await asyncio.sleep(0)
+        for n in range(QUIET_MAX):
+            inbox.put_nowait(n)
+            await asyncio.sleep(0)
+            if capped.done():
+                break
+        return ends, [capped.done(), n + 1, inbox.qsize() + 1]  # (+1: the one the getter took)
+
+    ends, capped = asyncio.run(scenario())
+    assert ends == [False, 0, [1, 2, 3, 4, "end"]]
+    assert capped == [True, QUIET_MAX, QUIET_MAX]  # woken by the QUIET_MAX-th, not before
