@@ -259,18 +259,18 @@ class _StallWatch:
     consumer reads as the timeout (after whatever arrived before it)."""
 
     def __init__(self, queue: Inbox, wait_s: Callable[[], float]) -> None:
-        self.loop = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()
         self.queue = queue
         self._wait = wait_s
         """The current deadline (a worker's role and profile may change mid-request)."""
         self.wait_s = wait_s()
-        self._handle = self.loop.call_at(queue.last_put + self.wait_s, self._check)
+        self._handle = self._loop.call_at(queue.last_put + self.wait_s, self._check)
 
     def _check(self) -> None:
         self.wait_s = self._wait()
         deadline = self.queue.last_put + self.wait_s
-        if self.loop.time() < deadline:
-            self._handle = self.loop.call_at(deadline, self._check)
+        if self._loop.time() < deadline:
+            self._handle = self._loop.call_at(deadline, self._check)
         else:
             self.queue.put_nowait(_STALLED)
 
