@@ -88,7 +88,7 @@ def register(app: typer.Typer) -> None:
 
 def _target(url: str | None, name: str, model: str | None) -> tuple[str, str, int | None]:
     """Frontend URL, model name and vocabulary size: given, or read from the named deployment."""
-    from dyn.planner.state import StateStore
+    from dyn.planner.state import StateStore, client_urls
 
     store = StateStore(name)
     if not store.exists():
@@ -101,7 +101,8 @@ def _target(url: str | None, name: str, model: str | None) -> tuple[str, str, in
 
     deployment = store.load_deployment()
     recipe = parse_recipe(deployment.recipe_text, deployment.recipe_source)
-    return url or deployment.frontend_url, model or recipe.model.served_name, _vocab_size(recipe.model.path)
+    url = url or client_urls(deployment, store.load_snapshot())[0]
+    return url, model or recipe.model.served_name, _vocab_size(recipe.model.path)
 
 
 def _vocab_size(model_path: str | None) -> int | None:

@@ -27,7 +27,8 @@ def ls(as_json: bool = typer.Option(False, "--json", help="Machine-readable outp
         return
     table = Table(box=None, pad_edge=False)
     for column in ("name", "state", "processes", "frontend", "recipe", "age"):
-        table.add_column(column)
+        # a URL or path cut short with an ellipsis is no use: fold it onto the next line instead
+        table.add_column(column, overflow="fold" if column in ("frontend", "recipe") else "ellipsis")
     for r in rows:
         age = time.time() - r.get("created_at", time.time())
         table.add_row(r["name"], r["state"], str(r.get("num_processes", "-")), r.get("frontend_url", ""),

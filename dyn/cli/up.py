@@ -61,14 +61,15 @@ def up(
     with errors_to_exit(), live:  # the live table stops before the error prints
         result = run_up(options, on_progress=lambda s: live.update(progress_table(s, max_rows=16), refresh=True),
                         confirm=lambda q: _ask(live, q))
+    urls = result.status.get("frontend_urls") or [result.frontend_url]
+    frontends = f"Frontend{'s' if len(urls) > 1 else ''}: {' '.join(urls)}"
     if result.already_running:
-        typer.echo(f"deployment {result.name!r} is already running with these files; nothing changed. "
-                   f"Frontend: {result.frontend_url}")
+        typer.echo(f"deployment {result.name!r} is already running with these files; nothing changed. {frontends}")
     elif result.adopted is not None:
         typer.echo(f"deployment {result.name!r}: daemon restarted; {result.adopted} running processes adopted. "
-                   f"Frontend: {result.frontend_url}")
+                   f"{frontends}")
     else:
-        typer.echo(f"deployment {result.name!r} ready in {result.elapsed_s:.1f} s. Frontend: {result.frontend_url}")
+        typer.echo(f"deployment {result.name!r} ready in {result.elapsed_s:.1f} s. {frontends}")
     if wait:
         _hold(result.name)
 

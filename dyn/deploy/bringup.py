@@ -122,7 +122,7 @@ async def up_async(options: UpOptions, *, on_progress: Progress | None = None,
             await asyncio.to_thread(start_local_daemon, store, old.dyn_command)
             status = await _watch(store, deadlines, options, on_progress)
             adopted = sum(1 for w in status.get("workers", []) if w.get("state") == "ready")
-            return UpResult(name, old.frontend_url, status, False, time.monotonic() - started, adopted)
+            return UpResult(name, _url(status, old), status, False, time.monotonic() - started, adopted)
         if existing is not None:
             return existing._replace(elapsed_s=time.monotonic() - started)
 
@@ -160,7 +160,12 @@ async def up_async(options: UpOptions, *, on_progress: Progress | None = None,
     store.save_deployment(deployment)
     await asyncio.to_thread(start_local_daemon, store, local_cmd)
     status = await _watch(store, deadlines, options, on_progress)
-    return UpResult(name, deployment.frontend_url, status, False, time.monotonic() - started)
+    return UpResult(name, _url(status, deployment), status, False, time.monotonic() - started)
+
+
+def _url(status: dict[str, Any], deployment: Deployment) -> str:
+    """The frontend URL the daemon reports (a recipe's port 0 is the port the frontend took)."""
+    return status.get("frontend_url") or deployment.frontend_url
 
 
 async def _watch(store: StateStore, deadlines: Deadlines, options: UpOptions,
@@ -254,7 +259,7 @@ async def _existing(store: StateStore, digest: str, options: UpOptions,
         return "restart_daemon"
     if status is not None and old.config_hash == digest and status.get("state") in ("running", "degraded",
                                                                                     "starting"):
-        return UpResult(old.name, old.frontend_url, status, True, 0.0)
+        return UpResult(old.name, _url(status, old), status, True, 0.0)
     if status is not None and old.config_hash != digest:
         question = (f"deployment {old.name!r} is running with different files "
                     f"({_changes(old, options)}); replace it (down, then up)?")

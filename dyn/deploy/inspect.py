@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator
 from dyn.deploy.client import DaemonUnreachable, request
 from dyn.errors import DeploymentError
 from dyn.planner.daemon_proc import daemon_alive
-from dyn.planner.state import StateStore, list_deployments
+from dyn.planner.state import StateStore, client_urls, list_deployments
 
 
 def resolve_name(name: str | None, *, missing_ok: bool = False) -> str | None:
@@ -45,7 +45,8 @@ async def status_async(name: str, *, timeout_s: float = 5.0) -> dict[str, Any]:
         why = "daemon process is gone" if not daemon_alive(store) else str(exc)
         ended = snapshot is not None and snapshot.phase == "ended"  # e.g. its Slurm allocation ended
         return {
-            "name": name, "state": "ended" if ended else "unreachable", "error": snapshot.error if ended else why, "frontend_url": deployment.frontend_url,
+            "name": name, "state": "ended" if ended else "unreachable", "error": snapshot.error if ended else why,
+            "frontend_url": client_urls(deployment, snapshot)[0],
             "uptime_s": round(time.time() - deployment.created_at, 3), "config_hash": deployment.config_hash,
             "workers": [{"id": p.id, "role": p.role, "node": p.node, "pid": p.pid, "gpus": list(p.gpus),
                          "state": f"{p.state} (last known)", "heartbeat_age_s": None, "restarts": p.num_restarts,
@@ -68,7 +69,7 @@ def list_all() -> list[dict[str, Any]]:
         phase = snapshot.phase if snapshot else "starting"
         if not daemon_alive(store):
             phase = f"{phase} (daemon down)"
-        rows.append({"name": name, "state": phase, "frontend_url": d.frontend_url, "head": d.head,
+        rows.append({"name": name, "state": phase, "frontend_url": " ".join(client_urls(d, snapshot)), "head": d.head,
                      "recipe": d.recipe_source, "topology": d.topology_source, "created_at": d.created_at,
                      "num_processes": len(snapshot.processes) if snapshot else 0})
     return rows

@@ -167,6 +167,14 @@ class Snapshot:
             raise DeploymentError(f"{source}: malformed process snapshot ({exc})") from None
 
 
+def client_urls(deployment: Deployment, snapshot: Snapshot | None) -> list[str]:
+    """The URLs clients use: the ones the frontends serve on (one per node; a recipe's port 0
+    becomes the port each took), else, before any frontend reported, the recipe's own."""
+    urls = {p.addresses["http"] for p in (snapshot.processes if snapshot else ())
+            if p.role == "frontend" and p.addresses.get("http")}
+    return sorted(urls) or [deployment.frontend_url]
+
+
 class StateStore:
     """The files of one deployment under the state root."""
 

@@ -179,3 +179,32 @@ def test_a_deployment_without_curve_answers_the_cli(tmp_path):
         assert down.returncode == 0, down.stderr
     finally:
         cli.kill_all()
+
+
+def test_port_0_the_cli_shows_and_uses_the_port_the_frontend_took(tmp_path):
+    """frontend.port: 0 asks for any free port: `dyn up`, `dyn ls`, `dyn status` and `dyn bench`
+    name the port the frontend took (`dyn up` and `ls` printed http://...:0, which bench then used)."""
+    recipe = tmp_path / "anyport.yaml"
+    recipe.write_text(RECIPE.format(port=0).replace("name: replicas", "name: anyport")
+                      .replace("replicas: 2}", "replicas: 1}"))
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("".join(json.dumps({"timestamp": i * 10, "input_length": 1024, "output_length": 4,
+                                         "hash_ids": [1, 2 + i]}) + "\n" for i in range(3)))
+    cli = Cli(tmp_path)
+    try:
+        up = cli("up", "-t", str(ROOT / "topologies" / "local.yaml"), "-r", str(recipe), "--dyn-command", DYN,
+                 timeout=90)
+        assert up.returncode == 0, up.stdout + up.stderr
+        url = cli.status("anyport")["frontend_url"]
+        assert url.startswith("http://127.0.0.1:") and not url.endswith(":0"), url
+        assert up.stdout.strip().endswith(f"Frontend: {url}"), up.stdout
+        assert [row["frontend_url"] for row in json.loads(cli("ls", "--json").stdout)] == [url]
+        assert _complete(url, "hello")["usage"]["completion_tokens"] == 4
+        bench = cli("bench", "--name", "anyport", "--trace", str(trace), "--block-tokens", "16", "--speedup", "10", "--json", timeout=60)
+        assert bench.returncode == 0, bench.stdout + bench.stderr
+        report = json.loads(bench.stdout)
+        assert report["completed"] == 3 and report["failed"] == 0, report
+        down = cli("down", "--name", "anyport")
+        assert down.returncode == 0, down.stderr
+    finally:
+        cli.kill_all()
