@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import sys
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 
@@ -58,7 +59,7 @@ def up(
                         router_policy=router, keep_partial=keep_partial, assume_yes=yes,
                         node_state_root=node_state_dir, timeouts=_timeouts(timeouts), slurm=slurm)
     live = Live(console=console, transient=False, auto_refresh=False)
-    with errors_to_exit(), live:  # the live table stops before the error prints
+    with errors_to_exit(), _line_after(console), live:  # the live table stops before the error prints
         result = run_up(options, on_progress=lambda s: live.update(progress_table(s, max_rows=16), refresh=True),
                         confirm=lambda q: _ask(live, q))
     urls = result.status.get("frontend_urls") or [result.frontend_url]
@@ -72,6 +73,17 @@ def up(
         typer.echo(f"deployment {result.name!r} ready in {result.elapsed_s:.1f} s. {frontends}")
     if wait:
         _hold(result.name)
+
+
+@contextlib.contextmanager
+def _line_after(console) -> Iterator[None]:
+    """End the live table's last line where the console is not a terminal (a log file, a pipe):
+    there it renders once, when it stops, and leaves the line open for what comes next."""
+    try:
+        yield
+    finally:
+        if not console.is_terminal:
+            console.line()
 
 
 def _hold(name: str) -> None:
