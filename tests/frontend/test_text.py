@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from dyn.frontend.text import ByteTokenizer, TextStream
 
 TOK = ByteTokenizer()
@@ -15,7 +17,7 @@ def _feed(stream: TextStream, text: str, step: int = 1) -> list[str]:
 def test_plain_text_streams_token_by_token():
     s = TextStream(TOK)
     assert _feed(s, "abc") == ["a", "b", "c"]
-    assert s.flush() == "" and s.text == "abc"
+    assert s.flush() == ""
 
 
 def test_multibyte_characters_wait_for_their_last_byte():
@@ -28,7 +30,7 @@ def test_stop_string_across_tokens_is_trimmed():
     s = TextStream(TOK, stop=["END"])
     out = _feed(s, "hello ENDworld")
     assert "".join(out) == "hello "
-    assert s.stopped and s.text == "hello "
+    assert s.stopped
     assert s.add([65]) == "" and s.flush() == ""
 
 
@@ -77,6 +79,30 @@ def test_lazy_stream_decodes_once_at_the_end():
 def test_lazy_is_ignored_with_stop_strings():
     s = TextStream(TOK, stop=["l"], lazy=True)
     assert "".join(_feed(s, "hello")) == "he" and s.stopped
+
+
+def _whole_text_reference(text: str, stops: list[str]) -> str:
+    """What the client must get in all: the text up to the earliest stop string."""
+    cut = min((i for i in (text.find(stop) for stop in stops) if i != -1), default=len(text))
+    return text[:cut]
+
+
+def test_a_long_answer_keeps_a_window_and_matches_stop_strings_across_it():
+    # Stop strings that overlap their own prefixes ("aab" after "aaa...") and ones that arrive
+    # after thousands of characters; the text kept stays within a stop string's reach.
+    rng = random.Random(7)
+    for trial in range(200):
+        text = "".join(rng.choice("aab ") for _ in range(rng.randrange(1, 3000)))
+        stops = rng.sample(["aab", "ba a", "bbbb", "a b", "zz"], rng.randrange(0, 3))
+        s = TextStream(TOK, stop=stops)
+        got, i = [], 0
+        while i < len(text):
+            step = rng.randrange(1, 5)
+            got.append(s.add(list(text[i:i + step].encode())))
+            i += step
+        got.append(s.flush())
+        assert "".join(got) == _whole_text_reference(text, stops), (trial, stops)
+        assert len(s._text) <= max(map(len, stops), default=0) + 4  # the window, not the answer
 
 
 def test_byte_tokenizer_maps_large_ids_to_printable_text():
