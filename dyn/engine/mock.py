@@ -26,6 +26,8 @@ from collections.abc import Callable
 from hashlib import blake2b
 from typing import Literal
 
+import numpy as np
+
 from dyn.config.recipe import MockTiming
 from dyn.engine.backend import TokenOutput
 from dyn.engine.engine import Detokenize, Engine
@@ -35,6 +37,10 @@ from dyn.errors import EngineError
 
 ClockMode = Literal["live", "virtual"]
 _M64 = (1 << 64) - 1
+VECTOR_FROM_BLOCKS = 128
+"""A context of more blocks than this is re-read with one numpy gather, multiply and sum (at 1,700
+blocks: ~0.65 ms in plain ints, once per block of decode steps, 40 us a token); fewer, in plain
+ints, cheaper there."""
 
 
 class MockRunner(ModelRunner):
@@ -67,7 +73,10 @@ class MockRunner(ModelRunner):
         if sys.byteorder != "little":
             raise EngineError("the mock engine reads its KV payloads as little-endian words; this host is not")
         self._u64 = self._view.cast("Q")
+        self._words = np.frombuffer(self._pool, dtype="<u8")
         self._stride = payload_bytes // 8
+        self._odd = np.arange(1, 2 * -(-max_context // block_size) + 1, 2, dtype=np.uint64)
+        """Each block's weight in the mix, for the numpy read: 1, 3, 5, ..."""
         t = self.timing
         self._zero_time = not (t.prefill_base_s or t.prefill_s_per_token or t.decode_base_s
                                or t.decode_s_per_seq or t.decode_s_per_ctx_token)
@@ -139,6 +148,11 @@ class MockRunner(ModelRunner):
         cached = self._prefix_mix.get(item.request_id)
         if cached is not None and cached[0] is block_ids and cached[1] == num_blocks:
             mix = cached[2]
+        elif num_blocks - 1 > VECTOR_FROM_BLOCKS:  # the same sum mod 2**64 (uint64 wraps)
+            rows = np.array(block_ids[:num_blocks - 1], dtype=np.intp)
+            rows *= stride
+            mix = int((self._words[rows] * self._odd[:num_blocks - 1]).sum(dtype=np.uint64))
+            self._prefix_mix[item.request_id] = (block_ids, num_blocks, mix)
         else:
             mix, weight = 0, 1
             for block_id in block_ids[:num_blocks - 1]:

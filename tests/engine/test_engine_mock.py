@@ -569,6 +569,27 @@ def test_a_prefix_block_changed_under_a_running_request_changes_its_next_block_o
     assert first_diff <= 5 + BS
 
 
+def test_a_long_context_reads_its_blocks_with_numpy_and_picks_the_same_tokens(monkeypatch):
+    """Past VECTOR_FROM_BLOCKS blocks the context is summed with numpy (uint64, wrapping): the
+    same tokens as the plain-int sum, for prompts that cross the threshold while decoding."""
+    import dyn.engine.mock as mock
+
+    def run() -> list[list[int]]:
+        eng = MockEngine(block_size=BS, vocab_size=50_000, max_context=4096, clock="virtual", num_blocks=512)
+        for i, n in enumerate((1000, 2040, 3000)):  # 63, 128 (crosses 128 blocks decoding), 188 blocks
+            eng.add_request(req(f"r{i}", range(7 + i, 7 + i + n), max_tokens=40))
+        tokens: dict[str, list[int]] = {}
+        while eng.has_work():
+            for out in eng.step():
+                tokens.setdefault(out.request_id, []).extend(out.token_ids)
+        return [tokens[f"r{i}"] for i in range(3)]
+
+    assert mock.VECTOR_FROM_BLOCKS < 187
+    vectored = run()
+    monkeypatch.setattr(mock, "VECTOR_FROM_BLOCKS", 1 << 30)
+    assert run() == vectored and all(len(t) == 40 for t in vectored)
+
+
 def test_mock_engines_of_one_host_share_one_loaded_tokenizer(tmp_path):
     """Hosted mock workers (dyn.worker.host) pass one `detokenizers` map: the checkpoint's
     tokenizer is loaded once for all of them (72 loads took ~9 s on one thread, long enough
