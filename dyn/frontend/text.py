@@ -130,6 +130,8 @@ class TextStream:
         self._lazy = lazy and not stop
         self._stop = tuple(stop)
         self._max_stop = max((len(s) for s in self._stop), default=0)
+        self._stop_heads = frozenset(s[:k] for s in self._stop for k in range(1, len(s)))
+        """Every proper prefix of a stop string: a tail of the text among them is held back."""
         # Decode a window that starts a few tokens back so merges across token
         # boundaries (leading spaces, multi-byte characters) come out right.
         self._ids: list[int] = list(prefix_ids[-4:])
@@ -216,8 +218,7 @@ class TextStream:
             return out
         hold = 0
         for k in range(min(self._max_stop - 1, len(self._text) - self._sent), 0, -1):
-            tail = self._text[-k:]
-            if any(s.startswith(tail) for s in self._stop):
+            if self._text[-k:] in self._stop_heads:
                 hold = k
                 break
         return self._take(len(self._text) - hold)
