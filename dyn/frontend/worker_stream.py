@@ -260,7 +260,7 @@ class _StallWatch:
 
     def __init__(self, queue: Inbox, wait_s: Callable[[], float]) -> None:
         self._loop = asyncio.get_running_loop()
-        self.queue = queue
+        self._queue = queue
         self._wait = wait_s
         """The current deadline (a worker's role and profile may change mid-request)."""
         self.wait_s = wait_s()
@@ -268,11 +268,11 @@ class _StallWatch:
 
     def _check(self) -> None:
         self.wait_s = self._wait()
-        deadline = self.queue.last_put + self.wait_s
+        deadline = self._queue.last_put + self.wait_s
         if self._loop.time() < deadline:
             self._handle = self._loop.call_at(deadline, self._check)
         else:
-            self.queue.put_nowait(_STALLED)
+            self._queue.put_nowait(_STALLED)
 
     def close(self) -> None:
         self._handle.cancel()

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from dyn.errors import DynError
 from dyn.planner.health import ProcessSlot
+from dyn.planner.state import frontend_urls
 
 if TYPE_CHECKING:
     from dyn.config.recipe import Recipe
@@ -73,7 +74,7 @@ def status_payload(*, name: str, phase: str, started_at: float, wall_now: float,
         extra["planner"] = planner
     extra["breakers"] = breakers(slots)
     extra["frontends"] = frontends(slots)
-    extra["frontend_urls"] = sorted({f["url"] for f in extra["frontends"] if f["url"]}) or [frontend_url]
+    extra["frontend_urls"] = frontend_urls(slots, frontend_url)
     if frontend_url.endswith(":0"):  # the recipe asked for any free port: show the one the frontend took
         frontend_url = extra["frontend_urls"][0]
     silent = silent_kv_publishers(slots)

@@ -167,12 +167,17 @@ class Snapshot:
             raise DeploymentError(f"{source}: malformed process snapshot ({exc})") from None
 
 
+def frontend_urls(processes: Iterable[Any], recorded_url: str) -> list[str]:
+    """The URLs clients use: the ones the frontends among `processes` (the daemon's slots or its
+    snapshot's records) serve on, one per node (a recipe's port 0 becomes the port each took);
+    before any frontend reported, the deployment's recorded one."""
+    urls = {p.addresses["http"] for p in processes if p.role == "frontend" and p.addresses.get("http")}
+    return sorted(urls) or [recorded_url]
+
+
 def client_urls(deployment: Deployment, snapshot: Snapshot | None) -> list[str]:
-    """The URLs clients use: the ones the frontends serve on (one per node; a recipe's port 0
-    becomes the port each took), else, before any frontend reported, the recipe's own."""
-    urls = {p.addresses["http"] for p in (snapshot.processes if snapshot else ())
-            if p.role == "frontend" and p.addresses.get("http")}
-    return sorted(urls) or [deployment.frontend_url]
+    """frontend_urls() from what is on disk (the CLI, without asking the daemon)."""
+    return frontend_urls(snapshot.processes if snapshot else (), deployment.frontend_url)
 
 
 class StateStore:
