@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -262,6 +263,7 @@ def main() -> None:
     if not a.no_dynamo:
         systems.append(DynamoSystem(a.peer_dir, a.dynamo_port, a.workers))
     results: list[dict] = []
+    finished = False
     try:
         for s in systems:
             s.start()
@@ -275,9 +277,14 @@ def main() -> None:
                     r["round"] = rnd
                     results.append(r)
                     print(json.dumps(r), flush=True)
+        finished = True
     finally:
         for s in systems:
             s.stop()
+        if finished:
+            shutil.rmtree(state, ignore_errors=True)
+        else:
+            print(f"the systems' logs are kept in {state}", file=sys.stderr)
     print(f"\n{os.cpu_count()} CPUs; {a.rounds} interleaved rounds of {a.requests} requests; "
           f"{a.workers} zero-time workers per system; {a.groups} prefix groups\n")
     print(table(results))

@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -214,6 +215,7 @@ async def main_async(a: argparse.Namespace) -> list[dict]:
                for i, (label, cli) in enumerate(labels)]
     results: list[dict] = []
     daemon = FakeDaemon(ctx, keys)
+    finished = False
     try:
         for w in workers:
             await w.start(daemon)
@@ -227,11 +229,16 @@ async def main_async(a: argparse.Namespace) -> list[dict]:
                 r["round"] = rnd
                 results.append(r)
                 print(json.dumps(r), flush=True)
+        finished = True
     finally:
         for w in workers:
             w.stop()
         daemon.close()
         ctx.destroy(linger=0)
+        if finished:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"the workers' logs are kept in {tmp}", file=sys.stderr)
     return results
 
 

@@ -24,11 +24,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import weakref
 from typing import Any
 
 from dyn.engine.backend import (Backend, EngineRequest, EngineStats, KvExport, KvImport,
                                 TokenOutput)
 from dyn.engine.vllm_args import vllm_priority
+from dyn.engine.vllm_rendezvous import mark_store, remove_marker
 from dyn.errors import EngineError, RequestError
 
 log = logging.getLogger(__name__)
@@ -132,6 +134,9 @@ class VllmEngine(Backend):
 
         self._engine = LLMEngine(vllm_config=config, executor_class=Executor.get_class(config),
                                  log_stats=True, stat_loggers=[_Recorder], multiprocess_mode=False)
+        marker = mark_store()  # (a SIGKILL would leave vLLM's rendezvous file; see vllm_rendezvous)
+        if marker is not None:
+            weakref.finalize(self, remove_marker, marker)
         self._stats.num_kv_blocks_total = int(config.cache_config.num_gpu_blocks or 0)
         self._vocab = config.model_config.get_vocab_size()
         self._live: dict[str, str] = {}

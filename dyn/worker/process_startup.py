@@ -71,12 +71,15 @@ def vllm_setup(recipe, group, cfg: ProcessConfig, device: str) -> dict:
 
         load_api()
     # KV events over IPC: no port, reachable only on this node. In the temp dir, not the run
-    # directory: a unix socket path is capped at 107 bytes. A SIGKILLed worker leaves its sockets.
+    # directory: a unix socket path is capped at 107 bytes. A SIGKILLed worker leaves its sockets
+    # (and vLLM's rendezvous file): removed here for workers no longer running.
     import tempfile
 
+    from dyn.engine.vllm_rendezvous import remove_stores_of_dead_processes
     from dyn.launch.local import remove_files_of_dead_processes
 
     remove_files_of_dead_processes(tempfile.gettempdir(), VLLM_KV_EVENTS_SOCKET)
+    remove_stores_of_dead_processes(tempfile.gettempdir())
     events = f"ipc://{tempfile.gettempdir()}/dyn-vllm-kv-{os.getpid()}"
     return engine_kwargs(recipe.model, group, device=device, disaggregated=disaggregated,
                          kv_events_endpoint=events)
