@@ -14,6 +14,9 @@ if TYPE_CHECKING:
     from dyn.config.topology import Topology
     from dyn.planner.decisions import DecisionLog
 
+VLLM_NIXL = "vllm-nixl"
+"""The path of a vLLM pair: vLLM's NixlConnector moves the KV, not dyn's shuttle."""
+
 MAX_PATH_PAIRS = 16
 """Pairs listed in the status (a 72-GPU rack has ~1,300; the counts cover all of them)."""
 
@@ -48,13 +51,20 @@ def slot_status(slot: ProcessSlot, now: float, topology: "Topology | None" = Non
 
 def shuttle_counters(metrics: dict[str, float]) -> dict[str, Any]:
     """What a worker's KV pulls really did (empty for a worker that never pulls): with
-    `shuttle_paths`, an operator sees whether each pair moves its KV the planned way."""
+    `shuttle_paths`, an operator sees whether each pair moves its KV the planned way. A vLLM
+    worker's KV moves through vLLM's own connector, not dyn's shuttle: its bytes and failures
+    are that connector's."""
     if "kv_pulls" not in metrics:
         return {}
     prefix = "shuttle_bytes."
-    return {"pulls": metrics["kv_pulls"], "pull_failures": metrics.get("kv_pull_failures", 0.0),
-            "local_fallbacks": metrics.get("kv_local_fallbacks", 0.0),
-            "bytes_by_transport": {k[len(prefix):]: v for k, v in sorted(metrics.items()) if k.startswith(prefix)}}
+    moved = {k[len(prefix):]: v for k, v in sorted(metrics.items()) if k.startswith(prefix)}
+    failures = metrics.get("kv_pull_failures", 0.0)
+    if metrics.get("kv_connector.bytes_transferred"):
+        moved[VLLM_NIXL] = metrics["kv_connector.bytes_transferred"]
+    if "kv_pull_failures" not in metrics:
+        failures = metrics.get("kv_connector.failed_transfers", 0.0) + metrics.get("kv_connector.pull_timeouts", 0.0)
+    return {"pulls": metrics["kv_pulls"], "pull_failures": failures,
+            "local_fallbacks": metrics.get("kv_local_fallbacks", 0.0), "bytes_by_transport": moved}
 
 
 def status_payload(*, name: str, phase: str, started_at: float, wall_now: float, now: float,
@@ -149,10 +159,10 @@ def shuttle_paths(topology: "Topology", recipe: "Recipe", slots: list[ProcessSlo
     if recipe.mode != "disaggregated" or not prefill or not decode:
         return {"by_transport": {}, "pairs": [], "num_pairs": 0}
     if recipe.model.engine == "vllm":  # vLLM's NixlConnector moves the KV, not dyn's shuttle
-        pairs = [{"prefill": p, "decode": d, "transport": "vllm-nixl", "hop": None, "link": None,
+        pairs = [{"prefill": p, "decode": d, "transport": VLLM_NIXL, "hop": None, "link": None,
                   "reason": "vLLM NixlConnector"}
                  for p in sorted(prefill) for d in sorted(decode)]
-        return {"by_transport": {"vllm-nixl": len(pairs)}, "pairs": pairs[:max_pairs], "num_pairs": len(pairs)}
+        return {"by_transport": {VLLM_NIXL: len(pairs)}, "pairs": pairs[:max_pairs], "num_pairs": len(pairs)}
     nixl = nixl_available()
     paths: dict[tuple[str, str], PathChoice] = {}
     errors: list[str] = []

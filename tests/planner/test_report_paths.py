@@ -89,3 +89,18 @@ def test_status_shows_what_each_decode_worker_really_pulled_by_transport(monkeyp
     lines = planner_lines({"shuttle_paths": paths, "workers": workers})
     assert "  decode-0 pulled: tcp 3.0 MiB (3 pulls, 1 failed, 1 prefilled locally)" in lines
     assert not any("decode-1 pulled" in line for line in lines)
+
+
+def test_a_vllm_decode_worker_shows_the_bytes_its_connector_moved():
+    """vLLM's NixlConnector moves a vLLM pair's KV: dyn's shuttle counts no bytes, the connector
+    does (its transfers failed or timed out are the pair's failed pulls)."""
+    recipe = parse_recipe("name: r\nmodel: {engine: vllm, path: /models/m}\nmode: disaggregated\n"
+                          "workers: {prefill: {replicas: 1}, decode: {replicas: 1}}\n")
+    slots = _slots()
+    slots[1].metrics.update({"kv_pulls": 2.0, "kv_local_fallbacks": 0.0, "kv_connector.bytes_transferred": 8847360.0,
+                             "kv_connector.failed_transfers": 1.0, "kv_connector.pull_timeouts": 1.0})
+    workers = [slot_status(s, 0.0) for s in slots]
+    assert workers[1]["shuttle"]["bytes_by_transport"] == {"vllm-nixl": 8847360.0}
+    lines = planner_lines({"shuttle_paths": shuttle_paths(load_topology(ROOT / "topologies/gb200-nvl72x4.yaml"),
+                                                          recipe, slots), "workers": workers})
+    assert "  decode-0 pulled: vllm-nixl 8.4 MiB (2 pulls, 2 failed, 0 prefilled locally)" in lines
