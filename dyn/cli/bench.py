@@ -128,6 +128,8 @@ def _vocab_size(model_path: str | None) -> int | None:
 def _render(result: dict) -> None:
     from rich.table import Table
 
+    from dyn.dashboard.render import print_whole
+
     table = Table(title=f"dyn bench: {result.get('requests')} requests, {result.get('failed')} failed, "
                         f"{result.get('refused', 0)} refused (429), {result.get('retried_429', 0)} retried")
     table.add_column("metric")
@@ -137,7 +139,7 @@ def _render(result: dict) -> None:
         stats = result.get(key) or {}
         table.add_row(label, *(_fmt(stats.get(col)) for col in ("p50", "p90", "p99")))
     console = out()
-    console.print(table)
+    print_whole(console, table)
     hit = result.get("prefix_hit_rate")
     console.print(f"throughput {result.get('throughput_rps', 0):.2f} req/s, "
                   f"{result.get('output_tokens_per_s', 0):.1f} output tok/s, goodput "

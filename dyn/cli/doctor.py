@@ -28,6 +28,7 @@ def doctor(
     Example: dyn doctor -t topologies/gb200-nvl72.yaml -r recipes/llama-3.1-70b-nvl72.yaml
     """
     from dyn.cli.render import errors_to_exit, out, print_json
+    from dyn.dashboard.render import print_whole
     from dyn.deploy.doctor import doctor_inputs, has_blocking, run
 
     with errors_to_exit():
@@ -38,7 +39,7 @@ def doctor(
     if as_json:
         print_json([f.__dict__ | {"blocking": f.is_blocking} for f in findings])
     else:
-        out().print(findings_table(findings))
+        print_whole(out(), findings_table(findings))
     if has_blocking(findings):
         raise typer.Exit(1)
 

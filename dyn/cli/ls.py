@@ -16,6 +16,7 @@ def ls(as_json: bool = typer.Option(False, "--json", help="Machine-readable outp
     from rich.console import Console
     from rich.table import Table
 
+    from dyn.dashboard.render import print_whole
     from dyn.deploy.inspect import list_all
 
     rows = list_all()
@@ -33,7 +34,7 @@ def ls(as_json: bool = typer.Option(False, "--json", help="Machine-readable outp
         age = time.time() - r.get("created_at", time.time())
         table.add_row(r["name"], r["state"], str(r.get("num_processes", "-")), r.get("frontend_url", ""),
                       r.get("recipe", ""), f"{age / 60:.0f} min")
-    Console().print(table)
+    print_whole(Console(), table)
 
 
 def register(app: typer.Typer) -> None:

@@ -22,6 +22,8 @@ def plan(topology: str = typer.Option(None, "-t", "--topology",
 
     Example: dyn plan -t topologies/gb200-nvl72.yaml -r recipes/llama-3.1-70b-nvl72.yaml --json
     """
+    from dyn.dashboard.render import print_whole
+
     with errors_to_exit():
         topo = load_topology(resolve_file("topology", topology))
         rec = scale_to_topology(load_recipe(resolve_file("recipe", recipe)), topo)
@@ -53,7 +55,7 @@ def plan(topology: str = typer.Option(None, "-t", "--topology",
         table.add_row(w.id, w.role, w.node, gpus, w.nvlink_domain or "-",
                       str(w.cpu_threads) if w.cpu_threads else "-")
     console = out()
-    console.print(table)
+    print_whole(console, table)
     console.print(f"{len(placement.workers)} worker(s), {used} of {topo.num_gpus} GPUs, "
                   f"head (planner): {placement.head}; frontends: "
                   + ", ".join(f"{f.id}@{f.node}" for f in frontends))

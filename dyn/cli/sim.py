@@ -65,6 +65,8 @@ def _render(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from dyn.dashboard.render import print_whole
+
     table = Table(title=f"dyn sim: {report['sim']['trace']} (router {report['sim']['router']}, "
                         f"planner {'on' if report['sim']['planner'] else 'off'}, profile {report['sim']['profile']})")
     table.add_column("metric")
@@ -83,7 +85,7 @@ def _render(report: dict) -> None:
             ("simulated / wall", f"{report['duration_s']:.0f} s / {report['sim']['wall_s']} s")]
     for name, value in rows:
         table.add_row(name, value)
-    Console().print(table)
+    print_whole(Console(), table)
 
 
 def _pcts(summary: dict) -> str:

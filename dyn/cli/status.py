@@ -26,6 +26,7 @@ def status(
     from rich.console import Console
     from rich.markup import escape
 
+    from dyn.dashboard.render import print_whole
     from dyn.deploy.inspect import resolve_name, status as get_status
 
     with errors_to_exit():
@@ -44,7 +45,7 @@ def status(
                       markup=False)
     if payload.get("error"):
         console.print(f"[red]{escape(payload['error'])}[/]", highlight=False)
-    console.print(progress_table(payload, detailed=True))
+    print_whole(console, progress_table(payload, detailed=True))
     for line in planner_lines(payload):
         console.print(line, highlight=False, markup=False)
     for event in payload.get("events", [])[-5:]:

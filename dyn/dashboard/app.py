@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.live import Live
 
 from dyn.dashboard.keys import KeyReader
-from dyn.dashboard.render import Screen, render_frame
+from dyn.dashboard.render import Screen, print_whole, render_frame
 from dyn.dashboard.source import TopSource
 from dyn.dashboard.view import DashboardView, Tracker, build_view
 
@@ -54,7 +54,7 @@ async def run_top(name: str, console: Console, *, interval_s: float = 1.0, once:
         if once:
             payload, frontend = await source.poll()
             tracker.observe(payload, frontend, time.monotonic())
-            console.print(render_frame(build_view(payload, tracker)))
+            print_whole(console, render_frame(build_view(payload, tracker)))
             return
         async with KeyReader() as keys:
             if keys.is_active and console.is_terminal:
@@ -71,7 +71,7 @@ async def _plain(source: TopSource, tracker: Tracker, console: Console, interval
         payload, frontend = await source.poll()
         tracker.observe(payload, frontend, started)
         console.rule(time.strftime("%H:%M:%S"))
-        console.print(render_frame(build_view(payload, tracker)))
+        print_whole(console, render_frame(build_view(payload, tracker)))
         frames += 1
         await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - started)))
 

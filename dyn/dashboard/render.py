@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from rich.console import Group, RenderableType
+from rich.console import Console, Group, RenderableType
+from rich.measure import Measurement
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
@@ -195,3 +196,24 @@ def _short(value: Any) -> str:
 def _duration(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+UNCUT_WIDTH = 10_000
+"""Room for a table's natural width where output is not a terminal."""
+
+
+def print_whole(console: Console, renderable: RenderableType) -> None:
+    """Print a table uncut. On a terminal at its width; elsewhere (a pipe, a file, ssh without a
+    tty) Rich assumes 80 columns and would cut cells with an ellipsis, lost to grep and logs, so
+    there it is as wide as its rows need."""
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    natural = Measurement.get(console, console.options.update_width(UNCUT_WIDTH), renderable).maximum
+    width = console.width  # (print's own width argument is capped at the console's)
+    console.width = max(width, natural)
+    try:
+        console.print(renderable)
+    finally:
+        console.width = width
+
