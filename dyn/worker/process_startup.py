@@ -59,6 +59,10 @@ def vllm_setup(recipe, group, cfg: ProcessConfig, device: str) -> dict:
 
     for key, value in engine_env(group, device=device, gpus=tuple(cfg.gpus), cpu_threads=cfg.cpu_threads).items():
         os.environ.setdefault(key, value)
+    # vLLM's records become this worker's JSON lines (dyn.logs), tagged and filtered like its own:
+    # vLLM's handler would print its text format (without file or process name under dyn.logs'
+    # shortcuts) and wrap every record of the process in its own record factory.
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     disaggregated = recipe.mode == "disaggregated"
     if disaggregated:  # NIXL's handshake side channel: one port per worker on a shared node
         from dyn.worker.port_claim import claim_port

@@ -221,6 +221,14 @@ def test_an_aggregated_deployment_answers_vllm_generate_greedy_tokens(tmp_path, 
         d.up()  # (while the reference runs)
         assert [w["role"] for w in d.status()["workers"] if w["role"] != "frontend"] == ["both"]
         assert _greedy_texts(d, prompts[:SERVED]) == _decoded(model_dir, reference_run.tokens()[:SERVED])
+        # vLLM's own log records are the worker's JSON lines, tagged with the process like dyn's
+        worker = next(w["id"] for w in d.status()["workers"] if w["role"] == "both")
+        lines = d.dyn("logs", worker, "--name", d.name, "-n", "4000", timeout=30).stdout.splitlines()
+        records = [json.loads(line) for line in lines if line.startswith("{")]
+        from_vllm = [r for r in records if r["logger"].startswith("vllm.")]
+        assert any("Resolved architecture" in r["msg"] for r in from_vllm), lines[-40:]
+        assert all(r["process"] == worker for r in from_vllm)
+        assert not any("Resolved architecture" in line for line in lines if not line.startswith("{"))
     finally:
         d.down()
 
