@@ -58,8 +58,9 @@ def load_trace(path: str | Path, max_requests: int | None = None) -> Trace:
         return load_mooncake(path, max_requests)
     if suffix == ".csv":
         return load_azure(path, max_requests)
-    raise TraceError(f"unknown trace format {suffix!r}; expected .jsonl (Mooncake) or .csv (Azure)",
-                     path=str(path))
+    what = ("a directory" if Path(path).is_dir() else "a file without an extension" if not suffix
+            else f"of unknown trace format {suffix!r}")
+    raise TraceError(f"is {what}; expected a .jsonl (Mooncake) or .csv (Azure) trace file", path=str(path))
 
 
 def load_mooncake(path: str | Path, max_requests: int | None = None) -> Trace:

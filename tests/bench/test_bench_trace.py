@@ -80,8 +80,12 @@ def test_other_trace_errors(tmp_path: Path):
         load_trace(tmp_path / "y.csv")
     with pytest.raises(TraceError, match="cannot read"):
         load_trace(tmp_path / "missing.jsonl")
-    with pytest.raises(TraceError, match="unknown trace format"):
+    with pytest.raises(TraceError, match="unknown trace format '.parquet'"):
         load_trace(tmp_path / "t.parquet")
+    with pytest.raises(TraceError, match="is a directory; expected a .jsonl"):
+        load_trace(tmp_path)
+    with pytest.raises(TraceError, match="trace: is a file without an extension"):
+        load_trace(tmp_path / "trace")
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(TraceError, match="no requests"):
         load_trace(tmp_path / "empty.jsonl")
