@@ -41,7 +41,8 @@ while read -r name address port user identity known; do
         run ssh-keyscan -p "$port" -t ed25519 "$address" ">>" "$known_file"
     else
         mkdir -p "$(dirname "$known_file")"
-        if ! ssh-keygen -F "$([ "$port" = 22 ] && echo "$address" || echo "[$address]:$port")" -f "$known_file" >/dev/null; then
+        mkdir -p -m 700 "$HOME/.ssh"  # (ssh-copy-id keeps its temp files there)
+        if ! { [ -f "$known_file" ] && ssh-keygen -F "$([ "$port" = 22 ] && echo "$address" || echo "[$address]:$port")" -f "$known_file" >/dev/null; }; then
             ssh-keyscan -p "$port" -t ed25519 "$address" 2>/dev/null | tee -a "$known_file" | ssh-keygen -lf - || true
         fi
     fi

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install this checkout's dyn on every SSH node of a topology, from the head (once per rack).
 #
-# Builds a wheel of the checkout (or takes --wheel), copies it to each node, installs it into
+# Builds a wheel of the checkout (or takes --wheel), sends it to each node over ssh, installs it into
 # a venv on the node (default ~/.local/share/dyn/venv) with the given torch, and links
 # `dyn` into ~/.local/bin, where `dyn up` and scripts/dyn-planner.service look for it.
 # Nodes are done in parallel (--jobs); each node's output goes to LOGDIR/<node>.log.
@@ -40,30 +40,34 @@ python="${PYTHON:-$(command -v python3)}"
 run() { if [ "$dry" = 1 ]; then printf '+ %s\n' "$*"; else "$@"; fi; }
 if [ -z "$wheel" ]; then
     wheel_dir="$(mktemp -d)"
+    trap 'rm -rf "$wheel_dir"' EXIT
     run "$python" -m pip wheel --no-deps -q -w "$wheel_dir" "$repo"
-    wheel="$wheel_dir/dyn-*.whl"
+    wheel="$(ls "$wheel_dir"/dyn-*.whl 2>/dev/null || echo "$wheel_dir/dyn-VERSION-py3-none-any.whl")"
 fi
-logdir="${logdir:-$(mktemp -d)}"
+[ "$dry" = 1 ] || [ -f "$wheel" ] || { echo "no wheel at $wheel" >&2; exit 2; }
 nodes="$("$python" "$here/_topology_nodes.py" "$topology")"
 [ -n "$nodes" ] || { echo "no SSH nodes in $topology" >&2; exit 0; }
+own_logdir=0
+if [ -z "$logdir" ] && [ "$dry" = 0 ]; then logdir="$(mktemp -d)"; own_logdir=1; fi
+[ "$dry" = 1 ] || mkdir -p "$logdir"
+# The wheel travels on the install's own ssh session (stdin), not scp: nothing but a shell is
+# needed on the node (scp speaks SFTP, a subsystem some nodes do not run). pip needs the
+# wheel's real file name; it goes to a private temp dir on the node, removed afterwards.
+on_node="$(basename "$wheel")"
+remote="set -e; d=\$(mktemp -d); trap 'rm -rf \"\$d\"' EXIT; cat > \"\$d/$on_node\"; \
+python3 -m venv $venv; $venv/bin/pip install -q '$torch' \"\$d/$on_node\"; \
+mkdir -p ~/.local/bin; ln -sf $venv/bin/dyn ~/.local/bin/dyn; ~/.local/bin/dyn --version"
 pids=()
 while read -r name address port user identity known; do
     target="$address"; [ "$user" = "-" ] || target="$user@$address"
     ssh_opts=(-p "$port" -o BatchMode=yes)
     [ "$identity" = "-" ] || ssh_opts+=(-i "$identity")
     [ "$known" = "-" ] || ssh_opts+=(-o "UserKnownHostsFile=$known")
-    remote="set -e; python3 -m venv $venv; $venv/bin/pip install -q '$torch' /tmp/dyn-install.whl; \
-mkdir -p ~/.local/bin; ln -sf $venv/bin/dyn ~/.local/bin/dyn; ~/.local/bin/dyn --version"
     if [ "$dry" = 1 ]; then
-        run scp -P "$port" ${identity:+$( [ "$identity" = "-" ] || echo "-i $identity")} $wheel "$target:/tmp/dyn-install.whl"
-        run ssh "${ssh_opts[@]}" "$target" "$remote"
+        run ssh "${ssh_opts[@]}" "$target" "$remote" "< $wheel"
         continue
     fi
-    (
-        scp_opts=(-P "$port" -o BatchMode=yes); [ "$identity" = "-" ] || scp_opts+=(-i "$identity")
-        [ "$known" = "-" ] || scp_opts+=(-o "UserKnownHostsFile=$known")
-        scp "${scp_opts[@]}" $wheel "$target:/tmp/dyn-install.whl" && ssh "${ssh_opts[@]}" "$target" "$remote"
-    ) >"$logdir/$name.log" 2>&1 &
+    ssh "${ssh_opts[@]}" "$target" "$remote" <"$wheel" >"$logdir/$name.log" 2>&1 &
     pids+=("$!:$name")
     while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do sleep 0.2; done
 done <<< "$nodes"
@@ -71,4 +75,5 @@ failed=0
 for entry in "${pids[@]}"; do
     if wait "${entry%%:*}"; then echo "ok   ${entry#*:}"; else echo "FAIL ${entry#*:} (see $logdir/${entry#*:}.log)"; failed=1; fi
 done
+[ "$failed" = 1 ] || [ "$own_logdir" = 0 ] || rm -rf "$logdir"
 exit $failed
