@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from rich.console import Console, Group, RenderableType
-from rich.measure import Measurement
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -216,4 +216,3 @@ def print_whole(console: Console, renderable: RenderableType) -> None:
         console.print(renderable)
     finally:
         console.width = width
-

@@ -58,10 +58,10 @@ def shuttle_counters(metrics: dict[str, float]) -> dict[str, Any]:
         return {}
     prefix = "shuttle_bytes."
     moved = {k[len(prefix):]: v for k, v in sorted(metrics.items()) if k.startswith(prefix)}
-    failures = metrics.get("kv_pull_failures", 0.0)
     if metrics.get("kv_connector.bytes_transferred"):
         moved[VLLM_NIXL] = metrics["kv_connector.bytes_transferred"]
-    if "kv_pull_failures" not in metrics:
+    failures = metrics.get("kv_pull_failures")
+    if failures is None:  # (a vLLM worker)
         failures = metrics.get("kv_connector.failed_transfers", 0.0) + metrics.get("kv_connector.pull_timeouts", 0.0)
     return {"pulls": metrics["kv_pulls"], "pull_failures": failures,
             "local_fallbacks": metrics.get("kv_local_fallbacks", 0.0), "bytes_by_transport": moved}
