@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 
 import pytest
 from rich.console import Console
@@ -111,22 +110,20 @@ def test_frontend_metrics_text_parses_to_buckets():
 
 
 @pytest.mark.parametrize("num_workers", [72, 576])
-def test_renders_only_the_visible_rows_fast(num_workers):
+def test_renders_only_the_visible_rows(num_workers):
+    """(How fast a frame of a big rack renders is measured by scripts/bench_top.py, not here.)"""
     payload = synthetic_payload(num_workers)
     tracker = Tracker()
     tracker.observe(payload, None, 0.0)
     step(payload, 1.0)
     tracker.observe(payload, None, 1.0)
     view = build_view(payload, tracker)
-    started = time.perf_counter()
     frame = _text(render_frame(view, Screen(selected=num_workers // 2, height=50)))
-    elapsed = time.perf_counter() - started
     lines = frame.splitlines()
     assert len(lines) <= 50, len(lines)
     selected_id = view.rows[num_workers // 2].id
     assert any(line.startswith(selected_id + " ") for line in lines)
     assert f"of {num_workers + 1}" in frame
-    assert elapsed < 0.5  # generous for a shared 2-core box; measured in scripts/bench_top.py
 
 
 def test_detail_view_shows_metrics_and_log_lines():
