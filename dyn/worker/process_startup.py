@@ -79,14 +79,19 @@ def vllm_setup(recipe, group, cfg: ProcessConfig, device: str) -> dict:
     # (and vLLM's rendezvous file): removed here for workers no longer running.
     import tempfile
 
-    from dyn.engine.vllm_rendezvous import remove_stores_of_dead_processes
-    from dyn.launch.local import remove_files_of_dead_processes
-
-    remove_files_of_dead_processes(tempfile.gettempdir(), VLLM_KV_EVENTS_SOCKET)
-    remove_stores_of_dead_processes(tempfile.gettempdir())
+    remove_vllm_files_of_dead_workers(tempfile.gettempdir())
     events = f"ipc://{tempfile.gettempdir()}/dyn-vllm-kv-{os.getpid()}"
     return engine_kwargs(recipe.model, group, device=device, disaggregated=disaggregated,
                          kv_events_endpoint=events)
+
+
+def remove_vllm_files_of_dead_workers(directory: str) -> None:
+    """What vLLM workers no longer running left in `directory`: KV-event sockets, rendezvous files."""
+    from dyn.engine.vllm_rendezvous import remove_stores_of_dead_processes
+    from dyn.launch.local import remove_files_of_dead_processes
+
+    remove_files_of_dead_processes(directory, VLLM_KV_EVENTS_SOCKET)
+    remove_stores_of_dead_processes(directory)
 
 
 async def start_handoff(ctx, security: Security, recipe, topology, cfg: ProcessConfig, engine: Backend,

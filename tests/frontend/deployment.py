@@ -26,9 +26,7 @@ from dyn.config.process import ProcessConfig
 from dyn.control.keys import DeploymentKeys, write_private
 from dyn.control.messages import CONTROL_CODEC, Command, Heartbeat, Register, RegisterAck
 from dyn.control.sockets import Security, server_socket
-from dyn.engine.vllm_rendezvous import remove_stores_of_dead_processes
-from dyn.launch.local import remove_files_of_dead_processes
-from dyn.worker.process_startup import VLLM_KV_EVENTS_SOCKET
+from dyn.worker.process_startup import remove_vllm_files_of_dead_workers
 
 ROOT = Path(__file__).resolve().parents[2]
 TOPOLOGY = (ROOT / "topologies" / "local.yaml").read_text()
@@ -80,8 +78,7 @@ class Deployment:
         for proc in self.procs.values():
             await proc.wait()
         # What the SIGKILLed vLLM workers left (a worker starting on this node would remove it)
-        remove_files_of_dead_processes(tempfile.gettempdir(), VLLM_KV_EVENTS_SOCKET)
-        remove_stores_of_dead_processes(tempfile.gettempdir())
+        remove_vllm_files_of_dead_workers(tempfile.gettempdir())
         self.sock.close(linger=0)
         self.security.stop()
         self.ctx.term()
