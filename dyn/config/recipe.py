@@ -17,6 +17,49 @@ Transport = Literal["auto", "cuda_ipc", "shm", "tcp", "nixl"]
 
 
 @dataclass(frozen=True)
+class SamplingDefaultsSpec:
+    """What a request that leaves temperature, top_p, top_k or (chat) max_tokens out gets.
+
+    A checkpoint's generation_config.json names the sampling its authors recommend (Llama 3.1
+    Instruct: temperature 0.6, top_p 0.9); vLLM's OpenAI server and transformers apply it, so a
+    model moved behind dyn answers as it did there. `from_model: false` starts from OpenAI's
+    defaults (temperature 1, top_p 1, no top-k, chat up to the context end) instead; the fields
+    set here override either."""
+
+    from_model: bool = True
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    """0: no top-k cut."""
+    max_tokens: int | None = None
+    """Chat requests without max_tokens (completions keep OpenAI's 16)."""
+
+
+DEFAULTABLE = ("temperature", "top_p", "top_k", "max_tokens")
+"""The fields a deployment may give a default (recipe model.sampling_defaults, the model's
+generation_config.json) for requests that leave them out."""
+
+
+def sampling_default_problem(name: str, value: object) -> str | None:
+    """Why `value` cannot be the default of `name` (the ranges the HTTP API accepts), or None."""
+    if name in ("temperature", "top_p"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"must be a number, got {value!r}"
+        if name == "temperature" and not 0.0 <= value <= 2.0:
+            return f"must be in [0, 2], got {value:g}"
+        if name == "top_p" and not 0.0 < value <= 1.0:
+            return f"must be in (0, 1], got {value:g}"
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"must be an integer, got {value!r}"
+    if name == "top_k" and value < 0:
+        return f"must be at least 0 (0: no top-k cut), got {value}"
+    if name == "max_tokens" and value < 1:
+        return f"must be at least 1, got {value}"
+    return None
+
+
+@dataclass(frozen=True)
 class MockTiming:
     """Timing model of the mock engine (seconds). Also its planner profile.
 
@@ -63,6 +106,7 @@ class ModelSpec:
     """engine vllm: share of each GPU's memory vLLM may take (weights + activations + KV)."""
     enable_prefix_caching: bool = True
     """engine vllm: automatic prefix caching (the torch engine always caches)."""
+    sampling_defaults: SamplingDefaultsSpec = field(default_factory=SamplingDefaultsSpec)
     engine_args: tuple[tuple[str, Any], ...] = ()
     """engine vllm: further vLLM EngineArgs (name, value) pairs, from the recipe's free-form
     `engine_args:` mapping; checked against vLLM's EngineArgs fields."""

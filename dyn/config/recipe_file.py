@@ -12,8 +12,9 @@ import re
 from dataclasses import replace
 from typing import Any
 
-from dyn.config.recipe import (AuthSpec, FrontendSpec, KvTiersSpec, ModelSpec, PlannerSpec,
-                               Recipe, RouterSpec, ShuttleSpec, WeightsSpec, WorkerGroup)
+from dyn.config.recipe import (DEFAULTABLE, AuthSpec, FrontendSpec, KvTiersSpec, ModelSpec, PlannerSpec,
+                               Recipe, RouterSpec, ShuttleSpec, WeightsSpec, WorkerGroup,
+                               sampling_default_problem)
 from dyn.config.schema import build, check_keys, join
 from dyn.config.yamlmap import LocatedDoc, type_name
 
@@ -78,6 +79,10 @@ def _model(doc: LocatedDoc, raw: Any) -> ModelSpec:
         _at_least(doc, f"model.mock.{key}", getattr(timing, key), 0.0)
     _positive(doc, "model.mock.num_kv_blocks", timing.num_kv_blocks)
     _positive(doc, "model.mock_workers_per_process", model.mock_workers_per_process)
+    for key in DEFAULTABLE:
+        value = getattr(model.sampling_defaults, key)
+        if value is not None and (problem := sampling_default_problem(key, value)) is not None:
+            raise doc.error(f"model.sampling_defaults.{key}", problem)
     if model.mock_workers_per_process > 1 and model.engine != "mock":
         raise doc.error("model.mock_workers_per_process",
                         f"only engine mock hosts several workers in one process (engine is {model.engine!r})",

@@ -26,7 +26,7 @@ from dyn.frontend.metrics import CONTENT_TYPE, FrontendMetrics
 from dyn.frontend.hints import RetentionHint, with_session
 from dyn.frontend.middleware import (MAX_BODY_BYTES, REQUEST_ID_HEADER, RID_KEY, TENANT_KEY, auth_middleware,
                                      error_middleware, json_body)
-from dyn.frontend.protocol import ApiError, GenerationRequest, parse_chat, parse_completion
+from dyn.frontend.protocol import ApiError, GenerationRequest, SamplingDefaults, parse_chat, parse_completion
 from dyn.frontend.ratelimit import RateLimiter
 from dyn.frontend.responses import (DONE, StreamFormatter, chat_logprobs, completion_logprobs,
                                     error_event, full_response)
@@ -57,6 +57,8 @@ class ApiSettings:
     share_cache_across_tenants: bool = False
     log_prompts: bool = False
     """Put prompt and output text into the log (off by default: they are the tenants' data)."""
+    sampling_defaults: SamplingDefaults = SamplingDefaults()
+    """What requests get for the sampling fields they leave out (dyn.frontend.sampling_defaults)."""
 
 
 class Frontend:
@@ -143,10 +145,12 @@ class _Handlers:
         self.fe = fe
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, parse_chat(await json_body(request)))
+        body = await json_body(request)
+        return await self._generate(request, parse_chat(body, self.fe.settings.sampling_defaults))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, parse_completion(await json_body(request)))
+        body = await json_body(request)
+        return await self._generate(request, parse_completion(body, self.fe.settings.sampling_defaults))
 
     async def models(self, request: web.Request) -> web.Response:
         s = self.fe.settings
@@ -185,7 +189,8 @@ class _Handlers:
         if req.retain_messages:
             req = await self._retain_marked(req, prompt_ids)
         s, extra = fe.settings, {"request_id": rid}
-        req = req.for_prompt(len(prompt_ids), s.max_context)
+        req = req.for_prompt(len(prompt_ids), s.max_context,
+                             s.sampling_defaults.max_tokens if req.kind == "chat" else None)
         salt = 0 if fe.api_keys is None or s.share_cache_across_tenants else tenant_salt(tenant.name)
         # debug: the "finished" line below repeats all of it (one info line per request: at
         # thousands of requests/s each log line is a measurable share of the frontend's CPU)

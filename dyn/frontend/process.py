@@ -33,7 +33,8 @@ from dyn.frontend.kv_subscriber import KvEventSubscriber
 from dyn.frontend.metrics import FrontendMetrics
 from dyn.frontend.peers import PeerLoad
 from dyn.frontend.routing import Routing
-from dyn.frontend.text import TextTokenizer, load_tokenizer
+from dyn.frontend.sampling_defaults import log_sampling_defaults, resolve_sampling_defaults
+from dyn.frontend.text import TextTokenizer, checkpoint_dir, load_tokenizer
 from dyn.frontend.workers import WorkerLimits, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ def build_frontend(recipe: Recipe, pool: WorkerPool, *, tokenizer: TextTokenizer
     stall deadlines; `stall_timeout_s` overrides router.stall_timeout_s.
     """
     tokenizer = tokenizer or load_tokenizer(recipe.model)
+    sampling = resolve_sampling_defaults(recipe.model.sampling_defaults, checkpoint_dir(recipe.model))
+    log_sampling_defaults(sampling)
     profile = profile or find_profile(recipe)
     admission = (Admission(profile, recipe.planner.ttft_ms / 1000.0)
                  if profile is not None and recipe.router.admission else None)
@@ -61,7 +64,7 @@ def build_frontend(recipe: Recipe, pool: WorkerPool, *, tokenizer: TextTokenizer
                             log_prompts=recipe.frontend.log_prompts, kv_tiers=recipe.kv_tiers)
     settings = ApiSettings(recipe.model.served_name, recipe.model.max_context,
                            recipe.frontend.max_prompt_tokens, recipe.auth.share_cache_across_tenants,
-                           recipe.frontend.log_prompts)
+                           recipe.frontend.log_prompts, sampling.defaults)
     keys = load_api_keys(recipe.auth.api_keys_file) if recipe.auth.api_keys_file else None
     return Frontend(settings, tokenizer, dispatcher, pool, metrics, api_keys=keys)
 

@@ -16,7 +16,7 @@ from dyn.control.sampling import SamplingParams
 from dyn.frontend.api_error import ApiError
 from dyn.frontend.hints import Hints, parse_hints
 
-__all__ = ["ApiError", "GenerationRequest", "Hints", "parse_chat", "parse_completion"]
+__all__ = ["ApiError", "GenerationRequest", "Hints", "SamplingDefaults", "parse_chat", "parse_completion"]
 
 MAX_STOP_STRINGS = 16
 LEGACY_DEFAULT_MAX_TOKENS = 16
@@ -50,15 +50,31 @@ class GenerationRequest:
     retain_tokens: int | None = None
     """With hints.retention: only the prompt's leading tokens are retained (None: all blocks)."""
 
-    def for_prompt(self, num_prompt_tokens: int, max_context: int) -> "GenerationRequest":
-        """This request with max_tokens resolved for its tokenized prompt (None: to the context end)."""
+    def for_prompt(self, num_prompt_tokens: int, max_context: int,
+                   default_max_tokens: int | None = None) -> "GenerationRequest":
+        """This request with max_tokens resolved for its tokenized prompt: the deployment's default
+        (SamplingDefaults.max_tokens) within the context left, else to the context end."""
         if self.sampling.max_tokens is not None:
             return self
-        return replace(self, sampling=replace(self.sampling, max_tokens=max(max_context - num_prompt_tokens, 1)))
+        left = max(max_context - num_prompt_tokens, 1)
+        max_tokens = left if default_max_tokens is None else min(default_max_tokens, left)
+        return replace(self, sampling=replace(self.sampling, max_tokens=max_tokens))
 
 
-def parse_chat(body: Any) -> GenerationRequest:
-    """Validate a chat completion body (already JSON-decoded)."""
+@dataclass(frozen=True, slots=True)
+class SamplingDefaults:
+    """What a request that leaves a sampling field out gets: OpenAI's values unless the model's
+    generation_config.json or the recipe say otherwise (dyn.frontend.sampling_defaults)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int | None = None
+    """Chat requests only (completions keep OpenAI's 16); None: to the context end."""
+
+
+def parse_chat(body: Any, defaults: SamplingDefaults = SamplingDefaults()) -> GenerationRequest:
+    """Validate a chat completion body (already JSON-decoded); `defaults` fill what it leaves out."""
     body = _require_object(body)
     raw = body.get("messages")
     if not isinstance(raw, list):
@@ -81,12 +97,12 @@ def parse_chat(body: Any) -> GenerationRequest:
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise ApiError("only response_format {'type': 'text'} is supported", param="response_format")
-    return _common(body, "chat", max_tokens, logprobs, messages=messages,
+    return _common(body, "chat", max_tokens, logprobs, defaults, messages=messages,
                    retain_messages=marked[-1] + 1 if marked else 0)
 
 
-def parse_completion(body: Any) -> GenerationRequest:
-    """Validate a legacy completion body; `prompt` is text or token ids."""
+def parse_completion(body: Any, defaults: SamplingDefaults = SamplingDefaults()) -> GenerationRequest:
+    """Validate a legacy completion body; `prompt` is text or token ids; `defaults` as for chat."""
     body = _require_object(body)
     prompt = body.get("prompt")
     text: str | None = None
@@ -118,10 +134,12 @@ def parse_completion(body: Any) -> GenerationRequest:
     max_tokens = _opt_int(body, "max_tokens", 1, None)
     if "max_tokens" not in body:
         max_tokens = LEGACY_DEFAULT_MAX_TOKENS  # OpenAI's default; an explicit null means "to the context end"
-    return _common(body, "completion", max_tokens, logprobs is not None, prompt_text=text, prompt_token_ids=ids)
+    return _common(body, "completion", max_tokens, logprobs is not None, defaults, prompt_text=text,
+                   prompt_token_ids=ids)
 
 
-def _common(body: dict, kind: str, max_tokens: int | None, logprobs: bool, **fields: Any) -> GenerationRequest:
+def _common(body: dict, kind: str, max_tokens: int | None, logprobs: bool, defaults: SamplingDefaults,
+            **fields: Any) -> GenerationRequest:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError("'model' must be a non-empty string", param="model")
@@ -140,6 +158,7 @@ def _common(body: dict, kind: str, max_tokens: int | None, logprobs: bool, **fie
     top_p = _opt_float(body, "top_p", 0.0, 1.0)
     if top_p is not None and top_p <= 0.0:
         raise ApiError("top_p must be in (0, 1]", param="top_p")
+    top_k = _opt_int(body, "top_k", -1, MAX_TOKEN_ID)  # -1 or 0: no top-k cut
     stream = _opt_bool(body, "stream") or False
     options = body.get("stream_options")
     include_usage = False
@@ -154,8 +173,9 @@ def _common(body: dict, kind: str, max_tokens: int | None, logprobs: bool, **fie
     if ignore_eos is None:
         ignore_eos = _opt_bool(body, "ignore_eos")
     sampling = SamplingParams(
-        max_tokens=max_tokens, temperature=1.0 if temperature is None else temperature,
-        top_p=1.0 if top_p is None else top_p, top_k=max(_opt_int(body, "top_k", -1, MAX_TOKEN_ID) or 0, 0),
+        max_tokens=max_tokens, temperature=defaults.temperature if temperature is None else temperature,
+        top_p=defaults.top_p if top_p is None else top_p,
+        top_k=defaults.top_k if top_k is None else max(top_k, 0),
         seed=_opt_int(body, "seed", -(2**63), 2**63 - 1), stop_token_ids=_int_list(body, "stop_token_ids"),
         stop=_stop(body.get("stop")), ignore_eos=bool(ignore_eos), logprobs=logprobs)
     return GenerationRequest(kind=kind, model=model, sampling=sampling,  # type: ignore[arg-type]

@@ -95,19 +95,28 @@ class ModelTokenizer:
         return list(self._inner.encode(out, add_special_tokens=False))
 
 
-def load_tokenizer(model: ModelSpec) -> TextTokenizer:
-    """The checkpoint's tokenizer, or ByteTokenizer for `engine: mock` without tokenizer files."""
+def checkpoint_dir(model: ModelSpec) -> Path | None:
+    """The checkpoint directory the frontend reads (tokenizer, generation_config.json); for a GGUF
+    source, the same cached conversion the workers load (one conversion per node). None: a mock
+    engine without tokenizer files."""
     from dyn.engine.sources import resolve_checkpoint, source_file
 
     if model.engine == "mock" and source_file(model.path) is None \
             and not (Path(model.path) / "tokenizer.json").is_file():
+        return None
+    return resolve_checkpoint(model.path, dtype=model.dtype)
+
+
+def load_tokenizer(model: ModelSpec) -> TextTokenizer:
+    """The checkpoint's tokenizer, or ByteTokenizer for `engine: mock` without tokenizer files."""
+    directory = checkpoint_dir(model)
+    if directory is None:
         return ByteTokenizer()
     try:
         from dyn.engine.tokenizer import Tokenizer
     except ImportError as exc:
         raise EngineError(f"cannot load the tokenizer of {model.path}: {exc}") from None
-    # a GGUF source: the same cached conversion the workers load (one conversion per node)
-    return ModelTokenizer(Tokenizer.from_dir(resolve_checkpoint(model.path, dtype=model.dtype)))
+    return ModelTokenizer(Tokenizer.from_dir(directory))
 
 
 class TextStream:
