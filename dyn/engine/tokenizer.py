@@ -1,9 +1,9 @@
 """Tokenizer of a Hugging Face model directory, on the `tokenizers` library (no transformers).
 
 `tokenizer.json` does the encoding (its post-processor adds BOS when asked);
-`tokenizer_config.json` supplies the chat template, rendered with a sandboxed
-jinja2 environment. A rendered chat prompt usually carries its own BOS, so
-encode it with `add_special_tokens=False`.
+`tokenizer_config.json` supplies the chat template, rendered in a sandboxed
+jinja2 environment like transformers' (dyn.engine.chat_template). A rendered chat
+prompt usually carries its own BOS, so encode it with `add_special_tokens=False`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dyn.engine.chat_template import compile_chat_template
 from dyn.engine.loader import CheckpointError
 from dyn.errors import RequestError
 
@@ -26,7 +27,7 @@ class Tokenizer:
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.chat_template = chat_template
-        self._template = _compile_template(chat_template, source) if chat_template else None
+        self._template = compile_chat_template(chat_template, source) if chat_template else None
         eos = [tokenizer.token_to_id(eos_token)] if eos_token else []
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(i for i in [*eos, *extra_eos_ids] if i is not None))
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -130,22 +131,6 @@ class IncrementalDetokenizer:
         self._prefix = self._read = len(self.token_ids)
         self.text += delta
         return delta
-
-
-def _compile_template(source_text: str, where: str) -> Any:
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    try:
-        return env.from_string(source_text)
-    except TemplateError as exc:
-        raise CheckpointError(f"chat_template does not compile: {exc}", path=f"{where}/tokenizer_config.json") \
-            from None
 
 
 def _pick_template(value: Any, root: Path) -> str | None:
