@@ -24,6 +24,13 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from dyn.engine.loader import CheckpointError
 
 
+RENDER_ARGUMENTS = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token", "tools", "documents"})
+"""What dyn passes to every render: a request's chat_template_kwargs may not replace them."""
+GLOBALS = frozenset({"raise_exception", "strftime_now", "range", "dict", "lipsum", "cycler", "joiner", "namespace"})
+"""The environment's functions (Jinja's own and transformers'): a kwarg of the same name would
+shadow one, and a template calling it would fail."""
+
+
 def compile_chat_template(source_text: str, where: str) -> Template:
     """The compiled template; CheckpointError naming `where` if it does not compile."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,

@@ -82,6 +82,11 @@ class Tokenizer:
                                          bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
         except TemplateError as exc:
             raise RequestError(f"chat template rejected the messages: {exc}", field="messages") from None
+        except (TypeError, ValueError, ArithmeticError, LookupError) as exc:
+            # a client's chat_template_kwargs of a type the template does not expect
+            where = "chat_template_kwargs" if kwargs else "messages"
+            raise RequestError(f"chat template failed on the request's {where}: {type(exc).__name__}: {exc}",
+                               field=where) from None
 
     def detokenizer(self, prompt_ids: list[int] | None = None,
                     skip_special_tokens: bool = True) -> "IncrementalDetokenizer":

@@ -253,7 +253,7 @@ class _Handlers:
         if req.kind == "chat":
             param = "messages"
             size = sum(len(m["content"]) for m in req.messages)
-            ids = await _off_loop(size, tok.chat_prompt, req.messages)
+            ids = await _off_loop(size, tok.chat_prompt, req.messages, req.template_kwargs)
         elif req.prompt_token_ids is not None:
             ids, param = list(req.prompt_token_ids), "prompt"
         else:
@@ -276,7 +276,7 @@ class _Handlers:
         """Per-message marks: retain the blocks of the prompt up to the last marked message."""
         marked = req.messages[:req.retain_messages]
         head = await _off_loop(sum(len(m["content"]) for m in marked), self.fe.tokenizer.chat_prompt,
-                               marked)
+                               marked, req.template_kwargs)
         common = 0
         for a, b in zip(head, prompt_ids):
             if a != b:
@@ -360,11 +360,11 @@ def _prompt_text(req: GenerationRequest) -> str:
     return req.prompt_text if req.prompt_text is not None else str(list(req.prompt_token_ids or ()))
 
 
-async def _off_loop(num_chars: int, fn, arg):
+async def _off_loop(num_chars: int, fn, *args):
     """Tokenize long texts on a thread so one big prompt does not stall every stream."""
     if num_chars < OFF_LOOP_CHARS:
-        return fn(arg)
-    return await asyncio.to_thread(fn, arg)
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
 
 
 async def _openapi(_request: web.Request) -> web.Response:

@@ -9,10 +9,12 @@ honour (n > 1, tools, penalties, non-text content) are refused, never ignored.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from dyn.control.sampling import SamplingParams
+from dyn.engine.chat_template import GLOBALS, RENDER_ARGUMENTS
 from dyn.frontend.api_error import ApiError
 from dyn.frontend.hints import Hints, parse_hints
 
@@ -24,6 +26,7 @@ LEGACY_DEFAULT_MAX_TOKENS = 16
 MAX_STOP_CHARS = 256
 MAX_TOKEN_ID = 2**31 - 1
 """Token ids and top_k travel as msgpack ints; no vocabulary comes near this."""
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 
@@ -49,6 +52,8 @@ class GenerationRequest:
     """chat: messages[:retain_messages] carry a retention mark (system prompt, tool schemas)."""
     retain_tokens: int | None = None
     """With hints.retention: only the prompt's leading tokens are retained (None: all blocks)."""
+    template_kwargs: dict[str, Any] | None = None
+    """chat: the request's chat_template_kwargs, passed to the chat template (Qwen3's enable_thinking)."""
 
     def for_prompt(self, num_prompt_tokens: int, max_context: int,
                    default_max_tokens: int | None = None) -> "GenerationRequest":
@@ -98,7 +103,8 @@ def parse_chat(body: Any, defaults: SamplingDefaults = SamplingDefaults()) -> Ge
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise ApiError("only response_format {'type': 'text'} is supported", param="response_format")
     return _common(body, "chat", max_tokens, logprobs, defaults, messages=messages,
-                   retain_messages=marked[-1] + 1 if marked else 0)
+                   retain_messages=marked[-1] + 1 if marked else 0,
+                   template_kwargs=_template_kwargs(body.get("chat_template_kwargs")))
 
 
 def parse_completion(body: Any, defaults: SamplingDefaults = SamplingDefaults()) -> GenerationRequest:
@@ -181,6 +187,23 @@ def _common(body: dict, kind: str, max_tokens: int | None, logprobs: bool, defau
     return GenerationRequest(kind=kind, model=model, sampling=sampling,  # type: ignore[arg-type]
                              stream=stream, include_usage=include_usage, hints=hints, unknown_hints=unknown,
                              **fields)
+
+
+def _template_kwargs(raw: Any) -> dict[str, Any] | None:
+    """chat_template_kwargs (vLLM's and SGLang's extension): variables for the chat template. A name
+    dyn passes itself, or one of the template environment's functions, cannot be replaced."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ApiError("'chat_template_kwargs' must be an object", param="chat_template_kwargs")
+    for key in raw:
+        if not _IDENTIFIER.match(key):
+            raise ApiError(f"chat_template_kwargs key {key[:64]!r} is not a template variable name",
+                           param="chat_template_kwargs")
+        if key in RENDER_ARGUMENTS or key in GLOBALS:
+            raise ApiError(f"chat_template_kwargs may not set {key!r}: the server sets it",
+                           param=f"chat_template_kwargs.{key}")
+    return raw or None
 
 
 def _is_retain_mark(message: dict, where: str) -> bool:

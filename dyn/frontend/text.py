@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from dyn.config.recipe import ModelSpec
 from dyn.errors import EngineError
@@ -26,8 +26,10 @@ class TextTokenizer(Protocol):
 
     def decode(self, token_ids: Sequence[int]) -> str: ...
 
-    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Token ids of the chat template applied to `messages`, ready for the assistant turn."""
+    def chat_prompt(self, messages: Sequence[dict[str, str]],
+                    template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
+        """Token ids of the chat template applied to `messages`, ready for the assistant turn;
+        `template_kwargs`: the request's chat_template_kwargs (e.g. Qwen3's enable_thinking)."""
         ...
 
 
@@ -46,7 +48,8 @@ class ByteTokenizer:
     def decode(self, token_ids: Sequence[int]) -> str:
         return bytes(t if t < 256 else 33 + t % 94 for t in token_ids).decode("utf-8", "replace")
 
-    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
+    def chat_prompt(self, messages: Sequence[dict[str, str]],
+                    template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
         text = "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages) + "<|assistant|>"
         return self.encode(text)
 
@@ -85,8 +88,9 @@ class ModelTokenizer:
             return None
         return partial(stream.step, hf)
 
-    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        out = self._inner.apply_chat_template(list(messages), add_generation_prompt=True)
+    def chat_prompt(self, messages: Sequence[dict[str, str]],
+                    template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
+        out = self._inner.apply_chat_template(list(messages), add_generation_prompt=True, **(template_kwargs or {}))
         if not isinstance(out, str):
             return list(out)
         # The template already writes BOS and friends: add no special tokens twice.

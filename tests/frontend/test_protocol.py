@@ -47,3 +47,17 @@ def test_a_body_without_hint_objects_gets_the_same_hints_as_empty_ones():
     assert plain == (Hints(), ())
     assert plain == parse_hints({"model": "m", "dyn": {}, "nvext": {"agent_hints": {}, "session_control": {}}})
     assert parse_hints({"model": "m", "dyn": None, "nvext": None}) == plain
+
+
+def test_chat_template_kwargs_are_template_variables_and_never_the_servers_own():
+    assert parse_chat({**CHAT, "chat_template_kwargs": {"enable_thinking": False}}).template_kwargs == {
+        "enable_thinking": False}
+    assert parse_chat(CHAT).template_kwargs is None
+    for kwargs, param in [([1], "chat_template_kwargs"), ({"not a name": 1}, "chat_template_kwargs"),
+                          ({"messages": []}, "chat_template_kwargs.messages"),
+                          ({"bos_token": ""}, "chat_template_kwargs.bos_token"),
+                          ({"namespace": "x"}, "chat_template_kwargs.namespace"),
+                          ({"raise_exception": 1}, "chat_template_kwargs.raise_exception")]:
+        with pytest.raises(ApiError) as err:
+            parse_chat({**CHAT, "chat_template_kwargs": kwargs})
+        assert err.value.param == param and err.value.status == 400
