@@ -18,7 +18,8 @@ Transport = Literal["auto", "cuda_ipc", "shm", "tcp", "nixl"]
 
 @dataclass(frozen=True)
 class SamplingDefaultsSpec:
-    """What a request that leaves temperature, top_p, top_k or (chat) max_tokens out gets.
+    """What a request that leaves sampling fields out (temperature, top_p, top_k, penalties, chat's
+    max_tokens) gets.
 
     A checkpoint's generation_config.json names the sampling its authors recommend (Llama 3.1
     Instruct: temperature 0.6, top_p 0.9); vLLM's OpenAI server and transformers apply it, so a
@@ -33,22 +34,34 @@ class SamplingDefaultsSpec:
     """0: no top-k cut."""
     max_tokens: int | None = None
     """Chat requests without max_tokens (completions keep OpenAI's 16)."""
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
 
 
-DEFAULTABLE = ("temperature", "top_p", "top_k", "max_tokens")
+DEFAULTABLE = ("temperature", "top_p", "top_k", "max_tokens", "presence_penalty", "frequency_penalty",
+               "repetition_penalty")
 """The fields a deployment may give a default (recipe model.sampling_defaults, the model's
 generation_config.json) for requests that leave them out."""
 
 
+MAX_REPETITION_PENALTY = 10.0
+"""Far above any useful value (1.0-1.5); the engines need only > 0."""
+
+
 def sampling_default_problem(name: str, value: object) -> str | None:
     """Why `value` cannot be the default of `name` (the ranges the HTTP API accepts), or None."""
-    if name in ("temperature", "top_p"):
+    if name not in ("top_k", "max_tokens"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"must be a number, got {value!r}"
         if name == "temperature" and not 0.0 <= value <= 2.0:
             return f"must be in [0, 2], got {value:g}"
         if name == "top_p" and not 0.0 < value <= 1.0:
             return f"must be in (0, 1], got {value:g}"
+        if name in ("presence_penalty", "frequency_penalty") and not -2.0 <= value <= 2.0:
+            return f"must be in [-2, 2], got {value:g}"
+        if name == "repetition_penalty" and not 0.0 < value <= MAX_REPETITION_PENALTY:
+            return f"must be in (0, {MAX_REPETITION_PENALTY:g}], got {value:g}"
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         return f"must be an integer, got {value!r}"

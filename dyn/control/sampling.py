@@ -28,3 +28,13 @@ class SamplingParams:
     """Stop strings; checked by the engine's detokenizer when it has one."""
     ignore_eos: bool = False
     logprobs: bool = False
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token the output already holds (OpenAI's definition)."""
+    frequency_penalty: float = 0.0
+    """Subtracted once per occurrence in the output so far."""
+    repetition_penalty: float = 1.0
+    """Divides positive (multiplies negative) logits of tokens in the prompt or output; 1: none."""
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)

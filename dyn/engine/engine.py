@@ -379,6 +379,13 @@ def _check_sampling(request: EngineRequest, vocab: int) -> None:
         raise bad("top_k", "must be an int >= 0 (0: no cut)")
     if sp.seed is not None and type(sp.seed) is not int:
         raise bad("seed", "must be an int or None")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(sp, name)
+        if not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
+            raise bad(name, "must be in [-2, 2]")
+    if not isinstance(sp.repetition_penalty, (int, float)) or not (math.isfinite(sp.repetition_penalty)
+                                                                   and sp.repetition_penalty > 0):
+        raise bad("repetition_penalty", "must be a finite number > 0")
     if any(type(t) is not int or not 0 <= t < vocab for t in sp.stop_token_ids):
         raise bad("stop_token_ids", f"must be token ids in [0, {vocab})")
     if any(not isinstance(s, str) or not s for s in sp.stop):

@@ -1,10 +1,12 @@
-"""Per-request token sampling: greedy, temperature, top-k, top-p, seeded streams.
+"""Per-request token sampling: penalties, greedy, temperature, top-k, top-p, seeded streams.
 
 A seeded request draws token i from a generator seeded by (seed, i), not from
 a generator carried across steps. The stream is then a function of the request
 alone: the same tokens come out whatever else shares the batch, after
 preemption and recompute, and after a prefill/decode handoff to another worker.
 Draws happen on the host, so CPU and CUDA runners agree for the same probs.
+Penalties follow vLLM's (and OpenAI's) definitions and come first, so greedy
+requests see them too; logprobs stay those of the unmodified model.
 Parameter ranges are checked where requests enter (dyn.engine.engine).
 """
 
@@ -26,12 +28,17 @@ class Sampled(NamedTuple):
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], num_generated: Sequence[int],
-           generator: torch.Generator | None = None) -> Sampled:
+           generator: torch.Generator | None = None, *,
+           contexts: Sequence[Sequence[int]] | None = None) -> Sampled:
     """Pick one token per row of float32 `logits` [n, vocab].
 
     `generator` (a host generator) serves unseeded random requests; seeded
-    ones use their own stream.
+    ones use their own stream. `contexts`: each row's prompt + generated tokens
+    (the last `num_generated` are output), needed by requests with penalties.
     """
+    raw = logits
+    if contexts is not None and any(p.penalized for p in params):
+        logits = _penalized(logits, params, num_generated, contexts)
     n = logits.shape[0]
     tokens: list[int] = [0] * n
     greedy_rows = [i for i, p in enumerate(params) if p.temperature == 0.0 or p.top_k == 1]
@@ -52,11 +59,30 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], num_generated
     logprobs: list[float | None] = [None] * n
     want = [i for i, p in enumerate(params) if p.logprobs]
     if want:
-        lp = torch.log_softmax(logits[want], dim=-1)
+        lp = torch.log_softmax(raw[want], dim=-1)
         chosen = lp.gather(1, torch.tensor([tokens[i] for i in want], device=lp.device).unsqueeze(1))
         for row, value in zip(want, chosen.squeeze(1).tolist()):
             logprobs[row] = value
     return Sampled(tokens, logprobs)
+
+
+def _penalized(logits: torch.Tensor, params: Sequence[SamplingParams], num_generated: Sequence[int],
+               contexts: Sequence[Sequence[int]]) -> torch.Tensor:
+    """A copy of `logits` with each row's repetition, frequency and presence penalties applied."""
+    out = logits.clone()
+    for i, p in enumerate(params):
+        if not p.penalized:
+            continue
+        row, context = out[i], contexts[i]
+        if p.repetition_penalty != 1.0 and context:
+            seen = torch.tensor(sorted(set(context)), device=row.device)
+            values = row[seen]
+            row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        generated = context[len(context) - num_generated[i]:] if num_generated[i] else ()
+        if generated and (p.frequency_penalty or p.presence_penalty):
+            tokens, counts = torch.unique(torch.tensor(list(generated), device=row.device), return_counts=True)
+            row[tokens] -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty
+    return out
 
 
 def _filtered_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:

@@ -134,7 +134,8 @@ class TorchModelRunner(ModelRunner):
                 logits = self.model.logits(hidden[sample_rows])
             sampling_work = [w for w in work if w.sample]
             picked = sample(logits, [w.sampling for w in sampling_work],
-                            [w.num_generated for w in sampling_work], self._generator)
+                            [w.num_generated for w in sampling_work], self._generator,
+                            contexts=[w.all_token_ids or () for w in sampling_work])
         sampled = {w.request_id: tok for w, tok in zip(sampling_work, picked.token_ids)}
         logprobs = {w.request_id: lp for w, lp in zip(sampling_work, picked.logprobs) if lp is not None}
         return StepResult(sampled=sampled, logprobs=logprobs or None, duration_s=time.perf_counter() - t0)

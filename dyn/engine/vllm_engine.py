@@ -262,6 +262,8 @@ class VllmEngine(Backend):
             params = SamplingParams(
                 max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or 0,
                 seed=s.seed, stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
+                presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+                repetition_penalty=s.repetition_penalty,
                 logprobs=0 if s.logprobs else None, detokenize=False,
                 output_kind=RequestOutputKind.DELTA, **extra)
         except (ValueError, TypeError) as exc:

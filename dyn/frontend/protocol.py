@@ -3,7 +3,7 @@
 Validation is hand-written instead of pydantic: the hot path parses one small
 dict per request, and every failure must carry the OpenAI `param` name. Unknown
 fields are ignored, as OpenAI-compatible servers do; known fields we cannot
-honour (n > 1, tools, penalties, non-text content) are refused, never ignored.
+honour (n > 1, tools, logit_bias, non-text content) are refused, never ignored.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from dyn.config.recipe import MAX_REPETITION_PENALTY
 from dyn.control.sampling import SamplingParams
 from dyn.engine.chat_template import GLOBALS, RENDER_ARGUMENTS
 from dyn.frontend.api_error import ApiError
@@ -76,6 +77,9 @@ class SamplingDefaults:
     top_k: int = 0
     max_tokens: int | None = None
     """Chat requests only (completions keep OpenAI's 16); None: to the context end."""
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
 
 def parse_chat(body: Any, defaults: SamplingDefaults = SamplingDefaults()) -> GenerationRequest:
@@ -154,10 +158,12 @@ def _common(body: dict, kind: str, max_tokens: int | None, logprobs: bool, defau
         raise ApiError("only n=1 is supported", param="n")
     if _opt_int(body, "best_of", 1, None) not in (None, 1):
         raise ApiError("only best_of=1 is supported", param="best_of")
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = _opt_float(body, name, -2.0, 2.0)
-        if value:
-            raise ApiError(f"{name} is not supported; omit it or send 0", param=name)
+    presence = _opt_float(body, "presence_penalty", -2.0, 2.0)
+    frequency = _opt_float(body, "frequency_penalty", -2.0, 2.0)
+    repetition = _opt_float(body, "repetition_penalty", 0.0, MAX_REPETITION_PENALTY)  # vLLM's extension
+    if repetition is not None and repetition <= 0.0:
+        raise ApiError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}]",
+                       param="repetition_penalty")
     if body.get("logit_bias"):
         raise ApiError("logit_bias is not supported", param="logit_bias")
     temperature = _opt_float(body, "temperature", 0.0, 2.0)
@@ -183,7 +189,10 @@ def _common(body: dict, kind: str, max_tokens: int | None, logprobs: bool, defau
         top_p=defaults.top_p if top_p is None else top_p,
         top_k=defaults.top_k if top_k is None else max(top_k, 0),
         seed=_opt_int(body, "seed", -(2**63), 2**63 - 1), stop_token_ids=_int_list(body, "stop_token_ids"),
-        stop=_stop(body.get("stop")), ignore_eos=bool(ignore_eos), logprobs=logprobs)
+        stop=_stop(body.get("stop")), ignore_eos=bool(ignore_eos), logprobs=logprobs,
+        presence_penalty=defaults.presence_penalty if presence is None else presence,
+        frequency_penalty=defaults.frequency_penalty if frequency is None else frequency,
+        repetition_penalty=defaults.repetition_penalty if repetition is None else repetition)
     return GenerationRequest(kind=kind, model=model, sampling=sampling,  # type: ignore[arg-type]
                              stream=stream, include_usage=include_usage, hints=hints, unknown_hints=unknown,
                              **fields)

@@ -1,11 +1,11 @@
 """The sampling a request gets for the fields it leaves out: the model's, then the recipe's.
 
 A checkpoint's generation_config.json carries the sampling its authors recommend (Llama 3.1
-Instruct: temperature 0.6, top_p 0.9; Qwen2.5: top_k 20 too). vLLM's OpenAI server and
+Instruct: temperature 0.6, top_p 0.9; Qwen2.5: top_k 20 and repetition_penalty 1.05 too). vLLM's OpenAI server and
 transformers apply it, so a model served by dyn without it would answer differently from the
 same model under `vllm serve`. Every key the file sets is taken, as vLLM does (transformers 5
 writes no defaults into the file); `max_new_tokens` becomes chat's default max_tokens.
-Sampling controls dyn does not implement (repetition_penalty, min_p, ...) are named in the
+Sampling controls dyn does not implement (min_p, typical_p, ...) are named in the
 frontend's log rather than dropped silently. A value out of the API's range is an error naming
 the file and key: `model.sampling_defaults.from_model: false` serves without the file.
 """
@@ -24,9 +24,11 @@ from dyn.frontend.protocol import SamplingDefaults
 log = logging.getLogger(__name__)
 
 GENERATION_CONFIG = "generation_config.json"
-_FROM_FILE = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "max_new_tokens": "max_tokens"}
+_FROM_FILE = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "max_new_tokens": "max_tokens",
+              "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+              "repetition_penalty": "repetition_penalty"}
 """generation_config.json key -> the request field it is the default of."""
-NOT_APPLIED = ("repetition_penalty", "min_p", "presence_penalty", "frequency_penalty", "typical_p")
+NOT_APPLIED = ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "no_repeat_ngram_size")
 """Sampling controls a generation config may set that dyn's engines do not implement."""
 
 
@@ -85,7 +87,7 @@ def log_sampling_defaults(resolved: ResolvedDefaults) -> None:
 
 def _typed(field: str, value: object) -> object:
     """A checked value as SamplingDefaults holds it (YAML and JSON write 1 for 1.0)."""
-    return float(value) if field in ("temperature", "top_p") else value  # type: ignore[arg-type]
+    return value if field in ("top_k", "max_tokens") else float(value)  # type: ignore[arg-type]
 
 
 def _read(path: Path) -> dict:

@@ -181,3 +181,26 @@ def test_block_view_is_the_pool_block(hf_checkpoint):
     assert runner.pool[1].abs().sum() == 0
     runner.copy_block(2, 3)
     assert bytes(runner.block_view(3)) == bytes(view)
+
+
+def test_repetition_penalty_matches_transformers_generate(hf_checkpoint, hf_model):
+    """Greedy with repetition_penalty over prompt + output, as transformers' logits processor (and
+    vLLM) apply it, in a batch beside an unpenalized request that stays plain greedy."""
+    path = hf_checkpoint("llama")
+    hf = hf_model(path)
+    prompt, other = _prompts([10, 14], seed=7)
+    engine = Engine(_runner(path))
+    engine.add_request(EngineRequest("pen", prompt, SamplingParams(max_tokens=DECODE_STEPS, ignore_eos=True,
+                                                                   repetition_penalty=1.3)))
+    engine.add_request(EngineRequest("plain", other, SamplingParams(max_tokens=DECODE_STEPS, ignore_eos=True)))
+    tokens = _drain(engine)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=DECODE_STEPS, do_sample=False,
+                          repetition_penalty=1.3, min_new_tokens=DECODE_STEPS, pad_token_id=0)
+        plain = hf.generate(torch.tensor([other]), max_new_tokens=DECODE_STEPS, do_sample=False,
+                            min_new_tokens=DECODE_STEPS, pad_token_id=0)
+    assert tokens["pen"] == ref[0, len(prompt):].tolist()
+    assert tokens["plain"] == plain[0, len(other):].tolist()
+    unpenalized = Engine(_runner(path))
+    unpenalized.add_request(_greedy(prompt, "x"))
+    assert _drain(unpenalized)["x"][:DECODE_STEPS] != tokens["pen"]  # the penalty changed the answer

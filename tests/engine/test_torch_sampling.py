@@ -70,3 +70,22 @@ def test_logprobs_are_those_of_the_model_distribution():
     expected = torch.log_softmax(logits, -1)
     for row in range(2):
         assert out.logprobs[row] == pytest.approx(expected[row, out.token_ids[row]].item(), abs=1e-6)
+
+
+def test_penalties_follow_openais_and_vllms_definitions():
+    logits = torch.tensor([[2.0, 1.9, -1.0, -1.1, 0.5]])
+    context = [0, 2, 4, 4]  # prompt [0, 2], output [4, 4]
+    # repetition: every seen token (prompt or output), positive logits divided, negative multiplied
+    rep = sample(logits, [SamplingParams(repetition_penalty=2.0, logprobs=True)], [2], contexts=[context])
+    assert rep.token_ids == [1]  # 2.0 / 2 = 1.0 < 1.9
+    assert rep.logprobs[0] == pytest.approx(torch.log_softmax(logits[0], -1)[1].item())  # the model's own
+    # frequency (per occurrence) and presence (once) count the output only, never the prompt
+    freq = SamplingParams(temperature=0.0, frequency_penalty=1.0, presence_penalty=0.5)
+    out = sample(torch.tensor([[0.0, 0.0, -1.0, -1.0, 2.4]]), [freq], [2], contexts=[context])
+    assert out.token_ids == [0]  # 2.4 - 2 * 1.0 - 0.5 = -0.1 < 0.0, and token 0 (prompt) is not penalized
+    # a row without penalties in the same batch is untouched, and no contexts means none are needed
+    batch = torch.tensor([[2.0, 1.9, 0.0], [2.0, 1.9, 0.0]])
+    mixed = sample(batch, [SamplingParams(repetition_penalty=2.0), SamplingParams()], [0, 0],
+                   contexts=[[0], [0]])
+    assert mixed.token_ids == [1, 0]
+    assert sample(batch, [SamplingParams(), SamplingParams()], [0, 0]).token_ids == [0, 0]

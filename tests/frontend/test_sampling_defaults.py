@@ -13,6 +13,7 @@ from frontend_harness import Harness, make_recipe
 
 from dyn.config.loader import parse_recipe
 from dyn.config.recipe import SamplingDefaultsSpec
+from dyn.control.sampling import SamplingParams
 from dyn.engine.loader import CheckpointError
 from dyn.errors import ConfigError
 from dyn.frontend.protocol import LEGACY_DEFAULT_MAX_TOKENS, SamplingDefaults, parse_chat, parse_completion
@@ -34,6 +35,10 @@ def test_omitted_fields_take_the_defaults_and_sent_ones_win():
     assert (plain.temperature, plain.top_p, plain.top_k) == (0.6, 0.9, 20)
     sent = parse_chat({**CHAT, "temperature": 0, "top_p": 1, "top_k": -1}, defaults).sampling
     assert (sent.temperature, sent.top_p, sent.top_k) == (0.0, 1.0, 0)  # -1: no top-k cut, as sent
+    penalized = SamplingDefaults(repetition_penalty=1.1, presence_penalty=0.5)
+    assert parse_chat(CHAT, penalized).sampling.repetition_penalty == 1.1
+    assert parse_chat({**CHAT, "repetition_penalty": 1, "frequency_penalty": 0.3}, penalized).sampling == \
+        SamplingParams(max_tokens=None, temperature=1.0, presence_penalty=0.5, frequency_penalty=0.3)
     # max_tokens: chat's default within the context left; an explicit limit and completions' 16 stay
     chat = parse_chat(CHAT, defaults)
     assert chat.for_prompt(10, 4096, defaults.max_tokens).sampling.max_tokens == 100
@@ -45,13 +50,15 @@ def test_omitted_fields_take_the_defaults_and_sent_ones_win():
 
 
 def test_the_model_file_then_the_recipe(tmp_path):
-    model = _model_dir(tmp_path, {**LLAMA_31, "top_k": 20, "max_new_tokens": 256, "repetition_penalty": 1.05})
+    model = _model_dir(tmp_path, {**LLAMA_31, "top_k": 20, "max_new_tokens": 256, "repetition_penalty": 1.05,
+                                  "min_p": 0.05})
     resolved = resolve_sampling_defaults(SamplingDefaultsSpec(), model)
-    assert resolved.defaults == SamplingDefaults(temperature=0.6, top_p=0.9, top_k=20, max_tokens=256)
-    assert resolved.not_applied == {"repetition_penalty": 1.05}  # named in the log, not applied
+    assert resolved.defaults == SamplingDefaults(temperature=0.6, top_p=0.9, top_k=20, max_tokens=256,
+                                                 repetition_penalty=1.05)
+    assert resolved.not_applied == {"min_p": 0.05}  # named in the log, not applied
     assert str(model / "generation_config.json") in resolved.describe()
 
-    ours = resolve_sampling_defaults(SamplingDefaultsSpec(temperature=0.2, top_k=0), model)
+    ours = resolve_sampling_defaults(SamplingDefaultsSpec(temperature=0.2, top_k=0, repetition_penalty=1), model)
     assert ours.defaults == SamplingDefaults(temperature=0.2, top_p=0.9, top_k=0, max_tokens=256)
     assert ours.origin["temperature"] == "recipe" and ours.origin["top_p"].endswith("generation_config.json")
 
@@ -72,6 +79,7 @@ def test_no_file_or_no_checkpoint_means_openais_defaults(tmp_path):
     ({"temperature": 5.0}, "temperature must be in [0, 2], got 5"),
     ({"top_p": "high"}, "top_p must be a number"),
     ({"max_new_tokens": 0}, "max_new_tokens must be at least 1"),
+    ({"repetition_penalty": 0}, "repetition_penalty must be in (0, 10]"),
     ("{not json", "not valid JSON"),
     ("[1, 2]", "expected a JSON object"),
 ])
