@@ -18,7 +18,7 @@ Transport = Literal["auto", "cuda_ipc", "shm", "tcp", "nixl"]
 
 @dataclass(frozen=True)
 class SamplingDefaultsSpec:
-    """What a request that leaves sampling fields out (temperature, top_p, top_k, penalties, chat's
+    """What a request that leaves sampling fields out (temperature, top_p, top_k, min_p, penalties, chat's
     max_tokens) gets.
 
     A checkpoint's generation_config.json names the sampling its authors recommend (Llama 3.1
@@ -32,6 +32,7 @@ class SamplingDefaultsSpec:
     top_p: float | None = None
     top_k: int | None = None
     """0: no top-k cut."""
+    min_p: float | None = None
     max_tokens: int | None = None
     """Chat requests without max_tokens (completions keep OpenAI's 16)."""
     presence_penalty: float | None = None
@@ -39,7 +40,7 @@ class SamplingDefaultsSpec:
     repetition_penalty: float | None = None
 
 
-DEFAULTABLE = ("temperature", "top_p", "top_k", "max_tokens", "presence_penalty", "frequency_penalty",
+DEFAULTABLE = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "presence_penalty", "frequency_penalty",
                "repetition_penalty")
 """The fields a deployment may give a default (recipe model.sampling_defaults, the model's
 generation_config.json) for requests that leave them out."""
@@ -58,6 +59,8 @@ def sampling_default_problem(name: str, value: object) -> str | None:
             return f"must be in [0, 2], got {value:g}"
         if name == "top_p" and not 0.0 < value <= 1.0:
             return f"must be in (0, 1], got {value:g}"
+        if name == "min_p" and not 0.0 <= value <= 1.0:
+            return f"must be in [0, 1], got {value:g}"
         if name in ("presence_penalty", "frequency_penalty") and not -2.0 <= value <= 2.0:
             return f"must be in [-2, 2], got {value:g}"
         if name == "repetition_penalty" and not 0.0 < value <= MAX_REPETITION_PENALTY:

@@ -21,6 +21,8 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     """0 means no top-k cut."""
+    min_p: float = 0.0
+    """Drop tokens less likely than min_p times the likeliest one (after temperature); 0: none."""
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     """Besides the model's EOS ids (unless ignore_eos)."""

@@ -377,6 +377,8 @@ def _check_sampling(request: EngineRequest, vocab: int) -> None:
         raise bad("top_p", "must be in (0, 1]")
     if type(sp.top_k) is not int or sp.top_k < 0:
         raise bad("top_k", "must be an int >= 0 (0: no cut)")
+    if not isinstance(sp.min_p, (int, float)) or not 0 <= sp.min_p <= 1:
+        raise bad("min_p", "must be in [0, 1]")
     if sp.seed is not None and type(sp.seed) is not int:
         raise bad("seed", "must be an int or None")
     for name in ("presence_penalty", "frequency_penalty"):

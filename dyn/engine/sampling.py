@@ -1,4 +1,4 @@
-"""Per-request token sampling: penalties, greedy, temperature, top-k, top-p, seeded streams.
+"""Per-request token sampling: penalties, greedy, temperature, top-k, top-p, min-p, seeded streams.
 
 A seeded request draws token i from a generator seeded by (seed, i), not from
 a generator carried across steps. The stream is then a function of the request
@@ -96,7 +96,10 @@ def _filtered_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         # drop a token when the tokens ranked above it already reach top_p (the top one always stays)
         drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= p.top_p
         scaled = scaled.scatter(0, order[drop], float("-inf"))
-    return torch.softmax(scaled, dim=-1)
+    probs = torch.softmax(scaled, dim=-1)
+    if p.min_p > 0.0:  # (vLLM's order: after top-k and top-p)
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+    return probs
 
 
 def _stream_seed(seed: int, index: int) -> int:

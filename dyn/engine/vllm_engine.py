@@ -260,7 +260,7 @@ class VllmEngine(Backend):
             extra["extra_args"] = {"kv_transfer_params": transfer_params}
         try:
             params = SamplingParams(
-                max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or 0,
+                max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or 0, min_p=s.min_p,
                 seed=s.seed, stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
                 presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
                 repetition_penalty=s.repetition_penalty,

@@ -75,6 +75,7 @@ class SamplingDefaults:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     max_tokens: int | None = None
     """Chat requests only (completions keep OpenAI's 16); None: to the context end."""
     presence_penalty: float = 0.0
@@ -171,6 +172,7 @@ def _common(body: dict, kind: str, max_tokens: int | None, logprobs: bool, defau
     if top_p is not None and top_p <= 0.0:
         raise ApiError("top_p must be in (0, 1]", param="top_p")
     top_k = _opt_int(body, "top_k", -1, MAX_TOKEN_ID)  # -1 or 0: no top-k cut
+    min_p = _opt_float(body, "min_p", 0.0, 1.0)  # vLLM's extension
     stream = _opt_bool(body, "stream") or False
     options = body.get("stream_options")
     include_usage = False
@@ -188,6 +190,7 @@ def _common(body: dict, kind: str, max_tokens: int | None, logprobs: bool, defau
         max_tokens=max_tokens, temperature=defaults.temperature if temperature is None else temperature,
         top_p=defaults.top_p if top_p is None else top_p,
         top_k=defaults.top_k if top_k is None else max(top_k, 0),
+        min_p=defaults.min_p if min_p is None else min_p,
         seed=_opt_int(body, "seed", -(2**63), 2**63 - 1), stop_token_ids=_int_list(body, "stop_token_ids"),
         stop=_stop(body.get("stop")), ignore_eos=bool(ignore_eos), logprobs=logprobs,
         presence_penalty=defaults.presence_penalty if presence is None else presence,

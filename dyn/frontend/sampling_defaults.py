@@ -5,7 +5,7 @@ Instruct: temperature 0.6, top_p 0.9; Qwen2.5: top_k 20 and repetition_penalty 1
 transformers apply it, so a model served by dyn without it would answer differently from the
 same model under `vllm serve`. Every key the file sets is taken, as vLLM does (transformers 5
 writes no defaults into the file); `max_new_tokens` becomes chat's default max_tokens.
-Sampling controls dyn does not implement (min_p, typical_p, ...) are named in the
+Sampling controls dyn does not implement (typical_p, ...) are named in the
 frontend's log rather than dropped silently. A value out of the API's range is an error naming
 the file and key: `model.sampling_defaults.from_model: false` serves without the file.
 """
@@ -24,11 +24,12 @@ from dyn.frontend.protocol import SamplingDefaults
 log = logging.getLogger(__name__)
 
 GENERATION_CONFIG = "generation_config.json"
-_FROM_FILE = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "max_new_tokens": "max_tokens",
+_FROM_FILE = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+              "max_new_tokens": "max_tokens",
               "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
               "repetition_penalty": "repetition_penalty"}
 """generation_config.json key -> the request field it is the default of."""
-NOT_APPLIED = ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "no_repeat_ngram_size")
+NOT_APPLIED = ("typical_p", "epsilon_cutoff", "eta_cutoff", "no_repeat_ngram_size")
 """Sampling controls a generation config may set that dyn's engines do not implement."""
 
 

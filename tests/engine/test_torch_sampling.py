@@ -89,3 +89,12 @@ def test_penalties_follow_openais_and_vllms_definitions():
                    contexts=[[0], [0]])
     assert mixed.token_ids == [1, 0]
     assert sample(batch, [SamplingParams(), SamplingParams()], [0, 0]).token_ids == [0, 0]
+
+
+def test_min_p_keeps_only_tokens_near_the_likeliest():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    params = SamplingParams(temperature=1.0, min_p=0.5, seed=1)
+    draws = {sample(logits, [params], [i]).token_ids[0] for i in range(200)}
+    assert draws == {0, 1}  # 0.15 and 0.05 are below 0.5 * 0.5
+    assert {sample(logits, [SamplingParams(temperature=1.0, seed=1)], [i]).token_ids[0]
+            for i in range(200)} == {0, 1, 2, 3}

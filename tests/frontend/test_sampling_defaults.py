@@ -51,15 +51,15 @@ def test_omitted_fields_take_the_defaults_and_sent_ones_win():
 
 def test_the_model_file_then_the_recipe(tmp_path):
     model = _model_dir(tmp_path, {**LLAMA_31, "top_k": 20, "max_new_tokens": 256, "repetition_penalty": 1.05,
-                                  "min_p": 0.05})
+                                  "min_p": 0.05, "typical_p": 0.9})
     resolved = resolve_sampling_defaults(SamplingDefaultsSpec(), model)
-    assert resolved.defaults == SamplingDefaults(temperature=0.6, top_p=0.9, top_k=20, max_tokens=256,
+    assert resolved.defaults == SamplingDefaults(temperature=0.6, top_p=0.9, top_k=20, min_p=0.05, max_tokens=256,
                                                  repetition_penalty=1.05)
-    assert resolved.not_applied == {"min_p": 0.05}  # named in the log, not applied
+    assert resolved.not_applied == {"typical_p": 0.9}  # named in the log, not applied
     assert str(model / "generation_config.json") in resolved.describe()
 
     ours = resolve_sampling_defaults(SamplingDefaultsSpec(temperature=0.2, top_k=0, repetition_penalty=1), model)
-    assert ours.defaults == SamplingDefaults(temperature=0.2, top_p=0.9, top_k=0, max_tokens=256)
+    assert ours.defaults == SamplingDefaults(temperature=0.2, top_p=0.9, top_k=0, min_p=0.05, max_tokens=256)
     assert ours.origin["temperature"] == "recipe" and ours.origin["top_p"].endswith("generation_config.json")
 
     openai_like = resolve_sampling_defaults(SamplingDefaultsSpec(from_model=False, top_p=0.95), model)
