@@ -123,6 +123,9 @@ class ModelSpec:
     enable_prefix_caching: bool = True
     """engine vllm: automatic prefix caching (the torch engine always caches)."""
     sampling_defaults: SamplingDefaultsSpec = field(default_factory=SamplingDefaultsSpec)
+    reasoning_parser: Literal["none", "deepseek_r1", "qwen3"] = "none"
+    """Chat answers of a thinking model split into `reasoning_content` (inside <think>...</think>)
+    and `content`, as vLLM's --reasoning-parser of the same name does (dyn.frontend.reasoning)."""
     engine_args: tuple[tuple[str, Any], ...] = ()
     """engine vllm: further vLLM EngineArgs (name, value) pairs, from the recipe's free-form
     `engine_args:` mapping; checked against vLLM's EngineArgs fields."""

@@ -27,11 +27,12 @@ from dyn.frontend.hints import RetentionHint, with_session
 from dyn.frontend.middleware import (MAX_BODY_BYTES, REQUEST_ID_HEADER, RID_KEY, TENANT_KEY, auth_middleware,
                                      error_middleware, json_body)
 from dyn.frontend.protocol import ApiError, GenerationRequest, SamplingDefaults, parse_chat, parse_completion
+from dyn.frontend.reasoning import ReasoningParser, ReasoningSplitter, thinking_at_start
 from dyn.frontend.ratelimit import RateLimiter
 from dyn.frontend.responses import (DONE, StreamFormatter, chat_logprobs, completion_logprobs,
                                     error_event, full_response)
 from dyn.frontend.text import TextTokenizer
-from dyn.frontend.worker_stream import Usage
+from dyn.frontend.worker_stream import Piece, Usage
 from dyn.frontend.workers import DECODE_ROLES, WorkerPool
 
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
@@ -59,6 +60,8 @@ class ApiSettings:
     """Put prompt and output text into the log (off by default: they are the tenants' data)."""
     sampling_defaults: SamplingDefaults = SamplingDefaults()
     """What requests get for the sampling fields they leave out (dyn.frontend.sampling_defaults)."""
+    reasoning_parser: ReasoningParser = "none"
+    """Chat answers split into reasoning_content and content (dyn.frontend.reasoning)."""
 
 
 class Frontend:
@@ -206,11 +209,14 @@ class _Handlers:
         fe.active_ids.add(rid)
         start = time.perf_counter()
         try:
+            splitter = None
+            if s.reasoning_parser != "none" and req.kind == "chat":
+                splitter = ReasoningSplitter(thinking=thinking_at_start(s.reasoning_parser, req.template_kwargs))
             async with aclosing(fe.dispatcher.generate(req, prompt_ids, rid, usage, salt=salt)) as pieces:
                 if req.stream:
-                    response = await self._stream(request, req, public_id, pieces, usage)
+                    response = await self._stream(request, req, public_id, pieces, usage, splitter)
                 else:
-                    response = await self._collect(request, req, public_id, pieces, usage)
+                    response = await self._collect(request, req, public_id, pieces, usage, splitter)
         except ApiError as exc:
             log.info("request refused: %d %s: %s", exc.status, exc.code, exc.message, extra=extra)
             raise
@@ -286,7 +292,7 @@ class _Handlers:
         return replace(req, hints=replace(req.hints, retention=retention), retain_tokens=common)
 
     async def _collect(self, request: web.Request, req: GenerationRequest, public_id: str, pieces,
-                       usage: Usage) -> web.Response:
+                       usage: Usage, splitter: ReasoningSplitter | None) -> web.Response:
         texts: list[str] = []
         token_ids: list[int] = []
         logprobs: list[float] = []
@@ -306,13 +312,15 @@ class _Handlers:
             tok = self.fe.tokenizer
             lp = ({"content": chat_logprobs(tok, token_ids, logprobs)} if req.kind == "chat"
                   else completion_logprobs(tok, token_ids, logprobs))
-        body = full_response(req.kind, public_id, req.model, "".join(texts), reason, usage, lp)
+        text = "".join(texts)
+        split = splitter.feed(text, final=True) if splitter is not None else None
+        body = full_response(req.kind, public_id, req.model, text, reason, usage, lp, split)
         response = web.Response(body=body, content_type=_JSON, headers={REQUEST_ID_HEADER: _rid_of(public_id)})
         self.fe.keep_alive(request, response)
         return response
 
     async def _stream(self, request: web.Request, req: GenerationRequest, public_id: str, pieces,
-                      usage: Usage) -> web.StreamResponse:
+                      usage: Usage, splitter: ReasoningSplitter | None) -> web.StreamResponse:
         fmt = StreamFormatter(req.kind, public_id, req.model, self.fe.tokenizer,
                               include_usage=req.include_usage)
         # Wait for the first piece before the headers: routing and worker refusals
@@ -325,12 +333,12 @@ class _Handlers:
             out = fmt.first()
             if first is not None:
                 usage.finish_reason = first.finish_reason
-                out += fmt.piece(first, usage.num_migrations)
+                out += _event_of(fmt, first, usage, splitter)
                 if not first.finish_reason:
                     await response.write(out)
                     out = b""
                     async for piece in pieces:
-                        out += fmt.piece(piece, usage.num_migrations)
+                        out += _event_of(fmt, piece, usage, splitter)
                         if piece.finish_reason:
                             usage.finish_reason = piece.finish_reason
                             break
@@ -347,6 +355,17 @@ class _Handlers:
             log.info("client went away during %s", public_id)
         return response
 
+
+
+def _event_of(fmt: StreamFormatter, piece: Piece, usage: Usage, splitter: ReasoningSplitter | None) -> bytes:
+    """The SSE event of a piece; with a reasoning parser, its text split (nothing while all of it
+    is held back as a possible start of </think>)."""
+    if splitter is None:
+        return fmt.piece(piece, usage.num_migrations)
+    split = splitter.feed(piece.text, final=bool(piece.finish_reason))
+    if not (split.reasoning or split.content or piece.finish_reason or piece.logprobs):
+        return b""
+    return fmt.piece(piece, usage.num_migrations, split)
 
 
 def _rid_of(public_id: str) -> str:

@@ -33,6 +33,7 @@ from dyn.frontend.kv_subscriber import KvEventSubscriber
 from dyn.frontend.metrics import FrontendMetrics
 from dyn.frontend.peers import PeerLoad
 from dyn.frontend.routing import Routing
+from dyn.frontend.reasoning import END as REASONING_END
 from dyn.frontend.sampling_defaults import log_sampling_defaults, resolve_sampling_defaults
 from dyn.frontend.text import TextTokenizer, checkpoint_dir, load_tokenizer
 from dyn.frontend.workers import WorkerLimits, WorkerPool
@@ -52,6 +53,7 @@ def build_frontend(recipe: Recipe, pool: WorkerPool, *, tokenizer: TextTokenizer
     tokenizer = tokenizer or load_tokenizer(recipe.model)
     sampling = resolve_sampling_defaults(recipe.model.sampling_defaults, checkpoint_dir(recipe.model))
     log_sampling_defaults(sampling)
+    _check_reasoning_parser(recipe, tokenizer)
     profile = profile or find_profile(recipe)
     admission = (Admission(profile, recipe.planner.ttft_ms / 1000.0)
                  if profile is not None and recipe.router.admission else None)
@@ -64,9 +66,19 @@ def build_frontend(recipe: Recipe, pool: WorkerPool, *, tokenizer: TextTokenizer
                             log_prompts=recipe.frontend.log_prompts, kv_tiers=recipe.kv_tiers)
     settings = ApiSettings(recipe.model.served_name, recipe.model.max_context,
                            recipe.frontend.max_prompt_tokens, recipe.auth.share_cache_across_tenants,
-                           recipe.frontend.log_prompts, sampling.defaults)
+                           recipe.frontend.log_prompts, sampling.defaults, recipe.model.reasoning_parser)
     keys = load_api_keys(recipe.auth.api_keys_file) if recipe.auth.api_keys_file else None
     return Frontend(settings, tokenizer, dispatcher, pool, metrics, api_keys=keys)
+
+
+def _check_reasoning_parser(recipe: Recipe, tokenizer: TextTokenizer) -> None:
+    """A reasoning parser on a model that cannot close its reasoning would make every answer reasoning."""
+    parser = recipe.model.reasoning_parser
+    if parser != "none" and tokenizer.token_id(REASONING_END) is None:
+        raise ConfigError(f"reasoning_parser {parser}: the model's tokenizer has no {REASONING_END!r} token, so "
+                          "its answers would never leave the reasoning", path=recipe.source,
+                          line=recipe.line_of("model.reasoning_parser"), field="model.reasoning_parser",
+                          hint="set reasoning_parser: none for a model that does not think in <think> tags")
 
 
 def find_profile(recipe: Recipe) -> EngineProfile | None:

@@ -13,6 +13,7 @@ import json
 import time
 from typing import Sequence
 
+from dyn.frontend.reasoning import Split
 from dyn.frontend.text import TextTokenizer
 from dyn.frontend.worker_stream import Piece, Usage
 
@@ -50,13 +51,18 @@ class StreamFormatter:
             return b""
         return _event(self._chunk)
 
-    def piece(self, piece: Piece, num_migrations: int = 0) -> bytes:
-        """One chunk; the last one carries `dyn.migrations` when the request changed workers."""
-        if piece.logprobs is None and not piece.finish_reason:
-            return self._text_head + _dumps(piece.text).encode() + self._text_tail
+    def piece(self, piece: Piece, num_migrations: int = 0, split: Split | None = None) -> bytes:
+        """One chunk; the last one carries `dyn.migrations` when the request changed workers.
+        `split`: the piece's text as reasoning and answer (a chat with a reasoning parser)."""
+        text = piece.text if split is None else split.content
+        if piece.logprobs is None and not piece.finish_reason and not (split and split.reasoning):
+            return self._text_head + _dumps(text).encode() + self._text_tail
         choice = self._choice
         if self.kind == "chat":
-            choice["delta"] = {"content": piece.text} if piece.text or not piece.finish_reason else {}
+            delta = {"content": text} if text or not piece.finish_reason else {}
+            if split is not None and split.reasoning:
+                delta = {"reasoning_content": split.reasoning, **({"content": text} if text else {})}
+            choice["delta"] = delta
         else:
             choice["text"] = piece.text
         choice["logprobs"] = self._logprobs(piece) if piece.logprobs is not None else None
@@ -92,10 +98,14 @@ class StreamFormatter:
 
 
 def full_response(kind: str, request_id: str, model: str, text: str, finish_reason: str,
-                  usage: Usage, logprobs: dict | None) -> bytes:
+                  usage: Usage, logprobs: dict | None, split: Split | None = None) -> bytes:
+    """`split`: the answer as reasoning and content (a chat with a reasoning parser; an empty part is null)."""
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                  "finish_reason": finish_reason}
+        message: dict = {"role": "assistant", "content": text}
+        if split is not None:
+            message = {"role": "assistant", "content": split.content or None,
+                       "reasoning_content": split.reasoning or None}
+        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}

@@ -26,6 +26,10 @@ class TextTokenizer(Protocol):
 
     def decode(self, token_ids: Sequence[int]) -> str: ...
 
+    def token_id(self, text: str) -> int | None:
+        """The id of the vocabulary entry `text` (a whole token), or None."""
+        ...
+
     def chat_prompt(self, messages: Sequence[dict[str, str]],
                     template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
         """Token ids of the chat template applied to `messages`, ready for the assistant turn;
@@ -47,6 +51,10 @@ class ByteTokenizer:
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return bytes(t if t < 256 else 33 + t % 94 for t in token_ids).decode("utf-8", "replace")
+
+    def token_id(self, text: str) -> int | None:
+        raw = text.encode("utf-8")
+        return raw[0] if len(raw) == 1 else None
 
     def chat_prompt(self, messages: Sequence[dict[str, str]],
                     template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
@@ -70,6 +78,9 @@ class ModelTokenizer:
     def decode(self, token_ids: Sequence[int]) -> str:
         return self._inner.decode(list(token_ids))
 
+    def token_id(self, text: str) -> int | None:
+        return self._inner.token_to_id(text)
+
     def step_decoder(self, prefix_ids: Sequence[int]) -> Callable[[int], str | None] | None:
         """Hugging Face's incremental decoder (`tokenizers.decoders.DecodeStream`) after
         `prefix_ids`: each call takes one token and returns its new text, or None while a
@@ -90,7 +101,8 @@ class ModelTokenizer:
 
     def chat_prompt(self, messages: Sequence[dict[str, str]],
                     template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
-        out = self._inner.apply_chat_template(list(messages), add_generation_prompt=True, **(template_kwargs or {}))
+        out = self._inner.apply_chat_template(list(messages), add_generation_prompt=True,
+                                              **(template_kwargs or {}))
         if not isinstance(out, str):
             return list(out)
         # The template already writes BOS and friends: add no special tokens twice.
