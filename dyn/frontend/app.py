@@ -29,7 +29,7 @@ from dyn.frontend.middleware import (MAX_BODY_BYTES, REQUEST_ID_HEADER, RID_KEY,
 from dyn.frontend.protocol import ApiError, GenerationRequest, SamplingDefaults, parse_chat, parse_completion
 from dyn.frontend.reasoning import ReasoningParser, ReasoningSplitter, thinking_at_start
 from dyn.frontend.ratelimit import RateLimiter
-from dyn.frontend.responses import (DONE, StreamFormatter, chat_logprobs, completion_logprobs,
+from dyn.frontend.responses import (DONE, Answer, StreamFormatter, chat_logprobs, completion_logprobs,
                                     error_event, full_response)
 from dyn.frontend.text import TextTokenizer
 from dyn.frontend.worker_stream import Piece, Usage
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 OFF_LOOP_CHARS = 16_384
 """Prompts longer than this (characters) are tokenized on a worker thread."""
 _JSON = "application/json"
+CHOICE_SEPARATOR = "/"
+"""Choice i of a request with n > 1 goes to the workers as "<id>/<i>" (no client X-Request-Id holds "/")."""
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no"}
 SESSION_HEADER = "X-Dynamo-Session-ID"
@@ -209,14 +211,14 @@ class _Handlers:
         fe.active_ids.add(rid)
         start = time.perf_counter()
         try:
-            splitter = None
-            if s.reasoning_parser != "none" and req.kind == "chat":
-                splitter = ReasoningSplitter(thinking=thinking_at_start(s.reasoning_parser, req.template_kwargs))
-            async with aclosing(fe.dispatcher.generate(req, prompt_ids, rid, usage, salt=salt)) as pieces:
-                if req.stream:
-                    response = await self._stream(request, req, public_id, pieces, usage, splitter)
-                else:
-                    response = await self._collect(request, req, public_id, pieces, usage, splitter)
+            if req.n > 1:
+                response = await self._choices(request, req, public_id, prompt_ids, rid, usage, salt)
+            else:
+                async with aclosing(fe.dispatcher.generate(req, prompt_ids, rid, usage, salt=salt)) as pieces:
+                    if req.stream:
+                        response = await self._stream(request, req, public_id, pieces, usage, self._splitter(req))
+                    else:
+                        response = await self._collect(request, req, public_id, pieces, usage, self._splitter(req))
         except ApiError as exc:
             log.info("request refused: %d %s: %s", exc.status, exc.code, exc.message, extra=extra)
             raise
@@ -291,8 +293,28 @@ class _Handlers:
         retention = req.hints.retention or RetentionHint()
         return replace(req, hints=replace(req.hints, retention=retention), retain_tokens=common)
 
+    def _splitter(self, req: GenerationRequest) -> ReasoningSplitter | None:
+        """A fresh splitter per choice of a chat, when the recipe names a reasoning parser."""
+        parser = self.fe.settings.reasoning_parser
+        if parser == "none" or req.kind != "chat":
+            return None
+        return ReasoningSplitter(thinking=thinking_at_start(parser, req.template_kwargs))
+
     async def _collect(self, request: web.Request, req: GenerationRequest, public_id: str, pieces,
                        usage: Usage, splitter: ReasoningSplitter | None) -> web.Response:
+        answer = await self._answer(req, pieces, usage, splitter)
+        return self._whole(request, req, public_id, [answer], usage)
+
+    def _whole(self, request: web.Request, req: GenerationRequest, public_id: str, answers: list[Answer],
+               usage: Usage) -> web.Response:
+        body = full_response(req.kind, public_id, req.model, answers, usage)
+        response = web.Response(body=body, content_type=_JSON, headers={REQUEST_ID_HEADER: _rid_of(public_id)})
+        self.fe.keep_alive(request, response)
+        return response
+
+    async def _answer(self, req: GenerationRequest, pieces, usage: Usage,
+                      splitter: ReasoningSplitter | None) -> Answer:
+        """One choice's pieces gathered into its whole answer."""
         texts: list[str] = []
         token_ids: list[int] = []
         logprobs: list[float] = []
@@ -313,11 +335,90 @@ class _Handlers:
             lp = ({"content": chat_logprobs(tok, token_ids, logprobs)} if req.kind == "chat"
                   else completion_logprobs(tok, token_ids, logprobs))
         text = "".join(texts)
-        split = splitter.feed(text, final=True) if splitter is not None else None
-        body = full_response(req.kind, public_id, req.model, text, reason, usage, lp, split)
-        response = web.Response(body=body, content_type=_JSON, headers={REQUEST_ID_HEADER: _rid_of(public_id)})
-        self.fe.keep_alive(request, response)
-        return response
+        return Answer(text, reason, lp, splitter.feed(text, final=True) if splitter is not None else None)
+
+    async def _choices(self, request: web.Request, req: GenerationRequest, public_id: str,
+                       prompt_ids: list[int], rid: str, usage: Usage, salt: int) -> web.StreamResponse:
+        """n > 1: each choice is a request of its own (`<id>/<i>`; a seeded request's choice i uses
+        seed + i), generated side by side: the router sends them where the prompt's KV is, so the
+        choices after the first mostly hit the cache. `usage` gets their sum (the prompt once)."""
+        usages = [Usage() for _ in range(req.n)]
+        runs = [self.fe.dispatcher.generate(_choice_request(req, i), prompt_ids, f"{rid}{CHOICE_SEPARATOR}{i}",
+                                            choice_usage, salt=salt) for i, choice_usage in enumerate(usages)]
+        try:
+            if req.stream:
+                return await self._stream_choices(request, req, public_id, runs, usages, usage)
+            answers = [asyncio.ensure_future(self._answer(req, run, choice_usage, self._splitter(req)))
+                       for run, choice_usage in zip(runs, usages)]
+            try:
+                done = await asyncio.gather(*answers)
+            finally:  # one choice failed (or the client left): the others stop too
+                for answer in answers:
+                    answer.cancel()
+                await asyncio.gather(*answers, return_exceptions=True)
+            _sum_usage(usage, usages)
+            return self._whole(request, req, public_id, list(done), usage)
+        finally:
+            for run in runs:
+                await run.aclose()
+            _sum_usage(usage, usages)
+
+    async def _stream_choices(self, request: web.Request, req: GenerationRequest, public_id: str, runs,
+                              usages: list[Usage], usage: Usage) -> web.StreamResponse:
+        """The choices' pieces as they come, each chunk naming its choice's index."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def read(index: int) -> None:
+            try:
+                async for piece in runs[index]:
+                    queue.put_nowait((index, piece))
+                    if piece.finish_reason:
+                        break
+            except Exception as exc:  # handed to the writer (an ApiError is the client's answer)
+                queue.put_nowait((index, exc))
+            finally:
+                queue.put_nowait((index, None))
+
+        readers = [asyncio.ensure_future(read(i)) for i in range(req.n)]
+        formatters = [StreamFormatter(req.kind, public_id, req.model, self.fe.tokenizer,
+                                      include_usage=req.include_usage, index=i) for i in range(req.n)]
+        splitters = [self._splitter(req) for _ in range(req.n)]
+        try:
+            index, item = await queue.get()
+            if isinstance(item, Exception):  # before the headers: a refusal keeps its HTTP status
+                raise item
+            response = web.StreamResponse(headers={**_SSE_HEADERS, REQUEST_ID_HEADER: _rid_of(public_id)})
+            self.fe.keep_alive(request, response)
+            await response.prepare(request)
+            out = b"".join(fmt.first() for fmt in formatters)
+            ended = 0
+            try:
+                while True:
+                    if isinstance(item, Exception):
+                        raise item
+                    if item is None:
+                        ended += 1
+                        if ended == req.n:
+                            break
+                    else:
+                        out += _event_of(formatters[index], item, usages[index], splitters[index])
+                    if queue.empty() and out:
+                        await response.write(out)
+                        out = b""
+                    index, item = await queue.get()
+                _sum_usage(usage, usages)
+                await response.write(out + formatters[0].usage(usage) + DONE)
+            except ApiError as exc:  # a choice failed mid-stream: tell the client in-band
+                usage.finish_reason = f"error {exc.code}"
+                log.warning("request failed mid-stream: %s", exc.message, extra={"request_id": _rid_of(public_id)})
+                await response.write(error_event(exc.body()) + DONE)
+            except ConnectionResetError:  # the client left; leaving here cancels on the workers
+                log.info("client went away during %s", public_id)
+            return response
+        finally:
+            for reader in readers:
+                reader.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
 
     async def _stream(self, request: web.Request, req: GenerationRequest, public_id: str, pieces,
                       usage: Usage, splitter: ReasoningSplitter | None) -> web.StreamResponse:
@@ -355,6 +456,27 @@ class _Handlers:
             log.info("client went away during %s", public_id)
         return response
 
+
+
+def _choice_request(req: GenerationRequest, index: int) -> GenerationRequest:
+    """Choice `index` of a request with n > 1: its own seeded stream (seed + index) if seeded."""
+    if index == 0 or req.sampling.seed is None:
+        return req
+    return replace(req, sampling=replace(req.sampling, seed=(req.sampling.seed + index) & (2**63 - 1)))
+
+
+def _sum_usage(usage: Usage, usages: list[Usage]) -> None:
+    """The choices' usage as one (the prompt and its cached tokens once, the first choice's
+    workers and finish); idempotent."""
+    first = usages[0]
+    usage.num_prompt_tokens, usage.num_cached_tokens = first.num_prompt_tokens, first.num_cached_tokens
+    usage.token_ids = [t for u in usages for t in u.token_ids]
+    usage.num_completion_tokens = len(usage.token_ids)
+    usage.num_migrations = sum(u.num_migrations for u in usages)
+    usage.finish_reason = usage.finish_reason if usage.finish_reason and usage.finish_reason.startswith("error") \
+        else first.finish_reason
+    usage.prefill_worker, usage.decode_worker = first.prefill_worker, first.decode_worker
+    usage.ttft_s = min((u.ttft_s for u in usages if u.ttft_s is not None), default=None)
 
 
 def _event_of(fmt: StreamFormatter, piece: Piece, usage: Usage, splitter: ReasoningSplitter | None) -> bytes:

@@ -3,7 +3,7 @@
 Validation is hand-written instead of pydantic: the hot path parses one small
 dict per request, and every failure must carry the OpenAI `param` name. Unknown
 fields are ignored, as OpenAI-compatible servers do; known fields we cannot
-honour (n > 1, tools, logit_bias, non-text content) are refused, never ignored.
+honour (best_of > 1, tools, logit_bias, non-text content) are refused, never ignored.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from dyn.frontend.hints import Hints, parse_hints
 __all__ = ["ApiError", "GenerationRequest", "Hints", "SamplingDefaults", "parse_chat", "parse_completion"]
 
 MAX_STOP_STRINGS = 16
+MAX_CHOICES = 16
+"""`n` at most: each choice holds a batch slot on a worker."""
 LEGACY_DEFAULT_MAX_TOKENS = 16
 """/v1/completions without max_tokens generates this many, as OpenAI's API does."""
 MAX_STOP_CHARS = 256
@@ -44,6 +46,8 @@ class GenerationRequest:
     sampling: SamplingParams = SamplingParams(max_tokens=None, temperature=1.0)
     """What the engine gets (stop strings excepted: the frontend applies them to text).
     max_tokens None: up to the model's context, until `for_prompt` resolves it."""
+    n: int = 1
+    """Choices to generate (each a request of its own to the workers)."""
     stream: bool = False
     include_usage: bool = False
     hints: Hints = Hints()
@@ -155,8 +159,8 @@ def _common(body: dict, kind: str, max_tokens: int | None, logprobs: bool, defau
     if not isinstance(model, str) or not model:
         raise ApiError("'model' must be a non-empty string", param="model")
     n = _opt_int(body, "n", 1, None)
-    if n is not None and n != 1:
-        raise ApiError("only n=1 is supported", param="n")
+    if n is not None and n > MAX_CHOICES:
+        raise ApiError(f"n must be at most {MAX_CHOICES}, got {n}", param="n")
     if _opt_int(body, "best_of", 1, None) not in (None, 1):
         raise ApiError("only best_of=1 is supported", param="best_of")
     presence = _opt_float(body, "presence_penalty", -2.0, 2.0)
@@ -196,7 +200,7 @@ def _common(body: dict, kind: str, max_tokens: int | None, logprobs: bool, defau
         presence_penalty=defaults.presence_penalty if presence is None else presence,
         frequency_penalty=defaults.frequency_penalty if frequency is None else frequency,
         repetition_penalty=defaults.repetition_penalty if repetition is None else repetition)
-    return GenerationRequest(kind=kind, model=model, sampling=sampling,  # type: ignore[arg-type]
+    return GenerationRequest(kind=kind, model=model, sampling=sampling, n=n or 1,  # type: ignore[arg-type]
                              stream=stream, include_usage=include_usage, hints=hints, unknown_hints=unknown,
                              **fields)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Sequence
 
 from dyn.frontend.reasoning import Split
@@ -30,12 +31,13 @@ class StreamFormatter:
     """Turns pieces of one request into SSE `data:` lines (bytes)."""
 
     def __init__(self, kind: str, request_id: str, model: str, tokenizer: TextTokenizer,
-                 *, include_usage: bool) -> None:
+                 *, include_usage: bool, index: int = 0) -> None:
+        """`index`: the choice this formatter writes (requests with n > 1 have one per choice)."""
         self.kind = kind
         self._tok = tokenizer
         self._include_usage = include_usage
         self._offset = 0
-        self._choice: dict = {"index": 0, "logprobs": None, "finish_reason": None}
+        self._choice: dict = {"index": index, "logprobs": None, "finish_reason": None}
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         self._chunk = {"id": request_id, "object": obj, "created": int(time.time()), "model": model,
                        "choices": [self._choice]}
@@ -97,21 +99,33 @@ class StreamFormatter:
         return out
 
 
-def full_response(kind: str, request_id: str, model: str, text: str, finish_reason: str,
-                  usage: Usage, logprobs: dict | None, split: Split | None = None) -> bytes:
-    """`split`: the answer as reasoning and content (a chat with a reasoning parser; an empty part is null)."""
-    if kind == "chat":
-        message: dict = {"role": "assistant", "content": text}
-        if split is not None:
-            message = {"role": "assistant", "content": split.content or None,
-                       "reasoning_content": split.reasoning or None}
-        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-        obj = "text_completion"
+@dataclass(slots=True)
+class Answer:
+    """One choice of a whole (non-streamed) response."""
+
+    text: str
+    finish_reason: str
+    logprobs: dict | None = None
+    split: Split | None = None
+    """The text as reasoning and content (a chat with a reasoning parser; an empty part is null)."""
+
+
+def full_response(kind: str, request_id: str, model: str, answers: Sequence[Answer], usage: Usage) -> bytes:
+    choices = []
+    for index, answer in enumerate(answers):
+        if kind == "chat":
+            message: dict = {"role": "assistant", "content": answer.text}
+            if answer.split is not None:
+                message = {"role": "assistant", "content": answer.split.content or None,
+                           "reasoning_content": answer.split.reasoning or None}
+            choices.append({"index": index, "message": message, "logprobs": answer.logprobs,
+                            "finish_reason": answer.finish_reason})
+        else:
+            choices.append({"index": index, "text": answer.text, "logprobs": answer.logprobs,
+                            "finish_reason": answer.finish_reason})
+    obj = "chat.completion" if kind == "chat" else "text_completion"
     body = {"id": request_id, "object": obj, "created": int(time.time()), "model": model,
-            "choices": [choice], "usage": usage_dict(usage)}
+            "choices": choices, "usage": usage_dict(usage)}
     if usage.num_migrations:
         body["dyn"] = {"migrations": usage.num_migrations}
     return _dumps(body).encode()
