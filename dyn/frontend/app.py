@@ -26,7 +26,8 @@ from dyn.frontend.metrics import CONTENT_TYPE, FrontendMetrics
 from dyn.frontend.hints import RetentionHint, with_session
 from dyn.frontend.middleware import (MAX_BODY_BYTES, REQUEST_ID_HEADER, RID_KEY, TENANT_KEY, auth_middleware,
                                      error_middleware, json_body)
-from dyn.frontend.protocol import ApiError, GenerationRequest, SamplingDefaults, parse_chat, parse_completion
+from dyn.frontend.protocol import (MAX_TOKEN_ID, ApiError, GenerationRequest, SamplingDefaults, parse_chat,
+                                  parse_completion)
 from dyn.frontend.reasoning import ReasoningParser, ReasoningSplitter, thinking_at_start
 from dyn.frontend.ratelimit import RateLimiter
 from dyn.frontend.responses import (DONE, Answer, StreamFormatter, chat_logprobs, completion_logprobs,
@@ -108,6 +109,8 @@ def build_app(frontend: Frontend) -> web.Application:
     handlers = _Handlers(frontend)
     app.router.add_post("/v1/chat/completions", handlers.chat)
     app.router.add_post("/v1/completions", handlers.completions)
+    app.router.add_post("/tokenize", handlers.tokenize)
+    app.router.add_post("/detokenize", handlers.detokenize)
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/metrics", handlers.metrics)
@@ -157,6 +160,31 @@ class _Handlers:
         body = await json_body(request)
         return await self._generate(request, parse_completion(body, self.fe.settings.sampling_defaults))
 
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's /tokenize: the ids a chat (`messages`) or completion (`prompt`) body's prompt is
+        served as (the same encoding generation uses), their count and the context length."""
+        body = await json_body(request)
+        parse = parse_chat if isinstance(body, dict) and "messages" in body else parse_completion
+        req = parse(body, self.fe.settings.sampling_defaults)
+        self._check_model(req.model)
+        ids = await self._encode(req)
+        return web.json_response({"count": len(ids), "max_model_len": self.fe.settings.max_context,
+                                  "tokens": ids, "token_strs": None})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        """vLLM's /detokenize: `tokens` -> `prompt`, the text they decode to."""
+        body = await json_body(request)
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t <= MAX_TOKEN_ID for t in tokens):
+            raise ApiError(f"'tokens' must be a list of token ids between 0 and {MAX_TOKEN_ID}", param="tokens")
+        self._check_model(body.get("model"))
+        return web.json_response({"prompt": self.fe.tokenizer.decode(tokens)})
+
+    def _check_model(self, model: object) -> None:
+        if model != self.fe.settings.served_model:
+            raise ApiError(f"model {model!r} does not exist; this server serves "
+                           f"{self.fe.settings.served_model!r}", status=404, param="model", code="model_not_found")
+
     async def models(self, request: web.Request) -> web.Response:
         s = self.fe.settings
         return web.json_response({"object": "list", "data": [
@@ -179,9 +207,7 @@ class _Handlers:
             # closed after the answer: a keep-alive client would retry over this connection, here again
             raise ApiError("this frontend is draining; retry on another", status=503, code="draining",
                            type="service_unavailable", retry_after_s=1.0, close_connection=True)
-        if req.model != fe.settings.served_model:
-            raise ApiError(f"model {req.model!r} does not exist; this server serves "
-                           f"{fe.settings.served_model!r}", status=404, param="model", code="model_not_found")
+        self._check_model(req.model)
         tenant: Tenant = request.get(TENANT_KEY, _OPEN_TENANT)
         fe.rate_limiter.check(tenant)
         rid = request[RID_KEY] = self._request_id(request)
@@ -256,17 +282,20 @@ class _Handlers:
                            code="duplicate_request_id")
         return client
 
-    async def _prompt_ids(self, req: GenerationRequest) -> list[int]:
-        s, tok = self.fe.settings, self.fe.tokenizer
+    async def _encode(self, req: GenerationRequest) -> list[int]:
+        """The prompt's token ids, as the workers get them (chat template applied)."""
+        tok = self.fe.tokenizer
         if req.kind == "chat":
-            param = "messages"
             size = sum(len(m["content"]) for m in req.messages)
-            ids = await _off_loop(size, tok.chat_prompt, req.messages, req.template_kwargs)
-        elif req.prompt_token_ids is not None:
-            ids, param = list(req.prompt_token_ids), "prompt"
-        else:
-            param = "prompt"
-            ids = await _off_loop(len(req.prompt_text or ""), tok.encode, req.prompt_text or "")
+            return await _off_loop(size, tok.chat_prompt, req.messages, req.template_kwargs)
+        if req.prompt_token_ids is not None:
+            return list(req.prompt_token_ids)
+        return await _off_loop(len(req.prompt_text or ""), tok.encode, req.prompt_text or "")
+
+    async def _prompt_ids(self, req: GenerationRequest) -> list[int]:
+        s = self.fe.settings
+        param = "messages" if req.kind == "chat" else "prompt"
+        ids = await self._encode(req)
         if not ids:
             raise ApiError("the prompt encodes to zero tokens", param=param)
         limit = min(s.max_prompt_tokens or s.max_context, s.max_context - 1)

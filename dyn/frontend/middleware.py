@@ -2,7 +2,8 @@
 
 `error_middleware` renders ApiError (and RequestError, aiohttp's HTTP errors and
 anything unexpected) as OpenAI's error body, sets X-Request-Id and counts the
-request; `auth_middleware` resolves the API key to a tenant for /v1/ paths.
+request; `auth_middleware` resolves the API key to a tenant for /v1/ paths and
+/tokenize, /detokenize.
 """
 
 from __future__ import annotations
@@ -69,10 +70,14 @@ def error_middleware(metrics: FrontendMetrics):
     return middleware
 
 
+_TOKENIZER_PATHS = frozenset({"/tokenize", "/detokenize"})
+"""Outside /v1/ (where vLLM serves them) but work on the tenants' behalf: keyed like /v1/."""
+
+
 def auth_middleware(keys: ApiKeys):
     @web.middleware
     async def middleware(request: web.Request, handler):
-        if request.path.startswith("/v1/"):
+        if request.path.startswith("/v1/") or request.path in _TOKENIZER_PATHS:
             tenant = keys.authenticate(request.headers.get("Authorization"))
             if tenant is None:
                 raise ApiError("missing or invalid API key; send 'Authorization: Bearer <key>'", status=401,

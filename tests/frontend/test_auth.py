@@ -43,6 +43,11 @@ def test_requests_need_a_listed_key(tmp_path):
             assert c.completions.create(model=MODEL, prompt="x", max_tokens=2).usage.completion_tokens == 2
         with urllib.request.urlopen(f"http://127.0.0.1:{h.port}/health") as r:  # probes need no key
             assert r.status == 200
+        with pytest.raises(urllib.error.HTTPError) as refused:  # the tokenizer works for tenants only
+            urllib.request.urlopen(urllib.request.Request(
+                f"http://127.0.0.1:{h.port}/tokenize", data=b'{"model": "%s", "prompt": "x"}' % MODEL.encode(),
+                headers={"content-type": "application/json"}))
+        assert refused.value.code == 401
 
 
 def test_keys_file_maps_keys_to_tenants_with_rates(tmp_path):

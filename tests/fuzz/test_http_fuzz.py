@@ -30,7 +30,9 @@ from frontend_harness import MODEL, Harness, make_recipe  # noqa: E402
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "dyn" / "frontend" / "openapi.json"
 # examples per (operation, mode); chat + completions give 1,000 generated requests
 BUDGET = {("POST", "/v1/chat/completions"): {"positive": 300, "negative": 200},
-          ("POST", "/v1/completions"): {"positive": 300, "negative": 200}}
+          ("POST", "/v1/completions"): {"positive": 300, "negative": 200},
+          ("POST", "/tokenize"): {"positive": 60, "negative": 40},
+          ("POST", "/detokenize"): {"positive": 40, "negative": 40}}
 TIMEOUT_S = 15
 
 
