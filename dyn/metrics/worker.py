@@ -17,6 +17,8 @@ WORKER_SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("in_flight", "dyn_worker_in_flight_requests", "gauge", "Request streams open on the request plane"),
     MetricSpec("waiting_prefill_tokens", "dyn_worker_waiting_prefill_tokens", "gauge",
                "Prompt tokens not yet computed"),
+    MetricSpec("engine_step_s", "dyn_worker_engine_step_seconds", "gauge",
+               "How long the engine step now running has run (0 between steps; the worker exits past 300 s)"),
     MetricSpec("kv_blocks_used", "dyn_worker_kv_blocks_used", "gauge", "KV blocks in use, engine tier"),
     MetricSpec("kv_blocks_total", "dyn_worker_kv_blocks_capacity", "gauge", "KV blocks, engine tier"),
     MetricSpec("kv_usage", "dyn_worker_kv_usage_ratio", "gauge", "Engine-tier KV blocks used / capacity"),

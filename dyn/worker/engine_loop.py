@@ -34,6 +34,10 @@ OutputSink = Callable[[list[TokenOutput]], None]
 TRANSFER_POLL_MIN_S = 0.001
 TRANSFER_POLL_MAX_S = 0.010
 """Bounds of the wait between two steps of an engine that only waits on KV transfers."""
+STEP_LIMIT_S = 300.0
+"""A step running longer than this is stuck: the worker exits for the daemon to relaunch it. Long
+steps are normal up to far less (a first vLLM request that needs logprobs compiles a sampler kernel
+with torch.compile: ~25 s on a CPU), and heartbeats go on during them (ProcessMetrics)."""
 
 
 class EngineLoop:
@@ -47,9 +51,16 @@ class EngineLoop:
         self.num_transfer_waits = 0
         """Waits between two steps because the engine only waited on KV transfers."""
         self.fatal_error: BaseException | None = None
+        self._step_started = 0.0
+        """time.monotonic() when the running step began; 0 between steps."""
 
     def start(self) -> None:
         self._thread.start()
+
+    def busy_s(self) -> float:
+        """How long the step now running has run (0 between steps)."""
+        started = self._step_started
+        return time.monotonic() - started if started else 0.0
 
     def submit(self, fn: Callable[[Backend], Any]) -> Future:
         """Run fn(engine) on the engine thread before its next step."""
@@ -87,7 +98,9 @@ class EngineLoop:
                 if self._stopped.is_set():
                     break
                 if self.engine.has_work():
+                    self._step_started = time.monotonic()
                     outputs = self.engine.step()
+                    self._step_started = 0.0
                     self.num_steps += 1
                     if outputs:
                         self._on_outputs(outputs)
@@ -127,7 +140,8 @@ class EngineLoop:
 
     def _fail_pending(self) -> None:
         while (item := _get_nowait(self._inbox)) is not None:
-            item[1].set_exception(RuntimeError("engine loop stopped"))
+            if item[1].set_running_or_notify_cancel():  # (a caller that stopped waiting cancelled it)
+                item[1].set_exception(RuntimeError("engine loop stopped"))
 
 
 def _get_nowait(q: queue.SimpleQueue):

@@ -106,6 +106,10 @@ class InlineEngineLoop:
     def is_alive(self) -> bool:
         return self._aio is not None and not self._stopped
 
+    def busy_s(self) -> float:
+        """0: steps run on the event loop, so nothing else on it (a heartbeat) sees one running."""
+        return 0.0
+
     def _kick(self) -> None:
         """Schedule a burst if there is work and none is scheduled."""
         if (self._handle is None and not self._stepping and not self._stopped and self._aio is not None

@@ -25,11 +25,12 @@ from dyn.control.keys import load_process_keys
 from dyn.control.messages import Command
 from dyn.control.sockets import Security, SharedContext, batch_io_context
 from dyn.engine.backend import Backend
+from dyn.errors import EngineError
 from dyn.kv.disk_tier import DiskTier
 from dyn.kv.host_tier import HostTier
 from dyn.metrics.server import MetricsServer
 from dyn.metrics.worker import worker_registry
-from dyn.worker.engine_loop import EngineLoop, sweep_expired
+from dyn.worker.engine_loop import STEP_LIMIT_S, EngineLoop, sweep_expired
 from dyn.worker.handoff import KvHandoff
 from dyn.worker.inline_loop import InlineEngineLoop
 from dyn.worker.kv_publisher import KvEventPublisher
@@ -166,6 +167,11 @@ class WorkerProcess(ProcessMetrics):
         while not self._stop.is_set():
             if not self.loop.is_alive:
                 log.error("engine loop died: %r", self.loop.fatal_error)
+                return
+            if (busy_s := self.loop.busy_s()) > STEP_LIMIT_S:
+                self.loop.fatal_error = EngineError(f"one engine step has run for {busy_s:.0f} s (limit "
+                                                    f"{STEP_LIMIT_S:.0f} s): the engine is stuck")
+                log.error("%s; exiting for the daemon to relaunch this worker", self.loop.fatal_error)
                 return
             await wait_event(self._stop, 1.0)
 

@@ -13,8 +13,15 @@ import time
 from dyn.worker.telemetry import engine_rates, process_telemetry
 
 
+STATS_WAIT_S = 0.5
+"""How long a heartbeat waits for the engine thread to come between two steps."""
+
+
 class ProcessMetrics:
     """Figures of WorkerProcess's parts, as heartbeat values and as Prometheus gauges/counters."""
+
+    _engine_figures: dict[str, float] | None = None
+    """The engine's last figures (sent again while a long step runs)."""
 
     async def _metrics(self) -> tuple[dict[str, float], dict]:
         """Heartbeat: cumulative engine figures, recent rates, process and GPU telemetry."""
@@ -58,11 +65,25 @@ class ProcessMetrics:
         return values
 
     async def _engine_values(self) -> dict[str, float]:
-        """Engine and request-plane figures; cumulative ones only grow (counters for Prometheus)."""
+        """Engine and request-plane figures; cumulative ones only grow (counters for Prometheus).
+
+        The engine's own figures come from its thread between two steps. A long step (a vLLM
+        kernel compiled on first use, a huge prefill) must not hold the heartbeat back: the daemon
+        would take the worker for dead within seconds and relaunch it, and the request that caused
+        the step would migrate and do the same to the next worker. So after STATS_WAIT_S the last
+        figures go out again, with `engine_step_s` saying how long the step has run; a stuck step
+        is the worker's own to detect (engine_loop.STEP_LIMIT_S)."""
         if self.loop is None or not self.loop.is_alive:
             return {}
-        stats, connector = await asyncio.wrap_future(self.loop.submit(
-            lambda e: (e.stats(), dataclasses.asdict(e.connector) if hasattr(e, "connector") else {})))
+        asked = self.loop.submit(
+            lambda e: (e.stats(), dataclasses.asdict(e.connector) if hasattr(e, "connector") else {}))
+        waiting = asyncio.wrap_future(asked)
+        done, _ = await asyncio.wait({waiting}, timeout=STATS_WAIT_S)
+        if not done and self._engine_figures is not None:
+            asked.cancel()  # (skipped by the engine thread unless it has begun)
+            waiting.cancel()
+            return {**self._engine_figures, "engine_step_s": self.loop.busy_s()}
+        stats, connector = await waiting
         total = max(stats.num_kv_blocks_total, 1)
         values = {
             "num_running": stats.num_running, "num_waiting": stats.num_waiting,
@@ -89,4 +110,5 @@ class ProcessMetrics:
             below = self.tiers.below
             if below is not None and hasattr(below, "__len__"):
                 values["kv_tier_blocks.disk"] = len(below)
-        return {k: float(v) for k, v in values.items()}
+        self._engine_figures = {k: float(v) for k, v in values.items()}
+        return {**self._engine_figures, "engine_step_s": 0.0}

@@ -75,3 +75,64 @@ def test_an_abort_while_waiting_on_a_transfer_runs_and_the_loop_then_sleeps() ->
     finally:
         loop.stop()
     assert not loop.is_alive and loop.fatal_error is None
+
+
+class _SlowStepEngine:
+    """One step that runs until `release` is set (a kernel compiled on first use, a huge prefill)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.stepping = threading.Event()
+        self.done = False
+
+    def has_work(self) -> bool:
+        return not self.done
+
+    def step(self) -> list[TokenOutput]:
+        self.stepping.set()
+        self.release.wait(10)
+        self.done = True
+        return []
+
+    def is_waiting_on_transfers(self) -> bool:
+        return False
+
+    def stats(self):
+        from dyn.engine.backend import EngineStats
+
+        return EngineStats(num_running=1)
+
+
+def test_heartbeat_figures_go_out_during_a_long_step_saying_how_long_it_runs():
+    """A heartbeat waits on the engine thread only briefly: a long step must not look like a dead worker."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from dyn.worker.process_metrics import STATS_WAIT_S, ProcessMetrics
+
+    engine = _SlowStepEngine()
+    host = ProcessMetrics()
+    host.server = SimpleNamespace(requests_total=1, cancels_total=0, errors_total=0, num_in_flight=1,
+                                  bad=SimpleNamespace(total=0))
+    host.kv_events = SimpleNamespace(events_published=0)
+    host.kv_bridge = host.tiers = None
+    host._started_at = time.monotonic()
+    engine.done = True  # no work yet: the first figures come from between two steps
+    host.loop = EngineLoop(engine, lambda outputs: None)  # type: ignore[arg-type]
+    host.loop.start()
+    try:
+        first = asyncio.run(host._engine_values())
+        assert first["num_running"] == 1 and first["engine_step_s"] == 0.0
+        engine.done = False
+        host.loop.submit(lambda e: None)  # wake the loop: it starts the long step
+        assert engine.stepping.wait(5)
+        time.sleep(0.3)
+        started = time.monotonic()
+        during = asyncio.run(host._engine_values())
+        assert time.monotonic() - started < STATS_WAIT_S + 1.0
+        assert during["num_running"] == 1 and during["engine_step_s"] >= 0.3
+        assert host.loop.busy_s() >= 0.3
+    finally:
+        engine.release.set()
+        host.loop.stop()
+    assert host.loop.busy_s() == 0.0
