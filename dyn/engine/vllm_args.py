@@ -135,6 +135,10 @@ def engine_env(group: WorkerGroup, *, device: str, gpus: tuple[int, ...] = (),
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(gib)))
         # Shared CPU nodes: never pin OpenMP threads to cores other workers use.
         env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+        # No torch.compile on CPU (the model already runs eager): vLLM compiles small sampler
+        # kernels on first use, the first request with logprobs took ~25 s here with the C++
+        # compiler running, and a node without one would fail that request.
+        env["TORCH_COMPILE_DISABLE"] = "1"
         if cpu_threads:
             env["OMP_NUM_THREADS"] = str(cpu_threads)
         if group.tp == 1:
