@@ -78,6 +78,10 @@ class TokenChunk(Message):
     """The stream's Finish, when it ends with these tokens: the receiver takes the chunk and
     then this Finish, as if they came as two messages (one message less per request; a short
     request on a fast engine is often one chunk)."""
+    top_ids: list[list[int]] | None = None
+    """top_logprobs: per token, the likeliest tokens (most likely first) ..."""
+    top_logprobs: list[list[float]] | None = None
+    """... and their logprobs."""
 
 
 @dataclass(slots=True)

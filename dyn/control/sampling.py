@@ -11,6 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+MAX_TOP_LOGPROBS = 20
+"""OpenAI's limit on top_logprobs."""
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     max_tokens: int | None = 16
@@ -30,6 +34,8 @@ class SamplingParams:
     """Stop strings; checked by the engine's detokenizer when it has one."""
     ignore_eos: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0
+    """With logprobs: also the this-many likeliest tokens at each position, with their logprobs."""
     presence_penalty: float = 0.0
     """Subtracted from the logit of every token the output already holds (OpenAI's definition)."""
     frequency_penalty: float = 0.0

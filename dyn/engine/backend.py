@@ -66,6 +66,10 @@ class TokenOutput:
     logprobs: list[float] | None = None
     num_cached_tokens: int = 0
     """Prompt tokens served from the prefix cache (set on the first output)."""
+    top_ids: list[list[int]] | None = None
+    """SamplingParams.top_logprobs: per token, the likeliest tokens (most likely first)..."""
+    top_logprobs: list[list[float]] | None = None
+    """... and their logprobs (parallel to top_ids)."""
 
 
 @dataclass(slots=True)

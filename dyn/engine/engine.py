@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable, Sequence as Seq
 
+from dyn.control.sampling import MAX_TOP_LOGPROBS
 from dyn.engine.backend import (Backend, EngineRequest, EngineStats, FinishReason, KvExport, KvImport,
                                 TokenOutput)
 from dyn.engine.block_manager import BlockManager
@@ -126,10 +127,14 @@ class Engine(Backend):
             self.num_generated_tokens += 1
             reason = finish_reason(seq, token)
             logprob = logprobs.get(rid) if logprobs else None
-            outputs.append(TokenOutput(
+            output = TokenOutput(
                 rid, [token], reason is not None, reason, None,
                 [logprob] if logprob is not None and seq.request.sampling.logprobs else None,
-                seq.num_cached_tokens if seq.is_first_output else 0))
+                seq.num_cached_tokens if seq.is_first_output else 0)
+            if result.top and rid in result.top:
+                top_ids, top_lps = result.top[rid]
+                output.top_ids, output.top_logprobs = [top_ids], [top_lps]
+            outputs.append(output)
             seq.is_first_output = False
             if reason is not None:
                 self._finish(seq, reason)
@@ -381,6 +386,8 @@ def _check_sampling(request: EngineRequest, vocab: int) -> None:
         raise bad("min_p", "must be in [0, 1]")
     if sp.seed is not None and type(sp.seed) is not int:
         raise bad("seed", "must be an int or None")
+    if type(sp.top_logprobs) is not int or not 0 <= sp.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise bad("top_logprobs", f"must be an int in [0, {MAX_TOP_LOGPROBS}]")
     for name in ("presence_penalty", "frequency_penalty"):
         value = getattr(sp, name)
         if not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:

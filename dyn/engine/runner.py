@@ -46,6 +46,8 @@ class StepResult:
     logprobs: dict[str, float] | None = None
     duration_s: float = 0.0
     """Modelled (mock) or measured (torch) step time."""
+    top: dict[str, tuple[list[int], list[float]]] | None = None
+    """request_id -> the likeliest tokens and their logprobs (SamplingParams.top_logprobs)."""
 
 
 class ModelRunner(ABC):

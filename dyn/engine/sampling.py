@@ -25,6 +25,8 @@ class Sampled(NamedTuple):
     token_ids: list[int]
     logprobs: list[float | None]
     """Log-probability of each chosen token under the unmodified model distribution (None unless asked)."""
+    top: list[tuple[list[int], list[float]] | None] | None = None
+    """Per row with top_logprobs: its likeliest tokens and their logprobs, most likely first."""
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], num_generated: Sequence[int],
@@ -57,13 +59,22 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], num_generated
             gen = torch.Generator().manual_seed(_stream_seed(p.seed, num_generated[i]))
         tokens[i] = int(torch.multinomial(probs, 1, generator=gen).item())
     logprobs: list[float | None] = [None] * n
+    top: list[tuple[list[int], list[float]] | None] | None = None
     want = [i for i, p in enumerate(params) if p.logprobs]
     if want:
         lp = torch.log_softmax(raw[want], dim=-1)
         chosen = lp.gather(1, torch.tensor([tokens[i] for i in want], device=lp.device).unsqueeze(1))
         for row, value in zip(want, chosen.squeeze(1).tolist()):
             logprobs[row] = value
-    return Sampled(tokens, logprobs)
+        k = max(params[i].top_logprobs for i in want)
+        if k > 0:
+            values, ids = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
+            top = [None] * n
+            for j, row in enumerate(want):
+                keep = params[row].top_logprobs
+                if keep:
+                    top[row] = (ids[j, :keep].tolist(), values[j, :keep].tolist())
+    return Sampled(tokens, logprobs, top)
 
 
 def _penalized(logits: torch.Tensor, params: Sequence[SamplingParams], num_generated: Sequence[int],

@@ -138,7 +138,10 @@ class TorchModelRunner(ModelRunner):
                             contexts=[w.all_token_ids or () for w in sampling_work])
         sampled = {w.request_id: tok for w, tok in zip(sampling_work, picked.token_ids)}
         logprobs = {w.request_id: lp for w, lp in zip(sampling_work, picked.logprobs) if lp is not None}
-        return StepResult(sampled=sampled, logprobs=logprobs or None, duration_s=time.perf_counter() - t0)
+        top = ({w.request_id: t for w, t in zip(sampling_work, picked.top) if t is not None}
+               if picked.top is not None else None)
+        return StepResult(sampled=sampled, logprobs=logprobs or None, top=top or None,
+                          duration_s=time.perf_counter() - t0)
 
     def block_view(self, block_id: int) -> object:
         """memoryview over the block's bytes on CPU; a uint8 tensor view on CUDA (no copy either way)."""

@@ -140,6 +140,8 @@ class VllmEngine(Backend):
         self._stats.num_kv_blocks_total = int(config.cache_config.num_gpu_blocks or 0)
         self._vocab = config.model_config.get_vocab_size()
         self._live: dict[str, str] = {}
+        self._top_k: dict[str, int] = {}
+        """Requests that asked for top_logprobs: how many."""
         """dyn request id -> vLLM request id (a re-run gets a new vLLM id; late outputs of the old one are dropped)."""
         self._reruns = 0
         self._remote: dict[str, _RemoteDecode] = {}
@@ -171,6 +173,7 @@ class VllmEngine(Backend):
 
     def abort(self, request_id: str) -> None:
         self._remote.pop(request_id, None)
+        self._top_k.pop(request_id, None)
         self._transfer_params.pop(request_id, None)
         internal = self._live.pop(request_id, None)
         if internal is not None:
@@ -264,7 +267,7 @@ class VllmEngine(Backend):
                 seed=s.seed, stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
                 presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
                 repetition_penalty=s.repetition_penalty,
-                logprobs=0 if s.logprobs else None, detokenize=False,
+                logprobs=s.top_logprobs if s.logprobs else None, detokenize=False,
                 output_kind=RequestOutputKind.DELTA, **extra)
         except (ValueError, TypeError) as exc:
             raise RequestError(f"bad sampling parameters for vLLM: {exc}", field="sampling") from None
@@ -278,6 +281,8 @@ class VllmEngine(Backend):
         except ValueError as exc:  # too long for max_model_len and similar input errors
             raise RequestError(str(exc), field="prompt") from None
         self._live[rid] = internal
+        if s.logprobs and s.top_logprobs:
+            self._top_k[rid] = s.top_logprobs
 
     def _convert(self, out: Any) -> TokenOutput | None:
         rid = _dyn_id(out.request_id)
@@ -285,9 +290,10 @@ class VllmEngine(Backend):
             return None  # aborted or re-run by us; vLLM may still flush it
         completion = out.outputs[0] if out.outputs else None
         token_ids = list(completion.token_ids) if completion is not None else []
-        logprobs = None
+        logprobs = top_ids = top_lps = None
         if completion is not None and completion.logprobs:
             logprobs = [entry[tok].logprob for tok, entry in zip(token_ids, completion.logprobs)]
+            top_ids, top_lps = _top_logprobs(completion.logprobs, self._top_k.get(rid, 0))
         first = out.num_cached_tokens if out.num_cached_tokens is not None else 0
         remote = self._remote.get(rid)
         if remote is not None and token_ids:
@@ -298,6 +304,7 @@ class VllmEngine(Backend):
                 return self._rerun_locally(rid, remote)
             token_ids = token_ids[1:]
             logprobs = logprobs[1:] if logprobs else logprobs
+            top_ids, top_lps = (top_ids[1:], top_lps[1:]) if top_ids else (top_ids, top_lps)
         finished = bool(out.finished)
         self._stats.num_generated_tokens += len(token_ids)
         reason = None
@@ -305,13 +312,14 @@ class VllmEngine(Backend):
             raw = completion.finish_reason if completion is not None else None
             reason = _FINISH.get(raw or "", "stop")
             self._live.pop(rid, None)
+            self._top_k.pop(rid, None)
             self._remote.pop(rid, None)
             if out.kv_transfer_params:
                 self._transfer_params[rid] = dict(out.kv_transfer_params)
         elif not token_ids:
             return None
         return TokenOutput(rid, token_ids, finished=finished, finish_reason=reason, logprobs=logprobs,
-                           num_cached_tokens=first)
+                           num_cached_tokens=first, top_ids=top_ids, top_logprobs=top_lps)
 
     def _expire_remote(self, now: float) -> None:
         for rid, remote in [(rid, r) for rid, r in self._remote.items() if now >= r.deadline]:
@@ -370,3 +378,16 @@ class VllmEngine(Backend):
             for key in ("num_kv_expired_reqs", "num_notifications_after_expiry"):
                 self.connector.expired_leases += len(data.get(key, ()))
 
+
+def _top_logprobs(positions: list[dict], k: int) -> tuple[list[list[int]] | None, list[list[float]] | None]:
+    """vLLM's per-position logprob maps (the sampled token and the top k, each with its rank) as
+    dyn's parallel lists of the k likeliest tokens and their logprobs; (None, None) for k 0."""
+    if not k:
+        return None, None
+    ids, lps = [], []
+    for entry in positions:
+        ranked = sorted((item for item in entry.items() if item[1].rank is not None and item[1].rank <= k),
+                        key=lambda item: item[1].rank)
+        ids.append([token for token, _ in ranked])
+        lps.append([logprob.logprob for _, logprob in ranked])
+    return ids, lps

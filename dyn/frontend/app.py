@@ -347,12 +347,17 @@ class _Handlers:
         texts: list[str] = []
         token_ids: list[int] = []
         logprobs: list[float] = []
+        top_ids: list[list[int]] = []
+        top_lps: list[list[float]] = []
         reason = "stop"
         async for piece in pieces:
             texts.append(piece.text)
             if piece.logprobs is not None:
                 token_ids.extend(piece.token_ids)
                 logprobs.extend(piece.logprobs)
+                if piece.top_ids is not None:
+                    top_ids.extend(piece.top_ids)
+                    top_lps.extend(piece.top_logprobs)  # type: ignore[arg-type]
             if piece.finish_reason:
                 reason = piece.finish_reason
                 break
@@ -361,8 +366,9 @@ class _Handlers:
         lp = None
         if req.sampling.logprobs and logprobs:
             tok = self.fe.tokenizer
-            lp = ({"content": chat_logprobs(tok, token_ids, logprobs)} if req.kind == "chat"
-                  else completion_logprobs(tok, token_ids, logprobs))
+            top = (top_ids, top_lps) if len(top_ids) == len(token_ids) else None
+            lp = ({"content": chat_logprobs(tok, token_ids, logprobs, top)} if req.kind == "chat"
+                  else completion_logprobs(tok, token_ids, logprobs, top=top))
         text = "".join(texts)
         return Answer(text, reason, lp, splitter.feed(text, final=True) if splitter is not None else None)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from dyn.config.recipe import MAX_REPETITION_PENALTY
-from dyn.control.sampling import SamplingParams
+from dyn.control.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from dyn.engine.chat_template import GLOBALS, RENDER_ARGUMENTS
 from dyn.frontend.api_error import ApiError
 from dyn.frontend.hints import Hints, parse_hints
@@ -98,10 +98,9 @@ def parse_chat(body: Any, defaults: SamplingDefaults = SamplingDefaults()) -> Ge
     messages = tuple(_message(m, f"messages[{i}]") for i, m in enumerate(raw))
     marked = [i for i, m in enumerate(raw) if isinstance(m, dict) and _is_retain_mark(m, f"messages[{i}]")]
     logprobs = _opt_bool(body, "logprobs") or False
-    top_logprobs = _opt_int(body, "top_logprobs", 0, 20)
-    if top_logprobs:
-        raise ApiError("only the sampled token's logprob is available; top_logprobs must be 0",
-                       param="top_logprobs")
+    top_logprobs = _opt_int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS) or 0
+    if top_logprobs and not logprobs:
+        raise ApiError("top_logprobs needs logprobs: true", param="top_logprobs")
     max_tokens = _opt_int(body, "max_completion_tokens", 1, None)
     if max_tokens is None:
         max_tokens = _opt_int(body, "max_tokens", 1, None)
@@ -111,7 +110,7 @@ def parse_chat(body: Any, defaults: SamplingDefaults = SamplingDefaults()) -> Ge
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise ApiError("only response_format {'type': 'text'} is supported", param="response_format")
-    return _common(body, "chat", max_tokens, logprobs, defaults, messages=messages,
+    return _common(body, "chat", (max_tokens, logprobs, top_logprobs), defaults, messages=messages,
                    retain_messages=marked[-1] + 1 if marked else 0,
                    template_kwargs=_template_kwargs(body.get("chat_template_kwargs")))
 
@@ -138,10 +137,7 @@ def parse_completion(body: Any, defaults: SamplingDefaults = SamplingDefaults())
         raise ApiError("'prompt' must not be empty", param="prompt")
     if text is not None:
         _require_utf8(text, "prompt")
-    logprobs = _opt_int(body, "logprobs", 0, 20)
-    if logprobs is not None and logprobs > 1:
-        raise ApiError("only the sampled token's logprob is available; logprobs must be 0 or 1",
-                       param="logprobs")
+    logprobs = _opt_int(body, "logprobs", 0, MAX_TOP_LOGPROBS)  # k: also the k likeliest tokens
     if _opt_bool(body, "echo"):
         raise ApiError("echo is not supported", param="echo")
     if body.get("suffix"):
@@ -149,12 +145,14 @@ def parse_completion(body: Any, defaults: SamplingDefaults = SamplingDefaults())
     max_tokens = _opt_int(body, "max_tokens", 1, None)
     if "max_tokens" not in body:
         max_tokens = LEGACY_DEFAULT_MAX_TOKENS  # OpenAI's default; an explicit null means "to the context end"
-    return _common(body, "completion", max_tokens, logprobs is not None, defaults, prompt_text=text,
-                   prompt_token_ids=ids)
+    return _common(body, "completion", (max_tokens, logprobs is not None, logprobs or 0), defaults,
+                   prompt_text=text, prompt_token_ids=ids)
 
 
-def _common(body: dict, kind: str, max_tokens: int | None, logprobs: bool, defaults: SamplingDefaults,
+def _common(body: dict, kind: str, output: tuple[int | None, bool, int], defaults: SamplingDefaults,
             **fields: Any) -> GenerationRequest:
+    """`output`: max_tokens, logprobs, top_logprobs as the endpoint names them."""
+    max_tokens, logprobs, top_logprobs = output
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError("'model' must be a non-empty string", param="model")
@@ -196,7 +194,7 @@ def _common(body: dict, kind: str, max_tokens: int | None, logprobs: bool, defau
         top_k=defaults.top_k if top_k is None else max(top_k, 0),
         min_p=defaults.min_p if min_p is None else min_p,
         seed=_opt_int(body, "seed", -(2**63), 2**63 - 1), stop_token_ids=_int_list(body, "stop_token_ids"),
-        stop=_stop(body.get("stop")), ignore_eos=bool(ignore_eos), logprobs=logprobs,
+        stop=_stop(body.get("stop")), ignore_eos=bool(ignore_eos), logprobs=logprobs, top_logprobs=top_logprobs,
         presence_penalty=defaults.presence_penalty if presence is None else presence,
         frequency_penalty=defaults.frequency_penalty if frequency is None else frequency,
         repetition_penalty=defaults.repetition_penalty if repetition is None else repetition)

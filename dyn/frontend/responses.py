@@ -92,9 +92,10 @@ class StreamFormatter:
         return head, tail
 
     def _logprobs(self, piece: Piece) -> dict:
+        top = (piece.top_ids, piece.top_logprobs) if piece.top_ids is not None else None
         if self.kind == "chat":
-            return {"content": chat_logprobs(self._tok, piece.token_ids, piece.logprobs)}
-        out = completion_logprobs(self._tok, piece.token_ids, piece.logprobs, self._offset)
+            return {"content": chat_logprobs(self._tok, piece.token_ids, piece.logprobs, top)}
+        out = completion_logprobs(self._tok, piece.token_ids, piece.logprobs, self._offset, top)
         self._offset += len(piece.text)
         return out
 
@@ -131,24 +132,39 @@ def full_response(kind: str, request_id: str, model: str, answers: Sequence[Answ
     return _dumps(body).encode()
 
 
-def chat_logprobs(tok: TextTokenizer, token_ids: Sequence[int], logprobs: Sequence[float]) -> list[dict]:
+Top = tuple[Sequence[Sequence[int]], Sequence[Sequence[float]]]
+"""Per token: the likeliest tokens' ids and their logprobs (a request's top_logprobs)."""
+
+
+def chat_logprobs(tok: TextTokenizer, token_ids: Sequence[int], logprobs: Sequence[float],
+                  top: Top | None = None) -> list[dict]:
     out = []
-    for tid, lp in zip(token_ids, logprobs):
+    for i, (tid, lp) in enumerate(zip(token_ids, logprobs)):
         text = tok.decode([tid])
-        out.append({"token": text, "logprob": lp, "bytes": list(text.encode()), "top_logprobs": []})
+        alternatives = [] if top is None else [
+            {"token": (alt := tok.decode([alt_id])), "logprob": alt_lp, "bytes": list(alt.encode())}
+            for alt_id, alt_lp in zip(top[0][i], top[1][i])]
+        out.append({"token": text, "logprob": lp, "bytes": list(text.encode()), "top_logprobs": alternatives})
     return out
 
 
 def completion_logprobs(tok: TextTokenizer, token_ids: Sequence[int], logprobs: Sequence[float],
-                        offset: int = 0) -> dict:
+                        offset: int = 0, top: Top | None = None) -> dict:
+    """The legacy completions object; `top_logprobs` maps token text to logprob per position (the
+    sampled token alone without `top`, as OpenAI returns it for logprobs 0 or 1)."""
     tokens, offsets = [], []
     for tid in token_ids:
         text = tok.decode([tid])
         tokens.append(text)
         offsets.append(offset)
         offset += len(text)
-    return {"tokens": tokens, "token_logprobs": list(logprobs),
-            "top_logprobs": [{t: lp} for t, lp in zip(tokens, logprobs)], "text_offset": offsets}
+    if top is None:
+        alternatives = [{t: lp} for t, lp in zip(tokens, logprobs)]
+    else:
+        alternatives = [{tok.decode([alt_id]): alt_lp for alt_id, alt_lp in zip(ids, lps)}
+                        for ids, lps in zip(*top)]
+    return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": alternatives,
+            "text_offset": offsets}
 
 
 def error_event(body: dict) -> bytes:

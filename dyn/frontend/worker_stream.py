@@ -45,6 +45,9 @@ class Piece:
     token_ids: list[int]
     logprobs: list[float] | None = None
     finish_reason: str | None = None
+    top_ids: list[list[int]] | None = None
+    """top_logprobs: per token, the likeliest tokens and (top_logprobs) their logprobs."""
+    top_logprobs: list[list[float]] | None = None
 
 
 @dataclass(slots=True)
@@ -226,6 +229,9 @@ class WorkerStream:
             text = self.text.add(ids)
         self.emitted.extend(ids)
         logprobs = chunk.logprobs[: len(ids)] if self.req.sampling.logprobs and chunk.logprobs else None
+        top = None
+        if logprobs is not None and self.req.sampling.top_logprobs and chunk.top_ids is not None:
+            top = chunk.top_ids[: len(ids)], chunk.top_logprobs[: len(ids)]  # type: ignore[index]
         if self.text.stopped:
             self.finish_reason = "stop"
         elif len(self.emitted) >= self.max_tokens:
@@ -233,6 +239,8 @@ class WorkerStream:
             text += self.text.flush()
         if not text and not self.finish_reason and not ids:
             return None
+        if top is not None:
+            return Piece(text, ids, logprobs, self.finish_reason, *top)
         return Piece(text, ids, logprobs, self.finish_reason)
 
     def _final(self, reason: str) -> Piece:
@@ -280,13 +288,19 @@ class _StallWatch:
 
 def _merge(first: TokenChunk, queue: Inbox) -> tuple[TokenChunk, object | None]:
     """`first` plus the TokenChunks queued right behind it; returns the first other message too."""
-    ids = list(first.token_ids)
-    logprobs = list(first.logprobs) if first.logprobs is not None else None
+    merged = TokenChunk(first.request_id, list(first.token_ids),
+                        list(first.logprobs) if first.logprobs is not None else None, first.num_cached_tokens,
+                        top_ids=list(first.top_ids) if first.top_ids is not None else None,
+                        top_logprobs=list(first.top_logprobs) if first.top_logprobs is not None else None)
     while not queue.empty():
         nxt = queue.get_nowait()
-        if type(nxt) is not TokenChunk or (nxt.logprobs is None) != (logprobs is None):
-            return TokenChunk(first.request_id, ids, logprobs, first.num_cached_tokens), nxt
-        ids.extend(nxt.token_ids)
-        if logprobs is not None:
-            logprobs.extend(nxt.logprobs)
-    return TokenChunk(first.request_id, ids, logprobs, first.num_cached_tokens), None
+        if (type(nxt) is not TokenChunk or (nxt.logprobs is None) != (merged.logprobs is None)
+                or (nxt.top_ids is None) != (merged.top_ids is None)):
+            return merged, nxt
+        merged.token_ids.extend(nxt.token_ids)
+        if merged.logprobs is not None:
+            merged.logprobs.extend(nxt.logprobs)
+        if merged.top_ids is not None:
+            merged.top_ids.extend(nxt.top_ids)
+            merged.top_logprobs.extend(nxt.top_logprobs)
+    return merged, None

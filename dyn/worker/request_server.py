@@ -281,7 +281,7 @@ class RequestServer:
                     finish = (out.finish_reason or "stop", stream.num_prompt_tokens, stream.num_completion_tokens)
             if out.token_ids:  # the Finish rides on the last chunk
                 chunk = token_chunk_fields(out.request_id, list(out.token_ids), out.logprobs,
-                                           out.num_cached_tokens, finish)
+                                           out.num_cached_tokens, finish, out.top_ids, out.top_logprobs)
                 if (batch := chunks.get(stream.client)) is None:
                     chunks[stream.client] = [chunk]
                 else:
@@ -330,14 +330,10 @@ def _hold(stream: Stream, out: TokenOutput, now: float) -> TokenOutput | None:
     if held is None:
         if out.finished:
             return out
-        stream.held = TokenOutput(out.request_id, list(out.token_ids), False, None, None,
-                                  list(out.logprobs) if out.logprobs is not None else None,
-                                  out.num_cached_tokens)
+        stream.held = _copy(out)
         stream.held_since = now
         return None
-    held.token_ids.extend(out.token_ids)
-    if held.logprobs is not None and out.logprobs is not None:
-        held.logprobs.extend(out.logprobs)
+    _extend(held, out)
     if not out.finished and now - stream.held_since < stream.hold_s:
         return None
     held.finished, held.finish_reason, held.error = out.finished, out.finish_reason, out.error
@@ -355,17 +351,34 @@ def _merge_outputs(outputs: list[TokenOutput]) -> list[TokenOutput]:
     last: dict[str, TokenOutput] = {}
     for out in outputs:
         prev = last.get(out.request_id)
-        if prev is None or prev.finished or (prev.logprobs is None) != (out.logprobs is None):
-            copy = TokenOutput(out.request_id, list(out.token_ids), out.finished, out.finish_reason, out.error,
-                               list(out.logprobs) if out.logprobs is not None else None, out.num_cached_tokens)
+        if (prev is None or prev.finished or (prev.logprobs is None) != (out.logprobs is None)
+                or (prev.top_ids is None) != (out.top_ids is None)):
+            copy = _copy(out)
+            copy.finished, copy.finish_reason, copy.error = out.finished, out.finish_reason, out.error
             merged.append(copy)
             last[out.request_id] = copy
             continue
-        prev.token_ids.extend(out.token_ids)
-        if out.logprobs is not None:
-            prev.logprobs.extend(out.logprobs)  # type: ignore[union-attr]
+        _extend(prev, out)
         prev.finished, prev.finish_reason, prev.error = out.finished, out.finish_reason, out.error
     return merged
+
+
+def _copy(out: TokenOutput) -> TokenOutput:
+    """A not-finished output with its own lists, to extend with later ones."""
+    return TokenOutput(out.request_id, list(out.token_ids), False, None, None,
+                       list(out.logprobs) if out.logprobs is not None else None, out.num_cached_tokens,
+                       list(out.top_ids) if out.top_ids is not None else None,
+                       list(out.top_logprobs) if out.top_logprobs is not None else None)
+
+
+def _extend(into: TokenOutput, out: TokenOutput) -> None:
+    """`out`'s tokens (and their logprobs) after `into`'s."""
+    into.token_ids.extend(out.token_ids)
+    if into.logprobs is not None and out.logprobs is not None:
+        into.logprobs.extend(out.logprobs)
+    if into.top_ids is not None and out.top_ids is not None:
+        into.top_ids.extend(out.top_ids)
+        into.top_logprobs.extend(out.top_logprobs)  # type: ignore[union-attr]
 
 
 def _admit(engine, request: EngineRequest | None, max_waiting: int,
@@ -384,14 +397,16 @@ def _admit(engine, request: EngineRequest | None, max_waiting: int,
 
 
 def token_chunk_fields(request_id: str, token_ids: list[int], logprobs: list[float] | None,
-                       num_cached_tokens: int, finish: tuple[str, int, int] | None = None) -> dict:
+                       num_cached_tokens: int, finish: tuple[str, int, int] | None = None,
+                       top_ids: list[list[int]] | None = None, top_logprobs: list[list[float]] | None = None) -> dict:
     """A TokenChunk(..., finish=Finish(request_id, *finish)) as the codec puts it on the wire,
     without the generic field walk (one of these per token per request)."""
     finish_fields = None if finish is None else {
         "request_id": request_id, "reason": finish[0], "num_prompt_tokens": finish[1],
         "num_completion_tokens": finish[2], "kv_offer": None}
     return {"request_id": request_id, "token_ids": token_ids, "logprobs": logprobs,
-            "num_cached_tokens": num_cached_tokens, "finish": finish_fields}
+            "num_cached_tokens": num_cached_tokens, "finish": finish_fields, "top_ids": top_ids,
+            "top_logprobs": top_logprobs}
 
 
 def encode_token_chunks(chunks: list[dict]) -> bytes:

@@ -98,3 +98,36 @@ def test_min_p_keeps_only_tokens_near_the_likeliest():
     assert draws == {0, 1}  # 0.15 and 0.05 are below 0.5 * 0.5
     assert {sample(logits, [SamplingParams(temperature=1.0, seed=1)], [i]).token_ids[0]
             for i in range(200)} == {0, 1, 2, 3}
+
+
+def test_top_logprobs_are_the_models_likeliest_per_row():
+    logits = _logits(3)
+    params = [SamplingParams(logprobs=True, top_logprobs=3), SamplingParams(logprobs=True),
+              SamplingParams(temperature=0.0, logprobs=True, top_logprobs=1, repetition_penalty=5.0)]
+    out = sample(logits, params, [0, 0, 0], contexts=[[], [], [int(logits[2].argmax())]])
+    reference = torch.log_softmax(logits, -1)
+    ids, values = out.top[0]
+    assert ids == reference[0].argsort(descending=True)[:3].tolist()
+    assert values == pytest.approx(reference[0, ids].tolist())
+    assert out.top[1] is None  # logprobs without top_logprobs
+    # alternatives are the model's own (before penalties), as the sampled token's logprob is
+    assert out.top[2][0] == [int(logits[2].argmax())] and out.token_ids[2] != out.top[2][0][0]
+
+
+def test_the_engine_hands_each_tokens_alternatives_over(tmp_path):
+    from dyn.engine.backend import EngineRequest
+    from dyn.engine.engine import Engine
+    from dyn.engine.tiny import write_tiny_checkpoint
+    from dyn.engine.torch_runner import TorchModelRunner
+
+    path = write_tiny_checkpoint(tmp_path / "tiny", num_layers=1, hidden_size=32)
+    runner = TorchModelRunner.from_pretrained(path, dtype="float32", device="cpu", block_size=8, num_blocks=16,
+                                              max_context=64)
+    engine = Engine(runner)
+    engine.add_request(EngineRequest("r", [5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True, logprobs=True,
+                                                                     top_logprobs=4)))
+    outputs = [out for _ in range(10) if engine.has_work() for out in engine.step()]
+    assert [len(out.top_ids[0]) for out in outputs] == [4, 4, 4]
+    for out in outputs:  # greedy: the sampled token is the likeliest, with the same logprob
+        assert out.top_ids[0][0] == out.token_ids[0] and out.top_logprobs[0][0] == pytest.approx(out.logprobs[0])
+        assert out.top_logprobs[0] == sorted(out.top_logprobs[0], reverse=True)

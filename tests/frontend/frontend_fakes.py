@@ -130,8 +130,12 @@ class FakeWorker:
                     break
                 context.append(tok)
                 done += 1
+                # top_logprobs: the sampled token first, then the next letters, each less likely
+                k = msg.sampling.top_logprobs if want_lp else 0
+                top = ([[tok] + [97 + (tok - 97 + j) % 26 for j in range(1, k)]], [[-0.25 - j for j in range(k)]])
                 await self._send(client, TokenChunk(rid, [tok], [-0.25] if want_lp else None,
-                                                    num_cached_tokens=3 if done == 1 else 0))
+                                                    num_cached_tokens=3 if done == 1 else 0,
+                                                    top_ids=top[0] if k else None, top_logprobs=top[1] if k else None))
                 if not self.step_s:
                     await asyncio.sleep(0)
             self.finished[rid] = reason

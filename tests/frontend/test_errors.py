@@ -44,7 +44,8 @@ CASES = [
     (CHAT, {"model": MODEL, "messages": MSGS, "stop": [""]}, 400, "stop"),
     (CHAT, {"model": MODEL, "messages": MSGS, "seed": 1.5}, 400, "seed"),
     (CHAT, {"model": MODEL, "messages": MSGS, "logprobs": "yes"}, 400, "logprobs"),
-    (CHAT, {"model": MODEL, "messages": MSGS, "top_logprobs": 3}, 400, "top_logprobs"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "top_logprobs": 3}, 400, "top_logprobs"),  # without logprobs
+    (CHAT, {"model": MODEL, "messages": MSGS, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     (CHAT, {"model": MODEL, "messages": MSGS, "tools": [{"type": "function"}]}, 400, "tools"),
     (CHAT, {"model": MODEL, "messages": MSGS, "presence_penalty": 2.5}, 400, "presence_penalty"),
     (CHAT, {"model": MODEL, "messages": MSGS, "frequency_penalty": "lots"}, 400, "frequency_penalty"),
@@ -62,7 +63,7 @@ CASES = [
     (COMP, {"model": MODEL, "prompt": [1, -2]}, 400, "prompt"),
     (COMP, {"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt"),
     (COMP, {"model": MODEL, "prompt": {"text": "a"}}, 400, "prompt"),
-    (COMP, {"model": MODEL, "prompt": "a", "logprobs": 5}, 400, "logprobs"),
+    (COMP, {"model": MODEL, "prompt": "a", "logprobs": 21}, 400, "logprobs"),
     (COMP, {"model": MODEL, "prompt": "a", "echo": True}, 400, "echo"),
     (COMP, {"model": MODEL, "prompt": [7] * 600}, 400, "prompt"),
     (COMP, {"model": MODEL, "prompt": "y" * 20000}, 400, "prompt"),  # tokenized off the event loop
