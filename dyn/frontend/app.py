@@ -508,8 +508,8 @@ def _sum_usage(usage: Usage, usages: list[Usage]) -> None:
     usage.token_ids = [t for u in usages for t in u.token_ids]
     usage.num_completion_tokens = len(usage.token_ids)
     usage.num_migrations = sum(u.num_migrations for u in usages)
-    usage.finish_reason = usage.finish_reason if usage.finish_reason and usage.finish_reason.startswith("error") \
-        else first.finish_reason
+    if not (usage.finish_reason or "").startswith("error"):  # (a stream's in-band error stays)
+        usage.finish_reason = first.finish_reason
     usage.prefill_worker, usage.decode_worker = first.prefill_worker, first.decode_worker
     usage.ttft_s = min((u.ttft_s for u in usages if u.ttft_s is not None), default=None)
 
