@@ -13,7 +13,7 @@ import asyncio
 import logging
 import re
 import time
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -427,7 +427,7 @@ class _Handlers:
             await response.prepare(request)
             out = b"".join(fmt.first() for fmt in formatters)
             ended = 0
-            try:
+            async with _in_band_errors(response, usage, public_id):
                 while True:
                     if isinstance(item, Exception):
                         raise item
@@ -443,12 +443,6 @@ class _Handlers:
                     index, item = await queue.get()
                 _sum_usage(usage, usages)
                 await response.write(out + formatters[0].usage(usage) + DONE)
-            except ApiError as exc:  # a choice failed mid-stream: tell the client in-band
-                usage.finish_reason = f"error {exc.code}"
-                log.warning("request failed mid-stream: %s", exc.message, extra={"request_id": _rid_of(public_id)})
-                await response.write(error_event(exc.body()) + DONE)
-            except ConnectionResetError:  # the client left; leaving here cancels on the workers
-                log.info("client went away during %s", public_id)
             return response
         finally:
             for reader in readers:
@@ -465,7 +459,7 @@ class _Handlers:
         response = web.StreamResponse(headers={**_SSE_HEADERS, REQUEST_ID_HEADER: _rid_of(public_id)})
         self.fe.keep_alive(request, response)
         await response.prepare(request)
-        try:
+        async with _in_band_errors(response, usage, public_id):
             out = fmt.first()
             if first is not None:
                 usage.finish_reason = first.finish_reason
@@ -483,14 +477,22 @@ class _Handlers:
                             out = b""
             usage.num_completion_tokens = len(usage.token_ids)
             await response.write(out + fmt.usage(usage) + DONE)
-        except ApiError as exc:  # the worker failed mid-stream: tell the client in-band
-            usage.finish_reason = f"error {exc.code}"
-            log.warning("request failed mid-stream: %s", exc.message, extra={"request_id": _rid_of(public_id)})
-            await response.write(error_event(exc.body()) + DONE)
-        except ConnectionResetError:  # the client left; leaving here cancels on the worker
-            log.info("client went away during %s", public_id)
         return response
 
+
+
+@asynccontextmanager
+async def _in_band_errors(response: web.StreamResponse, usage: Usage, public_id: str):
+    """After the SSE headers: a request that fails is told in-band (the error object, then [DONE]);
+    a client that left is logged (leaving the handler cancels its work on the workers)."""
+    try:
+        yield
+    except ApiError as exc:
+        usage.finish_reason = f"error {exc.code}"
+        log.warning("request failed mid-stream: %s", exc.message, extra={"request_id": _rid_of(public_id)})
+        await response.write(error_event(exc.body()) + DONE)
+    except ConnectionResetError:
+        log.info("client went away during %s", public_id)
 
 
 def _choice_request(req: GenerationRequest, index: int) -> GenerationRequest:

@@ -70,21 +70,3 @@ def test_a_template_that_does_not_compile_names_the_file_and_one_that_refuses_na
     with pytest.raises(RequestError, match="only user turns"):
         Tokenizer.from_dir(model).apply_chat_template(MESSAGES)
 
-
-THINKING = ("{%- for m in messages %}<|{{ m.role }}|>{{ m.content }}{%- endfor %}<|assistant|>"
-            "{%- if enable_thinking is defined and enable_thinking is false %}<think></think>{%- endif %}"
-            "{%- if budget is defined %} budget {{ budget + 1 }}{%- endif %}")
-
-
-def test_chat_template_kwargs_reach_the_template_and_a_wrong_type_is_the_requests_fault(tmp_path):
-    model = write_tiny_checkpoint(tmp_path / "tiny", num_layers=1, hidden_size=32)
-    config = json.loads((model / "tokenizer_config.json").read_text())
-    (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": THINKING}))
-    tok = Tokenizer.from_dir(model)
-    user = [{"role": "user", "content": "hi"}]
-    assert tok.apply_chat_template(user).endswith("<|assistant|>")
-    assert tok.apply_chat_template(user, enable_thinking=False).endswith("<think></think>")
-    assert tok.apply_chat_template(user, budget=2).endswith("budget 3")
-    with pytest.raises(RequestError) as err:
-        tok.apply_chat_template(user, budget="lots")
-    assert err.value.field == "chat_template_kwargs" and "TypeError" in str(err.value)
