@@ -13,6 +13,7 @@ EngineKind = Literal["torch", "vllm", "trtllm", "mock"]
 Mode = Literal["aggregated", "disaggregated"]
 Role = Literal["prefill", "decode", "both"]
 RouterPolicy = Literal["kv", "round-robin", "least-loaded", "random"]
+ReasoningParser = Literal["none", "deepseek_r1", "qwen3"]
 Transport = Literal["auto", "cuda_ipc", "shm", "tcp", "nixl"]
 
 
@@ -123,7 +124,7 @@ class ModelSpec:
     enable_prefix_caching: bool = True
     """engine vllm: automatic prefix caching (the torch engine always caches)."""
     sampling_defaults: SamplingDefaultsSpec = field(default_factory=SamplingDefaultsSpec)
-    reasoning_parser: Literal["none", "deepseek_r1", "qwen3"] = "none"
+    reasoning_parser: ReasoningParser = "none"
     """Chat answers of a thinking model split into `reasoning_content` (inside <think>...</think>)
     and `content`, as vLLM's --reasoning-parser of the same name does (dyn.frontend.reasoning)."""
     engine_args: tuple[tuple[str, Any], ...] = ()

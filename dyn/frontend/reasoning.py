@@ -14,9 +14,9 @@ qwen3 with chat_template_kwargs {"enable_thinking": false} starts in the answer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
-ReasoningParser = Literal["none", "deepseek_r1", "qwen3"]
+from dyn.config.recipe import ReasoningParser
+
 START, END = "<think>", "</think>"
 
 

@@ -24,11 +24,8 @@ from dyn.frontend.protocol import SamplingDefaults
 log = logging.getLogger(__name__)
 
 GENERATION_CONFIG = "generation_config.json"
-_FROM_FILE = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-              "max_new_tokens": "max_tokens",
-              "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-              "repetition_penalty": "repetition_penalty"}
-"""generation_config.json key -> the request field it is the default of."""
+_FROM_FILE = {**{field: field for field in DEFAULTABLE if field != "max_tokens"}, "max_new_tokens": "max_tokens"}
+"""generation_config.json key -> the request field it is the default of (the same names but one)."""
 NOT_APPLIED = ("typical_p", "epsilon_cutoff", "eta_cutoff", "no_repeat_ngram_size")
 """Sampling controls a generation config may set that dyn's engines do not implement."""
 
