@@ -6,7 +6,7 @@ Defaults here are the defaults of the file format; the README documents them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 EngineKind = Literal["torch", "vllm", "trtllm", "mock"]
@@ -41,8 +41,7 @@ class SamplingDefaultsSpec:
     repetition_penalty: float | None = None
 
 
-DEFAULTABLE = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "presence_penalty", "frequency_penalty",
-               "repetition_penalty")
+DEFAULTABLE = tuple(f.name for f in fields(SamplingDefaultsSpec) if f.name != "from_model")
 """The fields a deployment may give a default (recipe model.sampling_defaults, the model's
 generation_config.json) for requests that leave them out."""
 

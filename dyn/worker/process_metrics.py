@@ -80,8 +80,7 @@ class ProcessMetrics:
         waiting = asyncio.wrap_future(asked)
         done, _ = await asyncio.wait({waiting}, timeout=STATS_WAIT_S)
         if not done and self._engine_figures is not None:
-            asked.cancel()  # (skipped by the engine thread unless it has begun)
-            waiting.cancel()
+            waiting.cancel()  # (cancels `asked` too: skipped by the engine thread unless begun)
             return {**self._engine_figures, "engine_step_s": self.loop.busy_s()}
         stats, connector = await waiting
         total = max(stats.num_kv_blocks_total, 1)
