@@ -1,7 +1,7 @@
 """dyn: one command that turns a rack of GPU servers into one inference service."""
 
 __version__ = "0.1.0"
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 """Every wire frame starts with it; a peer speaking another version is refused with both numbers.
 2: Finish lost its never-set `info` map (a version-1 worker's Finish would fail as an unknown field).
 3: TokenChunk may carry the stream's Finish (a version-2 frontend would refuse the field).
@@ -10,4 +10,5 @@ PROTOCOL_VERSION = 6
    frame, naming both versions).
 5: GenerateRequest.hold_s (a version-4 worker would refuse the unknown field).
 6: SamplingParams gained min_p, top_logprobs and the three penalties, TokenChunk top_ids and
-   top_logprobs (a version-5 peer would refuse them as unknown fields)."""
+   top_logprobs (a version-5 peer would refuse them as unknown fields).
+7: SamplingParams.prompt_logprobs and TokenChunk.prompt_logprobs (completions' echo)."""

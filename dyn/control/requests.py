@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from dyn.control.codec import Codec, Message
 from dyn.control.kv_events import KvSnapshot, KvSnapshotRequest
-from dyn.control.sampling import SamplingParams
+from dyn.control.sampling import PromptLogprobs, SamplingParams
 
 
 ATTEMPT_SEPARATOR = "#"
@@ -82,6 +82,8 @@ class TokenChunk(Message):
     """top_logprobs: per token, the likeliest tokens (most likely first) ..."""
     top_logprobs: list[list[float]] | None = None
     """... and their logprobs."""
+    prompt_logprobs: PromptLogprobs | None = None
+    """SamplingParams.prompt_logprobs: the prompt's scores, on the stream's first chunk."""
 
 
 @dataclass(slots=True)

@@ -42,7 +42,23 @@ class SamplingParams:
     """Subtracted once per occurrence in the output so far."""
     repetition_penalty: float = 1.0
     """Divides positive (multiplies negative) logits of tokens in the prompt or output; 1: none."""
+    prompt_logprobs: int | None = None
+    """Score the prompt: each prompt token's logprob given the tokens before it, and this many
+    likeliest tokens at each of those positions (0: the prompt token's alone); None: off. The
+    prompt then runs through the model whole (a cached prefix has no logits to read)."""
 
     @property
     def penalized(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+@dataclass(slots=True)
+class PromptLogprobs:
+    """SamplingParams.prompt_logprobs' answer: one entry per prompt token after the first (the
+    first has nothing before it to be scored on), in prompt order."""
+
+    logprobs: list[float]
+    top_ids: list[list[int]] | None = None
+    """With prompt_logprobs k > 0: per position, the k likeliest tokens (most likely first) ..."""
+    top_logprobs: list[list[float]] | None = None
+    """... and their logprobs."""

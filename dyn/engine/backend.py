@@ -27,11 +27,13 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
-from dyn.control.sampling import SamplingParams
+from dyn.control.sampling import PromptLogprobs, SamplingParams
 from dyn.kv.events import KvEventListener, LowerTier
 from dyn.kv.retention import Retention
 
 FinishReason = Literal["stop", "length", "abort", "error"]
+IMPORTED_PROMPT_SCORES = ("prompt_logprobs needs the whole prompt run through this worker's model; a "
+                          "request whose prompt KV comes from a prefill worker has no logits for it")
 
 
 @dataclass(slots=True)
@@ -70,6 +72,8 @@ class TokenOutput:
     """SamplingParams.top_logprobs: per token, the likeliest tokens (most likely first)..."""
     top_logprobs: list[list[float]] | None = None
     """... and their logprobs (parallel to top_ids)."""
+    prompt_logprobs: PromptLogprobs | None = None
+    """SamplingParams.prompt_logprobs: the prompt's scores (on the request's first output)."""
 
 
 @dataclass(slots=True)

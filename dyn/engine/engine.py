@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable, Sequence as Seq
 
 from dyn.control.sampling import MAX_TOP_LOGPROBS
-from dyn.engine.backend import (Backend, EngineRequest, EngineStats, FinishReason, KvExport, KvImport,
-                                TokenOutput)
+from dyn.engine.backend import (IMPORTED_PROMPT_SCORES, Backend, EngineRequest, EngineStats, FinishReason,
+                                KvExport, KvImport, PromptLogprobs, TokenOutput)
 from dyn.engine.block_manager import BlockManager
 from dyn.engine.runner import ModelRunner, SeqWork
 from dyn.engine.scheduler import Scheduler
@@ -108,13 +108,15 @@ class Engine(Backend):
             return outputs
         work = [SeqWork(s.request.request_id, s.all_token_ids[s.num_computed:s.num_computed + num],
                         s.num_computed, s.block_ids, sample, s.request.sampling,
-                        len(s.all_token_ids) - s.num_prompt_tokens, s.all_token_ids)
+                        len(s.all_token_ids) - s.num_prompt_tokens, s.all_token_ids, s.num_prompt_tokens)
                 for s, num, sample in batch]
         result = self.runner.execute(work)
         self.last_step_duration_s = result.duration_s
         advance, sampled, logprobs = self.scheduler.advance, result.sampled, result.logprobs
         block_size, finish_reason = self.block_size, self._finish_reason
         for seq, num, sample in batch:
+            if result.prompt is not None and seq.request.request_id in result.prompt:
+                _add_scores(seq, result.prompt[seq.request.request_id])
             advance(seq, num)
             self.num_computed_tokens += num
             if not sample:
@@ -134,6 +136,8 @@ class Engine(Backend):
             if result.top and rid in result.top:
                 top_ids, top_lps = result.top[rid]
                 output.top_ids, output.top_logprobs = [top_ids], [top_lps]
+            if seq.needs_prompt_scores and self.runner.scores_prompts:
+                output.prompt_logprobs = seq.prompt_scores or _no_scores(seq.request.sampling.prompt_logprobs)
             outputs.append(output)
             seq.is_first_output = False
             if reason is not None:
@@ -191,6 +195,8 @@ class Engine(Backend):
         return stale
 
     def begin_import(self, request: EngineRequest, block_hashes: list[int]) -> KvImport:
+        if request.sampling.prompt_logprobs is not None:
+            raise RequestError(IMPORTED_PROMPT_SCORES, field="prompt_logprobs")
         seq = self._new_sequence(request)
         expected = seq.block_hashes[:seq.num_prompt_tokens // self.block_size]
         if len(block_hashes) > len(expected):
@@ -324,6 +330,24 @@ class Engine(Backend):
         return num
 
 
+def _add_scores(seq: Sequence, scores: PromptLogprobs) -> None:
+    """A step's prompt scores after the ones before (a chunk starting at 0, first or recomputed
+    after a preemption, starts them over)."""
+    held = seq.prompt_scores
+    if seq.num_computed == 0 or held is None:
+        seq.prompt_scores = scores
+        return
+    held.logprobs += scores.logprobs
+    if held.top_ids is not None and scores.top_ids is not None:
+        held.top_ids += scores.top_ids
+        held.top_logprobs += scores.top_logprobs  # type: ignore[operator]
+
+
+def _no_scores(k: int) -> PromptLogprobs:
+    """The scores of a one-token prompt: nothing before its token to score it on."""
+    return PromptLogprobs([], [] if k else None, [] if k else None)
+
+
 def _check_request(request: EngineRequest, runner: ModelRunner,
                    live: dict[str, Sequence]) -> None:
     """Raise RequestError naming the first bad field of `request`."""
@@ -388,6 +412,9 @@ def _check_sampling(request: EngineRequest, vocab: int) -> None:
         raise bad("seed", "must be an int or None")
     if type(sp.top_logprobs) is not int or not 0 <= sp.top_logprobs <= MAX_TOP_LOGPROBS:
         raise bad("top_logprobs", f"must be an int in [0, {MAX_TOP_LOGPROBS}]")
+    if sp.prompt_logprobs is not None and (type(sp.prompt_logprobs) is not int
+                                           or not 0 <= sp.prompt_logprobs <= MAX_TOP_LOGPROBS):
+        raise bad("prompt_logprobs", f"must be None or an int in [0, {MAX_TOP_LOGPROBS}]")
     for name in ("presence_penalty", "frequency_penalty"):
         value = getattr(sp, name)
         if not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:

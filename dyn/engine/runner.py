@@ -16,7 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from dyn.engine.backend import SamplingParams
+from dyn.engine.backend import PromptLogprobs, SamplingParams
 
 
 @dataclass(slots=True)
@@ -36,7 +36,9 @@ class SeqWork:
     num_generated: int
     """Tokens generated so far (for seeded sampling streams)."""
     all_token_ids: list[int] | None = None
-    """Prompt + generated (for repetition-free future use; may be None)."""
+    """Prompt + generated (penalties; prompt scores read the next token from it; may be None)."""
+    num_prompt_tokens: int = 0
+    """Where the prompt ends in all_token_ids (prompt scores stop there)."""
 
 
 @dataclass(slots=True)
@@ -48,6 +50,9 @@ class StepResult:
     """Modelled (mock) or measured (torch) step time."""
     top: dict[str, tuple[list[int], list[float]]] | None = None
     """request_id -> the likeliest tokens and their logprobs (SamplingParams.top_logprobs)."""
+    prompt: dict[str, PromptLogprobs] | None = None
+    """request_id -> scores of the prompt tokens after this step's rows (SamplingParams.prompt_logprobs):
+    row i of the work scores token start_pos + i + 1, for the rows whose next token is in the prompt."""
 
 
 class ModelRunner(ABC):
@@ -59,6 +64,9 @@ class ModelRunner(ABC):
     block_bytes: int
     kv_on_cuda: bool = False
     """Whether block_view returns CUDA tensors (Backend.kv_on_cuda)."""
+    scores_prompts: bool = False
+    """Whether execute answers SamplingParams.prompt_logprobs (StepResult.prompt); a runner that
+    does not (the mock) leaves a request's prompt scores out, as it leaves out its logprobs."""
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     max_context: int

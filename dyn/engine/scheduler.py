@@ -193,7 +193,7 @@ class Scheduler:
                 return 0
             self._start(seq)
             return num
-        matchable = seq.block_hashes[:(seq.num_tokens - 1) // bs]
+        matchable = [] if seq.needs_prompt_scores else seq.block_hashes[:(seq.num_tokens - 1) // bs]
         hit = self.blocks.match_prefix(matchable)
         num_tier = self.tier_probe(matchable[len(hit):]) if self.tier_probe else 0
         num_cached = (len(hit) + num_tier) * bs

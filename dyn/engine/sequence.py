@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from dyn.engine.backend import EngineRequest, FinishReason, SamplingParams
+from dyn.engine.backend import EngineRequest, FinishReason, PromptLogprobs, SamplingParams
 from dyn.kv.hashing import BlockHashCache, hash_blocks
 
 
@@ -47,6 +47,8 @@ class Sequence:
     num_cached_tokens: int = 0
     """Prompt tokens served from the cache on first admission (reported once)."""
     is_first_output: bool = True
+    prompt_scores: PromptLogprobs | None = None
+    """SamplingParams.prompt_logprobs: the scores so far, sent with the first output."""
     finish_reason: FinishReason | None = None
     exported_at_s: float = 0.0
     order: tuple[int, int] = (0, 0)
@@ -95,6 +97,11 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return len(self.all_token_ids) - self.num_computed
+
+    @property
+    def needs_prompt_scores(self) -> bool:
+        """The prompt must run through the model whole: its scores are asked for and not yet sent."""
+        return self.is_first_output and self.request.sampling.prompt_logprobs is not None
 
     @property
     def num_retained_blocks(self) -> int:

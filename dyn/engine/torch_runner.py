@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from dyn.engine.backend import PromptLogprobs
 from dyn.engine.host_memory import host_pool
 from dyn.engine.layers.attention import build_metadata
 from dyn.engine.loader import Checkpoint, read_model_config
@@ -29,12 +30,18 @@ from dyn.engine.runner import ModelRunner, SeqWork, StepResult
 from dyn.engine.sampling import sample
 from dyn.errors import EngineError
 
+SCORE_ROWS = 256
+"""Prompt scoring reads the LM head over this many rows at a time: a 32k-token prompt of a
+128k-vocabulary model would otherwise hold 16 GiB of float32 logits at once."""
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
 
 class TorchModelRunner(ModelRunner):
     """Runs a loaded model; owns the KV pool. Set `capture_logits` to keep every step's logits (tests)."""
+
+    scores_prompts = True
 
     def __init__(self, model: LlamaModel, *, block_size: int, num_blocks: int, max_context: int,
                  eos_token_ids: tuple[int, ...] = ()) -> None:
@@ -136,12 +143,39 @@ class TorchModelRunner(ModelRunner):
             picked = sample(logits, [w.sampling for w in sampling_work],
                             [w.num_generated for w in sampling_work], self._generator,
                             contexts=[w.all_token_ids or () for w in sampling_work])
+            prompt = self._score_prompts(work, hidden)
         sampled = {w.request_id: tok for w, tok in zip(sampling_work, picked.token_ids)}
         logprobs = {w.request_id: lp for w, lp in zip(sampling_work, picked.logprobs) if lp is not None}
         top = ({w.request_id: t for w, t in zip(sampling_work, picked.top) if t is not None}
                if picked.top is not None else None)
         return StepResult(sampled=sampled, logprobs=logprobs or None, top=top or None,
-                          duration_s=time.perf_counter() - t0)
+                          duration_s=time.perf_counter() - t0, prompt=prompt)
+
+    def _score_prompts(self, work: list[SeqWork], hidden: torch.Tensor) -> dict[str, PromptLogprobs] | None:
+        """Prompt scores (SamplingParams.prompt_logprobs) of this step's rows: row i of a work
+        scores the prompt token after it, up to the prompt's last token."""
+        scores: dict[str, PromptLogprobs] = {}
+        row = 0
+        for w in work:
+            k = w.sampling.prompt_logprobs
+            num = min(len(w.token_ids), w.num_prompt_tokens - 1 - w.start_pos)
+            if k is not None and num > 0 and w.all_token_ids is not None:
+                nxt = w.all_token_ids[w.start_pos + 1:w.start_pos + 1 + num]
+                scores[w.request_id] = self._score(hidden[row:row + num], nxt, k)
+            row += len(w.token_ids)
+        return scores or None
+
+    def _score(self, hidden: torch.Tensor, next_ids: list[int], k: int) -> PromptLogprobs:
+        out = PromptLogprobs([], [] if k else None, [] if k else None)
+        targets = torch.tensor(next_ids, device=hidden.device).unsqueeze(1)
+        for start in range(0, len(next_ids), SCORE_ROWS):
+            lp = torch.log_softmax(self.model.logits(hidden[start:start + SCORE_ROWS]), dim=-1)
+            out.logprobs += lp.gather(1, targets[start:start + SCORE_ROWS]).squeeze(1).tolist()
+            if k:
+                values, ids = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
+                out.top_ids += ids.tolist()  # type: ignore[operator]
+                out.top_logprobs += values.tolist()  # type: ignore[operator]
+        return out
 
     def block_view(self, block_id: int) -> object:
         """memoryview over the block's bytes on CPU; a uint8 tensor view on CUDA (no copy either way)."""

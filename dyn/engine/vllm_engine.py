@@ -27,8 +27,8 @@ import time
 import weakref
 from typing import Any
 
-from dyn.engine.backend import (Backend, EngineRequest, EngineStats, KvExport, KvImport,
-                                TokenOutput)
+from dyn.engine.backend import (IMPORTED_PROMPT_SCORES, Backend, EngineRequest, EngineStats, KvExport,
+                                KvImport, PromptLogprobs, TokenOutput)
 from dyn.engine.vllm_args import vllm_priority
 from dyn.engine.vllm_rendezvous import mark_store, remove_marker
 from dyn.errors import EngineError, RequestError
@@ -141,6 +141,8 @@ class VllmEngine(Backend):
         self._vocab = config.model_config.get_vocab_size()
         self._live: dict[str, str] = {}
         self._top_k: dict[str, int] = {}
+        self._prompt_k: dict[str, int] = {}
+        """SamplingParams.prompt_logprobs of the requests whose prompt scores are still to come."""
         """Requests that asked for top_logprobs: how many."""
         """dyn request id -> vLLM request id (a re-run gets a new vLLM id; late outputs of the old one are dropped)."""
         self._reruns = 0
@@ -174,6 +176,7 @@ class VllmEngine(Backend):
     def abort(self, request_id: str) -> None:
         self._remote.pop(request_id, None)
         self._top_k.pop(request_id, None)
+        self._prompt_k.pop(request_id, None)
         self._transfer_params.pop(request_id, None)
         internal = self._live.pop(request_id, None)
         if internal is not None:
@@ -212,6 +215,8 @@ class VllmEngine(Backend):
         if not self.disaggregated:
             raise RequestError("this vLLM worker has no KV connector (recipe mode is not disaggregated)",
                                field="kv_source")
+        if request.sampling.prompt_logprobs is not None:
+            raise RequestError(IMPORTED_PROMPT_SCORES, field="prompt_logprobs")
         params = {**transfer_params, "do_remote_prefill": True, "do_remote_decode": False}
         # max_tokens counts first_token, as for every engine: vLLM's re-sampled copy of it fills that slot.
         fallback = dataclasses.replace(request, prompt_token_ids=[*request.prompt_token_ids, first_token])
@@ -267,7 +272,8 @@ class VllmEngine(Backend):
                 seed=s.seed, stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
                 presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
                 repetition_penalty=s.repetition_penalty,
-                logprobs=s.top_logprobs if s.logprobs else None, detokenize=False,
+                logprobs=s.top_logprobs if s.logprobs else None, prompt_logprobs=s.prompt_logprobs,
+                detokenize=False,
                 output_kind=RequestOutputKind.DELTA, **extra)
         except (ValueError, TypeError) as exc:
             raise RequestError(f"bad sampling parameters for vLLM: {exc}", field="sampling") from None
@@ -283,6 +289,8 @@ class VllmEngine(Backend):
         self._live[rid] = internal
         if s.logprobs and s.top_logprobs:
             self._top_k[rid] = s.top_logprobs
+        if s.prompt_logprobs is not None:
+            self._prompt_k[rid] = s.prompt_logprobs
 
     def _convert(self, out: Any) -> TokenOutput | None:
         rid = _dyn_id(out.request_id)
@@ -295,6 +303,10 @@ class VllmEngine(Backend):
             logprobs = [entry[tok].logprob for tok, entry in zip(token_ids, completion.logprobs)]
             top_ids, top_lps = _top_logprobs(completion.logprobs, self._top_k.get(rid, 0))
         first = out.num_cached_tokens if out.num_cached_tokens is not None else 0
+        prompt_scores = None
+        if out.prompt_logprobs and rid in self._prompt_k:  # all at once, with the first token (DELTA)
+            prompt_scores = _prompt_scores(out.prompt_logprobs, out.prompt_token_ids or [],
+                                           self._prompt_k.pop(rid))
         remote = self._remote.get(rid)
         if remote is not None and token_ids:
             del self._remote[rid]
@@ -313,13 +325,15 @@ class VllmEngine(Backend):
             reason = _FINISH.get(raw or "", "stop")
             self._live.pop(rid, None)
             self._top_k.pop(rid, None)
+            self._prompt_k.pop(rid, None)
             self._remote.pop(rid, None)
             if out.kv_transfer_params:
                 self._transfer_params[rid] = dict(out.kv_transfer_params)
         elif not token_ids:
             return None
         return TokenOutput(rid, token_ids, finished=finished, finish_reason=reason, logprobs=logprobs,
-                           num_cached_tokens=first, top_ids=top_ids, top_logprobs=top_lps)
+                           num_cached_tokens=first, top_ids=top_ids, top_logprobs=top_lps,
+                           prompt_logprobs=prompt_scores)
 
     def _expire_remote(self, now: float) -> None:
         for rid, remote in [(rid, r) for rid, r in self._remote.items() if now >= r.deadline]:
@@ -391,3 +405,11 @@ def _top_logprobs(positions: list[dict], k: int) -> tuple[list[list[int]] | None
         ids.append([token for token, _ in ranked])
         lps.append([logprob.logprob for _, logprob in ranked])
     return ids, lps
+
+
+def _prompt_scores(positions: list, prompt: list[int], k: int) -> PromptLogprobs:
+    """vLLM's prompt logprobs (None for the first token, then a map per position holding the
+    prompt token and the k likeliest, each with its rank) as dyn's PromptLogprobs."""
+    scored = positions[1:]
+    top_ids, top_lps = _top_logprobs(scored, k)
+    return PromptLogprobs([entry[tok].logprob for tok, entry in zip(prompt[1:], scored)], top_ids, top_lps)

@@ -30,8 +30,8 @@ from dyn.frontend.protocol import (MAX_TOKEN_ID, ApiError, GenerationRequest, Sa
                                   parse_completion)
 from dyn.frontend.reasoning import ReasoningParser, ReasoningSplitter, thinking_at_start
 from dyn.frontend.ratelimit import RateLimiter
-from dyn.frontend.responses import (DONE, Answer, StreamFormatter, chat_logprobs, completion_logprobs,
-                                    error_event, full_response)
+from dyn.frontend.responses import (DONE, Answer, Echo, StreamFormatter, chat_logprobs, completion_logprobs,
+                                    echoed_logprobs, end_offset, error_event, full_response)
 from dyn.frontend.text import TextTokenizer
 from dyn.frontend.worker_stream import Piece, Usage
 from dyn.frontend.workers import DECODE_ROLES, WorkerPool
@@ -240,11 +240,14 @@ class _Handlers:
             if req.n > 1:
                 response = await self._choices(request, req, public_id, prompt_ids, rid, usage, salt)
             else:
+                echo = self._echo(req, prompt_ids)
                 async with aclosing(fe.dispatcher.generate(req, prompt_ids, rid, usage, salt=salt)) as pieces:
                     if req.stream:
-                        response = await self._stream(request, req, public_id, pieces, usage, self._splitter(req))
+                        response = await self._stream(request, req, public_id, pieces, usage, self._splitter(req),
+                                                      echo)
                     else:
-                        response = await self._collect(request, req, public_id, pieces, usage, self._splitter(req))
+                        response = await self._collect(request, req, public_id, pieces, usage, self._splitter(req),
+                                                       echo)
         except ApiError as exc:
             log.info("request refused: %d %s: %s", exc.status, exc.code, exc.message, extra=extra)
             raise
@@ -329,9 +332,17 @@ class _Handlers:
             return None
         return ReasoningSplitter(thinking=thinking_at_start(parser, req.template_kwargs))
 
+    def _echo(self, req: GenerationRequest, prompt_ids: list[int]) -> Echo | None:
+        """A completion's prompt to send back ahead of its answer (`echo`): as the client wrote
+        it, or its token ids decoded."""
+        if not req.echo:
+            return None
+        text = req.prompt_text if req.prompt_text is not None else self.fe.tokenizer.decode(prompt_ids)
+        return Echo(text, prompt_ids)
+
     async def _collect(self, request: web.Request, req: GenerationRequest, public_id: str, pieces,
-                       usage: Usage, splitter: ReasoningSplitter | None) -> web.Response:
-        answer = await self._answer(req, pieces, usage, splitter)
+                       usage: Usage, splitter: ReasoningSplitter | None, echo: Echo | None) -> web.Response:
+        answer = await self._answer(req, pieces, usage, splitter, echo)
         return self._whole(request, req, public_id, [answer], usage)
 
     def _whole(self, request: web.Request, req: GenerationRequest, public_id: str, answers: list[Answer],
@@ -342,15 +353,17 @@ class _Handlers:
         return response
 
     async def _answer(self, req: GenerationRequest, pieces, usage: Usage,
-                      splitter: ReasoningSplitter | None) -> Answer:
-        """One choice's pieces gathered into its whole answer."""
+                      splitter: ReasoningSplitter | None, echo: Echo | None = None) -> Answer:
+        """One choice's pieces gathered into its whole answer (after the prompt, with `echo`)."""
         texts: list[str] = []
         token_ids: list[int] = []
         logprobs: list[float] = []
         top_ids: list[list[int]] = []
         top_lps: list[list[float]] = []
         reason = "stop"
+        scores = None
         async for piece in pieces:
+            scores = piece.prompt_logprobs or scores
             texts.append(piece.text)
             if piece.logprobs is not None:
                 token_ids.extend(piece.token_ids)
@@ -367,9 +380,16 @@ class _Handlers:
         if req.sampling.logprobs and logprobs:
             tok = self.fe.tokenizer
             top = (top_ids, top_lps) if len(top_ids) == len(token_ids) else None
-            lp = ({"content": chat_logprobs(tok, token_ids, logprobs, top)} if req.kind == "chat"
-                  else completion_logprobs(tok, token_ids, logprobs, top=top))
+            if req.kind == "chat":
+                lp = {"content": chat_logprobs(tok, token_ids, logprobs, top)}
+            elif echo is None:
+                lp = completion_logprobs(tok, token_ids, logprobs, top=top)
+            elif (head := echoed_logprobs(tok, echo, scores)) is not None:
+                tail = completion_logprobs(tok, token_ids, logprobs, end_offset(head), top)
+                lp = {key: head[key] + tail[key] for key in head}
         text = "".join(texts)
+        if echo is not None:
+            text = echo.text + text
         return Answer(text, reason, lp, splitter.feed(text, final=True) if splitter is not None else None)
 
     async def _choices(self, request: web.Request, req: GenerationRequest, public_id: str,
@@ -378,12 +398,13 @@ class _Handlers:
         seed + i), generated side by side: the router sends them where the prompt's KV is, so the
         choices after the first mostly hit the cache. `usage` gets their sum (the prompt once)."""
         usages = [Usage() for _ in range(req.n)]
+        echo = self._echo(req, prompt_ids)
         runs = [self.fe.dispatcher.generate(_choice_request(req, i), prompt_ids, f"{rid}{CHOICE_SEPARATOR}{i}",
                                             choice_usage, salt=salt) for i, choice_usage in enumerate(usages)]
         try:
             if req.stream:
-                return await self._stream_choices(request, req, public_id, runs, usages, usage)
-            answers = [asyncio.ensure_future(self._answer(req, run, choice_usage, self._splitter(req)))
+                return await self._stream_choices(request, req, public_id, runs, usages, usage, echo)
+            answers = [asyncio.ensure_future(self._answer(req, run, choice_usage, self._splitter(req), echo))
                        for run, choice_usage in zip(runs, usages)]
             try:
                 done = await asyncio.gather(*answers)
@@ -399,7 +420,7 @@ class _Handlers:
             _sum_usage(usage, usages)
 
     async def _stream_choices(self, request: web.Request, req: GenerationRequest, public_id: str, runs,
-                              usages: list[Usage], usage: Usage) -> web.StreamResponse:
+                              usages: list[Usage], usage: Usage, echo: Echo | None) -> web.StreamResponse:
         """The choices' pieces as they come, each chunk naming its choice's index."""
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -416,7 +437,7 @@ class _Handlers:
 
         readers = [asyncio.ensure_future(read(i)) for i in range(req.n)]
         formatters = [StreamFormatter(req.kind, public_id, req.model, self.fe.tokenizer,
-                                      include_usage=req.include_usage, index=i) for i in range(req.n)]
+                                      include_usage=req.include_usage, index=i, echo=echo) for i in range(req.n)]
         splitters = [self._splitter(req) for _ in range(req.n)]
         try:
             index, item = await queue.get()
@@ -450,9 +471,9 @@ class _Handlers:
             await asyncio.gather(*readers, return_exceptions=True)
 
     async def _stream(self, request: web.Request, req: GenerationRequest, public_id: str, pieces,
-                      usage: Usage, splitter: ReasoningSplitter | None) -> web.StreamResponse:
+                      usage: Usage, splitter: ReasoningSplitter | None, echo: Echo | None) -> web.StreamResponse:
         fmt = StreamFormatter(req.kind, public_id, req.model, self.fe.tokenizer,
-                              include_usage=req.include_usage)
+                              include_usage=req.include_usage, echo=echo)
         # Wait for the first piece before the headers: routing and worker refusals
         # (503 + Retry-After, 400) still get a proper HTTP status.
         first = await anext(pieces, None)

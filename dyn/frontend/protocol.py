@@ -59,6 +59,8 @@ class GenerationRequest:
     """With hints.retention: only the prompt's leading tokens are retained (None: all blocks)."""
     template_kwargs: dict[str, Any] | None = None
     """chat: the request's chat_template_kwargs, passed to the chat template (Qwen3's enable_thinking)."""
+    echo: bool = False
+    """completion: the answer starts with the prompt (with logprobs: the prompt's tokens scored)."""
 
     def for_prompt(self, num_prompt_tokens: int, max_context: int,
                    default_max_tokens: int | None = None) -> "GenerationRequest":
@@ -138,15 +140,17 @@ def parse_completion(body: Any, defaults: SamplingDefaults = SamplingDefaults())
     if text is not None:
         _require_utf8(text, "prompt")
     logprobs = _opt_int(body, "logprobs", 0, MAX_TOP_LOGPROBS)  # k: also the k likeliest tokens
-    if _opt_bool(body, "echo"):
-        raise ApiError("echo is not supported", param="echo")
+    echo = _opt_bool(body, "echo") or False
     if body.get("suffix"):
         raise ApiError("suffix is not supported", param="suffix")
     max_tokens = _opt_int(body, "max_tokens", 1, None)
     if "max_tokens" not in body:
         max_tokens = LEGACY_DEFAULT_MAX_TOKENS  # OpenAI's default; an explicit null means "to the context end"
-    return _common(body, "completion", (max_tokens, logprobs is not None, logprobs or 0), defaults,
-                   prompt_text=text, prompt_token_ids=ids)
+    req = _common(body, "completion", (max_tokens, logprobs is not None, logprobs or 0), defaults,
+                  prompt_text=text, prompt_token_ids=ids, echo=echo)
+    if echo and logprobs is not None:  # the prompt's tokens get logprobs too (lm-eval's loglikelihood)
+        req = replace(req, sampling=replace(req.sampling, prompt_logprobs=logprobs))
+    return req
 
 
 def _common(body: dict, kind: str, output: tuple[int | None, bool, int], defaults: SamplingDefaults,

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
+from dyn.control.sampling import PromptLogprobs
 from dyn.frontend.reasoning import Split
 from dyn.frontend.text import TextTokenizer
 from dyn.frontend.worker_stream import Piece, Usage
@@ -31,11 +32,13 @@ class StreamFormatter:
     """Turns pieces of one request into SSE `data:` lines (bytes)."""
 
     def __init__(self, kind: str, request_id: str, model: str, tokenizer: TextTokenizer,
-                 *, include_usage: bool, index: int = 0) -> None:
-        """`index`: the choice this formatter writes (requests with n > 1 have one per choice)."""
+                 *, include_usage: bool, index: int = 0, echo: Echo | None = None) -> None:
+        """`index`: the choice this formatter writes (requests with n > 1 have one per choice);
+        `echo`: a completion's prompt, sent as the stream's first text."""
         self.kind = kind
         self._tok = tokenizer
         self._include_usage = include_usage
+        self._echo = echo
         self._offset = 0
         self._choice: dict = {"index": index, "logprobs": None, "finish_reason": None}
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
@@ -56,6 +59,8 @@ class StreamFormatter:
     def piece(self, piece: Piece, num_migrations: int = 0, split: Split | None = None) -> bytes:
         """One chunk; the last one carries `dyn.migrations` when the request changed workers.
         `split`: the piece's text as reasoning and answer (a chat with a reasoning parser)."""
+        if self._echo is not None:
+            return self._echoed(piece) + self.piece(piece, num_migrations, split)
         text = piece.text if split is None else split.content
         if piece.logprobs is None and not piece.finish_reason and not (split and split.reasoning):
             return self._text_head + _dumps(text).encode() + self._text_tail
@@ -78,6 +83,17 @@ class StreamFormatter:
             return b""
         chunk = dict(self._chunk, choices=[], usage=usage_dict(usage))
         return _event(chunk)
+
+    def _echoed(self, first: Piece) -> bytes:
+        """The chunk of the echoed prompt, ahead of the first piece (which brings its scores)."""
+        echo, self._echo = self._echo, None
+        assert echo is not None
+        choice = self._choice
+        choice["text"], choice["logprobs"] = echo.text, None
+        if first.logprobs is not None:
+            choice["logprobs"] = logprobs = echoed_logprobs(self._tok, echo, first.prompt_logprobs)
+            self._offset = end_offset(logprobs)
+        return _event(self._chunk)
 
     def _text_frame(self) -> tuple[bytes, bytes]:
         """The bytes of a text-only chunk's event before and after its text: the skeleton
@@ -165,6 +181,34 @@ def completion_logprobs(tok: TextTokenizer, token_ids: Sequence[int], logprobs: 
                         for ids, lps in zip(*top)]
     return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": alternatives,
             "text_offset": offsets}
+
+
+@dataclass(frozen=True, slots=True)
+class Echo:
+    """A completion's prompt, sent back ahead of its answer (`echo`)."""
+
+    text: str
+    token_ids: Sequence[int]
+
+
+def echoed_logprobs(tok: TextTokenizer, echo: Echo, scores: PromptLogprobs | None) -> dict | None:
+    """The echoed prompt's part of a completion's logprobs object: every prompt token, the first
+    with null (nothing before it to score it on, as OpenAI's); None when the engine gave no
+    scores (the mock engine gives no logprobs at all)."""
+    ids = echo.token_ids
+    if scores is None or len(scores.logprobs) != len(ids) - 1:
+        return None
+    first = tok.decode(ids[:1])
+    top = (scores.top_ids, scores.top_logprobs) if scores.top_ids is not None else None
+    rest = completion_logprobs(tok, ids[1:], scores.logprobs, len(first), top)
+    return {"tokens": [first, *rest["tokens"]], "token_logprobs": [None, *rest["token_logprobs"]],
+            "top_logprobs": [None, *rest["top_logprobs"]], "text_offset": [0, *rest["text_offset"]]}
+
+
+def end_offset(logprobs: dict) -> int:
+    """The text offset right after a completion logprobs object's last token."""
+    tokens = logprobs["tokens"]
+    return logprobs["text_offset"][-1] + len(tokens[-1]) if tokens else 0
 
 
 def error_event(body: dict) -> bytes:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 from dyn.control.requests import ATTEMPT_SEPARATOR, Finish, GenerateRequest, RequestFailed, TokenChunk
-from dyn.control.sampling import SamplingParams
+from dyn.control.sampling import PromptLogprobs, SamplingParams
 from dyn.frontend.inbox import Inbox
 from dyn.frontend.protocol import GenerationRequest
 from dyn.frontend.text import TextStream
@@ -48,6 +48,8 @@ class Piece:
     top_ids: list[list[int]] | None = None
     """top_logprobs: per token, the likeliest tokens and (top_logprobs) their logprobs."""
     top_logprobs: list[list[float]] | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+    """SamplingParams.prompt_logprobs: the prompt's scores, on the request's first piece."""
 
 
 @dataclass(slots=True)
@@ -96,6 +98,9 @@ class WorkerStream:
         self.last = 0.0
         self._num_sent: dict[str, int] = {}
         """Attempts of this request sent to each worker (see _wire_id)."""
+        self.prompt_scored = False
+        """The prompt's scores (prompt_logprobs) came: a later attempt (decode after a remote
+        prefill, a migration's longer prompt) does not ask for them again."""
 
     async def _follow(self, worker_id: str, request: GenerateRequest,
                       on_finish: Callable[[Finish], Piece | None] | None = None) -> AsyncIterator[Piece]:
@@ -239,6 +244,9 @@ class WorkerStream:
             text += self.text.flush()
         if not text and not self.finish_reason and not ids:
             return None
+        if chunk.prompt_logprobs is not None:
+            self.prompt_scored = True
+            return Piece(text, ids, logprobs, self.finish_reason, *(top or (None, None)), chunk.prompt_logprobs)
         if top is not None:
             return Piece(text, ids, logprobs, self.finish_reason, *top)
         return Piece(text, ids, logprobs, self.finish_reason)
@@ -250,7 +258,8 @@ class WorkerStream:
     def _sampling(self, max_tokens: int | None = None) -> SamplingParams:
         """The request's sampling for a worker, `max_tokens` left (default: all). Stop strings stay
         here: TextStream matches them on the text the client sees, prompt included."""
-        return replace(self.req.sampling, max_tokens=max_tokens or self.max_tokens, stop=())
+        return replace(self.req.sampling, max_tokens=max_tokens or self.max_tokens, stop=(),
+                       prompt_logprobs=None if self.prompt_scored else self.req.sampling.prompt_logprobs)
 
 
 _STALLED = object()
@@ -291,7 +300,8 @@ def _merge(first: TokenChunk, queue: Inbox) -> tuple[TokenChunk, object | None]:
     merged = TokenChunk(first.request_id, list(first.token_ids),
                         list(first.logprobs) if first.logprobs is not None else None, first.num_cached_tokens,
                         top_ids=list(first.top_ids) if first.top_ids is not None else None,
-                        top_logprobs=list(first.top_logprobs) if first.top_logprobs is not None else None)
+                        top_logprobs=list(first.top_logprobs) if first.top_logprobs is not None else None,
+                        prompt_logprobs=first.prompt_logprobs)
     while not queue.empty():
         nxt = queue.get_nowait()
         if (type(nxt) is not TokenChunk or (nxt.logprobs is None) != (merged.logprobs is None)

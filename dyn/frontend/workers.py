@@ -292,7 +292,7 @@ _MAX_DRAIN = 512
 _POLLIN = int(zmq.POLLIN)
 _BATCH_FIELDS = frozenset({"chunks"})
 _CHUNK_FIELDS = frozenset({"request_id", "token_ids", "logprobs", "num_cached_tokens", "finish", "top_ids",
-                           "top_logprobs"})
+                           "top_logprobs", "prompt_logprobs"})
 _FINISH_FIELDS = frozenset({"request_id", "reason", "num_prompt_tokens", "num_completion_tokens", "kv_offer"})
 
 
@@ -320,7 +320,8 @@ def _chunk(fields: Any) -> TokenChunk | None:
     """One chunk of a TokenChunks frame (fast path); None when anything is off (the codec's
     general path then checks the whole frame and says what)."""
     if type(fields) is dict and fields.keys() <= _CHUNK_FIELDS and fields.get("top_ids") is None \
-            and fields.get("top_logprobs") is None:  # (top logprobs: rare, the codec checks them)
+            and fields.get("top_logprobs") is None and fields.get("prompt_logprobs") is None:
+        # (top and prompt logprobs: rare, the codec checks them)
         rid, ids = fields.get("request_id"), fields.get("token_ids")
         logprobs, cached = fields.get("logprobs"), fields.get("num_cached_tokens", 0)
         finish = _finish(fields.get("finish"))

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Awaitable, Callable
 
 import msgpack
@@ -24,7 +24,7 @@ from dyn.control.requests import (REQUEST_CODEC, Cancel, CloseSession, Finish, G
                                   RequestFailed)
 from dyn.control.loop_router import LoopRouter
 from dyn.control.sockets import BadMessages, Security
-from dyn.engine.backend import EngineRequest, TokenOutput
+from dyn.engine.backend import EngineRequest, PromptLogprobs, TokenOutput
 from dyn.errors import DynError, RequestError
 from dyn.kv.retention import Retention
 from dyn.worker.engine_loop import EngineLoop
@@ -281,7 +281,8 @@ class RequestServer:
                     finish = (out.finish_reason or "stop", stream.num_prompt_tokens, stream.num_completion_tokens)
             if out.token_ids:  # the Finish rides on the last chunk
                 chunk = token_chunk_fields(out.request_id, list(out.token_ids), out.logprobs,
-                                           out.num_cached_tokens, finish, out.top_ids, out.top_logprobs)
+                                           out.num_cached_tokens, finish, out.top_ids, out.top_logprobs,
+                                           out.prompt_logprobs)
                 if (batch := chunks.get(stream.client)) is None:
                     chunks[stream.client] = [chunk]
                 else:
@@ -368,7 +369,7 @@ def _copy(out: TokenOutput) -> TokenOutput:
     return TokenOutput(out.request_id, list(out.token_ids), False, None, None,
                        list(out.logprobs) if out.logprobs is not None else None, out.num_cached_tokens,
                        list(out.top_ids) if out.top_ids is not None else None,
-                       list(out.top_logprobs) if out.top_logprobs is not None else None)
+                       list(out.top_logprobs) if out.top_logprobs is not None else None, out.prompt_logprobs)
 
 
 def _extend(into: TokenOutput, out: TokenOutput) -> None:
@@ -398,7 +399,8 @@ def _admit(engine, request: EngineRequest | None, max_waiting: int,
 
 def token_chunk_fields(request_id: str, token_ids: list[int], logprobs: list[float] | None,
                        num_cached_tokens: int, finish: tuple[str, int, int] | None = None,
-                       top_ids: list[list[int]] | None = None, top_logprobs: list[list[float]] | None = None) -> dict:
+                       top_ids: list[list[int]] | None = None, top_logprobs: list[list[float]] | None = None,
+                       prompt_logprobs: PromptLogprobs | None = None) -> dict:
     """A TokenChunk(..., finish=Finish(request_id, *finish)) as the codec puts it on the wire,
     without the generic field walk (one of these per token per request)."""
     finish_fields = None if finish is None else {
@@ -406,7 +408,8 @@ def token_chunk_fields(request_id: str, token_ids: list[int], logprobs: list[flo
         "num_completion_tokens": finish[2], "kv_offer": None}
     return {"request_id": request_id, "token_ids": token_ids, "logprobs": logprobs,
             "num_cached_tokens": num_cached_tokens, "finish": finish_fields, "top_ids": top_ids,
-            "top_logprobs": top_logprobs}
+            "top_logprobs": top_logprobs,
+            "prompt_logprobs": None if prompt_logprobs is None else asdict(prompt_logprobs)}
 
 
 def encode_token_chunks(chunks: list[dict]) -> bytes:

@@ -42,6 +42,9 @@ LONG = ["Summarize the history of Paris. " * 12, "Explain how a bicycle works, s
 FAILED_PULL = ["Describe the ocean in detail. " * 10, "Tell me about mountains and rivers. " * 10]
 """Sent to the decode worker only, with offers whose pull fails: fresh prompts (no cached blocks)."""
 SERVED = len(SHORT) + len(LONG)
+SCORED = [1, len(SHORT)]
+"""Prompts whose tokens the echo test scores: a short one (scored on the decode worker) and a long
+one (scored on the prefill worker, which then hands the KV over)."""
 DTYPE = "float32"
 """Pinned here, whatever the shipped recipe says: equal greedy tokens is the oracle, and in bf16
 the decode worker's first step after a hand-off (prompt KV loaded, the last partial block
@@ -139,7 +142,8 @@ class ReferenceRun:
     one core)."""
 
     def __init__(self, tmp: Path, model_dir: Path, prompts: list[list[int]]) -> None:
-        (tmp / "in.json").write_text(json.dumps({"prompts": prompts, "max_tokens": MAX_TOKENS, "dtype": DTYPE}))
+        (tmp / "in.json").write_text(json.dumps({"prompts": prompts, "max_tokens": MAX_TOKENS, "dtype": DTYPE,
+                                                 "score": SCORED}))
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
                "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1",
                "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # in one process, as dyn's CPU workers run vLLM
@@ -148,14 +152,21 @@ class ReferenceRun:
             self._proc = subprocess.Popen(
                 [sys.executable, str(Path(__file__).with_name("vllm_reference.py")), str(model_dir),
                  str(tmp / "in.json"), str(self._out)], env=env, stdout=log, stderr=subprocess.STDOUT)
-        self._tokens: list[list[int]] | None = None
+        self._result: dict | None = None
 
     def tokens(self) -> list[list[int]]:
-        if self._tokens is None:
+        return self._read()["tokens"]
+
+    def prompt_logprobs(self) -> dict[int, list[float]]:
+        """Per SCORED prompt: vLLM's logprob of each of its tokens after the first."""
+        return {int(idx): scores for idx, scores in self._read()["prompt_logprobs"].items()}
+
+    def _read(self) -> dict:
+        if self._result is None:
             returncode = self._proc.wait(timeout=300)
             assert returncode == 0, self._log.read_text(errors="replace")[-3000:]
-            self._tokens = json.loads(self._out.read_text())
-        return self._tokens
+            self._result = json.loads(self._out.read_text())
+        return self._result
 
     def stop(self) -> None:
         if self._proc.poll() is None:
@@ -256,6 +267,25 @@ def test_greedy_tokens_equal_vllm_generate_locally_and_through_the_nixl_handoff(
     assert delta["prompt_tokens_transferred"] >= sum(len(p) - 32 for p in long_prompts), why()
     assert delta["prompt_tokens_computed"] <= (sum(len(p) for p in prompts if len(p) <= 32)
                                                + 32 * len(long_prompts)), why()
+
+
+def test_echo_scores_prompt_tokens_as_vllm_does_on_either_path(deployment, prompts, reference_run):
+    """completions `echo` + `logprobs` (lm-eval's loglikelihood request): each prompt token's logprob
+    equals vLLM's own prompt_logprobs, whether the decode worker ran the prompt or the prefill
+    worker did (and handed the KV over for the one generated token)."""
+    client = _client(deployment)
+    before = deployment.worker_metrics("decode-0")
+    for idx, want in reference_run.prompt_logprobs().items():
+        prompt = prompts[idx]
+        answer = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, logprobs=1,
+                                           echo=True)
+        lp = answer.choices[0].logprobs
+        assert len(lp.tokens) == len(prompt) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.token_logprobs[1:len(prompt)] == pytest.approx(want, abs=1e-3)
+        assert all(max(top.values()) >= score - 1e-6
+                   for top, score in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
+    after = deployment.worker_metrics("decode-0")
+    assert after["remote_prefills"] - before.get("remote_prefills", 0) == 1  # the long prompt's
 
 
 def test_idle_workers_do_not_spin(deployment):

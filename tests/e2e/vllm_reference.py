@@ -1,4 +1,5 @@
-"""vLLM's own greedy output for the serving test: `python vllm_reference.py MODEL_DIR IN.json OUT.json`.
+"""vLLM's own greedy output (and prompt logprobs) for the serving test:
+`python vllm_reference.py MODEL_DIR IN.json OUT.json`.
 
 A script, not test code: vLLM starts its workers with spawn, which needs a
 real `__main__`. Each prompt runs alone (as the deployment sees them in turn)
@@ -21,8 +22,14 @@ def main() -> None:
     params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0, ignore_eos=True, detokenize=False)
     outputs = [llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0].outputs[0].token_ids
                for p in spec["prompts"]]
+    scoring = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0, detokenize=False)
+    scores = {}
+    for idx in spec["score"]:  # each prompt token's logprob (the first has none)
+        prompt = spec["prompts"][idx]
+        entries = llm.generate([{"prompt_token_ids": prompt}], scoring, use_tqdm=False)[0].prompt_logprobs[1:]
+        scores[idx] = [entry[tok].logprob for tok, entry in zip(prompt[1:], entries)]
     with open(dst, "w") as f:
-        json.dump([list(o) for o in outputs], f)
+        json.dump({"tokens": [list(o) for o in outputs], "prompt_logprobs": scores}, f)
 
 
 if __name__ == "__main__":

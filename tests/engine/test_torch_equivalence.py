@@ -17,6 +17,7 @@ pytest.importorskip("transformers")
 from dyn.engine.backend import EngineRequest, SamplingParams  # noqa: E402
 from dyn.engine.engine import Engine  # noqa: E402
 from dyn.engine.torch_runner import TorchModelRunner  # noqa: E402
+from dyn.errors import RequestError  # noqa: E402
 
 VARIANTS = ["llama", "llama3-rope-tied", "llama-sharded", "qwen2", "qwen3"]  # built in conftest.py
 VOCAB = 320
@@ -204,3 +205,41 @@ def test_repetition_penalty_matches_transformers_generate(hf_checkpoint, hf_mode
     unpenalized = Engine(_runner(path))
     unpenalized.add_request(_greedy(prompt, "x"))
     assert _drain(unpenalized)["x"][:DECODE_STEPS] != tokens["pen"]  # the penalty changed the answer
+
+
+def test_prompt_logprobs_match_transformers_through_chunks_and_a_cached_prefix(hf_checkpoint, hf_model):
+    """prompt_logprobs: each prompt token's logprob under transformers' teacher-forced forward, and
+    the k likeliest there, whatever the prefill chunking; a prompt already in the prefix cache is
+    run whole again (a cached block has no logits), the scores arriving once, on the first output."""
+    path = hf_checkpoint("llama")
+    hf = hf_model(path)
+    (prompt,) = _prompts([45], seed=11)
+    with torch.no_grad():
+        reference = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), -1)[:-1]
+    expected = reference.gather(1, torch.tensor(prompt[1:]).unsqueeze(1)).squeeze(1)
+    engine = Engine(_runner(path), max_num_batched_tokens=16)  # 45 tokens: 3 chunks
+    engine.add_request(_greedy(prompt, "warm"))  # fills the prefix cache with this prompt
+    _drain(engine)
+    scored = SamplingParams(max_tokens=3, ignore_eos=True, prompt_logprobs=3)
+    engine.add_request(EngineRequest("scored", prompt, scored))
+    engine.add_request(_greedy(prompt, "cached"))
+    outputs: dict[str, list] = {}
+    while engine.has_work():
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    first, *rest = outputs["scored"]
+    scores = first.prompt_logprobs
+    assert first.num_cached_tokens == 0 and outputs["cached"][0].num_cached_tokens == 40
+    assert all(out.prompt_logprobs is None for out in rest + outputs["cached"])
+    assert len(scores.logprobs) == len(prompt) - 1
+    assert torch.tensor(scores.logprobs) == pytest.approx(expected, abs=ATOL)
+    assert scores.top_ids == reference.topk(3, -1).indices.tolist()
+    assert torch.tensor(scores.top_logprobs) == pytest.approx(reference.topk(3, -1).values, abs=ATOL)
+    # a one-token prompt has nothing to score: an empty answer, still on the first output
+    engine.add_request(EngineRequest("one", prompt[:1], SamplingParams(max_tokens=1, prompt_logprobs=0)))
+    (only,) = [out for out in engine.step()]
+    assert only.prompt_logprobs.logprobs == [] and only.prompt_logprobs.top_ids is None
+    # a prompt whose KV comes from elsewhere was never run here: refused, naming the field
+    with pytest.raises(RequestError) as refused:
+        engine.begin_import(EngineRequest("imported", prompt, scored), [])
+    assert refused.value.field == "prompt_logprobs"

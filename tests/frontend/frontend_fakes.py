@@ -18,12 +18,21 @@ import zmq.asyncio
 
 from dyn.control.requests import (REQUEST_CODEC, Cancel, Finish, GenerateRequest, RequestFailed,
                                   TokenChunk)
+from dyn.control.sampling import PromptLogprobs
 from dyn.control.sockets import Security, server_socket
 
 
 def next_token(context: list[int]) -> int:
     tail = context[-3:]
     return 97 + (sum((i + 1) * t for i, t in enumerate(tail)) * 7 + len(context)) % 26
+
+
+def prompt_scores(prompt: list[int], k: int) -> PromptLogprobs:
+    """The fake model's prompt_logprobs: token i (from 1) scores -i/8, its k likeliest are the
+    token and the letters after it."""
+    tops = [[t] + [97 + (t - 97 + j) % 26 for j in range(1, k)] for t in prompt[1:]]
+    return PromptLogprobs([-i / 8 for i in range(1, len(prompt))], tops if k else None,
+                          [[-i / 8 - j for j in range(k)] for i in range(1, len(prompt))] if k else None)
 
 
 def greedy(prompt: list[int], n: int) -> list[int]:
@@ -99,13 +108,15 @@ class FakeWorker:
         want_lp = msg.sampling.logprobs
         context = list(msg.prompt_token_ids)
         done = 0
+        scored = msg.sampling.prompt_logprobs
+        scores = prompt_scores(context, scored) if scored is not None and msg.kv_source is None else None
         try:
             if msg.prefill_only:
                 if self.fail_prefill:
                     await self._send(client, RequestFailed(rid, "internal", "prefill exploded", True))
                     return
                 tok = self._token(context, 0)
-                await self._send(client, TokenChunk(rid, [tok], [-0.5] if want_lp else None))
+                await self._send(client, TokenChunk(rid, [tok], [-0.5] if want_lp else None, prompt_logprobs=scores))
                 offer = {"worker": self.worker_id, "request_id": rid, "num_tokens": len(context)}
                 self.kv_store[(self.worker_id, rid)] = context + [tok]
                 self.finished[rid] = "length"
@@ -135,7 +146,8 @@ class FakeWorker:
                 top = ([[tok] + [97 + (tok - 97 + j) % 26 for j in range(1, k)]], [[-0.25 - j for j in range(k)]])
                 await self._send(client, TokenChunk(rid, [tok], [-0.25] if want_lp else None,
                                                     num_cached_tokens=3 if done == 1 else 0,
-                                                    top_ids=top[0] if k else None, top_logprobs=top[1] if k else None))
+                                                    top_ids=top[0] if k else None, top_logprobs=top[1] if k else None,
+                                                    prompt_logprobs=scores if done == 1 else None))
                 if not self.step_s:
                     await asyncio.sleep(0)
             self.finished[rid] = reason

@@ -64,7 +64,7 @@ CASES = [
     (COMP, {"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt"),
     (COMP, {"model": MODEL, "prompt": {"text": "a"}}, 400, "prompt"),
     (COMP, {"model": MODEL, "prompt": "a", "logprobs": 21}, 400, "logprobs"),
-    (COMP, {"model": MODEL, "prompt": "a", "echo": True}, 400, "echo"),
+    (COMP, {"model": MODEL, "prompt": "a", "echo": "yes"}, 400, "echo"),
     (COMP, {"model": MODEL, "prompt": [7] * 600}, 400, "prompt"),
     (COMP, {"model": MODEL, "prompt": "y" * 20000}, 400, "prompt"),  # tokenized off the event loop
 ]

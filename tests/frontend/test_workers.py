@@ -10,6 +10,7 @@ import zmq.asyncio
 
 from dyn import PROTOCOL_VERSION
 from dyn.control.requests import REQUEST_CODEC, Finish, TokenChunk, TokenChunks
+from dyn.control.sampling import PromptLogprobs
 from dyn.control.sockets import BadMessages, Security
 from dyn.frontend.workers import WorkerLimits, WorkerPool, _decode
 
@@ -56,7 +57,8 @@ def test_fast_decode_matches_the_codec():
     finish = Finish("r1", "stop", 3, 4, kv_offer={"a": 1})
     batches = [TokenChunks([TokenChunk("r1", [1, 2, 3], [-0.5, -1.0, 0.0], 16)]),
                TokenChunks([TokenChunk("r1", [9], None, 0, Finish("r1", "length", 3, 4)), TokenChunk("r2", [7])]),
-               TokenChunks([TokenChunk("r1", [9], None, 0, finish)])]  # an offer takes the codec's path
+               TokenChunks([TokenChunk("r1", [9], None, 0, finish)]),  # an offer takes the codec's path
+               TokenChunks([TokenChunk("r4", [2], prompt_logprobs=PromptLogprobs([-0.5], [[3]], [[-0.25]]))])]
     for message in (*batches, finish, TokenChunk("r3", [5])):
         assert _decode(memoryview(REQUEST_CODEC.encode(message)), bad) == message
     assert bad.total == 0
@@ -74,6 +76,7 @@ def test_fast_decode_rejects_what_the_codec_rejects():
         {"request_id": "r", "token_ids": [1], "finish": {"request_id": "r", "reason": "stop", "num_prompt_tokens": True}},
         {"request_id": "r", "token_ids": [1], "finish": {"request_id": "r", "reason": "stop", "evil": 1}},
         {"request_id": "r", "token_ids": [1], "finish": "stop"},
+        {"request_id": "r", "token_ids": [1], "prompt_logprobs": {"logprobs": ["x"]}},
     ]
     frames = [[PROTOCOL_VERSION, "token_chunks", {"chunks": [good, chunk]}] for chunk in chunks] + [
         [PROTOCOL_VERSION - 1, "token_chunks", {"chunks": [good]}],  # a peer of another version

@@ -221,13 +221,16 @@ def test_sigterm_fails_in_flight_requests_explicitly(tmp_path):
 
 
 def test_token_chunks_fast_encoding_is_the_codecs_byte_for_byte():
+    from dyn.control.sampling import PromptLogprobs
     from dyn.worker.request_server import encode_token_chunks, token_chunk_fields
 
     chunks = [TokenChunk("r-1", [5, 6], None, 0), TokenChunk("ü", [1], [-0.5], 12),
-              TokenChunk("r-2", [3], None, 4, Finish("r-2", "length", 20, 7))]
+              TokenChunk("r-2", [3], None, 4, Finish("r-2", "length", 20, 7)),
+              TokenChunk("r-3", [4], None, 0, prompt_logprobs=PromptLogprobs([-1.5, -0.25], [[7], [9]], [[-1.0], [-0.25]]))]
     data = encode_token_chunks([token_chunk_fields(
         c.request_id, c.token_ids, c.logprobs, c.num_cached_tokens,
-        None if c.finish is None else (c.finish.reason, c.finish.num_prompt_tokens, c.finish.num_completion_tokens))
+        None if c.finish is None else (c.finish.reason, c.finish.num_prompt_tokens, c.finish.num_completion_tokens),
+        prompt_logprobs=c.prompt_logprobs)
         for c in chunks])
     assert data == REQUEST_CODEC.encode(TokenChunks(chunks)) and REQUEST_CODEC.decode(data) == TokenChunks(chunks)
 

@@ -1,0 +1,72 @@
+"""Completions' `echo`: the answer starts with the prompt and, with `logprobs`, the prompt's tokens
+come scored (the first one null), as lm-eval's loglikelihood tasks read them; streamed, the prompt
+is the first chunk. The fake workers score prompt token i at -i/8 (frontend_fakes.prompt_scores)."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from frontend_harness import MODEL, Harness, make_recipe
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with Harness(make_recipe(), [("w0", "both")]) as h:
+        yield h
+
+
+@pytest.fixture(scope="module")
+def client(harness):
+    with openai.OpenAI(base_url=harness.base_url, api_key="x", max_retries=0, timeout=10) as c:
+        yield c
+
+
+def test_echo_puts_the_prompt_before_the_answer(client):
+    plain = client.completions.create(model=MODEL, prompt="abc", max_tokens=4).choices[0].text
+    assert client.completions.create(model=MODEL, prompt="abc", max_tokens=4, echo=True).choices[0].text == \
+        "abc" + plain
+    ids = [104, 105]  # token ids: the prompt comes back decoded
+    assert client.completions.create(model=MODEL, prompt=ids, max_tokens=1, echo=True).choices[0].text.startswith("hi")
+
+
+def test_echo_with_logprobs_scores_every_prompt_token(client, harness):
+    answer = client.completions.create(model=MODEL, prompt="abcd", max_tokens=2, logprobs=2, echo=True)
+    lp = answer.choices[0].logprobs
+    plain = client.completions.create(model=MODEL, prompt="abcd", max_tokens=2, logprobs=2).choices[0].logprobs
+    assert lp.tokens == ["a", "b", "c", "d"] + plain.tokens
+    assert lp.token_logprobs == [None, -1 / 8, -2 / 8, -3 / 8] + plain.token_logprobs
+    assert lp.top_logprobs[0] is None
+    assert lp.top_logprobs[1:4] == [{"b": -1 / 8, "c": -1 / 8 - 1}, {"c": -2 / 8, "d": -2 / 8 - 1},
+                                    {"d": -3 / 8, "e": -3 / 8 - 1}]
+    assert lp.top_logprobs[4:] == plain.top_logprobs
+    assert lp.text_offset == list(range(6))  # one character per token, across prompt and answer
+    assert answer.usage.prompt_tokens == 4 and answer.usage.completion_tokens == 2
+    sent = harness.workers["w0"].requests[-2]
+    assert sent.sampling.prompt_logprobs == 2
+    assert harness.workers["w0"].requests[-1].sampling.prompt_logprobs is None  # only echo asks
+
+
+def test_streamed_echo_sends_the_prompt_first_then_the_same_answer(client):
+    whole = client.completions.create(model=MODEL, prompt="abcd", max_tokens=3, logprobs=1, echo=True).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(model=MODEL, prompt="abcd", max_tokens=3, logprobs=1,
+                                                               echo=True, stream=True)]
+    assert chunks[0].text == "abcd" and chunks[0].logprobs.token_logprobs[0] is None
+    assert "".join(c.text for c in chunks) == whole.text
+    assert [t for c in chunks if c.logprobs for t in c.logprobs.tokens] == whole.logprobs.tokens
+    assert [o for c in chunks if c.logprobs for o in c.logprobs.text_offset] == whole.logprobs.text_offset
+    both = client.completions.create(model=MODEL, prompt="xy", max_tokens=2, n=2, echo=True, stream=True)
+    texts = ["", ""]
+    for chunk in both:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert all(text.startswith("xy") and len(text) == 4 for text in texts)
+
+
+def test_the_prefill_worker_scores_the_prompt_and_decode_is_not_asked_again():
+    with Harness(make_recipe("disaggregated", threshold=1), [("p0", "prefill"), ("d0", "decode")]) as h, \
+            openai.OpenAI(base_url=h.base_url, api_key="x", max_retries=0, timeout=10) as c:
+        lp = c.completions.create(model=MODEL, prompt="abcdef", max_tokens=3, logprobs=0, echo=True).choices[0].logprobs
+        assert lp.token_logprobs[:6] == [None] + [-i / 8 for i in range(1, 6)] and len(lp.tokens) == 9
+        assert h.workers["p0"].requests[-1].sampling.prompt_logprobs == 0
+        (decode,) = h.workers["d0"].requests
+        assert decode.kv_source is not None and decode.sampling.prompt_logprobs is None
