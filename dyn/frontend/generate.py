@@ -195,7 +195,8 @@ class _Run(WorkerStream):
         started = loop.time()
         while True:
             try:
-                return d.routing.choose_workers(self.prompt, self.req.hints, salt=self.salt, admit=True)
+                return d.routing.choose_workers(self.prompt, self.req.hints, salt=self.salt, admit=True,
+                                                cached=not self.scores_prompt)
             except ApiError as exc:
                 if exc.code != "no_workers" or loop.time() - started >= d.worker_wait_s():
                     raise
@@ -302,7 +303,7 @@ class _Run(WorkerStream):
             for exclude in passes:
                 try:
                     worker = d.routing.choose_workers(context, self.req.hints, exclude=exclude,
-                                                      salt=self.salt).decode
+                                                      salt=self.salt, cached=not self.scores_prompt).decode
                 except ApiError as exc:
                     error = exc
                     continue

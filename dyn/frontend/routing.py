@@ -50,16 +50,17 @@ class Routing:
 
     def choose_workers(self, prompt_token_ids: Sequence[int], hints: Hints, *,
                        exclude: frozenset[str] = frozenset(), salt: int = 0,
-                       admit: bool = False) -> RouteChoice:
+                       admit: bool = False, cached: bool = True) -> RouteChoice:
         """Pick (prefill or None, decode). Raises ApiError 503 when no worker can serve,
-        429 when `admit` and the TTFT estimate misses the target."""
+        429 when `admit` and the TTFT estimate misses the target. `cached=False`: the prompt
+        runs whole wherever it goes (prompt_logprobs), so no worker's cache counts for it."""
         exclude = exclude | self.breakers.blocked(self.pool.workers)
         decode = self._loads(DECODE_ROLES, exclude)
         if not decode:
             raise ApiError("no decode worker is ready (or every one has its circuit breaker open after "
                            "repeated failures); retry later", status=503, code="no_workers",
                            type="service_unavailable", retry_after_s=RETRY_AFTER_S * 5)
-        block_hashes = self._hashes.hash_blocks(prompt_token_ids, self.block_size, salt)
+        block_hashes = self._hashes.hash_blocks(prompt_token_ids, self.block_size, salt) if cached else []
         request = RouteRequest(block_hashes, len(prompt_token_ids), _route_hints(hints))
         prefill = self._loads(PREFILL_ROLES - {"both"}, exclude) if self.mode == "disaggregated" else []
         try:

@@ -259,7 +259,12 @@ class WorkerStream:
         """The request's sampling for a worker, `max_tokens` left (default: all). Stop strings stay
         here: TextStream matches them on the text the client sees, prompt included."""
         return replace(self.req.sampling, max_tokens=max_tokens or self.max_tokens, stop=(),
-                       prompt_logprobs=None if self.prompt_scored else self.req.sampling.prompt_logprobs)
+                       prompt_logprobs=self.req.sampling.prompt_logprobs if self.scores_prompt else None)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """The next attempt must score the prompt (asked for, not yet received)."""
+        return self.req.sampling.prompt_logprobs is not None and not self.prompt_scored
 
 
 _STALLED = object()

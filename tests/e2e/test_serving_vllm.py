@@ -272,15 +272,16 @@ def test_greedy_tokens_equal_vllm_generate_locally_and_through_the_nixl_handoff(
 def test_echo_scores_prompt_tokens_as_vllm_does_on_either_path(deployment, prompts, reference_run):
     """completions `echo` + `logprobs` (lm-eval's loglikelihood request): each prompt token's logprob
     equals vLLM's own prompt_logprobs, whether the decode worker ran the prompt or the prefill
-    worker did (and handed the KV over for the one generated token)."""
+    worker did (and handed the KV over: 2 tokens, so the decode worker has one to make, unasked for
+    scores; lm-eval asks for 1, which the prefill worker's first token answers)."""
     client = _client(deployment)
     before = deployment.worker_metrics("decode-0")
     for idx, want in reference_run.prompt_logprobs().items():
         prompt = prompts[idx]
-        answer = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, logprobs=1,
-                                           echo=True)
+        answer = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0, logprobs=1,
+                                           echo=True, extra_body={"ignore_eos": True})
         lp = answer.choices[0].logprobs
-        assert len(lp.tokens) == len(prompt) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert len(lp.tokens) == len(prompt) + 2 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
         assert lp.token_logprobs[1:len(prompt)] == pytest.approx(want, abs=1e-3)
         assert all(max(top.values()) >= score - 1e-6
                    for top, score in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))

@@ -55,3 +55,15 @@ def test_breakers_block_only_workers_of_the_pool_with_an_open_breaker():
     board.on_failure("gone")
     assert board.blocked({"w0": 1, "w1": 2}) == frozenset({"w1"})
     assert BreakerBoard(failure_threshold=1, cooldown_s=1.0).blocked({"w0": 1}) == frozenset()
+
+
+def test_a_prompt_that_runs_whole_counts_no_workers_cache():
+    """prompt_logprobs requests skip the prefix cache on the worker, so routing must not send them
+    after a cache they will not use (nor count it as prefill saved)."""
+    recipe = load_recipe(ROOT / "recipes/mock-local.yaml")
+    routing = Routing(recipe, _Pool([_handle("w0"), _handle("w1")]), seed=1)  # type: ignore[arg-type]
+    prompt = list(range(64))
+    first = routing.choose_workers(prompt, Hints())
+    assert routing.choose_workers(prompt, Hints()).overlap_blocks > 0  # predicted from the first choice
+    assert routing.choose_workers(prompt, Hints(), cached=False).overlap_blocks == 0
+    assert first.decode in {"w0", "w1"}
