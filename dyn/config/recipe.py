@@ -14,6 +14,7 @@ Mode = Literal["aggregated", "disaggregated"]
 Role = Literal["prefill", "decode", "both"]
 RouterPolicy = Literal["kv", "round-robin", "least-loaded", "random"]
 ReasoningParser = Literal["none", "deepseek_r1", "qwen3"]
+ToolCallParser = Literal["none", "hermes", "llama3_json"]
 Transport = Literal["auto", "cuda_ipc", "shm", "tcp", "nixl"]
 
 
@@ -126,6 +127,10 @@ class ModelSpec:
     reasoning_parser: ReasoningParser = "none"
     """Chat answers of a thinking model split into `reasoning_content` (inside <think>...</think>)
     and `content`, as vLLM's --reasoning-parser of the same name does (dyn.frontend.reasoning)."""
+    tool_call_parser: ToolCallParser = "none"
+    """Chat requests with `tools` get the calls the model writes as `tool_calls`, read as vLLM's
+    --tool-call-parser of the same name reads them (dyn.frontend.tool_calls); none: a request
+    with tools (tool_choice other than none) is refused."""
     engine_args: tuple[tuple[str, Any], ...] = ()
     """engine vllm: further vLLM EngineArgs (name, value) pairs, from the recipe's free-form
     `engine_args:` mapping; checked against vLLM's EngineArgs fields."""

@@ -84,7 +84,7 @@ class Tokenizer:
             raise RequestError(f"chat template rejected the messages: {exc}", field="messages") from None
         except (TypeError, ValueError, ArithmeticError, LookupError) as exc:
             # a client's chat_template_kwargs of a type the template does not expect
-            where = "chat_template_kwargs" if kwargs else "messages"
+            where = "chat_template_kwargs" if kwargs.keys() - {"tools"} else "messages"
             raise RequestError(f"chat template failed on the request's {where}: {type(exc).__name__}: {exc}",
                                field=where) from None
 

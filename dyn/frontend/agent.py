@@ -62,7 +62,7 @@ class AgentTurns:
             return prompt_ids + output_ids
         tok = self.d.tokenizer
         answer = {"role": "assistant", "content": tok.decode(output_ids)}
-        return list(tok.chat_prompt((*req.messages, answer), req.template_kwargs))
+        return list(tok.chat_prompt((*req.messages, answer), req.template_args))
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from dyn.config.recipe import ReasoningParser, ToolCallParser
 from dyn.frontend.auth import DEFAULT_TENANT, ApiKeys, Tenant, tenant_salt
 from dyn.frontend.balance import ConnectionBalancer
 from dyn.frontend.generate import Dispatcher
@@ -28,11 +29,12 @@ from dyn.frontend.middleware import (MAX_BODY_BYTES, REQUEST_ID_HEADER, RID_KEY,
                                      error_middleware, json_body)
 from dyn.frontend.protocol import (MAX_TOKEN_ID, ApiError, GenerationRequest, SamplingDefaults, parse_chat,
                                   parse_completion)
-from dyn.frontend.reasoning import ReasoningParser, ReasoningSplitter, thinking_at_start
+from dyn.frontend.reasoning import ReasoningSplitter, thinking_at_start
 from dyn.frontend.ratelimit import RateLimiter
 from dyn.frontend.responses import (DONE, Answer, Echo, StreamFormatter, chat_logprobs, completion_logprobs,
                                     echoed_logprobs, end_offset, error_event, full_response)
 from dyn.frontend.text import TextTokenizer
+from dyn.frontend.tool_calls import AnswerSplitter, ToolCallSplitter
 from dyn.frontend.worker_stream import Piece, Usage
 from dyn.frontend.workers import DECODE_ROLES, WorkerPool
 
@@ -65,6 +67,8 @@ class ApiSettings:
     """What requests get for the sampling fields they leave out (dyn.frontend.sampling_defaults)."""
     reasoning_parser: ReasoningParser = "none"
     """Chat answers split into reasoning_content and content (dyn.frontend.reasoning)."""
+    tool_call_parser: ToolCallParser = "none"
+    """How the calls of a chat request with tools are read from the answer (dyn.frontend.tool_calls)."""
 
 
 class Frontend:
@@ -208,6 +212,10 @@ class _Handlers:
             raise ApiError("this frontend is draining; retry on another", status=503, code="draining",
                            type="service_unavailable", retry_after_s=1.0, close_connection=True)
         self._check_model(req.model)
+        if req.tools and fe.settings.tool_call_parser == "none":
+            raise ApiError("this deployment reads no tool calls from the model's answers: the recipe's "
+                           "model.tool_call_parser is none (hermes or llama3_json, as the model writes calls)",
+                           param="tools")
         tenant: Tenant = request.get(TENANT_KEY, _OPEN_TENANT)
         fe.rate_limiter.check(tenant)
         rid = request[RID_KEY] = self._request_id(request)
@@ -290,7 +298,7 @@ class _Handlers:
         tok = self.fe.tokenizer
         if req.kind == "chat":
             size = sum(len(m["content"]) for m in req.messages)
-            return await _off_loop(size, tok.chat_prompt, req.messages, req.template_kwargs)
+            return await _off_loop(size, tok.chat_prompt, req.messages, req.template_args)
         if req.prompt_token_ids is not None:
             return list(req.prompt_token_ids)
         return await _off_loop(len(req.prompt_text or ""), tok.encode, req.prompt_text or "")
@@ -316,7 +324,7 @@ class _Handlers:
         """Per-message marks: retain the blocks of the prompt up to the last marked message."""
         marked = req.messages[:req.retain_messages]
         head = await _off_loop(sum(len(m["content"]) for m in marked), self.fe.tokenizer.chat_prompt,
-                               marked, req.template_kwargs)
+                               marked, req.template_args)
         common = 0
         for a, b in zip(head, prompt_ids):
             if a != b:
@@ -325,12 +333,16 @@ class _Handlers:
         retention = req.hints.retention or RetentionHint()
         return replace(req, hints=replace(req.hints, retention=retention), retain_tokens=common)
 
-    def _splitter(self, req: GenerationRequest) -> ReasoningSplitter | None:
-        """A fresh splitter per choice of a chat, when the recipe names a reasoning parser."""
+    def _splitter(self, req: GenerationRequest) -> AnswerSplitter | None:
+        """A fresh splitter per choice of a chat, when the recipe names a reasoning parser or the
+        request has tools."""
         parser = self.fe.settings.reasoning_parser
-        if parser == "none" or req.kind != "chat":
+        reasoning = (ReasoningSplitter(thinking=thinking_at_start(parser, req.template_kwargs))
+                     if parser != "none" and req.kind == "chat" else None)
+        tools = ToolCallSplitter(self.fe.settings.tool_call_parser) if req.tools else None
+        if reasoning is None and tools is None:
             return None
-        return ReasoningSplitter(thinking=thinking_at_start(parser, req.template_kwargs))
+        return AnswerSplitter(reasoning, tools, single_call=req.single_tool_call)
 
     def _echo(self, req: GenerationRequest, prompt_ids: list[int]) -> Echo | None:
         """A completion's prompt to send back ahead of its answer (`echo`): as the client wrote
@@ -341,7 +353,7 @@ class _Handlers:
         return Echo(text, prompt_ids)
 
     async def _collect(self, request: web.Request, req: GenerationRequest, public_id: str, pieces,
-                       usage: Usage, splitter: ReasoningSplitter | None, echo: Echo | None) -> web.Response:
+                       usage: Usage, splitter: AnswerSplitter | None, echo: Echo | None) -> web.Response:
         answer = await self._answer(req, pieces, usage, splitter, echo)
         return self._whole(request, req, public_id, [answer], usage)
 
@@ -353,7 +365,7 @@ class _Handlers:
         return response
 
     async def _answer(self, req: GenerationRequest, pieces, usage: Usage,
-                      splitter: ReasoningSplitter | None, echo: Echo | None = None) -> Answer:
+                      splitter: AnswerSplitter | None, echo: Echo | None = None) -> Answer:
         """One choice's pieces gathered into its whole answer (after the prompt, with `echo`)."""
         texts: list[str] = []
         token_ids: list[int] = []
@@ -390,7 +402,10 @@ class _Handlers:
         text = "".join(texts)
         if echo is not None:
             text = echo.text + text
-        return Answer(text, reason, lp, splitter.feed(text, final=True) if splitter is not None else None)
+        split = splitter.feed(text, final=True) if splitter is not None else None
+        if split is not None and split.tool_calls:
+            reason = usage.finish_reason = "tool_calls"
+        return Answer(text, reason, lp, split)
 
     async def _choices(self, request: web.Request, req: GenerationRequest, public_id: str,
                        prompt_ids: list[int], rid: str, usage: Usage, salt: int) -> web.StreamResponse:
@@ -471,7 +486,7 @@ class _Handlers:
             await asyncio.gather(*readers, return_exceptions=True)
 
     async def _stream(self, request: web.Request, req: GenerationRequest, public_id: str, pieces,
-                      usage: Usage, splitter: ReasoningSplitter | None, echo: Echo | None) -> web.StreamResponse:
+                      usage: Usage, splitter: AnswerSplitter | None, echo: Echo | None) -> web.StreamResponse:
         fmt = StreamFormatter(req.kind, public_id, req.model, self.fe.tokenizer,
                               include_usage=req.include_usage, echo=echo)
         # Wait for the first piece before the headers: routing and worker refusals
@@ -537,14 +552,17 @@ def _sum_usage(usage: Usage, usages: list[Usage]) -> None:
     usage.ttft_s = min((u.ttft_s for u in usages if u.ttft_s is not None), default=None)
 
 
-def _event_of(fmt: StreamFormatter, piece: Piece, usage: Usage, splitter: ReasoningSplitter | None) -> bytes:
-    """The SSE event of a piece; with a reasoning parser, its text split (nothing while all of it
-    is held back as a possible start of </think>)."""
+def _event_of(fmt: StreamFormatter, piece: Piece, usage: Usage, splitter: AnswerSplitter | None) -> bytes:
+    """The SSE event of a piece; with a reasoning parser or tools, its text split (nothing while
+    all of it is held back as a possible start of </think> or of a tool call). The answer's tool
+    calls come with its last piece, which then finishes as "tool_calls"."""
     if splitter is None:
         return fmt.piece(piece, usage.num_migrations)
     split = splitter.feed(piece.text, final=bool(piece.finish_reason))
     if not (split.reasoning or split.content or piece.finish_reason or piece.logprobs):
         return b""
+    if split.tool_calls:
+        piece = replace(piece, finish_reason="tool_calls")
     return fmt.piece(piece, usage.num_migrations, split)
 
 

@@ -66,7 +66,8 @@ def build_frontend(recipe: Recipe, pool: WorkerPool, *, tokenizer: TextTokenizer
                             log_prompts=recipe.frontend.log_prompts, kv_tiers=recipe.kv_tiers)
     settings = ApiSettings(recipe.model.served_name, recipe.model.max_context,
                            recipe.frontend.max_prompt_tokens, recipe.auth.share_cache_across_tenants,
-                           recipe.frontend.log_prompts, sampling.defaults, recipe.model.reasoning_parser)
+                           recipe.frontend.log_prompts, sampling.defaults, recipe.model.reasoning_parser,
+                           recipe.model.tool_call_parser)
     keys = load_api_keys(recipe.auth.api_keys_file) if recipe.auth.api_keys_file else None
     return Frontend(settings, tokenizer, dispatcher, pool, metrics, api_keys=keys)
 

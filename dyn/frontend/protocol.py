@@ -3,11 +3,12 @@
 Validation is hand-written instead of pydantic: the hot path parses one small
 dict per request, and every failure must carry the OpenAI `param` name. Unknown
 fields are ignored, as OpenAI-compatible servers do; known fields we cannot
-honour (best_of > 1, tools, logit_bias, non-text content) are refused, never ignored.
+honour (best_of > 1, a forced tool_choice, logit_bias, non-text content) are refused, never ignored.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, replace
@@ -30,6 +31,8 @@ MAX_STOP_CHARS = 256
 MAX_TOKEN_ID = 2**31 - 1
 """Token ids and top_k travel as msgpack ints; no vocabulary comes near this."""
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+"""OpenAI's rule for a function's name."""
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 
@@ -39,8 +42,9 @@ class GenerationRequest:
 
     kind: Literal["chat", "completion"]
     model: str
-    messages: tuple[dict[str, str], ...] = ()
-    """chat: (role, content) dicts with content flattened to text."""
+    messages: tuple[dict[str, Any], ...] = ()
+    """chat: role and content (flattened to text) dicts; an assistant's tool_calls (arguments as
+    objects, as chat templates read them) and a tool result's tool_call_id come along."""
     prompt_text: str | None = None
     prompt_token_ids: tuple[int, ...] | None = None
     sampling: SamplingParams = SamplingParams(max_tokens=None, temperature=1.0)
@@ -61,6 +65,18 @@ class GenerationRequest:
     """chat: the request's chat_template_kwargs, passed to the chat template (Qwen3's enable_thinking)."""
     echo: bool = False
     """completion: the answer starts with the prompt (with logprobs: the prompt's tokens scored)."""
+    tools: tuple[dict[str, Any], ...] = ()
+    """chat: the functions the model may call (OpenAI's tool objects, for the chat template); empty
+    with tool_choice none."""
+    single_tool_call: bool = False
+    """chat: parallel_tool_calls false: at most the first call the model writes is returned."""
+
+    @property
+    def template_args(self) -> dict[str, Any] | None:
+        """What the chat template gets besides the messages: chat_template_kwargs and the tools."""
+        if not self.tools:
+            return self.template_kwargs
+        return {**(self.template_kwargs or {}), "tools": list(self.tools)}
 
     def for_prompt(self, num_prompt_tokens: int, max_context: int,
                    default_max_tokens: int | None = None) -> "GenerationRequest":
@@ -106,15 +122,21 @@ def parse_chat(body: Any, defaults: SamplingDefaults = SamplingDefaults()) -> Ge
     max_tokens = _opt_int(body, "max_completion_tokens", 1, None)
     if max_tokens is None:
         max_tokens = _opt_int(body, "max_tokens", 1, None)
-    for name in ("tools", "functions"):
-        if body.get(name):
-            raise ApiError(f"'{name}' (tool calling) is not supported by this server", param=name)
+    if body.get("functions") or body.get("function_call"):
+        raise ApiError("'functions' (OpenAI's deprecated form) is not supported; send 'tools'", param="functions")
+    tools = _tools(body.get("tools"))
+    tool_choice = body.get("tool_choice")
+    if tool_choice not in (None, "auto", "none"):
+        raise ApiError("tool_choice must be 'auto' or 'none' (a forced call needs guided decoding, which this "
+                       "server does not do)", param="tool_choice")
+    single_call = _opt_bool(body, "parallel_tool_calls") is False
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise ApiError("only response_format {'type': 'text'} is supported", param="response_format")
     return _common(body, "chat", (max_tokens, logprobs, top_logprobs), defaults, messages=messages,
                    retain_messages=marked[-1] + 1 if marked else 0,
-                   template_kwargs=_template_kwargs(body.get("chat_template_kwargs")))
+                   template_kwargs=_template_kwargs(body.get("chat_template_kwargs")),
+                   tools=tools if tool_choice != "none" else (), single_tool_call=single_call)
 
 
 def parse_completion(body: Any, defaults: SamplingDefaults = SamplingDefaults()) -> GenerationRequest:
@@ -243,7 +265,51 @@ def _require_object(body: Any) -> dict:
     return body
 
 
-def _message(raw: Any, where: str) -> dict[str, str]:
+def _tools(raw: Any) -> tuple[dict[str, Any], ...]:
+    """OpenAI function tools, checked (a name the model can write, parameters a JSON schema object)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ApiError("'tools' must be a list of tool objects", param="tools")
+    for i, tool in enumerate(raw):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+            raise ApiError("each tool must be {'type': 'function', 'function': {...}}", param=where)
+        function = tool["function"]
+        name = function.get("name")
+        if not isinstance(name, str) or not _FUNCTION_NAME.match(name):
+            raise ApiError("function name must be 1-64 characters of a-z, A-Z, 0-9, _ and -",
+                           param=f"{where}.function.name")
+        if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
+            raise ApiError("function parameters must be a JSON schema object", param=f"{where}.function.parameters")
+        if function.get("description") is not None and not isinstance(function["description"], str):
+            raise ApiError("function description must be a string", param=f"{where}.function.description")
+    return tuple(raw)
+
+
+def _tool_calls(raw: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant message's tool_calls, with each call's arguments decoded: chat templates write
+    them with `tojson` (vLLM hands templates the decoded object too)."""
+    if not isinstance(raw, list):
+        raise ApiError("'tool_calls' must be a list", param=f"{where}.tool_calls")
+    calls = []
+    for i, call in enumerate(raw):
+        at = f"{where}.tool_calls[{i}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ApiError("a tool call needs function.name", param=at)
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError:
+                raise ApiError("function.arguments must be JSON text", param=f"{at}.function.arguments") from None
+        calls.append({"id": call.get("id"), "type": "function",
+                      "function": {"name": function["name"], "arguments": arguments}})
+    return calls
+
+
+def _message(raw: Any, where: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ApiError("each message must be an object with 'role' and 'content'", param=where)
     role = raw.get("role")
@@ -251,7 +317,7 @@ def _message(raw: Any, where: str) -> dict[str, str]:
         raise ApiError(f"'role' must be one of {sorted(_ROLES)}, got {role!r}", param=f"{where}.role")
     content = raw.get("content")
     if content is None and role == "assistant":
-        content = ""
+        content = ""  # (an assistant turn that only called tools)
     if isinstance(content, list):
         parts = []
         for i, part in enumerate(content):
@@ -263,7 +329,17 @@ def _message(raw: Any, where: str) -> dict[str, str]:
     if not isinstance(content, str):
         raise ApiError("'content' must be a string or a list of text parts", param=f"{where}.content")
     _require_utf8(content, f"{where}.content")
-    return {"role": role, "content": content}
+    message: dict[str, Any] = {"role": role, "content": content}
+    if role == "assistant" and raw.get("tool_calls"):
+        message["tool_calls"] = _tool_calls(raw["tool_calls"], where)
+    if role == "tool":
+        call_id = raw.get("tool_call_id")
+        if call_id is not None and not isinstance(call_id, str):
+            raise ApiError("'tool_call_id' must be a string", param=f"{where}.tool_call_id")
+        message["tool_call_id"] = call_id
+        if isinstance(raw.get("name"), str):
+            message["name"] = raw["name"]
+    return message
 
 
 def _stop(raw: Any) -> tuple[str, ...]:

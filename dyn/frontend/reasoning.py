@@ -24,6 +24,8 @@ START, END = "<think>", "</think>"
 class Split:
     reasoning: str
     content: str
+    tool_calls: list | None = None
+    """dyn.frontend.tool_calls.ToolCall's of the answer (set on the last split, when the request has tools)."""
 
 
 class ReasoningSplitter:
@@ -52,12 +54,12 @@ class ReasoningSplitter:
         if end >= 0:
             self._thinking = False
             return Split(text[:end], text[end + len(END):])
-        keep = 0 if final else _partial_marker(text, END)
+        keep = 0 if final else partial_marker(text, END)
         self._held = text[len(text) - keep:] if keep else ""
         return Split(text[:len(text) - keep], "")
 
 
-def _partial_marker(text: str, marker: str) -> int:
+def partial_marker(text: str, marker: str) -> int:
     """Length of the longest tail of `text` that is a proper prefix of `marker`."""
     for size in range(min(len(marker) - 1, len(text)), 0, -1):
         if marker.startswith(text[-size:]):

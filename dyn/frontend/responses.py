@@ -69,6 +69,8 @@ class StreamFormatter:
             delta = {"content": text} if text or not piece.finish_reason else {}
             if split is not None and split.reasoning:
                 delta = {"reasoning_content": split.reasoning, **({"content": text} if text else {})}
+            if split is not None and split.tool_calls:
+                delta["tool_calls"] = [call.as_dict(i) for i, call in enumerate(split.tool_calls)]
             choice["delta"] = delta
         else:
             choice["text"] = piece.text
@@ -135,6 +137,8 @@ def full_response(kind: str, request_id: str, model: str, answers: Sequence[Answ
             if answer.split is not None:
                 message = {"role": "assistant", "content": answer.split.content or None,
                            "reasoning_content": answer.split.reasoning or None}
+                if answer.split.tool_calls:
+                    message["tool_calls"] = [call.as_dict() for call in answer.split.tool_calls]
             choices.append({"index": index, "message": message, "logprobs": answer.logprobs,
                             "finish_reason": answer.finish_reason})
         else:

@@ -13,6 +13,7 @@ CHAT = "/v1/chat/completions"
 COMP = "/v1/completions"
 MSGS = [{"role": "user", "content": "hi"}]
 
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 CASES = [
     # (path, raw body or dict, status, param)
     (CHAT, b"{not json", 400, None),
@@ -46,7 +47,15 @@ CASES = [
     (CHAT, {"model": MODEL, "messages": MSGS, "logprobs": "yes"}, 400, "logprobs"),
     (CHAT, {"model": MODEL, "messages": MSGS, "top_logprobs": 3}, 400, "top_logprobs"),  # without logprobs
     (CHAT, {"model": MODEL, "messages": MSGS, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
-    (CHAT, {"model": MODEL, "messages": MSGS, "tools": [{"type": "function"}]}, 400, "tools"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "tools": [{"type": "function"}]}, 400, "tools[0]"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "tools": [{"type": "function", "function": {"name": "a b"}}]}, 400,
+     "tools[0].function.name"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "tools": [TOOL]}, 400, "tools"),  # this recipe parses no calls
+    (CHAT, {"model": MODEL, "messages": MSGS, "tools": [TOOL], "tool_choice": "required"}, 400, "tool_choice"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "functions": [TOOL["function"]]}, 400, "functions"),
+    (CHAT, {"model": MODEL, "messages": [*MSGS, {"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}, 400,
+     "messages[1].tool_calls[0].function.arguments"),
     (CHAT, {"model": MODEL, "messages": MSGS, "presence_penalty": 2.5}, 400, "presence_penalty"),
     (CHAT, {"model": MODEL, "messages": MSGS, "frequency_penalty": "lots"}, 400, "frequency_penalty"),
     (CHAT, {"model": MODEL, "messages": MSGS, "repetition_penalty": 0}, 400, "repetition_penalty"),

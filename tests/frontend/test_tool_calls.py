@@ -1,0 +1,134 @@
+"""Tool calling: a chat request's `tools` reach the chat template, and the calls the model writes
+(Hermes `<tool_call>` blocks, Llama 3.1's bare JSON) come back as OpenAI `tool_calls`, whole or
+streamed, as vLLM's parsers of the same names return them; what does not parse stays content."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import openai
+import pytest
+from frontend_harness import MODEL, Harness, make_recipe
+
+from dyn.engine.chat_template import compile_chat_template
+from dyn.frontend.protocol import parse_chat
+from dyn.frontend.tool_calls import ToolCallSplitter, parse_tool_calls
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                            "parameters": {"type": "object",
+                                                           "properties": {"city": {"type": "string"}}}}}
+HERMES_REPLY = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+                '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich"}}\n</tool_call>')
+
+
+def _calls(parser: str, text: str) -> tuple[str, list[tuple[str, dict]]]:
+    content, calls = parse_tool_calls(parser, text)  # type: ignore[arg-type]
+    return content, [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+def test_hermes_blocks_become_calls_and_anything_unparsed_stays_content():
+    assert _calls("hermes", HERMES_REPLY) == ("Let me check.\n", [("get_weather", {"city": "Paris"}),
+                                                                ("get_weather", {"city": "Zürich"})])
+    cut = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "g", "arguments": {"x": 1}}'
+    assert _calls("hermes", cut) == ("", [("f", {}), ("g", {"x": 1})])  # the last closing tag cut off
+    for text in ('<tool_call>{"name": "f", "arguments": {oops}</tool_call>',  # not JSON
+                 '<tool_call>{"arguments": {}}</tool_call>',  # no name
+                 '<tool_call>{"name": "f", "arguments": {}}</tool_call> and then more words',
+                 "no call at all"):
+        assert _calls("hermes", text) == (text, [])
+
+
+def test_llama3_json_calls_are_the_whole_answer():
+    assert _calls("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris"}}') == \
+        ("", [("get_weather", {"city": "Paris"})])
+    assert _calls("llama3_json", ' {"name": "a", "arguments": "{\\"x\\": 2}"}; {"name": "b", "parameters": {}}') == \
+        ("", [("a", {"x": 2}), ("b", {})])
+    for text in ('The answer is {"name": "f"}', '{"name": "f", "parameters": {}} trailing', '{"no": "name"}'):
+        assert _calls("llama3_json", text) == (text, [])
+
+
+@pytest.mark.parametrize("parser,text", [("hermes", HERMES_REPLY), ("hermes", "plain <tool_ answer, no call"),
+                                         ("llama3_json", '{"name": "f", "parameters": {"a": [1, 2]}}'),
+                                         ("llama3_json", "A plain answer {with braces}.")])
+def test_streamed_pieces_split_as_the_whole_answer(parser, text):
+    for size in (1, 3, 7):
+        splitter = ToolCallSplitter(parser)  # type: ignore[arg-type]
+        pieces = [text[i:i + size] for i in range(0, len(text), size)]
+        sent = [splitter.feed(p, final=i == len(pieces) - 1) for i, p in enumerate(pieces)]
+        content, calls = parse_tool_calls(parser, text)  # type: ignore[arg-type]
+        assert "".join(sent) == content
+        assert [(c.name, c.arguments) for c in splitter.calls] == [(c.name, c.arguments) for c in calls]
+    if parser == "hermes" and calls:  # content before a call is not held to the end
+        splitter = ToolCallSplitter("hermes")
+        assert splitter.feed("Let me check.\n") == "Let me check.\n"
+
+
+def test_a_tool_conversation_renders_through_the_template_as_transformers_renders_it():
+    """Assistant tool_calls (arguments sent as JSON text) reach the template as objects, and tool
+    results as the tool role with their call id, as transformers' apply_chat_template expects."""
+    template = ("{%- if tools %}<|im_start|>system\n<tools>{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}"
+                "\n</tools><|im_end|>\n{%- endif %}{%- for m in messages %}{%- if m.tool_calls %}<|im_start|>assistant"
+                "{%- for call in m.tool_calls %}\n<tool_call>\n{\"name\": \"{{ call.function.name }}\", \"arguments\": "
+                "{{ call.function.arguments | tojson }}}\n</tool_call>{%- endfor %}<|im_end|>\n"
+                "{%- elif m.role == 'tool' %}<|im_start|>user\n<tool_response id={{ m.tool_call_id }}>\n{{ m.content }}"
+                "\n</tool_response><|im_end|>\n{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+                "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
+    body = {"model": "m", "tools": [WEATHER], "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"}]}
+    req = parse_chat(body)
+    ours = compile_chat_template(template, "m").render(messages=list(req.messages), add_generation_prompt=True,
+                                                        **req.template_args)
+    utils = pytest.importorskip("transformers.utils.chat_template_utils")
+    hf_messages = [body["messages"][0],
+                   {"role": "assistant", "content": "", "tool_calls": [
+                       {"id": "call_1", "type": "function",
+                        "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                   body["messages"][2]]
+    assert ours == utils._compile_jinja_template(template).render(messages=hf_messages, tools=[WEATHER],
+                                                                  add_generation_prompt=True)
+    assert '"arguments": {"city": "Paris"}' in ours and "<tool_response id=call_1>" in ours
+    assert parse_chat({**body, "tool_choice": "none"}).template_args is None  # no tools offered
+
+
+@pytest.fixture(scope="module")
+def client():
+    base = make_recipe()
+    recipe = replace(base, model=replace(base.model, tool_call_parser="hermes"))
+    with Harness(recipe, [("w0", "both")], reply=HERMES_REPLY) as h, \
+            openai.OpenAI(base_url=h.base_url, api_key="x", max_retries=0, timeout=10) as c:
+        yield c
+
+
+def _ask(client, **kw):
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Weather?"}],
+                                          max_tokens=256, **kw)
+
+
+def test_calls_come_back_as_openai_tool_calls_whole_and_streamed(client):
+    whole = _ask(client, tools=[WEATHER]).choices[0]
+    assert whole.finish_reason == "tool_calls" and whole.message.content == "Let me check.\n"
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls] == [
+        ("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Zürich"})]
+    assert all(c.id.startswith("call_") and c.type == "function" for c in whole.message.tool_calls)
+    content, calls, finish = "", {}, None
+    for chunk in _ask(client, tools=[WEATHER], stream=True):
+        choice = chunk.choices[0]
+        content += choice.delta.content or ""
+        for delta in choice.delta.tool_calls or ():
+            calls.setdefault(delta.index, []).append(delta)
+        finish = choice.finish_reason or finish
+    assert finish == "tool_calls" and content == "Let me check.\n"
+    assert [json.loads(parts[0].function.arguments)["city"] for _, parts in sorted(calls.items())] == ["Paris", "Zürich"]
+
+
+def test_parallel_tool_calls_false_keeps_the_first_and_tool_choice_none_parses_nothing(client):
+    first = _ask(client, tools=[WEATHER], parallel_tool_calls=False).choices[0].message
+    assert [json.loads(c.function.arguments)["city"] for c in first.tool_calls] == ["Paris"]
+    none = _ask(client, tools=[WEATHER], tool_choice="none").choices[0]
+    assert none.message.content == HERMES_REPLY and not none.message.tool_calls and none.finish_reason == "stop"
+    plain = _ask(client).choices[0]  # no tools: the text is the answer
+    assert plain.message.content == HERMES_REPLY and not plain.message.tool_calls
