@@ -47,6 +47,9 @@ class GenerateRequest(Message):
     speculative: bool = False
     """A speculative next-turn prefill: refused when the worker has a queue (cancelled under
     pressure), runs at low priority."""
+    resumed_tokens: int = 0
+    """The prompt's last this-many tokens are this request's own output from an earlier attempt
+    (a migration): a json_schema grammar continues after them instead of starting over."""
     hold_s: float = 0.0
     """The client reads only the whole answer (non-streaming, no stop strings): after the first
     token the worker may keep this request's tokens back for up to hold_s and send them together,

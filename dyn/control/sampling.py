@@ -42,6 +42,9 @@ class SamplingParams:
     """Subtracted once per occurrence in the output so far."""
     repetition_penalty: float = 1.0
     """Divides positive (multiplies negative) logits of tokens in the prompt or output; 1: none."""
+    json_schema: str | None = None
+    """Structured output: the answer is JSON matching this JSON schema (as JSON text; OpenAI's
+    response_format json_object is the schema {"type": "object"}); None: free text."""
     prompt_logprobs: int | None = None
     """Score the prompt: each prompt token's logprob given the tokens before it, and this many
     likeliest tokens at each of those positions (0: the prompt token's alone); None: off. The

@@ -54,6 +54,8 @@ class EngineRequest:
     None: every full block, prompt and answer."""
     session_id: str | None = None
     """The agent session: release_session(session_id) gives its blocks back default retention."""
+    resumed_tokens: int = 0
+    """GenerateRequest.resumed_tokens: the prompt's tail that is this request's earlier output."""
 
 
 @dataclass(slots=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence as Seq
+from typing import Any
 
 from dyn.control.sampling import MAX_TOP_LOGPROBS
 from dyn.engine.backend import (IMPORTED_PROMPT_SCORES, Backend, EngineRequest, EngineStats, FinishReason,
@@ -35,7 +36,9 @@ class Engine(Backend):
 
     def __init__(self, runner: ModelRunner, *, max_batch_size: int = 64,
                  max_num_batched_tokens: int = 2048, detokenize: Detokenize | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, grammars: Callable[[], Any] | None = None) -> None:
+        """`grammars`: builds the structured-output compiler (dyn.engine.grammar.Grammars) on the
+        first request with a json_schema; None: such requests are refused (the mock engine)."""
         if max_batch_size < 1 or max_num_batched_tokens < 1:
             raise EngineError(f"max_batch_size ({max_batch_size}) and max_num_batched_tokens "
                               f"({max_num_batched_tokens}) must be >= 1")
@@ -45,6 +48,8 @@ class Engine(Backend):
         self.kv_on_cuda = runner.kv_on_cuda
         self.detokenize = detokenize
         self.clock = clock
+        self._make_grammars = grammars
+        self._grammars: Any = None
         self._kv_event_listener = None
         self._lower_tier = None
         self.blocks = BlockManager(runner.num_blocks, runner.block_size,
@@ -108,7 +113,8 @@ class Engine(Backend):
             return outputs
         work = [SeqWork(s.request.request_id, s.all_token_ids[s.num_computed:s.num_computed + num],
                         s.num_computed, s.block_ids, sample, s.request.sampling,
-                        len(s.all_token_ids) - s.num_prompt_tokens, s.all_token_ids, s.num_prompt_tokens)
+                        len(s.all_token_ids) - s.num_prompt_tokens, s.all_token_ids, s.num_prompt_tokens,
+                        s.constraint if sample else None)
                 for s, num, sample in batch]
         result = self.runner.execute(work)
         self.last_step_duration_s = result.duration_s
@@ -127,10 +133,12 @@ class Engine(Backend):
                 raise EngineError(f"runner returned no token for request {rid!r}")
             seq.append_token(token, block_size)
             self.num_generated_tokens += 1
-            reason = finish_reason(seq, token)
+            reason, error = finish_reason(seq, token), None
+            if seq.constraint is not None:
+                reason, error = _constrained(seq.constraint, token, reason)
             logprob = logprobs.get(rid) if logprobs else None
             output = TokenOutput(
-                rid, [token], reason is not None, reason, None,
+                rid, [token], reason is not None, reason, error,
                 [logprob] if logprob is not None and seq.request.sampling.logprobs else None,
                 seq.num_cached_tokens if seq.is_first_output else 0)
             if result.top and rid in result.top:
@@ -235,6 +243,9 @@ class Engine(Backend):
                                f"[0, {self.runner.vocab_size})", field="first_token")
         self.scheduler.register_computed(seq)
         seq.num_cached_tokens = seq.num_computed
+        if seq.constraint is not None and not seq.constraint.accept(first_token):
+            raise RequestError(f"first_token {first_token} breaks the request's response_format grammar",
+                               field="first_token")  # (the prefill worker sampled it under the same one)
         seq.append_token(first_token, self.block_size)
         reason = self._finish_reason(seq, first_token)
         if reason is None:
@@ -253,8 +264,25 @@ class Engine(Backend):
 
     def _new_sequence(self, request: EngineRequest) -> Sequence:
         _check_request(request, self.runner, self._seqs)
+        constraint = self._constraint(request) if request.sampling.json_schema is not None else None
         self._num_arrivals += 1
-        return Sequence.from_request(request, self._num_arrivals, self.block_size, self._hashes)
+        seq = Sequence.from_request(request, self._num_arrivals, self.block_size, self._hashes)
+        seq.constraint = constraint
+        return seq
+
+    def _constraint(self, request: EngineRequest) -> Any:
+        """The request's grammar, advanced past a migrated request's earlier output."""
+        if self._make_grammars is None:
+            raise RequestError("this engine does not do structured output (response_format json); the torch "
+                               "and vllm engines do", field="response_format")
+        if self._grammars is None:
+            self._grammars = self._make_grammars()
+        constraint = self._grammars.constraint(request.sampling.json_schema)
+        resumed = request.prompt_token_ids[len(request.prompt_token_ids) - request.resumed_tokens:]
+        if not all(constraint.accept(token) for token in resumed):
+            raise RequestError("the resumed output does not follow the response_format grammar",
+                               field="resumed_tokens")
+        return constraint
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         request = seq.request
@@ -330,6 +358,13 @@ class Engine(Backend):
         return num
 
 
+def _constrained(constraint: Any, token: int, reason: FinishReason | None) -> tuple[FinishReason | None, str | None]:
+    """A structured-output request's finish after `token`: its JSON complete ends it."""
+    if not constraint.accept(token):  # (the mask allows only what the grammar accepts)
+        return "error", f"token {token} breaks the request's response_format grammar"
+    return ("stop" if constraint.done else reason), None
+
+
 def _add_scores(seq: Sequence, scores: PromptLogprobs) -> None:
     """A step's prompt scores after the ones before (a chunk starting at 0, first or recomputed
     after a preemption, starts them over)."""
@@ -376,6 +411,9 @@ def _check_request(request: EngineRequest, runner: ModelRunner,
                            f"context is {runner.max_context} including at least one generated "
                            "token", field="prompt_token_ids")
     _check_sampling(request, vocab)
+    if type(request.resumed_tokens) is not int or not 0 <= request.resumed_tokens < len(prompt):
+        raise RequestError(f"request {rid!r}: resumed_tokens must be an int in [0, {len(prompt)}), got "
+                           f"{request.resumed_tokens!r}", field="resumed_tokens")
     if type(request.priority) is not int:
         raise RequestError(f"request {rid!r}: priority must be an int, got {request.priority!r}",
                            field="priority")

@@ -93,7 +93,19 @@ def _torch_engine(spec: ModelSpec, group: WorkerGroup, device: str, kv_memory_by
         kv_memory_bytes=kv_memory_bytes, max_context=spec.max_context, fill_weights=fill_weights)
     return Engine(runner, max_batch_size=group.max_batch_size,
                   max_num_batched_tokens=group.max_num_batched_tokens,
-                  detokenize=_detokenizer(path))
+                  detokenize=_detokenizer(path), grammars=_grammars(path, runner))
+
+
+def _grammars(path: str, runner: Any) -> Callable[[], Any] | None:
+    """What builds the engine's structured-output compiler on first use (needs the tokenizer)."""
+    if not (Path(path) / "tokenizer.json").is_file():
+        return None
+
+    def build() -> Any:
+        from dyn.engine.grammar import Grammars  # lazy: xgrammar and transformers take seconds
+
+        return Grammars(path, runner.vocab_size, runner.eos_token_ids)
+    return build
 
 
 def _default_kv_bytes(torch: Any, model_dir: str, device: str) -> int:

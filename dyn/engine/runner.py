@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 from dyn.engine.backend import PromptLogprobs, SamplingParams
 
@@ -39,6 +40,8 @@ class SeqWork:
     """Prompt + generated (penalties; prompt scores read the next token from it; may be None)."""
     num_prompt_tokens: int = 0
     """Where the prompt ends in all_token_ids (prompt scores stop there)."""
+    constraint: Any = None
+    """With sample: the request's grammar (dyn.engine.grammar.Constraint), masking what it may sample."""
 
 
 @dataclass(slots=True)

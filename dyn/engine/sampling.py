@@ -12,7 +12,7 @@ Parameter ranges are checked where requests enter (dyn.engine.engine).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -31,16 +31,21 @@ class Sampled(NamedTuple):
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], num_generated: Sequence[int],
            generator: torch.Generator | None = None, *,
-           contexts: Sequence[Sequence[int]] | None = None) -> Sampled:
+           contexts: Sequence[Sequence[int]] | None = None,
+           mask: Callable[[torch.Tensor], None] | None = None) -> Sampled:
     """Pick one token per row of float32 `logits` [n, vocab].
 
     `generator` (a host generator) serves unseeded random requests; seeded
     ones use their own stream. `contexts`: each row's prompt + generated tokens
     (the last `num_generated` are output), needed by requests with penalties.
+    `mask`: narrows the rows of structured-output requests in place (their grammar), on a copy.
     """
     raw = logits
     if contexts is not None and any(p.penalized for p in params):
         logits = _penalized(logits, params, num_generated, contexts)
+    if mask is not None:
+        logits = logits.clone() if logits is raw else logits
+        mask(logits)
     n = logits.shape[0]
     tokens: list[int] = [0] * n
     greedy_rows = [i for i, p in enumerate(params) if p.temperature == 0.0 or p.top_k == 1]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from dyn.engine.backend import EngineRequest, FinishReason, PromptLogprobs, SamplingParams
 from dyn.kv.hashing import BlockHashCache, hash_blocks
@@ -47,6 +48,8 @@ class Sequence:
     num_cached_tokens: int = 0
     """Prompt tokens served from the cache on first admission (reported once)."""
     is_first_output: bool = True
+    constraint: Any = None
+    """SamplingParams.json_schema: the request's grammar state (dyn.engine.grammar.Constraint)."""
     prompt_scores: PromptLogprobs | None = None
     """SamplingParams.prompt_logprobs: the scores so far, sent with the first output."""
     finish_reason: FinishReason | None = None

@@ -140,9 +140,11 @@ class TorchModelRunner(ModelRunner):
             else:
                 logits = self.model.logits(hidden[sample_rows])
             sampling_work = [w for w in work if w.sample]
+            rows = [(i, w.constraint) for i, w in enumerate(sampling_work) if w.constraint is not None]
             picked = sample(logits, [w.sampling for w in sampling_work],
                             [w.num_generated for w in sampling_work], self._generator,
-                            contexts=[w.all_token_ids or () for w in sampling_work])
+                            contexts=[w.all_token_ids or () for w in sampling_work],
+                            mask=(lambda lg: rows[0][1].grammars.apply(lg, rows)) if rows else None)
             prompt = self._score_prompts(work, hidden)
         sampled = {w.request_id: tok for w, tok in zip(sampling_work, picked.token_ids)}
         logprobs = {w.request_id: lp for w, lp in zip(sampling_work, picked.logprobs) if lp is not None}

@@ -34,7 +34,7 @@ from dyn.frontend.ratelimit import RateLimiter
 from dyn.frontend.responses import (DONE, Answer, Echo, StreamFormatter, chat_logprobs, completion_logprobs,
                                     echoed_logprobs, end_offset, error_event, full_response)
 from dyn.frontend.text import TextTokenizer
-from dyn.frontend.tool_calls import AnswerSplitter, ToolCallSplitter
+from dyn.frontend.tool_calls import AnswerSplitter, ForcedCalls, ToolCallSplitter
 from dyn.frontend.worker_stream import Piece, Usage
 from dyn.frontend.workers import DECODE_ROLES, WorkerPool
 
@@ -212,7 +212,7 @@ class _Handlers:
             raise ApiError("this frontend is draining; retry on another", status=503, code="draining",
                            type="service_unavailable", retry_after_s=1.0, close_connection=True)
         self._check_model(req.model)
-        if req.tools and fe.settings.tool_call_parser == "none":
+        if req.tools and req.tool_choice[0] == "auto" and fe.settings.tool_call_parser == "none":
             raise ApiError("this deployment reads no tool calls from the model's answers: the recipe's "
                            "model.tool_call_parser is none (hermes or llama3_json, as the model writes calls)",
                            param="tools")
@@ -339,7 +339,9 @@ class _Handlers:
         parser = self.fe.settings.reasoning_parser
         reasoning = (ReasoningSplitter(thinking=thinking_at_start(parser, req.template_kwargs))
                      if parser != "none" and req.kind == "chat" else None)
-        tools = ToolCallSplitter(self.fe.settings.tool_call_parser) if req.tools else None
+        mode, name = req.tool_choice
+        tools = (ToolCallSplitter(self.fe.settings.tool_call_parser) if req.tools and mode == "auto"
+                 else ForcedCalls(name) if mode in ("required", "named") else None)
         if reasoning is None and tools is None:
             return None
         return AnswerSplitter(reasoning, tools, single_call=req.single_tool_call)

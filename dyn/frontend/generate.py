@@ -239,7 +239,8 @@ class _Run(WorkerStream):
             # Resume after what the client already has: same tokens under greedy decoding.
             request = GenerateRequest(self.rid, self.prompt + self.emitted,
                                       self._sampling(self.max_tokens - len(self.emitted)),
-                                      salt=self.salt, hold_s=self._hold_s(), **self._hint_fields())
+                                      salt=self.salt, resumed_tokens=len(self.emitted), hold_s=self._hold_s(),
+                                      **self._hint_fields())
             try:
                 async with aclosing(self._follow(worker_id, request)) as pieces:
                     async for piece in pieces:

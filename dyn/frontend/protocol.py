@@ -3,7 +3,7 @@
 Validation is hand-written instead of pydantic: the hot path parses one small
 dict per request, and every failure must carry the OpenAI `param` name. Unknown
 fields are ignored, as OpenAI-compatible servers do; known fields we cannot
-honour (best_of > 1, a forced tool_choice, logit_bias, non-text content) are refused, never ignored.
+honour (best_of > 1, logit_bias, non-text content) are refused, never ignored.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ MAX_STOP_CHARS = 256
 MAX_TOKEN_ID = 2**31 - 1
 """Token ids and top_k travel as msgpack ints; no vocabulary comes near this."""
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+JSON_OBJECT_SCHEMA = '{"type": "object"}'
+"""response_format json_object: any JSON object."""
 _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 """OpenAI's rule for a function's name."""
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -68,6 +70,9 @@ class GenerationRequest:
     tools: tuple[dict[str, Any], ...] = ()
     """chat: the functions the model may call (OpenAI's tool objects, for the chat template); empty
     with tool_choice none."""
+    tool_choice: tuple[str, str | None] = ("auto", None)
+    """chat: ("auto" | "none" | "required", None) or ("named", function name). A forced call
+    (required, named) is structured output: the answer is the call(s) as JSON (forced_call_schema)."""
     single_tool_call: bool = False
     """chat: parallel_tool_calls false: at most the first call the model writes is returned."""
 
@@ -125,18 +130,18 @@ def parse_chat(body: Any, defaults: SamplingDefaults = SamplingDefaults()) -> Ge
     if body.get("functions") or body.get("function_call"):
         raise ApiError("'functions' (OpenAI's deprecated form) is not supported; send 'tools'", param="functions")
     tools = _tools(body.get("tools"))
-    tool_choice = body.get("tool_choice")
-    if tool_choice not in (None, "auto", "none"):
-        raise ApiError("tool_choice must be 'auto' or 'none' (a forced call needs guided decoding, which this "
-                       "server does not do)", param="tool_choice")
+    choice = _tool_choice(body.get("tool_choice"), tools)
     single_call = _opt_bool(body, "parallel_tool_calls") is False
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise ApiError("only response_format {'type': 'text'} is supported", param="response_format")
+    if choice[0] in ("required", "named"):
+        if body.get("response_format") not in (None, {"type": "text"}):
+            raise ApiError("a forced tool_choice shapes the answer itself: leave response_format out",
+                           param="response_format")
+        body = {**body, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "tool_call", "schema": forced_call_schema(tools, choice[1], single_call)}}}
     return _common(body, "chat", (max_tokens, logprobs, top_logprobs), defaults, messages=messages,
                    retain_messages=marked[-1] + 1 if marked else 0,
                    template_kwargs=_template_kwargs(body.get("chat_template_kwargs")),
-                   tools=tools if tool_choice != "none" else (), single_tool_call=single_call)
+                   tools=tools if choice[0] != "none" else (), tool_choice=choice, single_tool_call=single_call)
 
 
 def parse_completion(body: Any, defaults: SamplingDefaults = SamplingDefaults()) -> GenerationRequest:
@@ -210,6 +215,7 @@ def _common(body: dict, kind: str, output: tuple[int | None, bool, int], default
         if not stream:
             raise ApiError("stream_options is only allowed with stream=true", param="stream_options")
         include_usage = _opt_bool(options, "include_usage", "stream_options.include_usage") or False
+    json_schema = _response_format(body.get("response_format"))
     hints, unknown = parse_hints(body)
     ignore_eos = hints.ignore_eos
     if ignore_eos is None:
@@ -223,7 +229,8 @@ def _common(body: dict, kind: str, output: tuple[int | None, bool, int], default
         stop=_stop(body.get("stop")), ignore_eos=bool(ignore_eos), logprobs=logprobs, top_logprobs=top_logprobs,
         presence_penalty=defaults.presence_penalty if presence is None else presence,
         frequency_penalty=defaults.frequency_penalty if frequency is None else frequency,
-        repetition_penalty=defaults.repetition_penalty if repetition is None else repetition)
+        repetition_penalty=defaults.repetition_penalty if repetition is None else repetition,
+        json_schema=json_schema)
     return GenerationRequest(kind=kind, model=model, sampling=sampling, n=n or 1,  # type: ignore[arg-type]
                              stream=stream, include_usage=include_usage, hints=hints, unknown_hints=unknown,
                              **fields)
@@ -263,6 +270,53 @@ def _require_object(body: Any) -> dict:
     if not isinstance(body, dict):
         raise ApiError("the request body must be a JSON object")
     return body
+
+
+def _response_format(raw: Any) -> str | None:
+    """response_format as the JSON schema the answer must match (json_object: any object); None
+    for text. The workers compile it (a schema they cannot use is their 400)."""
+    if raw is None:
+        return None
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JSON_OBJECT_SCHEMA
+    if kind == "json_schema":
+        spec = raw.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise ApiError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}",
+                           param="response_format.json_schema")
+        return json.dumps(spec.get("schema", {}), ensure_ascii=False)
+    raise ApiError("response_format type must be text, json_object or json_schema", param="response_format.type")
+
+
+def _tool_choice(raw: Any, tools: tuple[dict[str, Any], ...]) -> tuple[str, str | None]:
+    if raw is None or raw in ("auto", "none", "required"):
+        mode = raw or "auto"
+        if mode == "required" and not tools:
+            raise ApiError("tool_choice required needs tools", param="tool_choice")
+        return mode, None
+    function = raw.get("function") if isinstance(raw, dict) and raw.get("type") == "function" else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str):
+        raise ApiError("tool_choice must be auto, none, required or {'type': 'function', 'function': "
+                       "{'name': ...}}", param="tool_choice")
+    if name not in {tool["function"]["name"] for tool in tools}:
+        raise ApiError(f"tool_choice names function {name[:64]!r}, which is not among the tools",
+                       param="tool_choice.function.name")
+    return "named", name
+
+
+def forced_call_schema(tools: tuple[dict[str, Any], ...], name: str | None, single: bool) -> dict[str, Any]:
+    """The JSON a forced tool_choice makes the model write (vLLM's shapes): a named function's
+    arguments object; for required, a list of {"name", "parameters"} calls of the given tools."""
+    params = {tool["function"]["name"]: tool["function"].get("parameters") or {"type": "object"} for tool in tools}
+    if name is not None:
+        return params[name]
+    call = {"anyOf": [{"type": "object", "properties": {"name": {"type": "string", "enum": [fn]}, "parameters": schema},
+                       "required": ["name", "parameters"]} for fn, schema in params.items()]}
+    return {"type": "array", "items": call, "minItems": 1, **({"maxItems": 1} if single else {})}
 
 
 def _tools(raw: Any) -> tuple[dict[str, Any], ...]:

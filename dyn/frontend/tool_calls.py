@@ -165,12 +165,39 @@ class ToolCallSplitter:
         return len(text) if not body or "<|python_tag|>".startswith(body) else 0
 
 
+class ForcedCalls:
+    """tool_choice required or named: the grammar made the whole answer the call(s) as JSON (a
+    named function's arguments; for required, a list of {"name", "parameters"}), so nothing is
+    content and everything is held to the end. JSON cut short (max_tokens) comes back as content."""
+
+    def __init__(self, name: str | None) -> None:
+        self._name = name
+        self._held: list[str] = []
+        self.calls: list[ToolCall] = []
+
+    def feed(self, text: str, *, final: bool = False) -> str:
+        self._held.append(text)
+        if not final:
+            return ""
+        whole = "".join(self._held)
+        try:
+            value = json.loads(whole)
+        except ValueError:
+            return whole
+        objects = [{"name": self._name, "arguments": value}] if self._name is not None else value
+        calls = [_from_object(obj) for obj in objects] if isinstance(objects, list) else [None]
+        if None in calls:
+            return whole
+        self.calls = calls  # type: ignore[assignment]
+        return ""
+
+
 class AnswerSplitter:
     """A chat answer's text as reasoning, content and tool calls, fed in order: the reasoning
     parser's split first (when the recipe names one), then the tool calls in the content (when
     the request has tools). `single_call` (parallel_tool_calls false): the first call only."""
 
-    def __init__(self, reasoning: ReasoningSplitter | None, tools: ToolCallSplitter | None, *,
+    def __init__(self, reasoning: ReasoningSplitter | None, tools: ToolCallSplitter | ForcedCalls | None, *,
                  single_call: bool = False) -> None:
         self._reasoning = reasoning
         self._tools = tools

@@ -432,7 +432,8 @@ def engine_request(msg: GenerateRequest) -> EngineRequest:
     return EngineRequest(request_id=msg.request_id, prompt_token_ids=list(msg.prompt_token_ids),
                          sampling=msg.sampling, priority=msg.priority, salt=msg.salt,
                          prefill_only=msg.prefill_only, retention=retention,
-                         retention_blocks=msg.retention_blocks, session_id=msg.session_id)
+                         retention_blocks=msg.retention_blocks, session_id=msg.session_id,
+                         resumed_tokens=msg.resumed_tokens)
 
 
 def _kv_origin(kv_source: object) -> str:

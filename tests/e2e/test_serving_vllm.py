@@ -289,6 +289,28 @@ def test_echo_scores_prompt_tokens_as_vllm_does_on_either_path(deployment, promp
     assert after["remote_prefills"] - before.get("remote_prefills", 0) == 1  # the long prompt's
 
 
+def test_structured_output_and_a_forced_tool_call_through_vllm(deployment):
+    """response_format json_schema and tool_choice naming a function: vLLM's own structured output
+    (xgrammar) shapes the answer, which parses as JSON of the schema."""
+    client = _client(deployment)
+    schema = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 24}},
+              "required": ["capital"], "additionalProperties": False}
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in JSON."}]
+    answer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, temperature=0,
+                                            response_format={"type": "json_schema",
+                                                             "json_schema": {"name": "capital", "schema": schema}})
+    assert answer.choices[0].finish_reason == "stop"
+    assert set(json.loads(answer.choices[0].message.content)) == {"capital"}
+    tool = {"type": "function", "function": {"name": "get_capital", "parameters": {
+        "type": "object", "properties": {"country": {"type": "string", "maxLength": 24}}, "required": ["country"],
+        "additionalProperties": False}}}
+    called = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, temperature=0, tools=[tool],
+                                            tool_choice={"type": "function", "function": {"name": "get_capital"}})
+    (call,) = called.choices[0].message.tool_calls
+    assert called.choices[0].finish_reason == "tool_calls" and call.function.name == "get_capital"
+    assert set(json.loads(call.function.arguments)) == {"country"}
+
+
 def test_idle_workers_do_not_spin(deployment):
     """Between requests a worker's threads sleep: vLLM's NIXL agent included, whose progress
     thread spun a core per worker until dyn set its poll timeout (measured 0.98 -> 0.02 cores)."""

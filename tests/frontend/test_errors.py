@@ -51,7 +51,13 @@ CASES = [
     (CHAT, {"model": MODEL, "messages": MSGS, "tools": [{"type": "function", "function": {"name": "a b"}}]}, 400,
      "tools[0].function.name"),
     (CHAT, {"model": MODEL, "messages": MSGS, "tools": [TOOL]}, 400, "tools"),  # this recipe parses no calls
-    (CHAT, {"model": MODEL, "messages": MSGS, "tools": [TOOL], "tool_choice": "required"}, 400, "tool_choice"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "tool_choice": "required"}, 400, "tool_choice"),  # no tools
+    (CHAT, {"model": MODEL, "messages": MSGS, "tools": [TOOL], "tool_choice": {"type": "function",
+                                                                               "function": {"name": "nope"}}},
+     400, "tool_choice.function.name"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "response_format": {"type": "yaml"}}, 400, "response_format.type"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "response_format": {"type": "json_schema"}}, 400,
+     "response_format.json_schema"),
     (CHAT, {"model": MODEL, "messages": MSGS, "functions": [TOOL["function"]]}, 400, "functions"),
     (CHAT, {"model": MODEL, "messages": [*MSGS, {"role": "assistant", "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}, 400,

@@ -95,6 +95,9 @@ def test_migration_limit_ends_the_stream_with_a_clear_error():
         error = events[-1]["error"]
         assert error["code"] == "migration_limit" and "router.max_migrations" in error["message"]
         assert h.pool.num_open_streams == 0
+        # each re-send says how much of its prompt is the answer so far (a grammar continues after it)
+        sent = sorted((r for w in h.workers.values() for r in w.requests), key=lambda r: r.resumed_tokens)
+        assert [r.resumed_tokens for r in sent] == [0, 3]
 
 
 def test_worker_that_never_answers_is_retried_then_reported():

@@ -132,3 +132,45 @@ def test_parallel_tool_calls_false_keeps_the_first_and_tool_choice_none_parses_n
     assert none.message.content == HERMES_REPLY and not none.message.tool_calls and none.finish_reason == "stop"
     plain = _ask(client).choices[0]  # no tools: the text is the answer
     assert plain.message.content == HERMES_REPLY and not plain.message.tool_calls
+
+
+def _harness_for(reply: str):
+    return Harness(make_recipe(), [("w0", "both")], reply=reply)
+
+
+def test_response_format_asks_the_workers_for_json_of_the_schema():
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    with _harness_for('{"city": "Paris"}') as h, \
+            openai.OpenAI(base_url=h.base_url, api_key="x", max_retries=0, timeout=10) as c:
+        answer = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "?"}], max_tokens=64,
+                                           response_format={"type": "json_schema",
+                                                            "json_schema": {"name": "city", "schema": schema}})
+        assert json.loads(answer.choices[0].message.content) == {"city": "Paris"}
+        assert json.loads(h.workers["w0"].requests[-1].sampling.json_schema) == schema
+        c.completions.create(model=MODEL, prompt="?", max_tokens=8, extra_body={"response_format": {"type": "json_object"}})
+        assert json.loads(h.workers["w0"].requests[-1].sampling.json_schema) == {"type": "object"}
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "?"}], max_tokens=8,
+                                  response_format={"type": "text"})
+        assert h.workers["w0"].requests[-1].sampling.json_schema is None
+
+
+def test_a_forced_tool_choice_is_the_calls_json_without_a_parser():
+    """tool_choice required / named: the grammar makes the answer the call(s) as JSON (vLLM's shapes),
+    so the recipe needs no tool_call_parser."""
+    other = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    with _harness_for('{"city": "Paris"}') as h, \
+            openai.OpenAI(base_url=h.base_url, api_key="x", max_retries=0, timeout=10) as c:
+        named = _ask(c, tools=[WEATHER, other], tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        choice = named.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert [(t.function.name, json.loads(t.function.arguments)) for t in choice.message.tool_calls] == [
+            ("get_weather", {"city": "Paris"})]
+        assert json.loads(h.workers["w0"].requests[-1].sampling.json_schema) == WEATHER["function"]["parameters"]
+    with _harness_for('[{"name": "get_time", "parameters": {}}, {"name": "get_weather", "parameters": {"city": "Oslo"}}]') \
+            as h, openai.OpenAI(base_url=h.base_url, api_key="x", max_retries=0, timeout=10) as c:
+        required = _ask(c, tools=[WEATHER, other], tool_choice="required", stream=True)
+        calls = [d for chunk in required for d in (chunk.choices[0].delta.tool_calls or ()) if chunk.choices]
+        assert [(d.function.name, json.loads(d.function.arguments)) for d in calls] == [
+            ("get_time", {}), ("get_weather", {"city": "Oslo"})]
+        schema = json.loads(h.workers["w0"].requests[-1].sampling.json_schema)
+        assert schema["type"] == "array" and schema["minItems"] == 1 and len(schema["items"]["anyOf"]) == 2

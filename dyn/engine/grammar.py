@@ -1,0 +1,72 @@
+"""Structured output for the torch engine: JSON-schema grammars over the model's vocabulary.
+
+xgrammar (the library vLLM and SGLang use) compiles a JSON schema against the tokenizer's
+vocabulary once and, per request, keeps a matcher that says which tokens may come next: a
+bitmask applied to the logits before sampling. Logprobs stay the model's own (the mask only
+narrows what is sampled), as vLLM reports them by default. Loaded on the first request that asks
+(transformers and xgrammar cost seconds to import); a worker without xgrammar refuses such
+requests naming the extra to install.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dyn.errors import RequestError
+
+INSTALL_HINT = "pip install xgrammar (dyn's 'structured' extra; vLLM brings it too)"
+
+
+class Grammars:
+    """One engine's grammar compiler: its vocabulary and a cache of compiled schemas."""
+
+    def __init__(self, tokenizer_dir: str | Path, vocab_size: int, stop_token_ids: Sequence[int]) -> None:
+        try:
+            import xgrammar as xgr
+            from transformers import PreTrainedTokenizerFast
+        except ImportError as exc:
+            raise RequestError(f"structured output needs xgrammar on the worker ({exc}); {INSTALL_HINT}",
+                               field="response_format") from None
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(Path(tokenizer_dir) / "tokenizer.json"))
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                  stop_token_ids=list(stop_token_ids) or None)
+        self._xgr = xgr
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+        self.vocab_size = vocab_size
+
+    def constraint(self, json_schema: str) -> "Constraint":
+        """A fresh matcher for one request; RequestError for a schema xgrammar cannot compile."""
+        try:
+            compiled = self._compiler.compile_json_schema(json_schema)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise RequestError(f"response_format schema cannot be used: {exc}", field="response_format") from None
+        return Constraint(self._xgr.GrammarMatcher(compiled), self)
+
+    def apply(self, logits: Any, rows: Sequence[tuple[int, "Constraint"]]) -> None:
+        """Mask `logits` [n, vocab] in place: row i keeps only what its constraint allows next."""
+        xgr = self._xgr
+        bitmask = xgr.allocate_token_bitmask(logits.shape[0], self.vocab_size)
+        for row, constraint in rows:
+            constraint.matcher.fill_next_token_bitmask(bitmask, row)
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self.vocab_size,
+                                        indices=[row for row, _ in rows])
+
+
+class Constraint:
+    """One request's grammar state: what may come next, advanced token by token."""
+
+    def __init__(self, matcher: Any, grammars: Grammars) -> None:
+        self.matcher = matcher
+        self.grammars = grammars
+
+    def accept(self, token_id: int) -> bool:
+        """Advance past `token_id`; False (state unchanged) when the grammar does not allow it."""
+        return self.matcher.accept_token(token_id)
+
+    @property
+    def done(self) -> bool:
+        """The JSON is complete and its stop token taken: nothing may follow."""
+        return self.matcher.is_terminated()
+

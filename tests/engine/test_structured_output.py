@@ -1,0 +1,83 @@
+"""Structured output on the torch engine: with a json_schema, SmolLM2's answer is JSON matching the
+schema (xgrammar masks what it may sample), its logprobs stay the model's, a request resumed after
+a migration continues the same grammar, and engines or schemas that cannot do it refuse by name."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("xgrammar")
+
+from dyn.engine.backend import EngineRequest, SamplingParams  # noqa: E402
+from dyn.engine.engine import Engine  # noqa: E402
+from dyn.engine.grammar import Grammars  # noqa: E402
+from dyn.engine.tokenizer import Tokenizer  # noqa: E402
+from dyn.engine.torch_runner import TorchModelRunner  # noqa: E402
+from dyn.errors import RequestError  # noqa: E402
+
+SCHEMA = json.dumps({"type": "object", "properties": {"country": {"type": "string", "maxLength": 20},
+                                                      "capital": {"type": "string", "maxLength": 20},
+                                                      "population_millions": {"type": "number"}},
+                     "required": ["country", "capital"], "additionalProperties": False})
+
+
+@pytest.fixture(scope="module")
+def engine_parts(smollm2_dir):
+    runner = TorchModelRunner.from_pretrained(smollm2_dir, dtype="float32", block_size=16, num_blocks=64,
+                                              max_context=512)
+    tokenizer = Tokenizer.from_dir(smollm2_dir)
+    grammars = Grammars(smollm2_dir, runner.vocab_size, runner.eos_token_ids)
+    return runner, tokenizer, grammars
+
+
+def _run(engine: Engine, request: EngineRequest) -> list:
+    engine.add_request(request)
+    outputs = []
+    for _ in range(500):
+        if not engine.has_work():
+            return outputs
+        outputs += [out for out in engine.step() if out.request_id == request.request_id]
+    raise AssertionError("engine did not finish")
+
+
+def test_the_answer_is_json_matching_the_schema_and_a_resumed_request_continues_it(engine_parts):
+    runner, tokenizer, grammars = engine_parts
+    engine = Engine(runner, grammars=lambda: grammars)
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Which country has Paris as its capital? Answer in JSON."}]),
+        add_special_tokens=False)
+    constrained = SamplingParams(max_tokens=80, json_schema=SCHEMA, logprobs=True)
+    outputs = _run(engine, EngineRequest("json", prompt, constrained))
+    tokens = [t for out in outputs for t in out.token_ids]
+    assert outputs[-1].finish_reason == "stop" and outputs[-1].error is None
+    answer = json.loads(tokenizer.decode(tokens))
+    assert set(answer) <= {"country", "capital", "population_millions"} and {"country", "capital"} <= set(answer)
+    assert all(isinstance(answer[k], str) for k in ("country", "capital"))
+    free = _run(engine, EngineRequest("free", prompt, SamplingParams(max_tokens=len(tokens), ignore_eos=True)))
+    assert [t for out in free for t in out.token_ids] != tokens  # the grammar changed the answer
+    logprobs = [lp for out in outputs for lp in out.logprobs]
+    assert all(math.isfinite(lp) and lp <= 0 for lp in logprobs)  # the model's own, not -inf from the mask
+    # a migration: the first 5 tokens come back as the end of the prompt, and the grammar goes on from there
+    resumed = _run(engine, EngineRequest("resumed", prompt + tokens[:5], replace(constrained, max_tokens=75),
+                                         resumed_tokens=5))
+    assert tokens[:5] + [t for out in resumed for t in out.token_ids] == tokens
+
+
+def test_refusals_name_what_and_where(engine_parts):
+    runner, _, grammars = engine_parts
+    with pytest.raises(RequestError) as bad_schema:
+        Engine(runner, grammars=lambda: grammars).add_request(
+            EngineRequest("bad", [1, 2], SamplingParams(json_schema='{"type": "no-such-type"}')))
+    assert bad_schema.value.field == "response_format"
+    with pytest.raises(RequestError) as no_grammars:  # the mock engine (and any engine built without them)
+        Engine(runner).add_request(EngineRequest("m", [1, 2], SamplingParams(json_schema=SCHEMA)))
+    assert no_grammars.value.field == "response_format" and "torch" in str(no_grammars.value)
+    with pytest.raises(RequestError) as off_grammar:  # resumed output the grammar cannot have produced
+        Engine(runner, grammars=lambda: grammars).add_request(
+            EngineRequest("r", [1, 2, 3], SamplingParams(json_schema=SCHEMA), resumed_tokens=2))
+    assert off_grammar.value.field == "resumed_tokens"
