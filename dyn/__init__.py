@@ -11,4 +11,5 @@ PROTOCOL_VERSION = 7
 5: GenerateRequest.hold_s (a version-4 worker would refuse the unknown field).
 6: SamplingParams gained min_p, top_logprobs and the three penalties, TokenChunk top_ids and
    top_logprobs (a version-5 peer would refuse them as unknown fields).
-7: SamplingParams.prompt_logprobs and TokenChunk.prompt_logprobs (completions' echo)."""
+7: SamplingParams.prompt_logprobs and json_schema, TokenChunk.prompt_logprobs, GenerateRequest.resumed_tokens
+   (completions' echo, structured output)."""
