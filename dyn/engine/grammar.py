@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dyn.errors import RequestError
+from dyn.errors import EngineError, RequestError
 
 INSTALL_HINT = "pip install xgrammar (dyn's 'structured' extra; vLLM brings it too)"
 
@@ -29,9 +29,13 @@ class Grammars:
         except ImportError as exc:
             raise RequestError(f"structured output needs xgrammar on the worker ({exc}); {INSTALL_HINT}",
                                field="response_format") from None
-        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(Path(tokenizer_dir) / "tokenizer.json"))
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
-                                                  stop_token_ids=list(stop_token_ids) or None)
+        path = Path(tokenizer_dir) / "tokenizer.json"
+        try:
+            tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path))
+            info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                      stop_token_ids=list(stop_token_ids) or None)
+        except Exception as exc:  # (transformers and xgrammar raise many types for a tokenizer they cannot read)
+            raise EngineError(f"structured output cannot use the tokenizer {path}: {exc}") from None
         self._xgr = xgr
         self._compiler = xgr.GrammarCompiler(info, max_threads=1)
         self.vocab_size = vocab_size
@@ -69,4 +73,3 @@ class Constraint:
     def done(self) -> bool:
         """The JSON is complete and its stop token taken: nothing may follow."""
         return self.matcher.is_terminated()
-

@@ -72,7 +72,7 @@ class GenerationRequest:
     with tool_choice none."""
     tool_choice: tuple[str, str | None] = ("auto", None)
     """chat: ("auto" | "none" | "required", None) or ("named", function name). A forced call
-    (required, named) is structured output: the answer is the call(s) as JSON (forced_call_schema)."""
+    (required, named) is structured output: the answer is the call(s) as JSON (_forced_call_schema)."""
     single_tool_call: bool = False
     """chat: parallel_tool_calls false: at most the first call the model writes is returned."""
 
@@ -137,7 +137,7 @@ def parse_chat(body: Any, defaults: SamplingDefaults = SamplingDefaults()) -> Ge
             raise ApiError("a forced tool_choice shapes the answer itself: leave response_format out",
                            param="response_format")
         body = {**body, "response_format": {"type": "json_schema", "json_schema": {
-            "name": "tool_call", "schema": forced_call_schema(tools, choice[1], single_call)}}}
+            "name": "tool_call", "schema": _forced_call_schema(tools, choice[1], single_call)}}}
     return _common(body, "chat", (max_tokens, logprobs, top_logprobs), defaults, messages=messages,
                    retain_messages=marked[-1] + 1 if marked else 0,
                    template_kwargs=_template_kwargs(body.get("chat_template_kwargs")),
@@ -292,6 +292,7 @@ def _response_format(raw: Any) -> str | None:
 
 
 def _tool_choice(raw: Any, tools: tuple[dict[str, Any], ...]) -> tuple[str, str | None]:
+    """tool_choice as (mode, the named function or None); a named one must be among `tools`."""
     if raw is None or raw in ("auto", "none", "required"):
         mode = raw or "auto"
         if mode == "required" and not tools:
@@ -308,7 +309,7 @@ def _tool_choice(raw: Any, tools: tuple[dict[str, Any], ...]) -> tuple[str, str 
     return "named", name
 
 
-def forced_call_schema(tools: tuple[dict[str, Any], ...], name: str | None, single: bool) -> dict[str, Any]:
+def _forced_call_schema(tools: tuple[dict[str, Any], ...], name: str | None, single: bool) -> dict[str, Any]:
     """The JSON a forced tool_choice makes the model write (vLLM's shapes): a named function's
     arguments object; for required, a list of {"name", "parameters"} calls of the given tools."""
     params = {tool["function"]["name"]: tool["function"].get("parameters") or {"type": "object"} for tool in tools}
