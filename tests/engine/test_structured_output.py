@@ -81,3 +81,31 @@ def test_refusals_name_what_and_where(engine_parts):
         Engine(runner, grammars=lambda: grammars).add_request(
             EngineRequest("r", [1, 2, 3], SamplingParams(json_schema=SCHEMA), resumed_tokens=2))
     assert off_grammar.value.field == "resumed_tokens"
+
+
+def test_a_prefill_workers_first_token_starts_the_decode_workers_grammar(engine_parts, smollm2_dir):
+    """Disaggregated: the prefill engine samples the first token under the grammar, the decode engine
+    imports the prompt KV, takes that token into its own grammar and finishes the same JSON."""
+    runner, tokenizer, grammars = engine_parts
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Which country has Paris as its capital? Answer in JSON."}]),
+        add_special_tokens=False)
+    constrained = SamplingParams(max_tokens=80, json_schema=SCHEMA)
+    whole = [t for out in _run(Engine(runner, grammars=lambda: grammars), EngineRequest("one", prompt, constrained))
+             for t in out.token_ids]
+    prefill = Engine(runner, grammars=lambda: grammars)
+    first = [t for out in _run(prefill, EngineRequest("p", prompt, constrained, prefill_only=True))
+             for t in out.token_ids]
+    export = prefill.export_kv("p")
+    decode_runner = TorchModelRunner.from_pretrained(smollm2_dir, dtype="float32", block_size=16, num_blocks=64,
+                                                     max_context=512)
+    decode = Engine(decode_runner, grammars=lambda: grammars)
+    imported = decode.begin_import(EngineRequest("p", prompt, constrained), export.block_hashes)
+    for idx, view in zip(imported.missing_idx, imported.dest_views):
+        view[:] = export.block_views[idx]
+    decode.commit_import("p", export.first_token)
+    rest = []
+    while decode.has_work():
+        rest += [t for out in decode.step() for t in out.token_ids]
+    assert first == [export.first_token] and first + rest == whole
+    json.loads(tokenizer.decode(whole))
