@@ -33,6 +33,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     """Stop strings; checked by the engine's detokenizer when it has one."""
     ignore_eos: bool = False
+    min_tokens: int = 0
+    """EOS and stop_token_ids cannot end the answer before this many tokens (vLLM's min_tokens)."""
     logprobs: bool = False
     top_logprobs: int = 0
     """With logprobs: also the this-many likeliest tokens at each position, with their logprobs."""

@@ -287,9 +287,10 @@ class Engine(Backend):
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         request = seq.request
         sampling = request.sampling
-        if not sampling.ignore_eos and token in self.runner.eos_token_ids:
+        held = sampling.min_tokens and seq.num_generated <= sampling.min_tokens  # (the runner masks them too)
+        if not sampling.ignore_eos and token in self.runner.eos_token_ids and not held:
             return "stop"
-        if sampling.stop_token_ids and token in sampling.stop_token_ids:
+        if sampling.stop_token_ids and token in sampling.stop_token_ids and not held:
             return "stop"
         if sampling.stop and self.detokenize is not None and self._hit_stop_string(seq):
             return "stop"
@@ -448,6 +449,8 @@ def _check_sampling(request: EngineRequest, vocab: int) -> None:
         raise bad("min_p", "must be in [0, 1]")
     if sp.seed is not None and type(sp.seed) is not int:
         raise bad("seed", "must be an int or None")
+    if type(sp.min_tokens) is not int or not 0 <= sp.min_tokens <= sp.max_tokens:
+        raise bad("min_tokens", f"must be an int in [0, max_tokens {sp.max_tokens}]")
     if type(sp.top_logprobs) is not int or not 0 <= sp.top_logprobs <= MAX_TOP_LOGPROBS:
         raise bad("top_logprobs", f"must be an int in [0, {MAX_TOP_LOGPROBS}]")
     if sp.prompt_logprobs is not None and (type(sp.prompt_logprobs) is not int

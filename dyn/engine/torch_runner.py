@@ -140,11 +140,10 @@ class TorchModelRunner(ModelRunner):
             else:
                 logits = self.model.logits(hidden[sample_rows])
             sampling_work = [w for w in work if w.sample]
-            rows = [(i, w.constraint) for i, w in enumerate(sampling_work) if w.constraint is not None]
             picked = sample(logits, [w.sampling for w in sampling_work],
                             [w.num_generated for w in sampling_work], self._generator,
                             contexts=[w.all_token_ids or () for w in sampling_work],
-                            mask=(lambda lg: rows[0][1].grammars.apply(lg, rows)) if rows else None)
+                            mask=_step_mask(sampling_work, self.eos_token_ids))
             prompt = self._score_prompts(work, hidden)
         sampled = {w.request_id: tok for w, tok in zip(sampling_work, picked.token_ids)}
         logprobs = {w.request_id: lp for w, lp in zip(sampling_work, picked.logprobs) if lp is not None}
@@ -194,6 +193,23 @@ class TorchModelRunner(ModelRunner):
             n = len(w.token_ids)
             self.captured_logits.setdefault(w.request_id, []).append(logits[row:row + n].cpu())
             row += n
+
+
+def _step_mask(work: list[SeqWork], eos_token_ids: tuple[int, ...]) -> Callable[[torch.Tensor], None] | None:
+    """What a step may not sample, per row: outside its grammar (response_format), or an EOS or
+    stop token before its min_tokens. None when no row is restricted (the usual step)."""
+    grammar = [(i, w.constraint) for i, w in enumerate(work) if w.constraint is not None]
+    held = [(i, [*(() if w.sampling.ignore_eos else eos_token_ids), *w.sampling.stop_token_ids])
+            for i, w in enumerate(work) if w.num_generated < w.sampling.min_tokens]
+    if not grammar and not held:
+        return None
+
+    def apply(logits: torch.Tensor) -> None:
+        if grammar:
+            grammar[0][1].grammars.apply(logits, grammar)
+        for row, ids in held:
+            logits[row, ids] = -math.inf
+    return apply
 
 
 def _resolve_dtype(dtype: str | torch.dtype, config_dtype: str | None) -> torch.dtype:

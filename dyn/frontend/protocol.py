@@ -220,13 +220,15 @@ def _common(body: dict, kind: str, output: tuple[int | None, bool, int], default
     ignore_eos = hints.ignore_eos
     if ignore_eos is None:
         ignore_eos = _opt_bool(body, "ignore_eos")
+    stop = _stop(body.get("stop"))
+    min_tokens = _min_tokens(body, max_tokens, stop, json_schema)
     sampling = SamplingParams(
         max_tokens=max_tokens, temperature=defaults.temperature if temperature is None else temperature,
         top_p=defaults.top_p if top_p is None else top_p,
         top_k=defaults.top_k if top_k is None else max(top_k, 0),
         min_p=defaults.min_p if min_p is None else min_p,
         seed=_opt_int(body, "seed", -(2**63), 2**63 - 1), stop_token_ids=_int_list(body, "stop_token_ids"),
-        stop=_stop(body.get("stop")), ignore_eos=bool(ignore_eos), logprobs=logprobs, top_logprobs=top_logprobs,
+        stop=stop, ignore_eos=bool(ignore_eos), min_tokens=min_tokens, logprobs=logprobs, top_logprobs=top_logprobs,
         presence_penalty=defaults.presence_penalty if presence is None else presence,
         frequency_penalty=defaults.frequency_penalty if frequency is None else frequency,
         repetition_penalty=defaults.repetition_penalty if repetition is None else repetition,
@@ -234,6 +236,19 @@ def _common(body: dict, kind: str, output: tuple[int | None, bool, int], default
     return GenerationRequest(kind=kind, model=model, sampling=sampling, n=n or 1,  # type: ignore[arg-type]
                              stream=stream, include_usage=include_usage, hints=hints, unknown_hints=unknown,
                              **fields)
+
+
+def _min_tokens(body: dict, max_tokens: int | None, stop: tuple[str, ...], json_schema: str | None) -> int:
+    """vLLM's min_tokens: EOS and stop_token_ids are held back until this many tokens came."""
+    value = _opt_int(body, "min_tokens", 0, None) or 0
+    if value and max_tokens is not None and value > max_tokens:
+        raise ApiError(f"min_tokens ({value}) must not exceed max_tokens ({max_tokens})", param="min_tokens")
+    if value and stop:  # vLLM starts matching stop strings at min_tokens, mid-text: not done here
+        raise ApiError("min_tokens with stop strings is not supported (stop_token_ids are)", param="min_tokens")
+    if value and json_schema is not None:  # a grammar may have to end before min_tokens
+        raise ApiError("min_tokens with response_format JSON (or a forced tool call) is not supported",
+                       param="min_tokens")
+    return value
 
 
 def _template_kwargs(raw: Any) -> dict[str, Any] | None:

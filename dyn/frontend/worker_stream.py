@@ -258,8 +258,11 @@ class WorkerStream:
     def _sampling(self, max_tokens: int | None = None) -> SamplingParams:
         """The request's sampling for a worker, `max_tokens` left (default: all). Stop strings stay
         here: TextStream matches them on the text the client sees, prompt included."""
-        return replace(self.req.sampling, max_tokens=max_tokens or self.max_tokens, stop=(),
-                       prompt_logprobs=self.req.sampling.prompt_logprobs if self.scores_prompt else None)
+        sampling = self.req.sampling
+        # A re-sent request's prompt holds the tokens already made: they count toward min_tokens.
+        min_tokens = max(sampling.min_tokens - len(self.emitted), 0) if max_tokens else sampling.min_tokens
+        return replace(sampling, max_tokens=max_tokens or self.max_tokens, stop=(), min_tokens=min_tokens,
+                       prompt_logprobs=sampling.prompt_logprobs if self.scores_prompt else None)
 
     @property
     def scores_prompt(self) -> bool:

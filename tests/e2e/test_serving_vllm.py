@@ -289,9 +289,9 @@ def test_echo_scores_prompt_tokens_as_vllm_does_on_either_path(deployment, promp
     assert after["remote_prefills"] - before.get("remote_prefills", 0) == 1  # the long prompt's
 
 
-def test_structured_output_and_a_forced_tool_call_through_vllm(deployment):
+def test_structured_output_a_forced_tool_call_and_min_tokens_through_vllm(deployment):
     """response_format json_schema and tool_choice naming a function: vLLM's own structured output
-    (xgrammar) shapes the answer, which parses as JSON of the schema."""
+    (xgrammar) shapes the answer, which parses as JSON of the schema; min_tokens holds its EOS back."""
     client = _client(deployment)
     schema = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 24}},
               "required": ["capital"], "additionalProperties": False}
@@ -309,6 +309,13 @@ def test_structured_output_and_a_forced_tool_call_through_vllm(deployment):
     (call,) = called.choices[0].message.tool_calls
     assert called.choices[0].finish_reason == "tool_calls" and call.function.name == "get_capital"
     assert set(json.loads(call.function.arguments)) == {"country"}
+    short = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi."}],
+                                           max_tokens=60, temperature=0)
+    held = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi."}],
+                                          max_tokens=60, temperature=0,
+                                          extra_body={"min_tokens": short.usage.completion_tokens + 10})
+    assert short.choices[0].finish_reason == "stop"  # (min_tokens: vLLM's own, passed through)
+    assert held.usage.completion_tokens >= short.usage.completion_tokens + 10
 
 
 def test_idle_workers_do_not_spin(deployment):

@@ -28,11 +28,11 @@ def _recipe(max_migrations: int = 3):
     return dataclasses.replace(recipe, router=dataclasses.replace(recipe.router, max_migrations=max_migrations))
 
 
-def _sse(h: Harness, n: int, headers: dict | None = None) -> tuple[int, dict, list[dict]]:
+def _sse(h: Harness, n: int, headers: dict | None = None, **fields) -> tuple[int, dict, list[dict]]:
     async def go():
         async with aiohttp.ClientSession() as s:
             async with s.post(f"http://127.0.0.1:{h.port}/v1/completions", headers=headers or {},
-                              json={"model": MODEL, "prompt": PROMPT, "max_tokens": n, "stream": True}) as r:
+                              json={"model": MODEL, "prompt": PROMPT, "max_tokens": n, "stream": True, **fields}) as r:
                 raw = await r.read()
                 events = [json.loads(line[6:]) for line in raw.decode().splitlines()
                           if line.startswith("data: {")]
@@ -88,7 +88,7 @@ def test_migration_limit_ends_the_stream_with_a_clear_error():
     with Harness(_recipe(max_migrations=1), [("w0", "both"), ("w1", "both")], stall_timeout_s=0.2,
                  stall_after=3) as h:
         start = time.monotonic()
-        status, headers, events = _sse(h, 40)
+        status, headers, events = _sse(h, 40, min_tokens=10)
         assert time.monotonic() - start < 10
         assert status == 200
         assert "".join(e["choices"][0]["text"] for e in events if "choices" in e) == _expected(6)
@@ -98,6 +98,7 @@ def test_migration_limit_ends_the_stream_with_a_clear_error():
         # each re-send says how much of its prompt is the answer so far (a grammar continues after it)
         sent = sorted((r for w in h.workers.values() for r in w.requests), key=lambda r: r.resumed_tokens)
         assert [r.resumed_tokens for r in sent] == [0, 3]
+        assert [r.sampling.min_tokens for r in sent] == [10, 7]  # the tokens already made count
 
 
 def test_worker_that_never_answers_is_retried_then_reported():
