@@ -3,7 +3,8 @@
 Validation is hand-written instead of pydantic: the hot path parses one small
 dict per request, and every failure must carry the OpenAI `param` name. Unknown
 fields are ignored, as OpenAI-compatible servers do; known fields we cannot
-honour (best_of > 1, logit_bias, non-text content) are refused, never ignored.
+honour (best_of > 1, logit_bias, non-text content, vLLM extensions asking for what dyn does
+not do: _UNSUPPORTED_EXTENSIONS) are refused, never ignored.
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ MAX_STOP_CHARS = 256
 MAX_TOKEN_ID = 2**31 - 1
 """Token ids and top_k travel as msgpack ints; no vocabulary comes near this."""
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_UNSUPPORTED_EXTENSIONS: dict[str, Any] = {
+    "use_beam_search": False, "guided_choice": None, "guided_regex": None, "guided_grammar": None,
+    "include_stop_str_in_output": False, "skip_special_tokens": True, "add_generation_prompt": True,
+    "continue_final_message": False, "prompt_logprobs": None, "truncate_prompt_tokens": None,
+    "allowed_token_ids": None, "bad_words": None, "length_penalty": 1.0, "spaces_between_special_tokens": True}
+"""vLLM request fields dyn does not do, with the value that asks for nothing: any other value is a
+400 (ignoring it would silently change what the client asked for)."""
 JSON_OBJECT_SCHEMA = '{"type": "object"}'
 """response_format json_object: any JSON object."""
 _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -200,6 +208,10 @@ def _common(body: dict, kind: str, output: tuple[int | None, bool, int], default
                        param="repetition_penalty")
     if body.get("logit_bias"):
         raise ApiError("logit_bias is not supported", param="logit_bias")
+    for name, default in _UNSUPPORTED_EXTENSIONS.items():
+        if body.get(name, default) not in (None, default):
+            raise ApiError(f"{name} (vLLM's extension) is not supported by this server; it would change the "
+                           "answer, so it is refused rather than ignored", param=name)
     temperature = _opt_float(body, "temperature", 0.0, 2.0)
     top_p = _opt_float(body, "top_p", 0.0, 1.0)
     if top_p is not None and top_p <= 0.0:
@@ -215,7 +227,7 @@ def _common(body: dict, kind: str, output: tuple[int | None, bool, int], default
         if not stream:
             raise ApiError("stream_options is only allowed with stream=true", param="stream_options")
         include_usage = _opt_bool(options, "include_usage", "stream_options.include_usage") or False
-    json_schema = _response_format(body.get("response_format"))
+    json_schema = _response_format(body.get("response_format"), body)
     hints, unknown = parse_hints(body)
     ignore_eos = hints.ignore_eos
     if ignore_eos is None:
@@ -287,9 +299,30 @@ def _require_object(body: Any) -> dict:
     return body
 
 
-def _response_format(raw: Any) -> str | None:
+def _response_format(raw: Any, body: dict) -> str | None:
     """response_format as the JSON schema the answer must match (json_object: any object); None
-    for text. The workers compile it (a schema they cannot use is their 400)."""
+    for text. vLLM's own spellings of a schema (guided_json, structured_outputs.json) count too.
+    The workers compile it (a schema they cannot use is their 400)."""
+    legacy = body.get("guided_json")
+    outputs = body.get("structured_outputs")
+    if outputs is not None:
+        if not isinstance(outputs, dict) or set(outputs) - {"json"}:
+            raise ApiError("structured_outputs: only {'json': <schema>} is supported (choice, regex and grammar "
+                           "are not)", param="structured_outputs")
+        legacy = outputs.get("json")
+    if legacy is not None:
+        if raw is not None:
+            raise ApiError("give the schema once: response_format or guided_json/structured_outputs",
+                           param="response_format")
+        schema = legacy
+        if isinstance(legacy, str):
+            try:
+                schema = json.loads(legacy)
+            except ValueError:
+                raise ApiError("the JSON schema is not valid JSON", param="guided_json") from None
+        if not isinstance(schema, dict):
+            raise ApiError("the JSON schema must be an object", param="guided_json")
+        return json.dumps(schema, ensure_ascii=False)
     if raw is None:
         return None
     kind = raw.get("type") if isinstance(raw, dict) else None

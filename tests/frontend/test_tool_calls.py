@@ -152,6 +152,9 @@ def test_response_format_asks_the_workers_for_json_of_the_schema():
         c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "?"}], max_tokens=8,
                                   response_format={"type": "text"})
         assert h.workers["w0"].requests[-1].sampling.json_schema is None
+        for extra in ({"guided_json": schema}, {"structured_outputs": {"json": json.dumps(schema)}}):  # vLLM's names
+            c.completions.create(model=MODEL, prompt="?", max_tokens=8, extra_body=extra)
+            assert json.loads(h.workers["w0"].requests[-1].sampling.json_schema) == schema
 
 
 def test_a_forced_tool_choice_is_the_calls_json_without_a_parser():
