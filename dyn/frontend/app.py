@@ -298,7 +298,7 @@ class _Handlers:
         tok = self.fe.tokenizer
         if req.kind == "chat":
             size = sum(len(m["content"]) for m in req.messages)
-            return await _off_loop(size, tok.chat_prompt, req.messages, req.template_args)
+            return await _off_loop(size, tok.chat_prompt, req.messages, *req.prompt_args)
         if req.prompt_token_ids is not None:
             return list(req.prompt_token_ids)
         return await _off_loop(len(req.prompt_text or ""), tok.encode, req.prompt_text or "")

@@ -34,8 +34,7 @@ MAX_TOKEN_ID = 2**31 - 1
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _UNSUPPORTED_EXTENSIONS: dict[str, Any] = {
     "use_beam_search": False, "guided_choice": None, "guided_regex": None, "guided_grammar": None,
-    "include_stop_str_in_output": False, "skip_special_tokens": True, "add_generation_prompt": True,
-    "continue_final_message": False, "prompt_logprobs": None, "truncate_prompt_tokens": None,
+    "include_stop_str_in_output": False, "skip_special_tokens": True, "prompt_logprobs": None, "truncate_prompt_tokens": None,
     "allowed_token_ids": None, "bad_words": None, "length_penalty": 1.0, "spaces_between_special_tokens": True}
 """vLLM request fields dyn does not do, with the value that asks for nothing: any other value is a
 400 (ignoring it would silently change what the client asked for)."""
@@ -83,6 +82,15 @@ class GenerationRequest:
     (required, named) is structured output: the answer is the call(s) as JSON (_forced_call_schema)."""
     single_tool_call: bool = False
     """chat: parallel_tool_calls false: at most the first call the model writes is returned."""
+    prompt_end: Literal["turn", "none", "continue"] = "turn"
+    """chat: the prompt ends with the assistant's new turn opened (add_generation_prompt, the
+    default), without it (add_generation_prompt false), or inside the last, assistant message,
+    which the answer continues (continue_final_message: an assistant prefill)."""
+
+    @property
+    def prompt_args(self) -> tuple[dict[str, Any] | None, bool, bool]:
+        """chat_prompt's arguments after the messages: template args and how the prompt ends."""
+        return self.template_args, self.prompt_end == "turn", self.prompt_end == "continue"
 
     @property
     def template_args(self) -> dict[str, Any] | None:
@@ -140,6 +148,11 @@ def parse_chat(body: Any, defaults: SamplingDefaults = SamplingDefaults()) -> Ge
     tools = _tools(body.get("tools"))
     choice = _tool_choice(body.get("tool_choice"), tools)
     single_call = _opt_bool(body, "parallel_tool_calls") is False
+    add_generation_prompt = _opt_bool(body, "add_generation_prompt") is not False
+    continue_final = _opt_bool(body, "continue_final_message") or False
+    if continue_final and (body.get("add_generation_prompt") or messages[-1]["role"] != "assistant"):
+        raise ApiError("continue_final_message continues the last message, which must be the assistant's "
+                       "(and add_generation_prompt false)", param="continue_final_message")
     if choice[0] in ("required", "named"):
         if body.get("response_format") not in (None, {"type": "text"}):
             raise ApiError("a forced tool_choice shapes the answer itself: leave response_format out",
@@ -149,7 +162,8 @@ def parse_chat(body: Any, defaults: SamplingDefaults = SamplingDefaults()) -> Ge
     return _common(body, "chat", (max_tokens, logprobs, top_logprobs), defaults, messages=messages,
                    retain_messages=marked[-1] + 1 if marked else 0,
                    template_kwargs=_template_kwargs(body.get("chat_template_kwargs")),
-                   tools=tools if choice[0] != "none" else (), tool_choice=choice, single_tool_call=single_call)
+                   tools=tools if choice[0] != "none" else (), tool_choice=choice, single_tool_call=single_call,
+                   prompt_end=("continue" if continue_final else "turn" if add_generation_prompt else "none"))
 
 
 def parse_completion(body: Any, defaults: SamplingDefaults = SamplingDefaults()) -> GenerationRequest:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from dyn.config.recipe import ModelSpec
-from dyn.errors import EngineError
+from dyn.errors import EngineError, RequestError
 from dyn.frontend.token_cache import SegmentEncoder
 
 _REPLACEMENT = "\ufffd"
@@ -30,10 +30,12 @@ class TextTokenizer(Protocol):
         """The id of the vocabulary entry `text` (a whole token), or None."""
         ...
 
-    def chat_prompt(self, messages: Sequence[dict[str, str]],
-                    template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
+    def chat_prompt(self, messages: Sequence[dict[str, Any]], template_kwargs: Mapping[str, Any] | None = None,
+                    add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
         """Token ids of the chat template applied to `messages`, ready for the assistant turn;
-        `template_kwargs`: the request's chat_template_kwargs (e.g. Qwen3's enable_thinking)."""
+        `template_kwargs`: the request's chat_template_kwargs (e.g. Qwen3's enable_thinking).
+        `continue_final_message`: the prompt ends inside the last (assistant) message, which the
+        answer continues (vLLM's assistant prefill); `add_generation_prompt` False: no new turn."""
         ...
 
 
@@ -56,9 +58,13 @@ class ByteTokenizer:
         raw = text.encode("utf-8")
         return raw[0] if len(raw) == 1 else None
 
-    def chat_prompt(self, messages: Sequence[dict[str, str]],
-                    template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
-        text = "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages) + "<|assistant|>"
+    def chat_prompt(self, messages: Sequence[dict[str, Any]], template_kwargs: Mapping[str, Any] | None = None,
+                    add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
+        text = "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages)
+        if continue_final_message:
+            text = text[:-1]
+        elif add_generation_prompt:
+            text += "<|assistant|>"
         return self.encode(text)
 
 
@@ -99,16 +105,29 @@ class ModelTokenizer:
             return None
         return partial(stream.step, hf)
 
-    def chat_prompt(self, messages: Sequence[dict[str, str]],
-                    template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
-        out = self._inner.apply_chat_template(list(messages), add_generation_prompt=True,
+    def chat_prompt(self, messages: Sequence[dict[str, Any]], template_kwargs: Mapping[str, Any] | None = None,
+                    add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
+        out = self._inner.apply_chat_template(list(messages),
+                                              add_generation_prompt=add_generation_prompt and not continue_final_message,
                                               **(template_kwargs or {}))
         if not isinstance(out, str):
             return list(out)
+        if continue_final_message:
+            out = _up_to_final_message(out, messages[-1]["content"])
         # The template already writes BOS and friends: add no special tokens twice.
         if self._prompts is not None:
             return self._prompts.encode(out)
         return list(self._inner.encode(out, add_special_tokens=False))
+
+
+def _up_to_final_message(rendered: str, content: str) -> str:
+    """The rendered prompt cut right after the last message's text (what closes that turn goes),
+    as vLLM cuts it for continue_final_message."""
+    end = rendered.rfind(content) if content else -1
+    if end < 0:
+        raise RequestError("continue_final_message: the chat template does not write the last message's text "
+                           "as given, so the prompt cannot end inside it", field="continue_final_message")
+    return rendered[:end + len(content)]
 
 
 def checkpoint_dir(model: ModelSpec) -> Path | None:

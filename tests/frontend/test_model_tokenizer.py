@@ -10,7 +10,8 @@ from frontend_harness import Harness, make_recipe
 
 from dyn.config.recipe import ModelSpec
 from dyn.engine.tokenizer import Tokenizer
-from dyn.frontend.text import ModelTokenizer, TextStream, load_tokenizer
+from dyn.errors import RequestError
+from dyn.frontend.text import ModelTokenizer, TextStream, _up_to_final_message, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +104,19 @@ def test_stepped_decoding_streams_what_the_window_decoding_streams(checkpoint):
         assert stepped.stopped == window.stopped, (prompt, ids, stop)
         num_stopped += stepped.stopped
     assert num_stepped > 200 and num_stopped > 30, (num_stepped, num_stopped)
+
+
+def test_an_assistant_prefill_ends_the_prompt_inside_the_last_message(checkpoint):
+    """continue_final_message (vLLM's assistant prefill): the template's rendering cut right after the
+    assistant's partial text, so the answer continues it; add_generation_prompt false opens no turn."""
+    tok = load_tokenizer(ModelSpec(path=str(checkpoint), engine="torch"))
+    inner = Tokenizer.from_dir(checkpoint)
+    messages = [{"role": "user", "content": "Give JSON"}, {"role": "assistant", "content": '{"answer":'}]
+    closed = inner.apply_chat_template(messages, add_generation_prompt=False)
+    prefill = tok.chat_prompt(messages, None, False, True)
+    assert prefill == inner.encode(closed[:closed.rindex('{"answer":') + len('{"answer":')], add_special_tokens=False)
+    assert tok.chat_prompt(messages, None, False) == inner.encode(closed, add_special_tokens=False)
+    assert len(tok.chat_prompt(messages)) > len(tok.chat_prompt(messages, None, False))  # the new turn's header
+    with pytest.raises(RequestError) as refused:  # a template that does not write the text as given
+        _up_to_final_message("<|assistant|>HELLO<|end|>", "hello")
+    assert refused.value.field == "continue_final_message"

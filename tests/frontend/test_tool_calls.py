@@ -177,3 +177,13 @@ def test_a_forced_tool_choice_is_the_calls_json_without_a_parser():
             ("get_time", {}), ("get_weather", {"city": "Oslo"})]
         schema = json.loads(h.workers["w0"].requests[-1].sampling.json_schema)
         assert schema["type"] == "array" and schema["minItems"] == 1 and len(schema["items"]["anyOf"]) == 2
+
+
+def test_an_assistant_prefill_is_continued():
+    """continue_final_message: the prompt ends inside the assistant's partial answer (no new turn)."""
+    with _harness_for('"Paris"}') as h, openai.OpenAI(base_url=h.base_url, api_key="x", max_retries=0, timeout=10) as c:
+        messages = [{"role": "user", "content": "Capital?"}, {"role": "assistant", "content": '{"capital": '}]
+        answer = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=16,
+                                           extra_body={"continue_final_message": True, "add_generation_prompt": False})
+        assert answer.choices[0].message.content == '"Paris"}'
+        assert bytes(h.workers["w0"].requests[-1].prompt_token_ids).endswith(b'<|assistant|>{"capital": ')
