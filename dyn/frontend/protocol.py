@@ -34,7 +34,7 @@ MAX_TOKEN_ID = 2**31 - 1
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _UNSUPPORTED_EXTENSIONS: dict[str, Any] = {
     "use_beam_search": False, "guided_choice": None, "guided_regex": None, "guided_grammar": None,
-    "include_stop_str_in_output": False, "skip_special_tokens": True, "prompt_logprobs": None, "truncate_prompt_tokens": None,
+    "skip_special_tokens": True, "prompt_logprobs": None, "truncate_prompt_tokens": None,
     "allowed_token_ids": None, "bad_words": None, "length_penalty": 1.0, "spaces_between_special_tokens": True}
 """vLLM request fields dyn does not do, with the value that asks for nothing: any other value is a
 400 (ignoring it would silently change what the client asked for)."""
@@ -74,6 +74,8 @@ class GenerationRequest:
     """chat: the request's chat_template_kwargs, passed to the chat template (Qwen3's enable_thinking)."""
     echo: bool = False
     """completion: the answer starts with the prompt (with logprobs: the prompt's tokens scored)."""
+    include_stop: bool = False
+    """vLLM's include_stop_str_in_output: a matched stop string ends the text instead of being cut."""
     tools: tuple[dict[str, Any], ...] = ()
     """chat: the functions the model may call (OpenAI's tool objects, for the chat template); empty
     with tool_choice none."""
@@ -261,7 +263,7 @@ def _common(body: dict, kind: str, output: tuple[int | None, bool, int], default
         json_schema=json_schema)
     return GenerationRequest(kind=kind, model=model, sampling=sampling, n=n or 1,  # type: ignore[arg-type]
                              stream=stream, include_usage=include_usage, hints=hints, unknown_hints=unknown,
-                             **fields)
+                             include_stop=_opt_bool(body, "include_stop_str_in_output") or False, **fields)
 
 
 def _min_tokens(body: dict, max_tokens: int | None, stop: tuple[str, ...], json_schema: str | None) -> int:

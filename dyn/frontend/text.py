@@ -168,9 +168,12 @@ class TextStream:
     """
 
     def __init__(self, tokenizer: TextTokenizer, stop: Sequence[str] = (), *, prefix_ids: Sequence[int] = (),
-                 lazy: bool = False) -> None:
-        """`lazy`: nobody reads text before the end (no streaming, no stop strings): decode once in flush."""
+                 lazy: bool = False, include_stop: bool = False) -> None:
+        """`lazy`: nobody reads text before the end (no streaming, no stop strings): decode once in flush.
+        `include_stop`: the matched stop string stays at the end of the text (vLLM's
+        include_stop_str_in_output)."""
         self._tok = tokenizer
+        self._include_stop = include_stop
         self._lazy = lazy and not stop
         self._stop = tuple(stop)
         self._max_stop = max((len(s) for s in self._stop), default=0)
@@ -249,16 +252,17 @@ class TextStream:
 
     def _check_stop(self, new_from: int) -> str:
         search_from = max(0, new_from - self._max_stop + 1)
-        first = -1
+        first, matched = -1, ""
         for stop in self._stop:
             idx = self._text.find(stop, search_from)
             if idx != -1 and (first == -1 or idx < first):
-                first = idx
+                first, matched = idx, stop
         if first != -1:
             self.stopped = True
-            out = self._text[self._sent:first]
-            self._text = self._text[:first]
-            self._sent = first
+            end = first + len(matched) if self._include_stop else first
+            out = self._text[self._sent:end]
+            self._text = self._text[:end]
+            self._sent = end
             return out
         hold = 0
         for k in range(min(self._max_stop - 1, len(self._text) - self._sent), 0, -1):

@@ -91,7 +91,8 @@ class WorkerStream:
         usage.num_prompt_tokens = len(prompt_ids)
         assert req.sampling.max_tokens is not None, "the edge resolves max_tokens (GenerationRequest.for_prompt)"
         self.max_tokens = req.sampling.max_tokens
-        self.text = TextStream(d.tokenizer, req.sampling.stop, prefix_ids=prompt_ids, lazy=not req.stream)
+        self.text = TextStream(d.tokenizer, req.sampling.stop, prefix_ids=prompt_ids, lazy=not req.stream,
+                               include_stop=req.include_stop)
         self.emitted = usage.token_ids
         self.finish_reason: str | None = None
         self.start = time.perf_counter()

@@ -62,7 +62,7 @@ CASES = [
     (CHAT, {"model": MODEL, "messages": [*MSGS, {"role": "assistant", "content": "a"}], "continue_final_message": True,
             "add_generation_prompt": True}, 400, "continue_final_message"),
     (COMP, {"model": MODEL, "prompt": "a", "guided_choice": ["a", "b"]}, 400, "guided_choice"),
-    (CHAT, {"model": MODEL, "messages": MSGS, "include_stop_str_in_output": True}, 400, "include_stop_str_in_output"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "include_stop_str_in_output": 1}, 400, "include_stop_str_in_output"),
     (CHAT, {"model": MODEL, "messages": MSGS, "guided_json": "{oops"}, 400, "guided_json"),
     (CHAT, {"model": MODEL, "messages": MSGS, "structured_outputs": {"regex": "a+"}}, 400, "structured_outputs"),
     (CHAT, {"model": MODEL, "messages": MSGS, "min_tokens": -1}, 400, "min_tokens"),

@@ -94,6 +94,9 @@ def test_stop_string_streaming(client):
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks) == full[:cut]
     assert chunks[-1].choices[0].finish_reason == "stop"
+    kept = client.completions.create(model=MODEL, prompt="xyz", max_tokens=30, stop=stop,
+                                     extra_body={"include_stop_str_in_output": True})
+    assert kept.choices[0].text == full[:cut + len(stop)] and kept.choices[0].finish_reason == "stop"
 
 
 def test_async_client_concurrent_streams():

@@ -34,6 +34,12 @@ def test_stop_string_across_tokens_is_trimmed():
     assert s.add([65]) == "" and s.flush() == ""
 
 
+def test_include_stop_keeps_the_matched_stop_string_and_nothing_after_it():
+    for step in (1, 3, 14):
+        s = TextStream(TOK, stop=["END", "ENDING"], include_stop=True)
+        assert "".join(_feed(s, "hello ENDINGworld", step=step)) == "hello END" and s.stopped
+
+
 def test_possible_stop_prefix_is_held_then_released():
     s = TextStream(TOK, stop=["STOP"])
     out = _feed(s, "aST")
