@@ -337,8 +337,9 @@ class _Handlers:
         """A fresh splitter per choice of a chat, when the recipe names a reasoning parser or the
         request has tools."""
         parser = self.fe.settings.reasoning_parser
+        # (under a response_format grammar the answer is JSON from its first token: no reasoning)
         reasoning = (ReasoningSplitter(thinking=thinking_at_start(parser, req.template_kwargs))
-                     if parser != "none" and req.kind == "chat" else None)
+                     if parser != "none" and req.kind == "chat" and req.sampling.json_schema is None else None)
         mode, name = req.tool_choice
         tools = (ToolCallSplitter(self.fe.settings.tool_call_parser) if req.tools and mode == "auto"
                  else ForcedCalls(name) if mode in ("required", "named") else None)

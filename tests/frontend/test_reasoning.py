@@ -85,3 +85,14 @@ def test_a_model_without_the_end_token_is_refused_naming_the_field():
         ctx.term()
     assert str(err.value).startswith("r.yaml:4: model.reasoning_parser: reasoning_parser qwen3: the model's "
                                      "tokenizer has no '</think>' token")
+
+
+def test_a_json_answer_is_content_even_with_a_reasoning_parser(think_token):
+    """Under response_format the grammar makes the answer JSON from its first token: no reasoning to split."""
+    base = make_recipe()
+    recipe = replace(base, model=replace(base.model, reasoning_parser="deepseek_r1"))
+    with Harness(recipe, [("w0", "both")], reply='{"a": 1}') as h, \
+            openai.OpenAI(base_url=h.base_url, api_key="x", max_retries=0, timeout=10) as client:
+        message = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "?"}], max_tokens=16,
+                                                 response_format={"type": "json_object"}).choices[0].message
+        assert message.content == '{"a": 1}' and not message.model_dump().get("reasoning_content")
