@@ -277,7 +277,8 @@ class VllmEngine(Backend):
         try:
             params = SamplingParams(
                 max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or 0, min_p=s.min_p,
-                seed=s.seed, stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos, min_tokens=s.min_tokens,
+                seed=s.seed, stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
+                min_tokens=s.min_tokens,
                 presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
                 repetition_penalty=s.repetition_penalty,
                 logprobs=s.top_logprobs if s.logprobs else None, prompt_logprobs=s.prompt_logprobs,

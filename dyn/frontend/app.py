@@ -399,9 +399,10 @@ class _Handlers:
                 lp = {"content": chat_logprobs(tok, token_ids, logprobs, top)}
             elif echo is None:
                 lp = completion_logprobs(tok, token_ids, logprobs, top=top)
-            elif (head := echoed_logprobs(tok, echo, scores)) is not None:
-                tail = completion_logprobs(tok, token_ids, logprobs, end_offset(head), top)
-                lp = {key: head[key] + tail[key] for key in head}
+            else:
+                head = echoed_logprobs(tok, echo, scores)
+                tail = completion_logprobs(tok, token_ids, logprobs, end_offset(head) if head else len(echo.text), top)
+                lp = tail if head is None else {key: head[key] + tail[key] for key in head}
         text = "".join(texts)
         if echo is not None:
             text = echo.text + text

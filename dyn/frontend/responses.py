@@ -94,7 +94,7 @@ class StreamFormatter:
         choice["text"], choice["logprobs"] = echo.text, None
         if first.logprobs is not None:
             choice["logprobs"] = logprobs = echoed_logprobs(self._tok, echo, first.prompt_logprobs)
-            self._offset = end_offset(logprobs)
+            self._offset = end_offset(logprobs) if logprobs is not None else len(echo.text)
         return _event(self._chunk)
 
     def _text_frame(self) -> tuple[bytes, bytes]:
@@ -198,7 +198,7 @@ class Echo:
 def echoed_logprobs(tok: TextTokenizer, echo: Echo, scores: PromptLogprobs | None) -> dict | None:
     """The echoed prompt's part of a completion's logprobs object: every prompt token, the first
     with null (nothing before it to score it on, as OpenAI's); None when the engine gave no
-    scores (the mock engine gives no logprobs at all)."""
+    scores (the mock engine gives none): then only the answer's tokens have logprobs."""
     ids = echo.token_ids
     if scores is None or len(scores.logprobs) != len(ids) - 1:
         return None

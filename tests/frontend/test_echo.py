@@ -4,6 +4,8 @@ is the first chunk. The fake workers score prompt token i at -i/8 (frontend_fake
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 from frontend_harness import MODEL, Harness, make_recipe
@@ -70,3 +72,20 @@ def test_the_prefill_worker_scores_the_prompt_and_decode_is_not_asked_again():
         assert h.workers["p0"].requests[-1].sampling.prompt_logprobs == 0
         (decode,) = h.workers["d0"].requests
         assert decode.kv_source is not None and decode.sampling.prompt_logprobs is None
+
+
+def test_an_engine_without_prompt_scores_echoes_the_text_with_null_logprobs():
+    """The mock engine gives no prompt scores: the echoed chunk carries the prompt with logprobs null, and
+    the answer's offsets count from the end of the prompt's text."""
+    from dyn.control.sampling import PromptLogprobs
+    from dyn.frontend.responses import Echo, StreamFormatter
+    from dyn.frontend.text import ByteTokenizer
+    from dyn.frontend.worker_stream import Piece
+
+    tok = ByteTokenizer()
+    for scores in (None, PromptLogprobs([-1.0])):  # none, or not one per prompt token after the first
+        fmt = StreamFormatter("completion", "cmpl-1", "m", tok, include_usage=False, echo=Echo("abc", [97, 98, 99]))
+        frames = fmt.piece(Piece("d", [100], [-0.5], None, None, None, scores)).decode().split("\n\n")
+        echoed, first = (json.loads(f[len("data: "):])["choices"][0] for f in frames[:2])
+        assert echoed["text"] == "abc" and echoed["logprobs"] is None
+        assert first["text"] == "d" and first["logprobs"]["text_offset"] == [3]
