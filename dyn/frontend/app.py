@@ -115,6 +115,7 @@ def build_app(frontend: Frontend) -> web.Application:
     app.router.add_post("/v1/completions", handlers.completions)
     app.router.add_post("/tokenize", handlers.tokenize)
     app.router.add_post("/detokenize", handlers.detokenize)
+    app.router.add_get("/tokenizer_info", handlers.tokenizer_info)
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/metrics", handlers.metrics)
@@ -168,6 +169,8 @@ class _Handlers:
         """vLLM's /tokenize: the ids a chat (`messages`) or completion (`prompt`) body's prompt is
         served as (the same encoding generation uses), their count and the context length."""
         body = await json_body(request)
+        if isinstance(body, dict) and body.get("model") is None:  # (vLLM's model is optional here)
+            body = {**body, "model": self.fe.settings.served_model}
         parse = parse_chat if isinstance(body, dict) and "messages" in body else parse_completion
         req = parse(body, self.fe.settings.sampling_defaults)
         self._check_model(req.model)
@@ -183,6 +186,11 @@ class _Handlers:
             raise ApiError(f"'tokens' must be a list of token ids between 0 and {MAX_TOKEN_ID}", param="tokens")
         self._check_model(body.get("model"))
         return web.json_response({"prompt": self.fe.tokenizer.decode(tokens)})
+
+    async def tokenizer_info(self, request: web.Request) -> web.Response:
+        """vLLM's /tokenizer_info: with /tokenize and /detokenize, what lm-eval's remote tokenizer
+        needs, so an evaluation runs with the server's tokenizer and no download of its own."""
+        return web.json_response({**self.fe.tokenizer.info(), "model_max_length": self.fe.settings.max_context})
 
     def _check_model(self, model: object) -> None:
         if model != self.fe.settings.served_model:
@@ -301,7 +309,7 @@ class _Handlers:
             return await _off_loop(size, tok.chat_prompt, req.messages, *req.prompt_args)
         if req.prompt_token_ids is not None:
             return list(req.prompt_token_ids)
-        return await _off_loop(len(req.prompt_text or ""), tok.encode, req.prompt_text or "")
+        return await _off_loop(len(req.prompt_text or ""), tok.encode, req.prompt_text or "", req.add_special_tokens)
 
     async def _prompt_ids(self, req: GenerationRequest) -> list[int]:
         s = self.fe.settings

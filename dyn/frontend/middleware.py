@@ -70,7 +70,7 @@ def error_middleware(metrics: FrontendMetrics):
     return middleware
 
 
-_TOKENIZER_PATHS = frozenset({"/tokenize", "/detokenize"})
+_TOKENIZER_PATHS = frozenset({"/tokenize", "/detokenize", "/tokenizer_info"})
 """Outside /v1/ (where vLLM serves them) but work on the tenants' behalf: keyed like /v1/."""
 
 

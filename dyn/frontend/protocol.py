@@ -74,6 +74,8 @@ class GenerationRequest:
     """chat: the request's chat_template_kwargs, passed to the chat template (Qwen3's enable_thinking)."""
     echo: bool = False
     """completion: the answer starts with the prompt (with logprobs: the prompt's tokens scored)."""
+    add_special_tokens: bool = True
+    """completion: a text prompt's encoding adds the tokenizer's special tokens (BOS), as vLLM's does."""
     include_stop: bool = False
     """vLLM's include_stop_str_in_output: a matched stop string ends the text instead of being cut."""
     tools: tuple[dict[str, Any], ...] = ()
@@ -150,6 +152,9 @@ def parse_chat(body: Any, defaults: SamplingDefaults = SamplingDefaults()) -> Ge
     tools = _tools(body.get("tools"))
     choice = _tool_choice(body.get("tool_choice"), tools)
     single_call = _opt_bool(body, "parallel_tool_calls") is False
+    if _opt_bool(body, "add_special_tokens"):
+        raise ApiError("add_special_tokens is not supported for chat: the chat template writes them",
+                       param="add_special_tokens")
     add_generation_prompt = _opt_bool(body, "add_generation_prompt") is not False
     continue_final = _opt_bool(body, "continue_final_message") or False
     if continue_final and (body.get("add_generation_prompt") or messages[-1]["role"] != "assistant"):
@@ -192,13 +197,14 @@ def parse_completion(body: Any, defaults: SamplingDefaults = SamplingDefaults())
         _require_utf8(text, "prompt")
     logprobs = _opt_int(body, "logprobs", 0, MAX_TOP_LOGPROBS)  # k: also the k likeliest tokens
     echo = _opt_bool(body, "echo") or False
+    add_special_tokens = _opt_bool(body, "add_special_tokens") is not False  # vLLM's; BOS for most models
     if body.get("suffix"):
         raise ApiError("suffix is not supported", param="suffix")
     max_tokens = _opt_int(body, "max_tokens", 1, None)
     if "max_tokens" not in body:
         max_tokens = LEGACY_DEFAULT_MAX_TOKENS  # OpenAI's default; an explicit null means "to the context end"
     req = _common(body, "completion", (max_tokens, logprobs is not None, logprobs or 0), defaults,
-                  prompt_text=text, prompt_token_ids=ids, echo=echo)
+                  prompt_text=text, prompt_token_ids=ids, echo=echo, add_special_tokens=add_special_tokens)
     if echo and logprobs is not None:  # the prompt's tokens get logprobs too (lm-eval's loglikelihood)
         req = replace(req, sampling=replace(req.sampling, prompt_logprobs=logprobs))
     return req

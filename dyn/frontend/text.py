@@ -22,9 +22,13 @@ _REPLACEMENT = "\ufffd"
 class TextTokenizer(Protocol):
     eos_token_ids: Sequence[int]
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
     def decode(self, token_ids: Sequence[int]) -> str: ...
+
+    def info(self) -> dict[str, Any]:
+        """vLLM's /tokenizer_info: the special tokens and chat template (lm-eval's remote tokenizer)."""
+        ...
 
     def token_id(self, text: str) -> int | None:
         """The id of the vocabulary entry `text` (a whole token), or None."""
@@ -48,8 +52,12 @@ class ByteTokenizer:
 
     eos_token_ids: tuple[int, ...] = ()
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def info(self) -> dict[str, Any]:
+        return {"tokenizer_class": "ByteTokenizer", "bos_token": None, "eos_token": None, "pad_token": None,
+                "chat_template": None}
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return bytes(t if t < 256 else 33 + t % 94 for t in token_ids).decode("utf-8", "replace")
@@ -78,8 +86,13 @@ class ModelTokenizer:
         self._prompts = SegmentEncoder(hf) if hf is not None else None
         """Rendered chat prompts, encoded with their long pieces cached (shared system prompts)."""
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._inner.encode(text))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._inner.encode(text, add_special_tokens))
+
+    def info(self) -> dict[str, Any]:
+        inner = self._inner
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": inner.bos_token,
+                "eos_token": inner.eos_token, "pad_token": None, "chat_template": inner.chat_template}
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self._inner.decode(list(token_ids))

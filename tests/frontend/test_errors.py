@@ -58,6 +58,7 @@ CASES = [
     (CHAT, {"model": MODEL, "messages": MSGS, "response_format": {"type": "yaml"}}, 400, "response_format.type"),
     (CHAT, {"model": MODEL, "messages": MSGS, "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
     (CHAT, {"model": MODEL, "messages": MSGS, "use_beam_search": True}, 400, "use_beam_search"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "add_special_tokens": True}, 400, "add_special_tokens"),
     (CHAT, {"model": MODEL, "messages": MSGS, "continue_final_message": True}, 400, "continue_final_message"),
     (CHAT, {"model": MODEL, "messages": [*MSGS, {"role": "assistant", "content": "a"}], "continue_final_message": True,
             "add_generation_prompt": True}, 400, "continue_final_message"),

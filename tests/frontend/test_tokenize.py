@@ -40,6 +40,40 @@ def test_tokenize_gives_the_ids_the_workers_get(server):
     assert _post(server, "/detokenize", {"model": MODEL, "tokens": plain["tokens"]}) == (200, {"prompt": "héllo"})
 
 
+def test_lm_evals_remote_tokenizer_finds_what_it_probes_for(server):
+    """lm-eval's local-completions checks GET /tokenizer_info (it needs eos_token) and POST /tokenize
+    {"prompt": ..., "add_special_tokens": false} without a model; then it tokenizes on the server."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/tokenizer_info", timeout=10) as resp:
+        info = json.loads(resp.read())
+    assert "eos_token" in info and "chat_template" in info and info["model_max_length"] == 512
+    status, probe = _post(server, "/tokenize", {"prompt": "test", "add_special_tokens": False})
+    assert status == 200 and probe["tokens"] == list(b"test")
+
+
+def test_tokenizer_info_and_special_tokens_of_a_checkpoint(tmp_path):
+    """A real checkpoint's tokenizer: its special tokens and template in /tokenizer_info, and BOS
+    added to a completion's text prompt unless add_special_tokens is false (as vLLM)."""
+    import torch
+
+    from dyn.config.recipe import ModelSpec
+    from dyn.engine.tiny import write_tiny_checkpoint
+    from dyn.engine.tokenizer import Tokenizer
+    from dyn.frontend.text import load_tokenizer
+
+    torch.set_num_threads(1)
+    path = write_tiny_checkpoint(tmp_path / "tiny", num_layers=1, hidden_size=32)
+    tok, inner = load_tokenizer(ModelSpec(path=str(path), engine="torch")), Tokenizer.from_dir(path)
+    info = tok.info()
+    assert (info["eos_token"], info["bos_token"], info["chat_template"]) == (inner.eos_token, inner.bos_token,
+                                                                             inner.chat_template)
+    assert info["eos_token"] and info["chat_template"]
+    from dyn.frontend.protocol import parse_completion
+
+    assert parse_completion({"model": "m", "prompt": "x", "add_special_tokens": False}).add_special_tokens is False
+    bos = inner.token_to_id(inner.bos_token)
+    assert tok.encode("hello") == [bos, *tok.encode("hello", False)] and bos not in tok.encode("hello", False)
+
+
 @pytest.mark.parametrize("path, body, param", [
     ("/tokenize", {"model": "other", "prompt": "x"}, "model"),
     ("/tokenize", {"model": MODEL, "messages": []}, "messages"),
