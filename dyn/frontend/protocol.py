@@ -38,6 +38,9 @@ _UNSUPPORTED_EXTENSIONS: dict[str, Any] = {
     "allowed_token_ids": None, "bad_words": None, "length_penalty": 1.0, "spaces_between_special_tokens": True}
 """vLLM request fields dyn does not do, with the value that asks for nothing: any other value is a
 400 (ignoring it would silently change what the client asked for)."""
+_CHAT_OPTIONS = frozenset({"tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
+                           "add_special_tokens", "add_generation_prompt", "continue_final_message"})
+"""Chat body keys _chat_options reads."""
 JSON_OBJECT_SCHEMA = '{"type": "object"}'
 """response_format json_object: any JSON object."""
 _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -147,6 +150,18 @@ def parse_chat(body: Any, defaults: SamplingDefaults = SamplingDefaults()) -> Ge
     max_tokens = _opt_int(body, "max_completion_tokens", 1, None)
     if max_tokens is None:
         max_tokens = _opt_int(body, "max_tokens", 1, None)
+    body, options = _chat_options(body, messages)
+    return _common(body, "chat", (max_tokens, logprobs, top_logprobs), defaults, messages=messages,
+                   retain_messages=marked[-1] + 1 if marked else 0,
+                   template_kwargs=_template_kwargs(body.get("chat_template_kwargs")), **options)
+
+
+def _chat_options(body: dict, messages: tuple[dict[str, Any], ...]) -> tuple[dict, dict[str, Any]]:
+    """Tools and how the prompt ends, as GenerationRequest fields (none for a body without these keys:
+    the defaults; the common request skips a dozen lookups). A forced tool_choice returns the body
+    with the response_format it implies."""
+    if not body.keys() & _CHAT_OPTIONS:
+        return body, {}
     if body.get("functions") or body.get("function_call"):
         raise ApiError("'functions' (OpenAI's deprecated form) is not supported; send 'tools'", param="functions")
     tools = _tools(body.get("tools"))
@@ -166,11 +181,9 @@ def parse_chat(body: Any, defaults: SamplingDefaults = SamplingDefaults()) -> Ge
                            param="response_format")
         body = {**body, "response_format": {"type": "json_schema", "json_schema": {
             "name": "tool_call", "schema": _forced_call_schema(tools, choice[1], single_call)}}}
-    return _common(body, "chat", (max_tokens, logprobs, top_logprobs), defaults, messages=messages,
-                   retain_messages=marked[-1] + 1 if marked else 0,
-                   template_kwargs=_template_kwargs(body.get("chat_template_kwargs")),
-                   tools=tools if choice[0] != "none" else (), tool_choice=choice, single_tool_call=single_call,
-                   prompt_end=("continue" if continue_final else "turn" if add_generation_prompt else "none"))
+    return body, {"tools": tools if choice[0] != "none" else (), "tool_choice": choice,
+                  "single_tool_call": single_call,
+                  "prompt_end": "continue" if continue_final else "turn" if add_generation_prompt else "none"}
 
 
 def parse_completion(body: Any, defaults: SamplingDefaults = SamplingDefaults()) -> GenerationRequest:
@@ -230,8 +243,8 @@ def _common(body: dict, kind: str, output: tuple[int | None, bool, int], default
                        param="repetition_penalty")
     if body.get("logit_bias"):
         raise ApiError("logit_bias is not supported", param="logit_bias")
-    for name, default in _UNSUPPORTED_EXTENSIONS.items():
-        if body.get(name, default) not in (None, default):
+    for name in _UNSUPPORTED_EXTENSIONS.keys() & body.keys():  # (one set operation for a body that has none)
+        if body[name] not in (None, _UNSUPPORTED_EXTENSIONS[name]):
             raise ApiError(f"{name} (vLLM's extension) is not supported by this server; it would change the "
                            "answer, so it is refused rather than ignored", param=name)
     temperature = _opt_float(body, "temperature", 0.0, 2.0)
