@@ -24,6 +24,7 @@ contiguous region, so a block moves with one copy.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
@@ -135,6 +136,12 @@ class Backend(ABC):
     @abstractmethod
     def add_request(self, request: EngineRequest) -> None:
         """Queue a request. Raises RequestError for bad input; other requests are unaffected."""
+
+    def preparation(self, request: EngineRequest) -> Callable[[], None] | None:
+        """What `request` needs done before add_request (or begin_import) that is too slow for the
+        engine's thread, where it would stall every running request: a call for a worker thread
+        to make first (it may raise RequestError), or None when there is nothing to do."""
+        return None
 
     @abstractmethod
     def step(self) -> list[TokenOutput]:

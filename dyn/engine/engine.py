@@ -10,6 +10,7 @@ too; none of it imports torch.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence as Seq
 from typing import Any
@@ -50,6 +51,8 @@ class Engine(Backend):
         self.clock = clock
         self._make_grammars = grammars
         self._grammars: Any = None
+        self._grammars_lock = threading.Lock()
+        """Builds the compiler once, whichever thread asks first (preparation runs off the engine's)."""
         self._kv_event_listener = None
         self._lower_tier = None
         self.blocks = BlockManager(runner.num_blocks, runner.block_size,
@@ -75,6 +78,16 @@ class Engine(Backend):
         return self.scheduler.num_tier_hit_blocks
 
     # -- requests ---------------------------------------------------------------
+
+    def preparation(self, request: EngineRequest) -> Callable[[], None] | None:
+        """A structured-output request's grammar, built off the engine thread: the compiler's first
+        build takes seconds (imports, the vocabulary) and a large schema's compile up to a second."""
+        schema = request.sampling.json_schema
+        if schema is None or self._make_grammars is None:
+            return None  # (add_request refuses a schema this engine cannot do)
+        if self._grammars is not None and self._grammars.is_compiled(schema):
+            return None
+        return lambda: self._compiler().compile(schema)
 
     def add_request(self, request: EngineRequest) -> None:
         seq = self._new_sequence(request)
@@ -275,14 +288,18 @@ class Engine(Backend):
         if self._make_grammars is None:
             raise RequestError("this engine does not do structured output (response_format json); the torch "
                                "and vllm engines do", field="response_format")
-        if self._grammars is None:
-            self._grammars = self._make_grammars()
-        constraint = self._grammars.constraint(request.sampling.json_schema)
+        constraint = self._compiler().constraint(request.sampling.json_schema)
         resumed = request.prompt_token_ids[len(request.prompt_token_ids) - request.resumed_tokens:]
         if not all(constraint.accept(token) for token in resumed):
             raise RequestError("the resumed output does not follow the response_format grammar",
                                field="resumed_tokens")
         return constraint
+
+    def _compiler(self) -> Any:
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = self._make_grammars()
+            return self._grammars
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         request = seq.request

@@ -17,6 +17,8 @@ from typing import Any
 from dyn.errors import EngineError, RequestError
 
 INSTALL_HINT = "pip install xgrammar (dyn's 'structured' extra; vLLM brings it too)"
+MAX_COMPILED = 256
+"""Compiled schemas a worker keeps (an agent framework sends the same few over and over)."""
 
 
 class Grammars:
@@ -38,15 +40,32 @@ class Grammars:
             raise EngineError(f"structured output cannot use the tokenizer {path}: {exc}") from None
         self._xgr = xgr
         self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+        self._compiled: dict[str, Any] = {}
+        """Schema text -> its compiled grammar, the newest MAX_COMPILED (read on the engine thread,
+        filled by `compile` on any thread: single dict operations, atomic under the GIL)."""
         self.vocab_size = vocab_size
 
-    def constraint(self, json_schema: str) -> "Constraint":
-        """A fresh matcher for one request; RequestError for a schema xgrammar cannot compile."""
+    def is_compiled(self, json_schema: str) -> bool:
+        return json_schema in self._compiled
+
+    def compile(self, json_schema: str) -> Any:
+        """The schema's grammar, compiled once (a large schema takes xgrammar a second; it lets go
+        of the GIL meanwhile); RequestError for a schema xgrammar cannot compile."""
+        compiled = self._compiled.get(json_schema)
+        if compiled is not None:
+            return compiled
         try:
             compiled = self._compiler.compile_json_schema(json_schema)
         except (RuntimeError, ValueError, TypeError) as exc:
             raise RequestError(f"response_format schema cannot be used: {exc}", field="response_format") from None
-        return Constraint(self._xgr.GrammarMatcher(compiled), self)
+        if len(self._compiled) >= MAX_COMPILED:
+            self._compiled.pop(next(iter(self._compiled)), None)
+        self._compiled[json_schema] = compiled
+        return compiled
+
+    def constraint(self, json_schema: str) -> "Constraint":
+        """A fresh matcher for one request (compiling its schema here if nobody did before)."""
+        return Constraint(self._xgr.GrammarMatcher(self.compile(json_schema)), self)
 
     def apply(self, logits: Any, rows: Sequence[tuple[int, "Constraint"]]) -> None:
         """Mask `logits` [n, vocab] in place: row i keeps only what its constraint allows next."""

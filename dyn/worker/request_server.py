@@ -67,7 +67,8 @@ class RequestServer:
         self.cancels_total = 0
         self.errors_total = 0
         """Messages whose handling raised (logged; the request, if any, failed)."""
-        self._imports: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()
+        """KV imports and request preparations under way (the loop keeps only a weak reference to a task)."""
         self._speculative: set[str] = set()
         """Request ids of running speculative prefills (cancelled when real work queues)."""
         self.speculative_refused = 0
@@ -187,6 +188,34 @@ class RequestServer:
         self._streams[rid] = stream  # before the engine sees it: its outputs look the stream up
         if msg.speculative:
             self._speculative.add(rid)
+        preparation = self._loop.engine.preparation(request)
+        if preparation is None:
+            await self._enter(client, msg, request, stream)
+            return
+        # A task: this worker's other requests and cancels go on while the preparation runs.
+        self._tasks.add(task := asyncio.create_task(self._prepare(client, msg, request, stream, preparation)))
+        task.add_done_callback(self._tasks.discard)
+
+    async def _prepare(self, client: bytes, msg: GenerateRequest, request: EngineRequest, stream: Stream,
+                       preparation: Callable[[], None]) -> None:
+        """Run the engine's preparation of a request on a thread, then enter it, unless it was
+        cancelled (or the worker stopped) meanwhile."""
+        rid = msg.request_id
+        try:
+            await asyncio.to_thread(preparation)
+            if self._streams.get(rid) is stream:
+                await self._enter(client, msg, request, stream)
+        except DynError as exc:
+            if self._streams.get(rid) is stream:
+                self._streams.pop(rid)
+                self._speculative.discard(rid)
+                self._refuse(client, rid, exc)
+        except Exception as exc:
+            self._handling_failed(client, msg, exc)
+
+    async def _enter(self, client: bytes, msg: GenerateRequest, request: EngineRequest, stream: Stream) -> None:
+        """Hand a request to the engine (or its KV import), unless the engine's queue is full."""
+        rid = msg.request_id
         imports = msg.kv_source is not None and self.import_kv is not None
         try:
             # One hop to the engine thread for a plain request: check the queue and add it together.
@@ -220,8 +249,8 @@ class RequestServer:
         # A task, not awaited here: a pull takes up to shuttle.pull_timeout_s (a prefill worker gone),
         # and meanwhile this worker's other requests and cancels must not wait behind it.
         stream.kv_import = task = asyncio.create_task(self._import(client, stream, msg))
-        self._imports.add(task)  # (the loop keeps only a weak reference to a task)
-        task.add_done_callback(self._imports.discard)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _import(self, client: bytes, stream: Stream, msg: GenerateRequest) -> None:
         rid = msg.request_id

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from dataclasses import replace
 
 import pytest
@@ -81,6 +82,36 @@ def test_refusals_name_what_and_where(engine_parts):
         Engine(runner, grammars=lambda: grammars).add_request(
             EngineRequest("r", [1, 2, 3], SamplingParams(json_schema=SCHEMA), resumed_tokens=2))
     assert off_grammar.value.field == "resumed_tokens"
+
+
+def test_a_grammar_is_compiled_once_by_the_preparation_off_the_engine_thread(engine_parts):
+    """The compiler's first build (seconds) and a schema's compile (up to a second for a large one)
+    run in the engine's preparation, on the worker's thread pool: add_request then finds the grammar
+    compiled and the engine's steps never wait for it."""
+    runner, _, grammars = engine_parts
+    builds: list[str] = []
+
+    def build() -> Grammars:
+        builds.append(threading.current_thread().name)
+        return grammars
+
+    engine = Engine(runner, grammars=build)
+    schema = json.dumps({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]})
+    request = EngineRequest("c", [1, 2], SamplingParams(max_tokens=4, json_schema=schema))
+    assert engine.preparation(EngineRequest("plain", [1, 2], SamplingParams())) is None
+    assert Engine(runner).preparation(request) is None  # no grammars: add_request refuses it by name
+    prepare = engine.preparation(request)
+    assert prepare is not None and not grammars.is_compiled(schema)
+    thread = threading.Thread(target=prepare, name="preparing")
+    thread.start()
+    thread.join()
+    assert builds == ["preparing"] and grammars.is_compiled(schema) and engine.preparation(request) is None
+    engine.add_request(request)
+    assert builds == ["preparing"]
+    bad = engine.preparation(EngineRequest("bad", [1, 2], SamplingParams(json_schema='{"type": "no-such-type"}')))
+    with pytest.raises(RequestError) as refused:
+        bad()
+    assert refused.value.field == "response_format"
 
 
 def test_a_prefill_workers_first_token_starts_the_decode_workers_grammar(engine_parts, smollm2_dir):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+from dataclasses import replace
 
 import zmq
 import zmq.asyncio
@@ -13,6 +15,7 @@ from dyn.control.requests import REQUEST_CODEC, Finish, GenerateRequest, Request
 from dyn.control.sampling import SamplingParams
 from dyn.control.sockets import Security, client_socket
 from dyn.engine.mock import MockEngine
+from dyn.errors import RequestError
 from dyn.worker.inline_loop import InlineEngineLoop
 from dyn.worker import request_server
 from dyn.worker.request_server import RequestServer, engine_request
@@ -127,5 +130,72 @@ def test_a_kv_pull_under_way_holds_up_no_other_request_and_a_cancel_stops_it() -
             served = await _replies(dealer, "handoff")
             assert sum(len(c.token_ids) for c in served) == 3 and served[-1].finish.reason == "length"
             assert server.num_in_flight == 0
+
+    asyncio.run(scenario())
+
+
+class PreparingEngine(MockEngine):
+    """Requests with a json_schema need a preparation (as a grammar compile does): it waits for
+    `release`, fails for the schema "bad", and otherwise lets the request in as a plain one."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.release = threading.Event()
+        self.prepared: list[str] = []
+        self.entered: list[str] = []
+
+    def preparation(self, request):
+        schema = request.sampling.json_schema
+        if schema is None:
+            return None
+
+        def prepare() -> None:
+            assert self.release.wait(10)
+            if schema == '"bad"':
+                raise RequestError("response_format schema cannot be used: bad", field="response_format")
+            self.prepared.append(request.request_id)
+        return prepare
+
+    def add_request(self, request) -> None:
+        assert request.request_id in self.prepared or request.sampling.json_schema is None
+        self.entered.append(request.request_id)
+        super().add_request(replace(request, sampling=replace(request.sampling, json_schema=None)))
+
+
+def _structured(rid: str, schema: str = '{"type": "object"}') -> bytes:
+    return REQUEST_CODEC.encode(GenerateRequest(rid, [5, 6, 7, 8], SamplingParams(max_tokens=3, json_schema=schema)))
+
+
+def test_a_request_being_prepared_holds_up_no_other_and_can_be_cancelled_or_refused() -> None:
+    """An engine's slow preparation of a request (a structured-output grammar's compile: up to
+    seconds) runs on a thread: the worker serves other requests meanwhile, a cancel ends the
+    request at once (it never reaches the engine), and a preparation's refusal is the request's."""
+    from dyn.control.requests import Cancel
+
+    async def scenario() -> None:
+        engine = PreparingEngine(ZERO)
+        async with _serving(engine) as (server, _, dealer):
+            await dealer.send(_structured("json"))
+            await dealer.send(_structured("dropped"))
+            await dealer.send(_request("plain"))
+            chunks = await _replies(dealer, "plain")
+            assert chunks[-1].finish.reason == "length" and server.num_in_flight == 2
+            await dealer.send(REQUEST_CODEC.encode(Cancel("dropped")))
+            assert await _replies(dealer, "dropped") == [Finish("dropped", "abort", 4, 0)]
+            await dealer.send(_structured("refused", '"bad"'))
+            engine.release.set()
+            replies = await _replies(dealer, "json")
+            served = [r for r in replies if getattr(r, "request_id", None) == "json"]
+            assert sum(len(c.token_ids) for c in served) == 3 and served[-1].finish.reason == "length"
+            refused = [r for r in replies if getattr(r, "request_id", None) == "refused"]
+            if not refused:
+                refused = await _replies(dealer, "refused")
+            assert refused[-1].code == "bad_request" and "schema" in refused[-1].message
+            async with asyncio.timeout(5):
+                while len(engine.prepared) < 2:  # the cancelled request's preparation still ends ...
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            assert sorted(engine.prepared) == ["dropped", "json"]
+            assert server.num_in_flight == 0 and engine.entered == ["plain", "json"]  # ... and it never enters
 
     asyncio.run(scenario())
