@@ -309,7 +309,7 @@ class Engine(Backend):
             return "stop"
         if sampling.stop_token_ids and token in sampling.stop_token_ids and not held:
             return "stop"
-        if sampling.stop and self.detokenize is not None and self._hit_stop_string(seq):
+        if sampling.stop and self.detokenize is not None and not held and self._hit_stop_string(seq):
             return "stop"
         num_tokens = len(seq.all_token_ids)
         if num_tokens - seq.num_prompt_tokens >= sampling.max_tokens or request.prefill_only:
@@ -322,9 +322,12 @@ class Engine(Backend):
         # A stop string ending at the new token lies within its last few tokens
         # (each token is at least one character), so only the tail is decoded.
         assert self.detokenize is not None
-        window = 2 * max(len(s) for s in seq.sampling.stop) + 4
-        text = self.detokenize(seq.output_token_ids[-window:])
-        return any(s in text for s in seq.sampling.stop)
+        stops, output = seq.sampling.stop, seq.output_token_ids
+        start = max(len(output) - 2 * max(len(s) for s in stops) - 4, 0)
+        text = self.detokenize(output[start:])
+        # Under min_tokens a stop string must end in the text of a later token (as the frontend's).
+        floor = len(self.detokenize(output[start:seq.sampling.min_tokens])) if seq.sampling.min_tokens > start else 0
+        return any(text.find(s, max(floor - len(s) + 1, 0)) != -1 for s in stops)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.finish_reason = reason

@@ -268,7 +268,7 @@ def _common(body: dict, kind: str, output: tuple[int | None, bool, int], default
     if ignore_eos is None:
         ignore_eos = _opt_bool(body, "ignore_eos")
     stop = _stop(body.get("stop"))
-    min_tokens = _min_tokens(body, max_tokens, stop, json_schema)
+    min_tokens = _min_tokens(body, max_tokens, json_schema)
     sampling = SamplingParams(
         max_tokens=max_tokens, temperature=defaults.temperature if temperature is None else temperature,
         top_p=defaults.top_p if top_p is None else top_p,
@@ -285,13 +285,12 @@ def _common(body: dict, kind: str, output: tuple[int | None, bool, int], default
                              include_stop=_opt_bool(body, "include_stop_str_in_output") or False, **fields)
 
 
-def _min_tokens(body: dict, max_tokens: int | None, stop: tuple[str, ...], json_schema: str | None) -> int:
-    """vLLM's min_tokens: EOS and stop_token_ids are held back until this many tokens came."""
+def _min_tokens(body: dict, max_tokens: int | None, json_schema: str | None) -> int:
+    """vLLM's min_tokens: EOS, stop_token_ids and stop strings cannot end the answer before this
+    many tokens came (a stop string must end in a later token's text)."""
     value = _opt_int(body, "min_tokens", 0, None) or 0
     if value and max_tokens is not None and value > max_tokens:
         raise ApiError(f"min_tokens ({value}) must not exceed max_tokens ({max_tokens})", param="min_tokens")
-    if value and stop:  # vLLM starts matching stop strings at min_tokens, mid-text: not done here
-        raise ApiError("min_tokens with stop strings is not supported (stop_token_ids are)", param="min_tokens")
     if value and json_schema is not None:  # a grammar may have to end before min_tokens
         raise ApiError("min_tokens with response_format JSON (or a forced tool call) is not supported",
                        param="min_tokens")

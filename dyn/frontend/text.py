@@ -181,10 +181,11 @@ class TextStream:
     """
 
     def __init__(self, tokenizer: TextTokenizer, stop: Sequence[str] = (), *, prefix_ids: Sequence[int] = (),
-                 lazy: bool = False, include_stop: bool = False) -> None:
+                 lazy: bool = False, include_stop: bool = False, min_tokens: int = 0) -> None:
         """`lazy`: nobody reads text before the end (no streaming, no stop strings): decode once in flush.
         `include_stop`: the matched stop string stays at the end of the text (vLLM's
-        include_stop_str_in_output)."""
+        include_stop_str_in_output). `min_tokens`: a stop string must end in the text of a later
+        token (vLLM's min_tokens; one that begins earlier still counts)."""
         self._tok = tokenizer
         self._include_stop = include_stop
         self._lazy = lazy and not stop
@@ -204,11 +205,20 @@ class TextStream:
         self._sent = 0
         """Where the unsent text starts in the window."""
         self._keep = max(self._max_stop - 1, 0)
+        self._min_tokens = min_tokens
+        self._num_tokens = 0
+        self._floor = 0
+        """Where in the window a stop string may end at the earliest: after the text of the first
+        min_tokens tokens."""
         self.stopped = False
 
     def add(self, token_ids: Sequence[int]) -> str:
         if self.stopped:
             return ""
+        if self._num_tokens < self._min_tokens < self._num_tokens + len(token_ids) and self._stop:
+            cut = self._min_tokens - self._num_tokens  # (the tokens from min_tokens on are checked)
+            return self.add(token_ids[:cut]) + self.add(token_ids[cut:])
+        self._num_tokens += len(token_ids)
         if self._step is not None:
             return self._add_stepped(token_ids)
         self._ids.extend(token_ids)
@@ -264,10 +274,12 @@ class TextStream:
         return self._take(len(self._text))
 
     def _check_stop(self, new_from: int) -> str:
+        if self._num_tokens <= self._min_tokens:
+            self._floor = len(self._text)
         search_from = max(0, new_from - self._max_stop + 1)
         first, matched = -1, ""
         for stop in self._stop:
-            idx = self._text.find(stop, search_from)
+            idx = self._text.find(stop, max(search_from, self._floor - len(stop) + 1))
             if idx != -1 and (first == -1 or idx < first):
                 first, matched = idx, stop
         if first != -1:
@@ -291,6 +303,7 @@ class TextStream:
         if drop > 0:  # sent and out of a stop string's reach: the window moves on
             self._text = self._text[drop:]
             self._sent -= drop
+            self._floor = max(self._floor - drop, 0)
         return out
 
 

@@ -92,7 +92,7 @@ class WorkerStream:
         assert req.sampling.max_tokens is not None, "the edge resolves max_tokens (GenerationRequest.for_prompt)"
         self.max_tokens = req.sampling.max_tokens
         self.text = TextStream(d.tokenizer, req.sampling.stop, prefix_ids=prompt_ids, lazy=not req.stream,
-                               include_stop=req.include_stop)
+                               include_stop=req.include_stop, min_tokens=req.sampling.min_tokens)
         self.emitted = usage.token_ids
         self.finish_reason: str | None = None
         self.start = time.perf_counter()

@@ -136,6 +136,14 @@ def test_stop_token_ids_and_stop_strings():
     tokens, reasons = drain(eng)
     assert tokens["s"] == ref[:7] and reasons["s"] == "stop"
 
+    # under min_tokens a stop string must end in a later token's text (one that begins before may)
+    eng = engine(detokenize=lambda ids: "s" * len(ids))
+    for rid, min_tokens, stopped_at in (("early", 0, 2), ("held", 5, 6)):
+        eng.add_request(req(rid, PROMPT[:50], sampling=SamplingParams(max_tokens=10, stop=("ss",),
+                                                                       min_tokens=min_tokens)))
+        tokens, reasons = drain(eng)
+        assert len(tokens[rid]) == stopped_at and reasons[rid] == "stop"
+
 
 def test_abort_frees_blocks_and_unknown_ids_are_ignored():
     eng = engine()

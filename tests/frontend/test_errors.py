@@ -67,7 +67,6 @@ CASES = [
     (CHAT, {"model": MODEL, "messages": MSGS, "guided_json": "{oops"}, 400, "guided_json"),
     (CHAT, {"model": MODEL, "messages": MSGS, "structured_outputs": {"regex": "a+"}}, 400, "structured_outputs"),
     (CHAT, {"model": MODEL, "messages": MSGS, "min_tokens": -1}, 400, "min_tokens"),
-    (CHAT, {"model": MODEL, "messages": MSGS, "min_tokens": 2, "stop": ["x"]}, 400, "min_tokens"),
     (CHAT, {"model": MODEL, "messages": MSGS, "min_tokens": 2, "response_format": {"type": "json_object"}}, 400,
      "min_tokens"),
     (CHAT, {"model": MODEL, "messages": MSGS, "response_format": {"type": "json_schema"}}, 400,

@@ -99,6 +99,21 @@ def test_stop_string_streaming(client):
     assert kept.choices[0].text == full[:cut + len(stop)] and kept.choices[0].finish_reason == "stop"
 
 
+def test_min_tokens_makes_a_stop_string_wait_for_a_later_token(client):
+    """vLLM's min_tokens with stop strings (the byte tokenizer: a token a character): a stop string
+    that ends within the first min_tokens tokens does not stop the answer; the next one that ends
+    after them does."""
+    full = _expected("mno", 40)
+    stop = full[2]
+    later = full.index(stop, 12)  # (the fake model's greedy text has it again after the first 12)
+    assert client.completions.create(model=MODEL, prompt="mno", max_tokens=40, stop=[stop]).choices[0].text == full[:2]
+    for stream in (False, True):
+        out = client.completions.create(model=MODEL, prompt="mno", max_tokens=40, stop=[stop], stream=stream,
+                                        extra_body={"min_tokens": 12})
+        text = "".join(c.choices[0].text for c in out) if stream else out.choices[0].text
+        assert text == full[:later]
+
+
 def test_async_client_concurrent_streams():
     async def main(url: str) -> list[str]:
         async with openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0) as c:

@@ -48,6 +48,23 @@ def test_possible_stop_prefix_is_held_then_released():
     assert s.flush() == "" and not s.stopped
 
 
+def test_under_min_tokens_a_stop_string_must_end_in_a_later_tokens_text():
+    """vLLM's min_tokens with stop strings: the first min_tokens tokens' text is never matched on its
+    own (as vLLM's detokenizer, which checks stop strings only past min_tokens)."""
+    text = " is Lee, and I'm a student in the college"  # (the byte tokenizer: a token a character)
+    assert "".join(_feed(TextStream(TOK, stop=["e"]), text)) == " is L"
+    for step in (1, 3, 50):  # the first 8 tokens, " is Lee,", are not matched however they come
+        s = TextStream(TOK, stop=["e"], min_tokens=8)
+        assert "".join(_feed(s, text, step=step)) == " is Lee, and I'm a stud" and s.stopped
+    # one that begins in the first min_tokens tokens and ends after them still stops the answer
+    s = TextStream(TOK, stop=["Lee"], min_tokens=6)
+    assert "".join(_feed(s, text)) == " is " and s.stopped
+    # and nothing is lost when the window moves on over a long held start
+    s = TextStream(TOK, stop=["ab", "xyz"], min_tokens=40)
+    long = "ab" * 30 + "ab"
+    assert "".join(_feed(s, long)) == "ab" * 20 and s.stopped
+
+
 def test_earliest_of_several_stop_strings_wins():
     s = TextStream(TOK, stop=["zz", "b"])
     assert "".join(_feed(s, "aazzb", step=5)) == "aa"
