@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from dyn.control.requests import CloseSession, Finish, GenerateRequest, RequestFailed
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
     from dyn.frontend.protocol import GenerationRequest
 
 log = logging.getLogger(__name__)
+
+AnswerMessage = Callable[[str], dict]
+"""An answer's text -> the assistant message the next turn's prompt holds for it."""
 
 SPECULATIVE_TIMEOUT_S = 30.0
 """A speculative prefill that has not finished by then is cancelled (it only warms a cache)."""
@@ -45,10 +49,12 @@ class AgentTurns:
         self.num_speculative = 0
 
     def after_turn(self, req: GenerationRequest, prompt_ids: list[int], output_ids: list[int],
-                   worker_id: str | None, salt: int) -> None:
+                   worker_id: str | None, salt: int, answer_message: AnswerMessage | None = None) -> None:
+        """`answer_message`: the answer's text as the assistant message the client sends back
+        (its content without reasoning, its tool calls); default: the whole text as content."""
         hints = req.hints
         if hints.speculative_prefill and not hints.close_session and output_ids:
-            self._spawn(self._speculate(req, self._next_prefix(req, prompt_ids, output_ids), salt))
+            self._spawn(self._speculate(req, self._next_prefix(req, prompt_ids, output_ids, answer_message), salt))
         if hints.close_session and hints.session_id:
             self._spawn(self._close(hints.session_id, worker_id))
 
@@ -57,11 +63,13 @@ class AgentTurns:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout_s)
 
-    def _next_prefix(self, req: GenerationRequest, prompt_ids: list[int], output_ids: list[int]) -> list[int]:
+    def _next_prefix(self, req: GenerationRequest, prompt_ids: list[int], output_ids: list[int],
+                     answer_message: AnswerMessage | None) -> list[int]:
         if req.kind != "chat":
             return prompt_ids + output_ids
         tok = self.d.tokenizer
-        answer = {"role": "assistant", "content": tok.decode(output_ids)}
+        text = tok.decode(output_ids)
+        answer = answer_message(text) if answer_message is not None else {"role": "assistant", "content": text}
         return list(tok.chat_prompt((*req.messages, answer), req.template_args))
 
     def _spawn(self, coro) -> None:

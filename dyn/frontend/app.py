@@ -22,13 +22,14 @@ from aiohttp import web
 from dyn.config.recipe import ReasoningParser, ToolCallParser
 from dyn.frontend.auth import DEFAULT_TENANT, ApiKeys, Tenant, tenant_salt
 from dyn.frontend.balance import ConnectionBalancer
+from dyn.frontend.agent import AnswerMessage
 from dyn.frontend.generate import Dispatcher
 from dyn.frontend.metrics import CONTENT_TYPE, FrontendMetrics
 from dyn.frontend.hints import RetentionHint, with_session
 from dyn.frontend.middleware import (MAX_BODY_BYTES, REQUEST_ID_HEADER, RID_KEY, TENANT_KEY, auth_middleware,
                                      error_middleware, json_body)
 from dyn.frontend.protocol import (MAX_TOKEN_ID, ApiError, GenerationRequest, SamplingDefaults, parse_chat,
-                                  parse_completion)
+                                  parse_completion, parse_message)
 from dyn.frontend.reasoning import ReasoningSplitter, thinking_at_start
 from dyn.frontend.ratelimit import RateLimiter
 from dyn.frontend.responses import (DONE, Answer, Echo, StreamFormatter, chat_logprobs, completion_logprobs,
@@ -257,7 +258,8 @@ class _Handlers:
                 response = await self._choices(request, req, public_id, prompt_ids, rid, usage, salt)
             else:
                 echo = self._echo(req, prompt_ids)
-                async with aclosing(fe.dispatcher.generate(req, prompt_ids, rid, usage, salt=salt)) as pieces:
+                async with aclosing(fe.dispatcher.generate(req, prompt_ids, rid, usage, salt=salt,
+                                                           answer_message=self._answer_message(req))) as pieces:
                     if req.stream:
                         response = await self._stream(request, req, public_id, pieces, usage, self._splitter(req),
                                                       echo)
@@ -355,6 +357,21 @@ class _Handlers:
             return None
         return AnswerSplitter(reasoning, tools, single_call=req.single_tool_call)
 
+    def _answer_message(self, req: GenerationRequest) -> AnswerMessage | None:
+        """For the speculative prefill of an agent's next turn: the answer as the assistant message
+        the client sends back, through the same parse (content without reasoning, tool calls with
+        their arguments decoded), so the prefill's prompt is the next turn's. (A call's id is new
+        each time: a template that writes ids differs from there on.)"""
+        if not req.hints.speculative_prefill or req.kind != "chat" or self._splitter(req) is None:
+            return None
+
+        def message(text: str) -> dict:
+            split = self._splitter(req).feed(text, final=True)
+            raw = {"role": "assistant", "content": split.content or None,
+                   "tool_calls": [call.as_dict() for call in split.tool_calls] or None}
+            return parse_message(raw, "the answer")
+        return message
+
     def _echo(self, req: GenerationRequest, prompt_ids: list[int]) -> Echo | None:
         """A completion's prompt to send back ahead of its answer (`echo`): as the client wrote
         it, or its token ids decoded."""
@@ -427,7 +444,8 @@ class _Handlers:
         usages = [Usage() for _ in range(req.n)]
         echo = self._echo(req, prompt_ids)
         runs = [self.fe.dispatcher.generate(_choice_request(req, i), prompt_ids, f"{rid}{CHOICE_SEPARATOR}{i}",
-                                            choice_usage, salt=salt) for i, choice_usage in enumerate(usages)]
+                                            choice_usage, salt=salt, answer_message=self._answer_message(req))
+                for i, choice_usage in enumerate(usages)]
         try:
             if req.stream:
                 return await self._stream_choices(request, req, public_id, runs, usages, usage, echo)

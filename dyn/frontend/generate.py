@@ -26,7 +26,7 @@ from typing import AsyncIterator
 from dyn.config.recipe import KvTiersSpec
 from dyn.control.requests import Finish, GenerateRequest, RequestFailed
 from dyn.engine.profile import EngineProfile
-from dyn.frontend.agent import AgentTurns
+from dyn.frontend.agent import AgentTurns, AnswerMessage
 from dyn.frontend.metrics import FrontendMetrics
 from dyn.frontend.protocol import ApiError, GenerationRequest
 from dyn.frontend.routing import RETRY_AFTER_S, Routing
@@ -86,20 +86,21 @@ class Dispatcher:
         return f"{self._prefix}-{next(self._ids)}"
 
     def generate(self, req: GenerationRequest, prompt_ids: list[int], request_id: str,
-                 usage: Usage, *, salt: int = 0) -> AsyncIterator[Piece]:
+                 usage: Usage, *, salt: int = 0, answer_message: AnswerMessage | None = None) -> AsyncIterator[Piece]:
         """Stream pieces; the last one has finish_reason. Raises ApiError (503 full, 429 admission,
-        502 when the workers failed it past the retry/migration limits)."""
+        502 when the workers failed it past the retry/migration limits). `answer_message`: the
+        answer as the client will send it back next turn (see AgentTurns)."""
         return self._turn(_Run(self, req, prompt_ids, request_id, usage, salt).run(), req, prompt_ids,
-                          usage, salt)
+                          usage, salt, answer_message)
 
     async def _turn(self, pieces: AsyncIterator[Piece], req: GenerationRequest, prompt_ids: list[int],
-                    usage: Usage, salt: int) -> AsyncIterator[Piece]:
+                    usage: Usage, salt: int, answer_message: AnswerMessage | None) -> AsyncIterator[Piece]:
         """The request's pieces; once it finished, the agent hints' post-turn actions."""
         async with aclosing(pieces) as run:
             async for piece in run:
                 if piece.finish_reason:  # before the yield: a consumer stops at the last piece
                     self.agent.after_turn(req, prompt_ids, list(usage.token_ids), usage.decode_worker,
-                                          salt)
+                                          salt, answer_message)
                 yield piece
 
     def worker_wait_s(self) -> float:

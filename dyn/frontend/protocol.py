@@ -141,7 +141,7 @@ def parse_chat(body: Any, defaults: SamplingDefaults = SamplingDefaults()) -> Ge
         raise ApiError("'messages' must be a list of message objects", param="messages")
     if not raw:
         raise ApiError("'messages' must contain at least one message", param="messages")
-    messages = tuple(_message(m, f"messages[{i}]") for i, m in enumerate(raw))
+    messages = tuple(parse_message(m, f"messages[{i}]") for i, m in enumerate(raw))
     marked = [i for i, m in enumerate(raw) if isinstance(m, dict) and _is_retain_mark(m, f"messages[{i}]")]
     logprobs = _opt_bool(body, "logprobs") or False
     top_logprobs = _opt_int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS) or 0
@@ -446,7 +446,8 @@ def _tool_calls(raw: Any, where: str) -> list[dict[str, Any]]:
     return calls
 
 
-def _message(raw: Any, where: str) -> dict[str, Any]:
+def parse_message(raw: Any, where: str) -> dict[str, Any]:
+    """One chat message as the template gets it (content as text, tool calls' arguments decoded)."""
     if not isinstance(raw, dict):
         raise ApiError("each message must be an object with 'role' and 'content'", param=where)
     role = raw.get("role")

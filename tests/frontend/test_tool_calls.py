@@ -187,3 +187,27 @@ def test_an_assistant_prefill_is_continued():
                                            extra_body={"continue_final_message": True, "add_generation_prompt": False})
         assert answer.choices[0].message.content == '"Paris"}'
         assert bytes(h.workers["w0"].requests[-1].prompt_token_ids).endswith(b'<|assistant|>{"capital": ')
+
+
+def test_an_agents_speculative_prefill_after_tool_calls_is_the_next_turns_prompt():
+    """The speculative prefill of an agent's next turn renders the answer as the client sends it
+    back (its content and its tool calls, through the same parse), not as the raw text the model
+    wrote: the next turn, with the tool's result appended, then starts with the prefilled prompt."""
+    base = make_recipe()
+    recipe = replace(base, model=replace(base.model, tool_call_parser="hermes"))
+    with Harness(recipe, [("w0", "both")], reply=HERMES_REPLY) as h, \
+            openai.OpenAI(base_url=h.base_url, api_key="x", max_retries=0, timeout=10) as c:
+        user = {"role": "user", "content": "Weather?"}
+        answer = c.chat.completions.create(model=MODEL, messages=[user], tools=[WEATHER], max_tokens=256,
+                                           extra_body={"dyn": {"speculative_prefill": True}}).choices[0].message
+        h.call(h.frontend.dispatcher.agent.wait_idle)
+        speculative = [r for r in h.workers["w0"].requests if r.speculative]
+        assert len(speculative) == 1 and answer.tool_calls
+        echoed = answer.model_dump(exclude_none=True)
+        results = [{"role": "tool", "tool_call_id": call.id, "content": "sunny"} for call in answer.tool_calls]
+        c.chat.completions.create(model=MODEL, messages=[user, echoed, *results], tools=[WEATHER], max_tokens=4)
+        next_prompt = h.workers["w0"].requests[-1].prompt_token_ids
+        turn_start = len(h.frontend.tokenizer.encode("<|assistant|>"))  # (the byte tokenizer's template)
+        prefilled = speculative[0].prompt_token_ids[:-turn_start]
+        assert next_prompt[:len(prefilled)] == prefilled
+        assert "<tool_call>" not in h.frontend.tokenizer.decode(prefilled)
