@@ -584,12 +584,12 @@ def _sum_usage(usage: Usage, usages: list[Usage]) -> None:
 
 def _event_of(fmt: StreamFormatter, piece: Piece, usage: Usage, splitter: AnswerSplitter | None) -> bytes:
     """The SSE event of a piece; with a reasoning parser or tools, its text split (nothing while
-    all of it is held back as a possible start of </think> or of a tool call). The answer's tool
-    calls come with its last piece, which then finishes as "tool_calls"."""
+    all of it is held back as a possible start of </think> or of a tool call). Tool calls stream
+    as the model writes them; an answer with calls finishes as "tool_calls"."""
     if splitter is None:
         return fmt.piece(piece, usage.num_migrations)
     split = splitter.feed(piece.text, final=bool(piece.finish_reason))
-    if not (split.reasoning or split.content or piece.finish_reason or piece.logprobs):
+    if not (split.reasoning or split.content or split.call_deltas or piece.finish_reason or piece.logprobs):
         return b""
     if split.tool_calls:
         piece = replace(piece, finish_reason="tool_calls")

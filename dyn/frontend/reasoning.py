@@ -26,6 +26,8 @@ class Split:
     content: str
     tool_calls: list | None = None
     """dyn.frontend.tool_calls.ToolCall's of the answer (set on the last split, when the request has tools)."""
+    call_deltas: list | None = None
+    """The streamed `tool_calls` deltas this piece adds (OpenAI's delta objects)."""
 
 
 class ReasoningSplitter:

@@ -62,15 +62,15 @@ class StreamFormatter:
         if self._echo is not None:
             return self._echoed(piece) + self.piece(piece, num_migrations, split)
         text = piece.text if split is None else split.content
-        if piece.logprobs is None and not piece.finish_reason and not (split and split.reasoning):
+        if piece.logprobs is None and not piece.finish_reason and not (split and (split.reasoning or split.call_deltas)):
             return self._text_head + _dumps(text).encode() + self._text_tail
         choice = self._choice
         if self.kind == "chat":
             delta = {"content": text} if text or not piece.finish_reason else {}
             if split is not None and split.reasoning:
                 delta = {"reasoning_content": split.reasoning, **({"content": text} if text else {})}
-            if split is not None and split.tool_calls:
-                delta["tool_calls"] = [call.as_dict(i) for i, call in enumerate(split.tool_calls)]
+            if split is not None and split.call_deltas:
+                delta["tool_calls"] = split.call_deltas
             choice["delta"] = delta
         else:
             choice["text"] = piece.text

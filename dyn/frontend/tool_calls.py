@@ -7,18 +7,19 @@ vLLM's `--tool-call-parser hermes|llama3_json` return them as OpenAI `tool_calls
 does dyn, with the same rule for what is not a call: text that does not parse stays content.
 
 Streamed, content passes through until a call may begin (a tail that could still become
-`<tool_call>` is held back); from there the text is held and parsed when the answer ends, so
-a call arrives as one whole `tool_calls` delta (OpenAI's clients join deltas; one is a
-complete join).
+`<tool_call>` is held back); from there each call streams as the model writes it: its id and
+name, then its arguments piece by piece (dyn.frontend.call_stream). The held text is parsed
+whole when the answer ends, as without streaming: that parse decides the answer's calls, and
+a call that did not stream (not written in the usual shape) comes whole then.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dyn.config.recipe import ToolCallParser
+from dyn.frontend.call_stream import CallStream, new_call_id
 from dyn.frontend.reasoning import ReasoningSplitter, Split, partial_marker
 
 HERMES_START, HERMES_END = "<tool_call>", "</tool_call>"
@@ -109,7 +110,7 @@ def _from_object(obj: object) -> ToolCall | None:
             return None
     if not isinstance(args, dict):
         return None
-    return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False), f"call_{os.urandom(12).hex()}")
+    return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False), new_call_id())
 
 
 class ToolCallSplitter:
@@ -120,9 +121,11 @@ class ToolCallSplitter:
         self._parser = parser
         self._held = ""
         self._holding = False
-        """A call may have begun: everything from there waits for the end of the answer."""
+        """A call may have begun: everything from there is held for the answer's final parse."""
         self._started = False
         """Some non-blank content went out (llama3_json calls only start an answer)."""
+        self._streams: list[CallStream] = []
+        self._deltas: list[dict] = []
         self.calls: list[ToolCall] = []
 
     def feed(self, text: str, *, final: bool = False) -> str:
@@ -139,11 +142,56 @@ class ToolCallSplitter:
             before, text = text[:start], text[start:]
         else:
             before = ""
+        self._held = text
+        self._stream_calls()
         if not final:
-            self._held = text
             return before
-        content, self.calls = parse_tool_calls(self._parser, text)
+        content, calls = parse_tool_calls(self._parser, text)
+        self.calls = self._reconciled(calls)
         return before + content
+
+    def take_deltas(self) -> list[dict]:
+        """The streamed `tool_calls` deltas the text fed so far added (each handed out once)."""
+        deltas, self._deltas = self._deltas, []
+        return deltas
+
+    def _stream_calls(self) -> None:
+        text = self._held
+        while True:
+            current = self._streams[-1] if self._streams else None
+            if current is not None:
+                self._deltas += current.advance(text)
+                if current.end is None:  # (not written whole yet, or not streamable: what follows waits)
+                    return
+            start = self._next_call(text, current.end if current is not None else 0)
+            if start is None:
+                return
+            self._streams.append(CallStream(start, len(self._streams)))
+
+    def _next_call(self, text: str, pos: int) -> int | None:
+        """Where the next call's object starts at or after `pos` in the held text, if written yet."""
+        if self._parser == "hermes":
+            start = text.find(HERMES_START, pos)
+            return start + len(HERMES_START) if start >= 0 else None
+        while pos < len(text) and text[pos] in " \t\r\n;":
+            pos += 1
+        if pos == 0 and text.startswith("<|python_tag|>"):
+            return self._next_call(text, len("<|python_tag|>"))
+        return pos if text.startswith("{", pos) else None
+
+    def _reconciled(self, calls: list[ToolCall]) -> list[ToolCall]:
+        """The final parse's calls, with the ids the streamed ones went out under; a call that did
+        not stream goes out whole now."""
+        streamed = {s.index: s for s in self._streams if s.name is not None}
+        out = []
+        for index, call in enumerate(calls):
+            stream = streamed.get(index)
+            if stream is None or stream.name != call.name:
+                self._deltas.append(call.as_dict(index))
+            else:
+                call = replace(call, id=stream.id)
+            out.append(call)
+        return out
 
     def _call_start(self, text: str) -> int | None:
         """Where a call begins in `text`, or None."""
@@ -173,6 +221,7 @@ class ForcedCalls:
     def __init__(self, name: str | None) -> None:
         self._name = name
         self._held: list[str] = []
+        self._sent = False
         self.calls: list[ToolCall] = []
 
     def feed(self, text: str, *, final: bool = False) -> str:
@@ -191,6 +240,12 @@ class ForcedCalls:
         self.calls = calls  # type: ignore[assignment]
         return ""
 
+    def take_deltas(self) -> list[dict]:
+        """The calls, whole, once the answer ended (the grammar's JSON is parsed whole)."""
+        deltas = [call.as_dict(i) for i, call in enumerate(self.calls)] if not self._sent else []
+        self._sent = self._sent or bool(deltas)
+        return deltas
+
 
 class AnswerSplitter:
     """A chat answer's text as reasoning, content and tool calls, fed in order: the reasoning
@@ -207,6 +262,10 @@ class AnswerSplitter:
         split = self._reasoning.feed(text, final=final) if self._reasoning is not None else Split("", text)
         if self._tools is not None:
             split.content = self._tools.feed(split.content, final=final)
+            deltas = self._tools.take_deltas()
+            if self._single_call:
+                deltas = [delta for delta in deltas if delta["index"] == 0]
+            split.call_deltas = deltas or None
             if final:
                 split.tool_calls = self._tools.calls[:1] if self._single_call else self._tools.calls
         return split

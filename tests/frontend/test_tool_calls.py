@@ -13,7 +13,7 @@ from frontend_harness import MODEL, Harness, make_recipe
 
 from dyn.engine.chat_template import compile_chat_template
 from dyn.frontend.protocol import parse_chat
-from dyn.frontend.tool_calls import ToolCallSplitter, parse_tool_calls
+from dyn.frontend.tool_calls import AnswerSplitter, ToolCallSplitter, parse_tool_calls
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                             "parameters": {"type": "object",
@@ -62,6 +62,50 @@ def test_streamed_pieces_split_as_the_whole_answer(parser, text):
     if parser == "hermes" and calls:  # content before a call is not held to the end
         splitter = ToolCallSplitter("hermes")
         assert splitter.feed("Let me check.\n") == "Let me check.\n"
+
+
+def _streamed(parser: str, text: str, size: int, single_call: bool = False) -> tuple[str, dict[int, list[dict]], list]:
+    """Feed `text` in pieces of `size` characters: the content sent, each call's deltas, the final calls."""
+    splitter = AnswerSplitter(None, ToolCallSplitter(parser), single_call=single_call)  # type: ignore[arg-type]
+    pieces = [text[i:i + size] for i in range(0, len(text), size)]
+    content, deltas = "", {}
+    for i, piece in enumerate(pieces):
+        split = splitter.feed(piece, final=i == len(pieces) - 1)
+        content += split.content
+        for delta in split.call_deltas or ():
+            deltas.setdefault(delta["index"], []).append(delta)
+    return content, deltas, split.tool_calls
+
+
+@pytest.mark.parametrize("parser,text", [
+    ("hermes", HERMES_REPLY),
+    ("llama3_json", '<|python_tag|>{"name": "a", "parameters": {"x": [1, {"y": "}\\\\"}]}};  {"name": "b", "parameters": {}}'),
+])
+def test_calls_stream_name_first_then_arguments_as_written(parser, text):
+    whole_content, whole_calls = parse_tool_calls(parser, text)  # type: ignore[arg-type]
+    for size in (1, 2, 5, 13, len(text)):
+        content, deltas, calls = _streamed(parser, text, size)
+        assert content == whole_content and [c.name for c in calls] == [c.name for c in whole_calls]
+        assert sorted(deltas) == list(range(len(whole_calls)))
+        for index, parts in deltas.items():
+            head, rest = parts[0], parts[1:]
+            assert head == {"index": index, "id": calls[index].id, "type": "function",
+                            "function": {"name": whole_calls[index].name, "arguments": ""}}
+            assert all(set(p) == {"index", "function"} and set(p["function"]) == {"arguments"} for p in rest)
+            assert json.loads("".join(p["function"]["arguments"] for p in rest)) == \
+                json.loads(whole_calls[index].arguments)
+        if size == 1:  # the name goes out as soon as it is written, long before the call ends
+            assert len(deltas[0]) > 5
+
+
+def test_a_call_not_written_in_the_usual_shape_comes_whole_at_the_end():
+    odd = '<tool_call>\n{"arguments": {"city": "Paris"}, "name": "get_weather"}\n</tool_call>'
+    for text in (odd, '<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>'):
+        content, deltas, calls = _streamed("hermes", text, 3)
+        assert content == "" and len(calls) == 1 and deltas == {0: [calls[0].as_dict(0)]}
+    # parallel_tool_calls false: the second call never streams
+    _, deltas, calls = _streamed("hermes", HERMES_REPLY, 4, single_call=True)
+    assert list(deltas) == [0] and len(calls) == 1 and deltas[0][0]["id"] == calls[0].id
 
 
 def test_a_tool_conversation_renders_through_the_template_as_transformers_renders_it():
@@ -122,7 +166,12 @@ def test_calls_come_back_as_openai_tool_calls_whole_and_streamed(client):
             calls.setdefault(delta.index, []).append(delta)
         finish = choice.finish_reason or finish
     assert finish == "tool_calls" and content == "Let me check.\n"
-    assert [json.loads(parts[0].function.arguments)["city"] for _, parts in sorted(calls.items())] == ["Paris", "Zürich"]
+    # each call streams as OpenAI's do: id, type and name first, then the arguments piece by piece
+    assert [parts[0].function.name for _, parts in sorted(calls.items())] == ["get_weather", "get_weather"]
+    assert all(parts[0].id.startswith("call_") and parts[0].function.arguments == "" and len(parts) > 2
+               and not any(p.id or p.function.name for p in parts[1:]) for parts in calls.values())
+    assert [json.loads("".join(p.function.arguments for p in parts))["city"] for _, parts in sorted(calls.items())] \
+        == ["Paris", "Zürich"]
 
 
 def test_parallel_tool_calls_false_keeps_the_first_and_tool_choice_none_parses_nothing(client):
