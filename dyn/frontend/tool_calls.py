@@ -216,35 +216,51 @@ class ToolCallSplitter:
 class ForcedCalls:
     """tool_choice required or named: the grammar made the whole answer the call(s) as JSON (a
     named function's arguments; for required, a list of {"name", "parameters"}), so nothing is
-    content and everything is held to the end. JSON cut short (max_tokens) comes back as content."""
+    content. Streamed, a named call goes out as it is written (its id and name first, then every
+    piece as arguments); required calls come whole at the end. Not streamed, JSON cut short
+    (max_tokens) comes back as content."""
 
     def __init__(self, name: str | None) -> None:
         self._name = name
         self._held: list[str] = []
-        self._sent = False
+        self._deltas: list[dict] = []
+        self._streamed_id: str | None = None
+        """A named call's id once its first delta went out (the answer is streamed)."""
         self.calls: list[ToolCall] = []
 
     def feed(self, text: str, *, final: bool = False) -> str:
         self._held.append(text)
+        if self._name is not None and (self._streamed_id is not None or not final):
+            self._stream(text)
         if not final:
             return ""
         whole = "".join(self._held)
         try:
             value = json.loads(whole)
         except ValueError:
-            return whole
+            value = None
         objects = [{"name": self._name, "arguments": value}] if self._name is not None else value
         calls = [_from_object(obj) for obj in objects] if isinstance(objects, list) else [None]
         if None in calls:
-            return whole
+            return "" if self._streamed_id is not None else whole  # (streamed: its pieces went out as arguments)
+        if self._streamed_id is not None:
+            calls[0] = replace(calls[0], id=self._streamed_id)  # type: ignore[arg-type]
+        else:
+            self._deltas += [call.as_dict(i) for i, call in enumerate(calls)]  # type: ignore[union-attr]
         self.calls = calls  # type: ignore[assignment]
         return ""
 
     def take_deltas(self) -> list[dict]:
-        """The calls, whole, once the answer ended (the grammar's JSON is parsed whole)."""
-        deltas = [call.as_dict(i) for i, call in enumerate(self.calls)] if not self._sent else []
-        self._sent = self._sent or bool(deltas)
+        deltas, self._deltas = self._deltas, []
         return deltas
+
+    def _stream(self, text: str) -> None:
+        if self._streamed_id is None:
+            self._streamed_id = new_call_id()
+            self._deltas.append({"index": 0, "id": self._streamed_id, "type": "function",
+                                 "function": {"name": self._name, "arguments": ""}})
+        if text:
+            self._deltas.append({"index": 0, "function": {"arguments": text}})
 
 
 class AnswerSplitter:
@@ -265,7 +281,20 @@ class AnswerSplitter:
             deltas = self._tools.take_deltas()
             if self._single_call:
                 deltas = [delta for delta in deltas if delta["index"] == 0]
-            split.call_deltas = deltas or None
+            split.call_deltas = _merged(deltas) or None
             if final:
                 split.tool_calls = self._tools.calls[:1] if self._single_call else self._tools.calls
         return split
+
+
+def _merged(deltas: list[dict]) -> list[dict]:
+    """One delta per call in a chunk: a call's arguments pieces joined onto its first delta."""
+    out: list[dict] = []
+    for delta in deltas:
+        if out and out[-1]["index"] == delta["index"] and "arguments" in delta["function"]:
+            last = out[-1]
+            last["function"] = {**last["function"],
+                                "arguments": last["function"].get("arguments", "") + delta["function"]["arguments"]}
+        else:
+            out.append(delta)
+    return out

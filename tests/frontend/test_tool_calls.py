@@ -13,7 +13,7 @@ from frontend_harness import MODEL, Harness, make_recipe
 
 from dyn.engine.chat_template import compile_chat_template
 from dyn.frontend.protocol import parse_chat
-from dyn.frontend.tool_calls import AnswerSplitter, ToolCallSplitter, parse_tool_calls
+from dyn.frontend.tool_calls import AnswerSplitter, ForcedCalls, ToolCallSplitter, parse_tool_calls
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                             "parameters": {"type": "object",
@@ -87,12 +87,13 @@ def test_calls_stream_name_first_then_arguments_as_written(parser, text):
         content, deltas, calls = _streamed(parser, text, size)
         assert content == whole_content and [c.name for c in calls] == [c.name for c in whole_calls]
         assert sorted(deltas) == list(range(len(whole_calls)))
-        for index, parts in deltas.items():
+        for index, parts in deltas.items():  # (one delta per call in a chunk: its pieces joined)
             head, rest = parts[0], parts[1:]
-            assert head == {"index": index, "id": calls[index].id, "type": "function",
-                            "function": {"name": whole_calls[index].name, "arguments": ""}}
+            assert {k: head[k] for k in ("index", "id", "type")} == {"index": index, "id": calls[index].id,
+                                                                   "type": "function"}
+            assert head["function"]["name"] == whole_calls[index].name
             assert all(set(p) == {"index", "function"} and set(p["function"]) == {"arguments"} for p in rest)
-            assert json.loads("".join(p["function"]["arguments"] for p in rest)) == \
+            assert json.loads("".join(p["function"]["arguments"] for p in parts)) == \
                 json.loads(whole_calls[index].arguments)
         if size == 1:  # the name goes out as soon as it is written, long before the call ends
             assert len(deltas[0]) > 5
@@ -106,6 +107,19 @@ def test_a_call_not_written_in_the_usual_shape_comes_whole_at_the_end():
     # parallel_tool_calls false: the second call never streams
     _, deltas, calls = _streamed("hermes", HERMES_REPLY, 4, single_call=True)
     assert list(deltas) == [0] and len(calls) == 1 and deltas[0][0]["id"] == calls[0].id
+
+
+def test_a_named_call_cut_short_is_content_whole_and_truncated_arguments_streamed():
+    """max_tokens cut the grammar's JSON: not streamed, the text is content (as before); streamed,
+    its pieces already went out as the call's arguments, so nothing is repeated as content."""
+    cut = '{"city": "Par'
+    whole = ForcedCalls("get_weather")
+    assert whole.feed(cut, final=True) == cut and whole.calls == [] and whole.take_deltas() == []
+    streamed = AnswerSplitter(None, ForcedCalls("get_weather"))
+    first, last = streamed.feed(cut[:5]), streamed.feed(cut[5:], final=True)
+    assert first.content == last.content == "" and not last.tool_calls
+    assert first.call_deltas[0]["function"] == {"name": "get_weather", "arguments": cut[:5]}
+    assert last.call_deltas == [{"index": 0, "function": {"arguments": cut[5:]}}]
 
 
 def test_a_tool_conversation_renders_through_the_template_as_transformers_renders_it():
@@ -168,7 +182,7 @@ def test_calls_come_back_as_openai_tool_calls_whole_and_streamed(client):
     assert finish == "tool_calls" and content == "Let me check.\n"
     # each call streams as OpenAI's do: id, type and name first, then the arguments piece by piece
     assert [parts[0].function.name for _, parts in sorted(calls.items())] == ["get_weather", "get_weather"]
-    assert all(parts[0].id.startswith("call_") and parts[0].function.arguments == "" and len(parts) > 2
+    assert all(parts[0].id.startswith("call_") and len(parts) > 1
                and not any(p.id or p.function.name for p in parts[1:]) for parts in calls.values())
     assert [json.loads("".join(p.function.arguments for p in parts))["city"] for _, parts in sorted(calls.items())] \
         == ["Paris", "Zürich"]
@@ -218,6 +232,15 @@ def test_a_forced_tool_choice_is_the_calls_json_without_a_parser():
         assert [(t.function.name, json.loads(t.function.arguments)) for t in choice.message.tool_calls] == [
             ("get_weather", {"city": "Paris"})]
         assert json.loads(h.workers["w0"].requests[-1].sampling.json_schema) == WEATHER["function"]["parameters"]
+        # streamed, the named call goes out as it is written: its id and name, then the arguments
+        streamed = _ask(c, tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                        stream=True)
+        chunks = [chunk.choices[0] for chunk in streamed if chunk.choices]
+        parts = [d for choice in chunks for d in (choice.delta.tool_calls or ())]
+        assert parts[0].function.name == "get_weather" and parts[0].id.startswith("call_") and len(parts) > 2
+        assert {d.index for d in parts} == {0} and not any(d.id or d.function.name for d in parts[1:])
+        assert json.loads("".join(d.function.arguments for d in parts)) == {"city": "Paris"}
+        assert chunks[-1].finish_reason == "tool_calls" and not any(choice.delta.content for choice in chunks)
     with _harness_for('[{"name": "get_time", "parameters": {}}, {"name": "get_weather", "parameters": {"city": "Oslo"}}]') \
             as h, openai.OpenAI(base_url=h.base_url, api_key="x", max_retries=0, timeout=10) as c:
         required = _ask(c, tools=[WEATHER, other], tool_choice="required", stream=True)
