@@ -186,7 +186,7 @@ class ToolCallSplitter:
         out = []
         for index, call in enumerate(calls):
             stream = streamed.get(index)
-            if stream is None or stream.name != call.name:
+            if stream is None:
                 self._deltas.append(call.as_dict(index))
             else:
                 call = replace(call, id=stream.id)
