@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 MAX_TOP_LOGPROBS = 20
 """OpenAI's limit on top_logprobs."""
+MAX_LOGIT_BIAS = 100.0
+"""OpenAI's range for a logit_bias value: [-100, 100]."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +49,10 @@ class SamplingParams:
     json_schema: str | None = None
     """Structured output: the answer is JSON matching this JSON schema (as JSON text; OpenAI's
     response_format json_object is the schema {"type": "object"}); None: free text."""
+    logit_bias_ids: tuple[int, ...] = ()
+    """OpenAI's logit_bias: these tokens' logits get `logit_bias_values` added before sampling
+    (-100 bans a token, 100 all but forces it); logprobs stay the model's."""
+    logit_bias_values: tuple[float, ...] = ()
     prompt_logprobs: int | None = None
     """Score the prompt: each prompt token's logprob given the tokens before it, and this many
     likeliest tokens at each of those positions (0: the prompt token's alone); None: off. The

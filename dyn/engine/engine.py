@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence as Seq
 from typing import Any
 
-from dyn.control.sampling import MAX_TOP_LOGPROBS
+from dyn.control.sampling import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
 from dyn.engine.backend import (IMPORTED_PROMPT_SCORES, Backend, EngineRequest, EngineStats, FinishReason,
                                 KvExport, KvImport, PromptLogprobs, TokenOutput)
 from dyn.engine.block_manager import BlockManager
@@ -432,6 +432,9 @@ def _check_request(request: EngineRequest, runner: ModelRunner,
                            f"context is {runner.max_context} including at least one generated "
                            "token", field="prompt_token_ids")
     _check_sampling(request, vocab)
+    if request.sampling.logit_bias_ids and not runner.biases_logits:
+        raise RequestError(f"request {rid!r}: this engine does not do logit_bias (it samples no logits); the torch "
+                           "and vllm engines do", field="logit_bias_ids")
     if type(request.resumed_tokens) is not int or not 0 <= request.resumed_tokens < len(prompt):
         raise RequestError(f"request {rid!r}: resumed_tokens must be an int in [0, {len(prompt)}), got "
                            f"{request.resumed_tokens!r}", field="resumed_tokens")
@@ -471,6 +474,12 @@ def _check_sampling(request: EngineRequest, vocab: int) -> None:
         raise bad("seed", "must be an int or None")
     if type(sp.min_tokens) is not int or not 0 <= sp.min_tokens <= sp.max_tokens:
         raise bad("min_tokens", f"must be an int in [0, max_tokens {sp.max_tokens}]")
+    if (not _INT_ONLY.issuperset(map(type, sp.logit_bias_ids))
+            or any(not 0 <= token < vocab for token in sp.logit_bias_ids)):
+        raise bad("logit_bias_ids", f"must be token ids in [0, {vocab})")
+    if len(sp.logit_bias_values) != len(sp.logit_bias_ids) or any(
+            not isinstance(v, (int, float)) or not -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS for v in sp.logit_bias_values):
+        raise bad("logit_bias_values", f"must be one number in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}] per id")
     if type(sp.top_logprobs) is not int or not 0 <= sp.top_logprobs <= MAX_TOP_LOGPROBS:
         raise bad("top_logprobs", f"must be an int in [0, {MAX_TOP_LOGPROBS}]")
     if sp.prompt_logprobs is not None and (type(sp.prompt_logprobs) is not int

@@ -1,4 +1,4 @@
-"""Per-request token sampling: penalties, greedy, temperature, top-k, top-p, min-p, seeded streams.
+"""Per-request token sampling: penalties, logit bias, greedy, temperature, top-k, top-p, min-p, seeded streams.
 
 A seeded request draws token i from a generator seeded by (seed, i), not from
 a generator carried across steps. The stream is then a function of the request
@@ -43,6 +43,12 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], num_generated
     raw = logits
     if contexts is not None and any(p.penalized for p in params):
         logits = _penalized(logits, params, num_generated, contexts)
+    if any(p.logit_bias_ids for p in params):
+        logits = logits.clone() if logits is raw else logits
+        for i, p in enumerate(params):
+            if p.logit_bias_ids:
+                logits[i, list(p.logit_bias_ids)] += torch.tensor(p.logit_bias_values, dtype=logits.dtype,
+                                                                  device=logits.device)
     if mask is not None:
         logits = logits.clone() if logits is raw else logits
         mask(logits)

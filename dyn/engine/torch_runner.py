@@ -42,6 +42,7 @@ class TorchModelRunner(ModelRunner):
     """Runs a loaded model; owns the KV pool. Set `capture_logits` to keep every step's logits (tests)."""
 
     scores_prompts = True
+    biases_logits = True
 
     def __init__(self, model: LlamaModel, *, block_size: int, num_blocks: int, max_context: int,
                  eos_token_ids: tuple[int, ...] = ()) -> None:

@@ -282,6 +282,7 @@ class VllmEngine(Backend):
                 presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
                 repetition_penalty=s.repetition_penalty,
                 logprobs=s.top_logprobs if s.logprobs else None, prompt_logprobs=s.prompt_logprobs,
+                logit_bias=dict(zip(s.logit_bias_ids, s.logit_bias_values)) or None,
                 detokenize=False,
                 output_kind=RequestOutputKind.DELTA, **extra)
         except (ValueError, TypeError) as exc:

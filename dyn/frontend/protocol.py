@@ -3,7 +3,7 @@
 Validation is hand-written instead of pydantic: the hot path parses one small
 dict per request, and every failure must carry the OpenAI `param` name. Unknown
 fields are ignored, as OpenAI-compatible servers do; known fields we cannot
-honour (best_of > 1, logit_bias, non-text content, vLLM extensions asking for what dyn does
+honour (best_of > 1, non-text content, vLLM extensions asking for what dyn does
 not do: _UNSUPPORTED_EXTENSIONS) are refused, never ignored.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from dyn.config.recipe import MAX_REPETITION_PENALTY
-from dyn.control.sampling import MAX_TOP_LOGPROBS, SamplingParams
+from dyn.control.sampling import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SamplingParams
 from dyn.engine.chat_template import GLOBALS, RENDER_ARGUMENTS
 from dyn.frontend.api_error import ApiError
 from dyn.frontend.hints import Hints, parse_hints
@@ -241,8 +241,7 @@ def _common(body: dict, kind: str, output: tuple[int | None, bool, int], default
     if repetition is not None and repetition <= 0.0:
         raise ApiError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}]",
                        param="repetition_penalty")
-    if body.get("logit_bias"):
-        raise ApiError("logit_bias is not supported", param="logit_bias")
+    bias_ids, bias_values = _logit_bias(body.get("logit_bias"))
     for name in _UNSUPPORTED_EXTENSIONS.keys() & body.keys():  # (one set operation for a body that has none)
         if body[name] not in (None, _UNSUPPORTED_EXTENSIONS[name]):
             raise ApiError(f"{name} (vLLM's extension) is not supported by this server; it would change the "
@@ -279,10 +278,33 @@ def _common(body: dict, kind: str, output: tuple[int | None, bool, int], default
         presence_penalty=defaults.presence_penalty if presence is None else presence,
         frequency_penalty=defaults.frequency_penalty if frequency is None else frequency,
         repetition_penalty=defaults.repetition_penalty if repetition is None else repetition,
-        json_schema=json_schema)
+        json_schema=json_schema, logit_bias_ids=bias_ids, logit_bias_values=bias_values)
     return GenerationRequest(kind=kind, model=model, sampling=sampling, n=n or 1,  # type: ignore[arg-type]
                              stream=stream, include_usage=include_usage, hints=hints, unknown_hints=unknown,
                              include_stop=_opt_bool(body, "include_stop_str_in_output") or False, **fields)
+
+
+def _logit_bias(raw: Any) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """OpenAI's logit_bias, {"<token id>": bias in [-100, 100]}, as sorted ids and their biases."""
+    if raw is None:
+        return (), ()
+    if not isinstance(raw, dict):
+        raise ApiError("'logit_bias' must be an object mapping token ids to biases", param="logit_bias")
+    bias: dict[int, float] = {}
+    for key, value in raw.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise ApiError(f"logit_bias key {key!r} is not a token id", param="logit_bias") from None
+        if not 0 <= token <= MAX_TOKEN_ID:
+            raise ApiError(f"logit_bias key {key!r} is not a token id", param="logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not \
+                -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise ApiError(f"logit_bias[{key!r}] must be a number in [-100, 100], got {value!r}",
+                           param="logit_bias")
+        bias[token] = float(value)
+    ids = tuple(sorted(bias))
+    return ids, tuple(bias[token] for token in ids)
 
 
 def _min_tokens(body: dict, max_tokens: int | None, json_schema: str | None) -> int:

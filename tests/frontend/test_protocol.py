@@ -21,6 +21,14 @@ def test_chat_body_becomes_typed_sampling_params():
     assert REQUEST_CODEC.decode(REQUEST_CODEC.encode(wire)) == wire
 
 
+def test_logit_bias_becomes_sorted_ids_and_biases_and_crosses_the_wire():
+    req = parse_chat({**CHAT, "logit_bias": {"50": -100, "7": 2.5}})
+    assert (req.sampling.logit_bias_ids, req.sampling.logit_bias_values) == ((7, 50), (2.5, -100.0))
+    wire = GenerateRequest("r", [1, 2], sampling=req.sampling)
+    assert REQUEST_CODEC.decode(REQUEST_CODEC.encode(wire)) == wire
+    assert parse_chat({**CHAT, "logit_bias": {}}).sampling.logit_bias_ids == ()
+
+
 def test_max_tokens_defaults_and_resolution():
     chat = parse_chat(CHAT)
     assert chat.sampling.max_tokens is None and chat.sampling.temperature == 1.0  # OpenAI's defaults

@@ -1,5 +1,5 @@
-"""min_tokens (vLLM's extension): SmolLM2 ends a short chat answer with its EOS; with min_tokens the
-EOS (and stop_token_ids) cannot come before that many tokens, and the answer then ends as usual."""
+"""Sampling fields that change which token may come, on SmolLM2 and the torch engine: min_tokens
+(vLLM's: EOS and stop_token_ids wait for it) and logit_bias (OpenAI's: a token banned or forced)."""
 
 from __future__ import annotations
 
@@ -46,3 +46,35 @@ def test_eos_and_stop_tokens_wait_for_min_tokens(smollm2_dir):
     with pytest.raises(RequestError) as bad:
         engine.add_request(EngineRequest("bad", prompt, SamplingParams(max_tokens=5, min_tokens=6)))
     assert bad.value.field == "min_tokens"
+
+
+def test_logit_bias_bans_and_forces_tokens_and_leaves_the_logprobs_the_models(smollm2_dir):
+    """OpenAI's logit_bias on the torch engine: -100 on the greedy answer's first token makes another
+    come first; +100 on a token makes it the answer's first; the logprobs reported stay the
+    model's own. The mock engine (no logits) refuses it by name."""
+    runner = TorchModelRunner.from_pretrained(smollm2_dir, dtype="float32", block_size=16, num_blocks=64,
+                                              max_context=512)
+    tokenizer = Tokenizer.from_dir(smollm2_dir)
+    engine = Engine(runner)
+    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}]),
+                              add_special_tokens=False)
+    free, _ = _answer(engine, "free", prompt, SamplingParams(max_tokens=3))
+    banned, _ = _answer(engine, "ban", prompt, SamplingParams(max_tokens=3, logit_bias_ids=(free[0],),
+                                                              logit_bias_values=(-100.0,)))
+    assert banned[0] != free[0]
+    forced_token = tokenizer.encode(" Paris", add_special_tokens=False)[0]
+    engine.add_request(EngineRequest("force", prompt, SamplingParams(
+        max_tokens=1, logprobs=True, logit_bias_ids=(forced_token,), logit_bias_values=(100.0,))))
+    out = [o for o in engine.step() if o.request_id == "force"][0]
+    assert out.token_ids == [forced_token] and out.logprobs[0] < -5  # unlikely for the model itself
+    from dyn.config.recipe import MockTiming
+    from dyn.engine.mock import MockEngine
+
+    with pytest.raises(RequestError) as refused:
+        MockEngine(MockTiming()).add_request(EngineRequest("m", [1, 2], SamplingParams(
+            max_tokens=2, logit_bias_ids=(5,), logit_bias_values=(1.0,))))
+    assert refused.value.field == "logit_bias_ids"
+    with pytest.raises(RequestError) as bad:
+        engine.add_request(EngineRequest("bad", prompt, SamplingParams(max_tokens=2, logit_bias_ids=(10**7,),
+                                                                       logit_bias_values=(1.0,))))
+    assert bad.value.field == "logit_bias_ids"
