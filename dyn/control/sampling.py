@@ -53,6 +53,8 @@ class SamplingParams:
     """OpenAI's logit_bias: these tokens' logits get `logit_bias_values` added before sampling
     (-100 bans a token, 100 all but forces it); logprobs stay the model's."""
     logit_bias_values: tuple[float, ...] = ()
+    allowed_token_ids: tuple[int, ...] = ()
+    """vLLM's allowed_token_ids: only these may be sampled; empty: any."""
     prompt_logprobs: int | None = None
     """Score the prompt: each prompt token's logprob given the tokens before it, and this many
     likeliest tokens at each of those positions (0: the prompt token's alone); None: off. The

@@ -432,9 +432,10 @@ def _check_request(request: EngineRequest, runner: ModelRunner,
                            f"context is {runner.max_context} including at least one generated "
                            "token", field="prompt_token_ids")
     _check_sampling(request, vocab)
-    if request.sampling.logit_bias_ids and not runner.biases_logits:
-        raise RequestError(f"request {rid!r}: this engine does not do logit_bias (it samples no logits); the torch "
-                           "and vllm engines do", field="logit_bias_ids")
+    for field in ("logit_bias_ids", "allowed_token_ids"):
+        if getattr(request.sampling, field) and not runner.biases_logits:
+            raise RequestError(f"request {rid!r}: this engine does not do {field} (it samples no logits); the "
+                               "torch and vllm engines do", field=field)
     if type(request.resumed_tokens) is not int or not 0 <= request.resumed_tokens < len(prompt):
         raise RequestError(f"request {rid!r}: resumed_tokens must be an int in [0, {len(prompt)}), got "
                            f"{request.resumed_tokens!r}", field="resumed_tokens")
@@ -474,9 +475,10 @@ def _check_sampling(request: EngineRequest, vocab: int) -> None:
         raise bad("seed", "must be an int or None")
     if type(sp.min_tokens) is not int or not 0 <= sp.min_tokens <= sp.max_tokens:
         raise bad("min_tokens", f"must be an int in [0, max_tokens {sp.max_tokens}]")
-    if (not _INT_ONLY.issuperset(map(type, sp.logit_bias_ids))
-            or any(not 0 <= token < vocab for token in sp.logit_bias_ids)):
-        raise bad("logit_bias_ids", f"must be token ids in [0, {vocab})")
+    for field in ("logit_bias_ids", "allowed_token_ids"):
+        ids = getattr(sp, field)
+        if not _INT_ONLY.issuperset(map(type, ids)) or any(not 0 <= token < vocab for token in ids):
+            raise bad(field, f"must be token ids in [0, {vocab})")
     if len(sp.logit_bias_values) != len(sp.logit_bias_ids) or any(
             not isinstance(v, (int, float)) or not -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS for v in sp.logit_bias_values):
         raise bad("logit_bias_values", f"must be one number in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}] per id")

@@ -43,12 +43,8 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], num_generated
     raw = logits
     if contexts is not None and any(p.penalized for p in params):
         logits = _penalized(logits, params, num_generated, contexts)
-    if any(p.logit_bias_ids for p in params):
-        logits = logits.clone() if logits is raw else logits
-        for i, p in enumerate(params):
-            if p.logit_bias_ids:
-                logits[i, list(p.logit_bias_ids)] += torch.tensor(p.logit_bias_values, dtype=logits.dtype,
-                                                                  device=logits.device)
+    if any(p.logit_bias_ids or p.allowed_token_ids for p in params):
+        logits = _biased(logits.clone() if logits is raw else logits, params)
     if mask is not None:
         logits = logits.clone() if logits is raw else logits
         mask(logits)
@@ -105,6 +101,20 @@ def _penalized(logits: torch.Tensor, params: Sequence[SamplingParams], num_gener
             tokens, counts = torch.unique(torch.tensor(list(generated), device=row.device), return_counts=True)
             row[tokens] -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty
     return out
+
+
+def _biased(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """`logits` (a copy) with each row's logit_bias added and, with allowed_token_ids, every other token out."""
+    for i, p in enumerate(params):
+        if p.allowed_token_ids:
+            allowed = list(p.allowed_token_ids)
+            kept = logits[i, allowed]
+            logits[i].fill_(float("-inf"))
+            logits[i, allowed] = kept
+        if p.logit_bias_ids:
+            logits[i, list(p.logit_bias_ids)] += torch.tensor(p.logit_bias_values, dtype=logits.dtype,
+                                                              device=logits.device)
+    return logits
 
 
 def _filtered_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:

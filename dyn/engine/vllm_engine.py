@@ -283,6 +283,7 @@ class VllmEngine(Backend):
                 repetition_penalty=s.repetition_penalty,
                 logprobs=s.top_logprobs if s.logprobs else None, prompt_logprobs=s.prompt_logprobs,
                 logit_bias=dict(zip(s.logit_bias_ids, s.logit_bias_values)) or None,
+                allowed_token_ids=list(s.allowed_token_ids) or None,
                 detokenize=False,
                 output_kind=RequestOutputKind.DELTA, **extra)
         except (ValueError, TypeError) as exc:

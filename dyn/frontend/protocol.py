@@ -35,7 +35,7 @@ _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _UNSUPPORTED_EXTENSIONS: dict[str, Any] = {
     "use_beam_search": False, "guided_choice": None, "guided_regex": None, "guided_grammar": None,
     "skip_special_tokens": True, "prompt_logprobs": None, "truncate_prompt_tokens": None,
-    "allowed_token_ids": None, "bad_words": None, "length_penalty": 1.0, "spaces_between_special_tokens": True}
+    "bad_words": None, "length_penalty": 1.0, "spaces_between_special_tokens": True}
 """vLLM request fields dyn does not do, with the value that asks for nothing: any other value is a
 400 (ignoring it would silently change what the client asked for)."""
 _CHAT_OPTIONS = frozenset({"tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
@@ -278,7 +278,8 @@ def _common(body: dict, kind: str, output: tuple[int | None, bool, int], default
         presence_penalty=defaults.presence_penalty if presence is None else presence,
         frequency_penalty=defaults.frequency_penalty if frequency is None else frequency,
         repetition_penalty=defaults.repetition_penalty if repetition is None else repetition,
-        json_schema=json_schema, logit_bias_ids=bias_ids, logit_bias_values=bias_values)
+        json_schema=json_schema, logit_bias_ids=bias_ids, logit_bias_values=bias_values,
+        allowed_token_ids=_allowed_token_ids(body))
     return GenerationRequest(kind=kind, model=model, sampling=sampling, n=n or 1,  # type: ignore[arg-type]
                              stream=stream, include_usage=include_usage, hints=hints, unknown_hints=unknown,
                              include_stop=_opt_bool(body, "include_stop_str_in_output") or False, **fields)
@@ -305,6 +306,14 @@ def _logit_bias(raw: Any) -> tuple[tuple[int, ...], tuple[float, ...]]:
         bias[token] = float(value)
     ids = tuple(sorted(bias))
     return ids, tuple(bias[token] for token in ids)
+
+
+def _allowed_token_ids(body: dict) -> tuple[int, ...]:
+    """vLLM's allowed_token_ids: a non-empty list (an empty one would allow nothing)."""
+    allowed = _int_list(body, "allowed_token_ids")
+    if body.get("allowed_token_ids") == []:
+        raise ApiError("'allowed_token_ids' must not be empty", param="allowed_token_ids")
+    return tuple(sorted(set(allowed)))
 
 
 def _min_tokens(body: dict, max_tokens: int | None, json_schema: str | None) -> int:

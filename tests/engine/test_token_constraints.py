@@ -1,5 +1,5 @@
 """Sampling fields that change which token may come, on SmolLM2 and the torch engine: min_tokens
-(vLLM's: EOS and stop_token_ids wait for it) and logit_bias (OpenAI's: a token banned or forced)."""
+(vLLM's: EOS and stop_token_ids wait for it), logit_bias (OpenAI's) and allowed_token_ids (vLLM's)."""
 
 from __future__ import annotations
 
@@ -48,10 +48,11 @@ def test_eos_and_stop_tokens_wait_for_min_tokens(smollm2_dir):
     assert bad.value.field == "min_tokens"
 
 
-def test_logit_bias_bans_and_forces_tokens_and_leaves_the_logprobs_the_models(smollm2_dir):
+def test_logit_bias_and_allowed_token_ids_change_what_is_sampled_not_the_logprobs(smollm2_dir):
     """OpenAI's logit_bias on the torch engine: -100 on the greedy answer's first token makes another
     come first; +100 on a token makes it the answer's first; the logprobs reported stay the
-    model's own. The mock engine (no logits) refuses it by name."""
+    model's own. vLLM's allowed_token_ids keeps the answer to those tokens. The mock engine (no
+    logits) refuses both by name."""
     runner = TorchModelRunner.from_pretrained(smollm2_dir, dtype="float32", block_size=16, num_blocks=64,
                                               max_context=512)
     tokenizer = Tokenizer.from_dir(smollm2_dir)
@@ -67,6 +68,9 @@ def test_logit_bias_bans_and_forces_tokens_and_leaves_the_logprobs_the_models(sm
         max_tokens=1, logprobs=True, logit_bias_ids=(forced_token,), logit_bias_values=(100.0,))))
     out = [o for o in engine.step() if o.request_id == "force"][0]
     assert out.token_ids == [forced_token] and out.logprobs[0] < -5  # unlikely for the model itself
+    allowed = tuple(tokenizer.encode(" Yes No", add_special_tokens=False))
+    only, _ = _answer(engine, "only", prompt, SamplingParams(max_tokens=4, allowed_token_ids=allowed))
+    assert len(only) == 4 and set(only) <= set(allowed)  # (no EOS allowed either: it runs to max_tokens)
     from dyn.config.recipe import MockTiming
     from dyn.engine.mock import MockEngine
 

@@ -82,6 +82,8 @@ CASES = [
     (CHAT, {"model": MODEL, "messages": MSGS, "logit_bias": {"5": 101}}, 400, "logit_bias"),
     (CHAT, {"model": MODEL, "messages": MSGS, "logit_bias": {"-1": 1}}, 400, "logit_bias"),
     (CHAT, {"model": MODEL, "messages": MSGS, "logit_bias": [5, 10]}, 400, "logit_bias"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "allowed_token_ids": []}, 400, "allowed_token_ids"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "allowed_token_ids": ["a"]}, 400, "allowed_token_ids"),
     (CHAT, {"model": MODEL, "messages": MSGS, "dyn": []}, 400, "dyn"),
     (CHAT, {"model": MODEL, "messages": MSGS, "dyn": {"priority": "high"}}, 400, "dyn.priority"),
     (CHAT, {"model": MODEL, "messages": MSGS, "dyn": {"expected_output_tokens": -5}}, 400,

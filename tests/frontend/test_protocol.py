@@ -27,6 +27,7 @@ def test_logit_bias_becomes_sorted_ids_and_biases_and_crosses_the_wire():
     wire = GenerateRequest("r", [1, 2], sampling=req.sampling)
     assert REQUEST_CODEC.decode(REQUEST_CODEC.encode(wire)) == wire
     assert parse_chat({**CHAT, "logit_bias": {}}).sampling.logit_bias_ids == ()
+    assert parse_chat({**CHAT, "allowed_token_ids": [9, 3, 9]}).sampling.allowed_token_ids == (3, 9)
 
 
 def test_max_tokens_defaults_and_resolution():
