@@ -72,8 +72,8 @@ class ModelRunner(ABC):
     does not (the mock) leaves a request's prompt scores out, as it leaves out its logprobs."""
     biases_logits: bool = False
     """Whether execute applies SamplingParams' logit_bias and allowed_token_ids (a runner that
-    samples from logits); the
-    engine refuses such requests otherwise (the mock picks its tokens from its KV payloads)."""
+    samples from logits); the engine refuses such requests otherwise (the mock picks its tokens
+    from its KV payloads)."""
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     max_context: int

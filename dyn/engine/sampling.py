@@ -1,4 +1,5 @@
-"""Per-request token sampling: penalties, logit bias, greedy, temperature, top-k, top-p, min-p, seeded streams.
+"""Per-request token sampling: penalties, logit bias and allowed tokens, greedy, temperature, top-k,
+top-p, min-p, seeded streams.
 
 A seeded request draws token i from a generator seeded by (seed, i), not from
 a generator carried across steps. The stream is then a function of the request

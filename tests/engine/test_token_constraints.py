@@ -24,13 +24,20 @@ def _answer(engine: Engine, rid: str, prompt: list[int], sampling: SamplingParam
     return tokens, reason
 
 
-def test_eos_and_stop_tokens_wait_for_min_tokens(smollm2_dir):
+@pytest.fixture(scope="module")
+def say_hi(smollm2_dir):
+    """SmolLM2's runner, its tokenizer and the prompt of a chat turn "Say hi."."""
     runner = TorchModelRunner.from_pretrained(smollm2_dir, dtype="float32", block_size=16, num_blocks=64,
                                               max_context=512)
     tokenizer = Tokenizer.from_dir(smollm2_dir)
-    engine = Engine(runner)
     prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}]),
                               add_special_tokens=False)
+    return runner, tokenizer, prompt
+
+
+def test_eos_and_stop_tokens_wait_for_min_tokens(say_hi):
+    runner, tokenizer, prompt = say_hi
+    engine = Engine(runner)
     free, reason = _answer(engine, "free", prompt, SamplingParams(max_tokens=60))
     assert reason == "stop" and len(free) < 50 and free[-1] in runner.eos_token_ids
     at_least = len(free) + 10
@@ -48,17 +55,13 @@ def test_eos_and_stop_tokens_wait_for_min_tokens(smollm2_dir):
     assert bad.value.field == "min_tokens"
 
 
-def test_logit_bias_and_allowed_token_ids_change_what_is_sampled_not_the_logprobs(smollm2_dir):
+def test_logit_bias_and_allowed_token_ids_change_what_is_sampled_not_the_logprobs(say_hi):
     """OpenAI's logit_bias on the torch engine: -100 on the greedy answer's first token makes another
     come first; +100 on a token makes it the answer's first; the logprobs reported stay the
     model's own. vLLM's allowed_token_ids keeps the answer to those tokens. The mock engine (no
     logits) refuses both by name."""
-    runner = TorchModelRunner.from_pretrained(smollm2_dir, dtype="float32", block_size=16, num_blocks=64,
-                                              max_context=512)
-    tokenizer = Tokenizer.from_dir(smollm2_dir)
+    runner, tokenizer, prompt = say_hi
     engine = Engine(runner)
-    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}]),
-                              add_special_tokens=False)
     free, _ = _answer(engine, "free", prompt, SamplingParams(max_tokens=3))
     banned, _ = _answer(engine, "ban", prompt, SamplingParams(max_tokens=3, logit_bias_ids=(free[0],),
                                                               logit_bias_values=(-100.0,)))
