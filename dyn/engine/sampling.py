@@ -43,11 +43,13 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], num_generated
     """
     raw = logits
     if contexts is not None and any(p.penalized for p in params):
-        logits = _penalized(logits, params, num_generated, contexts)
-    if any(p.logit_bias_ids or p.allowed_token_ids for p in params):
-        logits = _biased(logits.clone() if logits is raw else logits, params)
+        logits = _penalized(logits, params, num_generated, contexts)  # (a copy)
+    biased = any(p.logit_bias_ids or p.allowed_token_ids for p in params)
+    if (biased or mask is not None) and logits is raw:
+        logits = logits.clone()  # (the logprobs are read from `raw`)
+    if biased:
+        _bias(logits, params)
     if mask is not None:
-        logits = logits.clone() if logits is raw else logits
         mask(logits)
     n = logits.shape[0]
     tokens: list[int] = [0] * n
@@ -104,8 +106,8 @@ def _penalized(logits: torch.Tensor, params: Sequence[SamplingParams], num_gener
     return out
 
 
-def _biased(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """`logits` (a copy) with each row's logit_bias added and, with allowed_token_ids, every other token out."""
+def _bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> None:
+    """In place: each row's logit_bias added and, with allowed_token_ids, every other token out."""
     for i, p in enumerate(params):
         if p.allowed_token_ids:
             allowed = list(p.allowed_token_ids)
@@ -115,7 +117,6 @@ def _biased(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Ten
         if p.logit_bias_ids:
             logits[i, list(p.logit_bias_ids)] += torch.tensor(p.logit_bias_values, dtype=logits.dtype,
                                                               device=logits.device)
-    return logits
 
 
 def _filtered_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:

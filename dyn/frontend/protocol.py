@@ -296,7 +296,7 @@ def _logit_bias(raw: Any) -> tuple[tuple[int, ...], tuple[float, ...]]:
         try:
             token = int(key)
         except ValueError:
-            raise ApiError(f"logit_bias key {key!r} is not a token id", param="logit_bias") from None
+            token = -1
         if not 0 <= token <= MAX_TOKEN_ID:
             raise ApiError(f"logit_bias key {key!r} is not a token id", param="logit_bias")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not \
@@ -310,10 +310,9 @@ def _logit_bias(raw: Any) -> tuple[tuple[int, ...], tuple[float, ...]]:
 
 def _allowed_token_ids(body: dict) -> tuple[int, ...]:
     """vLLM's allowed_token_ids: a non-empty list (an empty one would allow nothing)."""
-    allowed = _int_list(body, "allowed_token_ids")
     if body.get("allowed_token_ids") == []:
         raise ApiError("'allowed_token_ids' must not be empty", param="allowed_token_ids")
-    return tuple(sorted(set(allowed)))
+    return tuple(sorted(set(_int_list(body, "allowed_token_ids"))))
 
 
 def _min_tokens(body: dict, max_tokens: int | None, json_schema: str | None) -> int:
