@@ -15,6 +15,8 @@ MAX_TOP_LOGPROBS = 20
 """OpenAI's limit on top_logprobs."""
 MAX_LOGIT_BIAS = 100.0
 """OpenAI's range for a logit_bias value: [-100, 100]."""
+MAX_BAD_WORD_SEQUENCES = 128
+"""bad_words' token sequences at most (vLLM's VLLM_MAX_NUM_BAD_WORDS default)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +57,9 @@ class SamplingParams:
     logit_bias_values: tuple[float, ...] = ()
     allowed_token_ids: tuple[int, ...] = ()
     """vLLM's allowed_token_ids: only these may be sampled; empty: any."""
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+    """vLLM's bad_words, tokenized by the frontend: a sequence's last token may not be sampled
+    where the output so far ends with the rest of it (a one-token sequence is never sampled)."""
     prompt_logprobs: int | None = None
     """Score the prompt: each prompt token's logprob given the tokens before it, and this many
     likeliest tokens at each of those positions (0: the prompt token's alone); None: off. The

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence as Seq
 from typing import Any
 
-from dyn.control.sampling import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
+from dyn.control.sampling import MAX_BAD_WORD_SEQUENCES, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
 from dyn.engine.backend import (IMPORTED_PROMPT_SCORES, Backend, EngineRequest, EngineStats, FinishReason,
                                 KvExport, KvImport, PromptLogprobs, TokenOutput)
 from dyn.engine.block_manager import BlockManager
@@ -432,7 +432,7 @@ def _check_request(request: EngineRequest, runner: ModelRunner,
                            f"context is {runner.max_context} including at least one generated "
                            "token", field="prompt_token_ids")
     _check_sampling(request, vocab)
-    for field in ("logit_bias_ids", "allowed_token_ids"):
+    for field in ("logit_bias_ids", "allowed_token_ids", "bad_words_token_ids"):
         if getattr(request.sampling, field) and not runner.biases_logits:
             raise RequestError(f"request {rid!r}: this engine does not do {field} (it samples no logits); the "
                                "torch and vllm engines do", field=field)
@@ -479,6 +479,11 @@ def _check_sampling(request: EngineRequest, vocab: int) -> None:
         ids = getattr(sp, field)
         if not _INT_ONLY.issuperset(map(type, ids)) or any(not 0 <= token < vocab for token in ids):
             raise bad(field, f"must be token ids in [0, {vocab})")
+    if len(sp.bad_words_token_ids) > MAX_BAD_WORD_SEQUENCES or any(
+            not words or not _INT_ONLY.issuperset(map(type, words)) or min(words) < 0 or max(words) >= vocab
+            for words in sp.bad_words_token_ids):
+        raise bad("bad_words_token_ids", f"must be at most {MAX_BAD_WORD_SEQUENCES} non-empty sequences of "
+                  f"token ids in [0, {vocab})")
     if len(sp.logit_bias_values) != len(sp.logit_bias_ids) or any(
             not isinstance(v, (int, float)) or not -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS for v in sp.logit_bias_values):
         raise bad("logit_bias_values", f"must be one number in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}] per id")

@@ -1,5 +1,5 @@
-"""Per-request token sampling: penalties, logit bias and allowed tokens, greedy, temperature, top-k,
-top-p, min-p, seeded streams.
+"""Per-request token sampling: penalties, logit bias, allowed tokens and bad words, greedy,
+temperature, top-k, top-p, min-p, seeded streams.
 
 A seeded request draws token i from a generator seeded by (seed, i), not from
 a generator carried across steps. The stream is then a function of the request
@@ -38,17 +38,17 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], num_generated
 
     `generator` (a host generator) serves unseeded random requests; seeded
     ones use their own stream. `contexts`: each row's prompt + generated tokens
-    (the last `num_generated` are output), needed by requests with penalties.
+    (the last `num_generated` are output), needed by requests with penalties or bad words.
     `mask`: narrows the rows of structured-output requests in place (their grammar), on a copy.
     """
     raw = logits
     if contexts is not None and any(p.penalized for p in params):
         logits = _penalized(logits, params, num_generated, contexts)  # (a copy)
-    biased = any(p.logit_bias_ids or p.allowed_token_ids for p in params)
+    biased = any(p.logit_bias_ids or p.allowed_token_ids or p.bad_words_token_ids for p in params)
     if (biased or mask is not None) and logits is raw:
         logits = logits.clone()  # (the logprobs are read from `raw`)
     if biased:
-        _bias(logits, params)
+        _bias(logits, params, num_generated, contexts or [()] * len(params))
     if mask is not None:
         mask(logits)
     n = logits.shape[0]
@@ -106,9 +106,16 @@ def _penalized(logits: torch.Tensor, params: Sequence[SamplingParams], num_gener
     return out
 
 
-def _bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> None:
-    """In place: each row's logit_bias added and, with allowed_token_ids, every other token out."""
+def _bias(logits: torch.Tensor, params: Sequence[SamplingParams], num_generated: Sequence[int],
+          contexts: Sequence[Sequence[int]]) -> None:
+    """In place: each row's logit_bias added; with allowed_token_ids every other token out, and
+    the bad words' last tokens out where the output so far ends with the rest of the word (vLLM's
+    rule: only the output counts, not the prompt)."""
     for i, p in enumerate(params):
+        for words in p.bad_words_token_ids:
+            head = len(words) - 1
+            if not head or (head <= num_generated[i] and tuple(contexts[i][-head:]) == words[:-1]):
+                logits[i, words[-1]] = float("-inf")
         if p.allowed_token_ids:
             allowed = list(p.allowed_token_ids)
             kept = logits[i, allowed]

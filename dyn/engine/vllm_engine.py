@@ -288,6 +288,14 @@ class VllmEngine(Backend):
                 output_kind=RequestOutputKind.DELTA, **extra)
         except (ValueError, TypeError) as exc:
             raise RequestError(f"bad sampling parameters for vLLM: {exc}", field="sampling") from None
+        if s.bad_words_token_ids:
+            outside = next((t for words in s.bad_words_token_ids for t in words if not 0 <= t < self._vocab), None)
+            if outside is not None:
+                raise RequestError(f"bad word token id {outside} is outside the vocabulary (0..{self._vocab - 1})",
+                                   field="bad_words_token_ids")
+            # vLLM tokenizes its bad_words strings into this field (update_from_tokenizer, skipped
+            # when there are none); the frontend already did, with vLLM's rule, for every engine.
+            params._bad_words_token_ids = [list(words) for words in s.bad_words_token_ids]
         prompt: dict[str, Any] = {"prompt_token_ids": list(ids)}
         if request.salt:  # tenants: vLLM isolates the cache too, and its KV events name the salt
             prompt["cache_salt"] = f"{SALT_PREFIX}{request.salt}"

@@ -239,6 +239,7 @@ class _Handlers:
         s, extra = fe.settings, {"request_id": rid}
         req = req.for_prompt(len(prompt_ids), s.max_context,
                              s.sampling_defaults.max_tokens if req.kind == "chat" else None)
+        req = req.with_bad_words(lambda text: fe.tokenizer.encode(text, add_special_tokens=False))
         salt = 0 if fe.api_keys is None or s.share_cache_across_tenants else tenant_salt(tenant.name)
         # debug: the "finished" line below repeats all of it (one info line per request: at
         # thousands of requests/s each log line is a measurable share of the frontend's CPU)

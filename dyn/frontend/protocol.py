@@ -13,10 +13,10 @@ import json
 import math
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from dyn.config.recipe import MAX_REPETITION_PENALTY
-from dyn.control.sampling import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SamplingParams
+from dyn.control.sampling import MAX_BAD_WORD_SEQUENCES, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SamplingParams
 from dyn.engine.chat_template import GLOBALS, RENDER_ARGUMENTS
 from dyn.frontend.api_error import ApiError
 from dyn.frontend.hints import Hints, parse_hints
@@ -35,7 +35,7 @@ _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _UNSUPPORTED_EXTENSIONS: dict[str, Any] = {
     "use_beam_search": False, "guided_choice": None, "guided_regex": None, "guided_grammar": None,
     "skip_special_tokens": True, "prompt_logprobs": None, "truncate_prompt_tokens": None,
-    "bad_words": None, "length_penalty": 1.0, "spaces_between_special_tokens": True}
+    "length_penalty": 1.0, "spaces_between_special_tokens": True}
 """vLLM request fields dyn does not do, with the value that asks for nothing: any other value is a
 400 (ignoring it would silently change what the client asked for)."""
 _CHAT_OPTIONS = frozenset({"tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
@@ -81,6 +81,9 @@ class GenerationRequest:
     """completion: a text prompt's encoding adds the tokenizer's special tokens (BOS), as vLLM's does."""
     include_stop: bool = False
     """vLLM's include_stop_str_in_output: a matched stop string ends the text instead of being cut."""
+    bad_words: tuple[str, ...] = ()
+    """vLLM's bad_words: words the answer may not contain (the frontend tokenizes them into
+    sampling.bad_words_token_ids once the tokenizer is at hand)."""
     tools: tuple[dict[str, Any], ...] = ()
     """chat: the functions the model may call (OpenAI's tool objects, for the chat template); empty
     with tool_choice none."""
@@ -115,6 +118,26 @@ class GenerationRequest:
         left = max(max_context - num_prompt_tokens, 1)
         max_tokens = left if default_max_tokens is None else min(default_max_tokens, left)
         return replace(self, sampling=replace(self.sampling, max_tokens=max_tokens))
+
+    def with_bad_words(self, encode: Callable[[str], list[int]]) -> "GenerationRequest":
+        """This request with its bad words as token sequences, by vLLM's rule: each word as written
+        (leading spaces dropped) and, where it tokenizes to as many tokens but another first token,
+        after a space (the word inside a sentence). `encode`: text -> ids, no special tokens."""
+        if not self.bad_words:
+            return self
+        sequences: list[tuple[int, ...]] = []
+        for index, word in enumerate(self.bad_words):
+            bare = tuple(encode(word.lstrip()))
+            if not bare:
+                raise ApiError(f"bad_words[{index}] {word!r} encodes to no tokens", param="bad_words")
+            sequences.append(bare)
+            spaced = tuple(encode(" " + word.lstrip()))
+            if len(spaced) == len(bare) and spaced[0] != bare[0]:
+                sequences.append(spaced)
+        if len(sequences) > MAX_BAD_WORD_SEQUENCES:
+            raise ApiError(f"bad_words make {len(sequences)} token sequences; at most {MAX_BAD_WORD_SEQUENCES} are "
+                           "allowed", param="bad_words")
+        return replace(self, sampling=replace(self.sampling, bad_words_token_ids=tuple(sequences)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,7 +305,8 @@ def _common(body: dict, kind: str, output: tuple[int | None, bool, int], default
         allowed_token_ids=_allowed_token_ids(body))
     return GenerationRequest(kind=kind, model=model, sampling=sampling, n=n or 1,  # type: ignore[arg-type]
                              stream=stream, include_usage=include_usage, hints=hints, unknown_hints=unknown,
-                             include_stop=_opt_bool(body, "include_stop_str_in_output") or False, **fields)
+                             include_stop=_opt_bool(body, "include_stop_str_in_output") or False,
+                             bad_words=_bad_words(body.get("bad_words")), **fields)
 
 
 def _logit_bias(raw: Any) -> tuple[tuple[int, ...], tuple[float, ...]]:
@@ -523,6 +547,22 @@ def _stop(raw: Any) -> tuple[str, ...]:
     for s in stops:
         _require_utf8(s, "stop")
     return tuple(stops)
+
+
+def _bad_words(raw: Any) -> tuple[str, ...]:
+    """vLLM's bad_words: distinct non-empty strings, in the order given."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(w, str) for w in raw):
+        raise ApiError("'bad_words' must be a list of strings", param="bad_words")
+    if len(raw) > MAX_BAD_WORD_SEQUENCES:
+        raise ApiError(f"at most {MAX_BAD_WORD_SEQUENCES} bad words are allowed", param="bad_words")
+    for index, word in enumerate(raw):
+        if not word.strip() or len(word) > MAX_STOP_CHARS:
+            raise ApiError(f"bad_words[{index}] must have 1 to {MAX_STOP_CHARS} characters, not all of them "
+                           f"spaces, got {word[:40]!r}", param="bad_words")
+        _require_utf8(word, "bad_words")
+    return tuple(dict.fromkeys(raw))
 
 
 def _require_utf8(text: str, param: str) -> None:

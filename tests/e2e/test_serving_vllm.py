@@ -318,6 +318,17 @@ def test_structured_output_a_forced_tool_call_and_min_tokens_through_vllm(deploy
     assert held.usage.completion_tokens >= short.usage.completion_tokens + 10
 
 
+def test_bad_words_reach_vllms_sampler(deployment):
+    """bad_words, tokenized by the frontend (with and without a leading space), are what vLLM's own
+    sampler bans: "Paris" never comes, whichever worker samples the token."""
+    client = _client(deployment)
+    prompt = "The capital of France is"
+    free = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0).choices[0].text
+    banned = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0,
+                                       extra_body={"bad_words": ["Paris"]}).choices[0].text
+    assert "Paris" in free and "Paris" not in banned, (free, banned)
+
+
 def test_idle_workers_do_not_spin(deployment):
     """Between requests a worker's threads sleep: vLLM's NIXL agent included, whose progress
     thread spun a core per worker until dyn set its poll timeout (measured 0.98 -> 0.02 cores)."""

@@ -1,5 +1,6 @@
 """Sampling fields that change which token may come, on SmolLM2 and the torch engine: min_tokens
-(vLLM's: EOS and stop_token_ids wait for it), logit_bias (OpenAI's) and allowed_token_ids (vLLM's)."""
+(vLLM's: EOS and stop_token_ids wait for it), logit_bias (OpenAI's), allowed_token_ids and
+bad_words (vLLM's)."""
 
 from __future__ import annotations
 
@@ -85,3 +86,28 @@ def test_logit_bias_and_allowed_token_ids_change_what_is_sampled_not_the_logprob
         engine.add_request(EngineRequest("bad", prompt, SamplingParams(max_tokens=2, logit_bias_ids=(10**7,),
                                                                        logit_bias_values=(1.0,))))
     assert bad.value.field == "logit_bias_ids"
+
+
+def test_bad_words_ban_a_words_last_token_after_the_rest_of_it_in_the_output(say_hi):
+    """vLLM's bad_words rule: a one-token word is never sampled; a longer one loses its last token
+    only where the output (not the prompt) already ends with the rest of it."""
+    runner, tokenizer, prompt = say_hi
+    engine = Engine(runner)
+    free, _ = _answer(engine, "free", prompt, SamplingParams(max_tokens=4))
+    one, _ = _answer(engine, "one", prompt, SamplingParams(max_tokens=4, bad_words_token_ids=((free[0],),)))
+    assert one[0] != free[0] and free[0] not in one
+    two, _ = _answer(engine, "two", prompt, SamplingParams(max_tokens=4, bad_words_token_ids=((free[1], free[2]),)))
+    assert two[:2] == free[:2] and two[2] != free[2]
+    across, _ = _answer(engine, "across", prompt, SamplingParams(max_tokens=4,
+                                                                  bad_words_token_ids=((prompt[-1], free[0]),)))
+    assert across == free  # (the prompt's last token does not count as the word's start)
+    with pytest.raises(RequestError) as bad:
+        engine.add_request(EngineRequest("bad", prompt, SamplingParams(max_tokens=2, bad_words_token_ids=((10**7,),))))
+    assert bad.value.field == "bad_words_token_ids"
+    from dyn.config.recipe import MockTiming
+    from dyn.engine.mock import MockEngine
+
+    with pytest.raises(RequestError) as refused:
+        MockEngine(MockTiming()).add_request(EngineRequest("m", [1, 2], SamplingParams(
+            max_tokens=2, bad_words_token_ids=((5,),))))
+    assert refused.value.field == "bad_words_token_ids"

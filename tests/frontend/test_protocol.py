@@ -30,6 +30,26 @@ def test_logit_bias_becomes_sorted_ids_and_biases_and_crosses_the_wire():
     assert parse_chat({**CHAT, "allowed_token_ids": [9, 3, 9]}).sampling.allowed_token_ids == (3, 9)
 
 
+def test_bad_words_become_token_sequences_by_vllms_rule():
+    """Each word as written (leading spaces dropped), and after a space where that gives as many
+    tokens but another first one (the word inside a sentence); they cross the wire."""
+    vocab = {"hello": [5], " hello": [7], "ice cream": [1, 2], " ice cream": [3, 2], "a b": [4, 5],
+             " a b": [4, 5], "x": [9], " x": [10, 9], "": [], " ": []}
+    req = parse_chat({**CHAT, "bad_words": ["hello", "  ice cream", "a b", "x", "hello"]})
+    assert req.bad_words == ("hello", "  ice cream", "a b", "x")  # (duplicates once)
+    sequences = req.with_bad_words(vocab.__getitem__).sampling.bad_words_token_ids
+    assert sequences == ((5,), (7,), (1, 2), (3, 2), (4, 5), (9,))
+    wire = GenerateRequest("r", [1, 2], sampling=req.with_bad_words(vocab.__getitem__).sampling)
+    assert REQUEST_CODEC.decode(REQUEST_CODEC.encode(wire)) == wire
+    with pytest.raises(ApiError) as empty:
+        parse_chat({**CHAT, "bad_words": ["hello", "zzz"]}).with_bad_words(lambda text: [] if "z" in text else [1])
+    assert empty.value.param == "bad_words" and "bad_words[1]" in empty.value.message
+    with pytest.raises(ApiError) as many:
+        parse_chat({**CHAT, "bad_words": [f"w{i}" for i in range(100)]}).with_bad_words(lambda text: [len(text)])
+    assert many.value.param == "bad_words" and "200 token sequences" in many.value.message
+    assert parse_chat(CHAT).with_bad_words(vocab.__getitem__).sampling.bad_words_token_ids == ()
+
+
 def test_max_tokens_defaults_and_resolution():
     chat = parse_chat(CHAT)
     assert chat.sampling.max_tokens is None and chat.sampling.temperature == 1.0  # OpenAI's defaults
