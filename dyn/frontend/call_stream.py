@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Callable
 
 MAX_HEAD_CHARS = 512
 """A call whose name and arguments key have not come within this many characters is not streamed."""
@@ -97,11 +98,27 @@ class CallStream:
         return arguments_end
 
 
+def advance_calls(text: str, streams: list[CallStream], next_call: Callable[[str, int], int | None]) -> list[dict]:
+    """The deltas `text` added to its calls, one call after another: `streams` grows by a call
+    once `next_call(text, where the last one ended, or 0)` finds where the next one starts."""
+    deltas: list[dict] = []
+    while True:
+        current = streams[-1] if streams else None
+        if current is not None:
+            deltas += current.advance(text)
+            if current.end is None:  # (not written whole yet, or not streamable: what follows waits)
+                return deltas
+        start = next_call(text, current.end if current is not None else 0)
+        if start is None:
+            return deltas
+        streams.append(CallStream(start, len(streams)))
+
+
 def _head(text: str, pos: int) -> tuple[str, int] | bool | None:
     """`{"name": "<name>", "arguments": ` up to the arguments' `{`: (name, where that brace is);
     None while the text may still become that; False when it cannot."""
     for expected in ("{", '"name"', ":", '"'):
-        pos = _skip_space(text, pos)
+        pos = skip_space(text, pos)
         found = _literal(text, pos, (expected,))
         if found is None or found is False:  # (False is an int too)
             return found
@@ -115,7 +132,7 @@ def _head(text: str, pos: int) -> tuple[str, int] | bool | None:
         return False
     pos = name_end
     for expected in ((",",), ('"arguments"', '"parameters"'), (":",), ("{",)):
-        pos = _skip_space(text, pos)
+        pos = skip_space(text, pos)
         found = _literal(text, pos, expected)
         if found is None or found is False:  # (False is an int too)
             return found
@@ -123,7 +140,7 @@ def _head(text: str, pos: int) -> tuple[str, int] | bool | None:
     return (name, pos - 1) if name else False
 
 
-def _skip_space(text: str, pos: int) -> int:
+def skip_space(text: str, pos: int) -> int:
     while pos < len(text) and text[pos] in _SPACE:
         pos += 1
     return pos

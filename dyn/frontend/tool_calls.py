@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass, replace
 
 from dyn.config.recipe import ToolCallParser
-from dyn.frontend.call_stream import CallStream, new_call_id
+from dyn.frontend.call_stream import CallStream, advance_calls, new_call_id, skip_space
 from dyn.frontend.reasoning import ReasoningSplitter, Split, partial_marker
 
 HERMES_START, HERMES_END = "<tool_call>", "</tool_call>"
@@ -147,7 +147,7 @@ class ToolCallSplitter:
         if not final:
             return before
         content, calls = parse_tool_calls(self._parser, text)
-        self.calls = self._reconciled(calls)
+        self.calls = _reconciled(calls, self._streams, self._deltas)
         return before + content
 
     def take_deltas(self) -> list[dict]:
@@ -156,17 +156,7 @@ class ToolCallSplitter:
         return deltas
 
     def _stream_calls(self) -> None:
-        text = self._held
-        while True:
-            current = self._streams[-1] if self._streams else None
-            if current is not None:
-                self._deltas += current.advance(text)
-                if current.end is None:  # (not written whole yet, or not streamable: what follows waits)
-                    return
-            start = self._next_call(text, current.end if current is not None else 0)
-            if start is None:
-                return
-            self._streams.append(CallStream(start, len(self._streams)))
+        self._deltas += advance_calls(self._held, self._streams, self._next_call)
 
     def _next_call(self, text: str, pos: int) -> int | None:
         """Where the next call's object starts at or after `pos` in the held text, if written yet."""
@@ -178,20 +168,6 @@ class ToolCallSplitter:
         if pos == 0 and text.startswith("<|python_tag|>"):
             return self._next_call(text, len("<|python_tag|>"))
         return pos if text.startswith("{", pos) else None
-
-    def _reconciled(self, calls: list[ToolCall]) -> list[ToolCall]:
-        """The final parse's calls, with the ids the streamed ones went out under; a call that did
-        not stream goes out whole now."""
-        streamed = {s.index: s for s in self._streams if s.name is not None}
-        out = []
-        for index, call in enumerate(calls):
-            stream = streamed.get(index)
-            if stream is None:
-                self._deltas.append(call.as_dict(index))
-            else:
-                call = replace(call, id=stream.id)
-            out.append(call)
-        return out
 
     def _call_start(self, text: str) -> int | None:
         """Where a call begins in `text`, or None."""
@@ -216,38 +192,39 @@ class ToolCallSplitter:
 class ForcedCalls:
     """tool_choice required or named: the grammar made the whole answer the call(s) as JSON (a
     named function's arguments; for required, a list of {"name", "parameters"}), so nothing is
-    content. Streamed, a named call goes out as it is written (its id and name first, then every
-    piece as arguments); required calls come whole at the end. Not streamed, JSON cut short
-    (max_tokens) comes back as content."""
+    content. Streamed, each call goes out as it is written (its id and name first, then its
+    arguments piece by piece; a named call's every piece is its arguments). Not streamed, JSON
+    cut short (max_tokens) comes back as content."""
 
     def __init__(self, name: str | None) -> None:
         self._name = name
-        self._held: list[str] = []
+        self._text = ""
         self._deltas: list[dict] = []
         self._streamed_id: str | None = None
         """A named call's id once its first delta went out (the answer is streamed)."""
+        self._streams: list[CallStream] = []
+        """required: the list's calls, as they are written (the answer is streamed)."""
         self.calls: list[ToolCall] = []
 
     def feed(self, text: str, *, final: bool = False) -> str:
-        self._held.append(text)
-        if self._name is not None and (self._streamed_id is not None or not final):
+        self._text += text
+        streamed = self._streamed_id is not None or any(s.name is not None for s in self._streams)
+        if streamed or not final:
             self._stream(text)
         if not final:
             return ""
-        whole = "".join(self._held)
         try:
-            value = json.loads(whole)
+            value = json.loads(self._text)
         except ValueError:
             value = None
         objects = [{"name": self._name, "arguments": value}] if self._name is not None else value
         calls = [_from_object(obj) for obj in objects] if isinstance(objects, list) else [None]
         if None in calls:
-            return "" if self._streamed_id is not None else whole  # (streamed: its pieces went out as arguments)
+            return "" if streamed else self._text  # (streamed: its pieces went out as calls)
         if self._streamed_id is not None:
-            calls[0] = replace(calls[0], id=self._streamed_id)  # type: ignore[arg-type]
+            self.calls = [replace(calls[0], id=self._streamed_id)]  # type: ignore[arg-type]
         else:
-            self._deltas += [call.as_dict(i) for i, call in enumerate(calls)]  # type: ignore[union-attr]
-        self.calls = calls  # type: ignore[assignment]
+            self.calls = _reconciled(calls, self._streams, self._deltas)
         return ""
 
     def take_deltas(self) -> list[dict]:
@@ -255,12 +232,40 @@ class ForcedCalls:
         return deltas
 
     def _stream(self, text: str) -> None:
+        if self._name is None:
+            self._deltas += advance_calls(self._text, self._streams, _next_listed_call)
+            return
         if self._streamed_id is None:
             self._streamed_id = new_call_id()
             self._deltas.append({"index": 0, "id": self._streamed_id, "type": "function",
                                  "function": {"name": self._name, "arguments": ""}})
         if text:
             self._deltas.append({"index": 0, "function": {"arguments": text}})
+
+
+def _next_listed_call(text: str, pos: int) -> int | None:
+    """Where the next call's object of a JSON list of calls starts (after `[`, or after the
+    previous call ending at `pos` and a comma), if written yet."""
+    pos = skip_space(text, pos)
+    if not text.startswith("," if pos else "[", pos):
+        return None
+    pos = skip_space(text, pos + 1)
+    return pos if text.startswith("{", pos) else None
+
+
+def _reconciled(calls: list, streams: list[CallStream], deltas: list[dict]) -> list[ToolCall]:
+    """The final parse's calls, with the ids the streamed ones went out under; a call that did
+    not stream goes out whole now (appended to `deltas`)."""
+    streamed = {s.index: s for s in streams if s.name is not None}
+    out = []
+    for index, call in enumerate(calls):
+        stream = streamed.get(index)
+        if stream is None:
+            deltas.append(call.as_dict(index))
+        else:
+            call = replace(call, id=stream.id)
+        out.append(call)
+    return out
 
 
 class AnswerSplitter:

@@ -122,6 +122,30 @@ def test_a_named_call_cut_short_is_content_whole_and_truncated_arguments_streame
     assert last.call_deltas == [{"index": 0, "function": {"arguments": cut[5:]}}]
 
 
+def test_required_calls_stream_one_after_another_and_keep_their_ids():
+    """tool_choice required, streamed a few characters at a time: each call's header once its
+    name is written, its arguments as they come, the final calls under the streamed ids; cut
+    short, the calls already begun stay streamed and nothing becomes content."""
+    answer = '[ {"name": "get_time", "parameters": {}} ,\n{"name": "get_weather", "parameters": {"city": "Oslo"}}]'
+    splitter = AnswerSplitter(None, ForcedCalls(None))
+    splits = [splitter.feed(answer[i:i + 7], final=i + 7 >= len(answer)) for i in range(0, len(answer), 7)]
+    deltas = [d for split in splits for d in split.call_deltas or ()]
+    assert not any(split.content for split in splits)
+    heads = {d["index"]: d for d in deltas if "id" in d}
+    assert [heads[i]["function"]["name"] for i in (0, 1)] == ["get_time", "get_weather"]
+    assert [json.loads("".join(d["function"]["arguments"] for d in deltas if d["index"] == i)) for i in (0, 1)] == [
+        {}, {"city": "Oslo"}]
+    assert [call.id for call in splits[-1].tool_calls] == [heads[0]["id"], heads[1]["id"]]
+    cut = answer[:85]
+    streamed = AnswerSplitter(None, ForcedCalls(None))
+    first, last = streamed.feed(cut[:40]), streamed.feed(cut[40:], final=True)
+    assert first.content == last.content == "" and not last.tool_calls
+    assert [d["function"]["name"] for d in (first.call_deltas or []) + (last.call_deltas or []) if "id" in d] == [
+        "get_time", "get_weather"]
+    whole = ForcedCalls(None)
+    assert whole.feed(cut, final=True) == cut and whole.calls == [] and whole.take_deltas() == []
+
+
 def test_a_tool_conversation_renders_through_the_template_as_transformers_renders_it():
     """Assistant tool_calls (arguments sent as JSON text) reach the template as objects, and tool
     results as the tool role with their call id, as transformers' apply_chat_template expects."""
@@ -243,10 +267,14 @@ def test_a_forced_tool_choice_is_the_calls_json_without_a_parser():
         assert chunks[-1].finish_reason == "tool_calls" and not any(choice.delta.content for choice in chunks)
     with _harness_for('[{"name": "get_time", "parameters": {}}, {"name": "get_weather", "parameters": {"city": "Oslo"}}]') \
             as h, openai.OpenAI(base_url=h.base_url, api_key="x", max_retries=0, timeout=10) as c:
+        # streamed, required calls go out as they are written too, one after the other
         required = _ask(c, tools=[WEATHER, other], tool_choice="required", stream=True)
-        calls = [d for chunk in required for d in (chunk.choices[0].delta.tool_calls or ()) if chunk.choices]
-        assert [(d.function.name, json.loads(d.function.arguments)) for d in calls] == [
-            ("get_time", {}), ("get_weather", {"city": "Oslo"})]
+        parts = [d for chunk in required for d in (chunk.choices[0].delta.tool_calls or ()) if chunk.choices]
+        heads = [d for d in parts if d.id]
+        assert [(d.index, d.function.name) for d in heads] == [(0, "get_time"), (1, "get_weather")]
+        assert len(parts) > 4 and [d.index for d in parts] == sorted(d.index for d in parts)
+        assert [json.loads("".join(d.function.arguments for d in parts if d.index == i)) for i in (0, 1)] == [
+            {}, {"city": "Oslo"}]
         schema = json.loads(h.workers["w0"].requests[-1].sampling.json_schema)
         assert schema["type"] == "array" and schema["minItems"] == 1 and len(schema["items"]["anyOf"]) == 2
 
