@@ -12,4 +12,6 @@ PROTOCOL_VERSION = 9
 6: SamplingParams gained min_p, top_logprobs and the three penalties, TokenChunk top_ids and
    top_logprobs (a version-5 peer would refuse them as unknown fields).
 7: SamplingParams.prompt_logprobs and json_schema, TokenChunk.prompt_logprobs, GenerateRequest.resumed_tokens
-   (completions' echo, structured output)."""
+   (completions' echo, structured output).
+8: SamplingParams.logit_bias_ids, logit_bias_values and allowed_token_ids.
+9: SamplingParams.bad_words_token_ids, regex and grammar."""

@@ -51,6 +51,12 @@ class SamplingParams:
     json_schema: str | None = None
     """Structured output: the answer is JSON matching this JSON schema (as JSON text; OpenAI's
     response_format json_object is the schema {"type": "object"}); None: free text."""
+    regex: str | None = None
+    """Structured output: the answer matches this regular expression (vLLM's guided_regex)."""
+    grammar: str | None = None
+    """Structured output: the answer is a sentence of this EBNF grammar (GBNF, as xgrammar reads
+    it: vLLM's guided_grammar; guided_choice arrives as a grammar of its choices). At most one
+    of json_schema, regex and grammar is set."""
     logit_bias_ids: tuple[int, ...] = ()
     """OpenAI's logit_bias: these tokens' logits get `logit_bias_values` added before sampling
     (-100 bans a token, 100 all but forces it); logprobs stay the model's."""
@@ -64,6 +70,15 @@ class SamplingParams:
     """Score the prompt: each prompt token's logprob given the tokens before it, and this many
     likeliest tokens at each of those positions (0: the prompt token's alone); None: off. The
     prompt then runs through the model whole (a cached prefix has no logits to read)."""
+
+    @property
+    def structured(self) -> tuple[str, str] | None:
+        """The grammar the answer follows as (kind, text), kind named as in vLLM's
+        StructuredOutputsParams ("json", "regex", "grammar"); None: free text."""
+        for kind, text in (("json", self.json_schema), ("regex", self.regex), ("grammar", self.grammar)):
+            if text is not None:
+                return kind, text
+        return None
 
     @property
     def penalized(self) -> bool:

@@ -39,7 +39,7 @@ class Engine(Backend):
                  max_num_batched_tokens: int = 2048, detokenize: Detokenize | None = None,
                  clock: Callable[[], float] = time.monotonic, grammars: Callable[[], Any] | None = None) -> None:
         """`grammars`: builds the structured-output compiler (dyn.engine.grammar.Grammars) on the
-        first request with a json_schema; None: such requests are refused (the mock engine)."""
+        first structured-output request; None: such requests are refused (the mock engine)."""
         if max_batch_size < 1 or max_num_batched_tokens < 1:
             raise EngineError(f"max_batch_size ({max_batch_size}) and max_num_batched_tokens "
                               f"({max_num_batched_tokens}) must be >= 1")
@@ -82,12 +82,12 @@ class Engine(Backend):
     def preparation(self, request: EngineRequest) -> Callable[[], None] | None:
         """A structured-output request's grammar, built off the engine thread: the compiler's first
         build takes seconds (imports, the vocabulary) and a large schema's compile up to a second."""
-        schema = request.sampling.json_schema
-        if schema is None or self._make_grammars is None:
-            return None  # (add_request refuses a schema this engine cannot do)
-        if self._grammars is not None and self._grammars.is_compiled(schema):
+        structured = request.sampling.structured
+        if structured is None or self._make_grammars is None:
+            return None  # (add_request refuses a grammar this engine cannot do)
+        if self._grammars is not None and self._grammars.is_compiled(structured):
             return None
-        return lambda: self._compiler().compile(schema)
+        return lambda: self._compiler().compile(structured)
 
     def add_request(self, request: EngineRequest) -> None:
         seq = self._new_sequence(request)
@@ -277,7 +277,7 @@ class Engine(Backend):
 
     def _new_sequence(self, request: EngineRequest) -> Sequence:
         _check_request(request, self.runner, self._seqs)
-        constraint = self._constraint(request) if request.sampling.json_schema is not None else None
+        constraint = self._constraint(request) if request.sampling.structured is not None else None
         self._num_arrivals += 1
         seq = Sequence.from_request(request, self._num_arrivals, self.block_size, self._hashes)
         seq.constraint = constraint
@@ -286,13 +286,12 @@ class Engine(Backend):
     def _constraint(self, request: EngineRequest) -> Any:
         """The request's grammar, advanced past a migrated request's earlier output."""
         if self._make_grammars is None:
-            raise RequestError("this engine does not do structured output (response_format json); the torch "
-                               "and vllm engines do", field="response_format")
-        constraint = self._compiler().constraint(request.sampling.json_schema)
+            raise RequestError("this engine does not do structured output (response_format JSON, regex, choice, "
+                               "grammar); the torch and vllm engines do", field="response_format")
+        constraint = self._compiler().constraint(request.sampling.structured)
         resumed = request.prompt_token_ids[len(request.prompt_token_ids) - request.resumed_tokens:]
         if not all(constraint.accept(token) for token in resumed):
-            raise RequestError("the resumed output does not follow the response_format grammar",
-                               field="resumed_tokens")
+            raise RequestError("the resumed output does not follow the request's grammar", field="resumed_tokens")
         return constraint
 
     def _compiler(self) -> Any:
@@ -479,6 +478,10 @@ def _check_sampling(request: EngineRequest, vocab: int) -> None:
         ids = getattr(sp, field)
         if not _INT_ONLY.issuperset(map(type, ids)) or any(not 0 <= token < vocab for token in ids):
             raise bad(field, f"must be token ids in [0, {vocab})")
+    guides = [text for text in (sp.json_schema, sp.regex, sp.grammar) if text is not None]
+    if len(guides) > 1 or not all(isinstance(text, str) and text for text in guides):
+        raise RequestError(f"request {rid!r}: at most one of json_schema, regex and grammar may be set, as a "
+                           "non-empty string", field="json_schema")
     if len(sp.bad_words_token_ids) > MAX_BAD_WORD_SEQUENCES or any(
             not words or not _INT_ONLY.issuperset(map(type, words)) or min(words) < 0 or max(words) >= vocab
             for words in sp.bad_words_token_ids):

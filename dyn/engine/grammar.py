@@ -1,7 +1,7 @@
-"""Structured output for the torch engine: JSON-schema grammars over the model's vocabulary.
+"""Structured output for the torch engine: grammars over the model's vocabulary.
 
-xgrammar (the library vLLM and SGLang use) compiles a JSON schema against the tokenizer's
-vocabulary once and, per request, keeps a matcher that says which tokens may come next: a
+xgrammar (the library vLLM and SGLang use) compiles a JSON schema, a regular expression or an
+EBNF grammar (SamplingParams.structured) against the tokenizer's vocabulary once and, per request, keeps a matcher that says which tokens may come next: a
 bitmask applied to the logits before sampling. Logprobs stay the model's own (the mask only
 narrows what is sampled), as vLLM reports them by default. Loaded on the first request that asks
 (transformers and xgrammar cost seconds to import); a worker without xgrammar refuses such
@@ -18,7 +18,11 @@ from dyn.errors import EngineError, RequestError
 
 INSTALL_HINT = "pip install xgrammar (dyn's 'structured' extra; vLLM brings it too)"
 MAX_COMPILED = 256
-"""Compiled schemas a worker keeps (an agent framework sends the same few over and over)."""
+"""Compiled grammars a worker keeps (an agent framework sends the same few schemas over and over)."""
+Structured = tuple[str, str]
+"""SamplingParams.structured: (kind, text), kind "json", "regex" or "grammar"."""
+_FIELDS = {"json": "response_format", "regex": "regex", "grammar": "grammar"}
+"""What a request that cannot be compiled is refused for, per kind."""
 
 
 class Grammars:
@@ -40,32 +44,35 @@ class Grammars:
             raise EngineError(f"structured output cannot use the tokenizer {path}: {exc}") from None
         self._xgr = xgr
         self._compiler = xgr.GrammarCompiler(info, max_threads=1)
-        self._compiled: dict[str, Any] = {}
-        """Schema text -> its compiled grammar, the newest MAX_COMPILED (read on the engine thread,
+        self._compile = {"json": self._compiler.compile_json_schema, "regex": self._compiler.compile_regex,
+                         "grammar": self._compiler.compile_grammar}
+        self._compiled: dict[Structured, Any] = {}
+        """(kind, text) -> its compiled grammar, the newest MAX_COMPILED (read on the engine thread,
         filled by `compile` on any thread: single dict operations, atomic under the GIL)."""
         self.vocab_size = vocab_size
 
-    def is_compiled(self, json_schema: str) -> bool:
-        return json_schema in self._compiled
+    def is_compiled(self, structured: Structured) -> bool:
+        return structured in self._compiled
 
-    def compile(self, json_schema: str) -> Any:
-        """The schema's grammar, compiled once (a large schema takes xgrammar a second; it lets go
-        of the GIL meanwhile); RequestError for a schema xgrammar cannot compile."""
-        compiled = self._compiled.get(json_schema)
+    def compile(self, structured: Structured) -> Any:
+        """The grammar, compiled once (a large schema takes xgrammar a second; it lets go of the
+        GIL meanwhile); RequestError for one xgrammar cannot compile."""
+        compiled = self._compiled.get(structured)
         if compiled is not None:
             return compiled
+        kind, text = structured
         try:
-            compiled = self._compiler.compile_json_schema(json_schema)
+            compiled = self._compile[kind](text)
         except (RuntimeError, ValueError, TypeError) as exc:
-            raise RequestError(f"response_format schema cannot be used: {exc}", field="response_format") from None
+            raise RequestError(f"the {_FIELDS[kind]} cannot be used: {exc}", field=_FIELDS[kind]) from None
         if len(self._compiled) >= MAX_COMPILED:
             self._compiled.pop(next(iter(self._compiled)), None)
-        self._compiled[json_schema] = compiled
+        self._compiled[structured] = compiled
         return compiled
 
-    def constraint(self, json_schema: str) -> "Constraint":
-        """A fresh matcher for one request (compiling its schema here if nobody did before)."""
-        return Constraint(self._xgr.GrammarMatcher(self.compile(json_schema)), self)
+    def constraint(self, structured: Structured) -> "Constraint":
+        """A fresh matcher for one request (compiling its grammar here if nobody did before)."""
+        return Constraint(self._xgr.GrammarMatcher(self.compile(structured)), self)
 
     def apply(self, logits: Any, rows: Sequence[tuple[int, "Constraint"]]) -> None:
         """Mask `logits` [n, vocab] in place: row i keeps only what its constraint allows next."""
@@ -90,5 +97,5 @@ class Constraint:
 
     @property
     def done(self) -> bool:
-        """The JSON is complete and its stop token taken: nothing may follow."""
+        """The answer is complete and its stop token taken: nothing may follow."""
         return self.matcher.is_terminated()

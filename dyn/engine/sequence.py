@@ -49,7 +49,7 @@ class Sequence:
     """Prompt tokens served from the cache on first admission (reported once)."""
     is_first_output: bool = True
     constraint: Any = None
-    """SamplingParams.json_schema: the request's grammar state (dyn.engine.grammar.Constraint)."""
+    """SamplingParams.structured: the request's grammar state (dyn.engine.grammar.Constraint)."""
     prompt_scores: PromptLogprobs | None = None
     """SamplingParams.prompt_logprobs: the scores so far, sent with the first output."""
     finish_reason: FinishReason | None = None

@@ -266,14 +266,15 @@ class VllmEngine(Backend):
             max_tokens = s.max_tokens
         if transfer_params is not None:
             extra["extra_args"] = {"kv_transfer_params": transfer_params}
-        if s.json_schema is not None:
+        if s.structured is not None:
             from vllm.sampling_params import StructuredOutputsParams
 
             if request.resumed_tokens:
-                raise RequestError("vLLM cannot continue a response_format grammar after earlier output (a "
+                raise RequestError("vLLM cannot continue a structured-output grammar after earlier output (a "
                                    "migrated request); its grammar starts at the first generated token",
                                    field="resumed_tokens")
-            extra["structured_outputs"] = StructuredOutputsParams(json=s.json_schema)
+            kind, text = s.structured
+            extra["structured_outputs"] = StructuredOutputsParams(**{kind: text})
         try:
             params = SamplingParams(
                 max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or 0, min_p=s.min_p,

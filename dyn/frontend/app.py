@@ -321,6 +321,12 @@ class _Handlers:
         if not ids:
             raise ApiError("the prompt encodes to zero tokens", param=param)
         limit = min(s.max_prompt_tokens or s.max_context, s.max_context - 1)
+        keep = req.truncate_prompt_tokens
+        if keep is not None:  # (vLLM's: the prompt's tail, where the question usually is)
+            if keep > limit:
+                raise ApiError(f"truncate_prompt_tokens ({keep}) exceeds the prompt limit of {limit} tokens",
+                               param="truncate_prompt_tokens")
+            ids = ids[-(limit if keep == -1 else keep):]
         if len(ids) > limit:
             raise ApiError(f"the prompt has {len(ids)} tokens; the limit is {limit}", param=param,
                            code="context_length_exceeded")
@@ -350,7 +356,7 @@ class _Handlers:
         parser = self.fe.settings.reasoning_parser
         # (under a response_format grammar the answer is JSON from its first token: no reasoning)
         reasoning = (ReasoningSplitter(thinking=thinking_at_start(parser, req.template_kwargs))
-                     if parser != "none" and req.kind == "chat" and req.sampling.json_schema is None else None)
+                     if parser != "none" and req.kind == "chat" and req.sampling.structured is None else None)
         mode, name = req.tool_choice
         tools = (ToolCallSplitter(self.fe.settings.tool_call_parser) if req.tools and mode == "auto"
                  else ForcedCalls(name) if mode in ("required", "named") else None)

@@ -33,8 +33,7 @@ MAX_TOKEN_ID = 2**31 - 1
 """Token ids and top_k travel as msgpack ints; no vocabulary comes near this."""
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _UNSUPPORTED_EXTENSIONS: dict[str, Any] = {
-    "use_beam_search": False, "guided_choice": None, "guided_regex": None, "guided_grammar": None,
-    "skip_special_tokens": True, "prompt_logprobs": None, "truncate_prompt_tokens": None,
+    "use_beam_search": False, "skip_special_tokens": True, "prompt_logprobs": None,
     "length_penalty": 1.0, "spaces_between_special_tokens": True}
 """vLLM request fields dyn does not do, with the value that asks for nothing: any other value is a
 400 (ignoring it would silently change what the client asked for)."""
@@ -81,6 +80,8 @@ class GenerationRequest:
     """completion: a text prompt's encoding adds the tokenizer's special tokens (BOS), as vLLM's does."""
     include_stop: bool = False
     """vLLM's include_stop_str_in_output: a matched stop string ends the text instead of being cut."""
+    truncate_prompt_tokens: int | None = None
+    """vLLM's: only the prompt's last this many tokens are kept (-1: as many as the context allows)."""
     bad_words: tuple[str, ...] = ()
     """vLLM's bad_words: words the answer may not contain (the frontend tokenizes them into
     sampling.bad_words_token_ids once the tokenizer is at hand)."""
@@ -284,13 +285,13 @@ def _common(body: dict, kind: str, output: tuple[int | None, bool, int], default
         if not stream:
             raise ApiError("stream_options is only allowed with stream=true", param="stream_options")
         include_usage = _opt_bool(options, "include_usage", "stream_options.include_usage") or False
-    json_schema = _response_format(body.get("response_format"), body)
+    structured = _structured(body)
     hints, unknown = parse_hints(body)
     ignore_eos = hints.ignore_eos
     if ignore_eos is None:
         ignore_eos = _opt_bool(body, "ignore_eos")
     stop = _stop(body.get("stop"))
-    min_tokens = _min_tokens(body, max_tokens, json_schema)
+    min_tokens = _min_tokens(body, max_tokens, bool(structured))
     sampling = SamplingParams(
         max_tokens=max_tokens, temperature=defaults.temperature if temperature is None else temperature,
         top_p=defaults.top_p if top_p is None else top_p,
@@ -301,12 +302,13 @@ def _common(body: dict, kind: str, output: tuple[int | None, bool, int], default
         presence_penalty=defaults.presence_penalty if presence is None else presence,
         frequency_penalty=defaults.frequency_penalty if frequency is None else frequency,
         repetition_penalty=defaults.repetition_penalty if repetition is None else repetition,
-        json_schema=json_schema, logit_bias_ids=bias_ids, logit_bias_values=bias_values,
-        allowed_token_ids=_allowed_token_ids(body))
+        logit_bias_ids=bias_ids, logit_bias_values=bias_values, allowed_token_ids=_allowed_token_ids(body),
+        **structured)
     return GenerationRequest(kind=kind, model=model, sampling=sampling, n=n or 1,  # type: ignore[arg-type]
                              stream=stream, include_usage=include_usage, hints=hints, unknown_hints=unknown,
                              include_stop=_opt_bool(body, "include_stop_str_in_output") or False,
-                             bad_words=_bad_words(body.get("bad_words")), **fields)
+                             bad_words=_bad_words(body.get("bad_words")),
+                             truncate_prompt_tokens=_truncate_prompt_tokens(body), **fields)
 
 
 def _logit_bias(raw: Any) -> tuple[tuple[int, ...], tuple[float, ...]]:
@@ -339,15 +341,15 @@ def _allowed_token_ids(body: dict) -> tuple[int, ...]:
     return tuple(sorted(set(_int_list(body, "allowed_token_ids"))))
 
 
-def _min_tokens(body: dict, max_tokens: int | None, json_schema: str | None) -> int:
+def _min_tokens(body: dict, max_tokens: int | None, structured: bool) -> int:
     """vLLM's min_tokens: EOS, stop_token_ids and stop strings cannot end the answer before this
     many tokens came (a stop string must end in a later token's text)."""
     value = _opt_int(body, "min_tokens", 0, None) or 0
     if value and max_tokens is not None and value > max_tokens:
         raise ApiError(f"min_tokens ({value}) must not exceed max_tokens ({max_tokens})", param="min_tokens")
-    if value and json_schema is not None:  # a grammar may have to end before min_tokens
-        raise ApiError("min_tokens with response_format JSON (or a forced tool call) is not supported",
-                       param="min_tokens")
+    if value and structured:  # a grammar may have to end before min_tokens
+        raise ApiError("min_tokens with structured output (response_format JSON, regex, choice, grammar or a "
+                       "forced tool call) is not supported", param="min_tokens")
     return value
 
 
@@ -387,30 +389,64 @@ def _require_object(body: Any) -> dict:
     return body
 
 
-def _response_format(raw: Any, body: dict) -> str | None:
-    """response_format as the JSON schema the answer must match (json_object: any object); None
-    for text. vLLM's own spellings of a schema (guided_json, structured_outputs.json) count too.
-    The workers compile it (a schema they cannot use is their 400)."""
-    legacy = body.get("guided_json")
+def _structured(body: dict) -> dict[str, str]:
+    """The grammar the answer must follow, as SamplingParams fields ({}: free text): OpenAI's
+    response_format, or vLLM's spellings, guided_json/_regex/_choice/_grammar and
+    structured_outputs {json | json_object | regex | choice | grammar}; one of them. A choice
+    becomes a grammar of its strings (as vLLM builds it). The workers compile the result (one
+    they cannot use is their 400)."""
+    given: list[tuple[str, str, Any]] = []
+    """(the request's field, kind, value) for each one set"""
+    schema = _response_format(body.get("response_format"))
+    if schema is not None:
+        given.append(("response_format", "schema", schema))
+    for kind in ("json", "regex", "choice", "grammar"):
+        if body.get(f"guided_{kind}") is not None:
+            given.append((f"guided_{kind}", kind, body[f"guided_{kind}"]))
     outputs = body.get("structured_outputs")
     if outputs is not None:
-        if not isinstance(outputs, dict) or set(outputs) - {"json"}:
-            raise ApiError("structured_outputs: only {'json': <schema>} is supported (choice, regex and grammar "
-                           "are not)", param="structured_outputs")
-        legacy = outputs.get("json")
-    if legacy is not None:
-        if raw is not None:
-            raise ApiError("give the schema once: response_format or guided_json/structured_outputs",
-                           param="response_format")
-        schema = legacy
-        if isinstance(legacy, str):
+        if not isinstance(outputs, dict) or set(outputs) - {"json", "json_object", "regex", "choice", "grammar"}:
+            raise ApiError("structured_outputs must be an object with one of json, json_object, regex, choice and "
+                           "grammar", param="structured_outputs")
+        given += [(f"structured_outputs.{kind}", kind, value) for kind, value in outputs.items()
+                  if value is not None and value is not False]
+    if not given:
+        return {}
+    if len(given) > 1:
+        raise ApiError(f"give one structured output, not {' and '.join(param for param, _, _ in given)}",
+                       param=given[1][0])
+    param, kind, value = given[0]
+    if kind == "schema":  # (response_format's, as JSON text already)
+        return {"json_schema": value}
+    if kind == "json_object":
+        if value is not True:
+            raise ApiError(f"{param} must be true or false", param=param)
+        return {"json_schema": JSON_OBJECT_SCHEMA}
+    if kind == "json":
+        if isinstance(value, str):
             try:
-                schema = json.loads(legacy)
+                value = json.loads(value)
             except ValueError:
-                raise ApiError("the JSON schema is not valid JSON", param="guided_json") from None
-        if not isinstance(schema, dict):
-            raise ApiError("the JSON schema must be an object", param="guided_json")
-        return json.dumps(schema, ensure_ascii=False)
+                raise ApiError("the JSON schema is not valid JSON", param=param) from None
+        if not isinstance(value, dict):
+            raise ApiError("the JSON schema must be an object", param=param)
+        return {"json_schema": json.dumps(value, ensure_ascii=False)}
+    if kind == "choice":
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+            raise ApiError(f"{param} must be a non-empty list of non-empty strings", param=param)
+        for choice in value:
+            _require_utf8(choice, param)
+        # an EBNF grammar of the strings (a JSON string literal is one in xgrammar's EBNF too)
+        return {"grammar": "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in value)}
+    if not isinstance(value, str) or not value.strip():
+        raise ApiError(f"{param} must be a non-empty string", param=param)
+    _require_utf8(value, param)
+    return {kind: value}
+
+
+def _response_format(raw: Any) -> str | None:
+    """OpenAI's response_format as the JSON schema the answer must match (json_object: any
+    object); None for text."""
     if raw is None:
         return None
     kind = raw.get("type") if isinstance(raw, dict) else None
@@ -547,6 +583,14 @@ def _stop(raw: Any) -> tuple[str, ...]:
     for s in stops:
         _require_utf8(s, "stop")
     return tuple(stops)
+
+
+def _truncate_prompt_tokens(body: dict) -> int | None:
+    keep = _opt_int(body, "truncate_prompt_tokens", -1, MAX_TOKEN_ID)
+    if keep == 0:
+        raise ApiError("truncate_prompt_tokens must be -1 (the context's limit) or a count >= 1",
+                       param="truncate_prompt_tokens")
+    return keep
 
 
 def _bad_words(raw: Any) -> tuple[str, ...]:

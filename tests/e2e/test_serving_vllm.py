@@ -14,6 +14,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -290,8 +291,8 @@ def test_echo_scores_prompt_tokens_as_vllm_does_on_either_path(deployment, promp
 
 
 def test_structured_output_a_forced_tool_call_and_min_tokens_through_vllm(deployment):
-    """response_format json_schema and tool_choice naming a function: vLLM's own structured output
-    (xgrammar) shapes the answer, which parses as JSON of the schema; min_tokens holds its EOS back."""
+    """response_format json_schema, tool_choice naming a function, guided_choice and guided_regex:
+    vLLM's own structured output (xgrammar) shapes the answer, which parses as JSON of the schema; min_tokens holds its EOS back."""
     client = _client(deployment)
     schema = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 24}},
               "required": ["capital"], "additionalProperties": False}
@@ -309,6 +310,14 @@ def test_structured_output_a_forced_tool_call_and_min_tokens_through_vllm(deploy
     (call,) = called.choices[0].message.tool_calls
     assert called.choices[0].finish_reason == "tool_calls" and call.function.name == "get_capital"
     assert set(json.loads(call.function.arguments)) == {"country"}
+    # vLLM's guided_choice (sent as an EBNF grammar of the choices) and guided_regex, through vLLM's xgrammar
+    choices = ["Paris", "Lyon", "Marseille"]
+    chosen = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                            extra_body={"guided_choice": choices})
+    assert chosen.choices[0].message.content in choices
+    year = client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0, extra_body={"guided_regex": "[0-9]{4}"},
+                                          messages=[{"role": "user", "content": "When did the Second World War end?"}])
+    assert re.fullmatch("[0-9]{4}", year.choices[0].message.content)
     short = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi."}],
                                            max_tokens=60, temperature=0)
     held = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi."}],

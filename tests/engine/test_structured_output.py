@@ -1,11 +1,12 @@
 """Structured output on the torch engine: with a json_schema, SmolLM2's answer is JSON matching the
-schema (xgrammar masks what it may sample), its logprobs stay the model's, a request resumed after
+schema (with a regex or a grammar, matching that) (xgrammar masks what it may sample), its logprobs stay the model's, a request resumed after
 a migration continues the same grammar, and engines or schemas that cannot do it refuse by name."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 from dataclasses import replace
 
@@ -69,6 +70,31 @@ def test_the_answer_is_json_matching_the_schema_and_a_resumed_request_continues_
     assert tokens[:5] + [t for out in resumed for t in out.token_ids] == tokens
 
 
+def test_a_regex_or_a_grammar_of_choices_shapes_the_answer(engine_parts):
+    """vLLM's guided_regex and guided_choice (which the frontend sends as an EBNF grammar of the
+    choices): the answer matches the regex, or is exactly one of the choices."""
+    runner, tokenizer, grammars = engine_parts
+    engine = Engine(runner, grammars=lambda: grammars)
+
+    def answer(question: str, **structured) -> str:
+        prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": question}]),
+                                  add_special_tokens=False)
+        outputs = _run(engine, EngineRequest(question, prompt, SamplingParams(max_tokens=12, **structured)))
+        assert outputs[-1].finish_reason == "stop"
+        return tokenizer.decode([t for out in outputs for t in out.token_ids if t not in runner.eos_token_ids])
+
+    assert re.fullmatch(r"[0-9]{4}", answer("In which year did the Second World War end?", regex="[0-9]{4}"))
+    choices = ["Paris", "Berlin", "a \"capital\""]
+    grammar = "root ::= " + " | ".join(json.dumps(c) for c in choices)
+    assert answer("What is the capital of France?", grammar=grammar) in choices
+    with pytest.raises(RequestError) as bad_regex:
+        engine.add_request(EngineRequest("bad", [1, 2], SamplingParams(regex="(")))
+    assert bad_regex.value.field == "regex"
+    with pytest.raises(RequestError) as two:
+        engine.add_request(EngineRequest("two", [1, 2], SamplingParams(regex="a", grammar='root ::= "a"')))
+    assert two.value.field == "json_schema"
+
+
 def test_refusals_name_what_and_where(engine_parts):
     runner, _, grammars = engine_parts
     with pytest.raises(RequestError) as bad_schema:
@@ -101,11 +127,11 @@ def test_a_grammar_is_compiled_once_by_the_preparation_off_the_engine_thread(eng
     assert engine.preparation(EngineRequest("plain", [1, 2], SamplingParams())) is None
     assert Engine(runner).preparation(request) is None  # no grammars: add_request refuses it by name
     prepare = engine.preparation(request)
-    assert prepare is not None and not grammars.is_compiled(schema)
+    assert prepare is not None and not grammars.is_compiled(("json", schema))
     thread = threading.Thread(target=prepare, name="preparing")
     thread.start()
     thread.join()
-    assert builds == ["preparing"] and grammars.is_compiled(schema) and engine.preparation(request) is None
+    assert builds == ["preparing"] and grammars.is_compiled(("json", schema)) and engine.preparation(request) is None
     engine.add_request(request)
     assert builds == ["preparing"]
     bad = engine.preparation(EngineRequest("bad", [1, 2], SamplingParams(json_schema='{"type": "no-such-type"}')))

@@ -62,10 +62,16 @@ CASES = [
     (CHAT, {"model": MODEL, "messages": MSGS, "continue_final_message": True}, 400, "continue_final_message"),
     (CHAT, {"model": MODEL, "messages": [*MSGS, {"role": "assistant", "content": "a"}], "continue_final_message": True,
             "add_generation_prompt": True}, 400, "continue_final_message"),
-    (COMP, {"model": MODEL, "prompt": "a", "guided_choice": ["a", "b"]}, 400, "guided_choice"),
+    (COMP, {"model": MODEL, "prompt": "a", "guided_choice": []}, 400, "guided_choice"),
+    (COMP, {"model": MODEL, "prompt": "a", "guided_choice": ["a", ""]}, 400, "guided_choice"),
+    (COMP, {"model": MODEL, "prompt": "a", "guided_regex": "a+", "guided_json": {}}, 400, "guided_regex"),
     (CHAT, {"model": MODEL, "messages": MSGS, "include_stop_str_in_output": 1}, 400, "include_stop_str_in_output"),
     (CHAT, {"model": MODEL, "messages": MSGS, "guided_json": "{oops"}, 400, "guided_json"),
-    (CHAT, {"model": MODEL, "messages": MSGS, "structured_outputs": {"regex": "a+"}}, 400, "structured_outputs"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "structured_outputs": {"xml": "a+"}}, 400, "structured_outputs"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "structured_outputs": {"regex": " "}}, 400, "structured_outputs.regex"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "structured_outputs": {"json_object": 1}}, 400,
+     "structured_outputs.json_object"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "guided_grammar": 5}, 400, "guided_grammar"),
     (CHAT, {"model": MODEL, "messages": MSGS, "min_tokens": -1}, 400, "min_tokens"),
     (CHAT, {"model": MODEL, "messages": MSGS, "min_tokens": 2, "response_format": {"type": "json_object"}}, 400,
      "min_tokens"),
@@ -102,6 +108,8 @@ CASES = [
     (COMP, {"model": MODEL, "prompt": "a", "logprobs": 21}, 400, "logprobs"),
     (COMP, {"model": MODEL, "prompt": "a", "echo": "yes"}, 400, "echo"),
     (COMP, {"model": MODEL, "prompt": [7] * 600}, 400, "prompt"),
+    (COMP, {"model": MODEL, "prompt": [7] * 8, "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
+    (COMP, {"model": MODEL, "prompt": [7] * 8, "truncate_prompt_tokens": 600}, 400, "truncate_prompt_tokens"),
     (COMP, {"model": MODEL, "prompt": "y" * 20000}, 400, "prompt"),  # tokenized off the event loop
 ]
 
@@ -129,6 +137,19 @@ def test_malformed_request(server, path, body, status, param):
     assert err["type"] == "invalid_request_error"
     assert err["param"] == param
     assert err["message"]
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_tail(server):
+    """vLLM's truncate_prompt_tokens: the worker gets the prompt's last k tokens (-1: as many as the
+    context allows), where a longer prompt would be a 400."""
+    url = f"http://127.0.0.1:{server.port}{COMP}"
+    prompt = list(range(100, 700))
+    for keep, expect in ((3, prompt[-3:]), (-1, prompt[-511:])):
+        got, payload, _ = asyncio.run(_post(url, {"model": MODEL, "prompt": prompt, "max_tokens": 1,
+                                                  "truncate_prompt_tokens": keep}))
+        assert got == 200, payload
+        assert list(server.workers["w0"].requests[-1].prompt_token_ids) == expect
+        assert payload["usage"]["prompt_tokens"] == len(expect)
 
 
 def test_still_serving_after_errors(server):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from dyn.control.requests import REQUEST_CODEC, GenerateRequest
@@ -48,6 +50,28 @@ def test_bad_words_become_token_sequences_by_vllms_rule():
         parse_chat({**CHAT, "bad_words": [f"w{i}" for i in range(100)]}).with_bad_words(lambda text: [len(text)])
     assert many.value.param == "bad_words" and "200 token sequences" in many.value.message
     assert parse_chat(CHAT).with_bad_words(vocab.__getitem__).sampling.bad_words_token_ids == ()
+
+
+def test_every_spelling_of_structured_output_becomes_one_grammar_field():
+    """OpenAI's response_format and vLLM's guided_* / structured_outputs: a JSON schema, a regex or
+    an EBNF grammar (a choice is a grammar of its strings, escaped as JSON string literals)."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    as_text = json.dumps(schema)
+    for body, field, text in [
+            ({"response_format": {"type": "json_object"}}, "json_schema", '{"type": "object"}'),
+            ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}},
+             "json_schema", as_text),
+            ({"guided_json": schema}, "json_schema", as_text), ({"guided_json": as_text}, "json_schema", as_text),
+            ({"structured_outputs": {"json": as_text}}, "json_schema", as_text),
+            ({"structured_outputs": {"json_object": True}}, "json_schema", '{"type": "object"}'),
+            ({"guided_regex": "[0-9]+"}, "regex", "[0-9]+"), ({"structured_outputs": {"regex": "a|b"}}, "regex", "a|b"),
+            ({"guided_grammar": 'root ::= "x"'}, "grammar", 'root ::= "x"'),
+            ({"guided_choice": ["yes", 'say "no"\n']}, "grammar", 'root ::= "yes" | "say \\"no\\"\\n"'),
+            ({"structured_outputs": {"choice": ["é"], "json_object": False}}, "grammar", 'root ::= "é"')]:
+        sampling = parse_chat({**CHAT, **body}).sampling
+        assert sampling.structured == ({"json_schema": "json"}.get(field, field), text), body
+        assert getattr(sampling, field) == text
+    assert parse_chat({**CHAT, "response_format": {"type": "text"}}).sampling.structured is None
 
 
 def test_max_tokens_defaults_and_resolution():
