@@ -31,6 +31,7 @@ OWNED_BY_RECIPE = {
     "kv_cache_memory_bytes": "workers.<role>.kv_memory_gib",
     "kv_events_config": "dyn (it subscribes the router to every worker's KV events)",
     "kv_transfer_config": "dyn (mode: disaggregated sets the NIXL connector)",
+    "enable_lora": "model.lora_adapters",
     "nnodes": "the placement (a group wider than one tray)",
     "node_rank": "the placement (a group wider than one tray)",
     "master_addr": "the placement (a group wider than one tray)",

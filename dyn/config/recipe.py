@@ -134,6 +134,10 @@ class ModelSpec:
     engine_args: tuple[tuple[str, Any], ...] = ()
     """engine vllm: further vLLM EngineArgs (name, value) pairs, from the recipe's free-form
     `engine_args:` mapping; checked against vLLM's EngineArgs fields."""
+    lora_adapters: tuple[tuple[str, str], ...] = ()
+    """engine vllm: LoRA adapters served beside the base model, (name, adapter directory on every
+    worker node: adapter_config.json + weights, as PEFT writes them), from the recipe's
+    `lora_adapters:` mapping (vLLM's --lora-modules). A request names one as its `model`."""
 
     @property
     def served_name(self) -> str:

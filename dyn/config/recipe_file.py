@@ -20,6 +20,8 @@ from dyn.config.yamlmap import LocatedDoc, type_name
 
 ROLES = ("prefill", "decode", "both")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+"""A LoRA adapter's served name (what a request sends as `model`)."""
 _SECTIONS = {"router": RouterSpec, "planner": PlannerSpec, "frontend": FrontendSpec,
              "kv_tiers": KvTiersSpec, "auth": AuthSpec, "shuttle": ShuttleSpec,
              "weights": WeightsSpec}
@@ -60,9 +62,10 @@ def _model(doc: LocatedDoc, raw: Any) -> ModelSpec:
     elif not isinstance(path, str) or not path.strip():
         raise doc.error("model.path", f"expected a directory path, got {type_name(path)} {path!r}")
     engine_args = _engine_args(doc, raw.get("engine_args"), engine)
-    fields = {k: v for k, v in raw.items() if k != "engine_args"}
+    adapters = _lora_adapters(doc, raw.get("lora_adapters"), engine)
+    fields = {k: v for k, v in raw.items() if k not in ("engine_args", "lora_adapters")}
     model = build(ModelSpec, fields, "model", doc,
-                  extra={"path": os.path.expanduser(path), "engine_args": engine_args})
+                  extra={"path": os.path.expanduser(path), "engine_args": engine_args, "lora_adapters": adapters})
     _positive(doc, "model.block_size", model.block_size)
     _positive(doc, "model.max_context", model.max_context)
     if model.block_size > model.max_context:
@@ -89,6 +92,9 @@ def _model(doc: LocatedDoc, raw: Any) -> ModelSpec:
                         hint="remove mock_workers_per_process: a real engine's worker has a process of its own")
     if model.name is not None and not model.name.strip():
         raise doc.error("model.name", "served model name must not be blank")
+    if model.served_name in dict(adapters):
+        raise doc.error(f"model.lora_adapters.{model.served_name}", "an adapter cannot take the served model's name",
+                        hint="rename the adapter")
     return model
 
 
@@ -106,6 +112,24 @@ def _engine_args(doc: LocatedDoc, raw: Any, engine: Any) -> tuple[tuple[str, Any
     for key, message, hint in check_engine_args(raw):
         raise doc.error(f"model.engine_args.{key}", message, hint=hint)
     return tuple(sorted(raw.items()))
+
+
+def _lora_adapters(doc: LocatedDoc, raw: Any, engine: Any) -> tuple[tuple[str, str], ...]:
+    """`model.lora_adapters`: {served name: adapter directory}, for engine vllm."""
+    if raw is None:
+        return ()
+    if engine != "vllm":
+        raise doc.error("model.lora_adapters", f"LoRA adapters need engine vllm (engine is {engine!r})",
+                        hint="remove lora_adapters or set engine: vllm")
+    if not isinstance(raw, dict) or not raw:
+        raise doc.error("model.lora_adapters", f"expected a mapping of adapter names to directories, got "
+                        f"{type_name(raw)}", hint="e.g. lora_adapters: {sql-expert: /models/lora/sql}")
+    for name, path in raw.items():
+        if not isinstance(name, str) or not ADAPTER_NAME_RE.match(name):
+            raise doc.error("model.lora_adapters", f"adapter name {name!r} must be 1-128 letters, digits or . _ : / -")
+        if not isinstance(path, str) or not path.strip():
+            raise doc.error(f"model.lora_adapters.{name}", f"expected the adapter's directory, got {type_name(path)}")
+    return tuple((name, os.path.expanduser(path)) for name, path in raw.items())
 
 
 def _workers(doc: LocatedDoc, raw: Any, mode: str) -> tuple[WorkerGroup, ...]:

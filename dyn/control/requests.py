@@ -50,6 +50,9 @@ class GenerateRequest(Message):
     resumed_tokens: int = 0
     """The prompt's last this-many tokens are this request's own output from an earlier attempt
     (a migration): a json_schema grammar continues after them instead of starting over."""
+    adapter: str | None = None
+    """The LoRA adapter to run with (a name of recipe model.lora_adapters; the worker knows its
+    directory); None: the base model. Its KV blocks are apart: the salt includes the adapter."""
     hold_s: float = 0.0
     """The client reads only the whole answer (non-streaming, no stop strings): after the first
     token the worker may keep this request's tokens back for up to hold_s and send them together,

@@ -57,6 +57,8 @@ class EngineRequest:
     """The agent session: release_session(session_id) gives its blocks back default retention."""
     resumed_tokens: int = 0
     """GenerateRequest.resumed_tokens: the prompt's tail that is this request's earlier output."""
+    adapter: str | None = None
+    """GenerateRequest.adapter: the LoRA adapter (recipe model.lora_adapters) the answer runs with."""
 
 
 @dataclass(slots=True)

@@ -435,6 +435,9 @@ def _check_request(request: EngineRequest, runner: ModelRunner,
         if getattr(request.sampling, field) and not runner.biases_logits:
             raise RequestError(f"request {rid!r}: this engine does not do {field} (it samples no logits); the "
                                "torch and vllm engines do", field=field)
+    if request.adapter is not None:
+        raise RequestError(f"request {rid!r}: this engine does not run LoRA adapters ({request.adapter!r}); the "
+                           "vllm engine does (recipe model.lora_adapters)", field="adapter")
     if type(request.resumed_tokens) is not int or not 0 <= request.resumed_tokens < len(prompt):
         raise RequestError(f"request {rid!r}: resumed_tokens must be an int in [0, {len(prompt)}), got "
                            f"{request.resumed_tokens!r}", field="resumed_tokens")

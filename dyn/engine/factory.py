@@ -50,7 +50,8 @@ def create_engine(model_spec: ModelSpec, group: WorkerGroup, *, device: str,
         from dyn.engine.vllm_args import engine_kwargs
         from dyn.engine.vllm_engine import VllmEngine  # lazy: optional extra
 
-        return VllmEngine(vllm_kwargs if vllm_kwargs is not None else engine_kwargs(model_spec, group, device=device))
+        return VllmEngine(vllm_kwargs if vllm_kwargs is not None else engine_kwargs(model_spec, group, device=device),
+                          adapters=dict(model_spec.lora_adapters))
     if model_spec.engine == "trtllm":
         from dyn.engine.trtllm import create_trtllm_engine  # lazy: optional extra
 

@@ -71,6 +71,10 @@ class NodeCommand:
         return line
 
 
+MAX_LORAS_PER_BATCH = 4
+"""vLLM's max_loras (adapters in one batch) unless engine_args sets it: each slot holds GPU memory."""
+
+
 def engine_kwargs(spec: ModelSpec, group: WorkerGroup, *, device: str, disaggregated: bool = False,
                   kv_events_endpoint: str | None = None, multinode: MultiNode | None = None) -> dict[str, Any]:
     """EngineArgs keyword arguments for one worker of `group`."""
@@ -103,6 +107,9 @@ def engine_kwargs(spec: ModelSpec, group: WorkerGroup, *, device: str, disaggreg
         kwargs.update(nnodes=multinode.nnodes, node_rank=multinode.node_rank,
                       master_addr=multinode.master_addr, master_port=multinode.master_port,
                       distributed_executor_backend="mp")
+    if spec.lora_adapters:
+        kwargs["enable_lora"] = True
+        kwargs["max_loras"] = min(len(spec.lora_adapters), MAX_LORAS_PER_BATCH)
     kwargs.update(dict(spec.engine_args))
     return kwargs
 
@@ -174,6 +181,12 @@ def cli_flags(kwargs: dict[str, Any]) -> list[str]:
     return flags
 
 
+def lora_flags(spec: ModelSpec) -> list[str]:
+    """`vllm serve`'s --lora-modules for the recipe's adapters (the dyn worker hosting the engine
+    loads them by name; they are no EngineArgs)."""
+    return ["--lora-modules", *(f"{name}={path}" for name, path in spec.lora_adapters)] if spec.lora_adapters else []
+
+
 def multinode_commands(spec: ModelSpec, group: WorkerGroup, shards: tuple[tuple[str, tuple[int, ...]], ...],
                        *, master_addr: str, master_port: int, disaggregated: bool,
                        cpu_threads: int | None = None, worker_id: str = "worker") -> list[NodeCommand]:
@@ -192,7 +205,7 @@ def multinode_commands(spec: ModelSpec, group: WorkerGroup, shards: tuple[tuple[
         env = engine_env(group, device="cuda", gpus=gpus, cpu_threads=cpu_threads)
         if rank == 0:
             argv: tuple[str, ...] = ("dyn", "worker", "--config", f"{worker_id}.json")
-            in_process = (spec.path, *cli_flags(kwargs))
+            in_process = (spec.path, *cli_flags(kwargs), *lora_flags(spec))
         else:
             argv = ("vllm", "serve", spec.path, "--headless", *cli_flags(kwargs))
         commands.append(NodeCommand(node, tuple(gpus), argv, tuple(sorted(env.items())), in_process))
@@ -213,7 +226,7 @@ def worker_commands(recipe: Any, topology: Any, worker: Any, index: int) -> list
         env = engine_env(group, device=device, gpus=tuple(worker.gpus), cpu_threads=worker.cpu_threads)
         argv = ("dyn", "worker", "--config", f"{worker.id}.json")
         return [NodeCommand(worker.node, tuple(worker.gpus), argv, tuple(sorted(env.items())),
-                            (recipe.model.path, *cli_flags(kwargs)))]
+                            (recipe.model.path, *cli_flags(kwargs), *lora_flags(recipe.model)))]
     master = topology.node(worker.node)
     # Other trays connect to rank 0: its bind address, or its SSH address when that is loopback.
     loopback = master.bind_address.startswith("127.") or master.bind_address == "localhost"

@@ -22,9 +22,11 @@ worker, whose request carries them back so vLLM pulls the blocks itself.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 import weakref
+from pathlib import Path
 from typing import Any
 
 from dyn.engine.backend import (IMPORTED_PROMPT_SCORES, Backend, EngineRequest, EngineStats, KvExport,
@@ -92,7 +94,13 @@ class VllmEngine(Backend):
     block_bytes = 0
     """dyn's shuttle does not move vLLM's blocks; vLLM's KV connector does."""
 
-    def __init__(self, engine_kwargs: dict[str, Any]) -> None:
+    def __init__(self, engine_kwargs: dict[str, Any], *, adapters: dict[str, str] | None = None) -> None:
+        """`adapters`: LoRA adapter name -> directory (recipe model.lora_adapters), checked here so a
+        missing one fails the worker's start rather than its first request."""
+        self._adapters = {name: (index, path) for index, (name, path) in enumerate((adapters or {}).items(), 1)}
+        """name -> (vLLM's lora_int_id, directory)"""
+        if adapters and "max_lora_rank" not in engine_kwargs:
+            engine_kwargs = {**engine_kwargs, "max_lora_rank": _max_lora_rank(adapters)}
         try:
             from vllm.engine.arg_utils import EngineArgs
             from vllm.v1.engine.llm_engine import LLMEngine
@@ -258,6 +266,15 @@ class VllmEngine(Backend):
                                field="prompt")
         s = request.sampling
         extra: dict[str, Any] = {}
+        lora = None
+        if request.adapter is not None:
+            from vllm.lora.request import LoRARequest
+
+            if request.adapter not in self._adapters:
+                raise RequestError(f"LoRA adapter {request.adapter!r} is not one of this worker's "
+                                   f"{sorted(self._adapters)}", field="adapter")
+            index, path = self._adapters[request.adapter]
+            lora = LoRARequest(request.adapter, index, path)
         if request.prefill_only:
             max_tokens = 1
             if self.disaggregated:
@@ -302,7 +319,7 @@ class VllmEngine(Backend):
             prompt["cache_salt"] = f"{SALT_PREFIX}{request.salt}"
         try:
             internal = rid if internal_id is None else internal_id
-            self._engine.add_request(internal, prompt, params,
+            self._engine.add_request(internal, prompt, params, lora_request=lora,
                                      priority=vllm_priority(request.priority))
         except ValueError as exc:  # too long for max_model_len and similar input errors
             raise RequestError(str(exc), field="prompt") from None
@@ -433,3 +450,27 @@ def _prompt_scores(positions: list, prompt: list[int], k: int) -> PromptLogprobs
     scored = positions[1:]
     top_ids, top_lps = _top_logprobs(scored, k)
     return PromptLogprobs([entry[tok].logprob for tok, entry in zip(prompt[1:], scored)], top_ids, top_lps)
+
+
+_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The max_lora_rank values vLLM accepts."""
+
+
+def _max_lora_rank(adapters: dict[str, str]) -> int:
+    """vLLM's max_lora_rank for these adapters: the smallest it accepts that fits the largest
+    rank among their adapter_config.json files. EngineError names an adapter that is not there."""
+    largest = 1
+    for name, path in adapters.items():
+        config = Path(path) / "adapter_config.json"
+        try:
+            rank = json.loads(config.read_text()).get("r")
+        except (OSError, ValueError) as exc:
+            raise EngineError(f"LoRA adapter {name!r}: cannot read {config} ({exc}); recipe model.lora_adapters "
+                              "must name a PEFT adapter directory on every worker node") from None
+        if type(rank) is not int or rank < 1:
+            raise EngineError(f"LoRA adapter {name!r}: {config} has no rank 'r' >= 1 (got {rank!r})")
+        largest = max(largest, rank)
+    fits = [r for r in _LORA_RANKS if r >= largest]
+    if not fits:
+        raise EngineError(f"LoRA adapter rank {largest} exceeds vLLM's largest max_lora_rank {_LORA_RANKS[-1]}")
+    return fits[0]

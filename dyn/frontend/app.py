@@ -20,7 +20,7 @@ from pathlib import Path
 from aiohttp import web
 
 from dyn.config.recipe import ReasoningParser, ToolCallParser
-from dyn.frontend.auth import DEFAULT_TENANT, ApiKeys, Tenant, tenant_salt
+from dyn.frontend.auth import DEFAULT_TENANT, ApiKeys, Tenant, adapter_salt, tenant_salt
 from dyn.frontend.balance import ConnectionBalancer
 from dyn.frontend.agent import AnswerMessage
 from dyn.frontend.generate import Dispatcher
@@ -70,6 +70,8 @@ class ApiSettings:
     """Chat answers split into reasoning_content and content (dyn.frontend.reasoning)."""
     tool_call_parser: ToolCallParser = "none"
     """How the calls of a chat request with tools are read from the answer (dyn.frontend.tool_calls)."""
+    adapters: tuple[str, ...] = ()
+    """LoRA adapters a request may name as its `model` (recipe model.lora_adapters)."""
 
 
 class Frontend:
@@ -194,15 +196,17 @@ class _Handlers:
         return web.json_response({**self.fe.tokenizer.info(), "model_max_length": self.fe.settings.max_context})
 
     def _check_model(self, model: object) -> None:
-        if model != self.fe.settings.served_model:
-            raise ApiError(f"model {model!r} does not exist; this server serves "
-                           f"{self.fe.settings.served_model!r}", status=404, param="model", code="model_not_found")
+        s = self.fe.settings
+        if model != s.served_model and model not in s.adapters:
+            served = f"{s.served_model!r}" + (f" and its LoRA adapters {list(s.adapters)}" if s.adapters else "")
+            raise ApiError(f"model {model!r} does not exist; this server serves {served}", status=404,
+                           param="model", code="model_not_found")
 
     async def models(self, request: web.Request) -> web.Response:
         s = self.fe.settings
+        base = {"object": "model", "created": self.fe.created, "owned_by": "dyn", "max_model_len": s.max_context}
         return web.json_response({"object": "list", "data": [
-            {"id": s.served_model, "object": "model", "created": self.fe.created, "owned_by": "dyn",
-             "max_model_len": s.max_context}]})
+            {"id": s.served_model, **base}, *({"id": name, **base, "parent": s.served_model} for name in s.adapters)]})
 
     async def health(self, request: web.Request) -> web.Response:
         workers = {w.id: {"role": w.role, "state": w.state, "in_flight": w.in_flight}
@@ -241,6 +245,9 @@ class _Handlers:
                              s.sampling_defaults.max_tokens if req.kind == "chat" else None)
         req = req.with_bad_words(lambda text: fe.tokenizer.encode(text, add_special_tokens=False))
         salt = 0 if fe.api_keys is None or s.share_cache_across_tenants else tenant_salt(tenant.name)
+        if req.model != s.served_model:  # a LoRA adapter (_check_model): its own KV blocks
+            req = replace(req, adapter=req.model)
+            salt = adapter_salt(salt, req.model)
         # debug: the "finished" line below repeats all of it (one info line per request: at
         # thousands of requests/s each log line is a measurable share of the frontend's CPU)
         log.debug("request received: %s, %d prompt tokens, max_tokens %s, tenant %s, priority %d",

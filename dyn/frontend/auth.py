@@ -66,6 +66,13 @@ def tenant_salt(name: str) -> int:
     return (int.from_bytes(digest, "little") & HASH_MASK) or 1
 
 
+def adapter_salt(salt: int, adapter: str) -> int:
+    """A tenant's salt (0: shared) for the requests of one LoRA adapter: its KV blocks (the same
+    tokens, other values) never match the base model's or another adapter's."""
+    digest = hashlib.blake2b(f"{salt}:{adapter}".encode(), digest_size=8, person=b"dyn-lora").digest()
+    return (int.from_bytes(digest, "little") & HASH_MASK) or 1
+
+
 def load_api_keys(path: str | Path) -> ApiKeys:
     """Parse a keys file; ConfigError names the file and line of a bad entry."""
     p = Path(path)

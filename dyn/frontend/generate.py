@@ -339,10 +339,10 @@ class _Run(WorkerStream):
 
 
 def hint_fields(req: GenerationRequest, block_size: int, tiers: KvTiersSpec) -> dict:
-    """GenerateRequest fields carrying a request's priority, retention and session; a retention
-    hint's missing priority / TTL take the recipe's kv_tiers defaults, priorities are capped."""
+    """GenerateRequest fields carrying a request's priority, retention, session and LoRA adapter; a
+    retention hint's missing priority / TTL take the recipe's kv_tiers defaults, priorities are capped."""
     hints = req.hints
-    fields: dict = {"priority": hints.priority, "session_id": hints.session_id}
+    fields: dict = {"priority": hints.priority, "session_id": hints.session_id, "adapter": req.adapter}
     kept = hints.retention
     if kept is not None:
         priority = tiers.retention_priority if kept.priority is None else kept.priority

@@ -80,6 +80,8 @@ class GenerationRequest:
     """completion: a text prompt's encoding adds the tokenizer's special tokens (BOS), as vLLM's does."""
     include_stop: bool = False
     """vLLM's include_stop_str_in_output: a matched stop string ends the text instead of being cut."""
+    adapter: str | None = None
+    """The LoRA adapter the request's `model` names (set once the frontend checked the name)."""
     truncate_prompt_tokens: int | None = None
     """vLLM's: only the prompt's last this many tokens are kept (-1: as many as the context allows)."""
     bad_words: tuple[str, ...] = ()

@@ -462,7 +462,7 @@ def engine_request(msg: GenerateRequest) -> EngineRequest:
                          sampling=msg.sampling, priority=msg.priority, salt=msg.salt,
                          prefill_only=msg.prefill_only, retention=retention,
                          retention_blocks=msg.retention_blocks, session_id=msg.session_id,
-                         resumed_tokens=msg.resumed_tokens)
+                         resumed_tokens=msg.resumed_tokens, adapter=msg.adapter)
 
 
 def _kv_origin(kv_source: object) -> str:

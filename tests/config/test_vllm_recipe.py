@@ -70,3 +70,39 @@ def test_gpu_memory_utilization_is_a_fraction() -> None:
         parse_recipe("name: m\nmodel:\n  path: /m\n  engine: vllm\n  gpu_memory_utilization: 1.5\n"
                      "workers: {both: {}}\n", "r.yaml")
     assert info.value.line == 5
+
+
+def test_lora_adapters_are_named_directories_for_engine_vllm_and_enable_lora_in_vllm(tmp_path) -> None:
+    """model.lora_adapters: name -> adapter directory; vLLM gets enable_lora and a max_loras; a
+    bad entry is refused with file:line; the worker reads the adapters' rank for max_lora_rank."""
+    import json
+
+    from dyn.config.recipe import WorkerGroup
+    from dyn.engine.vllm_args import engine_kwargs, lora_flags
+    from dyn.engine.vllm_engine import _max_lora_rank
+
+    text = "name: m\nmodel:\n  path: /m\n  engine: vllm\n  lora_adapters:\n    sql: ~/lora/sql\n    chat/v2: /l/c\n" \
+           "workers: {both: {}}\n"
+    recipe = parse_recipe(text, "r.yaml")
+    assert recipe.model.lora_adapters[1] == ("chat/v2", "/l/c") and recipe.model.lora_adapters[0][1].endswith("/lora/sql")
+    kwargs = engine_kwargs(recipe.model, WorkerGroup("both"), device="cpu")
+    assert kwargs["enable_lora"] is True and kwargs["max_loras"] == 2
+    assert lora_flags(recipe.model)[::2] == ["--lora-modules", "chat/v2=/l/c"]  # (as `dyn plan` shows the worker)
+    for bad, line, why in [(text.replace("engine: vllm", "engine: torch"), 5, "need engine vllm"),
+                           (text.replace("sql: ~/lora/sql", "sql: ''"), 6, "expected the adapter's directory"),
+                           (text.replace("chat/v2:", "'bad name!':"), 5, "must be 1-128"),
+                           (text.replace("sql:", "m:"), 6, "cannot take the served model's name")]:
+        with pytest.raises(ConfigError, match=why) as info:
+            parse_recipe(bad, "r.yaml")
+        assert info.value.line == line, (why, info.value)
+    with pytest.raises(ConfigError, match="set by dyn"):
+        parse_recipe(_recipe("    enable_lora: true\n"), "r.yaml")
+    for rank, expect in ((4, 8), (8, 8), (24, 32)):
+        (tmp_path / str(rank)).mkdir()
+        (tmp_path / str(rank) / "adapter_config.json").write_text(json.dumps({"r": rank}))
+    assert _max_lora_rank({"a": str(tmp_path / "4")}) == 8
+    assert _max_lora_rank({"a": str(tmp_path / "8"), "b": str(tmp_path / "24")}) == 32
+    from dyn.errors import EngineError
+
+    with pytest.raises(EngineError, match="'gone'.*adapter_config.json"):
+        _max_lora_rank({"gone": str(tmp_path / "nowhere")})

@@ -28,7 +28,7 @@ import yaml
 
 from cpu_ticks import TICKS_PER_S, thread_ticks
 from sshd import free_port
-from smollm2 import smollm2_checkpoint
+from smollm2 import smollm2_checkpoint, write_lora_adapter
 
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]  # engine starts: ~3 min here, more under load
@@ -54,14 +54,18 @@ on an AVX-512 CPU without BF16 instructions: one of the six prompts)."""
 
 
 class VllmDeployment:
-    def __init__(self, tmp: Path, model_dir: Path, mode: str = "disaggregated") -> None:
-        """The shipped recipe; `mode="aggregated"` keeps its engine settings and runs one `both` worker."""
+    def __init__(self, tmp: Path, model_dir: Path, mode: str = "disaggregated",
+                 adapters: dict[str, str] | None = None) -> None:
+        """The shipped recipe; `mode="aggregated"` keeps its engine settings and runs one `both` worker;
+        `adapters`: the recipe's model.lora_adapters."""
         self.port = free_port()
         self.name = f"vllm-{mode[:3]}-{os.getpid()}"
         recipe = yaml.safe_load((ROOT / "recipes" / "smollm2-vllm-local.yaml").read_text())
         recipe["name"] = self.name
         recipe["model"]["path"] = str(model_dir)
         recipe["model"]["dtype"] = DTYPE
+        if adapters:
+            recipe["model"]["lora_adapters"] = adapters
         recipe["frontend"]["port"] = self.port
         recipe["shuttle"]["pull_timeout_s"] = 9.0  # > vLLM's 5 s NIXL handshake timeout (the failed-pull test)
         if mode == "aggregated":
@@ -142,9 +146,10 @@ class ReferenceRun:
     when first needed, so the first test's deployment starts beside it (each takes ~20 s, mostly
     one core)."""
 
-    def __init__(self, tmp: Path, model_dir: Path, prompts: list[list[int]]) -> None:
+    def __init__(self, tmp: Path, model_dir: Path, prompts: list[list[int]], lora: Path) -> None:
         (tmp / "in.json").write_text(json.dumps({"prompts": prompts, "max_tokens": MAX_TOKENS, "dtype": DTYPE,
-                                                 "score": SCORED}))
+                                                 "score": SCORED, "lora": str(lora),
+                                                 "lora_prompts": prompts[:len(SHORT)]}))
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
                "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1",
                "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # in one process, as dyn's CPU workers run vLLM
@@ -157,6 +162,10 @@ class ReferenceRun:
 
     def tokens(self) -> list[list[int]]:
         return self._read()["tokens"]
+
+    def lora_tokens(self) -> list[list[int]]:
+        """The SHORT prompts' greedy tokens with the LoRA adapter."""
+        return self._read()["lora_tokens"]
 
     def prompt_logprobs(self) -> dict[int, list[float]]:
         """Per SCORED prompt: vLLM's logprob of each of its tokens after the first."""
@@ -176,8 +185,13 @@ class ReferenceRun:
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, model_dir, prompts):
-    run = ReferenceRun(tmp_path_factory.mktemp("reference"), model_dir, prompts)
+def lora_dir(tmp_path_factory, model_dir) -> Path:
+    return write_lora_adapter(tmp_path_factory.mktemp("lora"), model_dir)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, model_dir, prompts, lora_dir):
+    run = ReferenceRun(tmp_path_factory.mktemp("reference"), model_dir, prompts, lora_dir)
     try:
         yield run
     finally:
@@ -199,11 +213,11 @@ def deployment(tmp_path_factory, model_dir, reference):
         d.down()
 
 
-def _greedy_texts(d: VllmDeployment, prompts: list[list[int]]) -> list[str]:
+def _greedy_texts(d: VllmDeployment, prompts: list[list[int]], model: str = MODEL) -> list[str]:
     client = _client(d)
     texts = []
     for prompt in prompts:
-        got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+        got = client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
                                         extra_body={"ignore_eos": True})
         assert got.usage.completion_tokens == MAX_TOKENS
         texts.append(got.choices[0].text)
@@ -224,15 +238,21 @@ def _client(d: VllmDeployment) -> openai.OpenAI:
 
 
 def test_an_aggregated_deployment_answers_vllm_generate_greedy_tokens(tmp_path, model_dir, prompts,
-                                                                     reference_run):
-    """mode: aggregated, one vLLM worker with the shipped recipe's engine settings. Runs before the
-    module's disaggregated deployment starts: each of its NIXL engines keeps a core busy (NIXL's
-    progress thread), which would slow this one's start on a 2-core machine."""
-    d = VllmDeployment(tmp_path, model_dir, mode="aggregated")
+                                                                     reference_run, lora_dir):
+    """mode: aggregated, one vLLM worker with the shipped recipe's engine settings and a LoRA
+    adapter: a request naming the adapter as its model gets vLLM's answer with that adapter, the
+    others the base model's. Runs before the module's disaggregated deployment starts: each of its
+    NIXL engines keeps a core busy (NIXL's progress thread), which would slow this one's start."""
+    d = VllmDeployment(tmp_path, model_dir, mode="aggregated", adapters={"smollm2-lora": str(lora_dir)})
     try:
         d.up()  # (while the reference runs)
         assert [w["role"] for w in d.status()["workers"] if w["role"] != "frontend"] == ["both"]
         assert _greedy_texts(d, prompts[:SERVED]) == _decoded(model_dir, reference_run.tokens()[:SERVED])
+        adapted = _greedy_texts(d, prompts[:len(SHORT)], model="smollm2-lora")
+        assert adapted == _decoded(model_dir, reference_run.lora_tokens())
+        assert adapted != _decoded(model_dir, reference_run.tokens()[:len(SHORT)])
+        models = {m.id: m for m in _client(d).models.list().data}
+        assert set(models) == {MODEL, "smollm2-lora"} and models["smollm2-lora"].parent == MODEL
         # vLLM's own log records are the worker's JSON lines, tagged with the process like dyn's
         worker = next(w["id"] for w in d.status()["workers"] if w["role"] == "both")
         lines = d.dyn("logs", worker, "--name", d.name, "-n", "4000", timeout=30).stdout.splitlines()

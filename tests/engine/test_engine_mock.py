@@ -94,6 +94,7 @@ def test_small_pool_preempts_and_still_finishes_with_same_output():
     (req("bad", [1, 2], sampling=SamplingParams(top_p=0.0)), "top_p"),
     (req("bad", [1, 2], sampling=SamplingParams(stop_token_ids=(5000,))), "stop_token_ids"),
     (req("bad", [1, 2], salt=-3), "salt"),
+    (req("bad", [1, 2], adapter="sql-lora"), "adapter"),  # (LoRA adapters run on vLLM only)
     (req("", [1, 2]), "request_id"),
 ])
 def test_bad_input_is_a_request_error_and_others_keep_running(bad, field):

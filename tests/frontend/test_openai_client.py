@@ -136,6 +136,29 @@ def test_models_and_health(server, client):
         assert r.status == 200
 
 
+def test_a_lora_adapter_is_a_model_of_its_own_with_its_own_kv_blocks():
+    """A request naming a LoRA adapter (recipe model.lora_adapters) reaches the worker with it and
+    with a KV salt of its own (the same prompt's blocks differ under the adapter), and the answer
+    names the adapter; /v1/models lists it with its base; an unknown name's 404 lists both."""
+    from dataclasses import replace
+
+    base = make_recipe()
+    recipe = replace(base, model=replace(base.model, lora_adapters=(("sql-lora", "/adapters/sql"),)))
+    with Harness(recipe, [("w0", "both")]) as h, \
+            openai.OpenAI(base_url=h.base_url, api_key="x", max_retries=0, timeout=10) as client:
+        models = client.models.list().data
+        assert [(m.id, getattr(m, "parent", None)) for m in models] == [(MODEL, None), ("sql-lora", MODEL)]
+        messages = [{"role": "user", "content": "q"}]
+        plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+        adapted = client.chat.completions.create(model="sql-lora", messages=messages, max_tokens=2)
+        assert (plain.model, adapted.model) == (MODEL, "sql-lora")
+        first, second = h.workers["w0"].requests[-2:]
+        assert (first.adapter, second.adapter) == (None, "sql-lora")
+        assert first.prompt_token_ids == second.prompt_token_ids and first.salt != second.salt
+        with pytest.raises(openai.NotFoundError, match="sql-lora"):
+            client.chat.completions.create(model="other", messages=messages, max_tokens=2)
+
+
 def test_logprobs(client):
     out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "q"}],
                                          max_tokens=3, logprobs=True)
