@@ -102,11 +102,7 @@ def _engine_args(doc: LocatedDoc, raw: Any, engine: Any) -> tuple[tuple[str, Any
     """`model.engine_args`: a free-form mapping for vLLM, checked against its EngineArgs."""
     if raw is None:
         return ()
-    if engine != "vllm":
-        raise doc.error("model.engine_args", f"engine_args only apply to engine vllm (engine is {engine!r})",
-                        hint="remove engine_args or set engine: vllm")
-    if not isinstance(raw, dict):
-        raise doc.error("model.engine_args", f"expected a mapping of vLLM engine arguments, got {type_name(raw)}")
+    _vllm_mapping(doc, "engine_args", raw, engine, "vLLM engine arguments")
     from dyn.config.engine_args import check_engine_args  # reads vLLM's fields without importing it
 
     for key, message, hint in check_engine_args(raw):
@@ -114,16 +110,20 @@ def _engine_args(doc: LocatedDoc, raw: Any, engine: Any) -> tuple[tuple[str, Any
     return tuple(sorted(raw.items()))
 
 
+def _vllm_mapping(doc: LocatedDoc, key: str, raw: Any, engine: Any, what: str) -> None:
+    """`model.<key>` must be a mapping of `what`, in a recipe whose engine is vllm."""
+    if engine != "vllm":
+        raise doc.error(f"model.{key}", f"{key} only apply to engine vllm (engine is {engine!r})",
+                        hint=f"remove {key} or set engine: vllm")
+    if not isinstance(raw, dict):
+        raise doc.error(f"model.{key}", f"expected a mapping of {what}, got {type_name(raw)}")
+
+
 def _lora_adapters(doc: LocatedDoc, raw: Any, engine: Any) -> tuple[tuple[str, str], ...]:
     """`model.lora_adapters`: {served name: adapter directory}, for engine vllm."""
     if raw is None:
         return ()
-    if engine != "vllm":
-        raise doc.error("model.lora_adapters", f"LoRA adapters need engine vllm (engine is {engine!r})",
-                        hint="remove lora_adapters or set engine: vllm")
-    if not isinstance(raw, dict) or not raw:
-        raise doc.error("model.lora_adapters", f"expected a mapping of adapter names to directories, got "
-                        f"{type_name(raw)}", hint="e.g. lora_adapters: {sql-expert: /models/lora/sql}")
+    _vllm_mapping(doc, "lora_adapters", raw, engine, "adapter names to directories")
     for name, path in raw.items():
         if not isinstance(name, str) or not ADAPTER_NAME_RE.match(name):
             raise doc.error("model.lora_adapters", f"adapter name {name!r} must be 1-128 letters, digits or . _ : / -")

@@ -1,8 +1,9 @@
 """Structured output for the torch engine: grammars over the model's vocabulary.
 
 xgrammar (the library vLLM and SGLang use) compiles a JSON schema, a regular expression or an
-EBNF grammar (SamplingParams.structured) against the tokenizer's vocabulary once and, per request, keeps a matcher that says which tokens may come next: a
-bitmask applied to the logits before sampling. Logprobs stay the model's own (the mask only
+EBNF grammar (SamplingParams.structured) against the tokenizer's vocabulary once and, per
+request, keeps a matcher that says which tokens may come next: a bitmask applied to the logits
+before sampling. Logprobs stay the model's own (the mask only
 narrows what is sampled), as vLLM reports them by default. Loaded on the first request that asks
 (transformers and xgrammar cost seconds to import); a worker without xgrammar refuses such
 requests naming the extra to install.

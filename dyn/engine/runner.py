@@ -71,9 +71,9 @@ class ModelRunner(ABC):
     """Whether execute answers SamplingParams.prompt_logprobs (StepResult.prompt); a runner that
     does not (the mock) leaves a request's prompt scores out, as it leaves out its logprobs."""
     biases_logits: bool = False
-    """Whether execute applies SamplingParams' logit_bias, allowed_token_ids and bad words (a runner that
-    samples from logits); the engine refuses such requests otherwise (the mock picks its tokens
-    from its KV payloads)."""
+    """Whether execute applies SamplingParams' logit_bias, allowed_token_ids and bad words (a
+    runner that samples from logits); the engine refuses such requests otherwise (the mock picks
+    its tokens from its KV payloads)."""
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     max_context: int

@@ -67,7 +67,8 @@ def build_frontend(recipe: Recipe, pool: WorkerPool, *, tokenizer: TextTokenizer
     settings = ApiSettings(recipe.model.served_name, recipe.model.max_context,
                            recipe.frontend.max_prompt_tokens, recipe.auth.share_cache_across_tenants,
                            recipe.frontend.log_prompts, sampling.defaults, recipe.model.reasoning_parser,
-                           recipe.model.tool_call_parser, adapters=tuple(name for name, _ in recipe.model.lora_adapters))
+                           recipe.model.tool_call_parser,
+                           adapters=tuple(name for name, _ in recipe.model.lora_adapters))
     keys = load_api_keys(recipe.auth.api_keys_file) if recipe.auth.api_keys_file else None
     return Frontend(settings, tokenizer, dispatcher, pool, metrics, api_keys=keys)
 

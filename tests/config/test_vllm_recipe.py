@@ -84,11 +84,12 @@ def test_lora_adapters_are_named_directories_for_engine_vllm_and_enable_lora_in_
     text = "name: m\nmodel:\n  path: /m\n  engine: vllm\n  lora_adapters:\n    sql: ~/lora/sql\n    chat/v2: /l/c\n" \
            "workers: {both: {}}\n"
     recipe = parse_recipe(text, "r.yaml")
-    assert recipe.model.lora_adapters[1] == ("chat/v2", "/l/c") and recipe.model.lora_adapters[0][1].endswith("/lora/sql")
+    (sql, sql_dir), chat = recipe.model.lora_adapters
+    assert sql == "sql" and sql_dir.endswith("/lora/sql") and not sql_dir.startswith("~") and chat == ("chat/v2", "/l/c")
     kwargs = engine_kwargs(recipe.model, WorkerGroup("both"), device="cpu")
     assert kwargs["enable_lora"] is True and kwargs["max_loras"] == 2
     assert lora_flags(recipe.model)[::2] == ["--lora-modules", "chat/v2=/l/c"]  # (as `dyn plan` shows the worker)
-    for bad, line, why in [(text.replace("engine: vllm", "engine: torch"), 5, "need engine vllm"),
+    for bad, line, why in [(text.replace("engine: vllm", "engine: torch"), 5, "only apply to engine vllm"),
                            (text.replace("sql: ~/lora/sql", "sql: ''"), 6, "expected the adapter's directory"),
                            (text.replace("chat/v2:", "'bad name!':"), 5, "must be 1-128"),
                            (text.replace("sql:", "m:"), 6, "cannot take the served model's name")]:

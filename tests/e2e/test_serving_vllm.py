@@ -312,7 +312,8 @@ def test_echo_scores_prompt_tokens_as_vllm_does_on_either_path(deployment, promp
 
 def test_structured_output_a_forced_tool_call_and_min_tokens_through_vllm(deployment):
     """response_format json_schema, tool_choice naming a function, guided_choice and guided_regex:
-    vLLM's own structured output (xgrammar) shapes the answer, which parses as JSON of the schema; min_tokens holds its EOS back."""
+    vLLM's own structured output (xgrammar) shapes the answer, which parses as JSON of the schema;
+    min_tokens holds its EOS back."""
     client = _client(deployment)
     schema = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 24}},
               "required": ["capital"], "additionalProperties": False}
@@ -335,8 +336,9 @@ def test_structured_output_a_forced_tool_call_and_min_tokens_through_vllm(deploy
     chosen = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
                                             extra_body={"guided_choice": choices})
     assert chosen.choices[0].message.content in choices
-    year = client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0, extra_body={"guided_regex": "[0-9]{4}"},
-                                          messages=[{"role": "user", "content": "When did the Second World War end?"}])
+    year = client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0,
+                                          messages=[{"role": "user", "content": "When did the Second World War end?"}],
+                                          extra_body={"guided_regex": "[0-9]{4}"})
     assert re.fullmatch("[0-9]{4}", year.choices[0].message.content)
     short = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi."}],
                                            max_tokens=60, temperature=0)

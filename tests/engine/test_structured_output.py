@@ -1,6 +1,7 @@
 """Structured output on the torch engine: with a json_schema, SmolLM2's answer is JSON matching the
-schema (with a regex or a grammar, matching that) (xgrammar masks what it may sample), its logprobs stay the model's, a request resumed after
-a migration continues the same grammar, and engines or schemas that cannot do it refuse by name."""
+schema, with a regex or a grammar an answer matching that (xgrammar masks what it may sample), its
+logprobs stay the model's, a request resumed after a migration continues the same grammar, and
+engines or schemas that cannot do it refuse by name."""
 
 from __future__ import annotations
 
