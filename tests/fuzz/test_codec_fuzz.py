@@ -102,9 +102,9 @@ def _matches(got, value) -> bool:
     """A decoded value equals its wire form (tuples came as lists, nested dataclasses as maps)."""
     if dataclasses.is_dataclass(got):
         return all(_matches(getattr(got, name), v) for name, v in value.items())
-    if isinstance(got, (list, tuple)) and got and dataclasses.is_dataclass(got[0]):  # e.g. TokenChunks
+    if isinstance(got, (list, tuple)) and isinstance(value, list):  # (TokenChunks, nested token id lists)
         return len(got) == len(value) and all(_matches(g, v) for g, v in zip(got, value))
-    return got == value or (isinstance(got, tuple) and list(got) == value)
+    return got == value
 
 
 def _mutations(codec: Codec, seen: list[int]):
