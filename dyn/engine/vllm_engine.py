@@ -155,6 +155,9 @@ class VllmEngine(Backend):
         """dyn request id -> vLLM request id (a re-run gets a new vLLM id; late outputs of the old one are dropped)."""
         self._reruns = 0
         self._remote: dict[str, _RemoteDecode] = {}
+        self._replay: dict[str, list[int]] = {}
+        """Migrated structured requests run again from their prompt: the output tokens the client
+        already has, still to come again (checked, then dropped)."""
         self._transfer_params: dict[str, dict] = {}
         self._stepped_idle = False
 
@@ -183,6 +186,7 @@ class VllmEngine(Backend):
 
     def abort(self, request_id: str) -> None:
         self._remote.pop(request_id, None)
+        self._replay.pop(request_id, None)
         self._top_k.pop(request_id, None)
         self._prompt_k.pop(request_id, None)
         self._transfer_params.pop(request_id, None)
@@ -266,6 +270,7 @@ class VllmEngine(Backend):
                                field="prompt")
         s = request.sampling
         extra: dict[str, Any] = {}
+        replay: list[int] = []
         lora = None
         if request.adapter is not None:
             from vllm.lora.request import LoRARequest
@@ -287,9 +292,16 @@ class VllmEngine(Backend):
             from vllm.sampling_params import StructuredOutputsParams
 
             if request.resumed_tokens:
-                raise RequestError("vLLM cannot continue a structured-output grammar after earlier output (a "
-                                   "migrated request); its grammar starts at the first generated token",
-                                   field="resumed_tokens")
+                # vLLM's grammar starts at the first generated token: a migrated request runs again
+                # from its own prompt, and the tokens the client already has are checked and dropped
+                # (the same tokens come again only where sampling is reproducible).
+                if s.temperature > 0 and s.seed is None:
+                    raise RequestError("vLLM cannot continue a structured-output grammar after earlier output "
+                                       "(a migrated request) unless the request is greedy or seeded, which is "
+                                       "replayed", field="resumed_tokens")
+                replay = list(ids[len(ids) - request.resumed_tokens:])
+                ids = ids[:len(ids) - request.resumed_tokens]
+                max_tokens += len(replay)
             kind, text = s.structured
             extra["structured_outputs"] = StructuredOutputsParams(**{kind: text})
         try:
@@ -324,6 +336,8 @@ class VllmEngine(Backend):
         except ValueError as exc:  # too long for max_model_len and similar input errors
             raise RequestError(str(exc), field="prompt") from None
         self._live[rid] = internal
+        if replay:
+            self._replay[rid] = replay
         if s.logprobs and s.top_logprobs:
             self._top_k[rid] = s.top_logprobs
         if s.prompt_logprobs is not None:
@@ -354,6 +368,18 @@ class VllmEngine(Backend):
             token_ids = token_ids[1:]
             logprobs = logprobs[1:] if logprobs else logprobs
             top_ids, top_lps = (top_ids[1:], top_lps[1:]) if top_ids else (top_ids, top_lps)
+        replay = self._replay.get(rid)
+        if replay and token_ids:
+            same = min(len(replay), len(token_ids))
+            if token_ids[:same] != replay[:same]:
+                self._engine.abort_request([self._live.pop(rid)])
+                self._replay.pop(rid)
+                return TokenOutput(rid, [], finished=True, finish_reason="abort",
+                                   error="a replayed structured request diverged from the output already sent")
+            del replay[:same]
+            token_ids = token_ids[same:]
+            logprobs = logprobs[same:] if logprobs else logprobs
+            top_ids, top_lps = (top_ids[same:], top_lps[same:]) if top_ids else (top_ids, top_lps)
         finished = bool(out.finished)
         self._stats.num_generated_tokens += len(token_ids)
         reason = None
@@ -364,6 +390,7 @@ class VllmEngine(Backend):
             self._top_k.pop(rid, None)
             self._prompt_k.pop(rid, None)
             self._remote.pop(rid, None)
+            self._replay.pop(rid, None)
             if out.kv_transfer_params:
                 self._transfer_params[rid] = dict(out.kv_transfer_params)
         elif not token_ids:

@@ -1,5 +1,6 @@
 """Two vLLM workers behind the KV-aware router: their KV events steer requests, follow evictions,
-a SIGKILLed worker's streams migrate, and its replacement is indexed from its own events.
+a SIGKILLed worker's streams migrate (a structured one by a replay), and its replacement is
+indexed from its own events.
 
 Real `dyn worker` (vLLM engine) and `dyn frontend` processes under the stand-in daemon of
 tests/frontend/deployment.py; one deployment for the module (a vLLM start costs ~20-40 s here).
@@ -64,9 +65,9 @@ async def _complete(session, url: str, prompt: list[int] | str, n: int = 4) -> d
         return await resp.json()
 
 
-async def _stream(session, url: str, prompt: str, n: int, seen: list[int]) -> tuple[str, int]:
+async def _stream(session, url: str, prompt: str, n: int, seen: list[int], **extra) -> tuple[str, int]:
     body = {"model": "smollm2", "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True,
-            "ignore_eos": True}
+            "ignore_eos": True, **extra}
     text, migrations = [], 0
     async with session.post(url + "/v1/completions", json=body) as resp:
         assert resp.status == 200, await resp.text()
@@ -142,5 +143,21 @@ def test_kv_events_route_follow_evictions_and_survive_a_sigkill(tmp_path, model_
                 for k in range(6):  # the router spreads fresh prefixes; the newcomer gets some
                     await _complete(session, url, _tokens(5000 + k, 200), n=1)
                 await dep.until(lambda: _indexed(url).get(fresh[0], 0) > 0, 10, "the replacement's blocks indexed")
+
+                # 5. A structured stream (vLLM's grammar cannot resume mid-answer) whose worker is
+                # SIGKILLed: the greedy request is replayed on the other worker from its prompt, the
+                # tokens already sent are checked and dropped, and the text is the same.
+                regex = {"guided_regex": "[A-Za-z ,.']{40,400}"}
+                story = "Write a long story about a whale who learns to sing."
+                reference_text, _ = await _stream(session, url, story, 50, [0], **regex)
+                assert re.fullmatch(regex["guided_regex"], reference_text), reference_text
+                seen = [0]
+                task = asyncio.create_task(_stream(session, url, story, 50, seen, **regex))
+                await dep.until(lambda: seen[0] >= 5 or task.done(), 60, "the structured stream to start")
+                carrying = [w for w, v in dep.health()["workers"].items() if v["in_flight"]]
+                assert len(carrying) == 1 and not task.done(), carrying
+                await dep.kill(carrying[0])
+                text, migrations = await task
+                assert migrations > 0 and text == reference_text
 
     asyncio.run(scenario())
