@@ -33,7 +33,7 @@ MAX_TOKEN_ID = 2**31 - 1
 """Token ids and top_k travel as msgpack ints; no vocabulary comes near this."""
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _UNSUPPORTED_EXTENSIONS: dict[str, Any] = {
-    "use_beam_search": False, "skip_special_tokens": True, "prompt_logprobs": None,
+    "use_beam_search": False, "prompt_logprobs": None,
     "length_penalty": 1.0, "spaces_between_special_tokens": True}
 """vLLM request fields dyn does not do, with the value that asks for nothing: any other value is a
 400 (ignoring it would silently change what the client asked for)."""
@@ -82,6 +82,8 @@ class GenerationRequest:
     """vLLM's include_stop_str_in_output: a matched stop string ends the text instead of being cut."""
     adapter: str | None = None
     """The LoRA adapter the request's `model` names (set once the frontend checked the name)."""
+    skip_special_tokens: bool = True
+    """vLLM's: False puts special tokens into the text (all but the one that ended the answer)."""
     truncate_prompt_tokens: int | None = None
     """vLLM's: only the prompt's last this many tokens are kept (-1: as many as the context allows)."""
     bad_words: tuple[str, ...] = ()
@@ -310,7 +312,8 @@ def _common(body: dict, kind: str, output: tuple[int | None, bool, int], default
                              stream=stream, include_usage=include_usage, hints=hints, unknown_hints=unknown,
                              include_stop=_opt_bool(body, "include_stop_str_in_output") or False,
                              bad_words=_bad_words(body.get("bad_words")),
-                             truncate_prompt_tokens=_truncate_prompt_tokens(body), **fields)
+                             truncate_prompt_tokens=_truncate_prompt_tokens(body),
+                             skip_special_tokens=_opt_bool(body, "skip_special_tokens") is not False, **fields)
 
 
 def _logit_bias(raw: Any) -> tuple[tuple[int, ...], tuple[float, ...]]:

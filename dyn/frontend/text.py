@@ -24,7 +24,7 @@ class TextTokenizer(Protocol):
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
-    def decode(self, token_ids: Sequence[int]) -> str: ...
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
     def info(self) -> dict[str, Any]:
         """vLLM's /tokenizer_info: the special tokens and chat template (lm-eval's remote tokenizer)."""
@@ -59,7 +59,7 @@ class ByteTokenizer:
         return {"tokenizer_class": "ByteTokenizer", "bos_token": None, "eos_token": None, "pad_token": None,
                 "chat_template": None}
 
-    def decode(self, token_ids: Sequence[int]) -> str:
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return bytes(t if t < 256 else 33 + t % 94 for t in token_ids).decode("utf-8", "replace")
 
     def token_id(self, text: str) -> int | None:
@@ -94,13 +94,14 @@ class ModelTokenizer:
         return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": inner.bos_token,
                 "eos_token": inner.eos_token, "pad_token": None, "chat_template": inner.chat_template}
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self._inner.decode(list(token_ids))
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._inner.decode(list(token_ids), skip_special_tokens)
 
     def token_id(self, text: str) -> int | None:
         return self._inner.token_to_id(text)
 
-    def step_decoder(self, prefix_ids: Sequence[int]) -> Callable[[int], str | None] | None:
+    def step_decoder(self, prefix_ids: Sequence[int],
+                     skip_special_tokens: bool = True) -> Callable[[int], str | None] | None:
         """Hugging Face's incremental decoder (`tokenizers.decoders.DecodeStream`) after
         `prefix_ids`: each call takes one token and returns its new text, or None while a
         character is incomplete. It decodes as TextStream's window does, in Rust: 1.6 us a token
@@ -108,12 +109,12 @@ class ModelTokenizer:
         every token). None where TextStream decodes its window instead: no Hugging Face tokenizer,
         one without DecodeStream(ids=...), or a prefix that ends inside a character."""
         hf = getattr(self._inner, "hf_tokenizer", None)
-        if hf is None or self.decode(prefix_ids).endswith(_REPLACEMENT):
+        if hf is None or self.decode(prefix_ids, skip_special_tokens).endswith(_REPLACEMENT):
             return None  # (DecodeStream would send such a prefix's text as new)
         try:
             from tokenizers.decoders import DecodeStream
 
-            stream = DecodeStream(ids=list(prefix_ids), skip_special_tokens=True)
+            stream = DecodeStream(ids=list(prefix_ids), skip_special_tokens=skip_special_tokens)
         except (ImportError, TypeError):
             return None
         return partial(stream.step, hf)
@@ -181,12 +182,14 @@ class TextStream:
     """
 
     def __init__(self, tokenizer: TextTokenizer, stop: Sequence[str] = (), *, prefix_ids: Sequence[int] = (),
-                 lazy: bool = False, include_stop: bool = False, min_tokens: int = 0) -> None:
+                 lazy: bool = False, include_stop: bool = False, min_tokens: int = 0,
+                 skip_special_tokens: bool = True) -> None:
         """`lazy`: nobody reads text before the end (no streaming, no stop strings): decode once in flush.
         `include_stop`: the matched stop string stays at the end of the text (vLLM's
         include_stop_str_in_output). `min_tokens`: a stop string must end in the text of a later
-        token (vLLM's min_tokens; one that begins earlier still counts)."""
-        self._tok = tokenizer
+        token (vLLM's min_tokens; one that begins earlier still counts). `skip_special_tokens`
+        False: special tokens are text too (vLLM's field)."""
+        self._decode = tokenizer.decode if skip_special_tokens else partial(tokenizer.decode, skip_special_tokens=False)
         self._include_stop = include_stop
         self._lazy = lazy and not stop
         self._stop = tuple(stop)
@@ -198,7 +201,7 @@ class TextStream:
         self._ids: list[int] = list(prefix_ids[-4:])
         self._prefix = len(self._ids)
         self._read = len(self._ids)
-        self._step = None if self._lazy else _step_decoder(tokenizer, self._ids)
+        self._step = None if self._lazy else _step_decoder(tokenizer, self._ids, skip_special_tokens)
         """One token at a time in the tokenizer's own incremental decoder, where it has one."""
         self._text = ""
         """The window: the text not sent yet, after up to `_keep` characters that were."""
@@ -224,8 +227,8 @@ class TextStream:
         self._ids.extend(token_ids)
         if self._lazy:
             return ""
-        before = self._tok.decode(self._ids[self._prefix:self._read])
-        now = self._tok.decode(self._ids[self._prefix:])
+        before = self._decode(self._ids[self._prefix:self._read])
+        now = self._decode(self._ids[self._prefix:])
         if now.endswith(_REPLACEMENT) or len(now) <= len(before):
             return ""  # an incomplete character: wait for the next token
         start = len(self._text)
@@ -256,16 +259,16 @@ class TextStream:
             self._lazy = False
             # Decode with the prompt's tail in front, as the streaming path does, so
             # token merges at the boundary (leading spaces) come out the same.
-            head = self._tok.decode(self._ids[:self._prefix])
-            full = self._tok.decode(self._ids)
-            self._text = full[len(head):] if full.startswith(head) else self._tok.decode(self._ids[self._prefix:])
+            head = self._decode(self._ids[:self._prefix])
+            full = self._decode(self._ids)
+            self._text = full[len(head):] if full.startswith(head) else self._decode(self._ids[self._prefix:])
             self._read = len(self._ids)
         elif self._read < len(self._ids):
             # Tokens held back for an incomplete character: no later token completes it now, so
             # they go out as decoded (replacement characters included). Dropping them made the
             # text depend on chunk boundaries: a chunk of several tokens held back whole.
-            before = self._tok.decode(self._ids[self._prefix:self._read])
-            now = self._tok.decode(self._ids[self._prefix:])
+            before = self._decode(self._ids[self._prefix:self._read])
+            now = self._decode(self._ids[self._prefix:])
             start = len(self._text)
             self._text += now[len(before):]
             self._prefix, self._read = self._read, len(self._ids)
@@ -307,6 +310,7 @@ class TextStream:
         return out
 
 
-def _step_decoder(tokenizer: TextTokenizer, prefix_ids: list[int]) -> Callable[[int], str | None] | None:
+def _step_decoder(tokenizer: TextTokenizer, prefix_ids: list[int],
+                  skip_special_tokens: bool) -> Callable[[int], str | None] | None:
     make = getattr(tokenizer, "step_decoder", None)
-    return make(prefix_ids) if make is not None else None
+    return make(prefix_ids, skip_special_tokens) if make is not None else None

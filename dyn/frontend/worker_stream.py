@@ -92,7 +92,14 @@ class WorkerStream:
         assert req.sampling.max_tokens is not None, "the edge resolves max_tokens (GenerationRequest.for_prompt)"
         self.max_tokens = req.sampling.max_tokens
         self.text = TextStream(d.tokenizer, req.sampling.stop, prefix_ids=prompt_ids, lazy=not req.stream,
-                               include_stop=req.include_stop, min_tokens=req.sampling.min_tokens)
+                               include_stop=req.include_stop, min_tokens=req.sampling.min_tokens,
+                               skip_special_tokens=req.skip_special_tokens)
+        self._ending: frozenset[int] = frozenset()
+        """With skip_special_tokens false: the tokens that end an answer (EOS unless ignore_eos, the
+        stop_token_ids), whose text is left out as vLLM leaves it out (include_stop keeps it)."""
+        if not req.skip_special_tokens and not req.include_stop:
+            self._ending = frozenset((() if req.sampling.ignore_eos else tuple(d.tokenizer.eos_token_ids))
+                                     + tuple(req.sampling.stop_token_ids))
         self.emitted = usage.token_ids
         self.finish_reason: str | None = None
         self.start = time.perf_counter()
@@ -223,16 +230,17 @@ class WorkerStream:
             metrics.itl.observe(now - self.last)
         self.last = now
         ids = chunk.token_ids[: self.max_tokens - len(self.emitted)]
-        if self.req.sampling.stop and len(ids) > 1:
+        shown = ids[:-1] if ids and ids[-1] in self._ending else ids
+        if self.req.sampling.stop and len(shown) > 1:
             # Token by token, so usage counts end at the token that completed a stop string.
             text = ""
-            for idx in range(len(ids)):
-                text += self.text.add(ids[idx:idx + 1])
+            for idx in range(len(shown)):
+                text += self.text.add(shown[idx:idx + 1])
                 if self.text.stopped:
                     ids = ids[:idx + 1]
                     break
         else:
-            text = self.text.add(ids)
+            text = self.text.add(shown)
         self.emitted.extend(ids)
         logprobs = chunk.logprobs[: len(ids)] if self.req.sampling.logprobs and chunk.logprobs else None
         top = None

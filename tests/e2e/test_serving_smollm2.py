@@ -76,6 +76,16 @@ def test_default_recipe_answers_paris(mode, tmp_path, model_cache):
         answer = chat.choices[0].message.content
         assert "Paris" in answer, answer
         assert chat.choices[0].finish_reason == "stop"  # the model ends its turn with <|im_end|>
+        # vLLM's skip_special_tokens false: the special tokens are text, but not the EOS that ended
+        # the answer; past an ignored EOS the model's <|im_end|> shows
+        shown = client.chat.completions.create(model="smollm2", temperature=0, max_tokens=24,
+                                               messages=[{"role": "user", "content": QUESTION}],
+                                               extra_body={"skip_special_tokens": False})
+        assert shown.choices[0].message.content == answer
+        on = client.chat.completions.create(model="smollm2", temperature=0, max_tokens=chat.usage.completion_tokens + 2,
+                                            messages=[{"role": "user", "content": QUESTION}],
+                                            extra_body={"skip_special_tokens": False, "ignore_eos": True})
+        assert on.choices[0].message.content.startswith(answer + "<|im_end|>"), on.choices[0].message.content
     finally:
         dyn("down", "--name", name, timeout=60)
         for pid in pids:  # nothing of ours outlives the test

@@ -90,6 +90,7 @@ CASES = [
     (CHAT, {"model": MODEL, "messages": MSGS, "logit_bias": [5, 10]}, 400, "logit_bias"),
     (CHAT, {"model": MODEL, "messages": MSGS, "allowed_token_ids": []}, 400, "allowed_token_ids"),
     (CHAT, {"model": MODEL, "messages": MSGS, "allowed_token_ids": ["a"]}, 400, "allowed_token_ids"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "skip_special_tokens": "no"}, 400, "skip_special_tokens"),
     (CHAT, {"model": MODEL, "messages": MSGS, "bad_words": "bad"}, 400, "bad_words"),
     (CHAT, {"model": MODEL, "messages": MSGS, "bad_words": ["ok", " "]}, 400, "bad_words"),
     (CHAT, {"model": MODEL, "messages": MSGS, "bad_words": ["w"] * 129}, 400, "bad_words"),

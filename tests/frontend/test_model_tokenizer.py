@@ -120,3 +120,17 @@ def test_an_assistant_prefill_ends_the_prompt_inside_the_last_message(checkpoint
     with pytest.raises(RequestError) as refused:  # a template that does not write the text as given
         _up_to_final_message("<|assistant|>HELLO<|end|>", "hello")
     assert refused.value.field == "continue_final_message"
+
+
+def test_special_tokens_are_text_when_the_request_keeps_them(checkpoint):
+    """vLLM's skip_special_tokens false: the special tokens' text stays, streamed token by token
+    (Hugging Face's DecodeStream) or decoded once at the end."""
+    tok = load_tokenizer(ModelSpec(path=str(checkpoint), engine="torch"))
+    ids = tok.encode("Hi<|reserved_0|> there<|eot_id|>", add_special_tokens=False)
+    assert tok.decode(ids) == "Hi there" and tok.decode(ids, skip_special_tokens=False).endswith("<|eot_id|>")
+    for lazy in (False, True):
+        kept = TextStream(tok, lazy=lazy, skip_special_tokens=False)
+        streamed = "".join(kept.add([t]) for t in ids) + kept.flush()
+        skipped = TextStream(tok, lazy=lazy)
+        assert streamed == "Hi<|reserved_0|> there<|eot_id|>", lazy
+        assert "".join(skipped.add([t]) for t in ids) + skipped.flush() == "Hi there"
