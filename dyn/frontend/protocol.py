@@ -394,6 +394,10 @@ def _require_object(body: Any) -> dict:
     return body
 
 
+_GUIDED = tuple((f"guided_{kind}", kind) for kind in ("json", "regex", "choice", "grammar"))
+"""vLLM's older structured-output fields: (field, kind)."""
+
+
 def _structured(body: dict) -> dict[str, str]:
     """The grammar the answer must follow, as SamplingParams fields ({}: free text): OpenAI's
     response_format, or vLLM's spellings, guided_json/_regex/_choice/_grammar and
@@ -405,9 +409,9 @@ def _structured(body: dict) -> dict[str, str]:
     schema = _response_format(body.get("response_format"))
     if schema is not None:
         given.append(("response_format", "schema", schema))
-    for kind in ("json", "regex", "choice", "grammar"):
-        if body.get(f"guided_{kind}") is not None:
-            given.append((f"guided_{kind}", kind, body[f"guided_{kind}"]))
+    for field, kind in _GUIDED:
+        if body.get(field) is not None:
+            given.append((field, kind, body[field]))
     outputs = body.get("structured_outputs")
     if outputs is not None:
         if not isinstance(outputs, dict) or set(outputs) - {"json", "json_object", "regex", "choice", "grammar"}:
