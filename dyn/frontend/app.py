@@ -288,6 +288,8 @@ class _Handlers:
         fe.metrics.e2e.observe(elapsed)
         texts = (f", prompt {_prompt_text(req)!r}, output {fe.tokenizer.decode(usage.token_ids)!r}"
                  if s.log_prompts else "")
+        if req.adapter is not None:
+            texts = f", LoRA adapter {req.adapter}{texts}"
         # The one info line of a request (received, routing and first-token lines are debug).
         log.info("request finished: %s %s, %d prompt tokens (%d cached), %d of max %d tokens in %.1f ms "
                  "(first after %.1f ms), tenant %s, priority %d, %d migrations, workers %s/%s%s",

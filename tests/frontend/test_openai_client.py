@@ -136,11 +136,15 @@ def test_models_and_health(server, client):
         assert r.status == 200
 
 
-def test_a_lora_adapter_is_a_model_of_its_own_with_its_own_kv_blocks():
+def test_a_lora_adapter_is_a_model_of_its_own_with_its_own_kv_blocks(caplog):
     """A request naming a LoRA adapter (recipe model.lora_adapters) reaches the worker with it and
     with a KV salt of its own (the same prompt's blocks differ under the adapter), and the answer
-    names the adapter; /v1/models lists it with its base; an unknown name's 404 lists both."""
+    and the request's log line name the adapter; /v1/models lists it with its base; an unknown
+    name's 404 lists both."""
+    import logging
     from dataclasses import replace
+
+    caplog.set_level(logging.INFO, logger="dyn.frontend.app")
 
     base = make_recipe()
     recipe = replace(base, model=replace(base.model, lora_adapters=(("sql-lora", "/adapters/sql"),)))
@@ -155,6 +159,8 @@ def test_a_lora_adapter_is_a_model_of_its_own_with_its_own_kv_blocks():
         first, second = h.workers["w0"].requests[-2:]
         assert (first.adapter, second.adapter) == (None, "sql-lora")
         assert first.prompt_token_ids == second.prompt_token_ids and first.salt != second.salt
+        finished = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request finished")]
+        assert "LoRA adapter" not in finished[-2] and finished[-1].endswith(", LoRA adapter sql-lora")
         with pytest.raises(openai.NotFoundError, match="sql-lora"):
             client.chat.completions.create(model="other", messages=messages, max_tokens=2)
 
