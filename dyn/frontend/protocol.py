@@ -404,8 +404,7 @@ def _structured(body: dict) -> dict[str, str]:
     structured_outputs {json | json_object | regex | choice | grammar}; one of them. A choice
     becomes a grammar of its strings (as vLLM builds it). The workers compile the result (one
     they cannot use is their 400)."""
-    given: list[tuple[str, str, Any]] = []
-    """(the request's field, kind, value) for each one set"""
+    given: list[tuple[str, str, Any]] = []  # (the request's field, kind, value) of each one set
     schema = _response_format(body.get("response_format"))
     if schema is not None:
         given.append(("response_format", "schema", schema))
