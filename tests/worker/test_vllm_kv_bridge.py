@@ -60,6 +60,10 @@ def test_salted_chains_hash_with_the_tenant_salt_from_cache_salt():
     assert events[0].block_hashes == hash_blocks(TOKENS[:8], BS, salt=77)
     bridge.apply(1, _batch(_stored([b"s2"], b"s1", TOKENS[8:12])))
     assert events[1].block_hashes == hash_blocks(TOKENS[:12], BS, salt=77)[2:]
+    # a LoRA adapter's request: vLLM puts the adapter's name before the salt, on every block
+    bridge.apply(2, _batch(_stored([b"l0", b"l1"], None, TOKENS[:8],
+                                   extra_keys=[("sql-lora", "dyn-salt-91"), ("sql-lora",)])))
+    assert events[2].block_hashes == hash_blocks(TOKENS[:8], BS, salt=91)
 
 
 def test_all_blocks_cleared_removes_everything_known():
