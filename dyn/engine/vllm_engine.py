@@ -96,11 +96,9 @@ class VllmEngine(Backend):
 
     def __init__(self, engine_kwargs: dict[str, Any], *, adapters: dict[str, str] | None = None) -> None:
         """`adapters`: LoRA adapter name -> directory (recipe model.lora_adapters), checked here so a
-        missing one fails the worker's start rather than its first request."""
+        missing one, or one above max_lora_rank, fails the worker's start rather than its first request."""
         self._adapters = {name: (index, path) for index, (name, path) in enumerate((adapters or {}).items(), 1)}
         """name -> (vLLM's lora_int_id, directory)"""
-        if adapters and "max_lora_rank" not in engine_kwargs:
-            engine_kwargs = {**engine_kwargs, "max_lora_rank": _max_lora_rank(adapters)}
         try:
             from vllm.engine.arg_utils import EngineArgs
             from vllm.v1.engine.llm_engine import LLMEngine
@@ -112,6 +110,8 @@ class VllmEngine(Backend):
             args = EngineArgs(**engine_kwargs)
         except TypeError as exc:
             raise EngineError(f"vLLM rejects the engine arguments: {exc} (check model.engine_args)") from None
+        if adapters:
+            _check_lora_ranks(adapters, args.max_lora_rank)
         try:
             config = args.create_engine_config()
         except Exception as exc:  # vLLM validates with ValueError, pydantic errors and more
@@ -479,14 +479,11 @@ def _prompt_scores(positions: list, prompt: list[int], k: int) -> PromptLogprobs
     return PromptLogprobs([entry[tok].logprob for tok, entry in zip(prompt[1:], scored)], top_ids, top_lps)
 
 
-_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-"""The max_lora_rank values vLLM accepts."""
-
-
-def _max_lora_rank(adapters: dict[str, str]) -> int:
-    """vLLM's max_lora_rank for these adapters: the smallest it accepts that fits the largest
-    rank among their adapter_config.json files. EngineError names an adapter that is not there."""
-    largest = 1
+def _check_lora_ranks(adapters: dict[str, str], max_rank: int) -> None:
+    """Every adapter's adapter_config.json is there and its rank fits vLLM's max_lora_rank (a
+    setting of its own, not derived from the files: every rank of a multi-node worker must be
+    built with the same one, and the other trays need not hold the adapters). EngineError names
+    the adapter and the fix."""
     for name, path in adapters.items():
         config = Path(path) / "adapter_config.json"
         try:
@@ -496,8 +493,6 @@ def _max_lora_rank(adapters: dict[str, str]) -> int:
                               "must name a PEFT adapter directory on every worker node") from None
         if type(rank) is not int or rank < 1:
             raise EngineError(f"LoRA adapter {name!r}: {config} has no rank 'r' >= 1 (got {rank!r})")
-        largest = max(largest, rank)
-    fits = [r for r in _LORA_RANKS if r >= largest]
-    if not fits:
-        raise EngineError(f"LoRA adapter rank {largest} exceeds vLLM's largest max_lora_rank {_LORA_RANKS[-1]}")
-    return fits[0]
+        if rank > max_rank:
+            raise EngineError(f"LoRA adapter {name!r} has rank {rank}, above vLLM's max_lora_rank {max_rank}; set "
+                              f"model.engine_args.max_lora_rank (one of 8, 16, 32, 64, ... at least {rank})")

@@ -74,12 +74,13 @@ def test_gpu_memory_utilization_is_a_fraction() -> None:
 
 def test_lora_adapters_are_named_directories_for_engine_vllm_and_enable_lora_in_vllm(tmp_path) -> None:
     """model.lora_adapters: name -> adapter directory; vLLM gets enable_lora and a max_loras; a
-    bad entry is refused with file:line; the worker reads the adapters' rank for max_lora_rank."""
+    bad entry is refused with file:line; the worker checks each adapter's rank against max_lora_rank."""
     import json
 
     from dyn.config.recipe import WorkerGroup
     from dyn.engine.vllm_args import engine_kwargs, lora_flags
-    from dyn.engine.vllm_engine import _max_lora_rank
+    from dyn.engine.vllm_engine import _check_lora_ranks
+    from dyn.errors import EngineError
 
     text = "name: m\nmodel:\n  path: /m\n  engine: vllm\n  lora_adapters:\n    sql: ~/lora/sql\n    chat/v2: /l/c\n" \
            "workers: {both: {}}\n"
@@ -98,12 +99,11 @@ def test_lora_adapters_are_named_directories_for_engine_vllm_and_enable_lora_in_
         assert info.value.line == line, (why, info.value)
     with pytest.raises(ConfigError, match="set by dyn"):
         parse_recipe(_recipe("    enable_lora: true\n"), "r.yaml")
-    for rank, expect in ((4, 8), (8, 8), (24, 32)):
+    for rank in (8, 24):
         (tmp_path / str(rank)).mkdir()
         (tmp_path / str(rank) / "adapter_config.json").write_text(json.dumps({"r": rank}))
-    assert _max_lora_rank({"a": str(tmp_path / "4")}) == 8
-    assert _max_lora_rank({"a": str(tmp_path / "8"), "b": str(tmp_path / "24")}) == 32
-    from dyn.errors import EngineError
-
+    _check_lora_ranks({"a": str(tmp_path / "8")}, 16)
+    with pytest.raises(EngineError, match="'b' has rank 24, above vLLM's max_lora_rank 16; set model.engine_args"):
+        _check_lora_ranks({"a": str(tmp_path / "8"), "b": str(tmp_path / "24")}, 16)
     with pytest.raises(EngineError, match="'gone'.*adapter_config.json"):
-        _max_lora_rank({"gone": str(tmp_path / "nowhere")})
+        _check_lora_ranks({"gone": str(tmp_path / "nowhere")}, 16)
