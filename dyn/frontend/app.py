@@ -248,6 +248,7 @@ class _Handlers:
         if req.model != s.served_model:  # a LoRA adapter (_check_model): its own KV blocks
             req = replace(req, adapter=req.model)
             salt = adapter_salt(salt, req.model)
+            fe.metrics.lora_requests.labels(req.model).inc()
         # debug: the "finished" line below repeats all of it (one info line per request: at
         # thousands of requests/s each log line is a measurable share of the frontend's CPU)
         log.debug("request received: %s, %d prompt tokens, max_tokens %s, tenant %s, priority %d",

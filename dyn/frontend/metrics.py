@@ -64,6 +64,8 @@ class FrontendMetrics:
         self.speculative_prefills = Counter("dyn_frontend_speculative_prefills", "Next-turn prefills "
                                             "sent after a turn (agent hint), by outcome", ["outcome"],
                                             registry=r)
+        self.lora_requests = Counter("dyn_frontend_lora_requests", "Generation requests naming a LoRA adapter "
+                                     "(recipe model.lora_adapters) as their model", ["adapter"], registry=r)
         self.open_connections = Gauge("dyn_frontend_open_connections", "HTTP connections open on this "
                                       "replica (set when replicas share its port)", registry=r)
         self.rebalanced = Counter("dyn_frontend_connections_rebalanced", "Connections closed after a "

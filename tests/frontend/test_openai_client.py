@@ -138,9 +138,9 @@ def test_models_and_health(server, client):
 
 def test_a_lora_adapter_is_a_model_of_its_own_with_its_own_kv_blocks(caplog):
     """A request naming a LoRA adapter (recipe model.lora_adapters) reaches the worker with it and
-    with a KV salt of its own (the same prompt's blocks differ under the adapter), and the answer
-    and the request's log line name the adapter; /v1/models lists it with its base; an unknown
-    name's 404 lists both."""
+    with a KV salt of its own (the same prompt's blocks differ under the adapter); the answer and
+    the request's log line name the adapter and a counter counts it; /v1/models lists it with its
+    base; an unknown name's 404 lists both."""
     import logging
     from dataclasses import replace
 
@@ -161,6 +161,8 @@ def test_a_lora_adapter_is_a_model_of_its_own_with_its_own_kv_blocks(caplog):
         assert first.prompt_token_ids == second.prompt_token_ids and first.salt != second.salt
         finished = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request finished")]
         assert "LoRA adapter" not in finished[-2] and finished[-1].endswith(", LoRA adapter sql-lora")
+        with urllib.request.urlopen(h.base_url.replace("/v1", "/metrics")) as r:
+            assert 'dyn_frontend_lora_requests_total{adapter="sql-lora"} 1.0' in r.read().decode()
         with pytest.raises(openai.NotFoundError, match="sql-lora"):
             client.chat.completions.create(model="other", messages=messages, max_tokens=2)
 
