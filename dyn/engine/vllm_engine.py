@@ -358,6 +358,10 @@ class VllmEngine(Backend):
         if out.prompt_logprobs and rid in self._prompt_k:  # all at once, with the first token (DELTA)
             prompt_scores = _prompt_scores(out.prompt_logprobs, out.prompt_token_ids or [],
                                            self._prompt_k.pop(rid))
+        # Tokens the client already has can come again: a remote decode re-samples the prefill
+        # worker's first token, a replayed structured request its earlier output (never both: a replay
+        # is a plain request). Each is checked, then dropped.
+        sent = 0
         remote = self._remote.get(rid)
         if remote is not None and token_ids:
             del self._remote[rid]
@@ -365,21 +369,20 @@ class VllmEngine(Backend):
                 self.connector.first_token_mismatches += 1
                 log.warning("request %s: decode re-sampled a different first token; continuing locally", rid)
                 return self._rerun_locally(rid, remote)
-            token_ids = token_ids[1:]
-            logprobs = logprobs[1:] if logprobs else logprobs
-            top_ids, top_lps = (top_ids[1:], top_lps[1:]) if top_ids else (top_ids, top_lps)
+            sent = 1
         replay = self._replay.get(rid)
         if replay and token_ids:
-            same = min(len(replay), len(token_ids))
-            if token_ids[:same] != replay[:same]:
+            sent = min(len(replay), len(token_ids))
+            if token_ids[:sent] != replay[:sent]:
                 self._engine.abort_request([self._live.pop(rid)])
                 self._replay.pop(rid)
                 return TokenOutput(rid, [], finished=True, finish_reason="abort",
                                    error="a replayed structured request diverged from the output already sent")
-            del replay[:same]
-            token_ids = token_ids[same:]
-            logprobs = logprobs[same:] if logprobs else logprobs
-            top_ids, top_lps = (top_ids[same:], top_lps[same:]) if top_ids else (top_ids, top_lps)
+            del replay[:sent]
+        if sent:
+            token_ids = token_ids[sent:]
+            logprobs = logprobs[sent:] if logprobs else logprobs
+            top_ids, top_lps = (top_ids[sent:], top_lps[sent:]) if top_ids else (top_ids, top_lps)
         finished = bool(out.finished)
         self._stats.num_generated_tokens += len(token_ids)
         reason = None
