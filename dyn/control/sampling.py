@@ -95,3 +95,6 @@ class PromptLogprobs:
     """With prompt_logprobs k > 0: per position, the k likeliest tokens (most likely first) ..."""
     top_logprobs: list[list[float]] | None = None
     """... and their logprobs."""
+    ranks: list[int] | None = None
+    """Per position, the prompt token's rank in the vocabulary (1: the likeliest; tokens that
+    score as high count ahead of it, as vLLM ranks); None where the engine gives none."""

@@ -393,6 +393,8 @@ def _add_scores(seq: Sequence, scores: PromptLogprobs) -> None:
         seq.prompt_scores = scores
         return
     held.logprobs += scores.logprobs
+    if held.ranks is not None and scores.ranks is not None:
+        held.ranks += scores.ranks
     if held.top_ids is not None and scores.top_ids is not None:
         held.top_ids += scores.top_ids
         held.top_logprobs += scores.top_logprobs  # type: ignore[operator]
@@ -400,7 +402,7 @@ def _add_scores(seq: Sequence, scores: PromptLogprobs) -> None:
 
 def _no_scores(k: int) -> PromptLogprobs:
     """The scores of a one-token prompt: nothing before its token to score it on."""
-    return PromptLogprobs([], [] if k else None, [] if k else None)
+    return PromptLogprobs([], [] if k else None, [] if k else None, [])
 
 
 def _check_request(request: EngineRequest, runner: ModelRunner,

@@ -168,11 +168,13 @@ class TorchModelRunner(ModelRunner):
         return scores or None
 
     def _score(self, hidden: torch.Tensor, next_ids: list[int], k: int) -> PromptLogprobs:
-        out = PromptLogprobs([], [] if k else None, [] if k else None)
+        out = PromptLogprobs([], [] if k else None, [] if k else None, [])
         targets = torch.tensor(next_ids, device=hidden.device).unsqueeze(1)
         for start in range(0, len(next_ids), SCORE_ROWS):
             lp = torch.log_softmax(self.model.logits(hidden[start:start + SCORE_ROWS]), dim=-1)
-            out.logprobs += lp.gather(1, targets[start:start + SCORE_ROWS]).squeeze(1).tolist()
+            picked = lp.gather(1, targets[start:start + SCORE_ROWS])
+            out.logprobs += picked.squeeze(1).tolist()
+            out.ranks += (lp >= picked).sum(dim=-1).tolist()  # type: ignore[operator]  # vLLM's rank
             if k:
                 values, ids = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
                 out.top_ids += ids.tolist()  # type: ignore[operator]

@@ -479,7 +479,8 @@ def _prompt_scores(positions: list, prompt: list[int], k: int) -> PromptLogprobs
     prompt token and the k likeliest, each with its rank) as dyn's PromptLogprobs."""
     scored = positions[1:]
     top_ids, top_lps = _top_logprobs(scored, k)
-    return PromptLogprobs([entry[tok].logprob for tok, entry in zip(prompt[1:], scored)], top_ids, top_lps)
+    entries = [entry[tok] for tok, entry in zip(prompt[1:], scored)]
+    return PromptLogprobs([e.logprob for e in entries], top_ids, top_lps, [e.rank for e in entries])
 
 
 def _check_lora_ranks(adapters: dict[str, str], max_rank: int) -> None:

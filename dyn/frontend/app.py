@@ -33,7 +33,7 @@ from dyn.frontend.protocol import (MAX_TOKEN_ID, ApiError, GenerationRequest, Sa
 from dyn.frontend.reasoning import ReasoningSplitter, thinking_at_start
 from dyn.frontend.ratelimit import RateLimiter
 from dyn.frontend.responses import (DONE, Answer, Echo, StreamFormatter, chat_logprobs, completion_logprobs,
-                                    echoed_logprobs, end_offset, error_event, full_response)
+                                    echoed_logprobs, end_offset, error_event, full_response, scored_prompt)
 from dyn.frontend.text import TextTokenizer
 from dyn.frontend.tool_calls import AnswerSplitter, ForcedCalls, ToolCallSplitter
 from dyn.frontend.worker_stream import Piece, Usage
@@ -274,7 +274,7 @@ class _Handlers:
                                                       echo)
                     else:
                         response = await self._collect(request, req, public_id, pieces, usage, self._splitter(req),
-                                                       echo)
+                                                       echo, prompt_ids)
         except ApiError as exc:
             log.info("request refused: %d %s: %s", exc.status, exc.code, exc.message, extra=extra)
             raise
@@ -398,19 +398,20 @@ class _Handlers:
         return Echo(text, prompt_ids)
 
     async def _collect(self, request: web.Request, req: GenerationRequest, public_id: str, pieces,
-                       usage: Usage, splitter: AnswerSplitter | None, echo: Echo | None) -> web.Response:
-        answer = await self._answer(req, pieces, usage, splitter, echo)
+                       usage: Usage, splitter: AnswerSplitter | None, echo: Echo | None,
+                       prompt_ids: list[int]) -> web.Response:
+        answer = await self._answer(req, pieces, usage, splitter, echo, prompt_ids)
         return self._whole(request, req, public_id, [answer], usage)
 
     def _whole(self, request: web.Request, req: GenerationRequest, public_id: str, answers: list[Answer],
                usage: Usage) -> web.Response:
-        body = full_response(req.kind, public_id, req.model, answers, usage)
+        body = full_response(req.kind, public_id, req.model, answers, usage, req.prompt_logprobs is not None)
         response = web.Response(body=body, content_type=_JSON, headers={REQUEST_ID_HEADER: _rid_of(public_id)})
         self.fe.keep_alive(request, response)
         return response
 
-    async def _answer(self, req: GenerationRequest, pieces, usage: Usage,
-                      splitter: AnswerSplitter | None, echo: Echo | None = None) -> Answer:
+    async def _answer(self, req: GenerationRequest, pieces, usage: Usage, splitter: AnswerSplitter | None,
+                      echo: Echo | None, prompt_ids: list[int]) -> Answer:
         """One choice's pieces gathered into its whole answer (after the prompt, with `echo`)."""
         texts: list[str] = []
         token_ids: list[int] = []
@@ -442,7 +443,7 @@ class _Handlers:
             elif echo is None:
                 lp = completion_logprobs(tok, token_ids, logprobs, top=top)
             else:
-                head = echoed_logprobs(tok, echo, scores)
+                head = echoed_logprobs(tok, echo, scores, req.sampling.top_logprobs)
                 tail = completion_logprobs(tok, token_ids, logprobs, end_offset(head) if head else len(echo.text), top)
                 lp = tail if head is None else {key: head[key] + tail[key] for key in head}
         text = "".join(texts)
@@ -451,7 +452,9 @@ class _Handlers:
         split = splitter.feed(text, final=True) if splitter is not None else None
         if split is not None and split.tool_calls:
             reason = usage.finish_reason = "tool_calls"
-        return Answer(text, reason, lp, split)
+        prompt_lp = (None if req.prompt_logprobs is None
+                     else scored_prompt(self.fe.tokenizer, prompt_ids, scores, req.prompt_logprobs))
+        return Answer(text, reason, lp, split, prompt_lp)
 
     async def _choices(self, request: web.Request, req: GenerationRequest, public_id: str,
                        prompt_ids: list[int], rid: str, usage: Usage, salt: int) -> web.StreamResponse:
@@ -466,7 +469,8 @@ class _Handlers:
         try:
             if req.stream:
                 return await self._stream_choices(request, req, public_id, runs, usages, usage, echo)
-            answers = [asyncio.ensure_future(self._answer(req, run, choice_usage, self._splitter(req), echo))
+            answers = [asyncio.ensure_future(self._answer(req, run, choice_usage, self._splitter(req), echo,
+                                                          prompt_ids))
                        for run, choice_usage in zip(runs, usages)]
             try:
                 done = await asyncio.gather(*answers)

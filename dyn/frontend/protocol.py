@@ -33,8 +33,7 @@ MAX_TOKEN_ID = 2**31 - 1
 """Token ids and top_k travel as msgpack ints; no vocabulary comes near this."""
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _UNSUPPORTED_EXTENSIONS: dict[str, Any] = {
-    "use_beam_search": False, "prompt_logprobs": None,
-    "length_penalty": 1.0, "spaces_between_special_tokens": True}
+    "use_beam_search": False, "length_penalty": 1.0, "spaces_between_special_tokens": True}
 """vLLM request fields dyn does not do, with the value that asks for nothing: any other value is a
 400 (ignoring it would silently change what the client asked for)."""
 _CHAT_OPTIONS = frozenset({"tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
@@ -84,6 +83,9 @@ class GenerationRequest:
     """The LoRA adapter the request's `model` names (set once the frontend checked the name)."""
     skip_special_tokens: bool = True
     """vLLM's: False puts special tokens into the text (all but the one that ended the answer)."""
+    prompt_logprobs: int | None = None
+    """vLLM's: the answer carries each prompt token's logprob and rank, with this many likeliest
+    tokens per position (sampling.prompt_logprobs asks the engine for at least as many)."""
     truncate_prompt_tokens: int | None = None
     """vLLM's: only the prompt's last this many tokens are kept (-1: as many as the context allows)."""
     bad_words: tuple[str, ...] = ()
@@ -247,7 +249,7 @@ def parse_completion(body: Any, defaults: SamplingDefaults = SamplingDefaults())
     req = _common(body, "completion", (max_tokens, logprobs is not None, logprobs or 0), defaults,
                   prompt_text=text, prompt_token_ids=ids, echo=echo, add_special_tokens=add_special_tokens)
     if echo and logprobs is not None:  # the prompt's tokens get logprobs too (lm-eval's loglikelihood)
-        req = replace(req, sampling=replace(req.sampling, prompt_logprobs=logprobs))
+        req = replace(req, sampling=replace(req.sampling, prompt_logprobs=max(logprobs, req.prompt_logprobs or 0)))
     return req
 
 
@@ -296,6 +298,7 @@ def _common(body: dict, kind: str, output: tuple[int | None, bool, int], default
         ignore_eos = _opt_bool(body, "ignore_eos")
     stop = _stop(body.get("stop"))
     min_tokens = _min_tokens(body, max_tokens, bool(structured))
+    prompt_logprobs = _prompt_logprobs(body, stream)
     sampling = SamplingParams(
         max_tokens=max_tokens, temperature=defaults.temperature if temperature is None else temperature,
         top_p=defaults.top_p if top_p is None else top_p,
@@ -307,13 +310,26 @@ def _common(body: dict, kind: str, output: tuple[int | None, bool, int], default
         frequency_penalty=defaults.frequency_penalty if frequency is None else frequency,
         repetition_penalty=defaults.repetition_penalty if repetition is None else repetition,
         logit_bias_ids=bias_ids, logit_bias_values=bias_values, allowed_token_ids=_allowed_token_ids(body),
-        **structured)
+        prompt_logprobs=prompt_logprobs, **structured)
     return GenerationRequest(kind=kind, model=model, sampling=sampling, n=n or 1,  # type: ignore[arg-type]
                              stream=stream, include_usage=include_usage, hints=hints, unknown_hints=unknown,
                              include_stop=_opt_bool(body, "include_stop_str_in_output") or False,
                              bad_words=_bad_words(body.get("bad_words")),
                              truncate_prompt_tokens=_truncate_prompt_tokens(body),
-                             skip_special_tokens=_opt_bool(body, "skip_special_tokens") is not False, **fields)
+                             skip_special_tokens=_opt_bool(body, "skip_special_tokens") is not False,
+                             prompt_logprobs=prompt_logprobs, **fields)
+
+
+def _prompt_logprobs(body: dict, stream: bool) -> int | None:
+    """vLLM's prompt_logprobs k, for a whole (non-streamed) answer, as vLLM allows it; a stream
+    with 0 asks for nothing (vLLM's streams carry no prompt scores)."""
+    k = _opt_int(body, "prompt_logprobs", -1, MAX_TOP_LOGPROBS)
+    if k == -1:
+        raise ApiError(f"prompt_logprobs -1 (every token of the vocabulary) is not supported; ask for at most "
+                       f"{MAX_TOP_LOGPROBS}", param="prompt_logprobs")
+    if k and stream:
+        raise ApiError("prompt_logprobs are not available with stream=true", param="prompt_logprobs")
+    return None if stream else k
 
 
 def _logit_bias(raw: Any) -> tuple[tuple[int, ...], tuple[float, ...]]:

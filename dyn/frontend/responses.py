@@ -127,9 +127,14 @@ class Answer:
     logprobs: dict | None = None
     split: Split | None = None
     """The text as reasoning and content (a chat with a reasoning parser; an empty part is null)."""
+    prompt_logprobs: list | None = None
+    """vLLM's prompt_logprobs answer (scored_prompt), when the request asked for it."""
 
 
-def full_response(kind: str, request_id: str, model: str, answers: Sequence[Answer], usage: Usage) -> bytes:
+def full_response(kind: str, request_id: str, model: str, answers: Sequence[Answer], usage: Usage,
+                  prompt_logprobs: bool = False) -> bytes:
+    """The whole response; with `prompt_logprobs` (asked for), the prompt's scores where vLLM puts
+    them: on each completion choice, once for a chat (every choice has the same prompt)."""
     choices = []
     for index, answer in enumerate(answers):
         if kind == "chat":
@@ -144,9 +149,13 @@ def full_response(kind: str, request_id: str, model: str, answers: Sequence[Answ
         else:
             choices.append({"index": index, "text": answer.text, "logprobs": answer.logprobs,
                             "finish_reason": answer.finish_reason})
+            if prompt_logprobs:
+                choices[-1]["prompt_logprobs"] = answer.prompt_logprobs
     obj = "chat.completion" if kind == "chat" else "text_completion"
     body = {"id": request_id, "object": obj, "created": int(time.time()), "model": model,
             "choices": choices, "usage": usage_dict(usage)}
+    if prompt_logprobs and kind == "chat":
+        body["prompt_logprobs"] = next((a.prompt_logprobs for a in answers if a.prompt_logprobs is not None), None)
     if usage.num_migrations:
         body["dyn"] = {"migrations": usage.num_migrations}
     return _dumps(body).encode()
@@ -195,18 +204,47 @@ class Echo:
     token_ids: Sequence[int]
 
 
-def echoed_logprobs(tok: TextTokenizer, echo: Echo, scores: PromptLogprobs | None) -> dict | None:
+def echoed_logprobs(tok: TextTokenizer, echo: Echo, scores: PromptLogprobs | None,
+                    k: int | None = None) -> dict | None:
     """The echoed prompt's part of a completion's logprobs object: every prompt token, the first
-    with null (nothing before it to score it on, as OpenAI's); None when the engine gave no
-    scores (the mock engine gives none): then only the answer's tokens have logprobs."""
+    with null (nothing before it to score it on, as OpenAI's), with its k likeliest tokens (None:
+    as many as scored; the scores may hold more, for prompt_logprobs); None when the engine gave
+    no scores (the mock engine gives none): then only the answer's tokens have logprobs."""
     ids = echo.token_ids
     if scores is None or len(scores.logprobs) != len(ids) - 1:
         return None
     first = tok.decode(ids[:1])
-    top = (scores.top_ids, scores.top_logprobs) if scores.top_ids is not None else None
+    top = None
+    if k != 0 and scores.top_ids is not None and scores.top_logprobs is not None:
+        top = ([row[:k] for row in scores.top_ids], [row[:k] for row in scores.top_logprobs])
     rest = completion_logprobs(tok, ids[1:], scores.logprobs, len(first), top)
     return {"tokens": [first, *rest["tokens"]], "token_logprobs": [None, *rest["token_logprobs"]],
             "top_logprobs": [None, *rest["top_logprobs"]], "text_offset": [0, *rest["text_offset"]]}
+
+
+def scored_prompt(tok: TextTokenizer, prompt_ids: Sequence[int], scores: PromptLogprobs | None,
+                  k: int) -> list | None:
+    """vLLM's prompt_logprobs answer: null for the first prompt token (nothing before it), then per
+    token a map from token id to its logprob, rank and text, holding the prompt token and the k
+    likeliest (ranked 1..k; the prompt token keeps its place when it is one of them). -inf becomes
+    -9999.0, as vLLM writes it (JSON has no infinity). None when the engine gave no scores."""
+    if scores is None or len(scores.logprobs) != len(prompt_ids) - 1:
+        return None
+    ranks = scores.ranks or [None] * len(scores.logprobs)
+    tops = zip(scores.top_ids, scores.top_logprobs) if k and scores.top_ids and scores.top_logprobs else None
+    out: list = [None]
+    for tid, lp, rank in zip(prompt_ids[1:], scores.logprobs, ranks):
+        entry = {str(tid): _prompt_entry(tok, tid, lp, rank)}
+        if tops is not None:
+            ids, lps = next(tops)
+            for place, (alt, alt_lp) in enumerate(zip(ids[:k], lps[:k]), 1):
+                entry[str(alt)] = _prompt_entry(tok, alt, alt_lp, place)
+        out.append(entry)
+    return out
+
+
+def _prompt_entry(tok: TextTokenizer, token_id: int, logprob: float, rank: int | None) -> dict:
+    return {"logprob": max(logprob, -9999.0), "rank": rank, "decoded_token": tok.decode([token_id])}
 
 
 def end_offset(logprobs: dict) -> int:

@@ -171,6 +171,10 @@ class ReferenceRun:
         """Per SCORED prompt: vLLM's logprob of each of its tokens after the first."""
         return {int(idx): scores for idx, scores in self._read()["prompt_logprobs"].items()}
 
+    def prompt_ranks(self) -> dict[int, list[int]]:
+        """Per SCORED prompt: vLLM's rank of each of its tokens after the first."""
+        return {int(idx): ranks for idx, ranks in self._read()["prompt_ranks"].items()}
+
     def _read(self) -> dict:
         if self._result is None:
             returncode = self._proc.wait(timeout=300)
@@ -291,21 +295,31 @@ def test_greedy_tokens_equal_vllm_generate_locally_and_through_the_nixl_handoff(
 
 
 def test_echo_scores_prompt_tokens_as_vllm_does_on_either_path(deployment, prompts, reference_run):
-    """completions `echo` + `logprobs` (lm-eval's loglikelihood request): each prompt token's logprob
-    equals vLLM's own prompt_logprobs, whether the decode worker ran the prompt or the prefill
-    worker did (and handed the KV over: 2 tokens, so the decode worker has one to make, unasked for
-    scores; lm-eval asks for 1, which the prefill worker's first token answers)."""
+    """completions `echo` + `logprobs` (lm-eval's loglikelihood request) and vLLM's prompt_logprobs:
+    each prompt token's logprob and rank equal vLLM's own prompt_logprobs, whether the decode
+    worker ran the prompt or the prefill worker did (and handed the KV over: 2 tokens, so the
+    decode worker has one to make, unasked for scores; lm-eval asks for 1, which the prefill
+    worker's first token answers)."""
     client = _client(deployment)
     before = deployment.worker_metrics("decode-0")
+    ranks = reference_run.prompt_ranks()
     for idx, want in reference_run.prompt_logprobs().items():
         prompt = prompts[idx]
         answer = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0, logprobs=1,
-                                           echo=True, extra_body={"ignore_eos": True})
+                                           echo=True, extra_body={"ignore_eos": True, "prompt_logprobs": 2})
         lp = answer.choices[0].logprobs
         assert len(lp.tokens) == len(prompt) + 2 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
         assert lp.token_logprobs[1:len(prompt)] == pytest.approx(want, abs=1e-3)
-        assert all(max(top.values()) >= score - 1e-6
+        assert all(len(top) == 1 and max(top.values()) >= score - 1e-6
                    for top, score in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
+        # vLLM's prompt_logprobs answer: each token's entry with vLLM's rank (ties within the
+        # logprob tolerance may swap neighbours), and the 2 likeliest ranked 1 and 2
+        scored = answer.choices[0].prompt_logprobs
+        assert scored[0] is None and len(scored) == len(prompt)
+        entries = [entry[str(tok)] for tok, entry in zip(prompt[1:], scored[1:])]
+        assert [e["logprob"] for e in entries] == pytest.approx(want, abs=1e-3)
+        assert all(abs(e["rank"] - rank) <= 1 for e, rank in zip(entries, ranks[idx])), (entries, ranks[idx])
+        assert all(sorted(e["rank"] for e in entry.values())[:2] == [1, 2] for entry in scored[1:])
     after = deployment.worker_metrics("decode-0")
     assert after["remote_prefills"] - before.get("remote_prefills", 0) == 1  # the long prompt's
 

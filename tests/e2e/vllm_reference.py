@@ -1,4 +1,4 @@
-"""vLLM's own greedy output (and prompt logprobs) for the serving test:
+"""vLLM's own greedy output (and prompt logprobs and ranks) for the serving test:
 `python vllm_reference.py MODEL_DIR IN.json OUT.json`.
 
 A script, not test code: vLLM starts its workers with spawn, which needs a
@@ -32,13 +32,15 @@ def main() -> None:
         adapted = [list(llm.generate([{"prompt_token_ids": p}], params, lora_request=request, use_tqdm=False)[0]
                         .outputs[0].token_ids) for p in spec["lora_prompts"]]
     scoring = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0, detokenize=False)
-    scores = {}
-    for idx in spec["score"]:  # each prompt token's logprob (the first has none)
+    scores, ranks = {}, {}
+    for idx in spec["score"]:  # each prompt token's logprob and rank (the first has none)
         prompt = spec["prompts"][idx]
         entries = llm.generate([{"prompt_token_ids": prompt}], scoring, use_tqdm=False)[0].prompt_logprobs[1:]
         scores[idx] = [entry[tok].logprob for tok, entry in zip(prompt[1:], entries)]
+        ranks[idx] = [entry[tok].rank for tok, entry in zip(prompt[1:], entries)]
     with open(dst, "w") as f:
-        json.dump({"tokens": [list(o) for o in outputs], "prompt_logprobs": scores, "lora_tokens": adapted}, f)
+        json.dump({"tokens": [list(o) for o in outputs], "prompt_logprobs": scores, "prompt_ranks": ranks,
+                   "lora_tokens": adapted}, f)
 
 
 if __name__ == "__main__":

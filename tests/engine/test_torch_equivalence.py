@@ -208,8 +208,8 @@ def test_repetition_penalty_matches_transformers_generate(hf_checkpoint, hf_mode
 
 
 def test_prompt_logprobs_match_transformers_through_chunks_and_a_cached_prefix(hf_checkpoint, hf_model):
-    """prompt_logprobs: each prompt token's logprob under transformers' teacher-forced forward, and
-    the k likeliest there, whatever the prefill chunking; a prompt already in the prefix cache is
+    """prompt_logprobs: each prompt token's logprob and rank under transformers' teacher-forced forward,
+    and the k likeliest there, whatever the prefill chunking; a prompt already in the prefix cache is
     run whole again (a cached block has no logits), the scores arriving once, on the first output."""
     path = hf_checkpoint("llama")
     hf = hf_model(path)
@@ -235,10 +235,15 @@ def test_prompt_logprobs_match_transformers_through_chunks_and_a_cached_prefix(h
     assert torch.tensor(scores.logprobs) == pytest.approx(expected, abs=ATOL)
     assert scores.top_ids == reference.topk(3, -1).indices.tolist()
     assert torch.tensor(scores.top_logprobs) == pytest.approx(reference.topk(3, -1).values, abs=ATOL)
+    # each token's rank (vLLM's: tokens scoring as high count ahead), within what ATOL leaves open
+    ahead = (reference > expected.unsqueeze(1) + ATOL).sum(-1) + 1
+    tied = (reference >= expected.unsqueeze(1) - ATOL).sum(-1)
+    assert len(scores.ranks) == len(prompt) - 1 and max(scores.ranks) > 1
+    assert all(lo <= rank <= hi for lo, rank, hi in zip(ahead.tolist(), scores.ranks, tied.tolist()))
     # a one-token prompt has nothing to score: an empty answer, still on the first output
     engine.add_request(EngineRequest("one", prompt[:1], SamplingParams(max_tokens=1, prompt_logprobs=0)))
     (only,) = [out for out in engine.step()]
-    assert only.prompt_logprobs.logprobs == [] and only.prompt_logprobs.top_ids is None
+    assert only.prompt_logprobs.logprobs == only.prompt_logprobs.ranks == [] and only.prompt_logprobs.top_ids is None
     # a prompt whose KV comes from elsewhere was never run here: refused, naming the field
     with pytest.raises(RequestError) as refused:
         engine.begin_import(EngineRequest("imported", prompt, scored), [])

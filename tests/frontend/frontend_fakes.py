@@ -28,11 +28,12 @@ def next_token(context: list[int]) -> int:
 
 
 def prompt_scores(prompt: list[int], k: int) -> PromptLogprobs:
-    """The fake model's prompt_logprobs: token i (from 1) scores -i/8, its k likeliest are the
-    token and the letters after it."""
+    """The fake model's prompt_logprobs: token i (from 1) scores -i/8 with rank i, its k likeliest
+    are the token and the letters after it."""
     tops = [[t] + [97 + (t - 97 + j) % 26 for j in range(1, k)] for t in prompt[1:]]
     return PromptLogprobs([-i / 8 for i in range(1, len(prompt))], tops if k else None,
-                          [[-i / 8 - j for j in range(k)] for i in range(1, len(prompt))] if k else None)
+                          [[-i / 8 - j for j in range(k)] for i in range(1, len(prompt))] if k else None,
+                          list(range(1, len(prompt))))
 
 
 def greedy(prompt: list[int], n: int) -> list[int]:

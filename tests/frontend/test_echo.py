@@ -1,6 +1,7 @@
 """Completions' `echo`: the answer starts with the prompt and, with `logprobs`, the prompt's tokens
 come scored (the first one null), as lm-eval's loglikelihood tasks read them; streamed, the prompt
-is the first chunk. The fake workers score prompt token i at -i/8 (frontend_fakes.prompt_scores)."""
+is the first chunk. vLLM's `prompt_logprobs` (completions and chat) score the prompt in vLLM's
+shape. The fake workers score prompt token i at -i/8 (frontend_fakes.prompt_scores)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ import json
 import openai
 import pytest
 from frontend_harness import MODEL, Harness, make_recipe
+
+from dyn.control.sampling import PromptLogprobs
+from dyn.frontend.responses import scored_prompt
+from dyn.frontend.text import ByteTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +82,7 @@ def test_the_prefill_worker_scores_the_prompt_and_decode_is_not_asked_again():
 def test_an_engine_without_prompt_scores_echoes_the_text_with_null_logprobs():
     """The mock engine gives no prompt scores: the echoed chunk carries the prompt with logprobs null, and
     the answer's offsets count from the end of the prompt's text."""
-    from dyn.control.sampling import PromptLogprobs
     from dyn.frontend.responses import Echo, StreamFormatter
-    from dyn.frontend.text import ByteTokenizer
     from dyn.frontend.worker_stream import Piece
 
     tok = ByteTokenizer()
@@ -89,3 +92,56 @@ def test_an_engine_without_prompt_scores_echoes_the_text_with_null_logprobs():
         echoed, first = (json.loads(f[len("data: "):])["choices"][0] for f in frames[:2])
         assert echoed["text"] == "abc" and echoed["logprobs"] is None
         assert first["text"] == "d" and first["logprobs"]["text_offset"] == [3]
+
+
+def _entry(token: str, logprob: float, rank: int) -> tuple[str, dict]:
+    return str(ord(token)), {"logprob": logprob, "rank": rank, "decoded_token": token}
+
+
+def test_prompt_logprobs_score_the_prompt_as_vllm_answers_it(client, harness):
+    """vLLM's prompt_logprobs: null for the first token, then per token a map from token id to
+    logprob, rank and text holding the prompt token and the k likeliest (ranked 1..k; the prompt
+    token, when it is one of them, keeps its place in the map with the top rank)."""
+    answer = client.completions.create(model=MODEL, prompt="abcd", max_tokens=2, extra_body={"prompt_logprobs": 2})
+    scored = answer.choices[0].prompt_logprobs
+    assert scored == [None, dict([_entry("b", -1 / 8, 1), _entry("c", -1 / 8 - 1, 2)]),
+                      dict([_entry("c", -2 / 8, 1), _entry("d", -2 / 8 - 1, 2)]),
+                      dict([_entry("d", -3 / 8, 1), _entry("e", -3 / 8 - 1, 2)])]
+    assert answer.choices[0].logprobs is None and harness.workers["w0"].requests[-1].sampling.prompt_logprobs == 2
+    alone = client.completions.create(model=MODEL, prompt="abcd", max_tokens=1, extra_body={"prompt_logprobs": 0})
+    assert alone.choices[0].prompt_logprobs == [None, dict([_entry("b", -1 / 8, 1)]), dict([_entry("c", -2 / 8, 2)]),
+                                                dict([_entry("d", -3 / 8, 3)])]  # the engine's ranks
+    # With echo + logprobs 1 the engine scores the prompt once, for the larger k; echo shows 1.
+    both = client.completions.create(model=MODEL, prompt="abc", max_tokens=1, logprobs=1, echo=True,
+                                     extra_body={"prompt_logprobs": 3}).choices[0]
+    assert harness.workers["w0"].requests[-1].sampling.prompt_logprobs == 3
+    assert both.logprobs.top_logprobs[1:3] == [{"b": -1 / 8}, {"c": -2 / 8}] and len(both.prompt_logprobs[1]) == 3
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                          n=2, extra_body={"prompt_logprobs": 0})
+    top = chat.model_extra["prompt_logprobs"]  # once, beside the choices (as vLLM's chat answer has it)
+    assert top[0] is None and len(top) == chat.usage.prompt_tokens and all(len(entry) == 1 for entry in top[1:])
+    assert all("prompt_logprobs" not in choice.model_extra for choice in chat.choices)
+    plain = client.completions.create(model=MODEL, prompt="abcd", max_tokens=1)
+    assert "prompt_logprobs" not in plain.choices[0].model_extra
+
+
+def test_prompt_logprobs_are_refused_where_vllm_refuses_them(client, harness):
+    """A stream carries no prompt scores (vLLM's rule: k > 0 is a 400, 0 asks for nothing), and -1 (the
+    whole vocabulary) is beyond the top-k limit."""
+    for body, stream in (({"prompt_logprobs": 1}, True), ({"prompt_logprobs": -1}, False),
+                         ({"prompt_logprobs": "2"}, False)):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(model=MODEL, prompt="ab", max_tokens=1, stream=stream, extra_body=body)
+        assert refused.value.body["param"] == "prompt_logprobs"
+    chunks = list(client.completions.create(model=MODEL, prompt="ab", max_tokens=2, stream=True,
+                                            extra_body={"prompt_logprobs": 0}))
+    assert "".join(c.choices[0].text for c in chunks) and \
+        harness.workers["w0"].requests[-1].sampling.prompt_logprobs is None
+
+
+def test_prompt_scores_without_an_engine_answer_or_with_minus_infinity():
+    """An engine without prompt scores (the mock) answers null; -inf is written as vLLM writes it."""
+    tok = ByteTokenizer()
+    assert scored_prompt(tok, [97, 98], None, 2) is None
+    assert scored_prompt(tok, [97, 98], PromptLogprobs([float("-inf")], None, None, [7]), 0) == \
+        [None, {"98": {"logprob": -9999.0, "rank": 7, "decoded_token": "b"}}]
