@@ -127,7 +127,7 @@ class Engine(Backend):
         work = [SeqWork(s.request.request_id, s.all_token_ids[s.num_computed:s.num_computed + num],
                         s.num_computed, s.block_ids, sample, s.request.sampling,
                         len(s.all_token_ids) - s.num_prompt_tokens, s.all_token_ids, s.num_prompt_tokens,
-                        s.constraint if sample else None)
+                        s.constraint if sample else None, s.request.resumed_tokens)
                 for s, num, sample in batch]
         result = self.runner.execute(work)
         self.last_step_duration_s = result.duration_s

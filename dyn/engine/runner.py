@@ -42,6 +42,9 @@ class SeqWork:
     """Where the prompt ends in all_token_ids (prompt scores stop there)."""
     constraint: Any = None
     """With sample: the request's grammar (dyn.engine.grammar.Constraint), masking what it may sample."""
+    num_resumed: int = 0
+    """EngineRequest.resumed_tokens: the prompt's tail that is the request's earlier output (a
+    migrated request), which seeded streams, penalties and bad words count as output."""
 
 
 @dataclass(slots=True)

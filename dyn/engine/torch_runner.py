@@ -142,7 +142,7 @@ class TorchModelRunner(ModelRunner):
                 logits = self.model.logits(hidden[sample_rows])
             sampling_work = [w for w in work if w.sample]
             picked = sample(logits, [w.sampling for w in sampling_work],
-                            [w.num_generated for w in sampling_work], self._generator,
+                            [w.num_generated + w.num_resumed for w in sampling_work], self._generator,
                             contexts=[w.all_token_ids or () for w in sampling_work],
                             mask=_step_mask(sampling_work, self.eos_token_ids))
             prompt = self._score_prompts(work, hidden)

@@ -7,6 +7,7 @@ transformers forward over prompt + generated tokens.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,30 @@ def test_seeded_sampling_is_independent_of_batch_and_chunking(hf_checkpoint):
     other_seed.add_request(EngineRequest("r1", prompts[1], SamplingParams(
         max_tokens=12, temperature=0.9, top_p=0.95, top_k=50, seed=78, ignore_eos=True)))
     assert _drain(other_seed)["r1"] != batched["r1"]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_a_resumed_request_continues_as_the_undisturbed_one(hf_checkpoint, temperature):
+    """A migrated request (its earlier output at the prompt's tail, resumed_tokens) continues exactly
+    as if never moved: its seeded stream goes on from where it was, frequency and presence
+    penalties count the earlier output, and a bad word split across the migration point is caught."""
+    path = hf_checkpoint("llama")
+    (prompt,) = _prompts([14], seed=9)
+
+    def run(sampling: SamplingParams, tokens: list[int] = (), **kw) -> list[int]:
+        engine = Engine(_runner(path))
+        engine.add_request(EngineRequest("r", prompt + list(tokens), sampling, resumed_tokens=len(tokens), **kw))
+        return _drain(engine)["r"]
+
+    base = SamplingParams(max_tokens=12, temperature=temperature, seed=77, ignore_eos=True, frequency_penalty=0.8,
+                          presence_penalty=0.4)
+    free = run(base)
+    banned = replace(base, bad_words_token_ids=((free[4], free[5]),))  # the word spans positions 4 and 5
+    whole = run(banned)
+    assert whole[:5] == free[:5] and whole[5] != free[5]  # (the ban acts right after the cut below)
+    first = run(replace(banned, max_tokens=5))
+    assert first == whole[:5]
+    assert run(replace(banned, max_tokens=7), first) == whole[5:]
 
 
 def test_block_view_is_the_pool_block(hf_checkpoint):
