@@ -22,6 +22,7 @@ from aiohttp import web
 from dyn.config.recipe import ReasoningParser, ToolCallParser
 from dyn.frontend.auth import DEFAULT_TENANT, ApiKeys, Tenant, adapter_salt, tenant_salt
 from dyn.frontend.balance import ConnectionBalancer
+from dyn.frontend.beam_search import StepOutput, beam_search
 from dyn.frontend.agent import AnswerMessage
 from dyn.frontend.generate import Dispatcher
 from dyn.frontend.metrics import CONTENT_TYPE, FrontendMetrics
@@ -263,7 +264,9 @@ class _Handlers:
         fe.active_ids.add(rid)
         start = time.perf_counter()
         try:
-            if req.n > 1:
+            if req.beam_search:
+                response = await self._beams(request, req, public_id, prompt_ids, rid, usage, salt)
+            elif req.n > 1:
                 response = await self._choices(request, req, public_id, prompt_ids, rid, usage, salt)
             else:
                 echo = self._echo(req, prompt_ids)
@@ -455,6 +458,52 @@ class _Handlers:
         prompt_lp = (None if req.prompt_logprobs is None
                      else scored_prompt(self.fe.tokenizer, prompt_ids, scores, req.prompt_logprobs))
         return Answer(text, reason, lp, split, prompt_lp)
+
+    async def _beams(self, request: web.Request, req: GenerationRequest, public_id: str, prompt_ids: list[int],
+                     rid: str, usage: Usage, salt: int) -> web.Response:
+        """use_beam_search: the n best beams as the n choices (dyn.frontend.beam_search); each step
+        is a one-token request per beam, `<id>/<step>.<beam>`, routed like any other."""
+        width, tok = req.n, self.fe.tokenizer
+        step_req = replace(req, n=1, beam_search=False, sampling=replace(
+            req.sampling, max_tokens=1, logprobs=True, top_logprobs=2 * width, ignore_eos=True),
+            hints=replace(req.hints, speculative_prefill=False, close_session=False))  # (not after each step)
+        usages: list[Usage] = []
+
+        async def step(tokens: list[int], index: int, beam: int) -> StepOutput:
+            usages.append(step_usage := Usage())
+            async with aclosing(self.fe.dispatcher.generate(step_req, prompt_ids + tokens,
+                                                            f"{rid}{CHOICE_SEPARATOR}{index}.{beam}", step_usage,
+                                                            salt=salt)) as pieces:
+                async for piece in pieces:
+                    if piece.token_ids:
+                        if piece.logprobs is None or piece.top_ids is None:
+                            raise ApiError("use_beam_search needs token logprobs, which this deployment's engine "
+                                           "does not return (the mock engine)", param="use_beam_search")
+                        return StepOutput(piece.token_ids[0], piece.logprobs[0], piece.top_ids[0],
+                                          piece.top_logprobs[0])  # type: ignore[index]
+            raise ApiError("a beam search step ended without a token", status=502, type="server_error")
+
+        beams = await beam_search(step, len(prompt_ids), width, req.sampling.max_tokens or 1, tok.eos_token_ids,
+                                  ignore_eos=req.sampling.ignore_eos, length_penalty=req.length_penalty)
+        k = req.sampling.top_logprobs
+        answers = []
+        for beam in beams:
+            text = tok.decode(beam.tokens, req.skip_special_tokens)
+            lp = None
+            if req.sampling.logprobs:
+                top = ([s.top_ids[:k] for s in beam.steps], [s.top_logprobs[:k] for s in beam.steps]) if k else None
+                lp = ({"content": chat_logprobs(tok, beam.tokens, beam.logprobs, top)} if req.kind == "chat"
+                      else completion_logprobs(tok, beam.tokens, beam.logprobs, top=top))
+            splitter = self._splitter(req)
+            split = splitter.feed(text, final=True) if splitter is not None else None
+            reason = "tool_calls" if split is not None and split.tool_calls else beam.finish_reason
+            answers.append(Answer(text, reason, lp, split))
+        first = usages[0]
+        usage.num_prompt_tokens, usage.num_cached_tokens = len(prompt_ids), first.num_cached_tokens
+        usage.prefill_worker, usage.decode_worker = first.prefill_worker, first.decode_worker
+        usage.token_ids = [t for beam in beams for t in beam.tokens]
+        usage.num_completion_tokens, usage.finish_reason = len(usage.token_ids), answers[0].finish_reason
+        return self._whole(request, req, public_id, answers, usage)
 
     async def _choices(self, request: web.Request, req: GenerationRequest, public_id: str,
                        prompt_ids: list[int], rid: str, usage: Usage, salt: int) -> web.StreamResponse:

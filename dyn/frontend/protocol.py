@@ -19,6 +19,7 @@ from dyn.config.recipe import MAX_REPETITION_PENALTY
 from dyn.control.sampling import MAX_BAD_WORD_SEQUENCES, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SamplingParams
 from dyn.engine.chat_template import GLOBALS, RENDER_ARGUMENTS
 from dyn.frontend.api_error import ApiError
+from dyn.frontend.beam_search import MAX_BEAM_WIDTH
 from dyn.frontend.hints import Hints, parse_hints
 
 __all__ = ["ApiError", "GenerationRequest", "Hints", "SamplingDefaults", "parse_chat", "parse_completion"]
@@ -29,11 +30,11 @@ MAX_CHOICES = 16
 LEGACY_DEFAULT_MAX_TOKENS = 16
 """/v1/completions without max_tokens generates this many, as OpenAI's API does."""
 MAX_STOP_CHARS = 256
+MAX_LENGTH_PENALTY = 10.0
 MAX_TOKEN_ID = 2**31 - 1
 """Token ids and top_k travel as msgpack ints; no vocabulary comes near this."""
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-_UNSUPPORTED_EXTENSIONS: dict[str, Any] = {
-    "use_beam_search": False, "length_penalty": 1.0, "spaces_between_special_tokens": True}
+_UNSUPPORTED_EXTENSIONS: dict[str, Any] = {"spaces_between_special_tokens": True}
 """vLLM request fields dyn does not do, with the value that asks for nothing: any other value is a
 400 (ignoring it would silently change what the client asked for)."""
 _CHAT_OPTIONS = frozenset({"tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
@@ -83,6 +84,10 @@ class GenerationRequest:
     """The LoRA adapter the request's `model` names (set once the frontend checked the name)."""
     skip_special_tokens: bool = True
     """vLLM's: False puts special tokens into the text (all but the one that ended the answer)."""
+    beam_search: bool = False
+    """vLLM's use_beam_search: the n choices are the n best beams (dyn.frontend.beam_search)."""
+    length_penalty: float = 1.0
+    """vLLM's, with beam_search: beams rank by cumulative logprob / length ** length_penalty."""
     prompt_logprobs: int | None = None
     """vLLM's: the answer carries each prompt token's logprob and rank, with this many likeliest
     tokens per position (sampling.prompt_logprobs asks the engine for at least as many)."""
@@ -311,13 +316,41 @@ def _common(body: dict, kind: str, output: tuple[int | None, bool, int], default
         repetition_penalty=defaults.repetition_penalty if repetition is None else repetition,
         logit_bias_ids=bias_ids, logit_bias_values=bias_values, allowed_token_ids=_allowed_token_ids(body),
         prompt_logprobs=prompt_logprobs, **structured)
-    return GenerationRequest(kind=kind, model=model, sampling=sampling, n=n or 1,  # type: ignore[arg-type]
-                             stream=stream, include_usage=include_usage, hints=hints, unknown_hints=unknown,
-                             include_stop=_opt_bool(body, "include_stop_str_in_output") or False,
-                             bad_words=_bad_words(body.get("bad_words")),
-                             truncate_prompt_tokens=_truncate_prompt_tokens(body),
-                             skip_special_tokens=_opt_bool(body, "skip_special_tokens") is not False,
-                             prompt_logprobs=prompt_logprobs, **fields)
+    req = GenerationRequest(kind=kind, model=model, sampling=sampling, n=n or 1,  # type: ignore[arg-type]
+                            stream=stream, include_usage=include_usage, hints=hints, unknown_hints=unknown,
+                            include_stop=_opt_bool(body, "include_stop_str_in_output") or False,
+                            bad_words=_bad_words(body.get("bad_words")),
+                            truncate_prompt_tokens=_truncate_prompt_tokens(body),
+                            skip_special_tokens=_opt_bool(body, "skip_special_tokens") is not False,
+                            prompt_logprobs=prompt_logprobs, **fields)
+    length_penalty = _opt_float(body, "length_penalty", -MAX_LENGTH_PENALTY, MAX_LENGTH_PENALTY)
+    if _opt_bool(body, "use_beam_search"):
+        _check_beam_search(req, body)
+        return replace(req, beam_search=True, length_penalty=1.0 if length_penalty is None else length_penalty)
+    if length_penalty not in (None, 1.0):
+        raise ApiError("length_penalty applies only with use_beam_search", param="length_penalty")
+    return req
+
+
+def _check_beam_search(req: GenerationRequest, body: dict) -> None:
+    """vLLM's beam search takes none of the fields that shape or end an answer token by token (it
+    ignores them); here they are a 400 naming the field rather than ignored."""
+    s = req.sampling
+    if req.stream:
+        raise ApiError("use_beam_search does not stream (as in vLLM); send stream false", param="stream")
+    if req.n > MAX_BEAM_WIDTH:
+        raise ApiError(f"use_beam_search: n (the beam width) must be at most {MAX_BEAM_WIDTH}", param="n")
+    conflicts = {"stop": bool(s.stop), "stop_token_ids": bool(s.stop_token_ids), "min_tokens": bool(s.min_tokens),
+                 "presence_penalty": bool(s.presence_penalty), "frequency_penalty": bool(s.frequency_penalty),
+                 "bad_words": bool(req.bad_words), "echo": req.echo, "prompt_logprobs": req.prompt_logprobs is not None,
+                 "response_format": s.structured is not None}
+    for name, conflict in conflicts.items():
+        if conflict:
+            if name == "response_format":  # (or its vLLM spellings, or a forced tool call)
+                name = next((key for key in ("tool_choice", "response_format", "structured_outputs",
+                                             *(f for f, _ in _GUIDED)) if body.get(key) is not None), name)
+            raise ApiError(f"{name} is not supported with use_beam_search (vLLM's beam search ignores it; "
+                           "a deployment default counts too: send the neutral value)", param=name)
 
 
 def _prompt_logprobs(body: dict, stream: bool) -> int | None:
@@ -365,7 +398,7 @@ def _allowed_token_ids(body: dict) -> tuple[int, ...]:
 def _min_tokens(body: dict, max_tokens: int | None, structured: bool) -> int:
     """vLLM's min_tokens: EOS, stop_token_ids and stop strings cannot end the answer before this
     many tokens came (a stop string must end in a later token's text)."""
-    value = _opt_int(body, "min_tokens", 0, None) or 0
+    value = _opt_int(body, "min_tokens", 0, MAX_TOKEN_ID) or 0  # (a token count travels as a msgpack int)
     if value and max_tokens is not None and value > max_tokens:
         raise ApiError(f"min_tokens ({value}) must not exceed max_tokens ({max_tokens})", param="min_tokens")
     if value and structured:  # a grammar may have to end before min_tokens

@@ -44,6 +44,8 @@ FAILED_PULL = ["Describe the ocean in detail. " * 10, "Tell me about mountains a
 """Sent to the decode worker only, with offers whose pull fails: fresh prompts (no cached blocks)."""
 SERVED = len(SHORT) + len(LONG)
 SCORED = [1, len(SHORT)]
+BEAM = {"prompt": 1, "width": 3, "max_tokens": 8}
+"""use_beam_search: the prompt (an index), n and max_tokens."""
 """Prompts whose tokens the echo test scores: a short one (scored on the decode worker) and a long
 one (scored on the prefill worker, which then hands the KV over)."""
 DTYPE = "float32"
@@ -148,7 +150,7 @@ class ReferenceRun:
 
     def __init__(self, tmp: Path, model_dir: Path, prompts: list[list[int]], lora: Path) -> None:
         (tmp / "in.json").write_text(json.dumps({"prompts": prompts, "max_tokens": MAX_TOKENS, "dtype": DTYPE,
-                                                 "score": SCORED, "lora": str(lora),
+                                                 "score": SCORED, "lora": str(lora), "beam": BEAM,
                                                  "lora_prompts": prompts[:len(SHORT)]}))
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
                "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1",
@@ -170,6 +172,10 @@ class ReferenceRun:
     def prompt_logprobs(self) -> dict[int, list[float]]:
         """Per SCORED prompt: vLLM's logprob of each of its tokens after the first."""
         return {int(idx): scores for idx, scores in self._read()["prompt_logprobs"].items()}
+
+    def beams(self) -> list[list[int]]:
+        """vLLM's beam search of the BEAM prompt: each beam's generated tokens, best first."""
+        return self._read()["beams"]
 
     def prompt_ranks(self) -> dict[int, list[int]]:
         """Per SCORED prompt: vLLM's rank of each of its tokens after the first."""
@@ -245,7 +251,7 @@ def test_an_aggregated_deployment_answers_vllm_generate_greedy_tokens(tmp_path, 
                                                                      reference_run, lora_dir):
     """mode: aggregated, one vLLM worker with the shipped recipe's engine settings and a LoRA
     adapter: a request naming the adapter as its model gets vLLM's answer with that adapter, the
-    others the base model's. Runs before the module's disaggregated deployment starts: each of its
+    others the base model's; a beam search finds the beams of vLLM's own. Runs before the module's disaggregated deployment starts: each of its
     NIXL engines keeps a core busy (NIXL's progress thread), which would slow this one's start."""
     d = VllmDeployment(tmp_path, model_dir, mode="aggregated", adapters={"smollm2-lora": str(lora_dir)})
     try:
@@ -255,6 +261,11 @@ def test_an_aggregated_deployment_answers_vllm_generate_greedy_tokens(tmp_path, 
         adapted = _greedy_texts(d, prompts[:len(SHORT)], model="smollm2-lora")
         assert adapted == _decoded(model_dir, reference_run.lora_tokens())
         assert adapted != _decoded(model_dir, reference_run.tokens()[:len(SHORT)])
+        # use_beam_search: the frontend runs vLLM's beam search over the worker, step by step
+        beams = _client(d).completions.create(model=MODEL, prompt=prompts[BEAM["prompt"]], n=BEAM["width"],
+                                              max_tokens=BEAM["max_tokens"], temperature=0,
+                                              extra_body={"use_beam_search": True})
+        assert [c.text for c in beams.choices] == _decoded(model_dir, reference_run.beams())
         models = {m.id: m for m in _client(d).models.list().data}
         assert set(models) == {MODEL, "smollm2-lora"} and models["smollm2-lora"].parent == MODEL
         # vLLM's own log records are the worker's JSON lines, tagged with the process like dyn's

@@ -5,6 +5,7 @@ A script, not test code: vLLM starts its workers with spawn, which needs a
 real `__main__`. Each prompt runs alone (as the deployment sees them in turn)
 with the engine settings of recipes/smollm2-vllm-local.yaml (the dtype is the test's). With a
 `lora` adapter directory, the `lora_prompts` also run with that adapter (LoRA enabled for all).
+The `beam` prompt also runs through vLLM's own beam search.
 """
 
 from __future__ import annotations
@@ -38,9 +39,17 @@ def main() -> None:
         entries = llm.generate([{"prompt_token_ids": prompt}], scoring, use_tqdm=False)[0].prompt_logprobs[1:]
         scores[idx] = [entry[tok].logprob for tok, entry in zip(prompt[1:], entries)]
         ranks[idx] = [entry[tok].rank for tok, entry in zip(prompt[1:], entries)]
+    from vllm.sampling_params import BeamSearchParams
+
+    beam = spec["beam"]  # vLLM's beam search (use_beam_search): each beam's generated tokens, best first
+    prompt = spec["prompts"][beam["prompt"]]
+    found = llm.beam_search([{"prompt_token_ids": prompt}], BeamSearchParams(
+        beam_width=beam["width"], max_tokens=beam["max_tokens"], temperature=0.0))[0].sequences
+    eos = llm.get_tokenizer().eos_token_id
+    beams = [[t for t in seq.tokens[len(prompt):] if t != eos] for seq in found]
     with open(dst, "w") as f:
         json.dump({"tokens": [list(o) for o in outputs], "prompt_logprobs": scores, "prompt_ranks": ranks,
-                   "lora_tokens": adapted}, f)
+                   "lora_tokens": adapted, "beams": beams}, f)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,9 @@ CASES = [
      400, "tool_choice.function.name"),
     (CHAT, {"model": MODEL, "messages": MSGS, "response_format": {"type": "yaml"}}, 400, "response_format.type"),
     (CHAT, {"model": MODEL, "messages": MSGS, "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
-    (CHAT, {"model": MODEL, "messages": MSGS, "use_beam_search": True}, 400, "use_beam_search"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "spaces_between_special_tokens": False}, 400,
+     "spaces_between_special_tokens"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "use_beam_search": True, "stream": True}, 400, "stream"),
     (CHAT, {"model": MODEL, "messages": MSGS, "add_special_tokens": True}, 400, "add_special_tokens"),
     (CHAT, {"model": MODEL, "messages": MSGS, "continue_final_message": True}, 400, "continue_final_message"),
     (CHAT, {"model": MODEL, "messages": [*MSGS, {"role": "assistant", "content": "a"}], "continue_final_message": True,
@@ -73,6 +75,7 @@ CASES = [
      "structured_outputs.json_object"),
     (CHAT, {"model": MODEL, "messages": MSGS, "guided_grammar": 5}, 400, "guided_grammar"),
     (CHAT, {"model": MODEL, "messages": MSGS, "min_tokens": -1}, 400, "min_tokens"),
+    (CHAT, {"model": MODEL, "messages": MSGS, "min_tokens": 2**70}, 400, "min_tokens"),  # (was a 500)
     (CHAT, {"model": MODEL, "messages": MSGS, "min_tokens": 2, "response_format": {"type": "json_object"}}, 400,
      "min_tokens"),
     (CHAT, {"model": MODEL, "messages": MSGS, "response_format": {"type": "json_schema"}}, 400,
