@@ -9,7 +9,7 @@ import math
 
 import openai
 import pytest
-from frontend_harness import MODEL, Harness, make_recipe
+from frontend_harness import MODEL
 
 from dyn.frontend.beam_search import StepOutput, beam_search
 
@@ -81,18 +81,6 @@ def test_a_failed_step_stops_the_other_beams_steps():
     with pytest.raises(RuntimeError, match="worker failed"):
         asyncio.run(beam_search(step, 1, 2, 3, [EOS]))
     assert cancelled == [1]
-
-
-@pytest.fixture(scope="module")
-def harness():
-    with Harness(make_recipe(), [("w0", "both")]) as h:
-        yield h
-
-
-@pytest.fixture(scope="module")
-def client(harness):
-    with openai.OpenAI(base_url=harness.base_url, api_key="x", max_retries=0, timeout=10) as c:
-        yield c
 
 
 def test_use_beam_search_answers_the_best_beams_as_choices(client, harness):

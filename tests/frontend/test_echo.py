@@ -16,18 +16,6 @@ from dyn.frontend.responses import scored_prompt
 from dyn.frontend.text import ByteTokenizer
 
 
-@pytest.fixture(scope="module")
-def harness():
-    with Harness(make_recipe(), [("w0", "both")]) as h:
-        yield h
-
-
-@pytest.fixture(scope="module")
-def client(harness):
-    with openai.OpenAI(base_url=harness.base_url, api_key="x", max_retries=0, timeout=10) as c:
-        yield c
-
-
 def test_echo_puts_the_prompt_before_the_answer(client):
     plain = client.completions.create(model=MODEL, prompt="abc", max_tokens=4).choices[0].text
     assert client.completions.create(model=MODEL, prompt="abc", max_tokens=4, echo=True).choices[0].text == \
