@@ -290,6 +290,8 @@ class _Handlers:
             fe.metrics.cached_tokens.inc(usage.num_cached_tokens)
         elapsed = time.perf_counter() - start
         fe.metrics.e2e.observe(elapsed)
+        if req.adapter is not None:
+            fe.metrics.lora_e2e.labels(req.adapter).observe(elapsed)
         texts = (f", prompt {_prompt_text(req)!r}, output {fe.tokenizer.decode(usage.token_ids)!r}"
                  if s.log_prompts else "")
         if req.adapter is not None:
@@ -464,7 +466,7 @@ class _Handlers:
         """use_beam_search: the n best beams as the n choices (dyn.frontend.beam_search); each step
         is a one-token request per beam, `<id>/<step>.<beam>`, routed like any other."""
         width, tok = req.n, self.fe.tokenizer
-        step_req = replace(req, n=1, beam_search=False, sampling=replace(
+        step_req = replace(req, n=1, sampling=replace(
             req.sampling, max_tokens=1, logprobs=True, top_logprobs=2 * width, ignore_eos=True),
             hints=replace(req.hints, speculative_prefill=False, close_session=False))  # (not after each step)
         usages: list[Usage] = []

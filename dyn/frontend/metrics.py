@@ -66,6 +66,10 @@ class FrontendMetrics:
                                             registry=r)
         self.lora_requests = Counter("dyn_frontend_lora_requests", "Generation requests naming a LoRA adapter "
                                      "(recipe model.lora_adapters) as their model", ["adapter"], registry=r)
+        self.lora_ttft = Histogram("dyn_frontend_lora_ttft_seconds", "Time to first token of the requests "
+                                   "naming a LoRA adapter", ["adapter"], buckets=_TTFT_BUCKETS, registry=r)
+        self.lora_e2e = Histogram("dyn_frontend_lora_request_duration_seconds", "Latency, end to end, of the "
+                                  "requests naming a LoRA adapter", ["adapter"], buckets=_E2E_BUCKETS, registry=r)
         self.open_connections = Gauge("dyn_frontend_open_connections", "HTTP connections open on this "
                                       "replica (set when replicas share its port)", registry=r)
         self.rebalanced = Counter("dyn_frontend_connections_rebalanced", "Connections closed after a "

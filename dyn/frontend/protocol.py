@@ -85,7 +85,8 @@ class GenerationRequest:
     skip_special_tokens: bool = True
     """vLLM's: False puts special tokens into the text (all but the one that ended the answer)."""
     beam_search: bool = False
-    """vLLM's use_beam_search: the n choices are the n best beams (dyn.frontend.beam_search)."""
+    """vLLM's use_beam_search: the n choices are the n best beams (dyn.frontend.beam_search). A
+    beam's one-token step request carries it too (its first token is no client's TTFT)."""
     length_penalty: float = 1.0
     """vLLM's, with beam_search: beams rank by cumulative logprob / length ** length_penalty."""
     prompt_logprobs: int | None = None

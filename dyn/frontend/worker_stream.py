@@ -221,7 +221,10 @@ class WorkerStream:
         now = time.perf_counter()
         metrics = self.d.metrics
         if not self.emitted:
-            metrics.ttft.observe(now - self.start)
+            if not self.req.beam_search:
+                metrics.ttft.observe(now - self.start)
+                if self.req.adapter is not None:
+                    metrics.lora_ttft.labels(self.req.adapter).observe(now - self.start)
             self.usage.num_cached_tokens = chunk.num_cached_tokens
             self.usage.ttft_s = now - self.start
             log.debug("first token after %.1f ms (%d prompt tokens cached)", (now - self.start) * 1000,

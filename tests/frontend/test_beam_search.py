@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import urllib.request
 
 import openai
 import pytest
@@ -88,8 +89,8 @@ def test_use_beam_search_answers_the_best_beams_as_choices(client, harness):
     ...): the best beam is the greedy answer, the others differ, and each step asked the workers
     for one token per beam with 2 x width likeliest tokens."""
     worker = harness.workers["w0"]
-    before = len(worker.requests)
     greedy = client.completions.create(model=MODEL, prompt="abc", max_tokens=4, temperature=0).choices[0].text
+    before, ttft = len(worker.requests), _samples(harness, "dyn_frontend_ttft_seconds_count")
     answer = client.completions.create(model=MODEL, prompt="abc", max_tokens=4, n=3, logprobs=1,
                                        extra_body={"use_beam_search": True, "length_penalty": 0.5})
     texts = [c.text for c in answer.choices]
@@ -97,13 +98,19 @@ def test_use_beam_search_answers_the_best_beams_as_choices(client, harness):
     assert answer.choices[0].logprobs.token_logprobs == [-0.25] * 4
     assert all(c.finish_reason == "length" and c.index == i for i, c in enumerate(answer.choices))
     assert answer.usage.prompt_tokens == 3 and answer.usage.completion_tokens == 12
-    steps = worker.requests[before + 1:]
+    steps = worker.requests[before:]
     assert len(steps) == 1 + 3 * 3  # one beam at the first step, then three
     assert all(r.sampling.max_tokens == 1 and r.sampling.top_logprobs == 6 and r.sampling.ignore_eos for r in steps)
     assert sorted(len(r.prompt_token_ids) for r in steps) == [3] + [4] * 3 + [5] * 3 + [6] * 3
+    assert _samples(harness, "dyn_frontend_ttft_seconds_count") == ttft  # a step's first token is no client's
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
                                           n=2, extra_body={"use_beam_search": True})
     assert len(chat.choices) == 2 and chat.choices[0].message.content != chat.choices[1].message.content
+
+
+def _samples(harness, name: str) -> float:
+    with urllib.request.urlopen(harness.base_url.removesuffix("/v1") + "/metrics", timeout=10) as r:
+        return next(float(line.split()[-1]) for line in r.read().decode().splitlines() if line.startswith(name))
 
 
 @pytest.mark.parametrize("body, param", [

@@ -162,7 +162,11 @@ def test_a_lora_adapter_is_a_model_of_its_own_with_its_own_kv_blocks(caplog):
         finished = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request finished")]
         assert "LoRA adapter" not in finished[-2] and finished[-1].endswith(", LoRA adapter sql-lora")
         with urllib.request.urlopen(h.base_url.replace("/v1", "/metrics")) as r:
-            assert 'dyn_frontend_lora_requests_total{adapter="sql-lora"} 1.0' in r.read().decode()
+            metrics = r.read().decode()
+        assert 'dyn_frontend_lora_requests_total{adapter="sql-lora"} 1.0' in metrics
+        # the adapter's own latency histograms hold its one request (the base model's are not in them)
+        assert 'dyn_frontend_lora_ttft_seconds_count{adapter="sql-lora"} 1.0' in metrics
+        assert 'dyn_frontend_lora_request_duration_seconds_count{adapter="sql-lora"} 1.0' in metrics
         with pytest.raises(openai.NotFoundError, match="sql-lora"):
             client.chat.completions.create(model="other", messages=messages, max_tokens=2)
 
