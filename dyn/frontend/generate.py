@@ -204,9 +204,12 @@ class _Run(WorkerStream):
             await asyncio.sleep(0.1)
 
     async def _remote_prefill(self, worker_id: str) -> AsyncIterator[Piece]:
+        """The prompt on a prefill worker, its KV offered to a decode worker; a request of one token
+        (a beam search step, lm-eval's scoring) ends there: a plain request, nothing exported (an
+        offer nobody pulls would hold its blocks on the prefill worker until it times out)."""
         self._offer = None
         request = GenerateRequest(self.rid, self.prompt, self._sampling(), salt=self.salt,
-                                  prefill_only=True, **self._hint_fields())
+                                  prefill_only=self.max_tokens != 1, **self._hint_fields())
         async with aclosing(self._follow(worker_id, request, self._prefilled)) as pieces:
             async for piece in pieces:
                 yield piece

@@ -331,8 +331,12 @@ def test_echo_scores_prompt_tokens_as_vllm_does_on_either_path(deployment, promp
         assert [e["logprob"] for e in entries] == pytest.approx(want, abs=1e-3)
         assert all(abs(e["rank"] - rank) <= 1 for e, rank in zip(entries, ranks[idx])), (entries, ranks[idx])
         assert all(sorted(e["rank"] for e in entry.values())[:2] == [1, 2] for entry in scored[1:])
+        # lm-eval's own request asks for 1 token: the prefill worker answers it alone, exporting nothing
+        one = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, logprobs=1,
+                                        echo=True).choices[0].logprobs
+        assert one.token_logprobs[1:len(prompt)] == pytest.approx(want, abs=1e-3)
     after = deployment.worker_metrics("decode-0")
-    assert after["remote_prefills"] - before.get("remote_prefills", 0) == 1  # the long prompt's
+    assert after["remote_prefills"] - before.get("remote_prefills", 0) == 1  # the long prompt's 2-token one
 
 
 def test_structured_output_a_forced_tool_call_and_min_tokens_through_vllm(deployment):

@@ -26,6 +26,16 @@ def _expected(prompt: str, n: int) -> str:
     return ByteTokenizer().decode(greedy(list(prompt.encode()), n))
 
 
+def test_a_one_token_request_ends_on_the_prefill_worker_without_a_kv_offer():
+    """max_tokens 1 (lm-eval's scoring, a beam search step): the prefill worker's token is the
+    answer, so it runs there as a plain request, exporting nothing nobody would pull."""
+    with Harness(make_recipe("disaggregated", threshold=16), [("p0", "prefill"), ("d0", "decode")]) as h:
+        assert _complete(h, LONG, 1, False) == (_expected(LONG, 1), "length")
+        (prefilled,) = h.workers["p0"].requests
+        assert not prefilled.prefill_only and prefilled.sampling.max_tokens == 1
+        assert h.workers["d0"].requests == [] and h.workers["p0"].kv_store == {}
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_long_prompt_prefills_remotely_and_matches_aggregated(stream):
     with Harness(make_recipe("disaggregated", threshold=16), [("p0", "prefill"), ("d0", "decode")]) as h:
