@@ -43,7 +43,7 @@ class Beam:
     logprobs: list[float] = field(default_factory=list)
     """Each token's logprob."""
     finish_reason: str = "length"
-    ended_by_eos: bool = False
+    """"stop": an EOS ended it; "length": max_tokens did."""
 
     def score(self, num_prompt_tokens: int, length_penalty: float) -> float:
         return self.cum_logprob / max(num_prompt_tokens + len(self.tokens), 1) ** length_penalty
@@ -71,7 +71,7 @@ async def beam_search(step: Step, num_prompt_tokens: int, width: int, max_tokens
             for token, logprob in out.candidates().items():
                 cum = beam.cum_logprob + logprob
                 if token in eos:
-                    done.append(Beam(beam.tokens, cum, beam.steps, beam.logprobs, "stop", True))
+                    done.append(Beam(beam.tokens, cum, beam.steps, beam.logprobs, "stop"))
                 else:
                     candidates.append((cum, token, beam, out, logprob))
         candidates.sort(key=lambda c: -c[0])  # (stable: ties keep beam, then candidate order)
