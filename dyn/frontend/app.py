@@ -13,6 +13,7 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,7 +23,7 @@ from aiohttp import web
 from dyn.config.recipe import ReasoningParser, ToolCallParser
 from dyn.frontend.auth import DEFAULT_TENANT, ApiKeys, Tenant, adapter_salt, tenant_salt
 from dyn.frontend.balance import ConnectionBalancer
-from dyn.frontend.beam_search import StepOutput, beam_search
+from dyn.frontend.beam_search import Beam, StepOutput, beam_search
 from dyn.frontend.agent import AnswerMessage
 from dyn.frontend.generate import Dispatcher
 from dyn.frontend.metrics import CONTENT_TYPE, FrontendMetrics
@@ -488,18 +489,13 @@ class _Handlers:
         beams = await beam_search(step, len(prompt_ids), width, req.sampling.max_tokens or 1, tok.eos_token_ids,
                                   ignore_eos=req.sampling.ignore_eos, length_penalty=req.length_penalty)
         k = req.sampling.top_logprobs
-        answers = []
-        for beam in beams:
-            text = tok.decode(beam.tokens, req.skip_special_tokens)
-            lp = None
-            if req.sampling.logprobs:
-                top = ([s.top_ids[:k] for s in beam.steps], [s.top_logprobs[:k] for s in beam.steps]) if k else None
-                lp = ({"content": chat_logprobs(tok, beam.tokens, beam.logprobs, top)} if req.kind == "chat"
-                      else completion_logprobs(tok, beam.tokens, beam.logprobs, top=top))
-            splitter = self._splitter(req)
-            split = splitter.feed(text, final=True) if splitter is not None else None
-            reason = "tool_calls" if split is not None and split.tool_calls else beam.finish_reason
-            answers.append(Answer(text, reason, lp, split))
+
+        async def whole(beam: Beam) -> AsyncIterator[Piece]:  # a beam as one piece, for _answer
+            yield Piece(tok.decode(beam.tokens, req.skip_special_tokens), beam.tokens, beam.logprobs,
+                        beam.finish_reason, *(([s.top_ids[:k] for s in beam.steps],
+                                               [s.top_logprobs[:k] for s in beam.steps]) if k else ()))
+        answers = [await self._answer(req, whole(beam), Usage(), self._splitter(req), None, prompt_ids)
+                   for beam in beams]
         first = usages[0]
         usage.num_prompt_tokens, usage.num_cached_tokens = len(prompt_ids), first.num_cached_tokens
         usage.prefill_worker, usage.decode_worker = first.prefill_worker, first.decode_worker
