@@ -9,11 +9,14 @@ Shuttle figures come from worker heartbeat metrics named
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from itertools import accumulate
 from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from dyn.frontend.breaker import STATE_VALUES, BreakerBoard
 from dyn.frontend.workers import WorkerPool
@@ -34,10 +37,8 @@ class FrontendMetrics:
                                 ["endpoint", "status"], registry=r)
         self.in_flight = Gauge("dyn_frontend_requests_in_flight", "Generation requests being served",
                                registry=r)
-        self.ttft = Histogram("dyn_frontend_ttft_seconds", "Time to first token",
-                              buckets=_TTFT_BUCKETS, registry=r)
-        self.itl = Histogram("dyn_frontend_itl_seconds", "Time between streamed tokens",
-                             buckets=_ITL_BUCKETS, registry=r)
+        self.ttft = LoopHistogram("dyn_frontend_ttft_seconds", "Time to first token", _TTFT_BUCKETS, r)
+        self.itl = LoopHistogram("dyn_frontend_itl_seconds", "Time between streamed tokens", _ITL_BUCKETS, r)
         self.e2e = Histogram("dyn_frontend_request_duration_seconds", "Request latency, end to end",
                              buckets=_E2E_BUCKETS, registry=r)
         self.prompt_tokens = Counter("dyn_frontend_prompt_tokens", "Prompt tokens in", registry=r)
@@ -109,6 +110,35 @@ class FrontendMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class LoopHistogram(Collector):
+    """A Prometheus histogram observed on the event loop's thread only (its scrape runs there too).
+
+    prometheus_client's Histogram takes two locks and walks its buckets in Python for each
+    observation (1.0 us here); a bisect and two adds cost 0.2 us, and the frontend observes the
+    time between tokens for every streamed token. Exposed exactly as a Histogram of the same
+    name and buckets (`_bucket{le=...}`, `_count`, `_sum`; no `_created`)."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...],
+                 registry: CollectorRegistry) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._bounds = tuple(float(b) for b in buckets)
+        self._labels = [floatToGoString(b) for b in self._bounds] + ["+Inf"]
+        self._counts = [0] * (len(self._bounds) + 1)
+        """Observations per bucket, not cumulative; the last one past every bound."""
+        self._sum = 0.0
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1  # (the first bound >= value: "le")
+        self._sum += value
+
+    def collect(self) -> list[HistogramMetricFamily]:
+        return [HistogramMetricFamily(self._name, self._documentation,
+                                      buckets=list(zip(self._labels, accumulate(self._counts))),
+                                      sum_value=self._sum)]
 
 
 class _PoolCollector(Collector):

@@ -293,6 +293,8 @@ _POLLIN = int(zmq.POLLIN)
 _BATCH_FIELDS = frozenset({"chunks"})
 _CHUNK_FIELDS = frozenset({"request_id", "token_ids", "logprobs", "num_cached_tokens", "finish", "top_ids",
                            "top_logprobs", "prompt_logprobs"})
+_PLAIN_CHUNK_FIELDS = frozenset({"request_id", "token_ids", "num_cached_tokens"})
+_INT_ONLY = frozenset({int})
 _FINISH_FIELDS = frozenset({"request_id", "reason", "num_prompt_tokens", "num_completion_tokens", "kv_offer"})
 
 
@@ -319,13 +321,18 @@ def _decode(data: memoryview, bad: BadMessages):
 def _chunk(fields: Any) -> TokenChunk | None:
     """One chunk of a TokenChunks frame (fast path); None when anything is off (the codec's
     general path then checks the whole frame and says what)."""
+    if type(fields) is dict and fields.keys() == _PLAIN_CHUNK_FIELDS:  # (most chunks: tokens, nothing else)
+        rid, ids, cached = fields["request_id"], fields["token_ids"], fields["num_cached_tokens"]
+        if type(rid) is str and type(ids) is list and type(cached) is int and _INT_ONLY.issuperset(map(type, ids)):
+            return TokenChunk(rid, ids, None, cached)
+        return None
     if type(fields) is dict and fields.keys() <= _CHUNK_FIELDS and fields.get("top_ids") is None \
             and fields.get("top_logprobs") is None and fields.get("prompt_logprobs") is None:
         # (top and prompt logprobs: rare, the codec checks them)
         rid, ids = fields.get("request_id"), fields.get("token_ids")
         logprobs, cached = fields.get("logprobs"), fields.get("num_cached_tokens", 0)
         finish = _finish(fields.get("finish"))
-        if (type(rid) is str and type(ids) is list and all(type(t) is int for t in ids)
+        if (type(rid) is str and type(ids) is list and _INT_ONLY.issuperset(map(type, ids))
                 and type(cached) is int and finish is not False
                 and (logprobs is None or (type(logprobs) is list
                                           and all(type(x) in (float, int) for x in logprobs)))):

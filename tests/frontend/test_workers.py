@@ -13,6 +13,7 @@ from dyn.control.requests import REQUEST_CODEC, Finish, TokenChunk, TokenChunks
 from dyn.control.sampling import PromptLogprobs
 from dyn.control.sockets import BadMessages, Security
 from dyn.frontend.workers import WorkerLimits, WorkerPool, _decode
+from dyn.worker.request_server import encode_token_chunks, token_chunk_fields
 
 
 def _entry(wid: str, role: str = "decode", port: int = 5555, **extra) -> dict:
@@ -61,6 +62,13 @@ def test_fast_decode_matches_the_codec():
                TokenChunks([TokenChunk("r4", [2], prompt_logprobs=PromptLogprobs([-0.5], [[3]], [[-0.25]]))])]
     for message in (*batches, finish, TokenChunk("r3", [5])):
         assert _decode(memoryview(REQUEST_CODEC.encode(message)), bad) == message
+    for batch in batches:  # as a worker sends them: default-valued fields left out
+        sparse = encode_token_chunks([token_chunk_fields(
+            c.request_id, c.token_ids, c.logprobs, c.num_cached_tokens,
+            None if c.finish is None else (c.finish.reason, c.finish.num_prompt_tokens, c.finish.num_completion_tokens),
+            prompt_logprobs=c.prompt_logprobs) for c in batch.chunks])
+        if all(c.finish is None or c.finish.kv_offer is None for c in batch.chunks):
+            assert _decode(memoryview(sparse), bad) == batch
     assert bad.total == 0
 
 
@@ -77,6 +85,11 @@ def test_fast_decode_rejects_what_the_codec_rejects():
         {"request_id": "r", "token_ids": [1], "finish": {"request_id": "r", "reason": "stop", "evil": 1}},
         {"request_id": "r", "token_ids": [1], "finish": "stop"},
         {"request_id": "r", "token_ids": [1], "prompt_logprobs": {"logprobs": ["x"]}},
+        # the shape of most chunks (dyn.worker.request_server.token_chunk_fields), with a bad value
+        {"request_id": "r", "token_ids": [True], "num_cached_tokens": 0},
+        {"request_id": "r", "token_ids": [1.0], "num_cached_tokens": 0},
+        {"request_id": "r", "token_ids": [1], "num_cached_tokens": True},
+        {"request_id": b"r", "token_ids": [1], "num_cached_tokens": 0},
     ]
     frames = [[PROTOCOL_VERSION, "token_chunks", {"chunks": [good, chunk]}] for chunk in chunks] + [
         [PROTOCOL_VERSION - 1, "token_chunks", {"chunks": [good]}],  # a peer of another version
