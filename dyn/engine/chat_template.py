@@ -39,10 +39,15 @@ def compile_chat_template(source_text: str, where: str) -> Template:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     try:
-        return env.from_string(source_text)
+        template = env.from_string(source_text)
     except TemplateError as exc:
         raise CheckpointError(f"chat_template does not compile: {exc}", path=f"{where}/tokenizer_config.json") \
             from None
+    # Jinja keeps a template's globals as a ChainMap over the environment's and copies them into a
+    # dict on every render: 8 us of a 14 us render here, once per chat request. Nothing changes
+    # them after this, so one plain dict renders the same.
+    template.globals = dict(template.globals)
+    return template
 
 
 class GenerationBlock(Extension):
