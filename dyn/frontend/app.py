@@ -417,8 +417,10 @@ class _Handlers:
         return response
 
     async def _answer(self, req: GenerationRequest, pieces, usage: Usage, splitter: AnswerSplitter | None,
-                      echo: Echo | None, prompt_ids: list[int]) -> Answer:
-        """One choice's pieces gathered into its whole answer (after the prompt, with `echo`)."""
+                      echo: Echo | None, prompt_ids: list[int], shared_scores: asyncio.Future | None = None,
+                      scorer: bool = True) -> Answer:
+        """One choice's pieces gathered into its whole answer (after the prompt, with `echo`).
+        `shared_scores` (n > 1): the prompt's scores, set by the `scorer` choice, awaited by the others."""
         texts: list[str] = []
         token_ids: list[int] = []
         logprobs: list[float] = []
@@ -440,6 +442,11 @@ class _Handlers:
                 break
         usage.finish_reason = reason
         usage.num_completion_tokens = len(usage.token_ids)
+        if shared_scores is not None:
+            if scorer:
+                shared_scores.set_result(scores)
+            else:
+                scores = await shared_scores
         lp = None
         if req.sampling.logprobs and logprobs:
             tok = self.fe.tokenizer
@@ -510,15 +517,20 @@ class _Handlers:
         choices after the first mostly hit the cache. `usage` gets their sum (the prompt once)."""
         usages = [Usage() for _ in range(req.n)]
         echo = self._echo(req, prompt_ids)
-        runs = [self.fe.dispatcher.generate(_choice_request(req, i), prompt_ids, f"{rid}{CHOICE_SEPARATOR}{i}",
-                                            choice_usage, salt=salt, answer_message=self._answer_message(req))
+        # Whole answers: the first choice scores the prompt (prompt_logprobs, echo with logprobs) and the
+        # others take its scores, so they run on the cached prompt instead of prefilling it whole again.
+        scores = (asyncio.get_running_loop().create_future()
+                  if req.sampling.prompt_logprobs is not None and not req.stream else None)
+        runs = [self.fe.dispatcher.generate(_choice_request(req, i, scores is not None), prompt_ids,
+                                            f"{rid}{CHOICE_SEPARATOR}{i}", choice_usage, salt=salt,
+                                            answer_message=self._answer_message(req))
                 for i, choice_usage in enumerate(usages)]
         try:
             if req.stream:
                 return await self._stream_choices(request, req, public_id, runs, usages, usage, echo)
             answers = [asyncio.ensure_future(self._answer(req, run, choice_usage, self._splitter(req), echo,
-                                                          prompt_ids))
-                       for run, choice_usage in zip(runs, usages)]
+                                                          prompt_ids, scores, scorer=i == 0))
+                       for i, (run, choice_usage) in enumerate(zip(runs, usages))]
             try:
                 done = await asyncio.gather(*answers)
             finally:  # one choice failed (or the client left): the others stop too
@@ -629,11 +641,17 @@ async def _in_band_errors(response: web.StreamResponse, usage: Usage, public_id:
         log.info("client went away during %s", public_id)
 
 
-def _choice_request(req: GenerationRequest, index: int) -> GenerationRequest:
-    """Choice `index` of a request with n > 1: its own seeded stream (seed + index) if seeded."""
-    if index == 0 or req.sampling.seed is None:
+def _choice_request(req: GenerationRequest, index: int, scored_once: bool = False) -> GenerationRequest:
+    """Choice `index` of a request with n > 1: its own seeded stream (seed + index) if seeded; with
+    `scored_once`, only choice 0 asks the engine for the prompt's scores."""
+    if index == 0:
         return req
-    return replace(req, sampling=replace(req.sampling, seed=(req.sampling.seed + index) & (2**63 - 1)))
+    sampling = req.sampling
+    if sampling.seed is not None:
+        sampling = replace(sampling, seed=(sampling.seed + index) & (2**63 - 1))
+    if scored_once:
+        sampling = replace(sampling, prompt_logprobs=None)
+    return req if sampling is req.sampling else replace(req, sampling=sampling)
 
 
 def _sum_usage(usage: Usage, usages: list[Usage]) -> None:

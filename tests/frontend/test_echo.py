@@ -133,3 +133,20 @@ def test_prompt_scores_without_an_engine_answer_or_with_minus_infinity():
     assert scored_prompt(tok, [97, 98], None, 2) is None
     assert scored_prompt(tok, [97, 98], PromptLogprobs([float("-inf")], None, None, [7]), 0) == \
         [None, {"98": {"logprob": -9999.0, "rank": 7, "decoded_token": "b"}}]
+
+
+def test_choices_of_one_request_score_the_prompt_once(client, harness):
+    """n > 1, whole answers: the first choice asks the engine for the prompt's scores, the others take
+    them (so they may run on the cached prompt instead of prefilling it whole again)."""
+    worker = harness.workers["w0"]
+    one = client.completions.create(model=MODEL, prompt="abcd", max_tokens=2, extra_body={"prompt_logprobs": 1})
+    before = len(worker.requests)
+    three = client.completions.create(model=MODEL, prompt="abcd", max_tokens=2, n=3,
+                                      extra_body={"prompt_logprobs": 1})
+    asked = [r.sampling.prompt_logprobs for r in worker.requests[before:]]
+    assert sorted(asked, key=lambda k: k is None) == [1, None, None]
+    assert [c.prompt_logprobs for c in three.choices] == [one.choices[0].prompt_logprobs] * 3
+    echoed = client.completions.create(model=MODEL, prompt="abc", max_tokens=1, n=2, logprobs=0, echo=True)
+    heads = [c.logprobs.token_logprobs[:3] for c in echoed.choices]
+    assert heads == [[None, -1 / 8, -2 / 8]] * 2
+    assert sum(r.sampling.prompt_logprobs is not None for r in worker.requests[-2:]) == 1
