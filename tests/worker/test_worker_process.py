@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import msgpack
-import pytest
 import zmq
 import zmq.asyncio
 
