@@ -3,8 +3,7 @@
 Validation is hand-written instead of pydantic: the hot path parses one small
 dict per request, and every failure must carry the OpenAI `param` name. Unknown
 fields are ignored, as OpenAI-compatible servers do; known fields we cannot
-honour (best_of > 1, non-text content, vLLM extensions asking for what dyn does
-not do: _UNSUPPORTED_EXTENSIONS) are refused, never ignored.
+honour (best_of > 1, non-text content) are refused, never ignored.
 """
 
 from __future__ import annotations
@@ -34,9 +33,6 @@ MAX_LENGTH_PENALTY = 10.0
 MAX_TOKEN_ID = 2**31 - 1
 """Token ids and top_k travel as msgpack ints; no vocabulary comes near this."""
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-_UNSUPPORTED_EXTENSIONS: dict[str, Any] = {"spaces_between_special_tokens": True}
-"""vLLM request fields dyn does not do, with the value that asks for nothing: any other value is a
-400 (ignoring it would silently change what the client asked for)."""
 _CHAT_OPTIONS = frozenset({"tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
                            "add_special_tokens", "add_generation_prompt", "continue_final_message"})
 """Chat body keys _chat_options reads."""
@@ -84,6 +80,9 @@ class GenerationRequest:
     """The LoRA adapter the request's `model` names (set once the frontend checked the name)."""
     skip_special_tokens: bool = True
     """vLLM's: False puts special tokens into the text (all but the one that ended the answer)."""
+    spaces_between_special_tokens: bool = True
+    """vLLM's, with skip_special_tokens False: False writes an added token that follows another
+    without the space a decoder may put between them (WordPiece's "[SEP] [CLS]")."""
     beam_search: bool = False
     """vLLM's use_beam_search: the n choices are the n best beams (dyn.frontend.beam_search). A
     beam's one-token step request carries it too (its first token is no client's TTFT)."""
@@ -278,10 +277,6 @@ def _common(body: dict, kind: str, output: tuple[int | None, bool, int], default
         raise ApiError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}]",
                        param="repetition_penalty")
     bias_ids, bias_values = _logit_bias(body.get("logit_bias"))
-    for name in _UNSUPPORTED_EXTENSIONS.keys() & body.keys():  # (one set operation for a body that has none)
-        if body[name] not in (None, _UNSUPPORTED_EXTENSIONS[name]):
-            raise ApiError(f"{name} (vLLM's extension) is not supported by this server; it would change the "
-                           "answer, so it is refused rather than ignored", param=name)
     temperature = _opt_float(body, "temperature", 0.0, 2.0)
     top_p = _opt_float(body, "top_p", 0.0, 1.0)
     if top_p is not None and top_p <= 0.0:
@@ -323,6 +318,7 @@ def _common(body: dict, kind: str, output: tuple[int | None, bool, int], default
                             bad_words=_bad_words(body.get("bad_words")),
                             truncate_prompt_tokens=_truncate_prompt_tokens(body),
                             skip_special_tokens=_opt_bool(body, "skip_special_tokens") is not False,
+                            spaces_between_special_tokens=_opt_bool(body, "spaces_between_special_tokens") is not False,
                             prompt_logprobs=prompt_logprobs, **fields)
     length_penalty = _opt_float(body, "length_penalty", -MAX_LENGTH_PENALTY, MAX_LENGTH_PENALTY)
     if _opt_bool(body, "use_beam_search"):

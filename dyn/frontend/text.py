@@ -100,14 +100,16 @@ class ModelTokenizer:
     def token_id(self, text: str) -> int | None:
         return self._inner.token_to_id(text)
 
-    def step_decoder(self, prefix_ids: Sequence[int],
-                     skip_special_tokens: bool = True) -> Callable[[int], str | None] | None:
+    def step_decoder(self, prefix_ids: Sequence[int], skip_special_tokens: bool = True,
+                     spaces_between_special_tokens: bool = True) -> Callable[[int], str | None] | None:
         """Hugging Face's incremental decoder (`tokenizers.decoders.DecodeStream`) after
         `prefix_ids`: each call takes one token and returns its new text, or None while a
         character is incomplete. It decodes as TextStream's window does, in Rust: 1.6 us a token
         here, against 3.8 us for the two window decodes in Python (a streamed answer decodes
         every token). None where TextStream decodes its window instead: no Hugging Face tokenizer,
-        one without DecodeStream(ids=...), or a prefix that ends inside a character."""
+        one without DecodeStream(ids=...), or a prefix that ends inside a character.
+        `spaces_between_special_tokens` False (with special tokens kept): vLLM's rule, see
+        _JoinedAddedTokens."""
         hf = getattr(self._inner, "hf_tokenizer", None)
         if hf is None or self.decode(prefix_ids, skip_special_tokens).endswith(_REPLACEMENT):
             return None  # (DecodeStream would send such a prefix's text as new)
@@ -117,7 +119,11 @@ class ModelTokenizer:
             stream = DecodeStream(ids=list(prefix_ids), skip_special_tokens=skip_special_tokens)
         except (ImportError, TypeError):
             return None
-        return partial(stream.step, hf)
+        step = partial(stream.step, hf)
+        if skip_special_tokens or spaces_between_special_tokens:
+            return step
+        added = {token_id: token.content for token_id, token in hf.get_added_tokens_decoder().items()}
+        return _JoinedAddedTokens(step, added) if added else step
 
     def chat_prompt(self, messages: Sequence[dict[str, Any]], template_kwargs: Mapping[str, Any] | None = None,
                     add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
@@ -168,6 +174,26 @@ def load_tokenizer(model: ModelSpec) -> TextTokenizer:
     return ModelTokenizer(Tokenizer.from_dir(directory))
 
 
+class _JoinedAddedTokens:
+    """vLLM's spaces_between_special_tokens=False on its fast (DecodeStream) detokenizer: an added
+    token right after another added token is written as its bare content, without the space the
+    decoder puts before it (WordPiece's "[SEP] [CLS]" becomes "[SEP][CLS]"). Byte-level BPE
+    decoders put none, so there the text is the same either way."""
+
+    def __init__(self, step: Callable[[int], str | None], added: dict[int, str]) -> None:
+        self._step = step
+        self._added = added
+        self._after_added = False
+
+    def __call__(self, token_id: int) -> str | None:
+        text = self._step(token_id)
+        content = self._added.get(token_id)
+        if content is not None and self._after_added:
+            text = content
+        self._after_added = content is not None
+        return text
+
+
 class TextStream:
     """Incremental detokenizer for one request, applying stop strings.
 
@@ -183,15 +209,17 @@ class TextStream:
 
     def __init__(self, tokenizer: TextTokenizer, stop: Sequence[str] = (), *, prefix_ids: Sequence[int] = (),
                  lazy: bool = False, include_stop: bool = False, min_tokens: int = 0,
-                 skip_special_tokens: bool = True) -> None:
+                 skip_special_tokens: bool = True, spaces_between_special_tokens: bool = True) -> None:
         """`lazy`: nobody reads text before the end (no streaming, no stop strings): decode once in flush.
         `include_stop`: the matched stop string stays at the end of the text (vLLM's
         include_stop_str_in_output). `min_tokens`: a stop string must end in the text of a later
         token (vLLM's min_tokens; one that begins earlier still counts). `skip_special_tokens`
-        False: special tokens are text too (vLLM's field)."""
+        False: special tokens are text too, and `spaces_between_special_tokens` False joins
+        adjacent ones as vLLM does (token by token: such a request is never lazy) (vLLM's fields)."""
+        joined = not (skip_special_tokens or spaces_between_special_tokens)
         self._decode = tokenizer.decode if skip_special_tokens else partial(tokenizer.decode, skip_special_tokens=False)
         self._include_stop = include_stop
-        self._lazy = lazy and not stop
+        self._lazy = lazy and not stop and not joined
         self._stop = tuple(stop)
         self._max_stop = max((len(s) for s in self._stop), default=0)
         self._stop_heads = frozenset(s[:k] for s in self._stop for k in range(1, len(s)))
@@ -201,7 +229,8 @@ class TextStream:
         self._ids: list[int] = list(prefix_ids[-4:])
         self._prefix = len(self._ids)
         self._read = len(self._ids)
-        self._step = None if self._lazy else _step_decoder(tokenizer, self._ids, skip_special_tokens)
+        self._step = None if self._lazy else _step_decoder(tokenizer, self._ids, skip_special_tokens,
+                                                           spaces_between_special_tokens)
         """One token at a time in the tokenizer's own incremental decoder, where it has one."""
         self._text = ""
         """The window: the text not sent yet, after up to `_keep` characters that were."""
@@ -310,7 +339,7 @@ class TextStream:
         return out
 
 
-def _step_decoder(tokenizer: TextTokenizer, prefix_ids: list[int],
-                  skip_special_tokens: bool) -> Callable[[int], str | None] | None:
+def _step_decoder(tokenizer: TextTokenizer, prefix_ids: list[int], skip_special_tokens: bool,
+                  spaces_between_special_tokens: bool) -> Callable[[int], str | None] | None:
     make = getattr(tokenizer, "step_decoder", None)
-    return make(prefix_ids, skip_special_tokens) if make is not None else None
+    return make(prefix_ids, skip_special_tokens, spaces_between_special_tokens) if make is not None else None

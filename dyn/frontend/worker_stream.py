@@ -93,7 +93,8 @@ class WorkerStream:
         self.max_tokens = req.sampling.max_tokens
         self.text = TextStream(d.tokenizer, req.sampling.stop, prefix_ids=prompt_ids, lazy=not req.stream,
                                include_stop=req.include_stop, min_tokens=req.sampling.min_tokens,
-                               skip_special_tokens=req.skip_special_tokens)
+                               skip_special_tokens=req.skip_special_tokens,
+                               spaces_between_special_tokens=req.spaces_between_special_tokens)
         self._ending: frozenset[int] = frozenset()
         """With skip_special_tokens false: the tokens that end an answer (EOS unless ignore_eos, the
         stop_token_ids), whose text is left out as vLLM leaves it out (include_stop keeps it)."""

@@ -66,6 +66,9 @@ def test_chat_request_uses_the_template(checkpoint):
             with pytest.raises(openai.BadRequestError) as err:
                 c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}] * 3000)
             assert err.value.body["param"] == "messages"
+            joined = c.completions.create(model="tiny", prompt="Hi", max_tokens=3, extra_body={
+                "skip_special_tokens": False, "spaces_between_special_tokens": False})  # (vLLM's; was a 400)
+            assert joined.choices[0].finish_reason == "length"
 
 
 def test_stepped_decoding_streams_what_the_window_decoding_streams(checkpoint):
@@ -134,3 +137,46 @@ def test_special_tokens_are_text_when_the_request_keeps_them(checkpoint):
         skipped = TextStream(tok, lazy=lazy)
         assert streamed == "Hi<|reserved_0|> there<|eot_id|>", lazy
         assert "".join(skipped.add([t]) for t in ids) + skipped.flush() == "Hi there"
+
+
+class _WordPieceInner:
+    """A tokenizer whose decoder puts a space between tokens, added ones included (WordPiece)."""
+
+    eos_token_ids = ()
+
+    def __init__(self) -> None:
+        from tokenizers import AddedToken, Tokenizer as HfTokenizer, decoders, models, pre_tokenizers
+
+        hf = HfTokenizer(models.WordPiece({"[UNK]": 0, "hello": 1, "world": 2, "##s": 3}, unk_token="[UNK]"))
+        hf.pre_tokenizer = pre_tokenizers.Whitespace()
+        hf.decoder = decoders.WordPiece()
+        hf.add_special_tokens([AddedToken("[CLS]", special=True), AddedToken("[SEP]", special=True)])
+        self.hf_tokenizer = hf
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return self.hf_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def test_spaces_between_special_tokens_false_joins_adjacent_added_tokens_as_vllm():
+    """vLLM's fast detokenizer with spaces_between_special_tokens false: an added token after another
+    comes without the decoder's space; other tokens, and the first of a run, are as decoded."""
+    tok = ModelTokenizer(_WordPieceInner())
+    sep, cls = (tok._inner.hf_tokenizer.token_to_id(t) for t in ("[SEP]", "[CLS]"))
+    ids = [1, sep, cls, sep, 2, 3]
+
+    def text(lazy: bool, **fields) -> str:
+        stream = TextStream(tok, prefix_ids=[2], lazy=lazy, **fields)
+        return "".join(stream.add([t]) for t in ids) + stream.flush()
+
+    for lazy in (False, True):  # (streamed, or a whole answer)
+        assert text(lazy, skip_special_tokens=False) == " hello [SEP] [CLS] [SEP] worlds"
+        assert text(lazy, skip_special_tokens=False, spaces_between_special_tokens=False) == \
+            " hello [SEP][CLS][SEP] worlds"
+        assert text(lazy, spaces_between_special_tokens=False) == " hello worlds"  # (no special token shown)
+
+
+def test_spaces_between_special_tokens_false_changes_nothing_on_byte_level_bpe(checkpoint):
+    tok = load_tokenizer(ModelSpec(path=str(checkpoint), engine="torch"))
+    ids = tok.encode("Hi<|reserved_0|><|eot_id|> there<|eot_id|>", add_special_tokens=False)
+    joined = TextStream(tok, skip_special_tokens=False, spaces_between_special_tokens=False)
+    assert "".join(joined.add([t]) for t in ids) + joined.flush() == "Hi<|reserved_0|><|eot_id|> there<|eot_id|>"
