@@ -433,7 +433,7 @@ def token_chunk_fields(request_id: str, token_ids: list[int], logprobs: list[flo
     """A TokenChunk(..., finish=Finish(request_id, *finish)) as the codec reads it, without the
     generic field walk (one of these per token per request). Fields at their default are left
     out (the codec fills them in): the common chunk is 3 fields, not 8, which halves its bytes
-    and a third of the receiver's unpacking (measured: 16 chunks 15 -> 8 us)."""
+    and the receiver's unpacking (measured: a frame of 16 chunks, 15 -> 8 us)."""
     fields: dict = {"request_id": request_id, "token_ids": token_ids, "num_cached_tokens": num_cached_tokens}
     if logprobs is not None:
         fields["logprobs"] = logprobs
