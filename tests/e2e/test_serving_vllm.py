@@ -5,7 +5,8 @@ here). Greedy outputs must equal vLLM's own LLM.generate on the same
 prompts: short prompts run prefill and decode on the decode worker (the
 aggregated path), long ones go prefill worker -> NixlConnector -> decode
 worker, and the decode worker's connector counters prove the prompt KV
-arrived instead of being recomputed.
+arrived instead of being recomputed. The workers hold a LoRA adapter too.
+(An aggregated vLLM deployment, `both` workers, runs in test_routing_vllm.)
 """
 
 from __future__ import annotations
@@ -56,12 +57,10 @@ on an AVX-512 CPU without BF16 instructions: one of the six prompts)."""
 
 
 class VllmDeployment:
-    def __init__(self, tmp: Path, model_dir: Path, mode: str = "disaggregated",
-                 adapters: dict[str, str] | None = None) -> None:
-        """The shipped recipe; `mode="aggregated"` keeps its engine settings and runs one `both` worker;
-        `adapters`: the recipe's model.lora_adapters."""
+    def __init__(self, tmp: Path, model_dir: Path, adapters: dict[str, str] | None = None) -> None:
+        """The shipped recipe; `adapters`: its model.lora_adapters."""
         self.port = free_port()
-        self.name = f"vllm-{mode[:3]}-{os.getpid()}"
+        self.name = f"vllm-{os.getpid()}"
         recipe = yaml.safe_load((ROOT / "recipes" / "smollm2-vllm-local.yaml").read_text())
         recipe["name"] = self.name
         recipe["model"]["path"] = str(model_dir)
@@ -70,10 +69,6 @@ class VllmDeployment:
             recipe["model"]["lora_adapters"] = adapters
         recipe["frontend"]["port"] = self.port
         recipe["shuttle"]["pull_timeout_s"] = 9.0  # > vLLM's 5 s NIXL handshake timeout (the failed-pull test)
-        if mode == "aggregated":
-            recipe["mode"] = "aggregated"
-            recipe["workers"] = {"both": recipe["workers"]["decode"]}
-            recipe["router"].pop("disagg_threshold_tokens")
         self.recipe = tmp / "recipe.yaml"
         self.recipe.write_text(yaml.safe_dump(recipe))
         self.env = {**os.environ, "DYN_STATE_DIR": str(tmp / "state"), "DYN_NODE_STATE_DIR": str(tmp / "nodes"),
@@ -145,7 +140,7 @@ def prompts(model_dir) -> list[list[int]]:
 
 class ReferenceRun:
     """vLLM's own greedy tokens, from LLM.generate in a separate process: started at once, read
-    when first needed, so the first test's deployment starts beside it (each takes ~20 s, mostly
+    when first needed, so the module's deployment starts beside it (each takes ~20 s, mostly
     one core)."""
 
     def __init__(self, tmp: Path, model_dir: Path, prompts: list[list[int]], lora: Path) -> None:
@@ -214,8 +209,8 @@ def reference(reference_run) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory, model_dir, reference):
-    d = VllmDeployment(tmp_path_factory.mktemp("deploy"), model_dir)
+def deployment(tmp_path_factory, model_dir, reference_run, lora_dir):  # (up while the reference runs)
+    d = VllmDeployment(tmp_path_factory.mktemp("deploy"), model_dir, adapters={"smollm2-lora": str(lora_dir)})
     try:
         d.up()
         yield d
@@ -247,39 +242,6 @@ def _client(d: VllmDeployment) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"http://127.0.0.1:{d.port}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def test_an_aggregated_deployment_answers_vllm_generate_greedy_tokens(tmp_path, model_dir, prompts,
-                                                                     reference_run, lora_dir):
-    """mode: aggregated, one vLLM worker with the shipped recipe's engine settings and a LoRA
-    adapter: a request naming the adapter as its model gets vLLM's answer with that adapter, the
-    others the base model's; a beam search finds the beams of vLLM's own. Runs before the module's disaggregated deployment starts: each of its
-    NIXL engines keeps a core busy (NIXL's progress thread), which would slow this one's start."""
-    d = VllmDeployment(tmp_path, model_dir, mode="aggregated", adapters={"smollm2-lora": str(lora_dir)})
-    try:
-        d.up()  # (while the reference runs)
-        assert [w["role"] for w in d.status()["workers"] if w["role"] != "frontend"] == ["both"]
-        assert _greedy_texts(d, prompts[:SERVED]) == _decoded(model_dir, reference_run.tokens()[:SERVED])
-        adapted = _greedy_texts(d, prompts[:len(SHORT)], model="smollm2-lora")
-        assert adapted == _decoded(model_dir, reference_run.lora_tokens())
-        assert adapted != _decoded(model_dir, reference_run.tokens()[:len(SHORT)])
-        # use_beam_search: the frontend runs vLLM's beam search over the worker, step by step
-        beams = _client(d).completions.create(model=MODEL, prompt=prompts[BEAM["prompt"]], n=BEAM["width"],
-                                              max_tokens=BEAM["max_tokens"], temperature=0,
-                                              extra_body={"use_beam_search": True})
-        assert [c.text for c in beams.choices] == _decoded(model_dir, reference_run.beams())
-        models = {m.id: m for m in _client(d).models.list().data}
-        assert set(models) == {MODEL, "smollm2-lora"} and models["smollm2-lora"].parent == MODEL
-        # vLLM's own log records are the worker's JSON lines, tagged with the process like dyn's
-        worker = next(w["id"] for w in d.status()["workers"] if w["role"] == "both")
-        lines = d.dyn("logs", worker, "--name", d.name, "-n", "4000", timeout=30).stdout.splitlines()
-        records = [json.loads(line) for line in lines if line.startswith("{")]
-        from_vllm = [r for r in records if r["logger"].startswith("vllm.")]
-        assert any("Resolved architecture" in r["msg"] for r in from_vllm), lines[-40:]
-        assert all(r["process"] == worker for r in from_vllm)
-        assert not any("Resolved architecture" in line for line in lines if not line.startswith("{"))
-    finally:
-        d.down()
-
-
 def test_greedy_tokens_equal_vllm_generate_locally_and_through_the_nixl_handoff(deployment, model_dir, prompts,
                                                                                 reference):
     prompts, reference = prompts[:SERVED], reference[:SERVED]
@@ -303,6 +265,29 @@ def test_greedy_tokens_equal_vllm_generate_locally_and_through_the_nixl_handoff(
     assert delta["prompt_tokens_transferred"] >= sum(len(p) - 32 for p in long_prompts), why()
     assert delta["prompt_tokens_computed"] <= (sum(len(p) for p in prompts if len(p) <= 32)
                                                + 32 * len(long_prompts)), why()
+
+
+def test_lora_adapter_beam_search_and_vllms_own_log_lines(deployment, model_dir, prompts, reference_run):
+    """A request naming the LoRA adapter as its model gets vLLM's answer with that adapter (the
+    others the base model's); a beam search finds vLLM's own beams; vLLM's log records are the
+    worker's JSON lines, tagged with the process like dyn's."""
+    d = deployment
+    adapted = _greedy_texts(d, prompts[:len(SHORT)], model="smollm2-lora")
+    assert adapted == _decoded(model_dir, reference_run.lora_tokens())
+    assert adapted != _decoded(model_dir, reference_run.tokens()[:len(SHORT)])
+    # use_beam_search: the frontend runs vLLM's beam search over the workers, step by step
+    beams = _client(d).completions.create(model=MODEL, prompt=prompts[BEAM["prompt"]], n=BEAM["width"],
+                                          max_tokens=BEAM["max_tokens"], temperature=0,
+                                          extra_body={"use_beam_search": True})
+    assert [c.text for c in beams.choices] == _decoded(model_dir, reference_run.beams())
+    models = {m.id: m for m in _client(d).models.list().data}
+    assert set(models) == {MODEL, "smollm2-lora"} and models["smollm2-lora"].parent == MODEL
+    lines = d.dyn("logs", "decode-0", "--name", d.name, "-n", "4000", timeout=30).stdout.splitlines()
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    from_vllm = [r for r in records if r["logger"].startswith("vllm.")]
+    assert any("Resolved architecture" in r["msg"] for r in from_vllm), lines[-40:]
+    assert all(r["process"] == "decode-0" for r in from_vllm)
+    assert not any("Resolved architecture" in line for line in lines if not line.startswith("{"))
 
 
 def test_echo_scores_prompt_tokens_as_vllm_does_on_either_path(deployment, prompts, reference_run):
