@@ -21,6 +21,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "frontend"))
 from deployment import Deployment  # noqa: E402
 
+pytestmark = pytest.mark.e2e
+
 MOCK_RECIPE = """\
 name: migrate-mock
 model:

@@ -33,7 +33,8 @@ from e2e_cluster import DYN, wait_for
 from slurm_cluster import slurm_unavailable, start_slurm
 from sshd import free_port
 
-pytestmark = pytest.mark.skipif(slurm_unavailable() is not None, reason=str(slurm_unavailable()))
+pytestmark = [pytest.mark.e2e,
+              pytest.mark.skipif(slurm_unavailable() is not None, reason=str(slurm_unavailable()))]
 
 NAME = "slurm-e2e"
 
