@@ -9,7 +9,9 @@ same on its own as inside the whole prompt. This encoder splits a rendered
 prompt there, joins the short pieces between long ones, and takes every such
 segment from an LRU cache: long pieces are shared system prompts, short ones
 mostly the template's role headers (`<|start_header_id|>user<|end_header_id|>`),
-each an encode call of ~6 us for a dict lookup.
+each an encode call of ~6 us for a dict lookup. What the cache misses (a new
+user turn) is encoded word by word where the tokenizer allows it
+(dyn.frontend.word_cache), each word's ids remembered.
 
 Exactness is not assumed: the split is used only for special tokens that
 strip nothing and are matched unnormalized, and the first `verify_calls`
@@ -23,6 +25,8 @@ import logging
 import re
 from collections import OrderedDict
 from typing import Any, Callable
+
+from dyn.frontend.word_cache import word_encoder
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +55,40 @@ class SegmentEncoder:
         TOKENIZERS_PARALLELISM is false (the frontend sets it), else a batch of one is handed to
         the tokenizer's thread pool."""
         self.enabled = self._split is not None
+        self._words = word_encoder(hf_tokenizer) if self.enabled else None
+        """Encodes what the cache misses word by word (dyn.frontend.word_cache); None: whole."""
+        self._special_ids = ({t.content: i for i, t in hf_tokenizer.get_added_tokens_decoder().items() if t.special}
+                             if self._words is not None else {})
 
     def encode(self, text: str) -> list[int]:
-        if not self.enabled or len(text) < 2 * MIN_CACHED_CHARS:
+        if not self.enabled:
             return self._whole(text)
-        ids = self._pieces(text)
+        ids = self._pieces(text) if len(text) >= 2 * MIN_CACHED_CHARS else self._fresh(text)
         if self._verify_left > 0:
             self._verify_left -= 1
             whole = self._whole(text)
             if whole != ids:
-                log.warning("piecewise encoding differs from the tokenizer's for this model: prompt cache off")
+                log.warning("piecewise or word-by-word encoding differs from the tokenizer's for this model: "
+                            "prompt cache off")
                 self.enabled = False
+                self._words = None
                 self._cache.clear()
                 return whole
+        return ids
+
+    def _fresh(self, text: str) -> list[int]:
+        """`text` encoded without the piece cache: word by word where the tokenizer allows."""
+        words = self._words
+        if words is None:
+            return self._whole(text)
+        ids: list[int] = []
+        special_ids = self._special_ids
+        for piece in self._split(text):  # type: ignore[misc]
+            special = special_ids.get(piece)
+            if special is None:
+                ids += words.encode(piece)
+            else:
+                ids.append(special)
         return ids
 
     def _whole(self, text: str) -> list[int]:
@@ -94,7 +119,7 @@ class SegmentEncoder:
             self.hits += 1
             return hit
         self.misses += 1
-        ids = self._whole(piece)
+        ids = self._fresh(piece)
         cache[piece] = ids
         self._chars += len(piece)
         while len(cache) > self._max_entries or self._chars > self._max_chars:

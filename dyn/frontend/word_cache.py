@@ -1,0 +1,202 @@
+"""Encode text word by word, each word's ids remembered: byte-level BPE without the Rust call.
+
+A byte-level BPE tokenizer (GPT-2, Llama 3, Qwen 2, SmolLM2) cuts text into
+pre-tokens with a regex and merges bytes inside each pre-token only, so a
+word's ids never depend on its neighbours. Hugging Face's encode spends most
+of its time outside the merges: for a 40-word user turn, 62-99 us, of which
+pre-tokenizing alone is ~60 us; its own word cache saves only the merges.
+This encoder cuts the text with the tokenizer's own split pattern in Python's
+`re` and looks each word up in a dict (~16 us for that turn); a miss costs one
+batched encode of the new words.
+
+Exactness rules, each a fall-back to the tokenizer's own encode:
+* only the pre-tokenizer shapes dyn ships and meets (ByteLevel with its GPT-2
+  regex; Digits then ByteLevel; a Split regex then ByteLevel without its own),
+  a BPE model without dropout and no normalizer;
+* only text of printable ASCII, tab, newline and carriage return is cut here.
+  On those characters a pattern's \\p{L} is [A-Za-z] and \\p{N} is [0-9], so
+  `re` reads the pattern (so translated) as the tokenizer's engine does; other
+  text, and patterns with other Unicode classes, go to the tokenizer whole;
+* text holding an added token that is not special goes to the tokenizer whole
+  (it cuts those out before pre-tokenizing);
+* text with a word that the pattern would cut differently on its own goes to
+  the tokenizer whole (that word's ids alone might not be its ids in the text).
+SegmentEncoder also compares its first prompts with the tokenizer's own ids.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from itertools import chain
+from typing import Any, Callable
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+"""ByteLevel's own split when use_regex is true (the tokenizers library's GPT-2 pattern)."""
+
+MAX_WORDS = 1 << 16
+"""Words remembered; the dict is emptied when full (common words come back on the next prompts)."""
+
+_UNSAFE = re.compile(r"[^\x20-\x7e\t\n\r]")
+"""What this encoder leaves to the tokenizer: anything but printable ASCII, tab, newline, CR."""
+
+
+class WordEncoder:
+    """`encode(text)` == the tokenizer's encode(text, add_special_tokens=False).ids, for text
+    without special tokens (SegmentEncoder cuts those out first)."""
+
+    def __init__(self, hf_tokenizer: Any, stages: list[re.Pattern], added: re.Pattern | None) -> None:
+        self._stages = stages
+        self._added = added
+        self._words: dict[str, list[int]] = {}
+        fast = getattr(hf_tokenizer, "encode_batch_fast", None) or hf_tokenizer.encode_batch
+        self._encode_batch: Callable[[list[str]], list[Any]] = lambda texts: fast(texts, add_special_tokens=False)
+
+    def encode(self, text: str) -> list[int]:
+        known = self._words
+        whole = known.get(text)  # a short piece (a role name) is often one known word
+        if whole is not None:
+            return list(whole)
+        if _UNSAFE.search(text) or (self._added is not None and self._added.search(text)):
+            return self._encode_batch([text])[0].ids
+        words = self._split(text)
+        ids = [known.get(word) for word in words]
+        if None in ids and not self._learn(words, ids):
+            return self._encode_batch([text])[0].ids
+        return list(chain.from_iterable(ids))
+
+    def _split(self, text: str) -> list[str]:
+        pieces = [text]
+        for pattern in self._stages:
+            pieces = [word for piece in pieces for word in _isolated(pattern, piece)]
+        return pieces
+
+    def _learn(self, words: list[str], ids: list[list[int] | None]) -> bool:
+        """Fill in the ids of the words not known yet and remember them; False (nothing
+        remembered) when one of them would be cut differently on its own, so its ids alone
+        need not be its ids in the text."""
+        missing = [i for i, found in enumerate(ids) if found is None]
+        new = list(dict.fromkeys(words[i] for i in missing))
+        if any(self._split(word) != [word] for word in new):
+            return False
+        encoded = dict(zip(new, (e.ids for e in self._encode_batch(new)), strict=True))
+        for i in missing:
+            ids[i] = encoded[words[i]]
+        known = self._words
+        if len(known) + len(new) > MAX_WORDS:
+            known.clear()
+        known.update(encoded)
+        return True
+
+
+def _isolated(pattern: re.Pattern, text: str) -> list[str]:
+    """`text` cut as a tokenizers Split with behavior "isolated": every match a piece, and every
+    stretch between matches a piece too."""
+    words = pattern.findall(text)
+    if sum(map(len, words)) == len(text):
+        return words
+    out: list[str] = []
+    pos = 0
+    for match in pattern.finditer(text):
+        start, end = match.span()
+        if start > pos:
+            out.append(text[pos:start])
+        if end > start:
+            out.append(text[start:end])
+        pos = end
+    if pos < len(text):
+        out.append(text[pos:])
+    return out
+
+
+def word_encoder(hf_tokenizer: Any) -> WordEncoder | None:
+    """A WordEncoder for `hf_tokenizer` (a tokenizers.Tokenizer), or None when its normalizer,
+    model or pre-tokenizer is not one this encoder reproduces exactly."""
+    try:
+        model = hf_tokenizer.model
+        pre = json.loads(hf_tokenizer.pre_tokenizer.__getstate__())
+        normalizer = hf_tokenizer.normalizer
+        added = list(hf_tokenizer.get_added_tokens_decoder().values())
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if type(model).__name__ != "BPE" or getattr(model, "dropout", None) or normalizer is not None:
+        return None
+    stages = _stages(pre)
+    if stages is None:
+        return None
+    plain = [t.content for t in added if not t.special]
+    pattern = re.compile("|".join(re.escape(c) for c in plain)) if plain else None
+    return WordEncoder(hf_tokenizer, stages, pattern)
+
+
+def _stages(pre: dict) -> list[re.Pattern] | None:
+    """The split patterns of a pre-tokenizer, in order; None for one not reproduced here."""
+    parts = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    if not parts:
+        return None
+    stages: list[re.Pattern] = []
+    for part in parts:
+        kind = part.get("type")
+        if kind == "ByteLevel":
+            if part.get("add_prefix_space"):
+                return None  # a space before each text's first word: depends on where the text starts
+            source = GPT2_PATTERN if part.get("use_regex", True) else None
+        elif kind == "Digits":
+            source = r"\p{N}" if part.get("individual_digits") else r"\p{N}+"
+        elif kind == "Split":
+            source = (part.get("pattern") or {}).get("Regex")
+            if source is None or part.get("behavior") != "Isolated" or part.get("invert"):
+                return None
+        else:
+            return None
+        if source is not None:
+            compiled = _ascii_compile(source)
+            if compiled is None:
+                return None
+            stages.append(compiled)
+    if parts[-1].get("type") != "ByteLevel":
+        return None
+    return stages
+
+
+_ASCII_CLASSES = {"L": "A-Za-z", "N": "0-9"}
+"""\\p{...} classes on printable ASCII, tab, newline and CR (the only text cut here)."""
+
+
+def _ascii_compile(source: str) -> re.Pattern | None:
+    """`source` (a tokenizer's Oniguruma pattern) compiled by `re` for ASCII text: \\p{L} and
+    \\p{N} become their ASCII ranges; None for a pattern using anything else beyond `re`
+    (another Unicode class, a negated one, a nested class) or with groups (findall returns
+    groups)."""
+    out: list[str] = []
+    in_class = False
+    i = 0
+    while i < len(source):
+        char = source[i]
+        if char == "\\":
+            escape = source[i:i + 2]
+            if escape in ("\\p", "\\P"):
+                end = source.find("}", i)
+                name = source[i + 3:end] if escape == "\\p" and source[i + 2:i + 3] == "{" and end > 0 else None
+                ranges = _ASCII_CLASSES.get(name or "")
+                if ranges is None:
+                    return None
+                out.append(ranges if in_class else f"[{ranges}]")
+                i = end + 1
+                continue
+            out.append(escape)
+            i += 2
+            continue
+        if char == "[":
+            if in_class:
+                return None
+            in_class = True
+        elif char == "]" and in_class:
+            in_class = False
+        out.append(char)
+        i += 1
+    try:
+        compiled = re.compile("".join(out))
+    except re.error:
+        return None
+    return None if compiled.groups else compiled
