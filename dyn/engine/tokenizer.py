@@ -45,6 +45,10 @@ class Tokenizer:
             tok = HFTokenizer.from_file(str(tok_file))
         except Exception as exc:  # tokenizers raises a bare Exception subclass on bad JSON
             raise CheckpointError(f"cannot load tokenizer: {exc}", path=tok_file) from exc
+        # A tokenizer.json may carry the training run's truncation or padding; transformers (and so
+        # vLLM) turn both off unless a call asks, else a long prompt would be cut without a word.
+        tok.no_truncation()
+        tok.no_padding()
         cfg = _read_optional_json(root / "tokenizer_config.json")
         extra: list[int] = []
         for name in ("generation_config.json", "config.json"):

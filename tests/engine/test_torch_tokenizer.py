@@ -86,3 +86,19 @@ def test_truncated_character_is_flushed_as_replacement(tok):
 def test_missing_tokenizer_file(tmp_path):
     with pytest.raises(CheckpointError, match="tokenizer.json not found"):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_a_tokenizer_json_with_truncation_and_padding_encodes_the_whole_prompt(tiny_dir, tmp_path):
+    import json
+    import shutil
+
+    shutil.copytree(tiny_dir, tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "tokenizer.json"
+    data = json.loads(path.read_text())
+    data["truncation"] = {"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0}
+    data["padding"] = {"strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": None,
+                       "pad_id": 0, "pad_type_id": 0, "pad_token": "<|end_of_text|>"}
+    path.write_text(json.dumps(data))
+    loaded = Tokenizer.from_dir(tmp_path / "ckpt")
+    assert loaded.hf_tokenizer.truncation is None and loaded.hf_tokenizer.padding is None
+    assert loaded.encode(TEXT) == Tokenizer.from_dir(tiny_dir).encode(TEXT)  # neither cut to 4 nor padded to 64
