@@ -84,9 +84,12 @@ class ModelTokenizer:
         self.eos_token_ids = tuple(getattr(inner, "eos_token_ids", ()) or ())
         hf = getattr(inner, "hf_tokenizer", None)
         self._prompts = SegmentEncoder(hf) if hf is not None else None
-        """Rendered chat prompts, encoded with their long pieces cached (shared system prompts)."""
+        """Prompts (rendered chat, completions' text), encoded with their long pieces cached (shared
+        system prompts) and the rest word by word where the tokenizer allows."""
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self._prompts is not None:
+            return self._prompts.encode(text, add_special_tokens)
         return list(self._inner.encode(text, add_special_tokens))
 
     def info(self) -> dict[str, Any]:

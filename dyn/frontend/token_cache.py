@@ -1,4 +1,4 @@
-"""Encode chat prompts piecewise, remembering the long pieces (shared system prompts).
+"""Encode prompts piecewise, remembering the long pieces (shared system prompts).
 
 Agent and chat traffic repeats long system prompts and conversation prefixes;
 tokenizing them again for every request was the frontend's largest cost per
@@ -36,7 +36,8 @@ call on a miss; the cache key is the joined text)."""
 
 
 class SegmentEncoder:
-    """`encode(text)` == tokenizer.encode(text, add_special_tokens=False).ids, faster on repeats."""
+    """`encode(text, add_special_tokens)` == tokenizer.encode(text, add_special_tokens).ids, faster
+    on repeats."""
 
     def __init__(self, hf_tokenizer: Any, *, max_entries: int = 4096, max_chars: int = 64 << 20,
                  verify_calls: int = 64) -> None:
@@ -59,14 +60,19 @@ class SegmentEncoder:
         """Encodes what the cache misses word by word (dyn.frontend.word_cache); None: whole."""
         self._special_ids = ({t.content: i for i, t in hf_tokenizer.get_added_tokens_decoder().items() if t.special}
                              if self._words is not None else {})
+        self._wrap = _special_wrap(hf_tokenizer) if self.enabled else None
+        """The ids the tokenizer adds before and after a text with add_special_tokens (BOS)."""
 
-    def encode(self, text: str) -> list[int]:
-        if not self.enabled:
-            return self._whole(text)
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        wrap = self._wrap
+        if not self.enabled or (add_special_tokens and wrap is None):
+            return self._whole(text, add_special_tokens)
         ids = self._pieces(text) if len(text) >= 2 * MIN_CACHED_CHARS else self._fresh(text)
+        if add_special_tokens:
+            ids = wrap[0] + ids + wrap[1]  # type: ignore[index]
         if self._verify_left > 0:
             self._verify_left -= 1
-            whole = self._whole(text)
+            whole = self._whole(text, add_special_tokens)
             if whole != ids:
                 log.warning("piecewise or word-by-word encoding differs from the tokenizer's for this model: "
                             "prompt cache off")
@@ -91,10 +97,10 @@ class SegmentEncoder:
                 ids.append(special)
         return ids
 
-    def _whole(self, text: str) -> list[int]:
+    def _whole(self, text: str, add_special_tokens: bool = False) -> list[int]:
         if self._encode_fast is not None:
-            return self._encode_fast([text], add_special_tokens=False)[0].ids
-        return self._tok.encode(text, add_special_tokens=False).ids
+            return self._encode_fast([text], add_special_tokens=add_special_tokens)[0].ids
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def _pieces(self, text: str) -> list[int]:
         ids: list[int] = []
@@ -126,6 +132,27 @@ class SegmentEncoder:
             old, _ = cache.popitem(last=False)
             self._chars -= len(old)
         return ids
+
+
+def _special_wrap(hf_tokenizer: Any) -> tuple[list[int], list[int]] | None:
+    """The ids the tokenizer's post-processor puts before and after a text's own ids when asked to
+    add special tokens (BOS, or BOS and EOS); None when it does anything else (checked on two
+    texts)."""
+    wraps = set()
+    for sample in ("a", "Hello, world!\n12"):
+        try:
+            plain = hf_tokenizer.encode(sample, add_special_tokens=False).ids
+            full = hf_tokenizer.encode(sample, add_special_tokens=True).ids
+        except (AttributeError, TypeError):
+            return None
+        starts = [i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain]
+        if not starts:
+            return None
+        wraps.add((tuple(full[:starts[0]]), tuple(full[starts[0] + len(plain):])))
+    if len(wraps) != 1:
+        return None
+    before, after = wraps.pop()
+    return list(before), list(after)
 
 
 def _special_splitter(hf_tokenizer: Any) -> Callable[[str], list[str]] | None:

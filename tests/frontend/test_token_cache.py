@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from tokenizers import Tokenizer
 
 from dyn.frontend.token_cache import MIN_CACHED_CHARS, SegmentEncoder
 
@@ -82,3 +83,25 @@ def test_a_tokenizer_whose_pieces_interact_falls_back_to_whole_encoding():
     stripping = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     stripping.add_special_tokens([AddedToken("<s>", special=True, lstrip=True)])
     assert not SegmentEncoder(stripping).enabled  # a special token that eats spaces: never split there
+
+
+def test_with_special_tokens_the_ids_are_the_tokenizers_bos_and_eos_included(tiny_tokenizer):
+    from tokenizers import processors
+
+    from dyn.frontend.text import ModelTokenizer
+
+    hf = tiny_tokenizer.hf_tokenizer
+    model_tok = ModelTokenizer(tiny_tokenizer)  # the completions path: BOS before the text
+    both = Tokenizer.from_str(hf.to_str())
+    both.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A <|end_of_text|>",
+        special_tokens=[(t, hf.token_to_id(t)) for t in ("<|begin_of_text|>", "<|end_of_text|>")])
+    enc = SegmentEncoder(both, verify_calls=0)
+    rng = random.Random(5)
+    for _ in range(100):
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.randrange(0, 200)))
+        for add in (True, False):
+            assert model_tok.encode(text, add) == hf.encode(text, add_special_tokens=add).ids
+            assert enc.encode(text, add) == both.encode(text, add_special_tokens=add).ids
+    assert enc.encode("the", True)[0] == hf.token_to_id("<|begin_of_text|>")
+    assert enc.encode("the", True)[-1] == hf.token_to_id("<|end_of_text|>")
