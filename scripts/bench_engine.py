@@ -155,7 +155,7 @@ def _run_vllm(args: argparse.Namespace, prompts: list[list[int]]) -> tuple[list[
                    max_num_seqs=len(prompts), max_num_batched_tokens=args.max_batched_tokens, seed=0,
                    enforce_eager=True)
     params = vllm.SamplingParams(max_tokens=args.output, min_tokens=args.output, temperature=0.0, ignore_eos=True)
-    t0, c0 = time.perf_counter(), time.process_time()  # vLLM's engine core is another process: wall time only
+    t0 = time.perf_counter()  # (wall time only: vLLM's engine core is another process)
     results = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
     return [list(r.outputs[0].token_ids) for r in results], 0, elapsed, float("nan")

@@ -13,9 +13,6 @@ import logging
 import os
 import signal
 
-import zmq
-import zmq.asyncio
-
 from dyn.config.process import ProcessConfig
 from dyn.config.recipe import Recipe
 from dyn.control.keys import load_process_keys

@@ -59,7 +59,7 @@ class DomainBalancer:
         else:
             start = bisect.bisect_left(self._ring, _mix(key))
         seen: set[str] = set()
-        ring, owner, n = self._ring, self._owner, len(self._ring)
+        owner, n = self._owner, len(self._ring)
         for i in range(n):
             name = owner[(start + i) % n]
             if name not in seen:

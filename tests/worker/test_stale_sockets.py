@@ -37,7 +37,7 @@ def test_the_rendezvous_file_of_a_sigkilled_engine_goes_with_its_marker(tmp_path
     killed = subprocess.run([sys.executable, "-c", (
         "import os, signal, sys, torch.distributed as dist\n"
         "from dyn.engine.vllm_rendezvous import mark_store\n"
-        f"dist.init_process_group('gloo', init_method='file://' + sys.argv[1], rank=0, world_size=1)\n"
+        "dist.init_process_group('gloo', init_method='file://' + sys.argv[1], rank=0, world_size=1)\n"
         "print(mark_store(), flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"), str(tmp_path / store)], capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
