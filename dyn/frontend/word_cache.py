@@ -60,15 +60,19 @@ class WordEncoder:
         if _UNSAFE.search(text) or (self._added is not None and self._added.search(text)):
             return self._encode_batch([text])[0].ids
         words = self._split(text)
-        ids = [known.get(word) for word in words]
+        ids = list(map(known.get, words))
         if None in ids and not self._learn(words, ids):
             return self._encode_batch([text])[0].ids
         return list(chain.from_iterable(ids))
 
     def _split(self, text: str) -> list[str]:
-        pieces = [text]
-        for pattern in self._stages:
-            pieces = [word for piece in pieces for word in _isolated(pattern, piece)]
+        first, *later = self._stages
+        pieces = _isolated(first, text)
+        for pattern in later:
+            words: list[str] = []
+            for piece in pieces:
+                words += _isolated(pattern, piece)
+            pieces = words
         return pieces
 
     def _learn(self, words: list[str], ids: list[list[int] | None]) -> bool:
@@ -154,8 +158,8 @@ def _stages(pre: dict) -> list[re.Pattern] | None:
             if compiled is None:
                 return None
             stages.append(compiled)
-    if parts[-1].get("type") != "ByteLevel":
-        return None
+    if parts[-1].get("type") != "ByteLevel" or not stages:
+        return None  # (no split at all: the whole text is one word, nothing to remember)
     return stages
 
 

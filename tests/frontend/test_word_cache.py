@@ -124,6 +124,7 @@ def test_a_word_the_pattern_cuts_differently_alone_sends_its_text_to_the_tokeniz
     ("normalizer", pre_tokenizers.ByteLevel(add_prefix_space=False), normalizers.NFC()),
     ("unicode class", pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\p{Lu}\p{Ll}*"), behavior="isolated"),
                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), None),
+    ("no split", pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False), None),
     ("removed split", pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\s"), behavior="removed"),
                                                pre_tokenizers.ByteLevel(add_prefix_space=False)]), None),
 ])
