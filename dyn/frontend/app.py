@@ -517,17 +517,17 @@ class _Handlers:
         choices after the first mostly hit the cache. `usage` gets their sum (the prompt once)."""
         usages = [Usage() for _ in range(req.n)]
         echo = self._echo(req, prompt_ids)
-        # Whole answers: the first choice scores the prompt (prompt_logprobs, echo with logprobs) and the
-        # others take its scores, so they run on the cached prompt instead of prefilling it whole again.
+        # The first choice scores the prompt (prompt_logprobs, echo with logprobs) and the others take
+        # its scores, so they run on the cached prompt instead of prefilling it whole again.
         scores = (asyncio.get_running_loop().create_future()
-                  if req.sampling.prompt_logprobs is not None and not req.stream else None)
+                  if req.sampling.prompt_logprobs is not None else None)
         runs = [self.fe.dispatcher.generate(_choice_request(req, i, scores is not None), prompt_ids,
                                             f"{rid}{CHOICE_SEPARATOR}{i}", choice_usage, salt=salt,
                                             answer_message=self._answer_message(req))
                 for i, choice_usage in enumerate(usages)]
         try:
             if req.stream:
-                return await self._stream_choices(request, req, public_id, runs, usages, usage, echo)
+                return await self._stream_choices(request, req, public_id, runs, usages, usage, echo, scores)
             answers = [asyncio.ensure_future(self._answer(req, run, choice_usage, self._splitter(req), echo,
                                                           prompt_ids, scores, scorer=i == 0))
                        for i, (run, choice_usage) in enumerate(zip(runs, usages))]
@@ -545,19 +545,31 @@ class _Handlers:
             _sum_usage(usage, usages)
 
     async def _stream_choices(self, request: web.Request, req: GenerationRequest, public_id: str, runs,
-                              usages: list[Usage], usage: Usage, echo: Echo | None) -> web.StreamResponse:
-        """The choices' pieces as they come, each chunk naming its choice's index."""
+                              usages: list[Usage], usage: Usage, echo: Echo | None,
+                              scores: asyncio.Future | None) -> web.StreamResponse:
+        """The choices' pieces as they come, each chunk naming its choice's index. `scores`: the
+        prompt's scores, brought by choice 0's first piece; the other choices' first pieces wait
+        for them (their echoed prompt is scored with them)."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def read(index: int) -> None:
+            first = True
             try:
                 async for piece in runs[index]:
+                    if first and scores is not None:
+                        if index == 0:
+                            scores.set_result(piece.prompt_logprobs)
+                        else:
+                            piece = replace(piece, prompt_logprobs=await scores)
+                    first = False
                     queue.put_nowait((index, piece))
                     if piece.finish_reason:
                         break
             except Exception as exc:  # handed to the writer (an ApiError is the client's answer)
                 queue.put_nowait((index, exc))
             finally:
+                if index == 0 and scores is not None and not scores.done():
+                    scores.set_result(None)  # choice 0 failed (the request fails with it): free the others
                 queue.put_nowait((index, None))
 
         readers = [asyncio.ensure_future(read(i)) for i in range(req.n)]

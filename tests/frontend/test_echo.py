@@ -136,8 +136,8 @@ def test_prompt_scores_without_an_engine_answer_or_with_minus_infinity():
 
 
 def test_choices_of_one_request_score_the_prompt_once(client, harness):
-    """n > 1, whole answers: the first choice asks the engine for the prompt's scores, the others take
-    them (so they may run on the cached prompt instead of prefilling it whole again)."""
+    """n > 1, whole or streamed: the first choice asks the engine for the prompt's scores, the others
+    take them (so they may run on the cached prompt instead of prefilling it whole again)."""
     worker = harness.workers["w0"]
     one = client.completions.create(model=MODEL, prompt="abcd", max_tokens=2, extra_body={"prompt_logprobs": 1})
     before = len(worker.requests)
@@ -150,3 +150,13 @@ def test_choices_of_one_request_score_the_prompt_once(client, harness):
     heads = [c.logprobs.token_logprobs[:3] for c in echoed.choices]
     assert heads == [[None, -1 / 8, -2 / 8]] * 2
     assert sum(r.sampling.prompt_logprobs is not None for r in worker.requests[-2:]) == 1
+    # Streamed: the other choices' first chunks (the echoed prompt) wait for the first choice's scores.
+    streamed = client.completions.create(model=MODEL, prompt="abc", max_tokens=2, n=3, logprobs=0, echo=True,
+                                         stream=True)
+    heads = {}
+    for chunk in streamed:
+        for choice in chunk.choices:
+            if choice.index not in heads and choice.logprobs is not None:
+                heads[choice.index] = (choice.text, choice.logprobs.token_logprobs)
+    assert heads == {i: ("abc", [None, -1 / 8, -2 / 8]) for i in range(3)}
+    assert sum(r.sampling.prompt_logprobs is not None for r in worker.requests[-3:]) == 1
