@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -43,6 +44,8 @@ class SegmentEncoder:
                  verify_calls: int = 64) -> None:
         self._tok = hf_tokenizer
         self._cache: OrderedDict[str, list[int]] = OrderedDict()
+        self._lock = threading.Lock()
+        """Guards the cache: the frontend encodes long prompts on threads beside its event loop."""
         self._max_entries = max_entries
         self._max_chars = max_chars
         self._chars = 0
@@ -78,7 +81,9 @@ class SegmentEncoder:
                             "prompt cache off")
                 self.enabled = False
                 self._words = None
-                self._cache.clear()
+                with self._lock:
+                    self._cache.clear()
+                    self._chars = 0
                 return whole
         return ids
 
@@ -119,18 +124,21 @@ class SegmentEncoder:
 
     def _cached(self, piece: str) -> list[int]:
         cache = self._cache
-        hit = cache.get(piece)
-        if hit is not None:
-            cache.move_to_end(piece)
-            self.hits += 1
-            return hit
-        self.misses += 1
-        ids = self._fresh(piece)
-        cache[piece] = ids
-        self._chars += len(piece)
-        while len(cache) > self._max_entries or self._chars > self._max_chars:
-            old, _ = cache.popitem(last=False)
-            self._chars -= len(old)
+        with self._lock:
+            hit = cache.get(piece)
+            if hit is not None:
+                cache.move_to_end(piece)
+                self.hits += 1
+                return hit
+            self.misses += 1
+        ids = self._fresh(piece)  # (outside the lock: long prompts encode on threads, dyn.frontend.app)
+        with self._lock:
+            if piece not in cache:  # another thread may have encoded it meanwhile
+                cache[piece] = ids
+                self._chars += len(piece)
+            while cache and (len(cache) > self._max_entries or self._chars > self._max_chars):
+                old, _ = cache.popitem(last=False)
+                self._chars -= len(old)
         return ids
 
 

@@ -105,3 +105,19 @@ def test_with_special_tokens_the_ids_are_the_tokenizers_bos_and_eos_included(tin
             assert enc.encode(text, add) == both.encode(text, add_special_tokens=add).ids
     assert enc.encode("the", True)[0] == hf.token_to_id("<|begin_of_text|>")
     assert enc.encode("the", True)[-1] == hf.token_to_id("<|end_of_text|>")
+
+
+def test_threads_encoding_the_same_new_pieces_keep_the_cache_consistent(tiny_tokenizer):
+    """Long prompts encode on threads beside the event loop: two of them meeting the same new system
+    prompt both miss it; the cache keeps it once and its size stays what it holds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    hf = tiny_tokenizer.hf_tokenizer
+    enc = SegmentEncoder(hf, max_entries=6, verify_calls=0)
+    rng = random.Random(13)
+    systems = [" ".join(rng.choice(WORDS) for _ in range(300)) for _ in range(9)]
+    texts = [_chat(tiny_tokenizer, rng, systems[i % 9]) for i in range(360)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(enc.encode, texts))
+    assert got == [hf.encode(text, add_special_tokens=False).ids for text in texts]
+    assert enc._chars == sum(map(len, enc._cache)) and len(enc._cache) <= 6
