@@ -1,6 +1,6 @@
 """Encode text word by word, each word's ids remembered: byte-level BPE without the Rust call.
 
-A byte-level BPE tokenizer (GPT-2, Llama 3, Qwen 2, SmolLM2) cuts text into
+A byte-level BPE tokenizer (GPT-2, Llama 3, Qwen 2, DeepSeek V3, SmolLM2) cuts text into
 pre-tokens with a regex and merges bytes inside each pre-token only, so a
 word's ids never depend on its neighbours. Hugging Face's encode spends most
 of its time outside the merges: for a 40-word user turn, 62-99 us, of which
@@ -11,12 +11,14 @@ batched encode of the new words.
 
 Exactness rules, each a fall-back to the tokenizer's own encode:
 * only the pre-tokenizer shapes dyn ships and meets (ByteLevel with its GPT-2
-  regex; Digits then ByteLevel; a Split regex then ByteLevel without its own),
+  regex; Digits then ByteLevel; Split regexes then ByteLevel without its own),
   a BPE model without dropout and no normalizer;
 * only text of printable ASCII, tab, newline and carriage return is cut here.
-  On those characters a pattern's \\p{L} is [A-Za-z] and \\p{N} is [0-9], so
-  `re` reads the pattern (so translated) as the tokenizer's engine does; other
-  text, and patterns with other Unicode classes, go to the tokenizer whole;
+  On those characters each \\p{..} general category of a pattern is a fixed
+  set (\\p{L} is A-Z and a-z, \\p{P} !"#%&'()*,-./:;?@[\\]_{}, \\p{M} none),
+  so `re` reads the pattern so translated as the tokenizer's engine does;
+  other text, and patterns with negated classes or scripts, go to the
+  tokenizer whole;
 * text holding an added token that is not special goes to the tokenizer whole
   (it cuts those out before pre-tokenizing);
 * text with a word that the pattern would cut differently on its own goes to
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from itertools import chain
 from typing import Any, Callable
 
@@ -38,7 +41,7 @@ MAX_WORDS = 1 << 16
 """Words remembered; the dict is emptied when full (common words come back on the next prompts)."""
 
 _UNSAFE = re.compile(r"[^\x20-\x7e\t\n\r]")
-"""What this encoder leaves to the tokenizer: anything but printable ASCII, tab, newline, CR."""
+"""What this encoder leaves to the tokenizer: anything but SAFE_CHARS (printable ASCII, tab, newline, CR)."""
 
 
 class WordEncoder:
@@ -163,15 +166,28 @@ def _stages(pre: dict) -> list[re.Pattern] | None:
     return stages
 
 
-_ASCII_CLASSES = {"L": "A-Za-z", "N": "0-9"}
-"""\\p{...} classes on printable ASCII, tab, newline and CR (the only text cut here)."""
+SAFE_CHARS = "".join(map(chr, range(0x20, 0x7F))) + "\t\n\r"
+"""The only characters of the text this encoder cuts itself (see _UNSAFE)."""
+
+_CATEGORIES = frozenset("L Lu Ll Lt Lm Lo M Mn Mc Me N Nd Nl No P Pc Pd Ps Pe Pi Pf Po S Sm Sc Sk So "
+                        "Z Zs Zl Zp C Cc Cf Cs Co Cn".split())
+
+
+def _category_chars(name: str) -> str | None:
+    """Unicode general category `name` (L, Lu, P, ...) among SAFE_CHARS, as the inside of a `re`
+    class; a category with none of them is a character never in such text (the class must stay
+    valid and match nothing here). None for a name that is not a category."""
+    if name not in _CATEGORIES:
+        return None
+    chars = "".join(re.escape(c) for c in SAFE_CHARS if unicodedata.category(c).startswith(name))
+    return chars or r"\x80"
 
 
 def _ascii_compile(source: str) -> re.Pattern | None:
-    """`source` (a tokenizer's Oniguruma pattern) compiled by `re` for ASCII text: \\p{L} and
-    \\p{N} become their ASCII ranges; None for a pattern using anything else beyond `re`
-    (another Unicode class, a negated one, a nested class) or with groups (findall returns
-    groups)."""
+    """`source` (a tokenizer's Oniguruma pattern) compiled by `re` for text of SAFE_CHARS: each
+    \\p{...} general category becomes its characters there; None for a pattern using anything
+    else beyond `re` (a negated \\P{...}, a script or property name, a class inside a class) or
+    with groups (findall returns groups)."""
     out: list[str] = []
     in_class = False
     i = 0
@@ -181,19 +197,19 @@ def _ascii_compile(source: str) -> re.Pattern | None:
             escape = source[i:i + 2]
             if escape in ("\\p", "\\P"):
                 end = source.find("}", i)
-                name = source[i + 3:end] if escape == "\\p" and source[i + 2:i + 3] == "{" and end > 0 else None
-                ranges = _ASCII_CLASSES.get(name or "")
-                if ranges is None:
+                name = source[i + 3:end] if escape == "\\p" and source[i + 2:i + 3] == "{" and end > 0 else ""
+                chars = _category_chars(name)
+                if chars is None:
                     return None
-                out.append(ranges if in_class else f"[{ranges}]")
+                out.append(chars if in_class else f"[{chars}]")
                 i = end + 1
                 continue
             out.append(escape)
             i += 2
             continue
         if char == "[":
-            if in_class:
-                return None
+            if in_class or source[i + 1:i + 2] == "]" or source[i + 1:i + 3] == "^]":
+                return None  # (a class inside a class, or a leading "]": read differently by engines)
             in_class = True
         elif char == "]" and in_class:
             in_class = False

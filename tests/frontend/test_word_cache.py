@@ -13,16 +13,21 @@ from dyn.frontend.word_cache import word_encoder
 
 ASCII = ["the", "The", " router", "cache's", "it'S", "we'll", "I'M", "don't", "12345", "7", " 2026", "3.14",
          "  ", "   ", "\t", "\n", "\n\n", "\r\n", " \n ", "x\ty", ",.;!?", " (a+b)*c", "{'k': [1, 2]}", "_id",
-         "abc", "ab", "tail  "]
+         "abc", "ab", "tail  ", "$5", "a-b", "`x`", "~/", "|", "<=>", "^2", "\\n", "@dyn", "#1", "a_b"]
 OTHER = ["décodé", "naïve", "日本語", "\x1c", "\x0b", "\x0c", "\u00a0", "🙂", "<think>", "</s>", "a<think>b"]
 """Text that stresses a split: contractions in either case, digit runs, runs of spaces before a
-word, tabs and newlines, punctuation; then what the encoder leaves to the tokenizer: non-ASCII
+word, tabs and newlines, punctuation and symbols; then what the encoder leaves to the tokenizer: non-ASCII
 letters, control and Unicode space characters, an added token that is not special (<think>),
 and a special one (</s>, which SegmentEncoder cuts out first)."""
 
 LOOKAHEAD = r"a(?!bc)|ab|\s+(?!\S)|\s+"
 """Cuts "abc" into "ab" + "c", but "ab" alone into "a" + "b": a word whose ids alone are not its ids
 in the text (the lookahead reads past the word's end)."""
+
+DEEPSEEK_V3_SPLITS = [r"\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+                      r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+|"""
+                      r""" ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""]
+"""DeepSeek V3's (and R1's) pre-tokenizer splits: punctuation and symbol classes, marks."""
 
 SHAPES = {
     "gpt2": pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
@@ -34,10 +39,15 @@ SHAPES = {
                                           pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]),
     "grouped digits": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=False),
                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]),
+    "deepseek-v3": pre_tokenizers.Sequence([
+        *(pre_tokenizers.Split(Regex(pattern), behavior="isolated") for pattern in DEEPSEEK_V3_SPLITS),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+    "cased words": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\p{Lu}\p{Ll}*"), behavior="isolated"),
+                                            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
 }
-"""The pre-tokenizers dyn's GGUF reader builds (GPT-2, SmolLM2, Llama 3), and two more the
-encoder must reproduce: a pattern whose lookahead cuts a word differently at its end, and
-digit runs kept whole."""
+"""The pre-tokenizers dyn's GGUF reader builds (GPT-2, SmolLM2, Llama 3), DeepSeek V3's, and more
+the encoder must reproduce: a pattern whose lookahead cuts a word differently at its end, digit
+runs kept whole, a split that leaves text between its matches."""
 
 
 def _texts(rng: random.Random, count: int) -> list[str]:
@@ -122,8 +132,10 @@ def test_a_word_the_pattern_cuts_differently_alone_sends_its_text_to_the_tokeniz
     ("metaspace", pre_tokenizers.Metaspace(), None),
     ("prefix space", pre_tokenizers.ByteLevel(add_prefix_space=True), None),
     ("normalizer", pre_tokenizers.ByteLevel(add_prefix_space=False), normalizers.NFC()),
-    ("unicode class", pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\p{Lu}\p{Ll}*"), behavior="isolated"),
+    ("negated class", pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\P{L}+"), behavior="isolated"),
                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), None),
+    ("script", pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\p{Han}+|\s+"), behavior="isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), None),
     ("no split", pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False), None),
     ("removed split", pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\s"), behavior="removed"),
                                                pre_tokenizers.ByteLevel(add_prefix_space=False)]), None),
