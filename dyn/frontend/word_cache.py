@@ -145,8 +145,8 @@ def _stages(pre: dict) -> list[re.Pattern] | None:
     for part in parts:
         kind = part.get("type")
         if kind == "ByteLevel":
-            if part.get("add_prefix_space"):
-                return None  # a space before each text's first word: depends on where the text starts
+            if part.get("add_prefix_space") or part is not parts[-1]:
+                return None  # a space before each text's first word; or later splits see mapped bytes
             source = GPT2_PATTERN if part.get("use_regex", True) else None
         elif kind == "Digits":
             source = r"\p{N}" if part.get("individual_digits") else r"\p{N}+"

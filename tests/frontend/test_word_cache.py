@@ -137,6 +137,9 @@ def test_a_word_the_pattern_cuts_differently_alone_sends_its_text_to_the_tokeniz
     ("script", pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\p{Han}+|\s+"), behavior="isolated"),
                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), None),
     ("no split", pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False), None),
+    ("split after bytes", pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(add_prefix_space=False),
+                                                   pre_tokenizers.Split(Regex("Ġ"), behavior="isolated"),
+                                                   pre_tokenizers.ByteLevel(add_prefix_space=False)]), None),
     ("removed split", pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\s"), behavior="removed"),
                                                pre_tokenizers.ByteLevel(add_prefix_space=False)]), None),
 ])
