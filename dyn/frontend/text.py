@@ -8,7 +8,7 @@ back until it is known not to be.
 
 from __future__ import annotations
 
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
@@ -125,8 +125,13 @@ class ModelTokenizer:
         step = partial(stream.step, hf)
         if skip_special_tokens or spaces_between_special_tokens:
             return step
-        added = {token_id: token.content for token_id, token in hf.get_added_tokens_decoder().items()}
-        return _JoinedAddedTokens(step, added) if added else step
+        return _JoinedAddedTokens(step, self._added_tokens) if self._added_tokens else step
+
+    @cached_property
+    def _added_tokens(self) -> dict[int, str]:
+        """Added token id -> its content (read once, for spaces_between_special_tokens false)."""
+        added = self._inner.hf_tokenizer.get_added_tokens_decoder()
+        return {token_id: token.content for token_id, token in added.items()}
 
     def chat_prompt(self, messages: Sequence[dict[str, Any]], template_kwargs: Mapping[str, Any] | None = None,
                     add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:

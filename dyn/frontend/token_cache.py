@@ -27,7 +27,7 @@ import threading
 from collections import OrderedDict
 from typing import Any, Callable
 
-from dyn.frontend.word_cache import word_encoder
+from dyn.frontend.word_cache import batch_encoder, word_encoder
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,6 @@ class SegmentEncoder:
 
     def __init__(self, hf_tokenizer: Any, *, max_entries: int = 4096, max_chars: int = 64 << 20,
                  verify_calls: int = 64) -> None:
-        self._tok = hf_tokenizer
         self._cache: OrderedDict[str, list[int]] = OrderedDict()
         self._lock = threading.Lock()
         """Guards the cache: the frontend encodes long prompts on threads beside its event loop."""
@@ -53,11 +52,7 @@ class SegmentEncoder:
         self.hits = 0
         self.misses = 0
         self._split = _special_splitter(hf_tokenizer)
-        self._encode_fast = getattr(hf_tokenizer, "encode_batch_fast", None)
-        """tokenizers >= 0.20: the same ids without the char offsets `encode` computes (a hash map
-        over the text, ~20% of an encode call; the frontend keeps only the ids). Serial where
-        TOKENIZERS_PARALLELISM is false (the frontend sets it), else a batch of one is handed to
-        the tokenizer's thread pool."""
+        self._encode_batch = batch_encoder(hf_tokenizer)
         self.enabled = self._split is not None
         self._words = word_encoder(hf_tokenizer) if self.enabled else None
         """Encodes what the cache misses word by word (dyn.frontend.word_cache); None: whole."""
@@ -103,9 +98,7 @@ class SegmentEncoder:
         return ids
 
     def _whole(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        if self._encode_fast is not None:
-            return self._encode_fast([text], add_special_tokens=add_special_tokens)[0].ids
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._encode_batch([text], add_special_tokens)[0]
 
     def _pieces(self, text: str) -> list[int]:
         ids: list[int] = []
