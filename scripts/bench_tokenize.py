@@ -5,13 +5,19 @@ dyn's frontend encodes a prompt in pieces cut at special tokens (long pieces
 remembered: shared system prompts) and the rest word by word with each word's
 ids remembered (dyn.frontend.token_cache, dyn.frontend.word_cache). This
 measures it against `tokenizers`' encode_batch_fast (its fastest call, no
-offsets) on three workloads, after a warm-up of --warmup texts of the same
+offsets) on five workloads, after a warm-up of --warmup texts of the same
 kind (dyn checks its first 64 prompts against the tokenizer then):
 
     chat         8 shared system prompts (~2,000 characters) + a unique user
                  turn of 40 words, rendered with the model's chat template
     documents    unique slices (1-60 lines) of this repository's sources
     completions  the same slices, special tokens added (BOS)
+    typographic  the chat turns written as word processors and phones write
+                 them: curly quotes and apostrophes, dashes, ellipses
+    multilingual 40-80 words of one or two of Latin with accents, Greek,
+                 Cyrillic, Arabic, Devanagari and CJK (no spaces), with
+                 English: made-up words of each script's letters, 2,000 a
+                 script, drawn as often as 1/rank (as words of a language)
 
 Every timed text's ids are compared with the tokenizer's.
 
@@ -62,7 +68,44 @@ def workloads(tok: Tokenizer, count: int, rng: random.Random) -> dict[str, tuple
     for _ in range(count):
         start = rng.randrange(len(lines))
         docs.append("\n".join(lines[start:start + rng.randrange(1, 60)]))
-    return {"chat": (chats, False), "documents": (docs, False), "completions": (docs, True)}
+    typographic = [chat.replace("'", "\u2019") for chat in _curly(chats, rng)]
+    return {"chat": (chats, False), "documents": (docs, False), "completions": (docs, True),
+            "typographic": (typographic, False), "multilingual": (_multilingual(vocabulary, count, rng), False)}
+
+
+def _curly(chats: list[str], rng: random.Random) -> list[str]:
+    """Each chat with its user turn's words now and then quoted, dashed, trailing off."""
+    out = []
+    for chat in chats:
+        words = chat.split(" ")
+        for at in range(len(words) - 40, len(words), 7):
+            words[at] = rng.choice(["\u201c{}\u201d", "{} \u2014", "{}\u2026", "{}'s"]).format(words[at])
+        out.append(" ".join(words))
+    return out
+
+
+SCRIPTS = {"latin": "abcdefghijklmnopqrstuvwxyzéèêëàâîïôûùüçñøåäö",
+           "greek": "".join(map(chr, range(0x3B1, 0x3CA))), "cyrillic": "".join(map(chr, range(0x430, 0x450))),
+           "arabic": "".join(map(chr, range(0x627, 0x64B))),
+           "devanagari": "".join(map(chr, [*range(0x915, 0x93A), *range(0x93E, 0x94D)])),
+           "cjk": "".join(map(chr, range(0x4E00, 0x4E00 + 3000)))}
+"""Letters of each script (Devanagari's with its vowel signs, marks); CJK: 3,000 common ideographs."""
+
+
+def _multilingual(english: list[str], count: int, rng: random.Random) -> list[str]:
+    lexicons = {name: ["".join(rng.choice(letters) for _ in range(rng.randrange(2, 9) if name != "cjk"
+                                                             else rng.randrange(1, 4))) for _ in range(2000)]
+                for name, letters in SCRIPTS.items()}
+    docs = []
+    for _ in range(count):
+        scripts = rng.sample(sorted(lexicons), rng.randrange(1, 3))
+        words = []
+        for _ in range(rng.randrange(40, 80)):
+            lexicon = english if rng.random() < 0.15 else lexicons[rng.choice(scripts)]
+            words.append(lexicon[int(len(lexicon) ** rng.random()) - 1])  # rank r drawn ~ 1/r
+        text = " ".join(words)
+        docs.append(text if "cjk" not in scripts else text.replace(" ", "", rng.randrange(len(words))))
+    return docs
 
 
 def main() -> None:

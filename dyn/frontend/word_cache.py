@@ -13,12 +13,22 @@ Exactness rules, each a fall-back to the tokenizer's own encode:
 * only the pre-tokenizer shapes dyn ships and meets (ByteLevel with its GPT-2
   regex; Digits then ByteLevel; Split regexes then ByteLevel without its own),
   a BPE model without dropout and no normalizer;
-* only text of printable ASCII, tab, newline and carriage return is cut here.
-  On those characters each \\p{..} general category of a pattern is a fixed
-  set (\\p{L} is A-Z and a-z, \\p{P} !"#%&'()*,-./:;?@[\\]_{}, \\p{M} none),
-  so `re` reads the pattern so translated as the tokenizer's engine does;
-  other text, and patterns with negated classes or scripts, go to the
-  tokenizer whole;
+* the split patterns are written for Oniguruma, the tokenizers library's regex
+  engine. `re` reads them the same once each one-character class in them
+  (\\p{..}, \\P{..}, \\s, \\d, \\w, `.`, their negations, and the Digits
+  pre-tokenizer's char::is_numeric) is spelled out as the characters that
+  engine matches. Those are asked of the engine itself, once per process, over
+  every code point of the Basic Multilingual Plane (the letters of every script
+  in use, most symbols), so neither side's Unicode version matters. A pattern
+  using anything else
+  the two engines might read differently (anchors, inline flags, word
+  boundaries, escapes that differ) gets no word encoder;
+* text with a code point beyond that plane (emoji, rare CJK ideographs, lone
+  surrogates) goes to the tokenizer whole (`re` tests such characters against
+  a class range by range: 5x slower than the tokenizer), and so does, for a
+  pattern with a case-insensitive group, text with a non-ASCII character that
+  case-maps to one of the group's letters (ſ, ß: the engines fold case
+  differently);
 * text holding an added token that is not special goes to the tokenizer whole
   (it cuts those out before pre-tokenizing);
 * text with a word that the pattern would cut differently on its own goes to
@@ -28,9 +38,9 @@ SegmentEncoder also compares its first prompts with the tokenizer's own ids.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
-import unicodedata
 from itertools import chain
 from typing import Any, Callable
 
@@ -40,8 +50,11 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 MAX_WORDS = 1 << 16
 """Words remembered; the dict is emptied when full (common words come back on the next prompts)."""
 
-_UNSAFE = re.compile(r"[^\x20-\x7e\t\n\r]")
-"""What this encoder leaves to the tokenizer: anything but SAFE_CHARS (printable ASCII, tab, newline, CR)."""
+OUTSIDE_ALPHABET = r"\ud800-\udfff\U00010000-\U0010ffff"
+"""Code points never cut here (a `re` class body): surrogates and every plane but the first."""
+
+DIGITS = "Digits"
+"""The class of the Digits pre-tokenizer (Rust's char::is_numeric), named like a pattern's atoms."""
 
 
 BatchEncode = Callable[[list[str], bool], list[list[int]]]
@@ -63,9 +76,10 @@ class WordEncoder:
     """`encode(text)` == the tokenizer's encode(text, add_special_tokens=False).ids, for text
     without special tokens (SegmentEncoder cuts those out first)."""
 
-    def __init__(self, hf_tokenizer: Any, stages: list[re.Pattern], added: re.Pattern | None) -> None:
+    def __init__(self, hf_tokenizer: Any, stages: list[re.Pattern], unsafe: re.Pattern) -> None:
         self._stages = stages
-        self._added = added
+        self._unsafe = unsafe
+        """Text matching it goes to the tokenizer whole: characters not cut here, added tokens."""
         self._words: dict[str, list[int]] = {}
         self._encode_batch = batch_encoder(hf_tokenizer)
 
@@ -74,7 +88,7 @@ class WordEncoder:
         whole = known.get(text)  # a short piece (a role name) is often one known word
         if whole is not None:
             return list(whole)
-        if _UNSAFE.search(text) or (self._added is not None and self._added.search(text)):
+        if self._unsafe.search(text):
             return self._encode_batch([text], False)[0]
         words = self._split(text)
         ids = list(map(known.get, words))
@@ -142,20 +156,23 @@ def word_encoder(hf_tokenizer: Any) -> WordEncoder | None:
         return None
     if type(model).__name__ != "BPE" or getattr(model, "dropout", None) or normalizer is not None:
         return None
-    stages = _stages(pre)
-    if stages is None:
+    translated = _stages(pre)
+    if translated is None:
         return None
-    plain = [t.content for t in added if not t.special]
-    pattern = re.compile("|".join(re.escape(c) for c in plain)) if plain else None
-    return WordEncoder(hf_tokenizer, stages, pattern)
+    stages, folded = translated
+    unsafe = [f"[{OUTSIDE_ALPHABET}{''.join(map(_escape, _case_hazards(folded)))}]"]
+    unsafe += (re.escape(t.content) for t in added if not t.special)
+    return WordEncoder(hf_tokenizer, stages, re.compile("|".join(unsafe)))
 
 
-def _stages(pre: dict) -> list[re.Pattern] | None:
-    """The split patterns of a pre-tokenizer, in order; None for one not reproduced here."""
+def _stages(pre: dict) -> tuple[list[re.Pattern], str] | None:
+    """The split patterns of a pre-tokenizer, in order, and the letters of their case-insensitive
+    groups; None for a pre-tokenizer not reproduced here."""
     parts = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
     if not parts:
         return None
     stages: list[re.Pattern] = []
+    folded = ""
     for part in parts:
         kind = part.get("type")
         if kind == "ByteLevel":
@@ -163,7 +180,11 @@ def _stages(pre: dict) -> list[re.Pattern] | None:
                 return None  # a space before each text's first word; or later splits see mapped bytes
             source = GPT2_PATTERN if part.get("use_regex", True) else None
         elif kind == "Digits":
-            source = r"\p{N}" if part.get("individual_digits") else r"\p{N}+"
+            numeric = _engine_class(DIGITS)
+            if numeric is None:
+                return None
+            stages.append(re.compile(f"[{numeric}]" if part.get("individual_digits") else f"[{numeric}]+"))
+            continue
         elif kind == "Split":
             source = (part.get("pattern") or {}).get("Regex")
             if source is None or part.get("behavior") != "Isolated" or part.get("invert"):
@@ -171,66 +192,136 @@ def _stages(pre: dict) -> list[re.Pattern] | None:
         else:
             return None
         if source is not None:
-            compiled = _ascii_compile(source)
-            if compiled is None:
+            translated = _translate(source)
+            if translated is None:
                 return None
-            stages.append(compiled)
+            pattern, letters = translated
+            stages.append(pattern)
+            folded += letters
     if parts[-1].get("type") != "ByteLevel" or not stages:
         return None  # (no split at all: the whole text is one word, nothing to remember)
-    return stages
+    return stages, folded
 
 
-SAFE_CHARS = "".join(map(chr, range(0x20, 0x7F))) + "\t\n\r"
-"""The only characters of the text this encoder cuts itself (see _UNSAFE)."""
+_CLASS_ATOM = re.compile(r"\\[pP]\{\w+\}|\\[sSdDwWhH]")
+"""One-character classes whose characters are asked of the tokenizers library's engine."""
 
-_CATEGORIES = frozenset("L Lu Ll Lt Lm Lo M Mn Mc Me N Nd Nl No P Pc Pd Ps Pe Pi Pf Po S Sm Sc Sk So "
-                        "Z Zs Zl Zp C Cc Cf Cs Co Cn".split())
+_SAME_ESCAPE = re.compile(r"\\(?:[tnrfv]|x[0-9A-Fa-f]{2}|u[0-9A-Fa-f]{4}|[^0-9A-Za-z])")
+"""Escapes both engines read alike: control characters, hex code points, escaped symbols."""
 
-
-def _category_chars(name: str) -> str | None:
-    """Unicode general category `name` (L, Lu, P, ...) among SAFE_CHARS, as the inside of a `re`
-    class; a category with none of them is a character never in such text (the class must stay
-    valid and match nothing here). None for a name that is not a category."""
-    if name not in _CATEGORIES:
-        return None
-    chars = "".join(re.escape(c) for c in SAFE_CHARS if unicodedata.category(c).startswith(name))
-    return chars or r"\x80"
+_GROUPS = ("(?:", "(?=", "(?!", "(?<=", "(?<!", "(?>")
+"""Group openings both engines read alike (non-capturing, look-around, atomic)."""
 
 
-def _ascii_compile(source: str) -> re.Pattern | None:
-    """`source` (a tokenizer's Oniguruma pattern) compiled by `re` for text of SAFE_CHARS: each
-    \\p{...} general category becomes its characters there; None for a pattern using anything
-    else beyond `re` (a negated \\P{...}, a script or property name, a class inside a class) or
-    with groups (findall returns groups)."""
+@functools.cache
+def _translate(source: str) -> tuple[re.Pattern, str] | None:
+    """`source` (a tokenizer's Oniguruma pattern) compiled by `re` to cut text of the alphabet as
+    Oniguruma does, and the letters of its case-insensitive groups; None for a pattern using what
+    the two engines might read differently: anchors (^ and $ are line anchors in Oniguruma's Ruby
+    syntax), word boundaries and other escapes, inline flags but a (?i:...) of plain ASCII, a class
+    inside a class, a possessive {n,m}+ (a quantifier then + in Ruby syntax), capture groups
+    (findall would return them)."""
     out: list[str] = []
+    folded = ""
     in_class = False
     i = 0
     while i < len(source):
         char = source[i]
-        if char == "\\":
-            escape = source[i:i + 2]
-            if escape in ("\\p", "\\P"):
-                end = source.find("}", i)
-                name = source[i + 3:end] if escape == "\\p" and source[i + 2:i + 3] == "{" and end > 0 else ""
-                chars = _category_chars(name)
-                if chars is None:
-                    return None
-                out.append(chars if in_class else f"[{chars}]")
-                i = end + 1
-                continue
-            out.append(escape)
-            i += 2
+        atom = _CLASS_ATOM.match(source, i)
+        if atom is not None or (char == "." and not in_class):
+            name = atom.group() if atom is not None else char
+            chars = _engine_class(name)
+            if chars is None:
+                return None
+            out.append(chars if in_class else f"[{chars}]")
+            i += len(name)
             continue
-        if char == "[":
-            if in_class or source[i + 1:i + 2] == "]" or source[i + 1:i + 3] == "^]":
-                return None  # (a class inside a class, or a leading "]": read differently by engines)
+        if char == "\\":
+            escape = _SAME_ESCAPE.match(source, i)
+            if escape is None:
+                return None
+            out.append(escape.group())
+            i = escape.end()
+            continue
+        if in_class:
+            if char == "[":
+                return None
+            in_class = char != "]"
+        elif char == "[":
+            if source.startswith(("[]", "[^]"), i):
+                return None  # (a leading "]": read differently by engines)
             in_class = True
-        elif char == "]" and in_class:
-            in_class = False
+        elif char in "^$" or (char == "+" and out and out[-1] == "}"):
+            return None
+        elif source.startswith("(?i:", i):
+            end = source.find(")", i)
+            group = source[i + 4:end]
+            if end < 0 or not group.isascii() or any(c in group for c in "\\[(."):
+                return None
+            folded += "".join(c for c in group if c.isalpha())
+            out.append(source[i:end + 1])
+            i = end + 1
+            continue
+        elif source.startswith("(?", i) and not source.startswith(_GROUPS, i):
+            return None
         out.append(char)
         i += 1
     try:
         compiled = re.compile("".join(out))
     except re.error:
         return None
-    return None if compiled.groups else compiled
+    return None if compiled.groups else (compiled, folded)
+
+
+@functools.cache
+def _alphabet() -> str:
+    """Every code point cut here: the Basic Multilingual Plane without the surrogates (63,488
+    characters; see OUTSIDE_ALPHABET)."""
+    return "".join(map(chr, chain(range(0xD800), range(0xE000, 0x10000))))
+
+
+@functools.cache
+def _engine_class(atom: str) -> str | None:
+    """The characters of the alphabet that the tokenizers library matches with the one-character
+    class `atom` (\\p{L}, \\s, ., ...; DIGITS for its Digits pre-tokenizer), as a `re` class body,
+    asked of the library itself (~50 ms, once per process); None when its engine rejects `atom`.
+
+    Runs of the alphabet's order become ranges: the surrogates between two of its characters are
+    never in text cut here."""
+    from tokenizers import Regex, pre_tokenizers
+
+    alphabet = _alphabet()
+    members = bytearray(len(alphabet))
+    if atom == DIGITS:
+        # Each character between two "a"s (never numeric): a numeric one is a piece of its own.
+        pieces = pre_tokenizers.Digits(individual_digits=True).pre_tokenize_str("a".join(alphabet))
+        for piece, (start, end) in pieces:
+            if end - start == 1 and start % 2 == 0:
+                members[start // 2] = 1
+    else:
+        try:
+            split = pre_tokenizers.Split(Regex(f"(?:{atom})+"), behavior="removed")
+        except Exception:  # the library raises its own error type for a pattern it cannot compile
+            return None
+        members[:] = b"\x01" * len(alphabet)
+        for _, (start, end) in split.pre_tokenize_str(alphabet):
+            members[start:end] = bytes(end - start)  # what is left is what the class does not match
+    ranges = [(alphabet[m.start()], alphabet[m.end() - 1]) for m in re.finditer(rb"\x01+", members)]
+    body = "".join(_escape(lo) if lo == hi else f"{_escape(lo)}-{_escape(hi)}" for lo, hi in ranges)
+    return body or r"\ud800"  # (nothing: a surrogate, never in text cut here)
+
+
+@functools.cache
+def _case_hazards(letters: str) -> str:
+    """Non-ASCII characters whose case mappings hold one of `letters` (a case-insensitive group's):
+    Python's `re` folds with simple mappings (İ matches i), Oniguruma with full case folding (ß
+    matches ss), so text holding one goes to the tokenizer whole."""
+    wanted = set(letters.lower())
+    if not wanted:
+        return ""
+    return "".join(c for c in _alphabet() if not c.isascii()
+                   and wanted & set((c.lower() + c.upper() + c.casefold()).lower()))
+
+
+def _escape(char: str) -> str:
+    return f"\\U{ord(char):08x}"

@@ -14,11 +14,21 @@ from dyn.frontend.word_cache import word_encoder
 ASCII = ["the", "The", " router", "cache's", "it'S", "we'll", "I'M", "don't", "12345", "7", " 2026", "3.14",
          "  ", "   ", "\t", "\n", "\n\n", "\r\n", " \n ", "x\ty", ",.;!?", " (a+b)*c", "{'k': [1, 2]}", "_id",
          "abc", "ab", "tail  ", "$5", "a-b", "`x`", "~/", "|", "<=>", "^2", "\\n", "@dyn", "#1", "a_b"]
-OTHER = ["décodé", "naïve", "日本語", "\x1c", "\x0b", "\x0c", "\u00a0", "🙂", "<think>", "</s>", "a<think>b"]
-"""Text that stresses a split: contractions in either case, digit runs, runs of spaces before a
-word, tabs and newlines, punctuation and symbols; then what the encoder leaves to the tokenizer: non-ASCII
-letters, control and Unicode space characters, an added token that is not special (<think>),
-and a special one (</s>, which SegmentEncoder cuts out first)."""
+"""ASCII text that stresses a split: contractions in either case, digit runs, runs of spaces before
+a word, tabs and newlines, punctuation and symbols."""
+UNICODE = ["décodé", "naïve", "日本語の", "Straße", "ſo", "\u212a", "İstanbul", "ı", "Ελληνικά", "Привет,", "مرحبا",
+           "नमस्ते", "e\u0301", "٣٤٥", "x²", "½", "１２３", "“quoted”", "it’s", "IT’S", " — ", "…", "☺", "\u2764\ufe0f",
+           "\x1c", "\x0b", "\x0c", "\x85", "\u00a0", "\u2028", "\u3000", "\u200b", "\ue000"]
+"""Text of every kind cut word by word too: accented and non-Latin letters, marks (Devanagari,
+a combining accent), letters whose case folds differ between the engines (ß, ſ, K, İ, ı), digits and
+numbers of other scripts, typographic punctuation, symbols of the first plane with a variation
+selector, control and Unicode space characters (Python's \\s holds \\x1c-\\x1f, Oniguruma's does not),
+zero-width space, private use."""
+
+OTHER = ["🙂", "👩\u200d💻", "\U00020000", "<think>", "</s>", "a<think>b"]
+"""What the encoder leaves to the tokenizer: emoji, a plane 2 ideograph (beyond the first plane),
+an added token that is not special (<think>), and a special
+one (</s>, which SegmentEncoder cuts out first)."""
 
 LOOKAHEAD = r"a(?!bc)|ab|\s+(?!\S)|\s+"
 """Cuts "abc" into "ab" + "c", but "ab" alone into "a" + "b": a word whose ids alone are not its ids
@@ -28,6 +38,11 @@ DEEPSEEK_V3_SPLITS = [r"\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+
                       r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+|"""
                       r""" ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""]
 """DeepSeek V3's (and R1's) pre-tokenizer splits: punctuation and symbol classes, marks."""
+
+def _split(pattern: str):
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
 
 SHAPES = {
     "gpt2": pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
@@ -42,19 +57,21 @@ SHAPES = {
     "deepseek-v3": pre_tokenizers.Sequence([
         *(pre_tokenizers.Split(Regex(pattern), behavior="isolated") for pattern in DEEPSEEK_V3_SPLITS),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
-    "cased words": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\p{Lu}\p{Ll}*"), behavior="isolated"),
-                                            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+    "cased words": _split(r"\p{Lu}\p{Ll}*"),
+    "scripts, negated classes": _split(r"\p{Han}+|\p{Greek}+|[^\P{L}\p{Han}]+|\P{L}+|\w\d|\W"),
 }
 """The pre-tokenizers dyn's GGUF reader builds (GPT-2, SmolLM2, Llama 3), DeepSeek V3's, and more
 the encoder must reproduce: a pattern whose lookahead cuts a word differently at its end, digit
-runs kept whole, a split that leaves text between its matches."""
+runs kept whole, a split that leaves text between its matches, scripts, negated classes (also
+inside a class), Oniguruma's \\w and \\d (Unicode, unlike Ruby's own) and \\W."""
 
 
 def _texts(rng: random.Random, count: int) -> list[str]:
-    """Two in three of ASCII only (cut word by word), the others with a fragment of OTHER."""
+    """One in three of ASCII only, the others with fragments of UNICODE too, half of those with one of OTHER."""
     texts = []
     for i in range(count):
-        fragments = [rng.choice(ASCII) + rng.choice(["", " "]) for _ in range(rng.randrange(1, 30))]
+        pool = ASCII + UNICODE if i % 3 else ASCII
+        fragments = [rng.choice(pool) + rng.choice(["", " "]) for _ in range(rng.randrange(1, 30))]
         if i % 3 == 2:
             fragments.insert(rng.randrange(len(fragments) + 1), rng.choice(OTHER))
         texts.append("".join(fragments))
@@ -115,8 +132,50 @@ def test_known_words_need_no_tokenizer_call_and_new_ones_one_batch():
     assert words.encode("the new cache, newer") == tok.encode("the new cache, newer").ids
     assert counting.texts == [" new", ",", " newer"]  # one batch of the new words
     counting.texts.clear()
-    words.encode("naïve router")  # not ASCII: the tokenizer's whole encode
-    assert counting.texts == ["naïve router"]
+    assert words.encode("naïve router, 日本語") == tok.encode("naïve router, 日本語").ids
+    assert counting.texts == ["naïve", " 日本語"]  # any script: word by word
+
+
+@pytest.mark.parametrize("shape, text, whole", [
+    ("gpt2", "the 🙂 router", True),  # beyond the first plane
+    ("gpt2", "the \udc00 router", True),  # a lone surrogate (the tokenizer's own error, as before)
+    ("gpt2", "the Straße router", False),  # no case-insensitive group: ß is cut here
+    ("llama3", "the Straße router", True),  # (?i:'s|...) and ß case-maps to "ss" (the engines fold such
+    ("llama3", "the ſo router", True),  # letters differently: ß matches (?i:ss) in Oniguruma only), ſ to "S"
+    ("llama3", "the \u212a router", False),  # the Kelvin sign folds to k, not a letter of the group
+])
+def test_text_the_engines_could_cut_differently_goes_to_the_tokenizer_whole(shape, text, whole):
+    tok = _trained(SHAPES[shape])
+    counting = _Counting(tok)
+    words = word_encoder(counting)
+    words.encode("the router")
+    counting.texts.clear()
+    if "\udc00" in text:
+        with pytest.raises(Exception):
+            tok.encode(text)
+        with pytest.raises(Exception):
+            words.encode(text)
+    else:
+        assert words.encode(text) == tok.encode(text, add_special_tokens=False).ids
+    assert (counting.texts == [text]) is whole, counting.texts
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_random_code_points_cut_as_the_tokenizer_cuts_them(shape):
+    """Random characters, most of the first plane (spaces, digits, punctuation, marks, letters of
+    every script), against the tokenizer's own ids."""
+    tok = _trained(SHAPES[shape])
+    words = word_encoder(tok)
+    rng = random.Random(4)
+    def char() -> str:
+        while True:
+            code = rng.choice([rng.randrange(0x80), rng.randrange(0x3000), rng.randrange(0x10000),
+                               rng.randrange(0x10000), rng.randrange(0x1F000, 0x1FB00)])
+            if not 0xD800 <= code < 0xE000:
+                return chr(code)
+    for _ in range(300):
+        text = "".join(char() if rng.random() < 0.5 else rng.choice(ASCII) for _ in range(rng.randrange(1, 40)))
+        assert words.encode(text) == tok.encode(text, add_special_tokens=False).ids, repr(text)
 
 
 def test_a_word_the_pattern_cuts_differently_alone_sends_its_text_to_the_tokenizer():
@@ -132,16 +191,20 @@ def test_a_word_the_pattern_cuts_differently_alone_sends_its_text_to_the_tokeniz
     ("metaspace", pre_tokenizers.Metaspace(), None),
     ("prefix space", pre_tokenizers.ByteLevel(add_prefix_space=True), None),
     ("normalizer", pre_tokenizers.ByteLevel(add_prefix_space=False), normalizers.NFC()),
-    ("negated class", pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\P{L}+"), behavior="isolated"),
-                                               pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), None),
-    ("script", pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\p{Han}+|\s+"), behavior="isolated"),
-                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), None),
     ("no split", pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False), None),
     ("split after bytes", pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(add_prefix_space=False),
                                                    pre_tokenizers.Split(Regex("Ġ"), behavior="isolated"),
                                                    pre_tokenizers.ByteLevel(add_prefix_space=False)]), None),
     ("removed split", pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\s"), behavior="removed"),
                                                pre_tokenizers.ByteLevel(add_prefix_space=False)]), None),
+    *((why, _split(pattern), None) for why, pattern in [
+        ("line anchor", r"^ ?\p{L}+|\p{L}+|\s+|[^\s\p{L}]+"),  # ^ is a line start in Oniguruma, a text start in re
+        ("word boundary", r"\b\p{L}+|\s+|[^\s\p{L}]+"),
+        ("inline flag", r"(?i)ab|\s+"),
+        ("class in a folded group", r"(?i:'[a-z]+)|\s+"),
+        ("possessive after a count", r"\p{L}{1,3}+|\s+"),
+        ("capture group", r"(\p{L})+|\s+"),
+    ]),
 ])
 def test_tokenizers_it_cannot_reproduce_get_no_word_encoder_and_stay_exact(why, pre_tokenizer, normalizer):
     tok = _trained(pre_tokenizer, normalizer=normalizer)
