@@ -20,12 +20,12 @@ Exactness rules, each a fall-back to the tokenizer's own encode:
   engine matches. Those are asked of the engine itself, once per process, over
   every code point of the Basic Multilingual Plane (the letters of every script
   in use, most symbols), so neither side's Unicode version matters. A pattern
-  using anything else
-  the two engines might read differently (anchors, inline flags, word
-  boundaries, escapes that differ) gets no word encoder;
+  using anything else the two engines might read differently (anchors, inline
+  flags, word boundaries, escapes that differ) gets no word encoder;
 * text with a code point beyond that plane (emoji, rare CJK ideographs, lone
-  surrogates) goes to the tokenizer whole (`re` tests such characters against
-  a class range by range: 5x slower than the tokenizer), and so does, for a
+  surrogates) goes to the tokenizer whole (with such characters in its classes,
+  `re` tries their ranges one by one for every character a class does not
+  hold: prompts took 4-5x longer), and so does, for a
   pattern with a case-insensitive group, text with a non-ASCII character that
   case-maps to one of the group's letters (ſ, ß: the engines fold case
   differently);
@@ -284,7 +284,7 @@ def _alphabet() -> str:
 def _engine_class(atom: str) -> str | None:
     """The characters of the alphabet that the tokenizers library matches with the one-character
     class `atom` (\\p{L}, \\s, ., ...; DIGITS for its Digits pre-tokenizer), as a `re` class body,
-    asked of the library itself (~50 ms, once per process); None when its engine rejects `atom`.
+    asked of the library itself (20-60 ms, once per process); None when its engine rejects `atom`.
 
     Runs of the alphabet's order become ranges: the surrogates between two of its characters are
     never in text cut here."""
