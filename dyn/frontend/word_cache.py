@@ -294,7 +294,8 @@ def _engine_class(atom: str) -> str | None:
     members = bytearray(len(alphabet))
     if atom == DIGITS:
         # Each character between two "a"s (never numeric): a numeric one is a piece of its own.
-        pieces = pre_tokenizers.Digits(individual_digits=True).pre_tokenize_str("a".join(alphabet))
+        text = "a".join(alphabet)
+        pieces = pre_tokenizers.Digits(individual_digits=True).pre_tokenize_str(text)
         for piece, (start, end) in pieces:
             if end - start == 1 and start % 2 == 0:
                 members[start // 2] = 1
@@ -303,9 +304,13 @@ def _engine_class(atom: str) -> str | None:
             split = pre_tokenizers.Split(Regex(f"(?:{atom})+"), behavior="removed")
         except Exception:  # the library raises its own error type for a pattern it cannot compile
             return None
+        text = alphabet
+        pieces = split.pre_tokenize_str(text)
         members[:] = b"\x01" * len(alphabet)
-        for _, (start, end) in split.pre_tokenize_str(alphabet):
+        for _, (start, end) in pieces:
             members[start:end] = bytes(end - start)  # what is left is what the class does not match
+    if any(piece != text[start:end] for piece, (start, end) in pieces):
+        return None  # (offsets not in characters: a library version this reading does not know)
     ranges = [(alphabet[m.start()], alphabet[m.end() - 1]) for m in re.finditer(rb"\x01+", members)]
     body = "".join(_escape(lo) if lo == hi else f"{_escape(lo)}-{_escape(hi)}" for lo, hi in ranges)
     return body or r"\ud800"  # (nothing: a surrogate, never in text cut here)
