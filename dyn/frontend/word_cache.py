@@ -12,7 +12,11 @@ batched encode of the new words.
 Exactness rules, each a fall-back to the tokenizer's own encode:
 * only the pre-tokenizer shapes dyn ships and meets (ByteLevel with its GPT-2
   regex; Digits then ByteLevel; Split regexes then ByteLevel without its own),
-  a BPE model without dropout and no normalizer;
+  a BPE model without dropout, and no normalizer or NFC only (Qwen's); with
+  NFC, only text already in NFC is cut here (a substring of NFC text is NFC,
+  so each word is what the tokenizer would see) and none with a character
+  Python's Unicode data does not assign (a text normalized under one Unicode
+  version stays so under later ones only without such characters);
 * the split patterns are written for Oniguruma, the tokenizers library's regex
   engine. `re` reads them the same once each one-character class in them
   (\\p{..}, \\P{..}, \\s, \\d, \\w, `.`, their negations, and the Digits
@@ -41,6 +45,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import unicodedata
 from itertools import chain
 from typing import Any, Callable
 
@@ -76,10 +81,12 @@ class WordEncoder:
     """`encode(text)` == the tokenizer's encode(text, add_special_tokens=False).ids, for text
     without special tokens (SegmentEncoder cuts those out first)."""
 
-    def __init__(self, hf_tokenizer: Any, stages: list[re.Pattern], unsafe: re.Pattern) -> None:
+    def __init__(self, hf_tokenizer: Any, stages: list[re.Pattern], unsafe: re.Pattern, nfc: bool = False) -> None:
         self._stages = stages
         self._unsafe = unsafe
         """Text matching it goes to the tokenizer whole: characters not cut here, added tokens."""
+        self._nfc = nfc
+        """The tokenizer normalizes to NFC: text not in NFC goes to it whole."""
         self._words: dict[str, list[int]] = {}
         self._encode_batch = batch_encoder(hf_tokenizer)
 
@@ -88,7 +95,7 @@ class WordEncoder:
         whole = known.get(text)  # a short piece (a role name) is often one known word
         if whole is not None:
             return list(whole)
-        if self._unsafe.search(text):
+        if self._unsafe.search(text) or (self._nfc and not unicodedata.is_normalized("NFC", text)):
             return self._encode_batch([text], False)[0]
         words = self._split(text)
         ids = list(map(known.get, words))
@@ -154,15 +161,29 @@ def word_encoder(hf_tokenizer: Any) -> WordEncoder | None:
         added = list(hf_tokenizer.get_added_tokens_decoder().values())
     except (AttributeError, TypeError, ValueError):
         return None
-    if type(model).__name__ != "BPE" or getattr(model, "dropout", None) or normalizer is not None:
+    nfc = _nfc_only(normalizer)
+    if type(model).__name__ != "BPE" or getattr(model, "dropout", None) or nfc is None:
         return None
     translated = _stages(pre)
     if translated is None:
         return None
     stages, folded = translated
-    unsafe = [f"[{OUTSIDE_ALPHABET}{''.join(map(_escape, _case_hazards(folded)))}]"]
-    unsafe += (re.escape(t.content) for t in added if not t.special)
-    return WordEncoder(hf_tokenizer, stages, re.compile("|".join(unsafe)))
+    outside = OUTSIDE_ALPHABET + "".join(map(_escape, _case_hazards(folded))) + (_unassigned() if nfc else "")
+    unsafe = [f"[{outside}]", *(re.escape(t.content) for t in added if not t.special)]
+    return WordEncoder(hf_tokenizer, stages, re.compile("|".join(unsafe)), nfc)
+
+
+def _nfc_only(normalizer: Any) -> bool | None:
+    """False for no normalizer (or an empty sequence), True for NFC alone, None for any other."""
+    if normalizer is None:
+        return False
+    try:
+        spec = json.loads(normalizer.__getstate__())
+    except (AttributeError, TypeError, ValueError):
+        return None
+    parts = spec.get("normalizers") if spec.get("type") == "Sequence" else [spec]
+    kinds = {part.get("type") for part in parts or []}
+    return None if kinds - {"NFC"} else bool(kinds)
 
 
 def _stages(pre: dict) -> tuple[list[re.Pattern], str] | None:
@@ -326,6 +347,15 @@ def _case_hazards(letters: str) -> str:
         return ""
     return "".join(c for c in _alphabet() if not c.isascii()
                    and wanted & set((c.lower() + c.upper() + c.casefold()).lower()))
+
+
+@functools.cache
+def _unassigned() -> str:
+    """The alphabet's code points Python's Unicode data does not assign, as a `re` class body."""
+    alphabet = _alphabet()
+    gaps = bytes(unicodedata.category(c) == "Cn" for c in alphabet)
+    return "".join(f"{_escape(alphabet[m.start()])}-{_escape(alphabet[m.end() - 1])}"
+                   for m in re.finditer(rb"\x01+", gaps))
 
 
 def _escape(char: str) -> str:

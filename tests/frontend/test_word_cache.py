@@ -136,6 +136,32 @@ def test_known_words_need_no_tokenizer_call_and_new_ones_one_batch():
     assert counting.texts == ["naïve", " 日本語"]  # any script: word by word
 
 
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+"""Qwen 2's split (2.5's, 3's), behind an NFC normalizer."""
+
+NOT_NFC = ["e\u0301", "\u212b", "\u1100\u1161", "\u0958", "a\u0323\u0302"]
+"""Text NFC changes: a letter and its combining accent, the angstrom sign, Hangul jamo, a Devanagari
+composition exclusion, two accents out of canonical order."""
+
+
+@pytest.mark.parametrize("normalizer", [normalizers.NFC(), normalizers.Sequence([normalizers.NFC()])])
+def test_an_nfc_tokenizer_gets_nfc_text_cut_word_by_word_and_the_rest_whole(normalizer):
+    tok = _trained(_split(QWEN2_SPLIT), normalizer=normalizer)
+    counting = _Counting(tok)
+    words = word_encoder(counting)
+    assert words is not None
+    rng = random.Random(5)
+    texts = _texts(rng, 400) + [f"{rng.choice(ASCII)} {rng.choice(NOT_NFC)} {rng.choice(UNICODE)}" for _ in range(60)]
+    for text in texts:
+        if "</s>" not in text:
+            assert words.encode(text) == tok.encode(text, add_special_tokens=False).ids, repr(text)
+    for text, whole in [("the café router", False), ("the cafe\u0301 router", True), ("the \u0378 router", True)]:
+        counting.texts.clear()  # (U+0378: unassigned, its NFC may differ in the tokenizer's Unicode version)
+        assert words.encode(text) == tok.encode(text, add_special_tokens=False).ids
+        assert (counting.texts == [text]) is whole, counting.texts
+
+
 @pytest.mark.parametrize("shape, text, whole", [
     ("gpt2", "the 🙂 router", True),  # beyond the first plane
     ("gpt2", "the \udc00 router", True),  # a lone surrogate (the tokenizer's own error, as before)
@@ -190,7 +216,9 @@ def test_a_word_the_pattern_cuts_differently_alone_sends_its_text_to_the_tokeniz
 @pytest.mark.parametrize("why, pre_tokenizer, normalizer", [
     ("metaspace", pre_tokenizers.Metaspace(), None),
     ("prefix space", pre_tokenizers.ByteLevel(add_prefix_space=True), None),
-    ("normalizer", pre_tokenizers.ByteLevel(add_prefix_space=False), normalizers.NFC()),
+    ("normalizer", pre_tokenizers.ByteLevel(add_prefix_space=False), normalizers.NFKC()),
+    ("normalizers", pre_tokenizers.ByteLevel(add_prefix_space=False),
+     normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])),
     ("no split", pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False), None),
     ("split after bytes", pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(add_prefix_space=False),
                                                    pre_tokenizers.Split(Regex("Ġ"), behavior="isolated"),
