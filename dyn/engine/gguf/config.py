@@ -1,4 +1,4 @@
-"""GGUF metadata -> a Hugging Face `config.json` for the Llama family.
+"""GGUF metadata -> a Hugging Face `config.json` for the Llama family (Llama, Qwen 2, Qwen 3).
 
 llama.cpp stores the same hyperparameters under `<arch>.*` keys; this maps
 them to the names transformers and dyn's loader read.
@@ -11,8 +11,12 @@ from typing import Any
 from dyn.engine.gguf.reader import GGUFFile
 from dyn.engine.loader import CheckpointError
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 """GGUF `general.architecture` -> HF architecture this module can describe."""
+
+PAIRED_ROPE = frozenset({"llama"})
+"""Architectures whose q/k rows llama.cpp's converter interleaves for its pairwise RoPE (Qwen's run
+NEOX-style RoPE there, halves as in HF, so their rows are stored as HF has them)."""
 
 
 def hf_config(gguf: GGUFFile, *, torch_dtype: str) -> dict[str, Any]:
@@ -47,7 +51,8 @@ def hf_config(gguf: GGUFFile, *, torch_dtype: str) -> dict[str, Any]:
         "num_hidden_layers": int(gguf.require_arch("block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
-        "head_dim": int(gguf.arch("rope.dimension_count", hidden // heads)),
+        # (Qwen 3's head is not hidden / heads: 128 for Qwen3-0.6B's 1024 / 16; key_length says so)
+        "head_dim": int(gguf.arch("attention.key_length", gguf.arch("rope.dimension_count", hidden // heads))),
         "max_position_embeddings": int(gguf.arch("context_length", 4096)),
         "rms_norm_eps": float(gguf.arch("attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": float(gguf.arch("rope.freq_base", 10000.0)),

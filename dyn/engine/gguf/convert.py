@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dyn.engine.gguf.config import hf_config
+from dyn.engine.gguf.config import PAIRED_ROPE, hf_config
 from dyn.engine.gguf.reader import GGUFFile
 from dyn.engine.gguf.tensors import iter_hf_tensors
 from dyn.engine.gguf.tokenizer import build_tokenizer
@@ -32,7 +32,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "fl
     torch_dtype = getattr(torch, dtype)
     tensors = {t.name: torch.from_numpy(t.values).to(torch_dtype)
                for t in iter_hf_tensors(gguf, num_heads=config["num_attention_heads"],
-                                        num_kv_heads=config["num_key_value_heads"])}
+                                        num_kv_heads=config["num_key_value_heads"],
+                                        paired_rope=gguf.architecture in PAIRED_ROPE)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "source": gguf.path.name})

@@ -1,12 +1,12 @@
-"""GGUF tensors -> float tensors under Hugging Face names, in HF layout.
+"""GGUF tensors -> float tensors under Hugging Face names, in HF layout (Llama, Qwen 2, Qwen 3).
 
 Dequantization is `gguf.quants.dequantize`, ggml's own numpy port of its block
 formats: the exact reference for every quant type, kept in step with llama.cpp
 by its authors, where hand-written decoders would drift.
 
-llama.cpp's converter permutes the rows of q and k so that its RoPE can rotate
-adjacent pairs (x0, x1), while HF Llama rotates halves (x_i, x_{i+d/2}).
-`_unpermute` undoes that, per head:
+For Llama, llama.cpp's converter permutes the rows of q and k so that its RoPE
+can rotate adjacent pairs (x0, x1), while HF Llama rotates halves (x_i,
+x_{i+d/2}). `_unpermute` undoes that, per head (Qwen's are stored unpermuted):
 
     GGUF rows of one head:  [r0, r(d/2), r1, r(d/2+1), ...]   (pairs interleaved)
     HF rows of one head:    [r0, r1, ..., r(d/2-1), r(d/2), ...]
@@ -37,6 +37,11 @@ _LAYER_NAMES = {
     "attn_k.weight": "self_attn.k_proj.weight",
     "attn_v.weight": "self_attn.v_proj.weight",
     "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",  # (Qwen 2)
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",  # (Qwen 3)
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
@@ -53,7 +58,7 @@ class HFTensor(NamedTuple):
 
 
 def hf_name(gguf_name: str) -> str | None:
-    """The HF name of a Llama GGUF tensor; None when dyn does not know it."""
+    """The HF name of a Llama-family GGUF tensor; None when dyn does not know it."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = _LAYER.fullmatch(gguf_name)
@@ -76,17 +81,19 @@ def dequantize(gguf: GGUFFile, tensor) -> np.ndarray:  # tensor: gguf.ReaderTens
     return np.array(values, dtype=np.float32, order="C").reshape(shape)  # a copy: F32 data is a read-only memmap
 
 
-def iter_hf_tensors(gguf: GGUFFile, *, num_heads: int, num_kv_heads: int) -> Iterator[HFTensor]:
-    """Every weight of the file, dequantized, renamed and (q, k) un-permuted, one at a time."""
+def iter_hf_tensors(gguf: GGUFFile, *, num_heads: int, num_kv_heads: int,
+                    paired_rope: bool = True) -> Iterator[HFTensor]:
+    """Every weight of the file, dequantized, renamed and, with `paired_rope` (config.PAIRED_ROPE),
+    its q and k rows un-permuted, one at a time."""
     for tensor in gguf.reader.tensors:
         name = hf_name(tensor.name)
         if name is None:
-            raise CheckpointError("tensor not part of a Llama checkpoint dyn can load", path=gguf.path,
+            raise CheckpointError("tensor not part of a Llama-family checkpoint dyn can load", path=gguf.path,
                                   tensor=tensor.name)
         values = dequantize(gguf, tensor)
-        if tensor.name.endswith("attn_q.weight"):
+        if paired_rope and tensor.name.endswith(("attn_q.weight", "attn_q.bias")):
             values = _unpermute(values, num_heads)
-        elif tensor.name.endswith("attn_k.weight"):
+        elif paired_rope and tensor.name.endswith(("attn_k.weight", "attn_k.bias")):
             values = _unpermute(values, num_kv_heads)
         yield HFTensor(name, tensor.name, values)
 

@@ -18,6 +18,10 @@ USER_DEFINED = 4
 
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+"""Llama 3's split with digits one by one: Qwen 2, 2.5 and 3, and DeepSeek-R1's Qwen distills.
+(Their tokenizer.json adds an NFC normalizer; llama.cpp, and transformers reading a GGUF, do not.)"""
 
 
 class GGUFTokenizer(NamedTuple):
@@ -84,10 +88,13 @@ def _pre_tokenizer(pre: str, gguf: GGUFFile) -> Any:
     if pre in ("smollm", "starcoder", "refact"):
         # llama.cpp: each digit its own piece, then GPT-2's regex (SmolLM2's own tokenizer.json does the same)
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    if pre in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx"):
-        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+    split = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
+             "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT,
+             "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}.get(pre)
+    if split is not None:
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     if pre in ("default", "gpt2", "gpt-2"):
         return byte_level
     raise CheckpointError(f"pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported "
-                          "(smollm, starcoder, refact, llama3/llama-bpe, gpt2/default)", path=gguf.path)
+                          "(smollm, starcoder, refact, llama3/llama-bpe, qwen2, deepseek-r1-qwen, gpt2/default)", path=gguf.path)
