@@ -5,7 +5,9 @@ The files are written here with gguf's own writer the way llama.cpp's converter 
 architectures: llama.cpp's names, q and k rows as HF has them (no pair interleaving: Qwen runs
 NEOX-style RoPE there), the head size as attention.key_length, a byte-level BPE vocabulary with
 pre-tokenizer "qwen2". The checkpoints are tests/engine/conftest.py's random ones (random norms and
-biases too), so a wrong name, permutation or head size cannot pass.
+biases too), so a wrong name, permutation or head size cannot pass. The vocabulary is read as
+transformers' GGUF reader reads it under each pre-tokenizer name dyn knows beside Qwen's (Tekken,
+Falcon 3, Llama 3).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ LLAMA_CPP_NAMES = {
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-TEXTS = ["What is the capital of France?", "It's, don't, WE'LL; 12345 and 3.14", "naïve café, 日本語",
+TEXTS = ["What is the capital of France?", "It's, don't, WE'LL; 12345 and 3.14", "naïve café, 日本語", "CamelCase McDonald's ÉCOLE über/path",
          "  spaces\tand\nnewlines\r\n", "<|im_start|>user\nhi<|im_end|>\n", ""]
 
 
@@ -66,7 +68,7 @@ def _vocabulary(size: int) -> tuple[list[str], list[str]]:
     return tokens + SPECIALS, merges
 
 
-def _write_gguf(hf_dir: Path, arch: str, path: Path) -> Path:
+def _write_gguf(hf_dir: Path, arch: str, path: Path, *, pre: str = "qwen2", weights: bool = True) -> Path:
     from safetensors.numpy import load_file
 
     config = json.loads((hf_dir / "config.json").read_text())
@@ -85,7 +87,7 @@ def _write_gguf(hf_dir: Path, arch: str, path: Path) -> Path:
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     tokens, merges = _vocabulary(config["vocab_size"])
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
     writer.add_token_merges(merges)
@@ -93,7 +95,7 @@ def _write_gguf(hf_dir: Path, arch: str, path: Path) -> Path:
     writer.add_pad_token_id(tokens.index("<|endoftext|>"))
     writer.add_add_bos_token(False)
     writer.add_chat_template(CHATML)
-    for name, values in load_file(str(hf_dir / "model.safetensors")).items():
+    for name, values in load_file(str(hf_dir / "model.safetensors")).items() if weights else ():
         parts = name.split(".")
         gguf_name = (f"blk.{parts[2]}.{LLAMA_CPP_NAMES['.'.join(parts[3:])]}" if parts[1] == "layers"
                      else LLAMA_CPP_NAMES[name])
@@ -153,17 +155,26 @@ def test_transformers_reads_the_file_as_the_same_checkpoint(qwen_gguf, hf_checkp
         assert torch.equal(state[name], tensor), name
 
 
-def test_tokenizer_and_chat_template_equal_transformers_reading_of_the_file(qwen_gguf, tmp_path):
+@pytest.mark.parametrize("pre", ["qwen2", "deepseek-r1-qwen", "tekken", "falcon3", "llama-bpe"])
+def test_tokenizer_and_chat_template_equal_transformers_reading_of_the_file(pre, hf_checkpoint, tmp_path):
     import transformers
+    from dyn.engine.gguf.reader import GGUFFile
+    from dyn.engine.gguf.tokenizer import build_tokenizer
 
-    path = qwen_gguf("qwen2")
+    path = _write_gguf(hf_checkpoint("qwen2"), "qwen2", tmp_path / "t.gguf", pre=pre, weights=False)
     reference = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    ours = Tokenizer.from_dir(convert_gguf(path, tmp_path / "converted"))
+    built = build_tokenizer(GGUFFile(path))
+    ours = Tokenizer(built.tokenizer, chat_template=built.config["chat_template"], bos_token=None,
+                     eos_token="<|im_end|>")
     for text in TEXTS:
         ids = ours.encode(text)
         assert ids == reference.encode(text), text
         assert ours.decode(ids, skip_special_tokens=False) == text
-    assert ours.encode("1234") == [ours.token_to_id(d) for d in "1234"]  # Qwen's digits one by one
+        # (the same pieces too: a small vocabulary's ids could hide a different split)
+        assert built.tokenizer.pre_tokenizer.pre_tokenize_str(text) == \
+            reference.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text), text
+    pieces = [piece for piece, _ in built.tokenizer.pre_tokenizer.pre_tokenize_str("1234")]
+    assert pieces == (["123", "4"] if pre in ("llama-bpe", "falcon3") else ["1", "2", "3", "4"])
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     assert ours.apply_chat_template(messages) == \
         reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

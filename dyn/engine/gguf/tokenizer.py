@@ -22,6 +22,11 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 """Llama 3's split with digits one by one: Qwen 2, 2.5 and 3, and DeepSeek-R1's Qwen distills.
 (Their tokenizer.json adds an NFC normalizer; llama.cpp, and transformers reading a GGUF, do not.)"""
+_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+"""Mistral's Tekken (Nemo, Small 3): a capitalised word is one piece, digits one by one; as its
+tokenizer.json and transformers' GGUF reader split (llama.cpp approximates the letter cases by ASCII)."""
 
 
 class GGUFTokenizer(NamedTuple):
@@ -89,12 +94,12 @@ def _pre_tokenizer(pre: str, gguf: GGUFFile) -> Any:
         # llama.cpp: each digit its own piece, then GPT-2's regex (SmolLM2's own tokenizer.json does the same)
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     split = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
-             "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT,
-             "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}.get(pre)
+             "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT, "falcon3": _LLAMA3_SPLIT,
+             "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT, "tekken": _TEKKEN_SPLIT}.get(pre)
     if split is not None:
         return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     if pre in ("default", "gpt2", "gpt-2"):
         return byte_level
     raise CheckpointError(f"pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported "
-                          "(smollm, starcoder, refact, llama3/llama-bpe, qwen2, deepseek-r1-qwen, gpt2/default)", path=gguf.path)
+                          "(smollm, starcoder, refact, llama3/llama-bpe, falcon3, qwen2, deepseek-r1-qwen, tekken, gpt2/default)", path=gguf.path)
