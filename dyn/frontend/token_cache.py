@@ -3,9 +3,10 @@
 Agent and chat traffic repeats long system prompts and conversation prefixes;
 tokenizing them again for every request was the frontend's largest cost per
 request (~25% of its CPU on a 450-token shared-prefix workload). A Hugging
-Face tokenizer cuts the text at special added tokens before it normalizes or
-pre-tokenizes anything, so the text between two special tokens encodes the
-same on its own as inside the whole prompt. This encoder splits a rendered
+Face tokenizer cuts the text at its added tokens (special ones, and plain ones
+matched unnormalized, like Qwen 3's <think> and <tool_call>) before it
+normalizes or pre-tokenizes anything, so the text between two of them encodes
+the same on its own as inside the whole prompt. This encoder splits a rendered
 prompt there, joins the short pieces between long ones, and takes every such
 segment from an LRU cache: long pieces are shared system prompts, short ones
 mostly the template's role headers (`<|start_header_id|>user<|end_header_id|>`),
@@ -51,13 +52,11 @@ class SegmentEncoder:
         self._verify_left = verify_calls
         self.hits = 0
         self.misses = 0
-        self._split = _special_splitter(hf_tokenizer)
+        self._split, self._added_ids = _added_splitter(hf_tokenizer) or (None, {})
         self._encode_batch = batch_encoder(hf_tokenizer)
         self.enabled = self._split is not None
         self._words = word_encoder(hf_tokenizer) if self.enabled else None
         """Encodes what the cache misses word by word (dyn.frontend.word_cache); None: whole."""
-        self._special_ids = ({t.content: i for i, t in hf_tokenizer.get_added_tokens_decoder().items() if t.special}
-                             if self._words is not None else {})
         self._wrap = _special_wrap(hf_tokenizer) if self.enabled else None
         """The ids the tokenizer adds before and after a text with add_special_tokens (BOS)."""
 
@@ -88,13 +87,13 @@ class SegmentEncoder:
         if words is None:
             return self._whole(text)
         ids: list[int] = []
-        special_ids = self._special_ids
+        added_ids = self._added_ids
         for piece in self._split(text):  # type: ignore[misc]
-            special = special_ids.get(piece)
-            if special is None:
+            added = added_ids.get(piece)
+            if added is None:
                 ids += words.encode(piece)
             else:
-                ids.append(special)
+                ids.append(added)
         return ids
 
     def _whole(self, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -156,16 +155,19 @@ def _special_wrap(hf_tokenizer: Any) -> tuple[list[int], list[int]] | None:
     return list(before), list(after)
 
 
-def _special_splitter(hf_tokenizer: Any) -> Callable[[str], list[str]] | None:
-    """A function cutting text before and after every special token, or None when some special
-    token could change its neighbours (strips spaces, single-word, or matched after normalizing)."""
+def _added_splitter(hf_tokenizer: Any) -> tuple[Callable[[str], list[str]], dict[str, int]] | None:
+    """A function cutting text before and after every added token that leaves its neighbours as
+    they are (no space stripping, not single-word, matched unnormalized), and those tokens' ids;
+    None when a special token is not such a one. (A plain added token that is, stays inside its
+    piece, which the word encoder then leaves to the tokenizer whole.)"""
     try:
-        added = list(hf_tokenizer.get_added_tokens_decoder().values())
+        added = hf_tokenizer.get_added_tokens_decoder()
     except AttributeError:
         return None
-    special = [t for t in added if getattr(t, "special", False)]
-    if not special or any(t.lstrip or t.rstrip or t.single_word or t.normalized for t in special):
+    special = [t for t in added.values() if getattr(t, "special", False)]
+    changes_neighbours = lambda t: t.lstrip or t.rstrip or t.single_word or t.normalized  # noqa: E731
+    if not special or any(map(changes_neighbours, special)):
         return None
-    pattern = re.compile("(" + "|".join(re.escape(t.content) for t in
-                                        sorted(special, key=lambda t: -len(t.content))) + ")")
-    return lambda text: [p for p in pattern.split(text) if p]
+    ids = {t.content: i for i, t in added.items() if not changes_neighbours(t)}
+    pattern = re.compile("(" + "|".join(map(re.escape, sorted(ids, key=len, reverse=True))) + ")")
+    return (lambda text: [p for p in pattern.split(text) if p]), ids

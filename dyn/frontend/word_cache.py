@@ -33,8 +33,9 @@ Exactness rules, each a fall-back to the tokenizer's own encode:
   pattern with a case-insensitive group, text with a non-ASCII character that
   case-maps to one of the group's letters (ſ, ß: the engines fold case
   differently);
-* text holding an added token that is not special goes to the tokenizer whole
-  (it cuts those out before pre-tokenizing);
+* text holding an added token goes to the tokenizer whole (it cuts those out
+  before pre-tokenizing; SegmentEncoder cuts out those it matches in the raw
+  text first, so this is a plain one matched after normalizing);
 * text with a word that the pattern would cut differently on its own goes to
   the tokenizer whole (that word's ids alone might not be its ids in the text).
 SegmentEncoder also compares its first prompts with the tokenizer's own ids.

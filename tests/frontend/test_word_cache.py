@@ -240,3 +240,25 @@ def test_tokenizers_it_cannot_reproduce_get_no_word_encoder_and_stay_exact(why, 
     segments = SegmentEncoder(tok, verify_calls=0)
     for text in _texts(random.Random(3), 50):
         assert segments.encode(text) == tok.encode(text, add_special_tokens=False).ids
+
+
+def test_plain_added_tokens_matched_unnormalized_are_cut_out_like_special_ones():
+    """Qwen 3's <think> and <tool_call> are plain added tokens the tokenizer matches in the raw text:
+    the text around them goes word by word. A plain one matched after normalizing (this tokenizer's
+    <think>) stays inside its piece, which goes to the tokenizer whole."""
+    tok = _trained(SHAPES["llama3"])
+    tok.add_tokens([AddedToken("<tool_call>", special=False, normalized=False)])
+    counting = _Counting(tok)
+    segments = SegmentEncoder(counting, verify_calls=0)
+    segments.encode("the router cache")
+    counting.texts.clear()
+    cut = "the router<tool_call>the cache</s> router"
+    assert segments.encode(cut) == tok.encode(cut, add_special_tokens=False).ids
+    assert counting.texts == []  # every word known: the added tokens were cut out, nothing went whole
+    kept = "the router<think>the cache"
+    assert segments.encode(kept) == tok.encode(kept, add_special_tokens=False).ids
+    assert counting.texts == [kept]
+    rng = random.Random(6)
+    for text in _texts(rng, 300):
+        text = text.replace(" ", "<tool_call>", 1) if rng.random() < 0.5 else text + "<tool_call>"
+        assert segments.encode(text) == tok.encode(text, add_special_tokens=False).ids, repr(text)
