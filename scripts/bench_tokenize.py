@@ -27,6 +27,7 @@ Every timed text's ids are compared with the tokenizer's.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import time
@@ -34,6 +35,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# As the frontend process runs (dyn/frontend/process.py): a batch of new words is encoded serially,
+# not handed to the tokenizer's thread pool (~60 us a call here on 2 cores).
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from dyn.engine.tokenizer import Tokenizer  # noqa: E402
 from dyn.frontend.text import ModelTokenizer  # noqa: E402
