@@ -7,7 +7,7 @@ import random
 import pytest
 from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 
-from dyn.engine.gguf.tokenizer import _LLAMA3_SPLIT
+from dyn.engine.gguf.tokenizer import _LLAMA3_SPLIT, _TEKKEN_SPLIT
 from dyn.frontend.token_cache import SegmentEncoder
 from dyn.frontend.word_cache import word_encoder
 
@@ -39,6 +39,11 @@ DEEPSEEK_V3_SPLITS = [r"\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+
                       r""" ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""]
 """DeepSeek V3's (and R1's) pre-tokenizer splits: punctuation and symbol classes, marks."""
 
+GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+"""o200k's split (GPT-4o, gpt-oss): letter-case classes, an optional case-insensitive contraction."""
+
 def _split(pattern: str):
     return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -58,12 +63,15 @@ SHAPES = {
         *(pre_tokenizers.Split(Regex(pattern), behavior="isolated") for pattern in DEEPSEEK_V3_SPLITS),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
     "cased words": _split(r"\p{Lu}\p{Ll}*"),
+    "tekken": _split(_TEKKEN_SPLIT),
+    "gpt-4o": _split(GPT4O_SPLIT),
     "scripts, negated classes": _split(r"\p{Han}+|\p{Greek}+|[^\P{L}\p{Han}]+|\P{L}+|\w\d|\W"),
 }
-"""The pre-tokenizers dyn's GGUF reader builds (GPT-2, SmolLM2, Llama 3), DeepSeek V3's, and more
-the encoder must reproduce: a pattern whose lookahead cuts a word differently at its end, digit
-runs kept whole, a split that leaves text between its matches, scripts, negated classes (also
-inside a class), Oniguruma's \\w and \\d (Unicode, unlike Ruby's own) and \\W."""
+"""The pre-tokenizers dyn's GGUF reader builds (GPT-2, SmolLM2, Llama 3, Tekken), DeepSeek V3's,
+o200k's (GPT-4o, gpt-oss), and more the encoder must reproduce: a pattern whose lookahead cuts a
+word differently at its end, digit runs kept whole, a split that leaves text between its matches,
+letter-case classes, scripts, negated classes (also inside a class), Oniguruma's \\w and \\d
+(Unicode, unlike Ruby's own) and \\W."""
 
 
 def _texts(rng: random.Random, count: int) -> list[str]:
