@@ -158,8 +158,8 @@ def _special_wrap(hf_tokenizer: Any) -> tuple[list[int], list[int]] | None:
 def _added_splitter(hf_tokenizer: Any) -> tuple[Callable[[str], list[str]], dict[str, int]] | None:
     """A function cutting text before and after every added token that leaves its neighbours as
     they are (no space stripping, not single-word, matched unnormalized), and those tokens' ids;
-    None when a special token is not such a one. (A plain added token that is, stays inside its
-    piece, which the word encoder then leaves to the tokenizer whole.)"""
+    None when a special token is not such a one. (A plain added token that does change its
+    neighbours stays inside its piece, which the word encoder leaves to the tokenizer whole.)"""
     try:
         added = hf_tokenizer.get_added_tokens_decoder()
     except AttributeError:

@@ -101,5 +101,6 @@ def _pre_tokenizer(pre: str, gguf: GGUFFile) -> Any:
                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     if pre in ("default", "gpt2", "gpt-2"):
         return byte_level
-    raise CheckpointError(f"pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported "
-                          "(smollm, starcoder, refact, llama3/llama-bpe, falcon3, qwen2, deepseek-r1-qwen, tekken, gpt2/default)", path=gguf.path)
+    raise CheckpointError(f"pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported (smollm, starcoder, "
+                          "refact, llama3/llama-bpe, falcon3, qwen2, deepseek-r1-qwen, tekken, gpt2/default)",
+                          path=gguf.path)
