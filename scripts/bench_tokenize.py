@@ -13,7 +13,7 @@ kind (dyn checks its first 64 prompts against the tokenizer then):
     documents    unique slices (1-60 lines) of this repository's sources
     completions  the same slices, special tokens added (BOS)
     typographic  the chat turns written as word processors and phones write
-                 them: curly quotes and apostrophes, dashes, ellipses
+                 them: curly quotes and apostrophes, dashes, ellipses, emoji
     multilingual 40-80 words of one or two of Latin with accents, Greek,
                  Cyrillic, Arabic, Devanagari and CJK (no spaces), with
                  English: made-up words of each script's letters, 2,000 a
@@ -78,12 +78,12 @@ def workloads(tok: Tokenizer, count: int, rng: random.Random) -> dict[str, tuple
 
 
 def _curly(chats: list[str], rng: random.Random) -> list[str]:
-    """Each chat with its user turn's words now and then quoted, dashed, trailing off."""
+    """Each chat with its user turn's words now and then quoted, dashed, trailing off, smiled at."""
     out = []
     for chat in chats:
         words = chat.split(" ")
         for at in range(len(words) - 40, len(words), 7):
-            words[at] = rng.choice(["\u201c{}\u201d", "{} \u2014", "{}\u2026", "{}'s"]).format(words[at])
+            words[at] = rng.choice(["\u201c{}\u201d", "{} \u2014", "{}\u2026", "{}'s", "{} \U0001f642"]).format(words[at])
         out.append(" ".join(words))
     return out
 

@@ -17,17 +17,17 @@ ASCII = ["the", "The", " router", "cache's", "it'S", "we'll", "I'M", "don't", "1
 """ASCII text that stresses a split: contractions in either case, digit runs, runs of spaces before
 a word, tabs and newlines, punctuation and symbols."""
 UNICODE = ["décodé", "naïve", "日本語の", "Straße", "ſo", "\u212a", "İstanbul", "ı", "Ελληνικά", "Привет,", "مرحبا",
-           "नमस्ते", "e\u0301", "٣٤٥", "x²", "½", "１２３", "“quoted”", "it’s", "IT’S", " — ", "…", "☺", "\u2764\ufe0f",
-           "\x1c", "\x0b", "\x0c", "\x85", "\u00a0", "\u2028", "\u3000", "\u200b", "\ue000"]
+           "नमस्ते", "e\u0301", "٣٤٥", "x²", "½", "１２３", "“quoted”", "it’s", "IT’S", " — ", "…", "☺", "\u2764\ufe0f", "🙂", "👩\u200d💻",
+           "𝑥²", "\x1c", "\x0b", "\x0c", "\x85", "\u00a0", "\u2028", "\u3000", "\u200b", "\ue000"]
 """Text of every kind cut word by word too: accented and non-Latin letters, marks (Devanagari,
 a combining accent), letters whose case folds differ between the engines (ß, ſ, K, İ, ı), digits and
-numbers of other scripts, typographic punctuation, symbols of the first plane with a variation
-selector, control and Unicode space characters (Python's \\s holds \\x1c-\\x1f, Oniguruma's does not),
+numbers of other scripts, typographic punctuation, symbols with a variation selector, emoji and
+math letters of the second plane (cut through stand-ins) with a joiner, control and Unicode space characters (Python's \\s holds \\x1c-\\x1f, Oniguruma's does not),
 zero-width space, private use."""
 
-OTHER = ["🙂", "👩\u200d💻", "\U00020000", "<think>", "</s>", "a<think>b"]
-"""What the encoder leaves to the tokenizer: emoji, a plane 2 ideograph (beyond the first plane),
-an added token that is not special (<think>), and a special
+OTHER = ["\U00020000", "\U000f0001", "<think>", "</s>", "a<think>b"]
+"""What the encoder leaves to the tokenizer: a third-plane ideograph and a private use character of
+plane 15 (beyond the second plane), an added token that is not special (<think>), and a special
 one (</s>, which SegmentEncoder cuts out first)."""
 
 LOOKAHEAD = r"a(?!bc)|ab|\s+(?!\S)|\s+"
@@ -64,6 +64,8 @@ SHAPES = {
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
     "cased words": _split(r"\p{Lu}\p{Ll}*"),
     "tekken": _split(_TEKKEN_SPLIT),
+    "literal ranges": _split(r"[\x00-\x40]+|\s+|[^\s\x00-\x40]+"),
+    "second-plane literal": _split("🙂+|\\s+|[^\\s🙂]+"),
     "gpt-4o": _split(GPT4O_SPLIT),
     "scripts, negated classes": _split(r"\p{Han}+|\p{Greek}+|[^\P{L}\p{Han}]+|\P{L}+|\w\d|\W"),
 }
@@ -71,7 +73,8 @@ SHAPES = {
 o200k's (GPT-4o, gpt-oss), and more the encoder must reproduce: a pattern whose lookahead cuts a
 word differently at its end, digit runs kept whole, a split that leaves text between its matches,
 letter-case classes, scripts, negated classes (also inside a class), Oniguruma's \\w and \\d
-(Unicode, unlike Ruby's own) and \\W."""
+(Unicode, unlike Ruby's own) and \\W, literal ranges a stand-in must stay out of, a literal of the
+second plane (no stand-ins)."""
 
 
 def _texts(rng: random.Random, count: int) -> list[str]:
@@ -171,7 +174,9 @@ def test_an_nfc_tokenizer_gets_nfc_text_cut_word_by_word_and_the_rest_whole(norm
 
 
 @pytest.mark.parametrize("shape, text, whole", [
-    ("gpt2", "the 🙂 router", True),  # beyond the first plane
+    ("gpt2", "the 🙂 router", False),  # the second plane: cut through a stand-in
+    ("gpt2", "the \U00020000 router", True),  # beyond the second plane
+    ("second-plane literal", "the 🙂 router", True),  # a pattern naming 🙂: no stand-ins
     ("gpt2", "the \udc00 router", True),  # a lone surrogate (the tokenizer's own error, as before)
     ("gpt2", "the Straße router", False),  # no case-insensitive group: ß is cut here
     ("llama3", "the Straße router", True),  # (?i:'s|...) and ß case-maps to "ss" (the engines fold such
@@ -196,8 +201,8 @@ def test_text_the_engines_could_cut_differently_goes_to_the_tokenizer_whole(shap
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_random_code_points_cut_as_the_tokenizer_cuts_them(shape):
-    """Random characters, most of the first plane (spaces, digits, punctuation, marks, letters of
-    every script), against the tokenizer's own ids."""
+    """Random characters of the first two planes (spaces, digits, punctuation, marks, letters of
+    every script, emoji, math letters), against the tokenizer's own ids."""
     tok = _trained(SHAPES[shape])
     words = word_encoder(tok)
     rng = random.Random(4)
