@@ -63,11 +63,12 @@ MAX_WORDS = 1 << 16
 """Words remembered; the dict is emptied when full (common words come back on the next prompts)."""
 
 SECOND_PLANE = 0x10000
+SECOND_PLANE_CHARS = r"\U00010000-\U0001ffff"
 OUTSIDE_ALPHABET = r"\ud800-\udfff\U00020000-\U0010ffff"
-"""Code points never cut here (a `re` class body): surrogates and every plane after the second (the
+"""Code points never cut here (`re` class bodies): surrogates and every plane after the second (the
 second is cut through stand-ins, when the patterns allow them)."""
 
-_SECOND_PLANE = re.compile("[\U00010000-\U0001ffff]")
+_SECOND_PLANE = re.compile(f"[{SECOND_PLANE_CHARS}]")
 
 DIGITS = "Digits"
 """The class of the Digits pre-tokenizer (Rust's char::is_numeric), named like a pattern's atoms."""
@@ -123,10 +124,10 @@ class WordEncoder:
         """`text`'s words; with second-plane characters, cut as their stand-ins and sliced back at the
         same offsets (one character for one); None when one has no stand-in."""
         stand_ins = self._stand_ins
-        if stand_ins is None or not _SECOND_PLANE.search(text):
+        beyond = _SECOND_PLANE.findall(text) if stand_ins is not None else None
+        if not beyond:
             return self._split(text)
-        beyond = _SECOND_PLANE.findall(text)
-        if not all(stand_ins[ord(c) - SECOND_PLANE] for c in beyond):
+        if not all(stand_ins[ord(c) - SECOND_PLANE] for c in beyond):  # type: ignore[index]
             return None
         pieces = self._split(_SECOND_PLANE.sub(lambda m: chr(stand_ins[ord(m.group()) - SECOND_PLANE]), text))
         words, pos = [], 0
@@ -201,7 +202,7 @@ def word_encoder(hf_tokenizer: Any) -> WordEncoder | None:
         return None
     hazards = _case_hazards("".join(p.folded for p in patterns))
     stand_ins = _stand_ins(patterns, hazards)
-    outside = (OUTSIDE_ALPHABET + ("" if stand_ins is not None else r"\U00010000-\U0001ffff")
+    outside = (OUTSIDE_ALPHABET + ("" if stand_ins is not None else SECOND_PLANE_CHARS)
                + "".join(map(_escape, hazards)) + (_unassigned() if nfc else ""))
     unsafe = [f"[{outside}]", *(re.escape(t.content) for t in added if not t.special)]
     return WordEncoder(hf_tokenizer, [p.regex for p in patterns], re.compile("|".join(unsafe)), nfc, stand_ins)

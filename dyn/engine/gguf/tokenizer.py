@@ -2,8 +2,9 @@
 
 GGUF stores the vocabulary, merges, token types (3 = control, 4 = user
 defined), special token ids and the chat template as metadata. The split
-regex is not stored, only a name (`tokenizer.ggml.pre`); `_PRE_TOKENIZERS`
-maps the names dyn knows to what llama.cpp's tokenizer does for them.
+regex is not stored, only a name (`tokenizer.ggml.pre`); `_pre_tokenizer`
+maps the names dyn knows (`_DIGITS_FIRST`, `_SPLITS`, `_GPT2`) to what
+llama.cpp's tokenizer does for them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,15 @@ _TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{L
                  r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 """Mistral's Tekken (Nemo, Small 3): a capitalised word is one piece, digits one by one; as its
 tokenizer.json and transformers' GGUF reader split (llama.cpp approximates the letter cases by ASCII)."""
+
+_DIGITS_FIRST = ("smollm", "starcoder", "refact")
+"""Each digit its own piece, then GPT-2's regex."""
+_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
+           "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT, "falcon3": _LLAMA3_SPLIT,
+           "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT, "tekken": _TEKKEN_SPLIT}
+"""Names whose split regex comes before a ByteLevel without its own."""
+_GPT2 = ("default", "gpt2", "gpt-2")
+"""ByteLevel with GPT-2's regex alone."""
 
 
 class GGUFTokenizer(NamedTuple):
@@ -90,17 +100,13 @@ def _pre_tokenizer(pre: str, gguf: GGUFFile) -> Any:
     from tokenizers import Regex, pre_tokenizers
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre in ("smollm", "starcoder", "refact"):
+    if pre in _DIGITS_FIRST:
         # llama.cpp: each digit its own piece, then GPT-2's regex (SmolLM2's own tokenizer.json does the same)
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    split = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
-             "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT, "falcon3": _LLAMA3_SPLIT,
-             "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT, "tekken": _TEKKEN_SPLIT}.get(pre)
-    if split is not None:
-        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+    if pre in _SPLITS:
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    if pre in ("default", "gpt2", "gpt-2"):
+    if pre in _GPT2:
         return byte_level
-    raise CheckpointError(f"pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported (smollm, starcoder, "
-                          "refact, llama3/llama-bpe, falcon3, qwen2, deepseek-r1-qwen, tekken, gpt2/default)",
-                          path=gguf.path)
+    known = ", ".join([*_DIGITS_FIRST, *_SPLITS, *_GPT2])
+    raise CheckpointError(f"pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported ({known})", path=gguf.path)
